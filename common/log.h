@@ -1,0 +1,29 @@
+// Structured operational log: one JSON object per line on stderr.
+//
+// Callers pass an event name and key/value fields. Never pass PINs, payloads, plaintexts or
+// key material: the log is meant to be shipped to ordinary log storage. Thread-safe.
+#ifndef CUSTODY_COMMON_LOG_H_
+#define CUSTODY_COMMON_LOG_H_
+
+#include <initializer_list>
+#include <string>
+#include <string_view>
+#include <utility>
+
+namespace custody {
+
+enum class LogLevel { kDebug, kInfo, kWarning, kError };
+
+using LogField = std::pair<std::string_view, std::string>;
+
+void Log(LogLevel level, std::string_view event, std::initializer_list<LogField> fields = {});
+
+// Messages below `level` are dropped. Default kInfo.
+void SetLogLevel(LogLevel level);
+
+// Appends `s` to `out` as a JSON string literal (with quotes), escaping per RFC 8259.
+void AppendJsonString(std::string& out, std::string_view s);
+
+}  // namespace custody
+
+#endif  // CUSTODY_COMMON_LOG_H_

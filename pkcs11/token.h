@@ -1,0 +1,171 @@
+// The only door to Cryptoki. Loads a PKCS#11 module, selects one token, logs in, keeps a pool
+// of logged-in sessions and runs key operations on it. Nothing outside pkcs11/ sees a Cryptoki
+// type: objects are named by their CKA_ID (the key version's id) and handles are opaque.
+//
+// Thread-safety: Token is thread-safe. Each operation borrows a session from the pool for the
+// duration of one Cryptoki call sequence; a session is never used by two threads at once.
+// Errors: absl::Status whose message names the Cryptoki function and the CKR code
+// ("C_Sign: CKR_DEVICE_ERROR"). Codes: UNAVAILABLE for device/session/token errors,
+// INVALID_ARGUMENT for bad input the token rejected, NOT_FOUND for missing objects,
+// RESOURCE_EXHAUSTED when no session frees up within the pool wait, INTERNAL otherwise.
+#ifndef CUSTODY_PKCS11_TOKEN_H_
+#define CUSTODY_PKCS11_TOKEN_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "common/secret.h"
+#include "openssl/evp.h"
+
+namespace custody::pkcs11 {
+
+struct EvpPkeyDeleter {
+  void operator()(EVP_PKEY* p) const { EVP_PKEY_free(p); }
+};
+using EvpPkeyPtr = std::unique_ptr<EVP_PKEY, EvpPkeyDeleter>;
+
+enum class KeyType { kEcP256, kEcP384, kEcP521, kEd25519, kRsa };
+
+struct KeySpec {
+  KeyType type = KeyType::kEcP256;
+  int rsa_bits = 0;  // 2048, 3072 or 4096 when type == kRsa; ignored otherwise.
+};
+
+// How the private key is used. The input each scheme takes is fixed here so that callers
+// (jose/, server/) never pick Cryptoki parameters.
+enum class SignScheme {
+  kEcdsa,             // CKM_ECDSA. Input: the message digest. Output: r||s, each padded to the
+                      // curve's field size (exactly the JWS ES256/384/512 encoding).
+  kEddsa,             // CKM_EDDSA (pure Ed25519). Input: the whole message. Output: 64 bytes.
+  kRsaPssSha256,      // CKM_RSA_PKCS_PSS, hash SHA-256, MGF1-SHA-256, salt 32. Input: SHA-256 digest.
+  kRsaPkcs1v15,       // CKM_RSA_PKCS. Input: a DER DigestInfo (the caller encodes it).
+};
+
+// Selects a token: by label, or by the token attributes of an RFC 7512 PKCS#11 URI.
+struct TokenSelector {
+  std::string label;         // CKA token label (trailing blanks ignored); empty = any
+  std::string serial;        // empty = any
+  std::string manufacturer;  // empty = any
+  std::string model;         // empty = any
+  std::optional<uint64_t> slot_id;
+};
+
+// Parses "pkcs11:token=custody;serial=...;slot-id=3" (RFC 7512, path attributes token,
+// manufacturer, serial, model, slot-id; percent-encoding honoured; pin-value refused because a
+// PIN in a URI ends up in argv and logs). A string not starting with "pkcs11:" is a label.
+absl::StatusOr<TokenSelector> ParseTokenSelector(std::string_view label_or_uri);
+
+// A key pair resolved in the token. Handles are resolved once (FindKeyPair/GenerateKeyPair)
+// and cached here; they are opaque outside pkcs11/.
+struct KeyPair {
+  std::string id;     // CKA_ID bytes (the key version's id)
+  std::string label;  // CKA_LABEL
+  KeySpec spec;
+  std::atomic<uint64_t> private_handle{0};
+  std::atomic<uint64_t> public_handle{0};
+};
+
+struct PrivateKeyAttributes {
+  bool token = false;
+  bool is_private = false;
+  bool sensitive = false;
+  bool extractable = true;
+  bool always_sensitive = false;
+  bool never_extractable = false;
+};
+
+// One key object found in the token (for reconciliation at startup).
+struct ObjectInfo {
+  std::string id;
+  std::string label;
+  bool is_private_key = false;  // else public key
+};
+
+struct TokenInfo {
+  std::string module_path;
+  std::string library_description;
+  std::string label;
+  std::string manufacturer;
+  std::string model;
+  std::string serial;
+  uint64_t slot_id = 0;
+};
+
+class Token {
+ public:
+  struct Options {
+    std::string module_path;  // e.g. /usr/lib/softhsm/libsofthsm2.so
+    TokenSelector selector;
+    Secret pin;               // user PIN; read from a file or the environment by the caller
+    size_t max_sessions = 8;  // logged-in sessions in the pool
+    absl::Duration session_wait = absl::Seconds(2);  // how long a caller waits for a session
+  };
+
+  // Loads the module (dlopen + C_GetFunctionList), C_Initialize with CKF_OS_LOCKING_OK, finds
+  // exactly one token matching the selector (FAILED_PRECONDITION naming the candidates when
+  // zero or several match), opens one session and logs in as CKU_USER. Further sessions are
+  // opened lazily up to max_sessions.
+  static absl::StatusOr<std::unique_ptr<Token>> Open(Options options);
+
+  // Initializes a token with `label` in the module's first slot that has no initialized token
+  // (SoftHSM2's free slot), sets the SO PIN and the user PIN through C_InitToken/C_InitPIN, so
+  // PINs never pass through argv. ALREADY_EXISTS when a token with `label` already exists.
+  static absl::Status InitializeToken(const std::string& module_path, std::string_view label,
+                                      const Secret& so_pin, const Secret& user_pin);
+
+  ~Token();
+  Token(const Token&) = delete;
+  Token& operator=(const Token&) = delete;
+
+  const TokenInfo& info() const;
+
+  // Generates a key pair in the token: private key CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE=TRUE,
+  // CKA_EXTRACTABLE=FALSE, CKA_SIGN (and CKA_DECRYPT/CKA_DERIVE when `for_decryption`); public key
+  // CKA_TOKEN, CKA_VERIFY. Both carry CKA_ID=id and CKA_LABEL=label. Never retried on failure.
+  absl::StatusOr<std::shared_ptr<KeyPair>> GenerateKeyPair(const KeySpec& spec,
+                                                           std::string_view id,
+                                                           std::string_view label,
+                                                           bool for_decryption = false);
+
+  // Finds the private and public key objects with CKA_ID=id. NOT_FOUND if the private key is
+  // missing. The KeySpec is read back from the token (CKA_KEY_TYPE, CKA_EC_PARAMS, modulus size).
+  absl::StatusOr<std::shared_ptr<KeyPair>> FindKeyPair(std::string_view id);
+
+  // Signs `input` (see SignScheme for what input means) with the pair's private key.
+  absl::StatusOr<std::string> Sign(const KeyPair& key, SignScheme scheme, std::string_view input);
+
+  // Reads the public key (CKA_EC_POINT + curve, or CKA_MODULUS/CKA_PUBLIC_EXPONENT) as an
+  // EVP_PKEY built through OSSL_PARAM (EVP_PKEY_fromdata).
+  absl::StatusOr<EvpPkeyPtr> PublicKey(const KeyPair& key);
+
+  absl::StatusOr<PrivateKeyAttributes> GetPrivateKeyAttributes(const KeyPair& key);
+
+  // Every private/public key object in the token (id, label), for reconciliation.
+  absl::StatusOr<std::vector<ObjectInfo>> ListKeyObjects();
+
+  // Destroys every object with CKA_ID=id. OK when none exists (idempotent).
+  absl::Status DestroyKeyPair(std::string_view id);
+
+  // Whether the token lists `mechanism_name` (e.g. "CKM_RSA_X_509") in C_GetMechanismList.
+  bool HasMechanism(std::string_view mechanism_name) const;
+
+ private:
+  class State;
+  explicit Token(std::unique_ptr<State> state);
+  std::unique_ptr<State> state_;
+};
+
+// "CKR_DEVICE_ERROR" for 0x30, "CKR_0x..." for unknown codes.
+std::string CkrName(unsigned long rv);
+
+}  // namespace custody::pkcs11
+
+#endif  // CUSTODY_PKCS11_TOKEN_H_

@@ -10,19 +10,21 @@
 #include <string_view>
 #include <utility>
 
+#include "absl/strings/string_view.h"
+
 namespace custody {
 
 enum class LogLevel { kDebug, kInfo, kWarning, kError };
 
-using LogField = std::pair<std::string_view, std::string>;
+using LogField = std::pair<absl::string_view, std::string>;
 
-void Log(LogLevel level, std::string_view event, std::initializer_list<LogField> fields = {});
+void Log(LogLevel level, absl::string_view event, std::initializer_list<LogField> fields = {});
 
 // Messages below `level` are dropped. Default kInfo.
 void SetLogLevel(LogLevel level);
 
 // Appends `s` to `out` as a JSON string literal (with quotes), escaping per RFC 8259.
-void AppendJsonString(std::string& out, std::string_view s);
+void AppendJsonString(std::string& out, absl::string_view s);
 
 }  // namespace custody
 

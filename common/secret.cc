@@ -51,8 +51,8 @@ absl::StatusOr<Secret> ReadSecretFile(const std::string& path) {
   if ((st.st_mode & 077) != 0) {
     close(fd);
     return absl::FailedPreconditionError(absl::StrCat(
-        "secret file '", path, "' has mode ", absl::Dec(st.st_mode & 0777),
-        " (octal ", (st.st_mode >> 6) & 7, (st.st_mode >> 3) & 7, st.st_mode & 7,
+        "secret file '", path, "' has mode ", absl::Dec(st.st_mode & 0777), " (octal ",
+        (st.st_mode >> 6) & 7, (st.st_mode >> 3) & 7, st.st_mode & 7,
         "): it must be 0600 or 0400, readable by its owner only; run chmod 600 on it"));
   }
   if (st.st_uid != geteuid()) {

@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace custody {
 
@@ -21,7 +22,7 @@ class Secret {
   Secret& operator=(Secret&& other) noexcept;
   ~Secret();
 
-  std::string_view view() const { return value_; }
+  absl::string_view view() const { return value_; }
   bool empty() const { return value_.empty(); }
   size_t size() const { return value_.size(); }
   // Mutable access for in-place fills (e.g. C_Decrypt output). Callers must not copy it out.

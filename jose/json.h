@@ -7,8 +7,10 @@
 #ifndef CUSTODY_JOSE_JSON_H_
 #define CUSTODY_JOSE_JSON_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -41,8 +43,8 @@ class Json {
   bool is_array() const { return type() == Type::kArray; }
   bool is_object() const { return type() == Type::kObject; }
 
-  bool as_bool() const;                 // false unless kBool
-  const std::string& as_string() const; // empty unless kString
+  bool as_bool() const;                  // false unless kBool
+  const std::string& as_string() const;  // empty unless kString
   // The integer value when this is a number with no fraction/exponent that fits int64.
   std::optional<int64_t> as_int() const;
   const std::string& number_text() const;  // source text of a number

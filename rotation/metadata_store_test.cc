@@ -1,0 +1,96 @@
+#include "rotation/metadata_store.h"
+
+#include <stdlib.h>
+
+#include <filesystem>
+#include <string>
+
+#include "gtest/gtest.h"
+
+namespace custody::rotation {
+namespace {
+
+class MetadataStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/custody-meta-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    path_ = dir_ + "/metadata.db";
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  static RingRecord Ring(const std::string& name) {
+    return RingRecord{name, Purpose::kSign, "ES256", 0, false, 1700000000};
+  }
+  static VersionRecord Version(const std::string& ring, uint32_t v, const std::string& id) {
+    VersionRecord r;
+    r.ring = ring;
+    r.version = v;
+    r.object_id = id;
+    r.object_label = "custody/" + ring + "/v" + std::to_string(v);
+    r.create_time = 1700000000;
+    return r;
+  }
+
+  std::string dir_;
+  std::string path_;
+};
+
+TEST_F(MetadataStoreTest, RingAndVersionSurviveReopen) {
+  {
+    auto store = MetadataStore::Open(path_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    ASSERT_TRUE((*store)->InsertRingWithVersion(Ring("op/id"), Version("op/id", 1, "aa")).ok());
+    VersionRecord v = Version("op/id", 1, "aa");
+    v.state = VersionState::kActive;
+    v.kid = "kid-1";
+    v.public_jwk = R"({"kty":"EC"})";
+    v.activate_time = 1700000001;
+    ASSERT_TRUE((*store)->UpdateVersion(v).ok());
+  }
+  auto store = MetadataStore::Open(path_);
+  ASSERT_TRUE(store.ok());
+  auto rings = (*store)->LoadRings();
+  ASSERT_TRUE(rings.ok());
+  ASSERT_EQ(rings->size(), 1u);
+  EXPECT_EQ((*rings)[0].name, "op/id");
+  EXPECT_EQ((*rings)[0].alg, "ES256");
+  auto versions = (*store)->LoadVersions();
+  ASSERT_TRUE(versions.ok());
+  ASSERT_EQ(versions->size(), 1u);
+  EXPECT_EQ((*versions)[0].state, VersionState::kActive);
+  EXPECT_EQ((*versions)[0].kid, "kid-1");
+  EXPECT_EQ((*versions)[0].public_jwk, R"({"kty":"EC"})");
+  EXPECT_EQ((*versions)[0].activate_time, 1700000001);
+}
+
+TEST_F(MetadataStoreTest, DuplicateRingIsAlreadyExistsAndChangesNothing) {
+  auto store = MetadataStore::Open(path_);
+  ASSERT_TRUE(store.ok());
+  ASSERT_TRUE((*store)->InsertRingWithVersion(Ring("op/id"), Version("op/id", 1, "aa")).ok());
+  absl::Status s = (*store)->InsertRingWithVersion(Ring("op/id"), Version("op/id", 1, "bb"));
+  EXPECT_EQ(s.code(), absl::StatusCode::kAlreadyExists);
+  auto versions = (*store)->LoadVersions();
+  ASSERT_TRUE(versions.ok());
+  ASSERT_EQ(versions->size(), 1u);
+  EXPECT_EQ((*versions)[0].object_id, "aa");
+}
+
+TEST_F(MetadataStoreTest, DeleteLastVersionRemovesRing) {
+  auto store = MetadataStore::Open(path_);
+  ASSERT_TRUE(store.ok());
+  ASSERT_TRUE((*store)->InsertRingWithVersion(Ring("op/id"), Version("op/id", 1, "aa")).ok());
+  ASSERT_TRUE((*store)->DeleteVersion("op/id", 1).ok());
+  EXPECT_TRUE((*store)->LoadRings()->empty());
+  EXPECT_TRUE((*store)->LoadVersions()->empty());
+}
+
+TEST_F(MetadataStoreTest, UpdateOfMissingVersionIsNotFound) {
+  auto store = MetadataStore::Open(path_);
+  ASSERT_TRUE(store.ok());
+  EXPECT_EQ((*store)->UpdateVersion(Version("nope", 1, "aa")).code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace custody::rotation

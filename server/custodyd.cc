@@ -1,0 +1,240 @@
+// custodyd: the custody gRPC service. See README.md for flags and the embedded default.
+#include <signal.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/clock.h"
+#include "common/log.h"
+#include "common/secret.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/grpcpp.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "pkcs11/token.h"
+#include "rotation/metadata_store.h"
+#include "server/embedded_token.h"
+#include "server/grpc_services.h"
+#include "server/key_service.h"
+
+ABSL_FLAG(std::string, listen, "", "unix:PATH or HOST:PORT (default unix:STATE_DIR/custodyd.sock)");
+ABSL_FLAG(std::string, state_dir, ".state", "state directory: metadata database, embedded token");
+ABSL_FLAG(std::string, pkcs11_module, "",
+          "PKCS#11 module of a real HSM; empty = the embedded SoftHSM2 token under --state_dir");
+ABSL_FLAG(std::string, token_label, "", "token label or RFC 7512 PKCS#11 URI (pkcs11:token=...)");
+ABSL_FLAG(std::string, pin_file, "", "file holding the user PIN (mode 0600 or 0400)");
+ABSL_FLAG(std::string, pin_env, "CUSTODY_PIN",
+          "environment variable holding the user PIN when --pin_file is not given");
+ABSL_FLAG(int, max_sessions, 8, "logged-in PKCS#11 sessions in the pool");
+ABSL_FLAG(int64_t, max_payload_bytes, 256 * 1024, "largest payload SignJws/Sign accept");
+ABSL_FLAG(std::string, tls_cert, "", "server certificate chain (PEM); enables TLS");
+ABSL_FLAG(std::string, tls_key, "", "server private key (PEM)");
+ABSL_FLAG(std::string, client_ca, "", "CA bundle (PEM) that client certificates must chain to");
+ABSL_FLAG(bool, verbose, false, "debug logging");
+
+namespace custody::server {
+namespace {
+
+absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) return absl::FailedPreconditionError(absl::StrCat("cannot read '", path, "'"));
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) out.append(buf, n);
+  std::fclose(f);
+  return out;
+}
+
+bool IsLoopbackHost(absl::string_view host) {
+  return host == "127.0.0.1" || host == "localhost" || host == "[::1]" || host == "::1" ||
+         absl::StartsWith(host, "127.");
+}
+
+// Refuses a non-loopback TCP listener without TLS: keys must not be reachable in clear.
+absl::Status CheckListenAddress(const std::string& addr, bool tls) {
+  if (absl::StartsWith(addr, "unix:")) {
+    if (addr.size() <= 5) return absl::InvalidArgumentError("--listen=unix: needs a path");
+    return absl::OkStatus();
+  }
+  size_t colon = addr.rfind(':');
+  if (colon == std::string::npos || colon == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--listen='", addr, "' is neither unix:PATH nor HOST:PORT"));
+  }
+  int port = 0;
+  if (!absl::SimpleAtoi(addr.substr(colon + 1), &port) || port < 0 || port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("--listen='", addr, "' has no valid port"));
+  }
+  if (!tls && !IsLoopbackHost(addr.substr(0, colon))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "refusing to listen on '", addr,
+        "' without TLS: only loopback or a Unix socket may be used in clear; pass --tls_cert, "
+        "--tls_key and --client_ca"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials() {
+  std::string cert = absl::GetFlag(FLAGS_tls_cert), key = absl::GetFlag(FLAGS_tls_key);
+  std::string ca = absl::GetFlag(FLAGS_client_ca);
+  if (cert.empty() && key.empty() && ca.empty()) return grpc::InsecureServerCredentials();
+  if (cert.empty() || key.empty()) {
+    return absl::InvalidArgumentError("--tls_cert and --tls_key go together");
+  }
+  grpc::SslServerCredentialsOptions options(
+      ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                 : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  auto cert_pem = ReadFile(cert);
+  if (!cert_pem.ok()) return cert_pem.status();
+  auto key_pem = ReadFile(key);
+  if (!key_pem.ok()) return key_pem.status();
+  options.pem_key_cert_pairs.push_back({*key_pem, *cert_pem});
+  if (!ca.empty()) {
+    auto ca_pem = ReadFile(ca);
+    if (!ca_pem.ok()) return ca_pem.status();
+    options.pem_root_certs = *ca_pem;
+  }
+  return grpc::SslServerCredentials(options);
+}
+
+absl::StatusOr<Secret> ReadPin(const std::string& state_dir, bool embedded) {
+  std::string pin_file = absl::GetFlag(FLAGS_pin_file);
+  if (pin_file.empty() && embedded) pin_file = state_dir + "/pin";
+  if (!pin_file.empty()) return ReadSecretFile(pin_file);
+  auto pin = ReadSecretEnv(absl::GetFlag(FLAGS_pin_env).c_str());
+  if (!pin.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("no PIN: pass --pin_file=FILE or set ", absl::GetFlag(FLAGS_pin_env),
+                     " (PINs are never taken from the command line)"));
+  }
+  return pin;
+}
+
+int Run() {
+  // Core dumps would carry PINs and plaintexts: off unless an operator re-enables them.
+  struct rlimit no_core {
+    0, 0
+  };
+  setrlimit(RLIMIT_CORE, &no_core);
+
+  const std::string state_dir = absl::GetFlag(FLAGS_state_dir);
+  std::string listen = absl::GetFlag(FLAGS_listen);
+  if (listen.empty()) {
+    listen = absl::StrCat("unix:", std::filesystem::absolute(state_dir).string(), "/custodyd.sock");
+  }
+  auto fail = [](absl::string_view event, const absl::Status& s) {
+    Log(LogLevel::kError, event, {{"error", std::string(s.message())}});
+    return 1;
+  };
+  auto creds = MakeCredentials();
+  if (!creds.ok()) return fail("startup.tls", creds.status());
+  bool tls = !absl::GetFlag(FLAGS_tls_cert).empty();
+  if (absl::Status s = CheckListenAddress(listen, tls); !s.ok()) return fail("startup.listen", s);
+
+  const bool embedded = absl::GetFlag(FLAGS_pkcs11_module).empty();
+  std::string module = embedded ? kDefaultSoftHsmModule : absl::GetFlag(FLAGS_pkcs11_module);
+  std::string label = absl::GetFlag(FLAGS_token_label);
+  if (embedded) {
+    if (absl::Status s = PrepareEmbeddedToken(state_dir, module); !s.ok()) {
+      return fail("startup.embedded_token", s);
+    }
+    if (label.empty()) label = kEmbeddedTokenLabel;
+  } else {
+    if (absl::Status s = EnsurePrivateDirectory(state_dir); !s.ok()) return fail("startup", s);
+    if (label.empty()) {
+      return fail("startup",
+                  absl::InvalidArgumentError("--token_label is required with --pkcs11_module"));
+    }
+  }
+  auto selector = pkcs11::ParseTokenSelector(label);
+  if (!selector.ok()) return fail("startup.token_label", selector.status());
+  auto pin = ReadPin(state_dir, embedded);
+  if (!pin.ok()) return fail("startup.pin", pin.status());
+
+  pkcs11::Token::Options token_options;
+  token_options.module_path = module;
+  token_options.selector = *selector;
+  token_options.pin = *std::move(pin);
+  token_options.max_sessions = static_cast<size_t>(std::max(1, absl::GetFlag(FLAGS_max_sessions)));
+  auto token = pkcs11::Token::Open(std::move(token_options));
+  if (!token.ok()) return fail("startup.token", token.status());
+
+  auto store = rotation::MetadataStore::Open(state_dir + "/metadata.db");
+  if (!store.ok()) return fail("startup.metadata", store.status());
+
+  KeyService::Options key_options;
+  key_options.max_payload_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_max_payload_bytes));
+  auto keys = KeyService::Create(token->get(), store->get(), key_options);
+  if (!keys.ok()) return fail("startup.reconcile", keys.status());
+
+  SignerService signer(keys->get());
+  KeyAdminService admin(keys->get());
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  if (absl::StartsWith(listen, "unix:")) {
+    std::error_code ec;
+    std::filesystem::remove(listen.substr(5), ec);  // a stale socket from a killed run
+  }
+  builder.AddListeningPort(listen, *creds);
+  builder.RegisterService(&signer);
+  builder.RegisterService(&admin);
+  builder.SetMaxReceiveMessageSize(4 * 1024 * 1024);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr) {
+    return fail("startup.listen",
+                absl::UnavailableError(absl::StrCat("cannot listen on '", listen, "'")));
+  }
+  const pkcs11::TokenInfo& info = (*token)->info();
+  Log(LogLevel::kInfo, "custodyd.ready",
+      {{"listen", listen},
+       {"tls", tls ? "true" : "false"},
+       {"module", info.module_path},
+       {"token", info.label},
+       {"token_serial", info.serial},
+       {"rsa_x509_mechanism", (*token)->HasMechanism("CKM_RSA_X_509") ? "present" : "absent"}});
+
+  // SIGTERM/SIGINT: stop accepting, let in-flight calls finish (bounded), then exit.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  std::thread waiter([&] {
+    int sig = 0;
+    sigwait(&signals, &sig);
+    Log(LogLevel::kInfo, "custodyd.shutdown", {{"signal", absl::StrCat(sig)}});
+    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  });
+  server->Wait();
+  waiter.join();
+  return 0;
+}
+
+}  // namespace
+}  // namespace custody::server
+
+int main(int argc, char** argv) {
+  // Block the shutdown signals in every thread (gRPC's included) before any is created, so
+  // only the waiter thread receives them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+  absl::SetProgramUsageMessage("custodyd --state_dir=DIR [--listen=unix:PATH|HOST:PORT] ...");
+  absl::ParseCommandLine(argc, argv);
+  if (absl::GetFlag(FLAGS_verbose)) custody::SetLogLevel(custody::LogLevel::kDebug);
+  return custody::server::Run();
+}

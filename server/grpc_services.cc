@@ -1,0 +1,61 @@
+#include "server/grpc_services.h"
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace custody::server {
+namespace {
+
+// Writes the value or the error: the shape shared by every unary handler.
+template <typename T>
+grpc::Status Reply(absl::StatusOr<T> result, T* response) {
+  if (!result.ok()) return ToGrpcStatus(result.status());
+  *response = *std::move(result);
+  return grpc::Status::OK;
+}
+
+}  // namespace
+
+grpc::Status ToGrpcStatus(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+grpc::Status SignerService::SignJws(grpc::ServerContext*, const v1::SignJwsRequest* request,
+                                    v1::SignJwsResponse* response) {
+  return Reply(keys_->SignJws(*request), response);
+}
+
+grpc::Status SignerService::Sign(grpc::ServerContext*, const v1::SignRequest* request,
+                                 v1::SignResponse* response) {
+  return Reply(keys_->Sign(*request), response);
+}
+
+grpc::Status SignerService::GetJwks(grpc::ServerContext*, const v1::GetJwksRequest* request,
+                                    v1::GetJwksResponse* response) {
+  auto jwks =
+      keys_->GetJwks(std::vector<std::string>(request->rings().begin(), request->rings().end()));
+  if (!jwks.ok()) return ToGrpcStatus(jwks.status());
+  response->set_jwks(*std::move(jwks));
+  return grpc::Status::OK;
+}
+
+grpc::Status KeyAdminService::CreateKeyRing(grpc::ServerContext*,
+                                            const v1::CreateKeyRingRequest* request,
+                                            v1::KeyRing* response) {
+  return Reply(keys_->CreateKeyRing(*request), response);
+}
+
+grpc::Status KeyAdminService::GetKeyRing(grpc::ServerContext*, const v1::GetKeyRingRequest* request,
+                                         v1::KeyRing* response) {
+  return Reply(keys_->GetKeyRing(request->name()), response);
+}
+
+grpc::Status KeyAdminService::ListKeyRings(grpc::ServerContext*,
+                                           const v1::ListKeyRingsRequest* request,
+                                           v1::ListKeyRingsResponse* response) {
+  return Reply(keys_->ListKeyRings(request->prefix()), response);
+}
+
+}  // namespace custody::server

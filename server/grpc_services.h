@@ -1,0 +1,47 @@
+// gRPC front of KeyService: translation only (proto in, proto out, absl::Status → grpc::Status
+// in one place). No logic lives here.
+#ifndef CUSTODY_SERVER_GRPC_SERVICES_H_
+#define CUSTODY_SERVER_GRPC_SERVICES_H_
+
+#include "absl/status/status.h"
+#include "custody/v1/custody.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
+#include "server/key_service.h"
+
+namespace custody::server {
+
+// The one mapping from library status to wire status. Codes carry over one to one; DATA_LOSS
+// and INTERNAL keep their message (it names the CKR code or the store error, never secrets).
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+class SignerService final : public v1::Signer::Service {
+ public:
+  explicit SignerService(const KeyService* keys) : keys_(keys) {}
+  grpc::Status SignJws(grpc::ServerContext* context, const v1::SignJwsRequest* request,
+                       v1::SignJwsResponse* response) override;
+  grpc::Status Sign(grpc::ServerContext* context, const v1::SignRequest* request,
+                    v1::SignResponse* response) override;
+  grpc::Status GetJwks(grpc::ServerContext* context, const v1::GetJwksRequest* request,
+                       v1::GetJwksResponse* response) override;
+
+ private:
+  const KeyService* const keys_;
+};
+
+class KeyAdminService final : public v1::KeyAdmin::Service {
+ public:
+  explicit KeyAdminService(KeyService* keys) : keys_(keys) {}
+  grpc::Status CreateKeyRing(grpc::ServerContext* context, const v1::CreateKeyRingRequest* request,
+                             v1::KeyRing* response) override;
+  grpc::Status GetKeyRing(grpc::ServerContext* context, const v1::GetKeyRingRequest* request,
+                          v1::KeyRing* response) override;
+  grpc::Status ListKeyRings(grpc::ServerContext* context, const v1::ListKeyRingsRequest* request,
+                            v1::ListKeyRingsResponse* response) override;
+
+ private:
+  KeyService* const keys_;
+};
+
+}  // namespace custody::server
+
+#endif  // CUSTODY_SERVER_GRPC_SERVICES_H_

@@ -1,0 +1,206 @@
+#include "tests/harness.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "gtest/gtest.h"
+
+namespace custody::testing {
+
+TempDir::TempDir() {
+  char tmpl[] = "/tmp/custody-test-XXXXXX";
+  char* p = mkdtemp(tmpl);
+  if (p == nullptr) std::abort();
+  path_ = p;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  if (std::getenv("CUSTODY_KEEP_TMP") == nullptr) std::filesystem::remove_all(path_, ec);
+}
+
+std::string ReadFileOrDie(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream out;
+  out << in.rdbuf();
+  return out.str();
+}
+
+void WriteFileOrDie(const std::string& path, const std::string& content) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << content;
+  if (!out) std::abort();
+}
+
+std::string BinDir() { return CUSTODY_BIN_DIR; }
+std::string SourceDir() { return CUSTODY_SOURCE_DIR; }
+
+CommandResult RunCommand(const std::vector<std::string>& argv, const std::string& input,
+                         const std::vector<std::string>& env) {
+  TempDir io;
+  std::string in_path = io.path() + "/in", out_path = io.path() + "/out",
+              err_path = io.path() + "/err";
+  WriteFileOrDie(in_path, input);
+  pid_t pid = fork();
+  if (pid == 0) {
+    int in = open(in_path.c_str(), O_RDONLY);
+    int out = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    int err = open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    dup2(in, 0);
+    dup2(out, 1);
+    dup2(err, 2);
+    for (const std::string& e : env) putenv(strdup(e.c_str()));
+    std::vector<char*> args;
+    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    execvp(args[0], args.data());
+    _exit(127);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  CommandResult r;
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.out = ReadFileOrDie(out_path);
+  r.err = ReadFileOrDie(err_path);
+  return r;
+}
+
+Custodyd::Custodyd(std::string state_dir, std::vector<std::string> extra)
+    : state_dir_(std::move(state_dir)) {
+  std::filesystem::create_directories(state_dir_);
+  std::filesystem::permissions(state_dir_, std::filesystem::perms::owner_all);
+  std::string log_path = state_dir_ + "/custodyd.log";
+  pid_ = fork();
+  if (pid_ == 0) {
+    int log = open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
+    dup2(log, 2);
+    dup2(log, 1);
+    std::vector<std::string> argv = {BinDir() + "/custodyd", "--state_dir=" + state_dir_,
+                                     "--listen=unix:" + state_dir_ + "/custodyd.sock"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    std::vector<char*> args;
+    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    execv(args[0], args.data());
+    _exit(127);
+  }
+  channel_ = grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
+  signer_ = custody::v1::Signer::NewStub(channel_);
+  admin_ = custody::v1::KeyAdmin::NewStub(channel_);
+  auto health = grpc::health::v1::Health::NewStub(channel_);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (std::chrono::steady_clock::now() < deadline) {
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      return;  // exited during startup: started() stays false, the log says why
+    }
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+    grpc::health::v1::HealthCheckRequest req;
+    grpc::health::v1::HealthCheckResponse resp;
+    if (health->Check(&ctx, req, &resp).ok() &&
+        resp.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
+      started_ = true;
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+Custodyd::~Custodyd() {
+  if (pid_ > 0) Kill();
+}
+
+void Custodyd::Stop() {
+  if (pid_ <= 0) return;
+  kill(pid_, SIGTERM);
+  int status = 0;
+  waitpid(pid_, &status, 0);
+  pid_ = -1;
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      << "custodyd did not exit cleanly on SIGTERM: " << status;
+}
+
+void Custodyd::Kill() {
+  if (pid_ <= 0) return;
+  kill(pid_, SIGKILL);
+  int status = 0;
+  waitpid(pid_, &status, 0);
+  pid_ = -1;
+}
+
+std::string VerifyWithJwcrypto(const std::string& jwks, const std::string& jws,
+                               const std::string& alg, std::string* payload,
+                               std::string* header_json) {
+  TempDir dir;
+  WriteFileOrDie(dir.path() + "/jwks.json", jwks);
+  WriteFileOrDie(dir.path() + "/jws", jws);
+  CommandResult r = RunCommand({"/usr/bin/python3", SourceDir() + "/tests/tools/jwcrypto_verify.py",
+                                dir.path() + "/jwks.json", dir.path() + "/jws", alg});
+  if (r.exit_code != 0) return "jwcrypto: " + r.err;
+  size_t nl = r.out.find('\n');
+  if (header_json != nullptr) *header_json = r.out.substr(0, nl);
+  if (payload != nullptr) {
+    std::string p = r.out.substr(nl + 1);
+    if (!p.empty() && p.back() == '\n') p.pop_back();
+    *payload = p;
+  }
+  return "";
+}
+
+std::string VerifyWithOpenSsl(const std::string& jwks, const std::string& jws) {
+  TempDir dir;
+  const std::string& d = dir.path();
+  WriteFileOrDie(d + "/jwks.json", jwks);
+  WriteFileOrDie(d + "/jws", jws);
+  CommandResult prep =
+      RunCommand({"/usr/bin/python3", SourceDir() + "/tests/tools/openssl_inputs.py",
+                  d + "/jwks.json", d + "/jws", d});
+  if (prep.exit_code != 0) return "openssl_inputs.py: " + prep.err;
+  std::string alg = prep.out.substr(0, prep.out.find('\n'));
+  std::vector<std::string> cmd;
+  if (alg == "ES256") {
+    cmd = {"openssl",      "dgst",       "-sha256",      "-verify",
+           d + "/pub.pem", "-signature", d + "/sig.der", d + "/input"};
+  } else if (alg == "RS256") {
+    cmd = {"openssl",      "dgst",       "-sha256",  "-verify",
+           d + "/pub.pem", "-signature", d + "/sig", d + "/input"};
+  } else if (alg == "PS256") {
+    cmd = {"openssl",
+           "dgst",
+           "-sha256",
+           "-sigopt",
+           "rsa_padding_mode:pss",
+           "-sigopt",
+           "rsa_pss_saltlen:32",
+           "-sigopt",
+           "rsa_mgf1_md:sha256",
+           "-verify",
+           d + "/pub.pem",
+           "-signature",
+           d + "/sig",
+           d + "/input"};
+  } else if (alg == "EdDSA") {
+    cmd = {"openssl", "pkeyutl", "-verify",    "-pubin",   "-inkey",  d + "/pub.pem",
+           "-rawin",  "-in",     d + "/input", "-sigfile", d + "/sig"};
+  } else {
+    return "no OpenSSL command for alg " + alg;
+  }
+  CommandResult r = RunCommand(cmd);
+  if (r.exit_code != 0) return "openssl " + alg + ": " + r.out + r.err;
+  return "";
+}
+
+}  // namespace custody::testing

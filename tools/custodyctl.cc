@@ -1,0 +1,243 @@
+// custodyctl: the operators' command line for custodyd. Output is JSON, except a compact JWS.
+//
+//   custodyctl [--addr=ADDR] ring create NAME --purpose=sign --alg=ES256|PS256|EdDSA|RS256
+//              [--rsa_bits=N] [--allow_non_fapi]
+//   custodyctl ring get NAME | ring list [--prefix=P]
+//   custodyctl sign NAME [--typ=JWT] [--cty=C] [--header_json=JSON] [--payload_file=F]
+//   custodyctl jwks [NAME...]
+//
+// Flags may appear anywhere. ADDR defaults to $CUSTODY_ADDR, else unix:.state/custodyd.sock.
+// TLS: --ca=PEM [--cert=PEM --key=PEM] [--server_name=NAME]. Exit 0 ok, 1 call failed, 2 usage.
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <iterator>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "client/channel.h"
+#include "custody/v1/custody.grpc.pb.h"
+#include "google/protobuf/util/json_util.h"
+
+namespace {
+
+constexpr char kUsage[] =
+    "usage: custodyctl [--addr=ADDR] COMMAND\n"
+    "  ring create NAME --purpose=sign --alg=ES256|PS256|EdDSA|RS256 [--rsa_bits=N]\n"
+    "                   [--allow_non_fapi]\n"
+    "  ring get NAME\n"
+    "  ring list [--prefix=P]\n"
+    "  sign NAME [--typ=JWT] [--cty=C] [--header_json=JSON] [--payload_file=F]  (stdin if no F)\n"
+    "  jwks [NAME...]\n"
+    "flags: --addr=unix:PATH|HOST:PORT --ca=PEM --cert=PEM --key=PEM --server_name=N "
+    "--timeout_ms=N\n";
+
+struct Args {
+  std::vector<std::string> positional;
+  std::map<std::string, std::string> flags;
+
+  std::string Flag(const std::string& name, const std::string& fallback = "") const {
+    auto it = flags.find(name);
+    return it == flags.end() ? fallback : it->second;
+  }
+  bool Has(const std::string& name) const { return flags.count(name) > 0; }
+};
+
+int Usage(const std::string& why) {
+  std::cerr << "custodyctl: " << why << "\n" << kUsage;
+  return 2;
+}
+
+int Failed(const grpc::Status& status) {
+  static const char* kCodes[] = {"OK",
+                                 "CANCELLED",
+                                 "UNKNOWN",
+                                 "INVALID_ARGUMENT",
+                                 "DEADLINE_EXCEEDED",
+                                 "NOT_FOUND",
+                                 "ALREADY_EXISTS",
+                                 "PERMISSION_DENIED",
+                                 "RESOURCE_EXHAUSTED",
+                                 "FAILED_PRECONDITION",
+                                 "ABORTED",
+                                 "OUT_OF_RANGE",
+                                 "UNIMPLEMENTED",
+                                 "INTERNAL",
+                                 "UNAVAILABLE",
+                                 "DATA_LOSS",
+                                 "UNAUTHENTICATED"};
+  int code = static_cast<int>(status.error_code());
+  std::cerr << "custodyctl: " << (code >= 0 && code <= 16 ? kCodes[code] : "UNKNOWN") << ": "
+            << status.error_message() << "\n";
+  return 1;
+}
+
+int PrintJson(const google::protobuf::Message& message) {
+  std::string json;
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  options.preserve_proto_field_names = true;
+  options.always_print_primitive_fields = true;
+  if (!google::protobuf::util::MessageToJsonString(message, &json, options).ok()) {
+    std::cerr << "custodyctl: cannot render the reply as JSON\n";
+    return 1;
+  }
+  std::cout << json;
+  return 0;
+}
+
+bool ReadAll(const std::string& path, std::string* out) {
+  std::FILE* f = path.empty() ? stdin : std::fopen(path.c_str(), "rb");
+  if (f == nullptr) return false;
+  char buf[8192];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) out->append(buf, n);
+  bool ok = !std::ferror(f);
+  if (f != stdin) std::fclose(f);
+  return ok;
+}
+
+class Ctl {
+ public:
+  Ctl(std::shared_ptr<grpc::Channel> channel, int timeout_ms)
+      : admin_(custody::v1::KeyAdmin::NewStub(channel)),
+        signer_(custody::v1::Signer::NewStub(channel)),
+        timeout_ms_(timeout_ms) {}
+
+  int Run(const Args& args) {
+    const auto& p = args.positional;
+    if (p.empty()) return Usage("no command");
+    if (p[0] == "ring" && p.size() >= 2) {
+      if (p[1] == "create" && p.size() == 3) return RingCreate(p[2], args);
+      if (p[1] == "get" && p.size() == 3) return RingGet(p[2]);
+      if (p[1] == "list" && p.size() == 2) return RingList(args.Flag("prefix"));
+    }
+    if (p[0] == "sign" && p.size() == 2) return Sign(p[1], args);
+    if (p[0] == "jwks") return Jwks({p.begin() + 1, p.end()});
+    return Usage(absl::StrCat("unknown command '", p[0], p.size() > 1 ? " " + p[1] : "", "'"));
+  }
+
+ private:
+  std::unique_ptr<grpc::ClientContext> Context() const {
+    auto ctx = std::make_unique<grpc::ClientContext>();
+    ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(timeout_ms_));
+    return ctx;
+  }
+
+  int RingCreate(const std::string& name, const Args& args) {
+    custody::v1::CreateKeyRingRequest req;
+    req.set_name(name);
+    std::string purpose = absl::AsciiStrToLower(args.Flag("purpose", "sign"));
+    if (purpose == "sign") {
+      req.set_purpose(custody::v1::SIGN);
+    } else if (purpose == "decrypt") {
+      req.set_purpose(custody::v1::DECRYPT);
+    } else {
+      return Usage("--purpose must be sign or decrypt");
+    }
+    if (!args.Has("alg")) return Usage("--alg is required");
+    req.set_alg(args.Flag("alg"));
+    if (args.Has("rsa_bits")) {
+      uint32_t bits = 0;
+      if (!absl::SimpleAtoi(args.Flag("rsa_bits"), &bits)) return Usage("--rsa_bits: a number");
+      req.set_rsa_bits(bits);
+    }
+    std::string non_fapi = args.Flag("allow_non_fapi", "false");
+    req.set_allow_non_fapi(args.Has("allow_non_fapi") && non_fapi != "false" && non_fapi != "0");
+    custody::v1::KeyRing ring;
+    auto ctx = Context();
+    grpc::Status s = admin_->CreateKeyRing(ctx.get(), req, &ring);
+    return s.ok() ? PrintJson(ring) : Failed(s);
+  }
+
+  int RingGet(const std::string& name) {
+    custody::v1::GetKeyRingRequest req;
+    req.set_name(name);
+    custody::v1::KeyRing ring;
+    auto ctx = Context();
+    grpc::Status s = admin_->GetKeyRing(ctx.get(), req, &ring);
+    return s.ok() ? PrintJson(ring) : Failed(s);
+  }
+
+  int RingList(const std::string& prefix) {
+    custody::v1::ListKeyRingsRequest req;
+    req.set_prefix(prefix);
+    custody::v1::ListKeyRingsResponse resp;
+    auto ctx = Context();
+    grpc::Status s = admin_->ListKeyRings(ctx.get(), req, &resp);
+    return s.ok() ? PrintJson(resp) : Failed(s);
+  }
+
+  int Sign(const std::string& name, const Args& args) {
+    custody::v1::SignJwsRequest req;
+    req.set_ring(name);
+    req.set_typ(args.Flag("typ"));
+    req.set_cty(args.Flag("cty"));
+    req.set_extra_header_json(args.Flag("header_json"));
+    if (!ReadAll(args.Flag("payload_file"), req.mutable_payload())) {
+      std::cerr << "custodyctl: cannot read the payload\n";
+      return 2;
+    }
+    custody::v1::SignJwsResponse resp;
+    auto ctx = Context();
+    grpc::Status s = signer_->SignJws(ctx.get(), req, &resp);
+    if (!s.ok()) return Failed(s);
+    std::cout << resp.jws() << "\n";
+    return 0;
+  }
+
+  int Jwks(const std::vector<std::string>& rings) {
+    custody::v1::GetJwksRequest req;
+    for (const auto& r : rings) req.add_rings(r);
+    custody::v1::GetJwksResponse resp;
+    auto ctx = Context();
+    grpc::Status s = signer_->GetJwks(ctx.get(), req, &resp);
+    if (!s.ok()) return Failed(s);
+    std::cout << resp.jwks() << "\n";
+    return 0;
+  }
+
+  std::unique_ptr<custody::v1::KeyAdmin::Stub> admin_;
+  std::unique_ptr<custody::v1::Signer::Stub> signer_;
+  int timeout_ms_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args args;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--help" || a == "-h") {
+      std::cout << kUsage;
+      return 0;
+    }
+    if (a.rfind("--", 0) == 0) {
+      size_t eq = a.find('=');
+      args.flags[a.substr(2, eq == std::string::npos ? std::string::npos : eq - 2)] =
+          eq == std::string::npos ? "true" : a.substr(eq + 1);
+    } else {
+      args.positional.push_back(a);
+    }
+  }
+  custody::client::ChannelOptions options;
+  const char* env_addr = std::getenv("CUSTODY_ADDR");
+  options.address = args.Flag("addr", env_addr ? env_addr : "unix:.state/custodyd.sock");
+  options.ca_file = args.Flag("ca");
+  options.cert_file = args.Flag("cert");
+  options.key_file = args.Flag("key");
+  options.server_name = args.Flag("server_name");
+  int timeout_ms = 30000;
+  if (args.Has("timeout_ms") && !absl::SimpleAtoi(args.Flag("timeout_ms"), &timeout_ms)) {
+    return Usage("--timeout_ms: a number");
+  }
+  auto channel = custody::client::CreateChannel(options);
+  if (!channel.ok()) return Usage(std::string(channel.status().message()));
+  return Ctl(*channel, timeout_ms).Run(args);
+}

@@ -42,11 +42,11 @@ struct KeySpec {
 // How the private key is used. The input each scheme takes is fixed here so that callers
 // (jose/, server/) never pick Cryptoki parameters.
 enum class SignScheme {
-  kEcdsa,             // CKM_ECDSA. Input: the message digest. Output: r||s, each padded to the
-                      // curve's field size (exactly the JWS ES256/384/512 encoding).
-  kEddsa,             // CKM_EDDSA (pure Ed25519). Input: the whole message. Output: 64 bytes.
-  kRsaPssSha256,      // CKM_RSA_PKCS_PSS, hash SHA-256, MGF1-SHA-256, salt 32. Input: SHA-256 digest.
-  kRsaPkcs1v15,       // CKM_RSA_PKCS. Input: a DER DigestInfo (the caller encodes it).
+  kEcdsa,         // CKM_ECDSA. Input: the message digest. Output: r||s, each padded to the
+                  // curve's field size (exactly the JWS ES256/384/512 encoding).
+  kEddsa,         // CKM_EDDSA (pure Ed25519). Input: the whole message. Output: 64 bytes.
+  kRsaPssSha256,  // CKM_RSA_PKCS_PSS, hash SHA-256, MGF1-SHA-256, salt 32. Input: SHA-256 digest.
+  kRsaPkcs1v15,   // CKM_RSA_PKCS. Input: a DER DigestInfo (the caller encodes it).
 };
 
 // Selects a token: by label, or by the token attributes of an RFC 7512 PKCS#11 URI.
@@ -69,8 +69,10 @@ struct KeyPair {
   std::string id;     // CKA_ID bytes (the key version's id)
   std::string label;  // CKA_LABEL
   KeySpec spec;
-  std::atomic<uint64_t> private_handle{0};
-  std::atomic<uint64_t> public_handle{0};
+  // Mutable: Token re-resolves a stale handle by CKA_ID and updates the cache through the
+  // const KeyPair& it was given (see Token::Sign).
+  mutable std::atomic<uint64_t> private_handle{0};
+  mutable std::atomic<uint64_t> public_handle{0};
 };
 
 struct PrivateKeyAttributes {
@@ -112,7 +114,9 @@ class Token {
   // Loads the module (dlopen + C_GetFunctionList), C_Initialize with CKF_OS_LOCKING_OK, finds
   // exactly one token matching the selector (FAILED_PRECONDITION naming the candidates when
   // zero or several match), opens one session and logs in as CKU_USER. Further sessions are
-  // opened lazily up to max_sessions.
+  // opened lazily up to max_sessions. A wrong PIN is PERMISSION_DENIED. Note that PKCS#11 login
+  // is per application: while another Token in this process holds a logged-in session on the
+  // same token, the module answers CKR_USER_ALREADY_LOGGED_IN without checking the PIN.
   static absl::StatusOr<std::unique_ptr<Token>> Open(Options options);
 
   // Initializes a token with `label` in the module's first slot that has no initialized token
@@ -130,8 +134,9 @@ class Token {
   // Generates a key pair in the token: private key CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE=TRUE,
   // CKA_EXTRACTABLE=FALSE, CKA_SIGN (and CKA_DECRYPT/CKA_DERIVE when `for_decryption`); public key
   // CKA_TOKEN, CKA_VERIFY. Both carry CKA_ID=id and CKA_LABEL=label. Never retried on failure.
-  absl::StatusOr<std::shared_ptr<KeyPair>> GenerateKeyPair(const KeySpec& spec,
-                                                           std::string_view id,
+  // ALREADY_EXISTS when a private key with CKA_ID=id exists; INVALID_ARGUMENT for an empty id,
+  // RSA sizes other than 2048/3072/4096, or an Ed25519 decryption key.
+  absl::StatusOr<std::shared_ptr<KeyPair>> GenerateKeyPair(const KeySpec& spec, std::string_view id,
                                                            std::string_view label,
                                                            bool for_decryption = false);
 
@@ -140,6 +145,8 @@ class Token {
   absl::StatusOr<std::shared_ptr<KeyPair>> FindKeyPair(std::string_view id);
 
   // Signs `input` (see SignScheme for what input means) with the pair's private key.
+  // INVALID_ARGUMENT when the scheme does not fit the key type. A cached handle the token no
+  // longer knows is re-found by CKA_ID once (and the KeyPair's cache updated).
   absl::StatusOr<std::string> Sign(const KeyPair& key, SignScheme scheme, std::string_view input);
 
   // Reads the public key (CKA_EC_POINT + curve, or CKA_MODULUS/CKA_PUBLIC_EXPONENT) as an

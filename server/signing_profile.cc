@@ -79,21 +79,21 @@ absl::StatusOr<std::string> TokenSignInputFromDigest(const SigningProfile& profi
   }
   if (digest.size() != profile.digest_size) {
     return absl::InvalidArgumentError(absl::StrCat("digest must be ", profile.digest_size,
-                                                   " bytes for ", jose::JwsAlgName(profile.alg),
+                                                   " bytes for ", std::string(jose::JwsAlgName(profile.alg)),
                                                    ", got ", digest.size()));
   }
   if (profile.scheme == pkcs11::SignScheme::kRsaPkcs1v15) {
     std::string info(reinterpret_cast<const char*>(kSha256DigestInfoPrefix),
                      sizeof(kSha256DigestInfoPrefix));
-    info.append(digest);
+    info.append(digest.data(), digest.size());
     return info;
   }
-  return std::string(digest);
+  return std::string(digest.data(), digest.size());
 }
 
 absl::StatusOr<std::string> TokenSignInput(const SigningProfile& profile,
                                            absl::string_view message) {
-  if (profile.scheme == pkcs11::SignScheme::kEddsa) return std::string(message);
+  if (profile.scheme == pkcs11::SignScheme::kEddsa) return std::string(message.data(), message.size());
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int md_len = 0;
   if (EVP_Digest(message.data(), message.size(), md, &md_len, profile.digest, nullptr) != 1) {

@@ -327,7 +327,7 @@ TEST(CustodydLifecycleTest, Ps256SignsWithRawRsaDisabledInTheToken) {
   WriteFileOrDie(state + "/softhsm2.conf", "directories.tokendir = " + state +
                                                "/tokens\nobjectstore.backend = file\n"
                                                "log.level = ERROR\n"
-                                               "slots.mechanisms = -CKM_RSA_X_509\n");
+                                               "slots.mechanisms = -CKM_RSA_X_509,CKM_RSA_X_509\n");
   Custodyd d(state);
   ASSERT_TRUE(d.started()) << d.log();
   EXPECT_NE(d.log().find("\"rsa_x509_mechanism\":\"absent\""), std::string::npos) << d.log();

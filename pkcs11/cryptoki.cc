@@ -1,0 +1,310 @@
+#include "pkcs11/cryptoki.h"
+
+#include <dlfcn.h>
+
+#include <map>
+#include <utility>
+
+#include "absl/base/const_init.h"
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "pkcs11/token.h"
+
+namespace custody::pkcs11 {
+namespace {
+
+struct LoadedModule {
+  void* library = nullptr;
+  CK_FUNCTION_LIST* fn = nullptr;
+  int references = 0;
+  bool finalize_on_last = false;  // false when someone else in the process initialized it
+};
+
+// The registry lock is held across C_Initialize/C_Finalize on purpose: a Load racing with the
+// last release must not observe a module between C_Finalize and the refcount reaching zero.
+// These calls happen at start-up and shutdown only, never on a request path.
+ABSL_CONST_INIT absl::Mutex registry_mu(absl::kConstInit);
+
+std::map<std::string, LoadedModule>& Registry() ABSL_EXCLUSIVE_LOCKS_REQUIRED(registry_mu) {
+  // Never destroyed: Modules may be released from static destructors of other objects.
+  static auto* registry = new std::map<std::string, LoadedModule>();
+  return *registry;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Module>> Module::Load(const std::string& path) {
+  absl::MutexLock lock(&registry_mu);
+  LoadedModule& entry = Registry()[path];
+  if (entry.library == nullptr) {
+    // The library stays mapped for the life of the process even after C_Finalize: modules such
+    // as SoftHSM2 link libcrypto and may leave callbacks registered there, and unmapping their
+    // code would turn a later OpenSSL cleanup into a crash.
+    void* library = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (library == nullptr) {
+      const char* why = dlerror();
+      Registry().erase(path);
+      return absl::FailedPreconditionError(
+          absl::StrCat("cannot load PKCS#11 module '", path, "': ", why ? why : "dlopen failed"));
+    }
+    auto get_function_list =
+        reinterpret_cast<CK_C_GetFunctionList>(dlsym(library, "C_GetFunctionList"));
+    CK_FUNCTION_LIST* fn = nullptr;
+    if (get_function_list == nullptr) {
+      dlclose(library);
+      Registry().erase(path);
+      return absl::FailedPreconditionError(
+          absl::StrCat("'", path, "' is not a PKCS#11 module: no C_GetFunctionList"));
+    }
+    CK_RV rv = get_function_list(&fn);
+    if (rv != CKR_OK || fn == nullptr) {
+      dlclose(library);
+      Registry().erase(path);
+      return rv != CKR_OK ? CkError("C_GetFunctionList", rv)
+                          : absl::InternalError("C_GetFunctionList returned no list");
+    }
+    entry.library = library;
+    entry.fn = fn;
+  }
+  if (entry.references == 0) {
+    // CKF_OS_LOCKING_OK: the pool calls into the module from many threads at once.
+    CK_C_INITIALIZE_ARGS args{};
+    args.flags = CKF_OS_LOCKING_OK;
+    CK_RV rv = entry.fn->C_Initialize(&args);
+    if (rv == CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+      entry.finalize_on_last = false;  // not ours to finalize
+    } else if (rv == CKR_OK) {
+      entry.finalize_on_last = true;
+    } else {
+      return CkError("C_Initialize", rv);
+    }
+  }
+  ++entry.references;
+  return std::unique_ptr<Module>(new Module(path, entry.fn));
+}
+
+Module::~Module() {
+  absl::MutexLock lock(&registry_mu);
+  auto it = Registry().find(path_);
+  if (it == Registry().end()) return;
+  LoadedModule& entry = it->second;
+  if (--entry.references == 0 && entry.finalize_on_last) {
+    entry.fn->C_Finalize(nullptr);
+  }
+}
+
+absl::Status CkError(std::string_view function, CK_RV rv) {
+  std::string message = absl::StrCat(AsAbsl(function), ": ", CkrName(rv));
+  switch (rv) {
+    case CKR_DEVICE_ERROR:
+    case CKR_DEVICE_REMOVED:
+    case CKR_DEVICE_MEMORY:
+    case CKR_TOKEN_NOT_PRESENT:
+    case CKR_TOKEN_NOT_RECOGNIZED:
+    case CKR_SESSION_HANDLE_INVALID:
+    case CKR_SESSION_CLOSED:
+    case CKR_SESSION_COUNT:
+    case CKR_USER_NOT_LOGGED_IN:
+    case CKR_GENERAL_ERROR:
+    case CKR_CRYPTOKI_NOT_INITIALIZED:
+      return absl::UnavailableError(message);
+    case CKR_DATA_LEN_RANGE:
+    case CKR_DATA_INVALID:
+    case CKR_ARGUMENTS_BAD:
+    case CKR_MECHANISM_INVALID:
+    case CKR_MECHANISM_PARAM_INVALID:
+    case CKR_KEY_TYPE_INCONSISTENT:
+    case CKR_KEY_SIZE_RANGE:
+    case CKR_KEY_FUNCTION_NOT_PERMITTED:
+    case CKR_TEMPLATE_INCONSISTENT:
+    case CKR_TEMPLATE_INCOMPLETE:
+    case CKR_ATTRIBUTE_VALUE_INVALID:
+    case CKR_ATTRIBUTE_TYPE_INVALID:
+    case CKR_DOMAIN_PARAMS_INVALID:
+    case CKR_CURVE_NOT_SUPPORTED:
+    case CKR_ENCRYPTED_DATA_INVALID:
+    case CKR_ENCRYPTED_DATA_LEN_RANGE:
+      return absl::InvalidArgumentError(message);
+    case CKR_OBJECT_HANDLE_INVALID:
+    case CKR_KEY_HANDLE_INVALID:
+      return absl::NotFoundError(message);
+    case CKR_PIN_INCORRECT:
+    case CKR_PIN_INVALID:
+    case CKR_PIN_LEN_RANGE:
+    case CKR_PIN_EXPIRED:
+    case CKR_PIN_LOCKED:
+    case CKR_USER_PIN_NOT_INITIALIZED:
+      return absl::PermissionDeniedError(message);
+    default:
+      return absl::InternalError(message);
+  }
+}
+
+bool IsSessionBroken(CK_RV rv) {
+  switch (rv) {
+    case CKR_DEVICE_ERROR:
+    case CKR_DEVICE_REMOVED:
+    case CKR_TOKEN_NOT_PRESENT:
+    case CKR_SESSION_HANDLE_INVALID:
+    case CKR_SESSION_CLOSED:
+    case CKR_USER_NOT_LOGGED_IN:
+    case CKR_OPERATION_ACTIVE:  // a previous operation was left open: do not reuse
+    case CKR_CRYPTOKI_NOT_INITIALIZED:
+      return true;
+    default:
+      return false;
+  }
+}
+
+#define CKR_ENTRY(x) \
+  { x, #x }
+#define CKM_ENTRY(x) \
+  { x, #x }
+
+std::string CkrName(unsigned long rv) {
+  static const auto* const kNames = new std::map<unsigned long, std::string_view>{
+      CKR_ENTRY(CKR_OK),
+      CKR_ENTRY(CKR_CANCEL),
+      CKR_ENTRY(CKR_HOST_MEMORY),
+      CKR_ENTRY(CKR_SLOT_ID_INVALID),
+      CKR_ENTRY(CKR_GENERAL_ERROR),
+      CKR_ENTRY(CKR_FUNCTION_FAILED),
+      CKR_ENTRY(CKR_ARGUMENTS_BAD),
+      CKR_ENTRY(CKR_NO_EVENT),
+      CKR_ENTRY(CKR_NEED_TO_CREATE_THREADS),
+      CKR_ENTRY(CKR_CANT_LOCK),
+      CKR_ENTRY(CKR_ATTRIBUTE_READ_ONLY),
+      CKR_ENTRY(CKR_ATTRIBUTE_SENSITIVE),
+      CKR_ENTRY(CKR_ATTRIBUTE_TYPE_INVALID),
+      CKR_ENTRY(CKR_ATTRIBUTE_VALUE_INVALID),
+      CKR_ENTRY(CKR_ACTION_PROHIBITED),
+      CKR_ENTRY(CKR_DATA_INVALID),
+      CKR_ENTRY(CKR_DATA_LEN_RANGE),
+      CKR_ENTRY(CKR_DEVICE_ERROR),
+      CKR_ENTRY(CKR_DEVICE_MEMORY),
+      CKR_ENTRY(CKR_DEVICE_REMOVED),
+      CKR_ENTRY(CKR_ENCRYPTED_DATA_INVALID),
+      CKR_ENTRY(CKR_ENCRYPTED_DATA_LEN_RANGE),
+      CKR_ENTRY(CKR_FUNCTION_CANCELED),
+      CKR_ENTRY(CKR_FUNCTION_NOT_PARALLEL),
+      CKR_ENTRY(CKR_FUNCTION_NOT_SUPPORTED),
+      CKR_ENTRY(CKR_KEY_HANDLE_INVALID),
+      CKR_ENTRY(CKR_KEY_SIZE_RANGE),
+      CKR_ENTRY(CKR_KEY_TYPE_INCONSISTENT),
+      CKR_ENTRY(CKR_KEY_NOT_NEEDED),
+      CKR_ENTRY(CKR_KEY_CHANGED),
+      CKR_ENTRY(CKR_KEY_NEEDED),
+      CKR_ENTRY(CKR_KEY_INDIGESTIBLE),
+      CKR_ENTRY(CKR_KEY_FUNCTION_NOT_PERMITTED),
+      CKR_ENTRY(CKR_KEY_NOT_WRAPPABLE),
+      CKR_ENTRY(CKR_KEY_UNEXTRACTABLE),
+      CKR_ENTRY(CKR_MECHANISM_INVALID),
+      CKR_ENTRY(CKR_MECHANISM_PARAM_INVALID),
+      CKR_ENTRY(CKR_OBJECT_HANDLE_INVALID),
+      CKR_ENTRY(CKR_OPERATION_ACTIVE),
+      CKR_ENTRY(CKR_OPERATION_NOT_INITIALIZED),
+      CKR_ENTRY(CKR_PIN_INCORRECT),
+      CKR_ENTRY(CKR_PIN_INVALID),
+      CKR_ENTRY(CKR_PIN_LEN_RANGE),
+      CKR_ENTRY(CKR_PIN_EXPIRED),
+      CKR_ENTRY(CKR_PIN_LOCKED),
+      CKR_ENTRY(CKR_SESSION_CLOSED),
+      CKR_ENTRY(CKR_SESSION_COUNT),
+      CKR_ENTRY(CKR_SESSION_HANDLE_INVALID),
+      CKR_ENTRY(CKR_SESSION_PARALLEL_NOT_SUPPORTED),
+      CKR_ENTRY(CKR_SESSION_READ_ONLY),
+      CKR_ENTRY(CKR_SESSION_EXISTS),
+      CKR_ENTRY(CKR_SESSION_READ_ONLY_EXISTS),
+      CKR_ENTRY(CKR_SESSION_READ_WRITE_SO_EXISTS),
+      CKR_ENTRY(CKR_SIGNATURE_INVALID),
+      CKR_ENTRY(CKR_SIGNATURE_LEN_RANGE),
+      CKR_ENTRY(CKR_TEMPLATE_INCOMPLETE),
+      CKR_ENTRY(CKR_TEMPLATE_INCONSISTENT),
+      CKR_ENTRY(CKR_TOKEN_NOT_PRESENT),
+      CKR_ENTRY(CKR_TOKEN_NOT_RECOGNIZED),
+      CKR_ENTRY(CKR_TOKEN_WRITE_PROTECTED),
+      CKR_ENTRY(CKR_UNWRAPPING_KEY_SIZE_RANGE),
+      CKR_ENTRY(CKR_UNWRAPPING_KEY_TYPE_INCONSISTENT),
+      CKR_ENTRY(CKR_USER_ALREADY_LOGGED_IN),
+      CKR_ENTRY(CKR_USER_NOT_LOGGED_IN),
+      CKR_ENTRY(CKR_USER_PIN_NOT_INITIALIZED),
+      CKR_ENTRY(CKR_USER_TYPE_INVALID),
+      CKR_ENTRY(CKR_USER_ANOTHER_ALREADY_LOGGED_IN),
+      CKR_ENTRY(CKR_USER_TOO_MANY_TYPES),
+      CKR_ENTRY(CKR_WRAPPED_KEY_INVALID),
+      CKR_ENTRY(CKR_WRAPPED_KEY_LEN_RANGE),
+      CKR_ENTRY(CKR_WRAPPING_KEY_HANDLE_INVALID),
+      CKR_ENTRY(CKR_WRAPPING_KEY_SIZE_RANGE),
+      CKR_ENTRY(CKR_WRAPPING_KEY_TYPE_INCONSISTENT),
+      CKR_ENTRY(CKR_RANDOM_SEED_NOT_SUPPORTED),
+      CKR_ENTRY(CKR_RANDOM_NO_RNG),
+      CKR_ENTRY(CKR_DOMAIN_PARAMS_INVALID),
+      CKR_ENTRY(CKR_CURVE_NOT_SUPPORTED),
+      CKR_ENTRY(CKR_BUFFER_TOO_SMALL),
+      CKR_ENTRY(CKR_SAVED_STATE_INVALID),
+      CKR_ENTRY(CKR_INFORMATION_SENSITIVE),
+      CKR_ENTRY(CKR_STATE_UNSAVEABLE),
+      CKR_ENTRY(CKR_CRYPTOKI_NOT_INITIALIZED),
+      CKR_ENTRY(CKR_CRYPTOKI_ALREADY_INITIALIZED),
+      CKR_ENTRY(CKR_MUTEX_BAD),
+      CKR_ENTRY(CKR_MUTEX_NOT_LOCKED),
+      CKR_ENTRY(CKR_NEW_PIN_MODE),
+      CKR_ENTRY(CKR_NEXT_OTP),
+      CKR_ENTRY(CKR_EXCEEDED_MAX_ITERATIONS),
+      CKR_ENTRY(CKR_FIPS_SELF_TEST_FAILED),
+      CKR_ENTRY(CKR_LIBRARY_LOAD_FAILED),
+      CKR_ENTRY(CKR_PIN_TOO_WEAK),
+      CKR_ENTRY(CKR_PUBLIC_KEY_INVALID),
+      CKR_ENTRY(CKR_FUNCTION_REJECTED),
+  };
+  auto it = kNames->find(rv);
+  if (it != kNames->end()) return std::string(it->second);
+  return absl::StrCat("CKR_0x", absl::Hex(rv));
+}
+
+std::string CkmName(CK_MECHANISM_TYPE mechanism) {
+  static const auto* const kNames = new std::map<CK_MECHANISM_TYPE, std::string_view>{
+      CKM_ENTRY(CKM_RSA_PKCS_KEY_PAIR_GEN),
+      CKM_ENTRY(CKM_RSA_PKCS),
+      CKM_ENTRY(CKM_RSA_X_509),
+      CKM_ENTRY(CKM_RSA_PKCS_OAEP),
+      CKM_ENTRY(CKM_RSA_PKCS_PSS),
+      CKM_ENTRY(CKM_SHA256_RSA_PKCS),
+      CKM_ENTRY(CKM_SHA256_RSA_PKCS_PSS),
+      CKM_ENTRY(CKM_EC_KEY_PAIR_GEN),
+      CKM_ENTRY(CKM_ECDSA),
+      CKM_ENTRY(CKM_ECDSA_SHA256),
+      CKM_ENTRY(CKM_ECDH1_DERIVE),
+      CKM_ENTRY(CKM_ECDH1_COFACTOR_DERIVE),
+      CKM_ENTRY(CKM_EC_EDWARDS_KEY_PAIR_GEN),
+      CKM_ENTRY(CKM_EDDSA),
+      CKM_ENTRY(CKM_AES_KEY_GEN),
+      CKM_ENTRY(CKM_AES_ECB),
+      CKM_ENTRY(CKM_AES_CBC),
+      CKM_ENTRY(CKM_AES_GCM),
+      CKM_ENTRY(CKM_AES_KEY_WRAP),
+      CKM_ENTRY(CKM_AES_KEY_WRAP_PAD),
+      CKM_ENTRY(CKM_GENERIC_SECRET_KEY_GEN),
+      CKM_ENTRY(CKM_SHA256),
+      CKM_ENTRY(CKM_SHA384),
+      CKM_ENTRY(CKM_SHA512),
+      CKM_ENTRY(CKM_SHA256_HMAC),
+  };
+  auto it = kNames->find(mechanism);
+  if (it != kNames->end()) return std::string(it->second);
+  return absl::StrCat("CKM_0x", absl::Hex(mechanism));
+}
+
+#undef CKR_ENTRY
+#undef CKM_ENTRY
+
+std::string TrimPadded(const unsigned char* data, size_t size) {
+  std::string out(reinterpret_cast<const char*>(data), size);
+  size_t end = out.find_last_not_of(std::string_view(" \0", 2));
+  out.resize(end == std::string::npos ? 0 : end + 1);
+  return out;
+}
+
+}  // namespace custody::pkcs11

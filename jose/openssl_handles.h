@@ -7,6 +7,7 @@
 #include "openssl/bn.h"
 #include "openssl/ec.h"
 #include "openssl/evp.h"
+#include "openssl/kdf.h"
 #include "openssl/param_build.h"
 #include "openssl/params.h"
 
@@ -46,6 +47,36 @@ struct EcdsaSigDeleter {
   void operator()(ECDSA_SIG* p) const { ECDSA_SIG_free(p); }
 };
 using EcdsaSigPtr = std::unique_ptr<ECDSA_SIG, EcdsaSigDeleter>;
+
+struct CipherDeleter {
+  void operator()(EVP_CIPHER* p) const { EVP_CIPHER_free(p); }
+};
+using CipherPtr = std::unique_ptr<EVP_CIPHER, CipherDeleter>;
+
+struct CipherCtxDeleter {
+  void operator()(EVP_CIPHER_CTX* p) const { EVP_CIPHER_CTX_free(p); }
+};
+using CipherCtxPtr = std::unique_ptr<EVP_CIPHER_CTX, CipherCtxDeleter>;
+
+struct MacDeleter {
+  void operator()(EVP_MAC* p) const { EVP_MAC_free(p); }
+};
+using MacPtr = std::unique_ptr<EVP_MAC, MacDeleter>;
+
+struct MacCtxDeleter {
+  void operator()(EVP_MAC_CTX* p) const { EVP_MAC_CTX_free(p); }
+};
+using MacCtxPtr = std::unique_ptr<EVP_MAC_CTX, MacCtxDeleter>;
+
+struct KdfDeleter {
+  void operator()(EVP_KDF* p) const { EVP_KDF_free(p); }
+};
+using KdfPtr = std::unique_ptr<EVP_KDF, KdfDeleter>;
+
+struct KdfCtxDeleter {
+  void operator()(EVP_KDF_CTX* p) const { EVP_KDF_CTX_free(p); }
+};
+using KdfCtxPtr = std::unique_ptr<EVP_KDF_CTX, KdfCtxDeleter>;
 
 }  // namespace custody::jose::internal
 

@@ -5,7 +5,7 @@ PACKAGES=(
   build-essential cmake ninja-build pkg-config
   libssl-dev openssl
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
-  libabsl-dev libgtest-dev libgmock-dev libsqlite3-dev sqlite3
+  libabsl-dev libgtest-dev libgmock-dev libsqlite3-dev sqlite3 zlib1g-dev
   libp11-kit-dev softhsm2 opensc
   python3 python3-jwcrypto
 )

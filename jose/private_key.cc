@@ -86,14 +86,10 @@ absl::StatusOr<PkeyPtr> RsaFromJwk(const Json& jwk) {
   }
   std::unique_ptr<OSSL_PARAM_BLD, BldDeleter> bld(OSSL_PARAM_BLD_new());
   static constexpr std::pair<const char*, const char*> kMembers[] = {
-      {"n", OSSL_PKEY_PARAM_RSA_N},
-      {"e", OSSL_PKEY_PARAM_RSA_E},
-      {"d", OSSL_PKEY_PARAM_RSA_D},
-      {"p", OSSL_PKEY_PARAM_RSA_FACTOR1},
-      {"q", OSSL_PKEY_PARAM_RSA_FACTOR2},
-      {"dp", OSSL_PKEY_PARAM_RSA_EXPONENT1},
-      {"dq", OSSL_PKEY_PARAM_RSA_EXPONENT2},
-      {"qi", OSSL_PKEY_PARAM_RSA_COEFFICIENT1},
+      {"n", OSSL_PKEY_PARAM_RSA_N},          {"e", OSSL_PKEY_PARAM_RSA_E},
+      {"d", OSSL_PKEY_PARAM_RSA_D},          {"p", OSSL_PKEY_PARAM_RSA_FACTOR1},
+      {"q", OSSL_PKEY_PARAM_RSA_FACTOR2},    {"dp", OSSL_PKEY_PARAM_RSA_EXPONENT1},
+      {"dq", OSSL_PKEY_PARAM_RSA_EXPONENT2}, {"qi", OSSL_PKEY_PARAM_RSA_COEFFICIENT1},
   };
   std::vector<SecretBnPtr> bns;  // must outlive OSSL_PARAM_BLD_to_param
   for (const auto& [member, param] : kMembers) {
@@ -188,8 +184,8 @@ absl::StatusOr<PkeyPtr> PrivateKeyFromPem(absl::string_view pem) {
   if (bio == nullptr) return absl::InternalError("BIO_new_mem_buf failed");
   // A callback that refuses passphrases: an encrypted key must not prompt on a terminal.
   auto no_passphrase = [](char*, int, int, void*) -> int { return -1; };
-  EVP_PKEY* raw = PEM_read_bio_PrivateKey_ex(bio.get(), nullptr, no_passphrase, nullptr, nullptr,
-                                             nullptr);
+  EVP_PKEY* raw =
+      PEM_read_bio_PrivateKey_ex(bio.get(), nullptr, no_passphrase, nullptr, nullptr, nullptr);
   if (raw == nullptr) return absl::InvalidArgumentError("PEM: not an unencrypted private key");
   return PkeyPtr(raw);
 }

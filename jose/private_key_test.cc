@@ -17,10 +17,10 @@ struct KeyPair {
 };
 
 KeyPair JwcryptoKey(const std::string& generate_args) {
-  std::string cmd =
-      "/usr/bin/python3 -c \"from jwcrypto import jwk; k=jwk.JWK.generate(" + generate_args +
-      "); print(k.export_private()); print('--'); "
-      "print(k.export_to_pem(private_key=True, password=None).decode())\"";
+  std::string cmd = "/usr/bin/python3 -c \"from jwcrypto import jwk; k=jwk.JWK.generate(" +
+                    generate_args +
+                    "); print(k.export_private()); print('--'); "
+                    "print(k.export_to_pem(private_key=True, password=None).decode())\"";
   FILE* p = popen(cmd.c_str(), "r");
   std::string out;
   char buf[4096];

@@ -300,6 +300,23 @@ std::string CkmName(CK_MECHANISM_TYPE mechanism) {
 #undef CKR_ENTRY
 #undef CKM_ENTRY
 
+void AlignRight(std::string& buffer, size_t length) {
+  const size_t size = buffer.size();
+  const size_t shift = size - length;
+  auto* bytes = reinterpret_cast<unsigned char*>(buffer.data());
+  // A barrel shifter: pass `bit` shifts everything right by 2^bit exactly when that bit of
+  // `shift` is set, selected with a mask instead of a branch. Bytes past `length` end up either
+  // shifted out or overwritten, so their initial value does not matter.
+  for (size_t bit = 0; bit < sizeof(size_t) * 8 && (size_t{1} << bit) <= size; ++bit) {
+    const size_t step = size_t{1} << bit;
+    const auto mask = static_cast<unsigned char>(0u - ((shift >> bit) & 1u));
+    for (size_t i = size; i-- > 0;) {
+      const unsigned char moved = i >= step ? bytes[i - step] : 0;
+      bytes[i] = static_cast<unsigned char>((moved & mask) | (bytes[i] & ~mask));
+    }
+  }
+}
+
 std::string TrimPadded(const unsigned char* data, size_t size) {
   std::string out(reinterpret_cast<const char*>(data), size);
   size_t end = out.find_last_not_of(std::string_view(" \0", 2));

@@ -71,6 +71,12 @@ std::string CkmName(CK_MECHANISM_TYPE mechanism);
 // std::string_view does not convert to implicitly.
 inline absl::string_view AsAbsl(std::string_view s) { return {s.data(), s.size()}; }
 
+// Moves the first `length` bytes of `buffer` to its end and zero-fills the front, in time that
+// depends on buffer.size() only and not on `length`: C_Decrypt with CKM_RSA_X_509 may return the
+// k-byte encoded message with its leading zeros stripped, and how many were stripped says
+// something about the plaintext. Requires length <= buffer.size().
+void AlignRight(std::string& buffer, size_t length);
+
 // Blank- (or NUL-) padded fixed-width Cryptoki string → std::string without the padding.
 std::string TrimPadded(const unsigned char* data, size_t size);
 

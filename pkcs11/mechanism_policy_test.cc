@@ -18,7 +18,7 @@ struct PkeyCtxDeleter {
   void operator()(EVP_PKEY_CTX* p) const { EVP_PKEY_CTX_free(p); }
 };
 
-TEST(MechanismPolicyTest, SignsPs256WithoutRawRsa) {
+TEST(MechanismPolicyTest, SignsPs256AndRefusesRawDecryptionWithoutRawRsa) {
   absl::StatusOr<std::unique_ptr<TemporarySoftHsm>> softhsm =
       // SoftHSM2 2.6.1 ignores the first entry of a "-" (deny) list, hence the repetition;
       // a module without that bug reads the same denial twice.
@@ -61,6 +61,15 @@ TEST(MechanismPolicyTest, SignsPs256WithoutRawRsa) {
   EXPECT_EQ(EVP_PKEY_verify(ctx.get(), reinterpret_cast<const unsigned char*>(signature->data()),
                             signature->size(), digest, 32),
             1);
+
+  // Without CKM_RSA_X_509 there is no software-OAEP fallback: UNIMPLEMENTED, and OAEP with
+  // SHA-1 in the token is still there.
+  absl::StatusOr<std::shared_ptr<KeyPair>> decryption_key = (*token)->GenerateKeyPair(
+      KeySpec{.type = KeyType::kRsa, .rsa_bits = 2048}, "rsa-dec", "d", /*for_decryption=*/true);
+  ASSERT_TRUE(decryption_key.ok()) << decryption_key.status();
+  EXPECT_EQ((*token)->DecryptRsaRaw(**decryption_key, std::string(256, '\x01')).status().code(),
+            absl::StatusCode::kUnimplemented);
+  EXPECT_TRUE((*token)->OaepSupported(OaepHash::kSha1));
   token->reset();  // before the SoftHSM2 directory goes away
 }
 

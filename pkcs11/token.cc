@@ -4,21 +4,29 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
+#include "common/log.h"
 #include "openssl/bn.h"
 #include "openssl/core_names.h"
+#include "openssl/ec.h"
+#include "openssl/objects.h"
 #include "openssl/param_build.h"
 #include "openssl/params.h"
+#include "openssl/rand.h"
+#include "openssl/rsa.h"
 #include "pkcs11/cryptoki.h"
 #include "pkcs11/session_pool.h"
 
@@ -50,6 +58,16 @@ CK_ATTRIBUTE Attr(CK_ATTRIBUTE_TYPE type, std::string_view bytes) {
 }
 CK_ATTRIBUTE BoolAttr(CK_ATTRIBUTE_TYPE type, bool value) {
   return Attr(type, value ? &kTrue : &kFalse, sizeof(CK_BBOOL));
+}
+
+// The usage flags of a private key, every one stated: a signing key only signs, a decryption
+// key only decrypts (RSA) or derives (EC). Modules default the flags a template leaves out to
+// TRUE (SoftHSM2 2.6.1 does for CKA_DECRYPT), which would let a signing key decrypt.
+void AppendPrivateKeyUsage(std::vector<CK_ATTRIBUTE>& attributes, bool rsa, bool for_decryption) {
+  attributes.push_back(BoolAttr(CKA_SIGN, !for_decryption));
+  attributes.push_back(BoolAttr(CKA_DECRYPT, for_decryption && rsa));
+  attributes.push_back(BoolAttr(CKA_DERIVE, for_decryption && !rsa));
+  attributes.push_back(BoolAttr(CKA_UNWRAP, false));
 }
 
 std::string PrintableId(std::string_view id) {
@@ -397,6 +415,427 @@ absl::StatusOr<EvpPkeyPtr> EcPublicKey(KeyType type, std::string point) {
   return PublicKeyFromParams("EC", params);
 }
 
+// ---- Decryption ----------------------------------------------------------------------------
+
+constexpr char kDecryptionFailed[] = "decryption failed";
+
+const char* OaepHashName(OaepHash hash) { return hash == OaepHash::kSha1 ? "SHA-1" : "SHA-256"; }
+
+// Destroys a session or token object when the scope ends, on every path (a derived secret, a
+// probe key, a half-imported pair), unless released. The lease must outlive it.
+class ScopedObject {
+ public:
+  ScopedObject(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease, CK_OBJECT_HANDLE handle)
+      : fn_(fn), lease_(lease), handle_(handle) {}
+  ~ScopedObject() {
+    // Best effort: on a broken session this fails, and a session object goes with the session.
+    if (handle_ != CK_INVALID_HANDLE) fn_->C_DestroyObject(lease_.get(), handle_);
+  }
+  ScopedObject(const ScopedObject&) = delete;
+  ScopedObject& operator=(const ScopedObject&) = delete;
+  CK_OBJECT_HANDLE get() const { return handle_; }
+  CK_OBJECT_HANDLE release() { return std::exchange(handle_, CK_INVALID_HANDLE); }
+
+ private:
+  CK_FUNCTION_LIST* fn_;
+  SessionPool::Lease& lease_;
+  CK_OBJECT_HANDLE handle_;
+};
+
+// k, the modulus size in bytes, from the KeySpec or (unknown there) from the key's CKA_MODULUS.
+absl::StatusOr<size_t> ModulusBytes(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease,
+                                    CK_OBJECT_HANDLE key, const KeySpec& spec) {
+  if (spec.rsa_bits > 0) return static_cast<size_t>(spec.rsa_bits + 7) / 8;
+  P11_ASSIGN_OR_RETURN(std::string modulus, GetBytes(fn, lease, key, CKA_MODULUS));
+  const size_t first = modulus.find_first_not_of('\0');
+  if (first == std::string::npos) return absl::InternalError("RSA key with a zero modulus");
+  return modulus.size() - first;
+}
+
+// The status of a failed C_Decrypt. Failures of the token or the session keep their CkError
+// status (and a broken session is discarded); every other code is about the ciphertext and
+// becomes one and the same INVALID_ARGUMENT, so that no caller can tell bad padding from a bad
+// length (a padding oracle). SoftHSM2 reports bad OAEP padding as CKR_GENERAL_ERROR, which
+// elsewhere means an unavailable token: from C_Decrypt it counts as a decryption failure.
+absl::Status DecryptFailure(SessionPool::Lease& lease, CK_RV rv) {
+  const bool token_failure = rv != CKR_GENERAL_ERROR &&
+                             (IsSessionBroken(rv) || rv == CKR_HOST_MEMORY ||
+                              CkError("C_Decrypt", rv).code() == absl::StatusCode::kUnavailable);
+  if (token_failure) return lease.Check("C_Decrypt", rv);
+  return absl::InvalidArgumentError(kDecryptionFailed);
+}
+
+// C_Decrypt after a successful C_DecryptInit (which it always ends): the plaintext, into a
+// k-byte buffer.
+absl::StatusOr<Secret> RunDecrypt(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease,
+                                  size_t modulus_bytes, std::string_view ciphertext) {
+  Secret plaintext(std::string(modulus_bytes, '\0'));
+  std::string& out = plaintext.mutable_value();
+  auto* data = reinterpret_cast<CK_BYTE*>(const_cast<char*>(ciphertext.data()));
+  CK_ULONG length = out.size();
+  CK_RV rv = fn->C_Decrypt(lease.get(), data, ciphertext.size(),
+                           reinterpret_cast<CK_BYTE*>(out.data()), &length);
+  if (rv == CKR_BUFFER_TOO_SMALL) {
+    // Not expected with k bytes; the operation stays active and `length` is the size needed.
+    out.assign(length, '\0');
+    rv = fn->C_Decrypt(lease.get(), data, ciphertext.size(), reinterpret_cast<CK_BYTE*>(out.data()),
+                       &length);
+  }
+  if (rv != CKR_OK) return DecryptFailure(lease, rv);
+  if (length > out.size()) return absl::InternalError("C_Decrypt: length beyond the buffer");
+  out.resize(length);
+  return plaintext;
+}
+
+// CKM_RSA_PKCS_OAEP with `hash` for OAEP and MGF1 and an empty label, on a resolved handle.
+absl::StatusOr<Secret> DecryptOaep(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease,
+                                   CK_OBJECT_HANDLE key, OaepHash hash, size_t modulus_bytes,
+                                   std::string_view ciphertext) {
+  // Checked before C_DecryptInit: returning between Init and C_Decrypt would leave the
+  // operation active in the session.
+  if (ciphertext.size() != modulus_bytes) return absl::InvalidArgumentError(kDecryptionFailed);
+  CK_RSA_PKCS_OAEP_PARAMS params{};
+  params.hashAlg = hash == OaepHash::kSha1 ? CKM_SHA_1 : CKM_SHA256;
+  params.mgf = hash == OaepHash::kSha1 ? CKG_MGF1_SHA1 : CKG_MGF1_SHA256;
+  params.source = CKZ_DATA_SPECIFIED;
+  params.pSourceData = nullptr;
+  params.ulSourceDataLen = 0;
+  CK_MECHANISM mechanism{CKM_RSA_PKCS_OAEP, &params, sizeof(params)};
+  CK_RV rv = fn->C_DecryptInit(lease.get(), &mechanism, key);
+  if (rv == CKR_ARGUMENTS_BAD || rv == CKR_MECHANISM_PARAM_INVALID || rv == CKR_MECHANISM_INVALID) {
+    return absl::UnimplementedError(absl::StrCat("token refuses OAEP with ", OaepHashName(hash),
+                                                 " (C_DecryptInit: ", CkrName(rv), ")"));
+  }
+  P11_RETURN_IF_ERROR(lease.Check("C_DecryptInit", rv));
+  return RunDecrypt(fn, lease, modulus_bytes, ciphertext);
+}
+
+absl::StatusOr<std::string> OpenSslOaepEncrypt(EVP_PKEY* pkey, OaepHash hash,
+                                               std::string_view message) {
+  std::unique_ptr<EVP_PKEY_CTX, EvpPkeyCtxDeleter> ctx(
+      EVP_PKEY_CTX_new_from_pkey(nullptr, pkey, nullptr));
+  const char* md = hash == OaepHash::kSha1 ? "SHA1" : "SHA256";
+  size_t size = 0;
+  const auto* in = reinterpret_cast<const unsigned char*>(message.data());
+  if (ctx == nullptr || EVP_PKEY_encrypt_init(ctx.get()) != 1 ||
+      EVP_PKEY_CTX_set_rsa_padding(ctx.get(), RSA_PKCS1_OAEP_PADDING) != 1 ||
+      EVP_PKEY_CTX_set_rsa_oaep_md_name(ctx.get(), md, nullptr) != 1 ||
+      EVP_PKEY_CTX_set_rsa_mgf1_md_name(ctx.get(), md, nullptr) != 1 ||
+      EVP_PKEY_encrypt(ctx.get(), nullptr, &size, in, message.size()) != 1) {
+    return absl::InternalError("EVP_PKEY_encrypt (OAEP) setup failed");
+  }
+  std::string ciphertext(size, '\0');
+  if (EVP_PKEY_encrypt(ctx.get(), reinterpret_cast<unsigned char*>(ciphertext.data()), &size, in,
+                       message.size()) != 1) {
+    return absl::InternalError("EVP_PKEY_encrypt (OAEP) failed");
+  }
+  ciphertext.resize(size);
+  return ciphertext;
+}
+
+// Whether the token decrypts, with CKM_RSA_PKCS_OAEP and `hash`, what OpenSSL encrypted under a
+// throwaway session key pair. An error (not a "no") when the probe itself could not run.
+absl::StatusOr<bool> ProbeOaep(CK_FUNCTION_LIST* fn, SessionPool& pool, OaepHash hash) {
+  P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, pool.Acquire());
+  static constexpr unsigned char kF4[] = {0x01, 0x00, 0x01};
+  const CK_ULONG modulus_bits = 2048;
+  CK_ATTRIBUTE public_template[] = {
+      BoolAttr(CKA_TOKEN, false),
+      BoolAttr(CKA_ENCRYPT, true),
+      Attr(CKA_MODULUS_BITS, &modulus_bits, sizeof(modulus_bits)),
+      Attr(CKA_PUBLIC_EXPONENT, kF4, sizeof(kF4)),
+  };
+  CK_ATTRIBUTE private_template[] = {
+      BoolAttr(CKA_TOKEN, false),       BoolAttr(CKA_PRIVATE, true), BoolAttr(CKA_SENSITIVE, true),
+      BoolAttr(CKA_EXTRACTABLE, false), BoolAttr(CKA_DECRYPT, true),
+  };
+  CK_MECHANISM mechanism{CKM_RSA_PKCS_KEY_PAIR_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE public_handle = CK_INVALID_HANDLE;
+  CK_OBJECT_HANDLE private_handle = CK_INVALID_HANDLE;
+  P11_RETURN_IF_ERROR(lease.Check(
+      "C_GenerateKeyPair",
+      fn->C_GenerateKeyPair(lease.get(), &mechanism, public_template, std::size(public_template),
+                            private_template, std::size(private_template), &public_handle,
+                            &private_handle)));
+  ScopedObject public_key(fn, lease, public_handle);
+  ScopedObject private_key(fn, lease, private_handle);
+
+  P11_ASSIGN_OR_RETURN(std::string modulus, GetBytes(fn, lease, public_key.get(), CKA_MODULUS));
+  P11_ASSIGN_OR_RETURN(std::string exponent,
+                       GetBytes(fn, lease, public_key.get(), CKA_PUBLIC_EXPONENT));
+  P11_ASSIGN_OR_RETURN(EvpPkeyPtr pkey, RsaPublicKey(modulus, exponent));
+  unsigned char message[32];
+  if (RAND_bytes(message, sizeof(message)) != 1) return absl::InternalError("RAND_bytes failed");
+  const std::string_view message_view(reinterpret_cast<const char*>(message), sizeof(message));
+  P11_ASSIGN_OR_RETURN(std::string ciphertext, OpenSslOaepEncrypt(pkey.get(), hash, message_view));
+
+  absl::StatusOr<Secret> plaintext =
+      DecryptOaep(fn, lease, private_key.get(), hash, ciphertext.size(), ciphertext);
+  // UNIMPLEMENTED: the token refused the parameters. INVALID_ARGUMENT: it accepted them but
+  // could not decrypt (e.g. it silently used another hash). Both are a definite "no".
+  if (absl::IsUnimplemented(plaintext.status()) || absl::IsInvalidArgument(plaintext.status())) {
+    return false;
+  }
+  if (!plaintext.ok()) return plaintext.status();
+  return plaintext->view() == absl::string_view(message_view.data(), message_view.size());
+}
+
+// ---- ECDH ----------------------------------------------------------------------------------
+
+// DER OCTET STRING around `content` (the CKA_EC_POINT encoding); contents up to 65535 bytes.
+std::string DerOctetString(std::string_view content) {
+  std::string out(1, '\x04');
+  const size_t size = content.size();
+  if (size < 0x80) {
+    out.push_back(static_cast<char>(size));
+  } else if (size <= 0xff) {
+    out.push_back('\x81');
+    out.push_back(static_cast<char>(size));
+  } else {
+    out.push_back('\x82');
+    out.push_back(static_cast<char>(size >> 8));
+    out.push_back(static_cast<char>(size & 0xff));
+  }
+  out.append(content);
+  return out;
+}
+
+// CKA_VALUE of a derived secret of exactly `size` bytes, straight into a self-wiping buffer.
+absl::StatusOr<Secret> GetSecretValue(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease,
+                                      CK_OBJECT_HANDLE object, size_t size) {
+  Secret value(std::string(size, '\0'));
+  CK_ATTRIBUTE attribute{CKA_VALUE, value.mutable_value().data(), size};
+  P11_RETURN_IF_ERROR(lease.Check("C_GetAttributeValue",
+                                  fn->C_GetAttributeValue(lease.get(), object, &attribute, 1)));
+  if (attribute.ulValueLen != size) {
+    return absl::InternalError(
+        absl::StrCat("derived CKA_VALUE has ", attribute.ulValueLen, " bytes, expected ", size));
+  }
+  return value;
+}
+
+// CKM_ECDH1_DERIVE (CKD_NULL) on a resolved handle: Z, `field_size` bytes.
+absl::StatusOr<Secret> DeriveEcdhWithHandle(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease,
+                                            CK_OBJECT_HANDLE key, std::string_view peer_point,
+                                            CK_ULONG field_size) {
+  CK_OBJECT_CLASS secret_class = CKO_SECRET_KEY;
+  CK_KEY_TYPE generic_secret = CKK_GENERIC_SECRET;
+  CK_ATTRIBUTE secret_template[] = {
+      Attr(CKA_CLASS, &secret_class, sizeof(secret_class)),
+      Attr(CKA_KEY_TYPE, &generic_secret, sizeof(generic_secret)),
+      BoolAttr(CKA_TOKEN, false),
+      BoolAttr(CKA_SENSITIVE, false),
+      BoolAttr(CKA_EXTRACTABLE, true),
+      Attr(CKA_VALUE_LEN, &field_size, sizeof(field_size)),
+  };
+  auto derive = [&](std::string_view public_data, CK_OBJECT_HANDLE* derived) {
+    CK_ECDH1_DERIVE_PARAMS params{};
+    params.kdf = CKD_NULL;
+    params.ulSharedDataLen = 0;
+    params.pSharedData = nullptr;
+    params.ulPublicDataLen = public_data.size();
+    params.pPublicData = reinterpret_cast<CK_BYTE*>(const_cast<char*>(public_data.data()));
+    CK_MECHANISM mechanism{CKM_ECDH1_DERIVE, &params, sizeof(params)};
+    return fn->C_DeriveKey(lease.get(), &mechanism, key, secret_template,
+                           std::size(secret_template), derived);
+  };
+  CK_OBJECT_HANDLE derived = CK_INVALID_HANDLE;
+  CK_RV rv = derive(peer_point, &derived);
+  if (rv == CKR_ARGUMENTS_BAD || rv == CKR_DOMAIN_PARAMS_INVALID ||
+      rv == CKR_MECHANISM_PARAM_INVALID) {
+    // PKCS#11 2.40 leaves open whether pPublicData is the bare point or, like CKA_EC_POINT, a DER
+    // OCTET STRING holding it, and some modules take only the latter. (SoftHSM2 2.6.1 takes
+    // both.) A refusal derived nothing, so asking with the other form is not a retry.
+    rv = derive(DerOctetString(peer_point), &derived);
+  }
+  P11_RETURN_IF_ERROR(lease.Check("C_DeriveKey", rv));
+  ScopedObject secret(fn, lease, derived);
+  return GetSecretValue(fn, lease, secret.get(), field_size);
+}
+
+// ---- Import --------------------------------------------------------------------------------
+
+struct BignumClearDeleter {
+  void operator()(BIGNUM* p) const { BN_clear_free(p); }
+};
+struct EcGroupDeleter {
+  void operator()(EC_GROUP* p) const { EC_GROUP_free(p); }
+};
+struct EcPointDeleter {
+  void operator()(EC_POINT* p) const { EC_POINT_free(p); }
+};
+
+// A key to import as Cryptoki attribute values. Private components live in Secrets, so they
+// are wiped (OPENSSL_cleanse) when this goes, on every path.
+struct KeyMaterial {
+  KeySpec spec;
+  CK_KEY_TYPE key_type = CKK_RSA;
+  std::vector<std::pair<CK_ATTRIBUTE_TYPE, Secret>> private_values;
+  std::vector<std::pair<CK_ATTRIBUTE_TYPE, std::string>> public_values;
+};
+
+// Integer parameter `name` of `pkey`, big-endian, left-padded to `size` bytes when size > 0.
+// NOT_FOUND when the key lacks it.
+absl::StatusOr<Secret> BnParam(const EVP_PKEY* pkey, const char* name, size_t size = 0) {
+  BIGNUM* raw = nullptr;
+  if (EVP_PKEY_get_bn_param(pkey, name, &raw) != 1 || raw == nullptr) {
+    return absl::NotFoundError(absl::StrCat("the key has no '", name, "' parameter"));
+  }
+  std::unique_ptr<BIGNUM, BignumClearDeleter> bn(raw);
+  const size_t needed = static_cast<size_t>(BN_num_bytes(bn.get()));
+  if (size == 0) size = needed;
+  if (needed > size) {
+    return absl::InvalidArgumentError(absl::StrCat("key parameter '", name, "' is too long"));
+  }
+  Secret out(std::string(size, '\0'));
+  if (BN_bn2binpad(bn.get(), reinterpret_cast<unsigned char*>(out.mutable_value().data()),
+                   static_cast<int>(size)) != static_cast<int>(size)) {
+    return absl::InternalError("BN_bn2binpad failed");
+  }
+  return out;
+}
+
+absl::StatusOr<KeyMaterial> RsaKeyMaterial(const EVP_PKEY* pkey) {
+  const int bits = EVP_PKEY_get_bits(pkey);
+  if (bits < 2048 || bits > 4096) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("RSA keys of 2048 to 4096 bits can be imported, not ", bits));
+  }
+  KeyMaterial key;
+  key.spec = KeySpec{.type = KeyType::kRsa, .rsa_bits = bits};
+  key.key_type = CKK_RSA;
+  static constexpr std::pair<CK_ATTRIBUTE_TYPE, const char*> kComponents[] = {
+      {CKA_MODULUS, OSSL_PKEY_PARAM_RSA_N},
+      {CKA_PUBLIC_EXPONENT, OSSL_PKEY_PARAM_RSA_E},
+      {CKA_PRIVATE_EXPONENT, OSSL_PKEY_PARAM_RSA_D},
+      {CKA_PRIME_1, OSSL_PKEY_PARAM_RSA_FACTOR1},
+      {CKA_PRIME_2, OSSL_PKEY_PARAM_RSA_FACTOR2},
+      {CKA_EXPONENT_1, OSSL_PKEY_PARAM_RSA_EXPONENT1},
+      {CKA_EXPONENT_2, OSSL_PKEY_PARAM_RSA_EXPONENT2},
+      {CKA_COEFFICIENT, OSSL_PKEY_PARAM_RSA_COEFFICIENT1},
+  };
+  key.private_values.reserve(std::size(kComponents));
+  for (const auto& [attribute, name] : kComponents) {
+    absl::StatusOr<Secret> value = BnParam(pkey, name);
+    if (absl::IsNotFound(value.status())) {
+      // A public key, or a private key without its CRT parameters (which tokens need to sign
+      // at a useful speed, and some need at all).
+      return absl::InvalidArgumentError(
+          absl::StrCat("the RSA key lacks '", name, "': import needs a full private key"));
+    }
+    if (!value.ok()) return value.status();
+    if (attribute == CKA_MODULUS || attribute == CKA_PUBLIC_EXPONENT) {
+      key.public_values.emplace_back(attribute, std::string(value->view()));
+    }
+    key.private_values.emplace_back(attribute, *std::move(value));
+  }
+  return key;
+}
+
+absl::StatusOr<KeyMaterial> EcKeyMaterial(const EVP_PKEY* pkey) {
+  char group_name[64] = {};
+  size_t group_name_size = 0;
+  if (EVP_PKEY_get_utf8_string_param(pkey, OSSL_PKEY_PARAM_GROUP_NAME, group_name,
+                                     sizeof(group_name), &group_name_size) != 1) {
+    return absl::InvalidArgumentError("the EC key has no named curve");
+  }
+  int nid = OBJ_txt2nid(group_name);
+  if (nid == NID_undef) nid = EC_curve_nist2nid(group_name);
+  KeyMaterial key;
+  key.key_type = CKK_EC;
+  switch (nid) {
+    case NID_X9_62_prime256v1:
+      key.spec.type = KeyType::kEcP256;
+      break;
+    case NID_secp384r1:
+      key.spec.type = KeyType::kEcP384;
+      break;
+    case NID_secp521r1:
+      key.spec.type = KeyType::kEcP521;
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("EC keys on P-256, P-384 or P-521 can be imported, not ", group_name));
+  }
+  const size_t point_size = PublicPointSize(key.spec.type);
+  const size_t field_size = (point_size - 1) / 2;
+
+  absl::StatusOr<Secret> scalar = BnParam(pkey, OSSL_PKEY_PARAM_PRIV_KEY, field_size);
+  if (absl::IsNotFound(scalar.status())) {
+    return absl::InvalidArgumentError("the EC key has no private scalar");
+  }
+  if (!scalar.ok()) return scalar.status();
+
+  // The public point as the key holds it (possibly compressed), re-encoded uncompressed;
+  // decoding also checks that it is on the curve.
+  unsigned char encoded[133];
+  size_t encoded_size = 0;
+  if (EVP_PKEY_get_octet_string_param(pkey, OSSL_PKEY_PARAM_PUB_KEY, encoded, sizeof(encoded),
+                                      &encoded_size) != 1) {
+    return absl::InvalidArgumentError("the EC key has no public point");
+  }
+  std::unique_ptr<EC_GROUP, EcGroupDeleter> group(EC_GROUP_new_by_curve_name(nid));
+  std::unique_ptr<EC_POINT, EcPointDeleter> point(group ? EC_POINT_new(group.get()) : nullptr);
+  std::string uncompressed(point_size, '\0');
+  if (point == nullptr ||
+      EC_POINT_oct2point(group.get(), point.get(), encoded, encoded_size, nullptr) != 1 ||
+      EC_POINT_point2oct(group.get(), point.get(), POINT_CONVERSION_UNCOMPRESSED,
+                         reinterpret_cast<unsigned char*>(uncompressed.data()), point_size,
+                         nullptr) != point_size) {
+    return absl::InvalidArgumentError("the EC key's public point does not decode");
+  }
+  key.private_values.emplace_back(CKA_VALUE, *std::move(scalar));
+  key.public_values.emplace_back(CKA_EC_POINT, DerOctetString(uncompressed));
+  return key;
+}
+
+absl::StatusOr<KeyMaterial> Ed25519KeyMaterial(const EVP_PKEY* pkey) {
+  KeyMaterial key;
+  key.spec.type = KeyType::kEd25519;
+  key.key_type = CKK_EC_EDWARDS;
+  Secret seed(std::string(32, '\0'));
+  size_t seed_size = seed.size();
+  if (EVP_PKEY_get_raw_private_key(
+          pkey, reinterpret_cast<unsigned char*>(seed.mutable_value().data()), &seed_size) != 1 ||
+      seed_size != 32) {
+    return absl::InvalidArgumentError("the Ed25519 key has no private key");
+  }
+  std::string public_key(32, '\0');
+  size_t public_size = public_key.size();
+  if (EVP_PKEY_get_raw_public_key(pkey, reinterpret_cast<unsigned char*>(public_key.data()),
+                                  &public_size) != 1 ||
+      public_size != 32) {
+    return absl::InvalidArgumentError("the Ed25519 key has no public key");
+  }
+  key.private_values.emplace_back(CKA_VALUE, std::move(seed));
+  key.public_values.emplace_back(CKA_EC_POINT, DerOctetString(public_key));
+  return key;
+}
+
+absl::StatusOr<KeyMaterial> ImportableKeyMaterial(const EVP_PKEY* pkey) {
+  if (EVP_PKEY_is_a(pkey, "RSA")) return RsaKeyMaterial(pkey);
+  if (EVP_PKEY_is_a(pkey, "EC")) return EcKeyMaterial(pkey);
+  if (EVP_PKEY_is_a(pkey, "ED25519")) return Ed25519KeyMaterial(pkey);
+  return absl::InvalidArgumentError(absl::StrCat("keys of type '", EVP_PKEY_get0_type_name(pkey),
+                                                 "' cannot be imported (RSA, EC, Ed25519)"));
+}
+
+// ALREADY_EXISTS when a private key with CKA_ID=id exists: two pairs with one CKA_ID would make
+// FindKeyPair ambiguous forever after.
+absl::Status RefuseExistingId(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease,
+                              std::string_view id) {
+  CK_OBJECT_CLASS private_class = CKO_PRIVATE_KEY;
+  P11_ASSIGN_OR_RETURN(
+      std::vector<CK_OBJECT_HANDLE> existing,
+      FindObjects(fn, lease,
+                  {Attr(CKA_CLASS, &private_class, sizeof(private_class)), Attr(CKA_ID, id)}));
+  if (!existing.empty()) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("a private key with CKA_ID ", PrintableId(id), " exists"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 class Token::State {
@@ -407,6 +846,10 @@ class Token::State {
   TokenInfo info;
   std::set<std::string, std::less<>> mechanisms;
   std::unique_ptr<SessionPool> pool;
+
+  // OaepSupported answers, indexed by OaepHash; empty until probed.
+  absl::Mutex oaep_mu;
+  std::optional<bool> oaep_supported[2] ABSL_GUARDED_BY(oaep_mu);
 
   // Runs `op` on the cached handle; if the token says the handle is stale (NOT_FOUND from
   // CKR_OBJECT_HANDLE_INVALID / CKR_KEY_HANDLE_INVALID, e.g. after a token reconnect), finds
@@ -549,16 +992,7 @@ absl::StatusOr<std::shared_ptr<KeyPair>> Token::GenerateKeyPair(const KeySpec& s
   CK_FUNCTION_LIST* fn = state_->fn;
   P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, state_->pool->Acquire());
 
-  // Two pairs with one CKA_ID would make FindKeyPair ambiguous forever after.
-  CK_OBJECT_CLASS private_class = CKO_PRIVATE_KEY;
-  P11_ASSIGN_OR_RETURN(
-      std::vector<CK_OBJECT_HANDLE> existing,
-      FindObjects(fn, lease,
-                  {Attr(CKA_CLASS, &private_class, sizeof(private_class)), Attr(CKA_ID, id)}));
-  if (!existing.empty()) {
-    return absl::AlreadyExistsError(
-        absl::StrCat("a private key with CKA_ID ", PrintableId(id), " exists"));
-  }
+  P11_RETURN_IF_ERROR(RefuseExistingId(fn, lease, id));
 
   const bool rsa = spec.type == KeyType::kRsa;
   const CK_ULONG modulus_bits = static_cast<CK_ULONG>(spec.rsa_bits);
@@ -581,13 +1015,10 @@ absl::StatusOr<std::shared_ptr<KeyPair>> Token::GenerateKeyPair(const KeySpec& s
       BoolAttr(CKA_PRIVATE, true),
       BoolAttr(CKA_SENSITIVE, true),
       BoolAttr(CKA_EXTRACTABLE, false),
-      BoolAttr(CKA_SIGN, !for_decryption),
       Attr(CKA_ID, id),
       Attr(CKA_LABEL, label),
   };
-  if (for_decryption) {
-    private_template.push_back(BoolAttr(rsa ? CKA_DECRYPT : CKA_DERIVE, true));
-  }
+  AppendPrivateKeyUsage(private_template, rsa, for_decryption);
 
   CK_MECHANISM mechanism{};
   mechanism.mechanism = rsa                              ? CKM_RSA_PKCS_KEY_PAIR_GEN
@@ -806,6 +1237,183 @@ absl::Status Token::DestroyKeyPair(std::string_view id) {
 
 bool Token::HasMechanism(std::string_view mechanism_name) const {
   return state_->mechanisms.contains(mechanism_name);
+}
+
+absl::StatusOr<Secret> Token::DecryptRsaOaep(const KeyPair& key, OaepHash hash,
+                                             std::string_view ciphertext) {
+  if (key.spec.type != KeyType::kRsa) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("key ", PrintableId(key.id), " is not an RSA key"));
+  }
+  CK_FUNCTION_LIST* fn = state_->fn;
+  P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, state_->pool->Acquire());
+  Secret plaintext;
+  P11_RETURN_IF_ERROR(
+      state_->WithHandle(lease, key, CKO_PRIVATE_KEY, [&](CK_OBJECT_HANDLE handle) -> absl::Status {
+        P11_ASSIGN_OR_RETURN(size_t modulus_bytes, ModulusBytes(fn, lease, handle, key.spec));
+        P11_ASSIGN_OR_RETURN(plaintext,
+                             DecryptOaep(fn, lease, handle, hash, modulus_bytes, ciphertext));
+        return absl::OkStatus();
+      }));
+  return plaintext;
+}
+
+absl::StatusOr<Secret> Token::DecryptRsaRaw(const KeyPair& key, std::string_view ciphertext) {
+  if (key.spec.type != KeyType::kRsa) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("key ", PrintableId(key.id), " is not an RSA key"));
+  }
+  if (!HasMechanism("CKM_RSA_X_509")) {
+    return absl::UnimplementedError("the token does not offer CKM_RSA_X_509");
+  }
+  CK_FUNCTION_LIST* fn = state_->fn;
+  P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, state_->pool->Acquire());
+  Secret message;
+  size_t modulus_bytes = 0;
+  P11_RETURN_IF_ERROR(
+      state_->WithHandle(lease, key, CKO_PRIVATE_KEY, [&](CK_OBJECT_HANDLE handle) -> absl::Status {
+        P11_ASSIGN_OR_RETURN(modulus_bytes, ModulusBytes(fn, lease, handle, key.spec));
+        // Before C_DecryptInit, so that no operation is left active.
+        if (ciphertext.size() != modulus_bytes) {
+          return absl::InvalidArgumentError(kDecryptionFailed);
+        }
+        CK_MECHANISM mechanism{CKM_RSA_X_509, nullptr, 0};
+        CK_RV rv = fn->C_DecryptInit(lease.get(), &mechanism, handle);
+        if (rv == CKR_MECHANISM_INVALID) {
+          return absl::UnimplementedError("C_DecryptInit: CKR_MECHANISM_INVALID for CKM_RSA_X_509");
+        }
+        P11_RETURN_IF_ERROR(lease.Check("C_DecryptInit", rv));
+        P11_ASSIGN_OR_RETURN(message, RunDecrypt(fn, lease, modulus_bytes, ciphertext));
+        return absl::OkStatus();
+      }));
+  // The k-byte encoded message: a token may have stripped its leading zeros.
+  const size_t length = message.size();
+  if (length > modulus_bytes) return absl::InvalidArgumentError(kDecryptionFailed);
+  message.mutable_value().resize(modulus_bytes);  // within capacity: no unwiped copy
+  AlignRight(message.mutable_value(), length);
+  return message;
+}
+
+bool Token::OaepSupported(OaepHash hash) {
+  const size_t index = hash == OaepHash::kSha1 ? 0 : 1;
+  {
+    absl::MutexLock lock(&state_->oaep_mu);
+    if (state_->oaep_supported[index].has_value()) return *state_->oaep_supported[index];
+  }
+  // Probed without the lock (no lock is held across token calls): two first callers may both
+  // probe, and then agree.
+  absl::StatusOr<bool> supported = false;
+  if (HasMechanism("CKM_RSA_PKCS_OAEP")) supported = ProbeOaep(state_->fn, *state_->pool, hash);
+  if (!supported.ok()) {
+    Log(LogLevel::kWarning, "pkcs11.oaep_probe_failed",
+        {{"hash", OaepHashName(hash)}, {"status", supported.status().ToString()}});
+    return false;  // not cached: the next call probes again
+  }
+  absl::MutexLock lock(&state_->oaep_mu);
+  state_->oaep_supported[index] = *supported;
+  return *supported;
+}
+
+absl::StatusOr<Secret> Token::DeriveEcdh(const KeyPair& key, std::string_view peer_point) {
+  if (!IsEc(key.spec.type)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("key ", PrintableId(key.id), " is not an EC key: no ECDH"));
+  }
+  const size_t point_size = PublicPointSize(key.spec.type);
+  if (peer_point.size() != point_size || peer_point.front() != '\x04') {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the peer point must be an uncompressed ", point_size, "-byte point"));
+  }
+  const CK_ULONG field_size = (point_size - 1) / 2;
+  CK_FUNCTION_LIST* fn = state_->fn;
+  P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, state_->pool->Acquire());
+  Secret shared;
+  P11_RETURN_IF_ERROR(
+      state_->WithHandle(lease, key, CKO_PRIVATE_KEY, [&](CK_OBJECT_HANDLE handle) -> absl::Status {
+        P11_ASSIGN_OR_RETURN(shared,
+                             DeriveEcdhWithHandle(fn, lease, handle, peer_point, field_size));
+        return absl::OkStatus();
+      }));
+  return shared;
+}
+
+absl::StatusOr<std::shared_ptr<KeyPair>> Token::ImportKeyPair(const EVP_PKEY* private_key,
+                                                              std::string_view id,
+                                                              std::string_view label,
+                                                              bool for_decryption) {
+  if (private_key == nullptr) return absl::InvalidArgumentError("ImportKeyPair: no key");
+  if (id.empty()) return absl::InvalidArgumentError("ImportKeyPair: empty CKA_ID");
+  P11_ASSIGN_OR_RETURN(KeyMaterial material, ImportableKeyMaterial(private_key));
+  const KeyType type = material.spec.type;
+  if (type == KeyType::kEd25519 && for_decryption) {
+    return absl::InvalidArgumentError("Ed25519 keys cannot decrypt");
+  }
+  CK_FUNCTION_LIST* fn = state_->fn;
+  P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, state_->pool->Acquire());
+  P11_RETURN_IF_ERROR(RefuseExistingId(fn, lease, id));
+
+  const bool rsa = type == KeyType::kRsa;
+  CK_OBJECT_CLASS private_class = CKO_PRIVATE_KEY;
+  CK_OBJECT_CLASS public_class = CKO_PUBLIC_KEY;
+  // The usage flags of GenerateKeyPair.
+  std::vector<CK_ATTRIBUTE> private_template = {
+      Attr(CKA_CLASS, &private_class, sizeof(private_class)),
+      Attr(CKA_KEY_TYPE, &material.key_type, sizeof(material.key_type)),
+      BoolAttr(CKA_TOKEN, true),
+      BoolAttr(CKA_PRIVATE, true),
+      BoolAttr(CKA_SENSITIVE, true),
+      BoolAttr(CKA_EXTRACTABLE, false),
+      Attr(CKA_ID, id),
+      Attr(CKA_LABEL, label),
+  };
+  AppendPrivateKeyUsage(private_template, rsa, for_decryption);
+  for (const auto& [attribute, value] : material.private_values) {
+    private_template.push_back(Attr(attribute, value.view().data(), value.size()));
+  }
+  std::vector<CK_ATTRIBUTE> public_template = {
+      Attr(CKA_CLASS, &public_class, sizeof(public_class)),
+      Attr(CKA_KEY_TYPE, &material.key_type, sizeof(material.key_type)),
+      BoolAttr(CKA_TOKEN, true),
+      BoolAttr(CKA_PRIVATE, false),
+      BoolAttr(CKA_VERIFY, !for_decryption),
+      Attr(CKA_ID, id),
+      Attr(CKA_LABEL, label),
+  };
+  if (rsa) public_template.push_back(BoolAttr(CKA_ENCRYPT, for_decryption));
+  for (const auto& [attribute, value] : material.public_values) {
+    public_template.push_back(Attr(attribute, value));
+  }
+
+  auto create = [&](const std::vector<CK_ATTRIBUTE>& base, std::string_view ec_params,
+                    CK_OBJECT_HANDLE* handle) {
+    std::vector<CK_ATTRIBUTE> attributes = base;
+    if (!ec_params.empty()) attributes.push_back(Attr(CKA_EC_PARAMS, ec_params));
+    return fn->C_CreateObject(lease.get(), attributes.data(), attributes.size(), handle);
+  };
+  std::string_view ec_params = EcParams(type);
+  CK_OBJECT_HANDLE private_handle = CK_INVALID_HANDLE;
+  CK_RV rv = create(private_template, ec_params, &private_handle);
+  if (type == KeyType::kEd25519 &&
+      (rv == CKR_ATTRIBUTE_VALUE_INVALID || rv == CKR_CURVE_NOT_SUPPORTED ||
+       rv == CKR_DOMAIN_PARAMS_INVALID || rv == CKR_TEMPLATE_INCONSISTENT)) {
+    // As in GenerateKeyPair: the other name of Ed25519 in CKA_EC_PARAMS. Nothing was created.
+    ec_params = kEd25519Name;
+    rv = create(private_template, ec_params, &private_handle);
+  }
+  P11_RETURN_IF_ERROR(lease.Check("C_CreateObject(private key)", rv));
+  // No half-imported pair: the private key goes again unless the public key follows it.
+  ScopedObject private_object(fn, lease, private_handle);
+  CK_OBJECT_HANDLE public_handle = CK_INVALID_HANDLE;
+  P11_RETURN_IF_ERROR(lease.Check("C_CreateObject(public key)",
+                                  create(public_template, ec_params, &public_handle)));
+
+  auto pair = std::make_shared<KeyPair>();
+  pair->id = std::string(id);
+  pair->label = std::string(label);
+  pair->spec = material.spec;
+  pair->private_handle.store(private_object.release());
+  pair->public_handle.store(public_handle);
+  return pair;
 }
 
 }  // namespace custody::pkcs11

@@ -49,6 +49,8 @@ enum class SignScheme {
   kRsaPkcs1v15,   // CKM_RSA_PKCS. Input: a DER DigestInfo (the caller encodes it).
 };
 
+enum class OaepHash { kSha1, kSha256 };
+
 // Selects a token: by label, or by the token attributes of an RFC 7512 PKCS#11 URI.
 struct TokenSelector {
   std::string label;         // CKA token label (trailing blanks ignored); empty = any
@@ -132,8 +134,10 @@ class Token {
   const TokenInfo& info() const;
 
   // Generates a key pair in the token: private key CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE=TRUE,
-  // CKA_EXTRACTABLE=FALSE, CKA_SIGN (and CKA_DECRYPT/CKA_DERIVE when `for_decryption`); public key
-  // CKA_TOKEN, CKA_VERIFY. Both carry CKA_ID=id and CKA_LABEL=label. Never retried on failure.
+  // CKA_EXTRACTABLE=FALSE and one usage: CKA_SIGN, or with `for_decryption` CKA_DECRYPT (RSA) /
+  // CKA_DERIVE (EC); the other usage flags and CKA_UNWRAP are set FALSE. Public key CKA_TOKEN,
+  // CKA_VERIFY (CKA_ENCRYPT for RSA decryption keys). Both carry CKA_ID=id and CKA_LABEL=label.
+  // Never retried on failure.
   // ALREADY_EXISTS when a private key with CKA_ID=id exists; INVALID_ARGUMENT for an empty id,
   // RSA sizes other than 2048/3072/4096, or an Ed25519 decryption key.
   absl::StatusOr<std::shared_ptr<KeyPair>> GenerateKeyPair(const KeySpec& spec, std::string_view id,
@@ -163,6 +167,51 @@ class Token {
 
   // Whether the token lists `mechanism_name` (e.g. "CKM_RSA_X_509") in C_GetMechanismList.
   bool HasMechanism(std::string_view mechanism_name) const;
+
+  // --- Decryption (JWE key management) ---
+
+  // RSA-OAEP decryption in the token: CKM_RSA_PKCS_OAEP with `hash` for both the OAEP hash and
+  // MGF1, empty label (CKZ_DATA_SPECIFIED with no data). UNIMPLEMENTED when the token refuses
+  // these parameters (see OaepSupported). Every failure of the decryption itself (bad padding,
+  // wrong key, wrong length) is INVALID_ARGUMENT "decryption failed", identical for all causes.
+  absl::StatusOr<Secret> DecryptRsaOaep(const KeyPair& key, OaepHash hash,
+                                        std::string_view ciphertext);
+
+  // Raw RSA decryption (CKM_RSA_X_509): the k-byte encoded message for software OAEP decoding
+  // where the token refuses OAEP with SHA-256. Never used for signing. UNIMPLEMENTED when the
+  // token lacks the mechanism; INVALID_ARGUMENT "decryption failed" for any decryption failure.
+  absl::StatusOr<Secret> DecryptRsaRaw(const KeyPair& key, std::string_view ciphertext);
+
+  // Whether the token accepts CKM_RSA_PKCS_OAEP with `hash`. Probed once per hash (the first
+  // call; custodyd calls it at startup) by decrypting, in the token, a ciphertext made by OpenSSL
+  // under a throwaway session RSA key (CKA_TOKEN=FALSE, destroyed after). Cached afterwards.
+  // False without probing when the token lacks CKM_RSA_PKCS_OAEP. A probe that cannot run
+  // (no session free, device error) answers false, is logged and is not cached.
+  bool OaepSupported(OaepHash hash);
+
+  // ECDH (CKM_ECDH1_DERIVE, CKD_NULL) of the pair's EC private key with `peer_point` (the
+  // uncompressed point 04||X||Y; callers validate it is on the curve first). The shared secret Z
+  // is derived as a session object (CKA_TOKEN=FALSE, CKK_GENERIC_SECRET, extractable so its
+  // CKA_VALUE can be read — it never leaves this process), read, and destroyed at once. Z is the
+  // field size (32/48/66 bytes). INVALID_ARGUMENT for a non-EC key, a key without CKA_DERIVE,
+  // or a peer point that is not an uncompressed point of the key's size.
+  absl::StatusOr<Secret> DeriveEcdh(const KeyPair& key, std::string_view peer_point);
+
+  // --- Import (bring your own key) ---
+
+  // Imports an existing private key (RSA 2048..4096 bits with its CRT parameters, EC
+  // P-256/P-384/P-521, Ed25519), given as an OpenSSL EVP_PKEY holding private components, into
+  // the token with C_CreateObject: the private key as CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE=TRUE,
+  // CKA_EXTRACTABLE=FALSE, and its public key, both with CKA_ID=id and CKA_LABEL=label and the
+  // usage flags of GenerateKeyPair. Private components are copied into buffers that are wiped
+  // (OPENSSL_cleanse) before returning. When
+  // the public key cannot be created, the private key just created is destroyed again.
+  // ALREADY_EXISTS for a duplicate id; INVALID_ARGUMENT for other key types or sizes, a key
+  // without private components, an empty id, or an Ed25519 key `for_decryption`.
+  absl::StatusOr<std::shared_ptr<KeyPair>> ImportKeyPair(const EVP_PKEY* private_key,
+                                                         std::string_view id,
+                                                         std::string_view label,
+                                                         bool for_decryption);
 
  private:
   class State;

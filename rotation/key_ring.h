@@ -40,6 +40,8 @@ struct RingRecord {
   int rsa_bits = 0;
   bool allow_non_fapi = false;
   int64_t create_time = 0;  // Unix seconds
+  std::string curve;        // ECDH-ES* decryption rings: "P-256", "P-384" or "P-521"
+  int64_t zip_max_bytes = 0;  // decryption rings: 0 = JWE "zip" refused
 };
 
 struct VersionRecord {

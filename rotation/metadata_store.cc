@@ -17,7 +17,9 @@ CREATE TABLE IF NOT EXISTS rings (
   alg TEXT NOT NULL,
   rsa_bits INTEGER NOT NULL,
   allow_non_fapi INTEGER NOT NULL,
-  create_time INTEGER NOT NULL
+  create_time INTEGER NOT NULL,
+  curve TEXT NOT NULL DEFAULT '',
+  zip_max_bytes INTEGER NOT NULL DEFAULT 0
 ) STRICT;
 CREATE TABLE IF NOT EXISTS versions (
   ring TEXT NOT NULL REFERENCES rings(name),
@@ -92,6 +94,14 @@ absl::StatusOr<std::unique_ptr<MetadataStore>> MetadataStore::Open(const std::st
                              "PRAGMA foreign_keys=ON;", kSchema}) {
     if (absl::Status s = store->Exec(pragma); !s.ok()) return s;
   }
+  // Databases created before decryption rings lack these columns; adding them is idempotent
+  // (a "duplicate column" error means the column is there).
+  for (const char* column : {"ALTER TABLE rings ADD COLUMN curve TEXT NOT NULL DEFAULT '';",
+                             "ALTER TABLE rings ADD COLUMN zip_max_bytes INTEGER NOT NULL "
+                             "DEFAULT 0;"}) {
+    absl::Status s = store->Exec(column);
+    if (!s.ok() && s.message().find("duplicate column") == absl::string_view::npos) return s;
+  }
   return store;
 }
 
@@ -120,8 +130,8 @@ absl::Status MetadataStore::InsertRingWithVersion(const RingRecord& ring,
   };
   {
     auto stmt = Prepare(db_,
-                        "INSERT INTO rings(name,purpose,alg,rsa_bits,allow_non_fapi,create_time) "
-                        "VALUES(?,?,?,?,?,?)");
+                        "INSERT INTO rings(name,purpose,alg,rsa_bits,allow_non_fapi,create_time,"
+                        "curve,zip_max_bytes) VALUES(?,?,?,?,?,?,?,?)");
     if (!stmt.ok()) return fail(stmt.status());
     sqlite3_stmt* s = stmt->get();
     BindText(s, 1, ring.name);
@@ -130,6 +140,8 @@ absl::Status MetadataStore::InsertRingWithVersion(const RingRecord& ring,
     sqlite3_bind_int(s, 4, ring.rsa_bits);
     sqlite3_bind_int(s, 5, ring.allow_non_fapi ? 1 : 0);
     sqlite3_bind_int64(s, 6, ring.create_time);
+    BindText(s, 7, ring.curve);
+    sqlite3_bind_int64(s, 8, ring.zip_max_bytes);
     if (absl::Status st = StepDone(db_, s, "insert ring"); !st.ok()) {
       if (absl::IsAlreadyExists(st)) {
         return fail(
@@ -138,25 +150,42 @@ absl::Status MetadataStore::InsertRingWithVersion(const RingRecord& ring,
       return fail(st);
     }
   }
-  {
-    auto stmt = Prepare(db_,
-                        "INSERT INTO versions(ring,version,object_id,object_label,kid,public_jwk,"
-                        "state,create_time,activate_time) VALUES(?,?,?,?,?,?,?,?,?)");
-    if (!stmt.ok()) return fail(stmt.status());
-    sqlite3_stmt* s = stmt->get();
-    BindText(s, 1, version.ring);
-    sqlite3_bind_int64(s, 2, version.version);
-    BindText(s, 3, version.object_id);
-    BindText(s, 4, version.object_label);
-    BindText(s, 5, version.kid);
-    BindText(s, 6, version.public_jwk);
-    BindText(s, 7, std::string(VersionStateName(version.state)));
-    sqlite3_bind_int64(s, 8, version.create_time);
-    sqlite3_bind_int64(s, 9, version.activate_time);
-    if (absl::Status st = StepDone(db_, s, "insert version"); !st.ok()) return fail(st);
-  }
+  if (absl::Status st = InsertVersionLocked(version); !st.ok()) return fail(st);
   if (absl::Status s = Exec("COMMIT;"); !s.ok()) return fail(s);
   return absl::OkStatus();
+}
+
+absl::Status MetadataStore::InsertVersionLocked(const VersionRecord& version) {
+  auto stmt = Prepare(db_,
+                      "INSERT INTO versions(ring,version,object_id,object_label,kid,public_jwk,"
+                      "state,create_time,activate_time) VALUES(?,?,?,?,?,?,?,?,?)");
+  if (!stmt.ok()) return stmt.status();
+  sqlite3_stmt* s = stmt->get();
+  BindText(s, 1, version.ring);
+  sqlite3_bind_int64(s, 2, version.version);
+  BindText(s, 3, version.object_id);
+  BindText(s, 4, version.object_label);
+  BindText(s, 5, version.kid);
+  BindText(s, 6, version.public_jwk);
+  BindText(s, 7, std::string(VersionStateName(version.state)));
+  sqlite3_bind_int64(s, 8, version.create_time);
+  sqlite3_bind_int64(s, 9, version.activate_time);
+  return StepDone(db_, s, "insert version");
+}
+
+absl::Status MetadataStore::InsertVersion(const VersionRecord& version) {
+  absl::MutexLock lock(&mu_);
+  absl::Status s = InsertVersionLocked(version);
+  // The REFERENCES constraint fails the same way as a duplicate; tell them apart.
+  if (absl::IsAlreadyExists(s)) {
+    auto ring = Prepare(db_, "SELECT 1 FROM rings WHERE name=?");
+    if (!ring.ok()) return ring.status();
+    BindText(ring->get(), 1, version.ring);
+    if (sqlite3_step(ring->get()) != SQLITE_ROW) {
+      return absl::NotFoundError(absl::StrCat("ring '", version.ring, "' not found"));
+    }
+  }
+  return s;
 }
 
 absl::Status MetadataStore::UpdateVersion(const VersionRecord& version) {
@@ -206,7 +235,9 @@ absl::Status MetadataStore::DeleteVersion(const std::string& ring, uint32_t vers
 absl::StatusOr<std::vector<RingRecord>> MetadataStore::LoadRings() {
   absl::MutexLock lock(&mu_);
   auto stmt = Prepare(
-      db_, "SELECT name,purpose,alg,rsa_bits,allow_non_fapi,create_time FROM rings ORDER BY name");
+      db_,
+      "SELECT name,purpose,alg,rsa_bits,allow_non_fapi,create_time,curve,zip_max_bytes FROM "
+      "rings ORDER BY name");
   if (!stmt.ok()) return stmt.status();
   std::vector<RingRecord> rings;
   int rc;
@@ -221,6 +252,8 @@ absl::StatusOr<std::vector<RingRecord>> MetadataStore::LoadRings() {
     r.rsa_bits = sqlite3_column_int(s, 3);
     r.allow_non_fapi = sqlite3_column_int(s, 4) != 0;
     r.create_time = sqlite3_column_int64(s, 5);
+    r.curve = ColumnText(s, 6);
+    r.zip_max_bytes = sqlite3_column_int64(s, 7);
     rings.push_back(std::move(r));
   }
   if (rc != SQLITE_DONE) return SqliteError(db_, "load rings");

@@ -32,6 +32,10 @@ class MetadataStore {
   // that name exists (nothing is changed then).
   absl::Status InsertRingWithVersion(const RingRecord& ring, const VersionRecord& version);
 
+  // Inserts a further version of an existing ring. NOT_FOUND when the ring does not exist,
+  // ALREADY_EXISTS when the version number or object id is taken.
+  absl::Status InsertVersion(const VersionRecord& version);
+
   // Replaces the mutable fields (kid, public_jwk, state, activate_time, object label) of the
   // version identified by (ring, version). NOT_FOUND when absent.
   absl::Status UpdateVersion(const VersionRecord& version);
@@ -46,6 +50,7 @@ class MetadataStore {
  private:
   explicit MetadataStore(sqlite3* db) : db_(db) {}
   absl::Status Exec(const char* sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status InsertVersionLocked(const VersionRecord& version) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   absl::Mutex mu_;
   sqlite3* db_ ABSL_GUARDED_BY(mu_);

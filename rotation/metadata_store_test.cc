@@ -21,7 +21,11 @@ class MetadataStoreTest : public ::testing::Test {
   void TearDown() override { std::filesystem::remove_all(dir_); }
 
   static RingRecord Ring(const std::string& name) {
-    return RingRecord{name, Purpose::kSign, "ES256", 0, false, 1700000000};
+    RingRecord r;
+    r.name = name;
+    r.alg = "ES256";
+    r.create_time = 1700000000;
+    return r;
   }
   static VersionRecord Version(const std::string& ring, uint32_t v, const std::string& id) {
     VersionRecord r;
@@ -84,6 +88,28 @@ TEST_F(MetadataStoreTest, DeleteLastVersionRemovesRing) {
   ASSERT_TRUE((*store)->DeleteVersion("op/id", 1).ok());
   EXPECT_TRUE((*store)->LoadRings()->empty());
   EXPECT_TRUE((*store)->LoadVersions()->empty());
+}
+
+TEST_F(MetadataStoreTest, FurtherVersionsNeedAnExistingRingAndFreeNumbers) {
+  auto store = MetadataStore::Open(path_);
+  ASSERT_TRUE(store.ok());
+  RingRecord ring = Ring("enc/x");
+  ring.purpose = Purpose::kDecrypt;
+  ring.alg = "ECDH-ES";
+  ring.curve = "P-384";
+  ring.zip_max_bytes = 4096;
+  ASSERT_TRUE((*store)->InsertRingWithVersion(ring, Version("enc/x", 1, "aa")).ok());
+  EXPECT_TRUE((*store)->InsertVersion(Version("enc/x", 2, "bb")).ok());
+  EXPECT_EQ((*store)->InsertVersion(Version("enc/x", 2, "cc")).code(),
+            absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ((*store)->InsertVersion(Version("enc/x", 3, "aa")).code(),
+            absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ((*store)->InsertVersion(Version("nope", 1, "dd")).code(), absl::StatusCode::kNotFound);
+  auto rings = (*store)->LoadRings();
+  ASSERT_TRUE(rings.ok());
+  EXPECT_EQ((*rings)[0].curve, "P-384");
+  EXPECT_EQ((*rings)[0].zip_max_bytes, 4096);
+  EXPECT_EQ((*store)->LoadVersions()->size(), 2u);
 }
 
 TEST_F(MetadataStoreTest, UpdateOfMissingVersionIsNotFound) {

@@ -9,6 +9,8 @@ PACKAGES=(
   libp11-kit-dev softhsm2 opensc
   python3 python3-jwcrypto
 )
+# Node.js and npm run the npm `jose` interop tests; a machine that has them (any source) keeps them.
+command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || PACKAGES+=(nodejs npm)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

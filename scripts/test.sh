@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
+# The npm `jose` package: an independent JOSE implementation the interop tests encrypt with.
+(cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 if [ "${CUSTODY_SANITIZE:-0}" = 1 ]; then
   export BUILD_DIR=build-asan
   scripts/build.sh -DCUSTODY_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug

@@ -4,6 +4,8 @@
 #include <utility>
 #include <vector>
 
+#include "openssl/crypto.h"
+
 namespace custody::server {
 namespace {
 
@@ -13,6 +15,16 @@ grpc::Status Reply(absl::StatusOr<T> result, T* response) {
   if (!result.ok()) return ToGrpcStatus(result.status());
   *response = *std::move(result);
   return grpc::Status::OK;
+}
+
+// Wipes imported key material in the request once the call is done. The request belongs to this
+// call alone (gRPC frees it afterwards), so writing through the const view is safe; what
+// protobuf parsing or the transport copied on the way in is beyond our reach.
+void WipeKeyMaterial(const v1::PrivateKeyMaterial& material) {
+  for (const std::string* s : {&material.private_jwk(), &material.pkcs8_pem()}) {
+    auto* text = const_cast<std::string*>(s);
+    if (!text->empty()) OPENSSL_cleanse(text->data(), text->size());
+  }
 }
 
 }  // namespace
@@ -41,10 +53,25 @@ grpc::Status SignerService::GetJwks(grpc::ServerContext*, const v1::GetJwksReque
   return grpc::Status::OK;
 }
 
+grpc::Status SignerService::DecryptJwe(grpc::ServerContext*, const v1::DecryptJweRequest* request,
+                                       v1::DecryptJweResponse* response) {
+  return Reply(keys_->DecryptJwe(*request), response);
+}
+
 grpc::Status KeyAdminService::CreateKeyRing(grpc::ServerContext*,
                                             const v1::CreateKeyRingRequest* request,
                                             v1::KeyRing* response) {
-  return Reply(keys_->CreateKeyRing(*request), response);
+  grpc::Status status = Reply(keys_->CreateKeyRing(*request), response);
+  WipeKeyMaterial(request->import_key());
+  return status;
+}
+
+grpc::Status KeyAdminService::ImportKeyVersion(grpc::ServerContext*,
+                                               const v1::ImportKeyVersionRequest* request,
+                                               v1::KeyRing* response) {
+  grpc::Status status = Reply(keys_->ImportKeyVersion(*request), response);
+  WipeKeyMaterial(request->key());
+  return status;
 }
 
 grpc::Status KeyAdminService::GetKeyRing(grpc::ServerContext*, const v1::GetKeyRingRequest* request,

@@ -23,6 +23,8 @@ class SignerService final : public v1::Signer::Service {
                     v1::SignResponse* response) override;
   grpc::Status GetJwks(grpc::ServerContext* context, const v1::GetJwksRequest* request,
                        v1::GetJwksResponse* response) override;
+  grpc::Status DecryptJwe(grpc::ServerContext* context, const v1::DecryptJweRequest* request,
+                          v1::DecryptJweResponse* response) override;
 
  private:
   const KeyService* const keys_;
@@ -37,6 +39,9 @@ class KeyAdminService final : public v1::KeyAdmin::Service {
                           v1::KeyRing* response) override;
   grpc::Status ListKeyRings(grpc::ServerContext* context, const v1::ListKeyRingsRequest* request,
                             v1::ListKeyRingsResponse* response) override;
+  grpc::Status ImportKeyVersion(grpc::ServerContext* context,
+                                const v1::ImportKeyVersionRequest* request,
+                                v1::KeyRing* response) override;
 
  private:
   KeyService* const keys_;

@@ -9,8 +9,12 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "common/log.h"
+#include "jose/base64url.h"
 #include "jose/json.h"
+#include "jose/jwe.h"
 #include "jose/jwk.h"
+#include "jose/private_key.h"
+#include "openssl/core_names.h"
 #include "openssl/rand.h"
 
 namespace custody::server {
@@ -55,6 +59,115 @@ bool IsPublished(VersionState s) {
   return s == VersionState::kPending || s == VersionState::kActive || s == VersionState::kRetired;
 }
 
+// PENDING, ACTIVE and RETIRED decryption versions all decrypt (DESIGN.md invariant 3).
+bool Decrypts(VersionState s) { return IsPublished(s); }
+
+std::string GroupName(const EVP_PKEY* pkey) {
+  char name[64] = {0};
+  size_t len = 0;
+  if (EVP_PKEY_get_utf8_string_param(pkey, OSSL_PKEY_PARAM_GROUP_NAME, name, sizeof(name), &len) !=
+      1) {
+    return "";
+  }
+  return std::string(name, len);
+}
+
+// The JWK curve name of an EC key ("P-256"), or "" for other keys and curves.
+std::string JwkCurve(const EVP_PKEY* pkey) {
+  if (!EVP_PKEY_is_a(pkey, "EC")) return "";
+  std::string group = GroupName(pkey);
+  if (group == "prime256v1" || group == "P-256") return "P-256";
+  if (group == "secp384r1" || group == "P-384") return "P-384";
+  if (group == "secp521r1" || group == "P-521") return "P-521";
+  return "";
+}
+
+struct ImportedKey {
+  jose::PkeyPtr pkey;
+  // The JWK's own "kid", kept so that senders and verifiers holding the key under its old kid
+  // keep working after a migration into custody; empty means the RFC 7638 thumbprint.
+  std::string kid;
+};
+
+absl::StatusOr<ImportedKey> ParseKeyMaterial(const v1::PrivateKeyMaterial& material) {
+  ImportedKey out;
+  switch (material.key_case()) {
+    case v1::PrivateKeyMaterial::kPrivateJwk: {
+      auto json = jose::ParseJson(material.private_jwk());
+      if (!json.ok()) {
+        return absl::InvalidArgumentError("private_jwk is not valid JSON");  // no key echo
+      }
+      auto pkey = jose::PrivateKeyFromJwk(*json);
+      if (!pkey.ok()) return pkey.status();
+      out.pkey = *std::move(pkey);
+      if (const jose::Json* kid = json->Find("kid"); kid != nullptr) {
+        if (!kid->is_string() || kid->as_string().empty() || kid->as_string().size() > 128) {
+          return absl::InvalidArgumentError(
+              "private_jwk: \"kid\" must be a 1..128 character string");
+        }
+        for (char c : kid->as_string()) {
+          if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
+            return absl::InvalidArgumentError("private_jwk: \"kid\" contains control characters");
+          }
+        }
+        out.kid = kid->as_string();
+      }
+      return out;
+    }
+    case v1::PrivateKeyMaterial::kPkcs8Pem: {
+      auto pkey = jose::PrivateKeyFromPem(material.pkcs8_pem());
+      if (!pkey.ok()) return pkey.status();
+      out.pkey = *std::move(pkey);
+      return out;
+    }
+    default:
+      return absl::InvalidArgumentError("key material is required: private_jwk or pkcs8_pem");
+  }
+}
+
+// The key types each profile accepts for import.
+absl::Status CheckKeyFitsRing(const EVP_PKEY* pkey, const rotation::RingRecord& ring,
+                              const pkcs11::KeySpec& spec) {
+  bool fits = false;
+  switch (spec.type) {
+    case pkcs11::KeyType::kRsa: {
+      int bits = EVP_PKEY_get_bits(pkey);
+      fits = EVP_PKEY_is_a(pkey, "RSA") && (bits == 2048 || bits == 3072 || bits == 4096);
+      break;
+    }
+    case pkcs11::KeyType::kEd25519:
+      fits = EVP_PKEY_is_a(pkey, "ED25519");
+      break;
+    case pkcs11::KeyType::kEcP256:
+      fits = JwkCurve(pkey) == "P-256";
+      break;
+    case pkcs11::KeyType::kEcP384:
+      fits = JwkCurve(pkey) == "P-384";
+      break;
+    case pkcs11::KeyType::kEcP521:
+      fits = JwkCurve(pkey) == "P-521";
+      break;
+  }
+  if (!fits) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the imported key does not fit ring '", ring.name, "' (alg ", ring.alg,
+        ring.curve.empty() ? "" : ", curve " + ring.curve,
+        "): RSA 2048/3072/4096 for RSA algs, the ring's curve for EC, Ed25519 for EdDSA"));
+  }
+  return absl::OkStatus();
+}
+
+// The uncompressed point (04||X||Y) of a validated ephemeral key, as the token's ECDH takes it.
+absl::StatusOr<std::string> EncodedPoint(const EVP_PKEY* pkey) {
+  unsigned char buf[256];
+  size_t len = 0;
+  if (EVP_PKEY_get_octet_string_param(pkey, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, buf, sizeof(buf),
+                                      &len) != 1) {
+    return absl::InternalError("cannot encode the epk point");
+  }
+  return std::string(reinterpret_cast<char*>(buf), len);
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<KeyService>> KeyService::Create(pkcs11::Token* token,
@@ -71,9 +184,11 @@ absl::StatusOr<VersionRecord> KeyService::CompleteVersion(VersionRecord record,
   if (!pkey.ok()) return pkey.status();
   auto jwk = jose::PublicJwkFromPkey(pkey->get());
   if (!jwk.ok()) return jwk.status();
-  auto kid = jose::Rfc7638Thumbprint(*jwk);
-  if (!kid.ok()) return kid.status();
-  record.kid = *kid;
+  if (record.kid.empty()) {  // a kid kept from an imported JWK stays
+    auto kid = jose::Rfc7638Thumbprint(*jwk);
+    if (!kid.ok()) return kid.status();
+    record.kid = *kid;
+  }
   record.public_jwk = jwk->Serialize();
   return record;
 }
@@ -91,17 +206,22 @@ absl::Status KeyService::Load() {
     if (o.is_private_key) private_ids.insert(absl::BytesToHexString(o.id));
   }
 
+  oaep_path_.sha256_native = token_->OaepSupported(pkcs11::OaepHash::kSha256);
+  Log(LogLevel::kInfo, "token.rsa_oaep_sha256",
+      {{"path", oaep_path_.sha256_native
+                    ? "native CKM_RSA_PKCS_OAEP"
+                    : "fallback: CKM_RSA_X_509 in the token + constant-time OAEP decoding"}});
+
   std::map<std::string, Ring> rings;
   for (rotation::RingRecord& r : *ring_records) {
-    auto profile = ResolveSigningProfile(r.alg, r.rsa_bits, r.allow_non_fapi);
-    if (!profile.ok()) {
-      return absl::DataLossError(absl::StrCat("metadata for ring '", r.name,
-                                              "' is invalid: ", profile.status().message()));
-    }
     Ring ring;
-    ring.profile = *profile;
     ring.record = std::move(r);
-    rings.emplace(ring.record.name, std::move(ring));
+    if (absl::Status s = ResolveProfile(ring); !s.ok()) {
+      return absl::DataLossError(
+          absl::StrCat("metadata for ring '", ring.record.name, "' is invalid: ", s.message()));
+    }
+    std::string name = ring.record.name;
+    rings.emplace(name, std::move(ring));
   }
 
   std::set<std::string> known_ids;
@@ -130,8 +250,13 @@ absl::Status KeyService::Load() {
       if (!key.ok()) return key.status();
       auto completed = CompleteVersion(v, **key);
       if (!completed.ok()) return completed.status();
-      completed->state = VersionState::kActive;
-      completed->activate_time = NowSeconds();
+      // The first version of a ring becomes ACTIVE; a later one (an import) PENDING.
+      bool has_active = false;
+      for (const Version& other : ring.versions) {
+        has_active |= other.record.state == VersionState::kActive;
+      }
+      completed->state = has_active ? VersionState::kPending : VersionState::kActive;
+      completed->activate_time = has_active ? 0 : NowSeconds();
       if (absl::Status s = store_->UpdateVersion(*completed); !s.ok()) return s;
       Log(LogLevel::kWarning, "reconcile.completed_creation",
           {{"ring", v.ring}, {"version", absl::StrCat(v.version)}, {"kid", completed->kid}});
@@ -193,34 +318,101 @@ absl::Status KeyService::Load() {
   return absl::OkStatus();
 }
 
+absl::Status KeyService::ResolveProfile(Ring& ring) {
+  const rotation::RingRecord& r = ring.record;
+  if (r.purpose == rotation::Purpose::kSign) {
+    if (!r.curve.empty() || r.zip_max_bytes != 0) {
+      return absl::InvalidArgumentError("curve and zip_max_bytes apply to DECRYPT rings only");
+    }
+    auto profile = ResolveSigningProfile(r.alg, r.rsa_bits, r.allow_non_fapi);
+    if (!profile.ok()) return profile.status();
+    ring.profile = *profile;
+    return absl::OkStatus();
+  }
+  if (r.allow_non_fapi) {
+    return absl::InvalidArgumentError("allow_non_fapi applies to SIGN rings only");
+  }
+  if (r.zip_max_bytes < 0 || r.zip_max_bytes > 16 * 1024 * 1024) {
+    return absl::InvalidArgumentError("zip_max_bytes must be between 0 and 16 MiB");
+  }
+  auto profile = ResolveDecryptionProfile(r.alg, r.rsa_bits, r.curve);
+  if (!profile.ok()) return profile.status();
+  ring.decryption = *profile;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<KeyService::Version> KeyService::MaterializeVersion(const Ring& ring,
+                                                                   VersionRecord record,
+                                                                   const EVP_PKEY* import) {
+  const bool decrypt = ring.record.purpose == rotation::Purpose::kDecrypt;
+  const pkcs11::KeySpec& spec = decrypt ? ring.decryption.key : ring.profile.key;
+  std::string id = absl::HexStringToBytes(record.object_id);
+  auto key = import != nullptr ? token_->ImportKeyPair(import, id, record.object_label, decrypt)
+                               : token_->GenerateKeyPair(spec, id, record.object_label, decrypt);
+  if (!key.ok()) return key.status();
+  auto completed = CompleteVersion(std::move(record), **key);
+  if (!completed.ok()) return completed.status();
+  return Version{*std::move(completed), *std::move(key), false};
+}
+
+void KeyService::RollBackVersion(const VersionRecord& record) {
+  absl::Status destroyed = token_->DestroyKeyPair(absl::HexStringToBytes(record.object_id));
+  absl::Status deleted =
+      destroyed.ok() ? store_->DeleteVersion(record.ring, record.version) : destroyed;
+  if (!deleted.ok()) {
+    Log(LogLevel::kError, "version.rollback_failed",
+        {{"ring", record.ring},
+         {"version", absl::StrCat(record.version)},
+         {"error", std::string(deleted.message())},
+         {"action", "left CREATING; the next start reconciles it"}});
+  }
+}
+
 absl::StatusOr<v1::KeyRing> KeyService::CreateKeyRing(const v1::CreateKeyRingRequest& request) {
   if (absl::Status s = rotation::ValidateRingName(request.name()); !s.ok()) return s;
-  if (request.purpose() == v1::DECRYPT) {
-    return absl::UnimplementedError(
-        "purpose DECRYPT is not available yet: decryption rings arrive with JWE support");
+  Ring ring;
+  ring.record.name = request.name();
+  switch (request.purpose()) {
+    case v1::SIGN:
+      ring.record.purpose = rotation::Purpose::kSign;
+      break;
+    case v1::DECRYPT:
+      ring.record.purpose = rotation::Purpose::kDecrypt;
+      break;
+    default:
+      return absl::InvalidArgumentError("purpose is required: SIGN or DECRYPT");
   }
-  if (request.purpose() != v1::SIGN) {
-    return absl::InvalidArgumentError("purpose is required: SIGN");
+  ring.record.alg = request.alg();
+  ring.record.rsa_bits = static_cast<int>(request.rsa_bits());
+  ring.record.allow_non_fapi = request.allow_non_fapi();
+  ring.record.curve = request.curve();
+  ring.record.zip_max_bytes = request.zip_max_bytes();
+  if (absl::Status s = ResolveProfile(ring); !s.ok()) return s;
+  const pkcs11::KeySpec& spec =
+      ring.record.purpose == rotation::Purpose::kSign ? ring.profile.key : ring.decryption.key;
+  // Normalized: the defaults chosen by the profile are what the metadata records.
+  ring.record.rsa_bits = spec.type == pkcs11::KeyType::kRsa ? spec.rsa_bits : 0;
+  if (ring.record.purpose == rotation::Purpose::kDecrypt) ring.record.curve = ring.decryption.curve;
+
+  ImportedKey import;
+  if (request.has_import_key()) {
+    auto parsed = ParseKeyMaterial(request.import_key());
+    if (!parsed.ok()) return parsed.status();
+    import = *std::move(parsed);
+    if (absl::Status s = CheckKeyFitsRing(import.pkey.get(), ring.record, spec); !s.ok()) return s;
+    if (spec.type == pkcs11::KeyType::kRsa) {
+      ring.record.rsa_bits = EVP_PKEY_get_bits(import.pkey.get());
+    }
   }
-  auto profile = ResolveSigningProfile(request.alg(), static_cast<int>(request.rsa_bits()),
-                                       request.allow_non_fapi());
-  if (!profile.ok()) return profile.status();
+
+  absl::MutexLock admin(&admin_mu_);
   {
     absl::MutexLock lock(&mu_);
     if (rings_.count(request.name()) > 0) {
       return absl::AlreadyExistsError(absl::StrCat("ring '", request.name(), "' already exists"));
     }
   }
-
-  Ring ring;
-  ring.profile = *profile;
-  ring.record.name = request.name();
-  ring.record.purpose = rotation::Purpose::kSign;
-  ring.record.alg = request.alg();
-  ring.record.rsa_bits = profile->key.type == pkcs11::KeyType::kRsa ? profile->key.rsa_bits : 0;
-  ring.record.allow_non_fapi = request.allow_non_fapi();
   ring.record.create_time = NowSeconds();
-
   auto object_id = NewObjectId();
   if (!object_id.ok()) return object_id.status();
   VersionRecord version;
@@ -230,36 +422,25 @@ absl::StatusOr<v1::KeyRing> KeyService::CreateKeyRing(const v1::CreateKeyRingReq
   version.object_label = ObjectLabel(request.name(), 1);
   version.state = VersionState::kCreating;
   version.create_time = ring.record.create_time;
+  version.kid = import.kid;  // recorded with the intent so that a crash does not lose it
 
   // 1. Durable intent: the ring and a CREATING version. A crash after this point is completed
   //    or rolled back at the next start; the store's primary key settles concurrent creates.
   if (absl::Status s = store_->InsertRingWithVersion(ring.record, version); !s.ok()) return s;
-
-  auto rollback = [&](absl::Status cause) {
-    absl::Status destroyed = token_->DestroyKeyPair(absl::HexStringToBytes(version.object_id));
-    absl::Status deleted =
-        destroyed.ok() ? store_->DeleteVersion(version.ring, version.version) : destroyed;
-    if (!deleted.ok()) {
-      // Left CREATING on purpose: the next start reconciles it.
-      Log(LogLevel::kError, "create_ring.rollback_failed",
-          {{"ring", version.ring}, {"error", std::string(deleted.message())}});
-    }
-    return cause;
-  };
-
-  // 2. The key, generated in the token, sensitive and non-extractable.
-  auto key = token_->GenerateKeyPair(profile->key, absl::HexStringToBytes(version.object_id),
-                                     version.object_label);
-  if (!key.ok()) return rollback(key.status());
-  auto completed = CompleteVersion(version, **key);
-  if (!completed.ok()) return rollback(completed.status());
-
+  // 2. The key in the token (generated, or imported), sensitive and non-extractable.
+  auto created = MaterializeVersion(ring, version, import.pkey.get());
+  if (!created.ok()) {
+    RollBackVersion(version);
+    return created.status();
+  }
   // 3. Durable activation, then publication in memory.
-  completed->state = VersionState::kActive;
-  completed->activate_time = NowSeconds();
-  if (absl::Status s = store_->UpdateVersion(*completed); !s.ok()) return rollback(s);
-
-  ring.versions.push_back(Version{*std::move(completed), *std::move(key), false});
+  created->record.state = VersionState::kActive;
+  created->record.activate_time = NowSeconds();
+  if (absl::Status s = store_->UpdateVersion(created->record); !s.ok()) {
+    RollBackVersion(version);
+    return s;
+  }
+  ring.versions.push_back(*std::move(created));
   ring.active = 0;
   auto snapshot = std::make_shared<const Ring>(std::move(ring));
   {
@@ -268,8 +449,70 @@ absl::StatusOr<v1::KeyRing> KeyService::CreateKeyRing(const v1::CreateKeyRingReq
   }
   Log(LogLevel::kInfo, "ring.created",
       {{"ring", request.name()},
+       {"purpose", std::string(rotation::PurposeName(snapshot->record.purpose))},
        {"alg", request.alg()},
-       {"kid", snapshot->versions[0].record.kid}});
+       {"kid", snapshot->versions[0].record.kid},
+       {"key", import.pkey ? "imported" : "generated in the token"}});
+  return ToProto(*snapshot);
+}
+
+absl::StatusOr<v1::KeyRing> KeyService::ImportKeyVersion(
+    const v1::ImportKeyVersionRequest& request) {
+  auto found = FindRing(request.ring());
+  if (!found.ok()) return found.status();
+  auto imported = ParseKeyMaterial(request.key());
+  if (!imported.ok()) return imported.status();
+
+  absl::MutexLock admin(&admin_mu_);
+  // Re-read under the admin lock: the snapshot we extend must be the latest.
+  auto current = FindRing(request.ring());
+  if (!current.ok()) return current.status();
+  const Ring& base = **current;
+  const pkcs11::KeySpec& spec =
+      base.record.purpose == rotation::Purpose::kSign ? base.profile.key : base.decryption.key;
+  if (absl::Status s = CheckKeyFitsRing(imported->pkey.get(), base.record, spec); !s.ok()) {
+    return s;
+  }
+  uint32_t next = 1;
+  for (const Version& v : base.versions) {
+    next = std::max(next, v.record.version + 1);
+    if (!imported->kid.empty() && v.record.kid == imported->kid) {
+      return absl::AlreadyExistsError(absl::StrCat(
+          "ring '", base.record.name, "' already has a version with kid '", imported->kid, "'"));
+    }
+  }
+  auto object_id = NewObjectId();
+  if (!object_id.ok()) return object_id.status();
+  VersionRecord version;
+  version.ring = base.record.name;
+  version.version = next;
+  version.object_id = *object_id;
+  version.object_label = ObjectLabel(base.record.name, next);
+  version.state = VersionState::kCreating;
+  version.create_time = NowSeconds();
+  version.kid = imported->kid;
+  if (absl::Status s = store_->InsertVersion(version); !s.ok()) return s;
+  auto created = MaterializeVersion(base, version, imported->pkey.get());
+  if (!created.ok()) {
+    RollBackVersion(version);
+    return created.status();
+  }
+  created->record.state = VersionState::kPending;
+  if (absl::Status s = store_->UpdateVersion(created->record); !s.ok()) {
+    RollBackVersion(version);
+    return s;
+  }
+  Ring ring = base;
+  ring.versions.push_back(*std::move(created));
+  auto snapshot = std::make_shared<const Ring>(std::move(ring));
+  {
+    absl::MutexLock lock(&mu_);
+    rings_[base.record.name] = snapshot;
+  }
+  Log(LogLevel::kInfo, "version.imported",
+      {{"ring", base.record.name},
+       {"version", absl::StrCat(next)},
+       {"kid", snapshot->versions.back().record.kid}});
   return ToProto(*snapshot);
 }
 
@@ -298,7 +541,7 @@ absl::StatusOr<const KeyService::Version*> KeyService::ActiveVersion(const Ring&
   return &v;
 }
 
-v1::KeyRing KeyService::ToProto(const Ring& ring) {
+v1::KeyRing KeyService::ToProto(const Ring& ring) const {
   v1::KeyRing out;
   out.set_name(ring.record.name);
   out.set_purpose(ring.record.purpose == rotation::Purpose::kSign ? v1::SIGN : v1::DECRYPT);
@@ -306,6 +549,11 @@ v1::KeyRing KeyService::ToProto(const Ring& ring) {
   out.set_rsa_bits(static_cast<uint32_t>(ring.record.rsa_bits));
   out.set_allow_non_fapi(ring.record.allow_non_fapi);
   out.set_create_time(ring.record.create_time);
+  out.set_curve(ring.record.curve);
+  out.set_zip_max_bytes(static_cast<uint32_t>(ring.record.zip_max_bytes));
+  if (ring.record.purpose == rotation::Purpose::kDecrypt) {
+    out.set_decryption_mechanism(DecryptionMechanismDescription(ring.decryption, oaep_path_));
+  }
   if (ring.active >= 0) {
     out.set_active_version(ring.versions[static_cast<size_t>(ring.active)].record.version);
   }
@@ -348,6 +596,10 @@ absl::StatusOr<v1::SignJwsResponse> KeyService::SignJws(const v1::SignJwsRequest
   }
   auto ring = FindRing(request.ring());
   if (!ring.ok()) return ring.status();
+  if ((*ring)->record.purpose != rotation::Purpose::kSign) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("ring '", request.ring(), "' is a DECRYPT ring; it does not sign"));
+  }
   auto version = ActiveVersion(**ring);
   if (!version.ok()) return version.status();
 
@@ -390,6 +642,10 @@ absl::StatusOr<v1::SignJwsResponse> KeyService::SignJws(const v1::SignJwsRequest
 absl::StatusOr<v1::SignResponse> KeyService::Sign(const v1::SignRequest& request) const {
   auto ring = FindRing(request.ring());
   if (!ring.ok()) return ring.status();
+  if ((*ring)->record.purpose != rotation::Purpose::kSign) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("ring '", request.ring(), "' is a DECRYPT ring; it does not sign"));
+  }
   auto version = ActiveVersion(**ring);
   if (!version.ok()) return version.status();
   absl::StatusOr<std::string> input;
@@ -433,8 +689,16 @@ absl::StatusOr<std::string> KeyService::GetJwks(const std::vector<std::string>& 
   }
   jose::Json keys = jose::Json::MakeArray();
   for (const auto& ring : rings) {
+    // The ACTIVE version first: senders that pick the first "enc" key encrypt to it.
+    std::vector<const Version*> published;
+    if (ring->active >= 0) published.push_back(&ring->versions[static_cast<size_t>(ring->active)]);
     for (const Version& v : ring->versions) {
-      if (!IsPublished(v.record.state)) continue;
+      if (v.record.state != VersionState::kActive && IsPublished(v.record.state)) {
+        published.push_back(&v);
+      }
+    }
+    for (const Version* pv : published) {
+      const Version& v = *pv;
       auto jwk = jose::ParseJson(v.record.public_jwk);
       if (!jwk.ok() || !jwk->is_object()) {
         return absl::DataLossError(absl::StrCat("stored public JWK of ring '", ring->record.name,
@@ -450,6 +714,62 @@ absl::StatusOr<std::string> KeyService::GetJwks(const std::vector<std::string>& 
   jose::Json jwks = jose::Json::MakeObject();
   jwks.Set("keys", std::move(keys));
   return jwks.Serialize();
+}
+
+absl::StatusOr<v1::DecryptJweResponse> KeyService::DecryptJwe(
+    const v1::DecryptJweRequest& request) const {
+  auto ring = FindRing(request.ring());
+  if (!ring.ok()) return ring.status();
+  const Ring& r = **ring;
+  if (r.record.purpose != rotation::Purpose::kDecrypt) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("ring '", request.ring(), "' is a SIGN ring; it does not decrypt"));
+  }
+  jose::JweLimits limits;
+  limits.allow_zip = r.record.zip_max_bytes > 0;
+  if (limits.allow_zip) limits.max_decompressed_bytes = static_cast<size_t>(r.record.zip_max_bytes);
+  auto jwe = jose::ParseCompactJwe(request.jwe(), limits);
+  if (!jwe.ok()) return jwe.status();
+  if (jwe->alg != r.decryption.alg) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("JWE alg '", std::string(jose::JweAlgName(jwe->alg)),
+                     "' is not the alg of ring '", r.record.name, "' (", r.record.alg, ")"));
+  }
+  // Invalid-curve defence: the ephemeral key is checked before the token sees it.
+  std::string epk_point;
+  if (jose::IsEcdh(jwe->alg)) {
+    auto epk = jose::ValidateEpk(*jwe->epk, r.decryption.curve);
+    if (!epk.ok()) return epk.status();
+    auto point = EncodedPoint(epk->get());
+    if (!point.ok()) return point.status();
+    epk_point = *std::move(point);
+  }
+
+  std::vector<const Version*> candidates;
+  if (r.active >= 0) candidates.push_back(&r.versions[static_cast<size_t>(r.active)]);
+  for (const Version& v : r.versions) {
+    if (v.record.state != VersionState::kActive && Decrypts(v.record.state)) {
+      candidates.push_back(&v);
+    }
+  }
+  for (const Version* v : candidates) {
+    if (v->key == nullptr || (!jwe->kid.empty() && jwe->kid != v->record.kid)) continue;
+    auto cek = RecoverCek(*token_, *v->key, r.decryption, oaep_path_, *jwe, epk_point);
+    if (!cek.ok()) {
+      if (absl::IsInvalidArgument(cek.status())) continue;  // this key does not open it
+      return cek.status();                                  // token trouble, no secret in it
+    }
+    auto plaintext = jose::DecryptContent(*jwe, *cek, limits);
+    if (!plaintext.ok()) continue;
+    v1::DecryptJweResponse out;
+    out.set_plaintext(std::string(plaintext->view()));
+    auto header = jose::Base64UrlDecode(jwe->protected_b64);
+    if (header.ok()) out.set_protected_header(*std::move(header));
+    out.set_kid(v->record.kid);
+    out.set_version(v->record.version);
+    return out;
+  }
+  return absl::InvalidArgumentError("decryption failed");
 }
 
 }  // namespace custody::server

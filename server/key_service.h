@@ -21,6 +21,7 @@
 #include "custody/v1/custody.pb.h"
 #include "pkcs11/token.h"
 #include "rotation/metadata_store.h"
+#include "server/decryption_profile.h"
 #include "server/signing_profile.h"
 
 namespace custody::server {
@@ -45,11 +46,18 @@ class KeyService {
   absl::StatusOr<v1::KeyRing> CreateKeyRing(const v1::CreateKeyRingRequest& request);
   absl::StatusOr<v1::KeyRing> GetKeyRing(const std::string& name) const;
   absl::StatusOr<v1::ListKeyRingsResponse> ListKeyRings(const std::string& prefix) const;
+  // Imports a private key as a new PENDING version of an existing ring. The key must fit the
+  // ring's alg (curve, key type, RSA size); INVALID_ARGUMENT otherwise.
+  absl::StatusOr<v1::KeyRing> ImportKeyVersion(const v1::ImportKeyVersionRequest& request);
 
   absl::StatusOr<v1::SignJwsResponse> SignJws(const v1::SignJwsRequest& request) const;
   absl::StatusOr<v1::SignResponse> Sign(const v1::SignRequest& request) const;
   // The JWKS of `rings` (every ring when empty). NOT_FOUND names the first unknown ring.
   absl::StatusOr<std::string> GetJwks(const std::vector<std::string>& rings) const;
+  // Decrypts a compact JWE with a decrypting version of the ring (by kid, else each in turn,
+  // ACTIVE first). Parse errors name the part; every later failure is INVALID_ARGUMENT
+  // "decryption failed".
+  absl::StatusOr<v1::DecryptJweResponse> DecryptJwe(const v1::DecryptJweRequest& request) const;
 
  private:
   struct Version {
@@ -59,7 +67,8 @@ class KeyService {
   };
   struct Ring {
     rotation::RingRecord record;
-    SigningProfile profile;
+    SigningProfile profile;        // SIGN rings
+    DecryptionProfile decryption;  // DECRYPT rings
     std::vector<Version> versions;
     int active = -1;  // index into versions, -1 when none
   };
@@ -67,16 +76,32 @@ class KeyService {
   KeyService(pkcs11::Token* token, rotation::MetadataStore* store, Options options)
       : token_(token), store_(store), options_(options) {}
   absl::Status Load();
+  // Fills the ring's profile from its record (alg, rsa_bits, curve). INVALID_ARGUMENT with the
+  // reason when they do not form a supported combination.
+  static absl::Status ResolveProfile(Ring& ring);
+  // Puts the key of `record` (CREATING, durable already) into the token: generated, or imported
+  // from `import` when not null. Reads the public key back and fills kid and public_jwk.
+  absl::StatusOr<Version> MaterializeVersion(const Ring& ring, rotation::VersionRecord record,
+                                             const EVP_PKEY* import);
+  // Destroys the token object of a version whose creation failed and deletes its intent; when
+  // that fails too, the CREATING row stays for the next start to reconcile.
+  void RollBackVersion(const rotation::VersionRecord& record);
   absl::StatusOr<rotation::VersionRecord> CompleteVersion(rotation::VersionRecord record,
                                                           const pkcs11::KeyPair& key) const;
   absl::StatusOr<std::shared_ptr<const Ring>> FindRing(const std::string& name) const;
   absl::StatusOr<const Version*> ActiveVersion(const Ring& ring) const;
-  static v1::KeyRing ToProto(const Ring& ring);
+  v1::KeyRing ToProto(const Ring& ring) const;
 
   pkcs11::Token* const token_;
   rotation::MetadataStore* const store_;
   const Options options_;
 
+  RsaOaepPath oaep_path_;  // probed once at startup
+
+  // Serializes ring mutations (create, import) so that version numbers are assigned once. Held
+  // across token calls on purpose: admin operations are rare and must not interleave; the
+  // request path never takes it.
+  absl::Mutex admin_mu_;
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<const Ring>> rings_ ABSL_GUARDED_BY(mu_);
   std::vector<v1::OrphanedObject> orphans_ ABSL_GUARDED_BY(mu_);

@@ -78,9 +78,9 @@ absl::StatusOr<std::string> TokenSignInputFromDigest(const SigningProfile& profi
         "EdDSA signs the message itself, not a digest: send the message in 'data'");
   }
   if (digest.size() != profile.digest_size) {
-    return absl::InvalidArgumentError(absl::StrCat("digest must be ", profile.digest_size,
-                                                   " bytes for ", std::string(jose::JwsAlgName(profile.alg)),
-                                                   ", got ", digest.size()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("digest must be ", profile.digest_size, " bytes for ",
+                     std::string(jose::JwsAlgName(profile.alg)), ", got ", digest.size()));
   }
   if (profile.scheme == pkcs11::SignScheme::kRsaPkcs1v15) {
     std::string info(reinterpret_cast<const char*>(kSha256DigestInfoPrefix),
@@ -93,7 +93,8 @@ absl::StatusOr<std::string> TokenSignInputFromDigest(const SigningProfile& profi
 
 absl::StatusOr<std::string> TokenSignInput(const SigningProfile& profile,
                                            absl::string_view message) {
-  if (profile.scheme == pkcs11::SignScheme::kEddsa) return std::string(message.data(), message.size());
+  if (profile.scheme == pkcs11::SignScheme::kEddsa)
+    return std::string(message.data(), message.size());
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int md_len = 0;
   if (EVP_Digest(message.data(), message.size(), md, &md_len, profile.digest, nullptr) != 1) {

@@ -95,10 +95,9 @@ Custodyd::Custodyd(std::string state_dir, std::vector<std::string> extra)
     execv(args[0], args.data());
     _exit(127);
   }
-  channel_ = grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
-  signer_ = custody::v1::Signer::NewStub(channel_);
-  admin_ = custody::v1::KeyAdmin::NewStub(channel_);
-  auto health = grpc::health::v1::Health::NewStub(channel_);
+  // Probe with a fresh channel each time, and only once the socket exists: a channel that
+  // failed to connect waits out gRPC's reconnect backoff, which would time the test, not custodyd.
+  std::string socket_path = state_dir_ + "/custodyd.sock";
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (std::chrono::steady_clock::now() < deadline) {
     int status = 0;
@@ -106,16 +105,23 @@ Custodyd::Custodyd(std::string state_dir, std::vector<std::string> extra)
       pid_ = -1;
       return;  // exited during startup: started() stays false, the log says why
     }
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
-    grpc::health::v1::HealthCheckRequest req;
-    grpc::health::v1::HealthCheckResponse resp;
-    if (health->Check(&ctx, req, &resp).ok() &&
-        resp.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
-      started_ = true;
-      return;
+    if (access(socket_path.c_str(), F_OK) == 0) {
+      auto channel = grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
+      auto health = grpc::health::v1::Health::NewStub(channel);
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+      grpc::health::v1::HealthCheckRequest req;
+      grpc::health::v1::HealthCheckResponse resp;
+      if (health->Check(&ctx, req, &resp).ok() &&
+          resp.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
+        channel_ = channel;
+        signer_ = custody::v1::Signer::NewStub(channel_);
+        admin_ = custody::v1::KeyAdmin::NewStub(channel_);
+        started_ = true;
+        return;
+      }
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
 }
 

@@ -364,10 +364,12 @@ TEST(CustodydLifecycleTest, InterruptedCreationIsCompletedOrRolledBackAndOrphans
   ASSERT_EQ(k2.exit_code, 0) << k2.err;
   // Crash after the intent was recorded but before the key existed: roll it back.
   const char* sql =
-      "INSERT INTO rings VALUES('crash/complete','SIGN','ES256',0,0,1700000000);"
+      "INSERT INTO rings(name,purpose,alg,rsa_bits,allow_non_fapi,create_time) "
+      "VALUES('crash/complete','SIGN','ES256',0,0,1700000000);"
       "INSERT INTO versions VALUES('crash/complete',1,'c0ffee01','custody/crash/complete/v1',"
       "'','','CREATING',1700000000,0);"
-      "INSERT INTO rings VALUES('crash/rollback','SIGN','ES256',0,0,1700000000);"
+      "INSERT INTO rings(name,purpose,alg,rsa_bits,allow_non_fapi,create_time) "
+      "VALUES('crash/rollback','SIGN','ES256',0,0,1700000000);"
       "INSERT INTO versions VALUES('crash/rollback',1,'deadbeef','custody/crash/rollback/v1',"
       "'','','CREATING',1700000000,0);";
   CommandResult db = RunCommand({"sqlite3", state + "/metadata.db", sql});

@@ -5,6 +5,10 @@
 //   custodyctl ring get NAME | ring list [--prefix=P]
 //   custodyctl sign NAME [--typ=JWT] [--cty=C] [--header_json=JSON] [--payload_file=F]
 //   custodyctl jwks [NAME...]
+//   custodyctl decrypt NAME [--jwe_file=F]          (stdin when no file; raw plaintext out)
+//   custodyctl import NAME --jwk_file=F | --pem_file=F
+//   ring create also takes --curve=P-256|P-384|P-521, --zip_max_bytes=N (DECRYPT rings) and
+//   --import_jwk_file=F | --import_pem_file=F (the first version imported, not generated).
 //
 // Flags may appear anywhere. ADDR defaults to $CUSTODY_ADDR, else unix:.state/custodyd.sock.
 // TLS: --ca=PEM [--cert=PEM --key=PEM] [--server_name=NAME]. Exit 0 ok, 1 call failed, 2 usage.
@@ -24,17 +28,23 @@
 #include "client/channel.h"
 #include "custody/v1/custody.grpc.pb.h"
 #include "google/protobuf/util/json_util.h"
+#include "openssl/crypto.h"
 
 namespace {
 
 constexpr char kUsage[] =
     "usage: custodyctl [--addr=ADDR] COMMAND\n"
-    "  ring create NAME --purpose=sign --alg=ES256|PS256|EdDSA|RS256 [--rsa_bits=N]\n"
+    "  ring create NAME --purpose=sign|decrypt --alg=ALG [--rsa_bits=N]\n"
+    "      sign: ES256|PS256|EdDSA|RS256; decrypt: RSA-OAEP-256|RSA-OAEP|ECDH-ES[+A128KW|...]\n"
     "                   [--allow_non_fapi]\n"
     "  ring get NAME\n"
     "  ring list [--prefix=P]\n"
     "  sign NAME [--typ=JWT] [--cty=C] [--header_json=JSON] [--payload_file=F]  (stdin if no F)\n"
     "  jwks [NAME...]\n"
+    "  decrypt NAME [--jwe_file=F]   (stdin if no F; prints the raw plaintext)\n"
+    "  import NAME --jwk_file=F | --pem_file=F   (a private key, as a new PENDING version)\n"
+    "  ring create also takes --curve=P-256|P-384|P-521 --zip_max_bytes=N\n"
+    "                         --import_jwk_file=F | --import_pem_file=F\n"
     "flags: --addr=unix:PATH|HOST:PORT --ca=PEM --cert=PEM --key=PEM --server_name=N "
     "--timeout_ms=N\n";
 
@@ -120,6 +130,8 @@ class Ctl {
     }
     if (p[0] == "sign" && p.size() == 2) return Sign(p[1], args);
     if (p[0] == "jwks") return Jwks({p.begin() + 1, p.end()});
+    if (p[0] == "decrypt" && p.size() == 2) return Decrypt(p[1], args);
+    if (p[0] == "import" && p.size() == 2) return Import(p[1], args);
     return Usage(absl::StrCat("unknown command '", p[0], p.size() > 1 ? " " + p[1] : "", "'"));
   }
 
@@ -148,11 +160,28 @@ class Ctl {
       if (!absl::SimpleAtoi(args.Flag("rsa_bits"), &bits)) return Usage("--rsa_bits: a number");
       req.set_rsa_bits(bits);
     }
+    req.set_curve(args.Flag("curve"));
+    if (args.Has("zip_max_bytes")) {
+      uint32_t zip = 0;
+      if (!absl::SimpleAtoi(args.Flag("zip_max_bytes"), &zip)) {
+        return Usage("--zip_max_bytes: a number");
+      }
+      req.set_zip_max_bytes(zip);
+    }
+    if (args.Has("import_jwk_file") || args.Has("import_pem_file")) {
+      if (int rc = ReadKeyMaterial(args.Flag("import_jwk_file"), args.Flag("import_pem_file"),
+                                   req.mutable_import_key());
+          rc != 0) {
+        return rc;
+      }
+    }
     std::string non_fapi = args.Flag("allow_non_fapi", "false");
     req.set_allow_non_fapi(args.Has("allow_non_fapi") && non_fapi != "false" && non_fapi != "0");
     custody::v1::KeyRing ring;
     auto ctx = Context();
     grpc::Status s = admin_->CreateKeyRing(ctx.get(), req, &ring);
+    Wipe(req.mutable_import_key()->mutable_private_jwk());
+    Wipe(req.mutable_import_key()->mutable_pkcs8_pem());
     return s.ok() ? PrintJson(ring) : Failed(s);
   }
 
@@ -200,6 +229,60 @@ class Ctl {
     grpc::Status s = signer_->GetJwks(ctx.get(), req, &resp);
     if (!s.ok()) return Failed(s);
     std::cout << resp.jwks() << "\n";
+    return 0;
+  }
+
+  // Reads a private key file into `out` (one of the two paths must be set).
+  static int ReadKeyMaterial(const std::string& jwk_file, const std::string& pem_file,
+                             custody::v1::PrivateKeyMaterial* out) {
+    if (jwk_file.empty() == pem_file.empty()) return Usage("give exactly one key file");
+    std::string* target = jwk_file.empty() ? out->mutable_pkcs8_pem() : out->mutable_private_jwk();
+    if (!ReadAll(jwk_file.empty() ? pem_file : jwk_file, target) || target->empty()) {
+      std::cerr << "custodyctl: cannot read the key file\n";
+      return 2;
+    }
+    return 0;
+  }
+
+  int Import(const std::string& name, const Args& args) {
+    custody::v1::ImportKeyVersionRequest req;
+    req.set_ring(name);
+    if (int rc = ReadKeyMaterial(args.Flag("jwk_file"), args.Flag("pem_file"), req.mutable_key());
+        rc != 0) {
+      return rc;
+    }
+    custody::v1::KeyRing ring;
+    auto ctx = Context();
+    grpc::Status s = admin_->ImportKeyVersion(ctx.get(), req, &ring);
+    Wipe(req.mutable_key()->mutable_private_jwk());
+    Wipe(req.mutable_key()->mutable_pkcs8_pem());
+    return s.ok() ? PrintJson(ring) : Failed(s);
+  }
+
+  static void Wipe(std::string* s) {
+    if (!s->empty()) OPENSSL_cleanse(s->data(), s->size());
+  }
+
+  int Decrypt(const std::string& name, const Args& args) {
+    custody::v1::DecryptJweRequest req;
+    req.set_ring(name);
+    std::string jwe;
+    if (!ReadAll(args.Flag("jwe_file"), &jwe)) {
+      std::cerr << "custodyctl: cannot read the JWE\n";
+      return 2;
+    }
+    // Compact JWEs have no whitespace; a trailing newline from a file or echo is not part of it.
+    while (!jwe.empty() && (jwe.back() == '\n' || jwe.back() == '\r' || jwe.back() == ' ')) {
+      jwe.pop_back();
+    }
+    req.set_jwe(jwe);
+    custody::v1::DecryptJweResponse resp;
+    auto ctx = Context();
+    grpc::Status s = signer_->DecryptJwe(ctx.get(), req, &resp);
+    if (!s.ok()) return Failed(s);
+    std::cout.write(resp.plaintext().data(), static_cast<std::streamsize>(resp.plaintext().size()));
+    std::cout.flush();
+    Wipe(resp.mutable_plaintext());
     return 0;
   }
 

@@ -10,7 +10,7 @@
 namespace custody::rotation {
 namespace {
 
-constexpr std::array<std::pair<VersionState, absl::string_view>, 7> kStateNames = {{
+constexpr std::array<std::pair<VersionState, absl::string_view>, 8> kStateNames = {{
     {VersionState::kCreating, "CREATING"},
     {VersionState::kPending, "PENDING"},
     {VersionState::kActive, "ACTIVE"},
@@ -18,6 +18,7 @@ constexpr std::array<std::pair<VersionState, absl::string_view>, 7> kStateNames 
     {VersionState::kDisabled, "DISABLED"},
     {VersionState::kDestroyScheduled, "DESTROY_SCHEDULED"},
     {VersionState::kDestroyed, "DESTROYED"},
+    {VersionState::kDestroying, "DESTROYING"},
 }};
 
 bool IsSegmentChar(char c) {
@@ -48,6 +49,36 @@ absl::StatusOr<VersionState> ParseVersionState(absl::string_view name) {
     if (n == name) return s;
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown key version state '", name, "'"));
+}
+
+bool IsPublishedState(VersionState state) {
+  return state == VersionState::kPending || state == VersionState::kActive ||
+         state == VersionState::kRetired;
+}
+
+absl::Status ValidatePolicy(const RotationPolicy& p) {
+  constexpr int64_t kTenYearsMs = int64_t{10} * 366 * 24 * 60 * 60 * 1000;
+  for (auto [name, value] : {std::pair<const char*, int64_t>{"prepublish", p.prepublish_ms},
+                             {"rotation_period", p.rotation_period_ms},
+                             {"retain", p.retain_ms},
+                             {"destroy_delay", p.destroy_delay_ms}}) {
+    if (value < 0 || value > kTenYearsMs) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " must be between 0 and 10 years, got ", value, " ms"));
+    }
+  }
+  if (p.retain_ms < p.prepublish_ms) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "retain (", p.retain_ms, " ms) is shorter than prepublish (", p.prepublish_ms,
+        " ms): a retired key must stay published at least as long as its successor was "
+        "pre-published, or verifiers caching the JWKS lose it"));
+  }
+  if (p.rotation_period_ms != 0 && p.rotation_period_ms < p.prepublish_ms) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rotation_period (", p.rotation_period_ms, " ms) is shorter than prepublish (",
+        p.prepublish_ms, " ms): the next key could not be published long enough before it is due"));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status ValidateRingName(absl::string_view name) {

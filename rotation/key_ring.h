@@ -26,7 +26,22 @@ enum class VersionState {
   kDisabled,
   kDestroyScheduled,
   kDestroyed,
+  kDestroying,
 };
+
+// Zero-downtime rotation policy (milliseconds). See ValidatePolicy for the invariants.
+struct RotationPolicy {
+  int64_t prepublish_ms = 60 * 60 * 1000;              // 1 h
+  int64_t rotation_period_ms = 0;                      // manual
+  int64_t retain_ms = 24 * 60 * 60 * 1000;             // 24 h
+  int64_t destroy_delay_ms = 7 * 24 * 60 * 60 * 1000;  // 7 days
+};
+
+// INVALID_ARGUMENT naming the rule: every field >= 0, retain >= prepublish (a retired key must
+// stay published at least as long as a new one is pre-published, or verifiers lose it before
+// they could have learnt its successor), rotation_period == 0 or >= prepublish (the next key
+// must be publishable long enough before it is due), at most 10 years each.
+absl::Status ValidatePolicy(const RotationPolicy& policy);
 
 absl::string_view PurposeName(Purpose purpose);  // "SIGN" | "DECRYPT"
 absl::StatusOr<Purpose> ParsePurpose(absl::string_view name);
@@ -39,9 +54,11 @@ struct RingRecord {
   std::string alg;
   int rsa_bits = 0;
   bool allow_non_fapi = false;
-  int64_t create_time = 0;  // Unix seconds
-  std::string curve;        // ECDH-ES* decryption rings: "P-256", "P-384" or "P-521"
+  int64_t create_time = 0;    // Unix milliseconds
+  std::string curve;          // ECDH-ES* decryption rings: "P-256", "P-384" or "P-521"
   int64_t zip_max_bytes = 0;  // decryption rings: 0 = JWE "zip" refused
+  RotationPolicy policy;
+  bool policy_explicit = false;  // set once an operator gave a policy: keep a PENDING version
 };
 
 struct VersionRecord {
@@ -52,9 +69,20 @@ struct VersionRecord {
   std::string kid;           // empty while CREATING
   std::string public_jwk;    // JSON; empty while CREATING
   VersionState state = VersionState::kCreating;
+  // Unix milliseconds; 0 = not (yet).
   int64_t create_time = 0;
   int64_t activate_time = 0;
+  int64_t publish_time = 0;
+  int64_t retire_time = 0;
+  int64_t destroy_after = 0;
+  int64_t destroy_time = 0;
+  // DISABLED / DESTROY_SCHEDULED: the state before; kCreating when not applicable.
+  VersionState previous_state = VersionState::kCreating;
+  bool compromised = false;
 };
+
+// Published in JWKS: PENDING, ACTIVE and RETIRED. Decrypts: the same.
+bool IsPublishedState(VersionState state);
 
 // Label prefix of every token object custody creates; objects with it and no metadata are
 // reported as orphans.

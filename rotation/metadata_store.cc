@@ -19,7 +19,12 @@ CREATE TABLE IF NOT EXISTS rings (
   allow_non_fapi INTEGER NOT NULL,
   create_time INTEGER NOT NULL,
   curve TEXT NOT NULL DEFAULT '',
-  zip_max_bytes INTEGER NOT NULL DEFAULT 0
+  zip_max_bytes INTEGER NOT NULL DEFAULT 0,
+  prepublish_ms INTEGER NOT NULL DEFAULT 3600000,
+  rotation_period_ms INTEGER NOT NULL DEFAULT 0,
+  retain_ms INTEGER NOT NULL DEFAULT 86400000,
+  destroy_delay_ms INTEGER NOT NULL DEFAULT 604800000,
+  policy_explicit INTEGER NOT NULL DEFAULT 0
 ) STRICT;
 CREATE TABLE IF NOT EXISTS versions (
   ring TEXT NOT NULL REFERENCES rings(name),
@@ -31,9 +36,22 @@ CREATE TABLE IF NOT EXISTS versions (
   state TEXT NOT NULL,
   create_time INTEGER NOT NULL,
   activate_time INTEGER NOT NULL,
+  publish_time INTEGER NOT NULL DEFAULT 0,
+  retire_time INTEGER NOT NULL DEFAULT 0,
+  destroy_after INTEGER NOT NULL DEFAULT 0,
+  destroy_time INTEGER NOT NULL DEFAULT 0,
+  previous_state TEXT NOT NULL DEFAULT 'CREATING',
+  compromised INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (ring, version)
 ) STRICT;
 )sql";
+
+constexpr const char* kRingColumns =
+    "name,purpose,alg,rsa_bits,allow_non_fapi,create_time,curve,zip_max_bytes,prepublish_ms,"
+    "rotation_period_ms,retain_ms,destroy_delay_ms,policy_explicit";
+constexpr const char* kVersionColumns =
+    "ring,version,object_id,object_label,kid,public_jwk,state,create_time,activate_time,"
+    "publish_time,retire_time,destroy_after,destroy_time,previous_state,compromised";
 
 struct StmtDeleter {
   void operator()(sqlite3_stmt* s) const { sqlite3_finalize(s); }
@@ -44,9 +62,9 @@ absl::Status SqliteError(sqlite3* db, absl::string_view what) {
   return absl::InternalError(absl::StrCat("metadata store: ", what, ": ", sqlite3_errmsg(db)));
 }
 
-absl::StatusOr<Stmt> Prepare(sqlite3* db, const char* sql) {
+absl::StatusOr<Stmt> Prepare(sqlite3* db, const std::string& sql) {
   sqlite3_stmt* stmt = nullptr;
-  if (sqlite3_prepare_v2(db, sql, -1, &stmt, nullptr) != SQLITE_OK) {
+  if (sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr) != SQLITE_OK) {
     return SqliteError(db, "prepare");
   }
   return Stmt(stmt);
@@ -73,6 +91,42 @@ absl::Status StepDone(sqlite3* db, sqlite3_stmt* s, absl::string_view what) {
   return SqliteError(db, what);
 }
 
+// Binds the ring's columns from index 1 in kRingColumns order.
+void BindRing(sqlite3_stmt* s, const RingRecord& r) {
+  BindText(s, 1, r.name);
+  BindText(s, 2, std::string(PurposeName(r.purpose)));
+  BindText(s, 3, r.alg);
+  sqlite3_bind_int(s, 4, r.rsa_bits);
+  sqlite3_bind_int(s, 5, r.allow_non_fapi ? 1 : 0);
+  sqlite3_bind_int64(s, 6, r.create_time);
+  BindText(s, 7, r.curve);
+  sqlite3_bind_int64(s, 8, r.zip_max_bytes);
+  sqlite3_bind_int64(s, 9, r.policy.prepublish_ms);
+  sqlite3_bind_int64(s, 10, r.policy.rotation_period_ms);
+  sqlite3_bind_int64(s, 11, r.policy.retain_ms);
+  sqlite3_bind_int64(s, 12, r.policy.destroy_delay_ms);
+  sqlite3_bind_int(s, 13, r.policy_explicit ? 1 : 0);
+}
+
+// Binds the version's columns from index 1 in kVersionColumns order.
+void BindVersion(sqlite3_stmt* s, const VersionRecord& v) {
+  BindText(s, 1, v.ring);
+  sqlite3_bind_int64(s, 2, v.version);
+  BindText(s, 3, v.object_id);
+  BindText(s, 4, v.object_label);
+  BindText(s, 5, v.kid);
+  BindText(s, 6, v.public_jwk);
+  BindText(s, 7, std::string(VersionStateName(v.state)));
+  sqlite3_bind_int64(s, 8, v.create_time);
+  sqlite3_bind_int64(s, 9, v.activate_time);
+  sqlite3_bind_int64(s, 10, v.publish_time);
+  sqlite3_bind_int64(s, 11, v.retire_time);
+  sqlite3_bind_int64(s, 12, v.destroy_after);
+  sqlite3_bind_int64(s, 13, v.destroy_time);
+  BindText(s, 14, std::string(VersionStateName(v.previous_state)));
+  sqlite3_bind_int(s, 15, v.compromised ? 1 : 0);
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<MetadataStore>> MetadataStore::Open(const std::string& path) {
@@ -94,14 +148,6 @@ absl::StatusOr<std::unique_ptr<MetadataStore>> MetadataStore::Open(const std::st
                              "PRAGMA foreign_keys=ON;", kSchema}) {
     if (absl::Status s = store->Exec(pragma); !s.ok()) return s;
   }
-  // Databases created before decryption rings lack these columns; adding them is idempotent
-  // (a "duplicate column" error means the column is there).
-  for (const char* column : {"ALTER TABLE rings ADD COLUMN curve TEXT NOT NULL DEFAULT '';",
-                             "ALTER TABLE rings ADD COLUMN zip_max_bytes INTEGER NOT NULL "
-                             "DEFAULT 0;"}) {
-    absl::Status s = store->Exec(column);
-    if (!s.ok() && s.message().find("duplicate column") == absl::string_view::npos) return s;
-  }
   return store;
 }
 
@@ -120,124 +166,133 @@ absl::Status MetadataStore::Exec(const char* sql) {
   return absl::OkStatus();
 }
 
-absl::Status MetadataStore::InsertRingWithVersion(const RingRecord& ring,
-                                                  const VersionRecord& version) {
-  absl::MutexLock lock(&mu_);
-  if (absl::Status s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
-  auto fail = [this](absl::Status s) {
-    Exec("ROLLBACK;").IgnoreError();
-    return s;
-  };
-  {
-    auto stmt = Prepare(db_,
-                        "INSERT INTO rings(name,purpose,alg,rsa_bits,allow_non_fapi,create_time,"
-                        "curve,zip_max_bytes) VALUES(?,?,?,?,?,?,?,?)");
-    if (!stmt.ok()) return fail(stmt.status());
-    sqlite3_stmt* s = stmt->get();
-    BindText(s, 1, ring.name);
-    BindText(s, 2, std::string(PurposeName(ring.purpose)));
-    BindText(s, 3, ring.alg);
-    sqlite3_bind_int(s, 4, ring.rsa_bits);
-    sqlite3_bind_int(s, 5, ring.allow_non_fapi ? 1 : 0);
-    sqlite3_bind_int64(s, 6, ring.create_time);
-    BindText(s, 7, ring.curve);
-    sqlite3_bind_int64(s, 8, ring.zip_max_bytes);
-    if (absl::Status st = StepDone(db_, s, "insert ring"); !st.ok()) {
-      if (absl::IsAlreadyExists(st)) {
-        return fail(
-            absl::AlreadyExistsError(absl::StrCat("ring '", ring.name, "' already exists")));
-      }
-      return fail(st);
+absl::Status MetadataStore::Apply(const Mutation& m) {
+  for (const RingRecord& r : m.insert_rings) {
+    auto stmt = Prepare(db_, absl::StrCat("INSERT INTO rings(", kRingColumns,
+                                          ") VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)"));
+    if (!stmt.ok()) return stmt.status();
+    BindRing(stmt->get(), r);
+    if (absl::Status s = StepDone(db_, stmt->get(), "insert ring"); !s.ok()) {
+      return absl::IsAlreadyExists(s)
+                 ? absl::AlreadyExistsError(absl::StrCat("ring '", r.name, "' already exists"))
+                 : s;
     }
   }
-  if (absl::Status st = InsertVersionLocked(version); !st.ok()) return fail(st);
-  if (absl::Status s = Exec("COMMIT;"); !s.ok()) return fail(s);
+  for (const RingRecord& r : m.update_rings) {
+    auto stmt = Prepare(db_,
+                        "UPDATE rings SET prepublish_ms=?, rotation_period_ms=?, retain_ms=?, "
+                        "destroy_delay_ms=?, policy_explicit=? WHERE name=?");
+    if (!stmt.ok()) return stmt.status();
+    sqlite3_stmt* s = stmt->get();
+    sqlite3_bind_int64(s, 1, r.policy.prepublish_ms);
+    sqlite3_bind_int64(s, 2, r.policy.rotation_period_ms);
+    sqlite3_bind_int64(s, 3, r.policy.retain_ms);
+    sqlite3_bind_int64(s, 4, r.policy.destroy_delay_ms);
+    sqlite3_bind_int(s, 5, r.policy_explicit ? 1 : 0);
+    BindText(s, 6, r.name);
+    if (absl::Status st = StepDone(db_, s, "update ring"); !st.ok()) return st;
+    if (sqlite3_changes(db_) != 1) {
+      return absl::NotFoundError(absl::StrCat("ring '", r.name, "' not found"));
+    }
+  }
+  for (const VersionRecord& v : m.insert_versions) {
+    auto stmt = Prepare(db_, absl::StrCat("INSERT INTO versions(", kVersionColumns,
+                                          ") VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"));
+    if (!stmt.ok()) return stmt.status();
+    BindVersion(stmt->get(), v);
+    absl::Status s = StepDone(db_, stmt->get(), "insert version");
+    if (absl::IsAlreadyExists(s)) {
+      // The REFERENCES constraint fails the same way as a duplicate; tell them apart.
+      auto ring = Prepare(db_, "SELECT 1 FROM rings WHERE name=?");
+      if (!ring.ok()) return ring.status();
+      BindText(ring->get(), 1, v.ring);
+      if (sqlite3_step(ring->get()) != SQLITE_ROW) {
+        return absl::NotFoundError(absl::StrCat("ring '", v.ring, "' not found"));
+      }
+    }
+    if (!s.ok()) return s;
+  }
+  for (const VersionRecord& v : m.update_versions) {
+    auto stmt = Prepare(db_,
+                        "UPDATE versions SET object_label=?, kid=?, public_jwk=?, state=?, "
+                        "activate_time=?, publish_time=?, retire_time=?, destroy_after=?, "
+                        "destroy_time=?, previous_state=?, compromised=? WHERE ring=? AND "
+                        "version=?");
+    if (!stmt.ok()) return stmt.status();
+    sqlite3_stmt* s = stmt->get();
+    BindText(s, 1, v.object_label);
+    BindText(s, 2, v.kid);
+    BindText(s, 3, v.public_jwk);
+    BindText(s, 4, std::string(VersionStateName(v.state)));
+    sqlite3_bind_int64(s, 5, v.activate_time);
+    sqlite3_bind_int64(s, 6, v.publish_time);
+    sqlite3_bind_int64(s, 7, v.retire_time);
+    sqlite3_bind_int64(s, 8, v.destroy_after);
+    sqlite3_bind_int64(s, 9, v.destroy_time);
+    BindText(s, 10, std::string(VersionStateName(v.previous_state)));
+    sqlite3_bind_int(s, 11, v.compromised ? 1 : 0);
+    BindText(s, 12, v.ring);
+    sqlite3_bind_int64(s, 13, v.version);
+    if (absl::Status st = StepDone(db_, s, "update version"); !st.ok()) return st;
+    if (sqlite3_changes(db_) != 1) {
+      return absl::NotFoundError(
+          absl::StrCat("metadata store: version ", v.version, " of '", v.ring, "' not found"));
+    }
+  }
+  for (const auto& [ring, version] : m.delete_versions) {
+    auto del = Prepare(db_, "DELETE FROM versions WHERE ring=? AND version=?");
+    if (!del.ok()) return del.status();
+    BindText(del->get(), 1, ring);
+    sqlite3_bind_int64(del->get(), 2, version);
+    if (absl::Status st = StepDone(db_, del->get(), "delete version"); !st.ok()) return st;
+    auto del_ring = Prepare(
+        db_, "DELETE FROM rings WHERE name=? AND NOT EXISTS (SELECT 1 FROM versions WHERE ring=?)");
+    if (!del_ring.ok()) return del_ring.status();
+    BindText(del_ring->get(), 1, ring);
+    BindText(del_ring->get(), 2, ring);
+    if (absl::Status st = StepDone(db_, del_ring->get(), "delete ring"); !st.ok()) return st;
+  }
   return absl::OkStatus();
 }
 
-absl::Status MetadataStore::InsertVersionLocked(const VersionRecord& version) {
-  auto stmt = Prepare(db_,
-                      "INSERT INTO versions(ring,version,object_id,object_label,kid,public_jwk,"
-                      "state,create_time,activate_time) VALUES(?,?,?,?,?,?,?,?,?)");
-  if (!stmt.ok()) return stmt.status();
-  sqlite3_stmt* s = stmt->get();
-  BindText(s, 1, version.ring);
-  sqlite3_bind_int64(s, 2, version.version);
-  BindText(s, 3, version.object_id);
-  BindText(s, 4, version.object_label);
-  BindText(s, 5, version.kid);
-  BindText(s, 6, version.public_jwk);
-  BindText(s, 7, std::string(VersionStateName(version.state)));
-  sqlite3_bind_int64(s, 8, version.create_time);
-  sqlite3_bind_int64(s, 9, version.activate_time);
-  return StepDone(db_, s, "insert version");
-}
-
-absl::Status MetadataStore::InsertVersion(const VersionRecord& version) {
+absl::Status MetadataStore::Commit(const Mutation& mutation) {
   absl::MutexLock lock(&mu_);
-  absl::Status s = InsertVersionLocked(version);
-  // The REFERENCES constraint fails the same way as a duplicate; tell them apart.
-  if (absl::IsAlreadyExists(s)) {
-    auto ring = Prepare(db_, "SELECT 1 FROM rings WHERE name=?");
-    if (!ring.ok()) return ring.status();
-    BindText(ring->get(), 1, version.ring);
-    if (sqlite3_step(ring->get()) != SQLITE_ROW) {
-      return absl::NotFoundError(absl::StrCat("ring '", version.ring, "' not found"));
-    }
-  }
+  if (absl::Status s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
+  absl::Status s = Apply(mutation);
+  if (s.ok()) s = Exec("COMMIT;");
+  if (!s.ok()) Exec("ROLLBACK;").IgnoreError();
   return s;
 }
 
+absl::Status MetadataStore::InsertRingWithVersion(const RingRecord& ring,
+                                                  const VersionRecord& version) {
+  Mutation m;
+  m.insert_rings.push_back(ring);
+  m.insert_versions.push_back(version);
+  return Commit(m);
+}
+
+absl::Status MetadataStore::InsertVersion(const VersionRecord& version) {
+  Mutation m;
+  m.insert_versions.push_back(version);
+  return Commit(m);
+}
+
 absl::Status MetadataStore::UpdateVersion(const VersionRecord& version) {
-  absl::MutexLock lock(&mu_);
-  auto stmt = Prepare(db_,
-                      "UPDATE versions SET object_label=?, kid=?, public_jwk=?, state=?, "
-                      "activate_time=? WHERE ring=? AND version=?");
-  if (!stmt.ok()) return stmt.status();
-  sqlite3_stmt* s = stmt->get();
-  BindText(s, 1, version.object_label);
-  BindText(s, 2, version.kid);
-  BindText(s, 3, version.public_jwk);
-  BindText(s, 4, std::string(VersionStateName(version.state)));
-  sqlite3_bind_int64(s, 5, version.activate_time);
-  BindText(s, 6, version.ring);
-  sqlite3_bind_int64(s, 7, version.version);
-  if (absl::Status st = StepDone(db_, s, "update version"); !st.ok()) return st;
-  if (sqlite3_changes(db_) != 1) {
-    return absl::NotFoundError(absl::StrCat("metadata store: version ", version.version, " of '",
-                                            version.ring, "' not found"));
-  }
-  return absl::OkStatus();
+  Mutation m;
+  m.update_versions.push_back(version);
+  return Commit(m);
 }
 
 absl::Status MetadataStore::DeleteVersion(const std::string& ring, uint32_t version) {
-  absl::MutexLock lock(&mu_);
-  if (absl::Status s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
-  auto fail = [this](absl::Status s) {
-    Exec("ROLLBACK;").IgnoreError();
-    return s;
-  };
-  auto del = Prepare(db_, "DELETE FROM versions WHERE ring=? AND version=?");
-  if (!del.ok()) return fail(del.status());
-  BindText(del->get(), 1, ring);
-  sqlite3_bind_int64(del->get(), 2, version);
-  if (absl::Status st = StepDone(db_, del->get(), "delete version"); !st.ok()) return fail(st);
-  auto del_ring = Prepare(
-      db_, "DELETE FROM rings WHERE name=? AND NOT EXISTS (SELECT 1 FROM versions WHERE ring=?)");
-  if (!del_ring.ok()) return fail(del_ring.status());
-  BindText(del_ring->get(), 1, ring);
-  BindText(del_ring->get(), 2, ring);
-  if (absl::Status st = StepDone(db_, del_ring->get(), "delete ring"); !st.ok()) return fail(st);
-  if (absl::Status s = Exec("COMMIT;"); !s.ok()) return fail(s);
-  return absl::OkStatus();
+  Mutation m;
+  m.delete_versions.emplace_back(ring, version);
+  return Commit(m);
 }
 
 absl::StatusOr<std::vector<RingRecord>> MetadataStore::LoadRings() {
   absl::MutexLock lock(&mu_);
-  auto stmt = Prepare(
-      db_,
-      "SELECT name,purpose,alg,rsa_bits,allow_non_fapi,create_time,curve,zip_max_bytes FROM "
-      "rings ORDER BY name");
+  auto stmt = Prepare(db_, absl::StrCat("SELECT ", kRingColumns, " FROM rings ORDER BY name"));
   if (!stmt.ok()) return stmt.status();
   std::vector<RingRecord> rings;
   int rc;
@@ -254,6 +309,11 @@ absl::StatusOr<std::vector<RingRecord>> MetadataStore::LoadRings() {
     r.create_time = sqlite3_column_int64(s, 5);
     r.curve = ColumnText(s, 6);
     r.zip_max_bytes = sqlite3_column_int64(s, 7);
+    r.policy.prepublish_ms = sqlite3_column_int64(s, 8);
+    r.policy.rotation_period_ms = sqlite3_column_int64(s, 9);
+    r.policy.retain_ms = sqlite3_column_int64(s, 10);
+    r.policy.destroy_delay_ms = sqlite3_column_int64(s, 11);
+    r.policy_explicit = sqlite3_column_int(s, 12) != 0;
     rings.push_back(std::move(r));
   }
   if (rc != SQLITE_DONE) return SqliteError(db_, "load rings");
@@ -262,9 +322,8 @@ absl::StatusOr<std::vector<RingRecord>> MetadataStore::LoadRings() {
 
 absl::StatusOr<std::vector<VersionRecord>> MetadataStore::LoadVersions() {
   absl::MutexLock lock(&mu_);
-  auto stmt = Prepare(db_,
-                      "SELECT ring,version,object_id,object_label,kid,public_jwk,state,"
-                      "create_time,activate_time FROM versions ORDER BY ring,version");
+  auto stmt = Prepare(
+      db_, absl::StrCat("SELECT ", kVersionColumns, " FROM versions ORDER BY ring,version"));
   if (!stmt.ok()) return stmt.status();
   std::vector<VersionRecord> versions;
   int rc;
@@ -282,6 +341,14 @@ absl::StatusOr<std::vector<VersionRecord>> MetadataStore::LoadVersions() {
     v.state = *state;
     v.create_time = sqlite3_column_int64(s, 7);
     v.activate_time = sqlite3_column_int64(s, 8);
+    v.publish_time = sqlite3_column_int64(s, 9);
+    v.retire_time = sqlite3_column_int64(s, 10);
+    v.destroy_after = sqlite3_column_int64(s, 11);
+    v.destroy_time = sqlite3_column_int64(s, 12);
+    auto previous = ParseVersionState(ColumnText(s, 13));
+    if (!previous.ok()) return previous.status();
+    v.previous_state = *previous;
+    v.compromised = sqlite3_column_int(s, 14) != 0;
     versions.push_back(std::move(v));
   }
   if (rc != SQLITE_DONE) return SqliteError(db_, "load versions");

@@ -1,8 +1,9 @@
 // Durable metadata for rings and versions: SQLite in WAL mode with synchronous=FULL, so a
 // change is on disk before the call returns (and before custodyd acknowledges it).
 //
-// Every mutation is one transaction. Thread-safe (one connection behind a mutex; the store is
-// read at startup and written on admin operations only, never on the signing path).
+// Every mutation is one transaction: a rotation (two versions change state) is all or nothing.
+// Thread-safe (one connection behind a mutex; the store is read at startup and written on
+// admin operations and scheduled transitions only, never on the signing path).
 #ifndef CUSTODY_ROTATION_METADATA_STORE_H_
 #define CUSTODY_ROTATION_METADATA_STORE_H_
 
@@ -20,6 +21,16 @@ struct sqlite3;
 
 namespace custody::rotation {
 
+// One atomic change to the metadata.
+struct Mutation {
+  std::vector<RingRecord> insert_rings;
+  std::vector<RingRecord> update_rings;  // policy fields, by name
+  std::vector<VersionRecord> insert_versions;
+  std::vector<VersionRecord> update_versions;  // by (ring, version)
+  // (ring, version) pairs; a ring left with no version is deleted with its last version.
+  std::vector<std::pair<std::string, uint32_t>> delete_versions;
+};
+
 class MetadataStore {
  public:
   // Opens (creating if needed) the database at `path` and applies the schema.
@@ -28,20 +39,15 @@ class MetadataStore {
   MetadataStore(const MetadataStore&) = delete;
   MetadataStore& operator=(const MetadataStore&) = delete;
 
-  // Inserts a new ring and its first version in one transaction. ALREADY_EXISTS when a ring of
-  // that name exists (nothing is changed then).
+  // Applies `mutation` in one transaction. ALREADY_EXISTS when an inserted ring name, version
+  // number or object id is taken; NOT_FOUND when an updated row or the ring of an inserted
+  // version does not exist. Nothing is changed on error.
+  absl::Status Commit(const Mutation& mutation);
+
+  // Shorthands for single-row mutations.
   absl::Status InsertRingWithVersion(const RingRecord& ring, const VersionRecord& version);
-
-  // Inserts a further version of an existing ring. NOT_FOUND when the ring does not exist,
-  // ALREADY_EXISTS when the version number or object id is taken.
   absl::Status InsertVersion(const VersionRecord& version);
-
-  // Replaces the mutable fields (kid, public_jwk, state, activate_time, object label) of the
-  // version identified by (ring, version). NOT_FOUND when absent.
   absl::Status UpdateVersion(const VersionRecord& version);
-
-  // Deletes a version and, when the ring has no version left, the ring: the rollback of a
-  // creation that never reached the token.
   absl::Status DeleteVersion(const std::string& ring, uint32_t version);
 
   absl::StatusOr<std::vector<RingRecord>> LoadRings();
@@ -50,7 +56,7 @@ class MetadataStore {
  private:
   explicit MetadataStore(sqlite3* db) : db_(db) {}
   absl::Status Exec(const char* sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status InsertVersionLocked(const VersionRecord& version) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Apply(const Mutation& mutation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   absl::Mutex mu_;
   sqlite3* db_ ABSL_GUARDED_BY(mu_);

@@ -46,10 +46,34 @@ grpc::Status SignerService::Sign(grpc::ServerContext*, const v1::SignRequest* re
 
 grpc::Status SignerService::GetJwks(grpc::ServerContext*, const v1::GetJwksRequest* request,
                                     v1::GetJwksResponse* response) {
-  auto jwks =
-      keys_->GetJwks(std::vector<std::string>(request->rings().begin(), request->rings().end()));
+  auto jwks = keys_->GetJwks({request->rings().begin(), request->rings().end()});
   if (!jwks.ok()) return ToGrpcStatus(jwks.status());
-  response->set_jwks(*std::move(jwks));
+  response->set_jwks(std::move(jwks->json));
+  response->set_etag(std::move(jwks->etag));
+  response->set_max_age_seconds(jwks->max_age_seconds);
+  return grpc::Status::OK;
+}
+
+grpc::Status SignerService::WatchJwks(grpc::ServerContext* context,
+                                      const v1::WatchJwksRequest* request,
+                                      grpc::ServerWriter<v1::GetJwksResponse>* writer) {
+  const std::vector<std::string> rings(request->rings().begin(), request->rings().end());
+  std::string last_sent;
+  while (!context->IsCancelled()) {
+    auto jwks = keys_->GetJwks(rings);
+    if (!jwks.ok()) return ToGrpcStatus(jwks.status());
+    // A change elsewhere wakes every watcher; only a change of these rings' keys is sent.
+    if (jwks->json != last_sent) {
+      v1::GetJwksResponse message;
+      message.set_jwks(jwks->json);
+      message.set_etag(jwks->etag);
+      message.set_max_age_seconds(jwks->max_age_seconds);
+      if (!writer->Write(message)) return grpc::Status::OK;  // the watcher went away
+      last_sent = std::move(jwks->json);
+    }
+    // Bounded waits so that cancellation and shutdown are noticed within a second.
+    keys_->WaitForJwksChange(jwks->generation, absl::Now() + absl::Seconds(1));
+  }
   return grpc::Status::OK;
 }
 
@@ -83,6 +107,48 @@ grpc::Status KeyAdminService::ListKeyRings(grpc::ServerContext*,
                                            const v1::ListKeyRingsRequest* request,
                                            v1::ListKeyRingsResponse* response) {
   return Reply(keys_->ListKeyRings(request->prefix()), response);
+}
+
+grpc::Status KeyAdminService::UpdateRotationPolicy(grpc::ServerContext*,
+                                                   const v1::UpdateRotationPolicyRequest* request,
+                                                   v1::KeyRing* response) {
+  return Reply(keys_->UpdateRotationPolicy(*request), response);
+}
+
+grpc::Status KeyAdminService::RotateKeyRing(grpc::ServerContext*,
+                                            const v1::RotateKeyRingRequest* request,
+                                            v1::RotateKeyRingResponse* response) {
+  return Reply(keys_->RotateKeyRing(*request), response);
+}
+
+grpc::Status KeyAdminService::DisableKeyVersion(grpc::ServerContext*,
+                                                const v1::KeyVersionRequest* request,
+                                                v1::KeyRing* response) {
+  return Reply(keys_->DisableKeyVersion(*request), response);
+}
+
+grpc::Status KeyAdminService::EnableKeyVersion(grpc::ServerContext*,
+                                               const v1::KeyVersionRequest* request,
+                                               v1::KeyRing* response) {
+  return Reply(keys_->EnableKeyVersion(*request), response);
+}
+
+grpc::Status KeyAdminService::ScheduleKeyVersionDestruction(grpc::ServerContext*,
+                                                            const v1::KeyVersionRequest* request,
+                                                            v1::KeyRing* response) {
+  return Reply(keys_->ScheduleKeyVersionDestruction(*request), response);
+}
+
+grpc::Status KeyAdminService::CancelKeyVersionDestruction(grpc::ServerContext*,
+                                                          const v1::KeyVersionRequest* request,
+                                                          v1::KeyRing* response) {
+  return Reply(keys_->CancelKeyVersionDestruction(*request), response);
+}
+
+grpc::Status KeyAdminService::CompromiseKeyVersion(grpc::ServerContext*,
+                                                   const v1::CompromiseKeyVersionRequest* request,
+                                                   v1::KeyRing* response) {
+  return Reply(keys_->CompromiseKeyVersion(*request), response);
 }
 
 }  // namespace custody::server

@@ -25,6 +25,9 @@ class SignerService final : public v1::Signer::Service {
                        v1::GetJwksResponse* response) override;
   grpc::Status DecryptJwe(grpc::ServerContext* context, const v1::DecryptJweRequest* request,
                           v1::DecryptJweResponse* response) override;
+  // Holds one server thread per watcher; the JWKS is re-sent when the published set changes.
+  grpc::Status WatchJwks(grpc::ServerContext* context, const v1::WatchJwksRequest* request,
+                         grpc::ServerWriter<v1::GetJwksResponse>* writer) override;
 
  private:
   const KeyService* const keys_;
@@ -42,6 +45,24 @@ class KeyAdminService final : public v1::KeyAdmin::Service {
   grpc::Status ImportKeyVersion(grpc::ServerContext* context,
                                 const v1::ImportKeyVersionRequest* request,
                                 v1::KeyRing* response) override;
+  grpc::Status UpdateRotationPolicy(grpc::ServerContext* context,
+                                    const v1::UpdateRotationPolicyRequest* request,
+                                    v1::KeyRing* response) override;
+  grpc::Status RotateKeyRing(grpc::ServerContext* context, const v1::RotateKeyRingRequest* request,
+                             v1::RotateKeyRingResponse* response) override;
+  grpc::Status DisableKeyVersion(grpc::ServerContext* context, const v1::KeyVersionRequest* request,
+                                 v1::KeyRing* response) override;
+  grpc::Status EnableKeyVersion(grpc::ServerContext* context, const v1::KeyVersionRequest* request,
+                                v1::KeyRing* response) override;
+  grpc::Status ScheduleKeyVersionDestruction(grpc::ServerContext* context,
+                                             const v1::KeyVersionRequest* request,
+                                             v1::KeyRing* response) override;
+  grpc::Status CancelKeyVersionDestruction(grpc::ServerContext* context,
+                                           const v1::KeyVersionRequest* request,
+                                           v1::KeyRing* response) override;
+  grpc::Status CompromiseKeyVersion(grpc::ServerContext* context,
+                                    const v1::CompromiseKeyVersionRequest* request,
+                                    v1::KeyRing* response) override;
 
  private:
   KeyService* const keys_;

@@ -23,7 +23,7 @@ namespace {
 using rotation::VersionRecord;
 using rotation::VersionState;
 
-int64_t NowSeconds() { return absl::ToUnixSeconds(absl::Now()); }
+int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
 
 absl::StatusOr<std::string> NewObjectId() {
   unsigned char id[16];
@@ -51,16 +51,20 @@ v1::KeyVersionState ToProtoState(VersionState s) {
       return v1::DESTROY_SCHEDULED;
     case VersionState::kDestroyed:
       return v1::DESTROYED;
+    case VersionState::kDestroying:
+      return v1::DESTROYING;
   }
   return v1::KEY_VERSION_STATE_UNSPECIFIED;
 }
 
-bool IsPublished(VersionState s) {
-  return s == VersionState::kPending || s == VersionState::kActive || s == VersionState::kRetired;
+v1::RotationPolicy PolicyToProto(const rotation::RotationPolicy& p) {
+  v1::RotationPolicy out;
+  out.set_prepublish_ms(p.prepublish_ms);
+  out.set_rotation_period_ms(p.rotation_period_ms);
+  out.set_retain_ms(p.retain_ms);
+  out.set_destroy_delay_ms(p.destroy_delay_ms);
+  return out;
 }
-
-// PENDING, ACTIVE and RETIRED decryption versions all decrypt (DESIGN.md invariant 3).
-bool Decrypts(VersionState s) { return IsPublished(s); }
 
 std::string GroupName(const EVP_PKEY* pkey) {
   char name[64] = {0};
@@ -175,7 +179,20 @@ absl::StatusOr<std::unique_ptr<KeyService>> KeyService::Create(pkcs11::Token* to
                                                                Options options) {
   auto service = std::unique_ptr<KeyService>(new KeyService(token, store, options));
   if (absl::Status s = service->Load(); !s.ok()) return s;
+  if (options.run_scheduler) {
+    KeyService* raw = service.get();
+    service->scheduler_ = std::thread([raw] { raw->SchedulerLoop(); });
+  }
   return service;
+}
+
+KeyService::~KeyService() {
+  {
+    absl::MutexLock lock(&scheduler_mu_);
+    scheduler_stop_ = true;
+    scheduler_wake_.SignalAll();
+  }
+  if (scheduler_.joinable()) scheduler_.join();
 }
 
 absl::StatusOr<VersionRecord> KeyService::CompleteVersion(VersionRecord record,
@@ -250,13 +267,15 @@ absl::Status KeyService::Load() {
       if (!key.ok()) return key.status();
       auto completed = CompleteVersion(v, **key);
       if (!completed.ok()) return completed.status();
-      // The first version of a ring becomes ACTIVE; a later one (an import) PENDING.
+      // The first version of a ring becomes ACTIVE; a later one PENDING (published, and only
+      // promoted by a rotation).
       bool has_active = false;
       for (const Version& other : ring.versions) {
         has_active |= other.record.state == VersionState::kActive;
       }
       completed->state = has_active ? VersionState::kPending : VersionState::kActive;
-      completed->activate_time = has_active ? 0 : NowSeconds();
+      completed->activate_time = has_active ? 0 : NowMs();
+      completed->publish_time = NowMs();
       if (absl::Status s = store_->UpdateVersion(*completed); !s.ok()) return s;
       Log(LogLevel::kWarning, "reconcile.completed_creation",
           {{"ring", v.ring}, {"version", absl::StrCat(v.version)}, {"kid", completed->kid}});
@@ -264,7 +283,9 @@ absl::Status KeyService::Load() {
       continue;
     }
     Version version{std::move(v), nullptr, false};
-    if (version.record.state != VersionState::kDestroyed) {
+    // A DESTROYING version's object may already be gone: the scheduler finishes the job.
+    if (version.record.state != VersionState::kDestroyed &&
+        version.record.state != VersionState::kDestroying) {
       auto key =
           present ? token_->FindKeyPair(raw_id)
                   : absl::StatusOr<std::shared_ptr<pkcs11::KeyPair>>(absl::NotFoundError("absent"));
@@ -305,9 +326,7 @@ absl::Status KeyService::Load() {
   absl::MutexLock lock(&mu_);
   for (auto& [name, ring] : rings) {
     if (ring.versions.empty()) continue;  // rolled back entirely
-    for (size_t i = 0; i < ring.versions.size(); ++i) {
-      if (ring.versions[i].record.state == VersionState::kActive) ring.active = static_cast<int>(i);
-    }
+    ring.Reindex();
     rings_[name] = std::make_shared<const Ring>(std::move(ring));
   }
   orphans_ = std::move(orphans);
@@ -387,6 +406,12 @@ absl::StatusOr<v1::KeyRing> KeyService::CreateKeyRing(const v1::CreateKeyRingReq
   ring.record.allow_non_fapi = request.allow_non_fapi();
   ring.record.curve = request.curve();
   ring.record.zip_max_bytes = request.zip_max_bytes();
+  if (request.has_policy()) {
+    ring.record.policy = {request.policy().prepublish_ms(), request.policy().rotation_period_ms(),
+                          request.policy().retain_ms(), request.policy().destroy_delay_ms()};
+    if (absl::Status s = rotation::ValidatePolicy(ring.record.policy); !s.ok()) return s;
+    ring.record.policy_explicit = true;
+  }
   if (absl::Status s = ResolveProfile(ring); !s.ok()) return s;
   const pkcs11::KeySpec& spec =
       ring.record.purpose == rotation::Purpose::kSign ? ring.profile.key : ring.decryption.key;
@@ -412,7 +437,7 @@ absl::StatusOr<v1::KeyRing> KeyService::CreateKeyRing(const v1::CreateKeyRingReq
       return absl::AlreadyExistsError(absl::StrCat("ring '", request.name(), "' already exists"));
     }
   }
-  ring.record.create_time = NowSeconds();
+  ring.record.create_time = NowMs();
   auto object_id = NewObjectId();
   if (!object_id.ok()) return object_id.status();
   VersionRecord version;
@@ -435,7 +460,8 @@ absl::StatusOr<v1::KeyRing> KeyService::CreateKeyRing(const v1::CreateKeyRingReq
   }
   // 3. Durable activation, then publication in memory.
   created->record.state = VersionState::kActive;
-  created->record.activate_time = NowSeconds();
+  created->record.activate_time = NowMs();
+  created->record.publish_time = created->record.activate_time;
   if (absl::Status s = store_->UpdateVersion(created->record); !s.ok()) {
     RollBackVersion(version);
     return s;
@@ -443,16 +469,24 @@ absl::StatusOr<v1::KeyRing> KeyService::CreateKeyRing(const v1::CreateKeyRingReq
   ring.versions.push_back(*std::move(created));
   ring.active = 0;
   auto snapshot = std::make_shared<const Ring>(std::move(ring));
-  {
-    absl::MutexLock lock(&mu_);
-    rings_[request.name()] = snapshot;
-  }
+  Publish(snapshot);
   Log(LogLevel::kInfo, "ring.created",
       {{"ring", request.name()},
        {"purpose", std::string(rotation::PurposeName(snapshot->record.purpose))},
        {"alg", request.alg()},
        {"kid", snapshot->versions[0].record.kid},
        {"key", import.pkey ? "imported" : "generated in the token"}});
+  // An explicit policy pre-publishes the next key from the start.
+  if (snapshot->record.policy_explicit) {
+    if (auto added = AddVersion(request.name(), Activation::kPending); !added.ok()) {
+      Log(LogLevel::kError, "ring.pending_failed",
+          {{"ring", request.name()},
+           {"error", std::string(added.status().message())},
+           {"action", "the scheduler retries"}});
+    }
+    auto latest = FindRing(request.name());
+    if (latest.ok()) return ToProto(**latest);
+  }
   return ToProto(*snapshot);
 }
 
@@ -489,7 +523,7 @@ absl::StatusOr<v1::KeyRing> KeyService::ImportKeyVersion(
   version.object_id = *object_id;
   version.object_label = ObjectLabel(base.record.name, next);
   version.state = VersionState::kCreating;
-  version.create_time = NowSeconds();
+  version.create_time = NowMs();
   version.kid = imported->kid;
   if (absl::Status s = store_->InsertVersion(version); !s.ok()) return s;
   auto created = MaterializeVersion(base, version, imported->pkey.get());
@@ -498,6 +532,7 @@ absl::StatusOr<v1::KeyRing> KeyService::ImportKeyVersion(
     return created.status();
   }
   created->record.state = VersionState::kPending;
+  created->record.publish_time = NowMs();
   if (absl::Status s = store_->UpdateVersion(created->record); !s.ok()) {
     RollBackVersion(version);
     return s;
@@ -505,10 +540,7 @@ absl::StatusOr<v1::KeyRing> KeyService::ImportKeyVersion(
   Ring ring = base;
   ring.versions.push_back(*std::move(created));
   auto snapshot = std::make_shared<const Ring>(std::move(ring));
-  {
-    absl::MutexLock lock(&mu_);
-    rings_[base.record.name] = snapshot;
-  }
+  Publish(snapshot);
   Log(LogLevel::kInfo, "version.imported",
       {{"ring", base.record.name},
        {"version", absl::StrCat(next)},
@@ -548,7 +580,13 @@ v1::KeyRing KeyService::ToProto(const Ring& ring) const {
   out.set_alg(ring.record.alg);
   out.set_rsa_bits(static_cast<uint32_t>(ring.record.rsa_bits));
   out.set_allow_non_fapi(ring.record.allow_non_fapi);
-  out.set_create_time(ring.record.create_time);
+  out.set_create_time_ms(ring.record.create_time);
+  *out.mutable_policy() = PolicyToProto(ring.record.policy);
+  out.set_policy_explicit(ring.record.policy_explicit);
+  if (ring.record.policy.rotation_period_ms > 0 && ring.active >= 0) {
+    out.set_next_rotation_ms(ring.versions[static_cast<size_t>(ring.active)].record.activate_time +
+                             ring.record.policy.rotation_period_ms);
+  }
   out.set_curve(ring.record.curve);
   out.set_zip_max_bytes(static_cast<uint32_t>(ring.record.zip_max_bytes));
   if (ring.record.purpose == rotation::Purpose::kDecrypt) {
@@ -562,8 +600,17 @@ v1::KeyRing KeyService::ToProto(const Ring& ring) const {
     pv->set_version(v.record.version);
     pv->set_kid(v.record.kid);
     pv->set_state(ToProtoState(v.record.state));
-    pv->set_create_time(v.record.create_time);
-    pv->set_activate_time(v.record.activate_time);
+    pv->set_create_time_ms(v.record.create_time);
+    pv->set_activate_time_ms(v.record.activate_time);
+    pv->set_publish_time_ms(v.record.publish_time);
+    pv->set_retire_time_ms(v.record.retire_time);
+    pv->set_destroy_after_ms(v.record.destroy_after);
+    pv->set_destroy_time_ms(v.record.destroy_time);
+    if (v.record.state == VersionState::kDisabled ||
+        v.record.state == VersionState::kDestroyScheduled) {
+      pv->set_previous_state(ToProtoState(v.record.previous_state));
+    }
+    pv->set_compromised(v.record.compromised);
     pv->set_token_object_label(v.record.object_label);
     pv->set_token_object_id(v.record.object_id);
     pv->set_public_jwk(v.record.public_jwk);
@@ -675,45 +722,62 @@ absl::StatusOr<v1::SignResponse> KeyService::Sign(const v1::SignRequest& request
   return out;
 }
 
-absl::StatusOr<std::string> KeyService::GetJwks(const std::vector<std::string>& names) const {
+absl::StatusOr<KeyService::Jwks> KeyService::GetJwks(const std::vector<std::string>& names) const {
   std::vector<std::shared_ptr<const Ring>> rings;
-  if (names.empty()) {
+  Jwks out;
+  {
     absl::ReaderMutexLock lock(&mu_);
-    for (const auto& [name, ring] : rings_) rings.push_back(ring);
-  } else {
-    for (const std::string& name : names) {
-      auto ring = FindRing(name);
-      if (!ring.ok()) return ring.status();
-      rings.push_back(*std::move(ring));
+    out.generation = jwks_generation_;
+    if (names.empty()) {
+      for (const auto& [name, ring] : rings_) rings.push_back(ring);
     }
   }
+  for (const std::string& name : names) {
+    auto ring = FindRing(name);
+    if (!ring.ok()) return ring.status();
+    rings.push_back(*std::move(ring));
+  }
   jose::Json keys = jose::Json::MakeArray();
-  for (const auto& ring : rings) {
-    // The ACTIVE version first: senders that pick the first "enc" key encrypt to it.
-    std::vector<const Version*> published;
-    if (ring->active >= 0) published.push_back(&ring->versions[static_cast<size_t>(ring->active)]);
-    for (const Version& v : ring->versions) {
-      if (v.record.state != VersionState::kActive && IsPublished(v.record.state)) {
-        published.push_back(&v);
-      }
+  int64_t min_prepublish = rotation::RotationPolicy{}.prepublish_ms;
+  for (size_t i = 0; i < rings.size(); ++i) {
+    const Ring& ring = *rings[i];
+    if (i == 0 || ring.record.policy.prepublish_ms < min_prepublish) {
+      min_prepublish = ring.record.policy.prepublish_ms;
     }
-    for (const Version* pv : published) {
-      const Version& v = *pv;
-      auto jwk = jose::ParseJson(v.record.public_jwk);
+    for (const Version* v : ring.Published()) {
+      auto jwk = jose::ParseJson(v->record.public_jwk);
       if (!jwk.ok() || !jwk->is_object()) {
-        return absl::DataLossError(absl::StrCat("stored public JWK of ring '", ring->record.name,
-                                                "' version ", v.record.version, " is invalid"));
+        return absl::DataLossError(absl::StrCat("stored public JWK of ring '", ring.record.name,
+                                                "' version ", v->record.version, " is invalid"));
       }
-      jwk->Set("kid", jose::Json::String(v.record.kid));
-      jwk->Set("use", jose::Json::String(ring->record.purpose == rotation::Purpose::kSign ? "sig"
-                                                                                          : "enc"));
-      jwk->Set("alg", jose::Json::String(ring->record.alg));
+      jwk->Set("kid", jose::Json::String(v->record.kid));
+      jwk->Set("use",
+               jose::Json::String(ring.record.purpose == rotation::Purpose::kSign ? "sig" : "enc"));
+      jwk->Set("alg", jose::Json::String(ring.record.alg));
       keys.Append(*std::move(jwk));
     }
   }
   jose::Json jwks = jose::Json::MakeObject();
   jwks.Set("keys", std::move(keys));
-  return jwks.Serialize();
+  out.json = jwks.Serialize();
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int digest_len = 0;
+  if (EVP_Digest(out.json.data(), out.json.size(), digest, &digest_len, EVP_sha256(), nullptr) !=
+      1) {
+    return absl::InternalError("EVP_Digest failed");
+  }
+  out.etag = jose::Base64UrlEncode(std::string(reinterpret_cast<char*>(digest), 16));
+  // A verifier honouring max-age has refreshed at least twice while a new key is pre-published.
+  out.max_age_seconds = min_prepublish / 2 / 1000;
+  return out;
+}
+
+uint64_t KeyService::WaitForJwksChange(uint64_t generation, absl::Time deadline) const {
+  absl::MutexLock lock(&mu_);
+  while (jwks_generation_ == generation) {
+    if (jwks_changed_.WaitWithDeadline(&mu_, deadline)) break;
+  }
+  return jwks_generation_;
 }
 
 absl::StatusOr<v1::DecryptJweResponse> KeyService::DecryptJwe(
@@ -745,15 +809,9 @@ absl::StatusOr<v1::DecryptJweResponse> KeyService::DecryptJwe(
     epk_point = *std::move(point);
   }
 
-  std::vector<const Version*> candidates;
-  if (r.active >= 0) candidates.push_back(&r.versions[static_cast<size_t>(r.active)]);
-  for (const Version& v : r.versions) {
-    if (v.record.state != VersionState::kActive && Decrypts(v.record.state)) {
-      candidates.push_back(&v);
-    }
-  }
-  for (const Version* v : candidates) {
-    if (v->key == nullptr || (!jwe->kid.empty() && jwe->kid != v->record.kid)) continue;
+  // The decrypting versions are exactly the published ones (PENDING, ACTIVE, RETIRED).
+  for (const Version* v : r.Published()) {
+    if (!jwe->kid.empty() && jwe->kid != v->record.kid) continue;
     auto cek = RecoverCek(*token_, *v->key, r.decryption, oaep_path_, *jwe, epk_point);
     if (!cek.ok()) {
       if (absl::IsInvalidArgument(cek.status())) continue;  // this key does not open it

@@ -1,5 +1,7 @@
-// The operations custodyd offers, independent of gRPC: ring creation and inspection, JWS and
-// raw signing, JWKS publication, and startup reconciliation of metadata against the token.
+// The operations custodyd offers, independent of gRPC: ring creation, import, inspection and
+// lifecycle (rotation, disable/enable, scheduled destruction, compromise), JWS and raw signing,
+// JWE decryption, JWKS publication and its change feed, startup reconciliation of metadata
+// against the token, and the scheduler that carries out due transitions.
 //
 // Request path (SignJws): ring snapshot lookup under a reader lock (no I/O) → protected header
 // → digest → token Sign on a pooled session with the cached handle → compact JWS. No
@@ -10,9 +12,11 @@
 #ifndef CUSTODY_SERVER_KEY_SERVICE_H_
 #define CUSTODY_SERVER_KEY_SERVICE_H_
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -31,6 +35,7 @@ class KeyService {
   struct Options {
     size_t max_payload_bytes = 256 * 1024;
     size_t max_extra_header_bytes = 4 * 1024;
+    bool run_scheduler = true;  // the thread that performs due lifecycle transitions
   };
 
   // Loads rings from `store`, resolves every version's token object once, and reconciles:
@@ -40,6 +45,9 @@ class KeyService {
   static absl::StatusOr<std::unique_ptr<KeyService>> Create(pkcs11::Token* token,
                                                             rotation::MetadataStore* store,
                                                             Options options);
+  ~KeyService();  // stops the scheduler
+  KeyService(const KeyService&) = delete;
+  KeyService& operator=(const KeyService&) = delete;
 
   // ALREADY_EXISTS for an existing name (nothing changes); INVALID_ARGUMENT for bad names or
   // algorithms; the version's key is generated in the token.
@@ -50,10 +58,29 @@ class KeyService {
   // ring's alg (curve, key type, RSA size); INVALID_ARGUMENT otherwise.
   absl::StatusOr<v1::KeyRing> ImportKeyVersion(const v1::ImportKeyVersionRequest& request);
 
+  // Lifecycle operations; semantics in proto/custody/v1/custody.proto (KeyAdmin). Each state
+  // change is one durable metadata commit before it is acknowledged or acted on.
+  absl::StatusOr<v1::KeyRing> UpdateRotationPolicy(const v1::UpdateRotationPolicyRequest& request);
+  absl::StatusOr<v1::RotateKeyRingResponse> RotateKeyRing(const v1::RotateKeyRingRequest& request);
+  absl::StatusOr<v1::KeyRing> DisableKeyVersion(const v1::KeyVersionRequest& request);
+  absl::StatusOr<v1::KeyRing> EnableKeyVersion(const v1::KeyVersionRequest& request);
+  absl::StatusOr<v1::KeyRing> ScheduleKeyVersionDestruction(const v1::KeyVersionRequest& request);
+  absl::StatusOr<v1::KeyRing> CancelKeyVersionDestruction(const v1::KeyVersionRequest& request);
+  absl::StatusOr<v1::KeyRing> CompromiseKeyVersion(const v1::CompromiseKeyVersionRequest& request);
+
   absl::StatusOr<v1::SignJwsResponse> SignJws(const v1::SignJwsRequest& request) const;
   absl::StatusOr<v1::SignResponse> Sign(const v1::SignRequest& request) const;
+  struct Jwks {
+    std::string json;
+    std::string etag;             // base64url of the first 16 bytes of SHA-256(json)
+    int64_t max_age_seconds = 0;  // half the smallest prepublish of the rings
+    uint64_t generation = 0;      // of the published key set, for WaitForJwksChange
+  };
   // The JWKS of `rings` (every ring when empty). NOT_FOUND names the first unknown ring.
-  absl::StatusOr<std::string> GetJwks(const std::vector<std::string>& rings) const;
+  absl::StatusOr<Jwks> GetJwks(const std::vector<std::string>& rings) const;
+  // Blocks until the published key set of any ring changes after `generation`, or `deadline`.
+  // Returns the current generation.
+  uint64_t WaitForJwksChange(uint64_t generation, absl::Time deadline) const;
   // Decrypts a compact JWE with a decrypting version of the ring (by kid, else each in turn,
   // ACTIVE first). Parse errors name the part; every later failure is INVALID_ARGUMENT
   // "decryption failed".
@@ -71,6 +98,20 @@ class KeyService {
     DecryptionProfile decryption;  // DECRYPT rings
     std::vector<Version> versions;
     int active = -1;  // index into versions, -1 when none
+
+    Version* Find(uint32_t version);
+    const Version* Find(uint32_t version) const;
+    const Version* NewestPending() const;
+    void Reindex();  // recomputes `active`
+    // The versions in JWKS, ACTIVE first (senders pick the first "enc" key): PENDING, ACTIVE and
+    // RETIRED ones whose token object exists.
+    std::vector<const Version*> Published() const;
+  };
+  // How a version added by AddVersion enters the ring.
+  enum class Activation {
+    kPending,             // published, not signing
+    kReplaceActive,       // becomes ACTIVE at once; the ACTIVE one is RETIRED
+    kReplaceCompromised,  // becomes ACTIVE at once; the ACTIVE one is compromised
   };
 
   KeyService(pkcs11::Token* token, rotation::MetadataStore* store, Options options)
@@ -92,6 +133,31 @@ class KeyService {
   absl::StatusOr<const Version*> ActiveVersion(const Ring& ring) const;
   v1::KeyRing ToProto(const Ring& ring) const;
 
+  // Applies `change` to a copy of the ring's latest snapshot; `change` records in `mutation` the
+  // rows it changed. Commits the mutation durably, then publishes the new snapshot and wakes
+  // JWKS watchers when the published key set changed. Requires admin_mu_.
+  absl::StatusOr<std::shared_ptr<const Ring>> MutateRing(
+      const std::string& name,
+      const std::function<absl::Status(Ring&, rotation::Mutation&)>& change)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
+  void Publish(std::shared_ptr<const Ring> ring);
+  // Generates a new version's key in the token (durable CREATING intent first) and adds it as
+  // `activation` says. Requires admin_mu_.
+  absl::StatusOr<uint32_t> AddVersion(const std::string& name, Activation activation)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
+  // Promotes PENDING `version`; the ACTIVE one becomes RETIRED (or compromised). Then adds the
+  // next PENDING version. Requires admin_mu_.
+  absl::Status Promote(const std::string& name, uint32_t version, bool compromise_active)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
+  // DESTROY_SCHEDULED/DESTROYING → DESTROYING (durable) → token objects deleted → DESTROYED.
+  absl::Status DestroyVersion(const std::string& name, uint32_t version)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
+  absl::StatusOr<v1::RotateKeyRingResponse> RotateLocked(const std::string& name, bool force)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
+  // Carries out every due transition once; returns the next due time (Unix ms, 0 = none).
+  int64_t RunDueTransitions();
+  void SchedulerLoop();
+
   pkcs11::Token* const token_;
   rotation::MetadataStore* const store_;
   const Options options_;
@@ -105,6 +171,14 @@ class KeyService {
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<const Ring>> rings_ ABSL_GUARDED_BY(mu_);
   std::vector<v1::OrphanedObject> orphans_ ABSL_GUARDED_BY(mu_);
+  uint64_t jwks_generation_ ABSL_GUARDED_BY(mu_) = 1;
+  mutable absl::CondVar jwks_changed_;
+
+  absl::Mutex scheduler_mu_;
+  absl::CondVar scheduler_wake_;
+  bool scheduler_stop_ ABSL_GUARDED_BY(scheduler_mu_) = false;
+  bool scheduler_poke_ ABSL_GUARDED_BY(scheduler_mu_) = false;
+  std::thread scheduler_;
 };
 
 }  // namespace custody::server

@@ -366,11 +366,13 @@ TEST(CustodydLifecycleTest, InterruptedCreationIsCompletedOrRolledBackAndOrphans
   const char* sql =
       "INSERT INTO rings(name,purpose,alg,rsa_bits,allow_non_fapi,create_time) "
       "VALUES('crash/complete','SIGN','ES256',0,0,1700000000);"
-      "INSERT INTO versions VALUES('crash/complete',1,'c0ffee01','custody/crash/complete/v1',"
+      "INSERT INTO versions(ring,version,object_id,object_label,kid,public_jwk,state,create_time,"
+      "activate_time) VALUES('crash/complete',1,'c0ffee01','custody/crash/complete/v1',"
       "'','','CREATING',1700000000,0);"
       "INSERT INTO rings(name,purpose,alg,rsa_bits,allow_non_fapi,create_time) "
       "VALUES('crash/rollback','SIGN','ES256',0,0,1700000000);"
-      "INSERT INTO versions VALUES('crash/rollback',1,'deadbeef','custody/crash/rollback/v1',"
+      "INSERT INTO versions(ring,version,object_id,object_label,kid,public_jwk,state,create_time,"
+      "activate_time) VALUES('crash/rollback',1,'deadbeef','custody/crash/rollback/v1',"
       "'','','CREATING',1700000000,0);";
   CommandResult db = RunCommand({"sqlite3", state + "/metadata.db", sql});
   ASSERT_EQ(db.exit_code, 0) << db.err;

@@ -4,7 +4,12 @@
 //              [--rsa_bits=N] [--allow_non_fapi]
 //   custodyctl ring get NAME | ring list [--prefix=P]
 //   custodyctl sign NAME [--typ=JWT] [--cty=C] [--header_json=JSON] [--payload_file=F]
-//   custodyctl jwks [NAME...]
+//   custodyctl jwks [NAME...] [--watch]        (--watch: one line per change of the key set)
+//   custodyctl ring set-policy NAME [--prepublish=D] [--rotation_period=D] [--retain=D]
+//              [--destroy_delay=D]              (D: 90d, 12h, 30m, 10s, 500ms; 0 = off/none)
+//   custodyctl ring rotate NAME [--force]
+//   custodyctl version disable|enable|destroy|cancel-destroy NAME VERSION
+//   custodyctl version compromise NAME VERSION [--reason=TEXT]
 //   custodyctl decrypt NAME [--jwe_file=F]          (stdin when no file; raw plaintext out)
 //   custodyctl import NAME --jwk_file=F | --pem_file=F
 //   ring create also takes --curve=P-256|P-384|P-521, --zip_max_bytes=N (DECRYPT rings) and
@@ -25,6 +30,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "client/channel.h"
 #include "custody/v1/custody.grpc.pb.h"
 #include "google/protobuf/util/json_util.h"
@@ -40,10 +46,16 @@ constexpr char kUsage[] =
     "  ring get NAME\n"
     "  ring list [--prefix=P]\n"
     "  sign NAME [--typ=JWT] [--cty=C] [--header_json=JSON] [--payload_file=F]  (stdin if no F)\n"
-    "  jwks [NAME...]\n"
+    "  jwks [NAME...] [--watch]\n"
+    "  ring set-policy NAME [--prepublish=D] [--rotation_period=D] [--retain=D]\n"
+    "                       [--destroy_delay=D]   (D: 90d 12h 30m 10s 500ms)\n"
+    "  ring rotate NAME [--force]\n"
+    "  version disable|enable|destroy|cancel-destroy NAME VERSION\n"
+    "  version compromise NAME VERSION [--reason=TEXT]\n"
     "  decrypt NAME [--jwe_file=F]   (stdin if no F; prints the raw plaintext)\n"
     "  import NAME --jwk_file=F | --pem_file=F   (a private key, as a new PENDING version)\n"
-    "  ring create also takes --curve=P-256|P-384|P-521 --zip_max_bytes=N\n"
+    "  ring create also takes --curve=P-256|P-384|P-521 --zip_max_bytes=N and the\n"
+    "                         set-policy flags\n"
     "                         --import_jwk_file=F | --import_pem_file=F\n"
     "flags: --addr=unix:PATH|HOST:PORT --ca=PEM --cert=PEM --key=PEM --server_name=N "
     "--timeout_ms=N\n";
@@ -127,9 +139,12 @@ class Ctl {
       if (p[1] == "create" && p.size() == 3) return RingCreate(p[2], args);
       if (p[1] == "get" && p.size() == 3) return RingGet(p[2]);
       if (p[1] == "list" && p.size() == 2) return RingList(args.Flag("prefix"));
+      if (p[1] == "set-policy" && p.size() == 3) return SetPolicy(p[2], args);
+      if (p[1] == "rotate" && p.size() == 3) return Rotate(p[2], args.Has("force"));
     }
+    if (p[0] == "version" && p.size() == 4) return VersionOp(p[1], p[2], p[3], args);
     if (p[0] == "sign" && p.size() == 2) return Sign(p[1], args);
-    if (p[0] == "jwks") return Jwks({p.begin() + 1, p.end()});
+    if (p[0] == "jwks") return Jwks({p.begin() + 1, p.end()}, args.Has("watch"));
     if (p[0] == "decrypt" && p.size() == 2) return Decrypt(p[1], args);
     if (p[0] == "import" && p.size() == 2) return Import(p[1], args);
     return Usage(absl::StrCat("unknown command '", p[0], p.size() > 1 ? " " + p[1] : "", "'"));
@@ -171,6 +186,12 @@ class Ctl {
     if (args.Has("import_jwk_file") || args.Has("import_pem_file")) {
       if (int rc = ReadKeyMaterial(args.Flag("import_jwk_file"), args.Flag("import_pem_file"),
                                    req.mutable_import_key());
+          rc != 0) {
+        return rc;
+      }
+    }
+    if (HasPolicyFlags(args)) {
+      if (int rc = PolicyFromFlags(args, custody::v1::RotationPolicy(), req.mutable_policy());
           rc != 0) {
         return rc;
       }
@@ -221,7 +242,114 @@ class Ctl {
     return 0;
   }
 
-  int Jwks(const std::vector<std::string>& rings) {
+  static bool HasPolicyFlags(const Args& args) {
+    return args.Has("prepublish") || args.Has("rotation_period") || args.Has("retain") ||
+           args.Has("destroy_delay");
+  }
+
+  // "90d", "12h", "30m", "10s", "500ms", "0" → milliseconds; -1 when unparsable.
+  static int64_t ParseDurationMs(const std::string& text) {
+    if (text == "0") return 0;
+    if (text.size() > 1 && text.back() == 'd') {
+      int64_t days = 0;
+      return absl::SimpleAtoi(text.substr(0, text.size() - 1), &days) && days >= 0
+                 ? days * 24 * 3600 * 1000
+                 : -1;
+    }
+    absl::Duration d;
+    if (!absl::ParseDuration(text, &d) || d < absl::ZeroDuration()) return -1;
+    return absl::ToInt64Milliseconds(d);
+  }
+
+  // Fills `out` from `base` overridden by the flags given.
+  static int PolicyFromFlags(const Args& args, const custody::v1::RotationPolicy& base,
+                             custody::v1::RotationPolicy* out) {
+    *out = base;
+    struct Field {
+      const char* flag;
+      void (custody::v1::RotationPolicy::*set)(int64_t);
+    };
+    for (const Field& f :
+         {Field{"prepublish", &custody::v1::RotationPolicy::set_prepublish_ms},
+          Field{"rotation_period", &custody::v1::RotationPolicy::set_rotation_period_ms},
+          Field{"retain", &custody::v1::RotationPolicy::set_retain_ms},
+          Field{"destroy_delay", &custody::v1::RotationPolicy::set_destroy_delay_ms}}) {
+      if (!args.Has(f.flag)) continue;
+      int64_t ms = ParseDurationMs(args.Flag(f.flag));
+      if (ms < 0) return Usage(absl::StrCat("--", f.flag, ": a duration such as 90d, 12h, 500ms"));
+      (out->*f.set)(ms);
+    }
+    return 0;
+  }
+
+  int SetPolicy(const std::string& name, const Args& args) {
+    custody::v1::GetKeyRingRequest get;
+    get.set_name(name);
+    custody::v1::KeyRing ring;
+    auto get_ctx = Context();
+    grpc::Status s = admin_->GetKeyRing(get_ctx.get(), get, &ring);
+    if (!s.ok()) return Failed(s);
+    custody::v1::UpdateRotationPolicyRequest req;
+    req.set_ring(name);
+    if (int rc = PolicyFromFlags(args, ring.policy(), req.mutable_policy()); rc != 0) return rc;
+    auto ctx = Context();
+    s = admin_->UpdateRotationPolicy(ctx.get(), req, &ring);
+    return s.ok() ? PrintJson(ring) : Failed(s);
+  }
+
+  int Rotate(const std::string& name, bool force) {
+    custody::v1::RotateKeyRingRequest req;
+    req.set_ring(name);
+    req.set_force(force);
+    custody::v1::RotateKeyRingResponse resp;
+    auto ctx = Context();
+    grpc::Status s = admin_->RotateKeyRing(ctx.get(), req, &resp);
+    return s.ok() ? PrintJson(resp) : Failed(s);
+  }
+
+  int VersionOp(const std::string& op, const std::string& name, const std::string& number,
+                const Args& args) {
+    uint32_t version = 0;
+    if (!absl::SimpleAtoi(number, &version) || version == 0) return Usage("VERSION: a number");
+    custody::v1::KeyRing ring;
+    auto ctx = Context();
+    grpc::Status s;
+    if (op == "compromise") {
+      custody::v1::CompromiseKeyVersionRequest req;
+      req.set_ring(name);
+      req.set_version(version);
+      req.set_reason(args.Flag("reason"));
+      s = admin_->CompromiseKeyVersion(ctx.get(), req, &ring);
+    } else {
+      custody::v1::KeyVersionRequest req;
+      req.set_ring(name);
+      req.set_version(version);
+      if (op == "disable") {
+        s = admin_->DisableKeyVersion(ctx.get(), req, &ring);
+      } else if (op == "enable") {
+        s = admin_->EnableKeyVersion(ctx.get(), req, &ring);
+      } else if (op == "destroy") {
+        s = admin_->ScheduleKeyVersionDestruction(ctx.get(), req, &ring);
+      } else if (op == "cancel-destroy") {
+        s = admin_->CancelKeyVersionDestruction(ctx.get(), req, &ring);
+      } else {
+        return Usage(absl::StrCat("unknown version operation '", op, "'"));
+      }
+    }
+    return s.ok() ? PrintJson(ring) : Failed(s);
+  }
+
+  int Jwks(const std::vector<std::string>& rings, bool watch) {
+    if (watch) {
+      custody::v1::WatchJwksRequest req;
+      for (const auto& r : rings) req.add_rings(r);
+      grpc::ClientContext ctx;  // no deadline: runs until interrupted
+      auto reader = signer_->WatchJwks(&ctx, req);
+      custody::v1::GetJwksResponse message;
+      while (reader->Read(&message)) std::cout << message.jwks() << std::endl;
+      grpc::Status s = reader->Finish();
+      return s.ok() ? 0 : Failed(s);
+    }
     custody::v1::GetJwksRequest req;
     for (const auto& r : rings) req.add_rings(r);
     custody::v1::GetJwksResponse resp;

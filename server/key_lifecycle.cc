@@ -1,0 +1,600 @@
+// KeyService, part two: the key lifecycle. Rotation, disable/enable, scheduled destruction,
+// compromise, and the scheduler that performs due transitions from wall-clock time.
+//
+// Crash safety: every transition is one durable metadata commit (rotation.Mutation), ordered
+// against token operations so that a kill -9 at any instant leaves a state the next start
+// completes or rolls back: a new key is recorded as CREATING before it is generated; a swap of
+// the ACTIVE version happens in one transaction (there is always exactly one ACTIVE); a token
+// object is deleted only after the metadata says DESTROYING, and DESTROYING resumes at start.
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/log.h"
+#include "openssl/rand.h"
+#include "rotation/lifecycle.h"
+#include "server/key_service.h"
+
+namespace custody::server {
+namespace {
+
+using rotation::VersionRecord;
+using rotation::VersionState;
+
+int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
+
+std::string FormatMs(int64_t ms) {
+  return absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::FromUnixMillis(ms), absl::UTCTimeZone());
+}
+
+absl::Status VersionNotFound(const std::string& ring, uint32_t version) {
+  return absl::NotFoundError(absl::StrCat("ring '", ring, "' has no version ", version));
+}
+
+absl::Status WrongState(const std::string& ring, uint32_t version, VersionState state,
+                        absl::string_view what) {
+  return absl::FailedPreconditionError(absl::StrCat("version ", version, " of ring '", ring,
+                                                    "' is ", VersionStateName(state), ": ", what));
+}
+
+}  // namespace
+
+KeyService::Version* KeyService::Ring::Find(uint32_t version) {
+  for (Version& v : versions) {
+    if (v.record.version == version) return &v;
+  }
+  return nullptr;
+}
+
+const KeyService::Version* KeyService::Ring::Find(uint32_t version) const {
+  for (const Version& v : versions) {
+    if (v.record.version == version) return &v;
+  }
+  return nullptr;
+}
+
+const KeyService::Version* KeyService::Ring::NewestPending() const {
+  const Version* newest = nullptr;
+  for (const Version& v : versions) {
+    if (v.record.state == VersionState::kPending && v.key != nullptr &&
+        (newest == nullptr || v.record.version > newest->record.version)) {
+      newest = &v;
+    }
+  }
+  return newest;
+}
+
+void KeyService::Ring::Reindex() {
+  active = -1;
+  for (size_t i = 0; i < versions.size(); ++i) {
+    if (versions[i].record.state == VersionState::kActive) active = static_cast<int>(i);
+  }
+}
+
+std::vector<const KeyService::Version*> KeyService::Ring::Published() const {
+  std::vector<const Version*> out;
+  if (active >= 0 && versions[static_cast<size_t>(active)].key != nullptr) {
+    out.push_back(&versions[static_cast<size_t>(active)]);
+  }
+  for (const Version& v : versions) {
+    if (v.record.state != VersionState::kActive && rotation::IsPublishedState(v.record.state) &&
+        v.key != nullptr) {
+      out.push_back(&v);
+    }
+  }
+  return out;
+}
+
+void KeyService::Publish(std::shared_ptr<const Ring> ring) {
+  auto published_kids = [](const Ring* r) {
+    std::string kids;
+    if (r == nullptr) return kids;
+    for (const Version* v : r->Published()) absl::StrAppend(&kids, v->record.kid, ",");
+    return kids;
+  };
+  absl::MutexLock lock(&mu_);
+  auto it = rings_.find(ring->record.name);
+  bool changed =
+      it == rings_.end() || published_kids(it->second.get()) != published_kids(ring.get());
+  rings_[ring->record.name] = std::move(ring);
+  if (changed) {
+    ++jwks_generation_;
+    jwks_changed_.SignalAll();
+  }
+}
+
+absl::StatusOr<std::shared_ptr<const KeyService::Ring>> KeyService::MutateRing(
+    const std::string& name,
+    const std::function<absl::Status(Ring&, rotation::Mutation&)>& change) {
+  auto current = FindRing(name);
+  if (!current.ok()) return current.status();
+  Ring ring = **current;
+  rotation::Mutation mutation;
+  if (absl::Status s = change(ring, mutation); !s.ok()) return s;
+  if (absl::Status s = store_->Commit(mutation); !s.ok()) return s;
+  ring.Reindex();
+  auto snapshot = std::make_shared<const Ring>(std::move(ring));
+  Publish(snapshot);
+  {
+    absl::MutexLock lock(&scheduler_mu_);  // the next due time may have moved
+    scheduler_poke_ = true;
+    scheduler_wake_.SignalAll();
+  }
+  return snapshot;
+}
+
+absl::StatusOr<uint32_t> KeyService::AddVersion(const std::string& name, Activation activation) {
+  auto base = FindRing(name);
+  if (!base.ok()) return base.status();
+  uint32_t next = 1;
+  for (const Version& v : (*base)->versions) next = std::max(next, v.record.version + 1);
+  unsigned char raw_id[16];
+  if (RAND_bytes(raw_id, sizeof(raw_id)) != 1) return absl::InternalError("RAND_bytes failed");
+  VersionRecord record;
+  record.ring = name;
+  record.version = next;
+  record.object_id =
+      absl::BytesToHexString(absl::string_view(reinterpret_cast<char*>(raw_id), sizeof(raw_id)));
+  record.object_label = absl::StrCat(rotation::kObjectLabelPrefix, name, "/v", next);
+  record.state = VersionState::kCreating;
+  record.create_time = NowMs();
+  // 1. Durable intent; 2. the key in the token; 3. one commit that publishes (and activates).
+  if (absl::Status s = store_->InsertVersion(record); !s.ok()) return s;
+  auto created = MaterializeVersion(**base, record, nullptr);
+  if (!created.ok()) {
+    RollBackVersion(record);
+    return created.status();
+  }
+  auto result = MutateRing(name, [&](Ring& ring, rotation::Mutation& m) -> absl::Status {
+    Version v = *created;
+    const int64_t now = NowMs();
+    v.record.state = VersionState::kPending;
+    v.record.publish_time = now;
+    if (activation != Activation::kPending && ring.active >= 0) {
+      VersionRecord& old = ring.versions[static_cast<size_t>(ring.active)].record;
+      if (activation == Activation::kReplaceActive) {
+        old.state = VersionState::kRetired;
+        old.retire_time = now;
+      } else {
+        old.previous_state = VersionState::kActive;
+        old.state = VersionState::kDestroyScheduled;
+        old.compromised = true;
+        old.retire_time = now;
+        old.destroy_after = now + ring.record.policy.destroy_delay_ms;
+      }
+      m.update_versions.push_back(old);
+    }
+    if (activation != Activation::kPending) {
+      v.record.state = VersionState::kActive;
+      v.record.activate_time = now;
+    }
+    m.update_versions.push_back(v.record);
+    ring.versions.push_back(std::move(v));
+    return absl::OkStatus();
+  });
+  if (!result.ok()) {
+    RollBackVersion(record);
+    return result.status();
+  }
+  Log(LogLevel::kInfo, "version.created",
+      {{"ring", name},
+       {"version", absl::StrCat(next)},
+       {"kid", created->record.kid},
+       {"state", activation == Activation::kPending ? "PENDING" : "ACTIVE"}});
+  return next;
+}
+
+absl::Status KeyService::Promote(const std::string& name, uint32_t version,
+                                 bool compromise_active) {
+  uint32_t old_version = 0;
+  auto result = MutateRing(name, [&](Ring& ring, rotation::Mutation& m) -> absl::Status {
+    Version* pending = ring.Find(version);
+    if (pending == nullptr || pending->record.state != VersionState::kPending) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("version ", version, " of ring '", name, "' is not PENDING"));
+    }
+    const int64_t now = NowMs();
+    if (ring.active >= 0) {
+      VersionRecord& old = ring.versions[static_cast<size_t>(ring.active)].record;
+      old_version = old.version;
+      old.retire_time = now;
+      if (compromise_active) {
+        old.previous_state = VersionState::kActive;
+        old.state = VersionState::kDestroyScheduled;
+        old.compromised = true;
+        old.destroy_after = now + ring.record.policy.destroy_delay_ms;
+      } else {
+        old.state = VersionState::kRetired;
+      }
+      m.update_versions.push_back(old);
+    }
+    pending->record.state = VersionState::kActive;
+    pending->record.activate_time = now;
+    m.update_versions.push_back(pending->record);
+    return absl::OkStatus();
+  });
+  if (!result.ok()) return result.status();
+  Log(LogLevel::kInfo, "ring.rotated",
+      {{"ring", name},
+       {"active_version", absl::StrCat(version)},
+       {"previous_version", absl::StrCat(old_version)},
+       {"previous_state", compromise_active ? "DESTROY_SCHEDULED (compromised)" : "RETIRED"}});
+  // The next key is pre-published at once, so that it has aged by the next rotation.
+  if (auto added = AddVersion(name, Activation::kPending); !added.ok()) {
+    Log(LogLevel::kError, "ring.pending_failed",
+        {{"ring", name},
+         {"error", std::string(added.status().message())},
+         {"action", "the scheduler retries"}});
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KeyService::DestroyVersion(const std::string& name, uint32_t version) {
+  std::string object_id;
+  auto marked = MutateRing(name, [&](Ring& ring, rotation::Mutation& m) -> absl::Status {
+    Version* v = ring.Find(version);
+    if (v == nullptr) return VersionNotFound(name, version);
+    if (v->record.state != VersionState::kDestroyScheduled &&
+        v->record.state != VersionState::kDestroying) {
+      return WrongState(name, version, v->record.state, "only scheduled destructions run");
+    }
+    object_id = v->record.object_id;
+    if (v->record.state == VersionState::kDestroying) return absl::OkStatus();  // resuming
+    v->record.state = VersionState::kDestroying;
+    m.update_versions.push_back(v->record);
+    return absl::OkStatus();
+  });
+  if (!marked.ok()) return marked.status();
+  // The metadata says DESTROYING before the object goes; deletion is idempotent, so a crash
+  // between here and the final commit is finished at the next start.
+  if (absl::Status s = token_->DestroyKeyPair(absl::HexStringToBytes(object_id)); !s.ok()) {
+    return s;
+  }
+  auto done = MutateRing(name, [&](Ring& ring, rotation::Mutation& m) -> absl::Status {
+    Version* v = ring.Find(version);
+    if (v == nullptr) return VersionNotFound(name, version);
+    v->record.state = VersionState::kDestroyed;
+    v->record.destroy_time = NowMs();
+    v->key = nullptr;
+    m.update_versions.push_back(v->record);
+    return absl::OkStatus();
+  });
+  if (!done.ok()) return done.status();
+  Log(LogLevel::kInfo, "version.destroyed", {{"ring", name}, {"version", absl::StrCat(version)}});
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::KeyRing> KeyService::UpdateRotationPolicy(
+    const v1::UpdateRotationPolicyRequest& request) {
+  rotation::RotationPolicy policy{
+      request.policy().prepublish_ms(), request.policy().rotation_period_ms(),
+      request.policy().retain_ms(), request.policy().destroy_delay_ms()};
+  if (absl::Status s = rotation::ValidatePolicy(policy); !s.ok()) return s;
+  absl::MutexLock admin(&admin_mu_);
+  auto updated = MutateRing(request.ring(), [&](Ring& ring, rotation::Mutation& m) {
+    ring.record.policy = policy;
+    ring.record.policy_explicit = true;
+    m.update_rings.push_back(ring.record);
+    return absl::OkStatus();
+  });
+  if (!updated.ok()) return updated.status();
+  Log(LogLevel::kInfo, "ring.policy_updated",
+      {{"ring", request.ring()},
+       {"prepublish_ms", absl::StrCat(policy.prepublish_ms)},
+       {"rotation_period_ms", absl::StrCat(policy.rotation_period_ms)},
+       {"retain_ms", absl::StrCat(policy.retain_ms)},
+       {"destroy_delay_ms", absl::StrCat(policy.destroy_delay_ms)}});
+  if ((*updated)->NewestPending() == nullptr) {
+    if (auto added = AddVersion(request.ring(), Activation::kPending); !added.ok()) {
+      return added.status();
+    }
+  }
+  auto latest = FindRing(request.ring());
+  if (!latest.ok()) return latest.status();
+  return ToProto(**latest);
+}
+
+absl::StatusOr<v1::RotateKeyRingResponse> KeyService::RotateLocked(const std::string& name,
+                                                                   bool force) {
+  auto ring = FindRing(name);
+  if (!ring.ok()) return ring.status();
+  v1::RotateKeyRingResponse out;
+  const Version* pending = (*ring)->NewestPending();
+  if (pending == nullptr) {
+    if (force) {
+      // No pre-published key: make a fresh one ACTIVE at once (verifiers may need a refresh).
+      auto added = AddVersion(name, Activation::kReplaceActive);
+      if (!added.ok()) return added.status();
+      if (auto next = AddVersion(name, Activation::kPending); !next.ok()) return next.status();
+      out.set_rotated(true);
+      out.set_message(
+          absl::StrCat("forced: new version ", *added, " is ACTIVE without pre-publication"));
+    } else {
+      auto added = AddVersion(name, Activation::kPending);
+      if (!added.ok()) return added.status();
+      auto latest = FindRing(name);
+      if (!latest.ok()) return latest.status();
+      const Version* v = (*latest)->Find(*added);
+      int64_t eligible = v->record.publish_time + (*latest)->record.policy.prepublish_ms;
+      out.set_rotated(false);
+      out.set_eligible_time_ms(eligible);
+      out.set_message(absl::StrCat("created PENDING version ", *added, "; it can be promoted from ",
+                                   FormatMs(eligible)));
+    }
+  } else {
+    int64_t eligible = pending->record.publish_time + (*ring)->record.policy.prepublish_ms;
+    if (!force && NowMs() < eligible) {
+      out.set_rotated(false);
+      out.set_eligible_time_ms(eligible);
+      out.set_message(absl::StrCat("PENDING version ", pending->record.version,
+                                   " has not been published for prepublish yet; it can be "
+                                   "promoted from ",
+                                   FormatMs(eligible), " (or use force)"));
+    } else {
+      uint32_t promoted = pending->record.version;
+      if (absl::Status s = Promote(name, promoted, false); !s.ok()) return s;
+      out.set_rotated(true);
+      out.set_message(absl::StrCat("version ", promoted, " is ACTIVE"));
+    }
+  }
+  if (force) {
+    Log(LogLevel::kWarning, "ring.rotate_forced", {{"ring", name}, {"result", out.message()}});
+  }
+  auto latest = FindRing(name);
+  if (!latest.ok()) return latest.status();
+  *out.mutable_ring() = ToProto(**latest);
+  return out;
+}
+
+absl::StatusOr<v1::RotateKeyRingResponse> KeyService::RotateKeyRing(
+    const v1::RotateKeyRingRequest& request) {
+  absl::MutexLock admin(&admin_mu_);
+  return RotateLocked(request.ring(), request.force());
+}
+
+absl::StatusOr<v1::KeyRing> KeyService::DisableKeyVersion(const v1::KeyVersionRequest& request) {
+  absl::MutexLock admin(&admin_mu_);
+  auto ring = MutateRing(request.ring(), [&](Ring& r, rotation::Mutation& m) -> absl::Status {
+    Version* v = r.Find(request.version());
+    if (v == nullptr) return VersionNotFound(request.ring(), request.version());
+    if (v->record.state == VersionState::kActive) {
+      return WrongState(request.ring(), request.version(), v->record.state,
+                        "the ACTIVE version cannot be disabled; rotate first");
+    }
+    if (v->record.state != VersionState::kPending && v->record.state != VersionState::kRetired) {
+      return WrongState(request.ring(), request.version(), v->record.state,
+                        "only PENDING or RETIRED versions can be disabled");
+    }
+    v->record.previous_state = v->record.state;
+    v->record.state = VersionState::kDisabled;
+    m.update_versions.push_back(v->record);
+    return absl::OkStatus();
+  });
+  if (!ring.ok()) return ring.status();
+  Log(LogLevel::kInfo, "version.disabled",
+      {{"ring", request.ring()}, {"version", absl::StrCat(request.version())}});
+  return ToProto(**ring);
+}
+
+absl::StatusOr<v1::KeyRing> KeyService::EnableKeyVersion(const v1::KeyVersionRequest& request) {
+  absl::MutexLock admin(&admin_mu_);
+  auto ring = MutateRing(request.ring(), [&](Ring& r, rotation::Mutation& m) -> absl::Status {
+    Version* v = r.Find(request.version());
+    if (v == nullptr) return VersionNotFound(request.ring(), request.version());
+    if (v->record.state != VersionState::kDisabled) {
+      return WrongState(request.ring(), request.version(), v->record.state,
+                        "only DISABLED versions can be enabled");
+    }
+    if (v->key == nullptr) {
+      return WrongState(request.ring(), request.version(), v->record.state,
+                        "its token object is missing");
+    }
+    // Back to PENDING only if it was PENDING and no other version is pre-published; a RETIRED
+    // version's retain period restarts, so verifiers see it for the full retain again.
+    bool pending =
+        v->record.previous_state == VersionState::kPending && r.NewestPending() == nullptr;
+    v->record.state = pending ? VersionState::kPending : VersionState::kRetired;
+    if (!pending) v->record.retire_time = NowMs();
+    v->record.previous_state = VersionState::kCreating;
+    m.update_versions.push_back(v->record);
+    return absl::OkStatus();
+  });
+  if (!ring.ok()) return ring.status();
+  Log(LogLevel::kInfo, "version.enabled",
+      {{"ring", request.ring()}, {"version", absl::StrCat(request.version())}});
+  return ToProto(**ring);
+}
+
+absl::StatusOr<v1::KeyRing> KeyService::ScheduleKeyVersionDestruction(
+    const v1::KeyVersionRequest& request) {
+  absl::MutexLock admin(&admin_mu_);
+  int64_t destroy_after = 0;
+  auto ring = MutateRing(request.ring(), [&](Ring& r, rotation::Mutation& m) -> absl::Status {
+    Version* v = r.Find(request.version());
+    if (v == nullptr) return VersionNotFound(request.ring(), request.version());
+    if (v->record.state == VersionState::kActive) {
+      return WrongState(request.ring(), request.version(), v->record.state,
+                        "the ACTIVE version cannot be destroyed; rotate first");
+    }
+    if (v->record.state != VersionState::kPending && v->record.state != VersionState::kRetired &&
+        v->record.state != VersionState::kDisabled) {
+      return WrongState(request.ring(), request.version(), v->record.state,
+                        "only PENDING, RETIRED or DISABLED versions can be scheduled");
+    }
+    v->record.previous_state =
+        v->record.state == VersionState::kDisabled ? v->record.previous_state : v->record.state;
+    v->record.state = VersionState::kDestroyScheduled;
+    destroy_after = v->record.destroy_after = NowMs() + r.record.policy.destroy_delay_ms;
+    m.update_versions.push_back(v->record);
+    return absl::OkStatus();
+  });
+  if (!ring.ok()) return ring.status();
+  Log(LogLevel::kWarning, "version.destroy_scheduled",
+      {{"ring", request.ring()},
+       {"version", absl::StrCat(request.version())},
+       {"destroy_after", FormatMs(destroy_after)}});
+  return ToProto(**ring);
+}
+
+absl::StatusOr<v1::KeyRing> KeyService::CancelKeyVersionDestruction(
+    const v1::KeyVersionRequest& request) {
+  absl::MutexLock admin(&admin_mu_);
+  auto ring = MutateRing(request.ring(), [&](Ring& r, rotation::Mutation& m) -> absl::Status {
+    Version* v = r.Find(request.version());
+    if (v == nullptr) return VersionNotFound(request.ring(), request.version());
+    if (v->record.state != VersionState::kDestroyScheduled) {
+      return WrongState(request.ring(), request.version(), v->record.state,
+                        "only a DESTROY_SCHEDULED version can be cancelled");
+    }
+    v->record.state = VersionState::kDisabled;  // as Cloud KMS restores: enable to republish
+    v->record.destroy_after = 0;
+    m.update_versions.push_back(v->record);
+    return absl::OkStatus();
+  });
+  if (!ring.ok()) return ring.status();
+  Log(LogLevel::kInfo, "version.destroy_cancelled",
+      {{"ring", request.ring()}, {"version", absl::StrCat(request.version())}});
+  return ToProto(**ring);
+}
+
+absl::StatusOr<v1::KeyRing> KeyService::CompromiseKeyVersion(
+    const v1::CompromiseKeyVersionRequest& request) {
+  absl::MutexLock admin(&admin_mu_);
+  auto ring = FindRing(request.ring());
+  if (!ring.ok()) return ring.status();
+  const Version* v = (*ring)->Find(request.version());
+  if (v == nullptr) return VersionNotFound(request.ring(), request.version());
+  Log(LogLevel::kWarning, "version.compromised",
+      {{"ring", request.ring()},
+       {"version", absl::StrCat(request.version())},
+       {"kid", v->record.kid},
+       {"state", std::string(VersionStateName(v->record.state))},
+       {"reason", request.reason()}});
+  if (v->record.state == VersionState::kDestroyed || v->record.state == VersionState::kDestroying) {
+    return WrongState(request.ring(), request.version(), v->record.state, "already destroyed");
+  }
+  if (v->record.state == VersionState::kActive) {
+    // Replace it now: the pre-published key if there is one (verifiers that fetched the JWKS
+    // since it was published keep working), else a fresh key. The ring is never without an
+    // ACTIVE version, so the old one signs until the single commit that swaps them.
+    const Version* pending = (*ring)->NewestPending();
+    absl::Status s = pending != nullptr
+                         ? Promote(request.ring(), pending->record.version, true)
+                         : AddVersion(request.ring(), Activation::kReplaceCompromised).status();
+    if (!s.ok()) return s;
+    if (pending == nullptr) {
+      if (auto next = AddVersion(request.ring(), Activation::kPending); !next.ok()) {
+        return next.status();
+      }
+    }
+  } else {
+    auto updated = MutateRing(request.ring(), [&](Ring& r, rotation::Mutation& m) {
+      Version* target = r.Find(request.version());
+      const int64_t now = NowMs();
+      if (target->record.state != VersionState::kDestroyScheduled) {
+        target->record.previous_state = target->record.state;
+        target->record.state = VersionState::kDestroyScheduled;
+        target->record.destroy_after = now + r.record.policy.destroy_delay_ms;
+      }
+      target->record.compromised = true;
+      m.update_versions.push_back(target->record);
+      return absl::OkStatus();
+    });
+    if (!updated.ok()) return updated.status();
+  }
+  auto latest = FindRing(request.ring());
+  if (!latest.ok()) return latest.status();
+  return ToProto(**latest);
+}
+
+int64_t KeyService::RunDueTransitions() {
+  std::vector<std::string> names;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    for (const auto& [name, ring] : rings_) names.push_back(name);
+  }
+  int64_t next_due = 0;
+  for (const std::string& name : names) {
+    absl::MutexLock admin(&admin_mu_);
+    auto ring = FindRing(name);
+    if (!ring.ok()) continue;
+    std::vector<VersionRecord> records;
+    for (const Version& v : (*ring)->versions) records.push_back(v.record);
+    rotation::Plan plan = rotation::PlanRing((*ring)->record, records, NowMs());
+    bool failed = false;
+    for (const rotation::Action& action : plan.due) {
+      absl::Status s;
+      switch (action.kind) {
+        case rotation::ActionKind::kCreatePending:
+          s = AddVersion(name, Activation::kPending).status();
+          break;
+        case rotation::ActionKind::kRotate:
+          if (action.missed_periods >= 2) {
+            Log(LogLevel::kWarning, "rotation.catch_up",
+                {{"ring", name},
+                 {"missed_periods", absl::StrCat(action.missed_periods)},
+                 {"action", "rotating once, not once per missed period"}});
+          }
+          s = Promote(name, action.version, false);
+          break;
+        case rotation::ActionKind::kScheduleDestruction:
+          s = MutateRing(name, [&](Ring& r, rotation::Mutation& m) -> absl::Status {
+                Version* v = r.Find(action.version);
+                if (v == nullptr || v->record.state != VersionState::kRetired) {
+                  return absl::OkStatus();
+                }
+                v->record.previous_state = VersionState::kRetired;
+                v->record.state = VersionState::kDestroyScheduled;
+                v->record.destroy_after = NowMs() + r.record.policy.destroy_delay_ms;
+                m.update_versions.push_back(v->record);
+                return absl::OkStatus();
+              }).status();
+          if (s.ok()) {
+            Log(LogLevel::kInfo, "version.retain_expired",
+                {{"ring", name}, {"version", absl::StrCat(action.version)}});
+          }
+          break;
+        case rotation::ActionKind::kDestroy:
+          s = DestroyVersion(name, action.version);
+          break;
+      }
+      if (!s.ok()) {
+        failed = true;
+        Log(LogLevel::kError, "scheduler.transition_failed",
+            {{"ring", name},
+             {"version", absl::StrCat(action.version)},
+             {"error", std::string(s.message())}});
+      }
+    }
+    // Re-plan after acting: what was done moved the ring's next due time.
+    auto after = FindRing(name);
+    if (after.ok()) {
+      records.clear();
+      for (const Version& v : (*after)->versions) records.push_back(v.record);
+      rotation::Plan replan = rotation::PlanRing((*after)->record, records, NowMs());
+      int64_t due = replan.due.empty() ? replan.next_due_ms : NowMs();
+      if (failed) due = NowMs() + 5000;  // back off after an error instead of spinning
+      if (due != 0 && (next_due == 0 || due < next_due)) next_due = due;
+    }
+  }
+  return next_due;
+}
+
+void KeyService::SchedulerLoop() {
+  for (;;) {
+    int64_t next_due = RunDueTransitions();
+    absl::MutexLock lock(&scheduler_mu_);
+    if (scheduler_stop_) return;
+    absl::Time deadline = absl::Now() + absl::Seconds(60);
+    if (next_due != 0) deadline = std::min(deadline, absl::FromUnixMillis(next_due));
+    while (!scheduler_stop_ && !scheduler_poke_) {
+      if (scheduler_wake_.WaitWithDeadline(&scheduler_mu_, deadline)) break;
+    }
+    scheduler_poke_ = false;
+    if (scheduler_stop_) return;
+  }
+}
+
+}  // namespace custody::server

@@ -2,12 +2,17 @@
 
 #include <dlfcn.h>
 
+#include <atomic>
 #include <map>
+#include <memory>
+#include <optional>
 #include <utility>
 
 #include "absl/base/const_init.h"
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/strings/cord.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "pkcs11/token.h"
@@ -17,14 +22,13 @@ namespace {
 
 struct LoadedModule {
   void* library = nullptr;
-  CK_FUNCTION_LIST* fn = nullptr;
+  std::shared_ptr<Module::Shared> shared;
   int references = 0;
-  bool finalize_on_last = false;  // false when someone else in the process initialized it
 };
 
 // The registry lock is held across C_Initialize/C_Finalize on purpose: a Load racing with the
 // last release must not observe a module between C_Finalize and the refcount reaching zero.
-// These calls happen at start-up and shutdown only, never on a request path.
+// These calls happen at start-up, shutdown and re-initialization only, never on a request path.
 ABSL_CONST_INIT absl::Mutex registry_mu(absl::kConstInit);
 
 std::map<std::string, LoadedModule>& Registry() ABSL_EXCLUSIVE_LOCKS_REQUIRED(registry_mu) {
@@ -33,7 +37,26 @@ std::map<std::string, LoadedModule>& Registry() ABSL_EXCLUSIVE_LOCKS_REQUIRED(re
   return *registry;
 }
 
+CK_RV InitializeForThreads(CK_FUNCTION_LIST* fn) {
+  // CKF_OS_LOCKING_OK: the pool calls into the module from many threads at once.
+  CK_C_INITIALIZE_ARGS args{};
+  args.flags = CKF_OS_LOCKING_OK;
+  return fn->C_Initialize(&args);
+}
+
+constexpr char kCkrPayload[] = "type.custody/pkcs11.CK_RV";
+
+absl::Status CkErrorWithoutPayload(std::string_view function, CK_RV rv);
+
 }  // namespace
+
+struct Module::Shared {
+  explicit Shared(CK_FUNCTION_LIST* f) : fn(f) {}
+  CK_FUNCTION_LIST* const fn;
+  absl::Mutex gate;
+  std::atomic<uint64_t> generation{1};
+  bool finalize_on_last ABSL_GUARDED_BY(registry_mu) = false;  // false: someone else's module
+};
 
 absl::StatusOr<std::unique_ptr<Module>> Module::Load(const std::string& path) {
   absl::MutexLock lock(&registry_mu);
@@ -66,23 +89,20 @@ absl::StatusOr<std::unique_ptr<Module>> Module::Load(const std::string& path) {
                           : absl::InternalError("C_GetFunctionList returned no list");
     }
     entry.library = library;
-    entry.fn = fn;
+    entry.shared = std::make_shared<Shared>(fn);
   }
   if (entry.references == 0) {
-    // CKF_OS_LOCKING_OK: the pool calls into the module from many threads at once.
-    CK_C_INITIALIZE_ARGS args{};
-    args.flags = CKF_OS_LOCKING_OK;
-    CK_RV rv = entry.fn->C_Initialize(&args);
+    CK_RV rv = InitializeForThreads(entry.shared->fn);
     if (rv == CKR_CRYPTOKI_ALREADY_INITIALIZED) {
-      entry.finalize_on_last = false;  // not ours to finalize
+      entry.shared->finalize_on_last = false;  // not ours to finalize
     } else if (rv == CKR_OK) {
-      entry.finalize_on_last = true;
+      entry.shared->finalize_on_last = true;
     } else {
       return CkError("C_Initialize", rv);
     }
   }
   ++entry.references;
-  return std::unique_ptr<Module>(new Module(path, entry.fn));
+  return std::unique_ptr<Module>(new Module(path, entry.shared));
 }
 
 Module::~Module() {
@@ -90,12 +110,93 @@ Module::~Module() {
   auto it = Registry().find(path_);
   if (it == Registry().end()) return;
   LoadedModule& entry = it->second;
-  if (--entry.references == 0 && entry.finalize_on_last) {
-    entry.fn->C_Finalize(nullptr);
+  if (--entry.references == 0 && entry.shared->finalize_on_last) {
+    entry.shared->fn->C_Finalize(nullptr);
   }
 }
 
+CK_FUNCTION_LIST* Module::fn() const { return shared_->fn; }
+
+absl::Mutex& Module::gate() const { return shared_->gate; }
+
+uint64_t Module::generation() const { return shared_->generation.load(std::memory_order_acquire); }
+
+absl::StatusOr<bool> Module::Reinitialize(uint64_t seen) {
+  // Exclusive: waits for every call sequence in flight (all Tokens on this module) to end, and
+  // holds new ones back until the module is initialized again.
+  absl::WriterMutexLock gate_lock(&shared_->gate);
+  if (shared_->generation.load(std::memory_order_acquire) != seen) return false;
+  absl::MutexLock lock(&registry_mu);
+  if (!shared_->finalize_on_last) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("'", path_,
+                     "' was initialized by someone else in this process: not ours to "
+                     "re-initialize"));
+  }
+  // CKR_CRYPTOKI_NOT_INITIALIZED from C_Finalize (a previous C_Initialize failed) is fine.
+  shared_->fn->C_Finalize(nullptr);
+  // Every handle issued so far is void from here on, whether C_Initialize succeeds or not.
+  shared_->generation.fetch_add(1, std::memory_order_acq_rel);
+  CK_RV rv = InitializeForThreads(shared_->fn);
+  if (rv != CKR_OK && rv != CKR_CRYPTOKI_ALREADY_INITIALIZED) return CkError("C_Initialize", rv);
+  return true;
+}
+
 absl::Status CkError(std::string_view function, CK_RV rv) {
+  absl::Status status = CkErrorWithoutPayload(function, rv);
+  status.SetPayload(kCkrPayload, absl::Cord(absl::StrCat(rv)));
+  return status;
+}
+
+std::optional<CK_RV> CkrOf(const absl::Status& status) {
+  absl::optional<absl::Cord> payload = status.GetPayload(kCkrPayload);
+  unsigned long rv = 0;
+  if (!payload.has_value() || !absl::SimpleAtoi(std::string(*payload), &rv)) return std::nullopt;
+  return rv;
+}
+
+absl::Status WithCode(const absl::Status& status, absl::StatusCode code) {
+  absl::Status out(code, status.message());
+  status.ForEachPayload(
+      [&](absl::string_view type, const absl::Cord& value) { out.SetPayload(type, value); });
+  return out;
+}
+
+Damage DamageOf(CK_RV rv) {
+  switch (rv) {
+    case CKR_OBJECT_HANDLE_INVALID:
+    case CKR_KEY_HANDLE_INVALID:
+      return Damage::kHandles;
+    case CKR_SESSION_HANDLE_INVALID:
+    case CKR_SESSION_CLOSED:
+    case CKR_USER_NOT_LOGGED_IN:
+    case CKR_DEVICE_ERROR:
+      return Damage::kSession;
+    case CKR_DEVICE_REMOVED:
+    case CKR_TOKEN_NOT_PRESENT:
+    case CKR_CRYPTOKI_NOT_INITIALIZED:
+      return Damage::kModule;
+    default:
+      return Damage::kNone;
+  }
+}
+
+bool IsSessionGone(CK_RV rv) {
+  switch (rv) {
+    case CKR_SESSION_HANDLE_INVALID:
+    case CKR_SESSION_CLOSED:
+    case CKR_DEVICE_REMOVED:
+    case CKR_TOKEN_NOT_PRESENT:
+    case CKR_CRYPTOKI_NOT_INITIALIZED:
+      return true;
+    default:
+      return false;
+  }
+}
+
+namespace {
+
+absl::Status CkErrorWithoutPayload(std::string_view function, CK_RV rv) {
   std::string message = absl::StrCat(AsAbsl(function), ": ", CkrName(rv));
   switch (rv) {
     case CKR_DEVICE_ERROR:
@@ -141,6 +242,8 @@ absl::Status CkError(std::string_view function, CK_RV rv) {
       return absl::InternalError(message);
   }
 }
+
+}  // namespace
 
 bool IsSessionBroken(CK_RV rv) {
   switch (rv) {

@@ -535,8 +535,7 @@ absl::StatusOr<std::string> OpenSslOaepEncrypt(EVP_PKEY* pkey, OaepHash hash,
 
 // Whether the token decrypts, with CKM_RSA_PKCS_OAEP and `hash`, what OpenSSL encrypted under a
 // throwaway session key pair. An error (not a "no") when the probe itself could not run.
-absl::StatusOr<bool> ProbeOaep(CK_FUNCTION_LIST* fn, SessionPool& pool, OaepHash hash) {
-  P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, pool.Acquire());
+absl::StatusOr<bool> ProbeOaep(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease, OaepHash hash) {
   static constexpr unsigned char kF4[] = {0x01, 0x00, 0x01};
   const CK_ULONG modulus_bits = 2048;
   CK_ATTRIBUTE public_template[] = {
@@ -836,6 +835,9 @@ absl::Status RefuseExistingId(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease,
   return absl::OkStatus();
 }
 
+// Which call a latency sample belongs to (Token::Metrics).
+enum class Timed { kSign, kDecrypt, kDerive };
+
 }  // namespace
 
 class Token::State {
@@ -851,33 +853,361 @@ class Token::State {
   absl::Mutex oaep_mu;
   std::optional<bool> oaep_supported[2] ABSL_GUARDED_BY(oaep_mu);
 
-  // Runs `op` on the cached handle; if the token says the handle is stale (NOT_FOUND from
-  // CKR_OBJECT_HANDLE_INVALID / CKR_KEY_HANDLE_INVALID, e.g. after a token reconnect), finds
-  // the object again by CKA_ID, updates the cache and runs `op` once more.
+  std::atomic<bool> healthy{true};
+  std::atomic<uint64_t> retries{0};
+  std::atomic<uint64_t> recoveries{0};
+  std::atomic<uint64_t> reinitializations{0};
+  mutable absl::Mutex metrics_mu;  // never held across a token call
+  std::map<std::string, uint64_t> errors ABSL_GUARDED_BY(metrics_mu);
+  Token::Latency latency[3] ABSL_GUARDED_BY(metrics_mu);  // indexed by Timed
+
+  // One call sequence on one session: Cryptoki calls through the lease only.
+  using Op = std::function<absl::Status(SessionPool::Lease&)>;
+
+  // Runs `op` once, recovers from a session, device or stale-handle failure (see token.h) and
+  // runs it once more; a second such failure is UNAVAILABLE. `key`, when given, is the pair
+  // whose cached handles a CKR_OBJECT_HANDLE_INVALID refers to.
+  absl::Status Run(const KeyPair* key, const Op& op) {
+    Attempt first = Try(op, /*fresh=*/false);
+    if (first.status.ok()) return Succeeded();
+    const Damage damage = DamageOfStatus(first.status);
+    if (damage == Damage::kNone) return first.status;
+    if (absl::Status recovered = Recover(damage, first.generation, key); !recovered.ok()) {
+      return RecoveryFailed(first.status, recovered);
+    }
+    retries.fetch_add(1, std::memory_order_relaxed);
+    const bool fresh = damage != Damage::kHandles;
+    Attempt retry = Try(op, fresh);
+    if (fresh && retry.acquired) recoveries.fetch_add(1, std::memory_order_relaxed);
+    return Finish(retry);
+  }
+
+  // For operations that create token objects (generation, import): `op` sets `started` right
+  // before the call that may create them. A failure before that is retried as in Run; after
+  // it the operation is never run again: the session is recovered and the objects with CKA_ID
+  // `id` decide (a complete pair goes to `pair`; a partial one is destroyed).
+  absl::Status RunCreating(const Op& op, const bool& started, std::string_view id,
+                           std::shared_ptr<KeyPair>& pair) {
+    for (int round = 0;; ++round) {
+      Attempt attempt = Try(op, /*fresh=*/round > 0);
+      if (round > 0 && attempt.acquired) recoveries.fetch_add(1, std::memory_order_relaxed);
+      if (attempt.status.ok()) return Succeeded();
+      const Damage damage = DamageOfStatus(attempt.status);
+      if (damage == Damage::kNone) return round > 0 ? Finish(attempt) : attempt.status;
+      if (round > 0 && !started) return Finish(attempt);  // failed twice: give up
+      if (absl::Status recovered = Recover(damage, attempt.generation, nullptr); !recovered.ok()) {
+        return RecoveryFailed(attempt.status, recovered);
+      }
+      if (started) return Reconcile(attempt.status, id, pair);
+      retries.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+
+  // Runs `op` on the pair's handle of class `cls`, resolving both handles by CKA_ID first when
+  // they are not from the module's current initialization (or were marked stale by Run).
+  // The caller holds the module gate (it runs inside an Op), so the generation is stable.
   absl::Status WithHandle(SessionPool::Lease& lease, const KeyPair& key, CK_OBJECT_CLASS cls,
                           const std::function<absl::Status(CK_OBJECT_HANDLE)>& op) {
     std::atomic<uint64_t>& cached = cls == CKO_PRIVATE_KEY ? key.private_handle : key.public_handle;
-    const uint64_t handle = cached.load(std::memory_order_acquire);
-    if (handle != CK_INVALID_HANDLE) {
-      absl::Status status = op(handle);
-      if (!absl::IsNotFound(status)) return status;
+    const uint64_t generation = module->generation();
+    if (key.handle_generation.load(std::memory_order_acquire) != generation) {
+      P11_RETURN_IF_ERROR(ResolveHandles(lease, key, cls, generation));
+    } else if (cached.load(std::memory_order_acquire) == CK_INVALID_HANDLE) {
+      P11_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE found, FindOne(fn, lease, cls, key.id));
+      cached.store(found, std::memory_order_release);
     }
-    P11_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE fresh, FindOne(fn, lease, cls, key.id));
-    cached.store(fresh, std::memory_order_release);
-    return op(fresh);
+    return op(cached.load(std::memory_order_acquire));
+  }
+
+  // Records the duration of one Token call, however it ends.
+  class Timer {
+   public:
+    Timer(State& state, Timed what) : state_(state), what_(what) {}
+    ~Timer() { state_.RecordLatency(what_, absl::Now() - start_); }
+    Timer(const Timer&) = delete;
+    Timer& operator=(const Timer&) = delete;
+
+   private:
+    State& state_;
+    const Timed what_;
+    const absl::Time start_ = absl::Now();
+  };
+
+  void RecordLatency(Timed what, absl::Duration elapsed) {
+    const auto micros = static_cast<uint64_t>(absl::ToInt64Microseconds(elapsed));
+    absl::MutexLock lock(&metrics_mu);
+    Token::Latency& latency_of = latency[static_cast<int>(what)];
+    ++latency_of.count;
+    latency_of.total_micros += micros;
+    latency_of.max_micros = std::max(latency_of.max_micros, micros);
+  }
+
+ private:
+  // A KeyPair generation no module ever has: forces ResolveHandles.
+  static constexpr uint64_t kStaleHandles = ~uint64_t{0};
+
+  struct Attempt {
+    absl::Status status;
+    bool acquired = false;    // a session was leased (so a fresh one was opened and logged in)
+    uint64_t generation = 0;  // of the module during the attempt
+  };
+
+  static Damage DamageOfStatus(const absl::Status& status) {
+    std::optional<CK_RV> rv = CkrOf(status);
+    return rv.has_value() ? DamageOf(*rv) : Damage::kNone;
+  }
+
+  // One lease, one run of `op`, under the module gate (so that no re-initialization finalizes
+  // the module under it). The lease is gone before the gate is released.
+  Attempt Try(const Op& op, bool fresh) {
+    absl::ReaderMutexLock gate(&module->gate());
+    Attempt attempt;
+    attempt.generation = module->generation();
+    absl::StatusOr<SessionPool::Lease> lease = pool->Acquire(fresh);
+    if (!lease.ok()) {
+      attempt.status = lease.status();
+    } else {
+      attempt.acquired = true;
+      attempt.status = op(*lease);
+      // Whatever failed in a session-damaging way, the session does not go back to the pool
+      // (Lease::Check already decided between closing and forgetting it for most calls).
+      if (const Damage damage = DamageOfStatus(attempt.status);
+          damage == Damage::kSession || damage == Damage::kModule) {
+        lease->Discard();
+      }
+    }
+    CountError(attempt.status);
+    return attempt;
+  }
+
+  // What to repair before the retry. For sessions, the retry leases a fresh one: opening and
+  // logging it in is the recovery.
+  absl::Status Recover(Damage damage, uint64_t generation, const KeyPair* key) {
+    switch (damage) {
+      case Damage::kNone:
+        return absl::OkStatus();
+      case Damage::kSession:
+      case Damage::kHandles:
+        // Session damage too: modules may void object handles when the application's last
+        // session closes (SoftHSM2 does), and dropping the broken session may have been that.
+        if (key != nullptr) key->handle_generation.store(kStaleHandles, std::memory_order_release);
+        return absl::OkStatus();
+      case Damage::kModule:
+        break;
+    }
+    absl::StatusOr<bool> reinitialized = module->Reinitialize(generation);
+    if (absl::IsFailedPrecondition(reinitialized.status())) {
+      // Someone else's module: not ours to finalize. A new session is all we can try.
+      Log(LogLevel::kWarning, "pkcs11.reinitialize_skipped",
+          {{"status", reinitialized.status().ToString()}});
+      return absl::OkStatus();
+    }
+    if (!reinitialized.ok()) {
+      CountError(reinitialized.status());
+      return reinitialized.status();
+    }
+    if (*reinitialized) {
+      reinitializations.fetch_add(1, std::memory_order_relaxed);
+      Log(LogLevel::kWarning, "pkcs11.module_reinitialized", {{"module", info.module_path}});
+    }
+    return FollowToken();
+  }
+
+  // After a re-initialization the token may sit in another slot: find it again by serial.
+  absl::Status FollowToken() {
+    absl::ReaderMutexLock gate(&module->gate());
+    absl::StatusOr<std::vector<SlotToken>> tokens = ListTokens(fn);
+    if (!tokens.ok()) {
+      CountError(tokens.status());
+      return tokens.status();
+    }
+    for (const SlotToken& token : *tokens) {
+      if (token.initialized && token.serial == info.serial && token.label == info.label) {
+        pool->SetSlot(token.slot);
+        return absl::OkStatus();
+      }
+    }
+    return absl::UnavailableError(absl::StrCat("token '", info.label, "' (serial ", info.serial,
+                                               ") is not present after re-initializing '",
+                                               info.module_path, "'"));
+  }
+
+  absl::Status Succeeded() {
+    healthy.store(true, std::memory_order_relaxed);
+    return absl::OkStatus();
+  }
+
+  absl::Status Unhealthy(absl::Status status) {
+    healthy.store(false, std::memory_order_relaxed);
+    return WithCode(status, absl::StatusCode::kUnavailable);
+  }
+
+  absl::Status RecoveryFailed(const absl::Status& failure, const absl::Status& recovery) {
+    Log(LogLevel::kError, "pkcs11.recovery_failed",
+        {{"failure", failure.ToString()}, {"recovery", recovery.ToString()}});
+    absl::Status status(absl::StatusCode::kUnavailable,
+                        absl::StrCat(failure.message(), "; recovery failed: ", recovery.message()));
+    failure.ForEachPayload(
+        [&](absl::string_view type, const absl::Cord& value) { status.SetPayload(type, value); });
+    return Unhealthy(status);
+  }
+
+  // The outcome of the retry after a recovery.
+  absl::Status Finish(const Attempt& retry) {
+    if (retry.status.ok()) return Succeeded();
+    const bool token_failure = CkrOf(retry.status).has_value();
+    // No session could be opened or logged in (re-login impossible), or the operation failed
+    // again in a way a recovery was meant to repair.
+    if ((token_failure && !retry.acquired) || DamageOfStatus(retry.status) != Damage::kNone) {
+      Log(LogLevel::kError, "pkcs11.retry_failed", {{"status", retry.status.ToString()}});
+      return Unhealthy(retry.status);
+    }
+    return retry.status;
+  }
+
+  // Looks, on a fresh session, at what a failed generation or import left behind.
+  absl::Status Reconcile(const absl::Status& cause, std::string_view id,
+                         std::shared_ptr<KeyPair>& pair) {
+    absl::Status verdict;
+    Attempt attempt = Try(
+        [&](SessionPool::Lease& lease) -> absl::Status {
+          CK_OBJECT_CLASS private_class = CKO_PRIVATE_KEY;
+          CK_OBJECT_CLASS public_class = CKO_PUBLIC_KEY;
+          P11_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> private_keys,
+                               FindObjects(fn, lease,
+                                           {Attr(CKA_CLASS, &private_class, sizeof(private_class)),
+                                            Attr(CKA_ID, id)}));
+          P11_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> public_keys,
+                               FindObjects(fn, lease,
+                                           {Attr(CKA_CLASS, &public_class, sizeof(public_class)),
+                                            Attr(CKA_ID, id)}));
+          if (private_keys.size() == 1 && public_keys.size() == 1) {
+            // The token did the work; only its answer was lost.
+            P11_ASSIGN_OR_RETURN(KeySpec spec, ReadKeySpec(fn, lease, private_keys.front()));
+            P11_ASSIGN_OR_RETURN(std::string label,
+                                 GetBytes(fn, lease, private_keys.front(), CKA_LABEL));
+            pair = std::make_shared<KeyPair>();
+            pair->id = std::string(id);
+            pair->label = std::move(label);
+            pair->spec = spec;
+            pair->private_handle.store(private_keys.front());
+            pair->public_handle.store(public_keys.front());
+            pair->handle_generation.store(module->generation());
+            Log(LogLevel::kWarning, "pkcs11.reconciled_complete_pair",
+                {{"id", PrintableId(id)}, {"cause", cause.ToString()}});
+            verdict = absl::OkStatus();
+            return absl::OkStatus();
+          }
+          P11_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> leftovers,
+                               FindObjects(fn, lease, {Attr(CKA_ID, id)}));
+          for (CK_OBJECT_HANDLE handle : leftovers) {
+            CK_RV rv = fn->C_DestroyObject(lease.get(), handle);
+            if (rv == CKR_OBJECT_HANDLE_INVALID) continue;
+            P11_RETURN_IF_ERROR(lease.Check("C_DestroyObject", rv));
+          }
+          verdict = absl::Status(
+              absl::StatusCode::kUnavailable,
+              absl::StrCat(cause.message(), "; ",
+                           leftovers.empty() ? absl::StrCat("no object with CKA_ID ",
+                                                            PrintableId(id), " was created")
+                                             : absl::StrCat("the partial key pair with CKA_ID ",
+                                                            PrintableId(id), " was destroyed")));
+          cause.ForEachPayload([&](absl::string_view type, const absl::Cord& value) {
+            verdict.SetPayload(type, value);
+          });
+          Log(LogLevel::kWarning, "pkcs11.reconciled", {{"status", verdict.ToString()}});
+          return absl::OkStatus();
+        },
+        /*fresh=*/true);
+    if (attempt.acquired) recoveries.fetch_add(1, std::memory_order_relaxed);
+    if (!attempt.status.ok()) {
+      // Could not even look: the caller's metadata intent and startup reconciliation decide.
+      return RecoveryFailed(cause, attempt.status);
+    }
+    healthy.store(true, std::memory_order_relaxed);  // the token answered every question
+    return verdict;
+  }
+
+  absl::Status ResolveHandles(SessionPool::Lease& lease, const KeyPair& key, CK_OBJECT_CLASS needed,
+                              uint64_t generation) {
+    for (CK_OBJECT_CLASS cls : {CKO_PRIVATE_KEY, CKO_PUBLIC_KEY}) {
+      std::atomic<uint64_t>& cached =
+          cls == CKO_PRIVATE_KEY ? key.private_handle : key.public_handle;
+      absl::StatusOr<CK_OBJECT_HANDLE> found = FindOne(fn, lease, cls, key.id);
+      if (found.ok()) {
+        cached.store(*found, std::memory_order_release);
+      } else if (cls != needed && absl::IsNotFound(found.status()) &&
+                 !CkrOf(found.status()).has_value()) {
+        cached.store(CK_INVALID_HANDLE, std::memory_order_release);  // PublicKey reports it
+      } else {
+        return found.status();
+      }
+    }
+    key.handle_generation.store(generation, std::memory_order_release);
+    return absl::OkStatus();
+  }
+
+  void CountError(const absl::Status& status) {
+    std::optional<CK_RV> rv = CkrOf(status);
+    if (!rv.has_value()) return;
+    const std::string name = CkrName(*rv);
+    absl::MutexLock lock(&metrics_mu);
+    ++errors[name];
   }
 };
 
 Token::Token(std::unique_ptr<State> state) : state_(std::move(state)) {}
-Token::~Token() = default;
+
+Token::~Token() {
+  if (state_->pool != nullptr) {
+    absl::ReaderMutexLock gate(&state_->module->gate());
+    state_->pool.reset();
+  }
+}
 
 const TokenInfo& Token::info() const { return state_->info; }
+
+bool Token::Healthy() const { return state_->healthy.load(std::memory_order_relaxed); }
+
+Token::Metrics Token::GetMetrics() const {
+  Metrics metrics;
+  metrics.retries = state_->retries.load(std::memory_order_relaxed);
+  metrics.recoveries = state_->recoveries.load(std::memory_order_relaxed);
+  metrics.module_reinitializations = state_->reinitializations.load(std::memory_order_relaxed);
+  const SessionPool::Stats pool = state_->pool->stats();
+  metrics.pool_waits = pool.waits;
+  metrics.pool_rejections = pool.rejections;
+  metrics.pool_timeouts = pool.timeouts;
+  absl::MutexLock lock(&state_->metrics_mu);
+  metrics.errors = state_->errors;
+  metrics.sign = state_->latency[static_cast<int>(Timed::kSign)];
+  metrics.decrypt = state_->latency[static_cast<int>(Timed::kDecrypt)];
+  metrics.derive = state_->latency[static_cast<int>(Timed::kDerive)];
+  return metrics;
+}
+
+absl::Status Token::Probe() {
+  CK_FUNCTION_LIST* fn = state_->fn;
+  return state_->Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
+    CK_SESSION_INFO session{};
+    P11_RETURN_IF_ERROR(
+        lease.Check("C_GetSessionInfo", fn->C_GetSessionInfo(lease.get(), &session)));
+    if (session.state != CKS_RW_USER_FUNCTIONS && session.state != CKS_RO_USER_FUNCTIONS) {
+      // Logged out behind our back: recovered like a CKR_USER_NOT_LOGGED_IN from any call.
+      return lease.Check("C_GetSessionInfo", CKR_USER_NOT_LOGGED_IN);
+    }
+    CK_TOKEN_INFO token{};
+    return lease.Check("C_GetTokenInfo", fn->C_GetTokenInfo(lease.slot(), &token));
+  });
+}
 
 absl::StatusOr<std::unique_ptr<Token>> Token::Open(Options options) {
   auto state = std::make_unique<State>();
   P11_ASSIGN_OR_RETURN(state->module, Module::Load(options.module_path));
   CK_FUNCTION_LIST* fn = state->module->fn();
   state->fn = fn;
+  // Another Token on the same module may re-initialize it meanwhile.
+  absl::ReaderMutexLock gate(&state->module->gate());
 
   CK_INFO library{};
   CK_RV rv = fn->C_GetInfo(&library);
@@ -918,8 +1248,9 @@ absl::StatusOr<std::unique_ptr<Token>> Token::Open(Options options) {
   mechanisms.resize(count);
   for (CK_MECHANISM_TYPE mechanism : mechanisms) state->mechanisms.insert(CkmName(mechanism));
 
-  state->pool = std::make_unique<SessionPool>(fn, token.slot, std::move(options.pin),
-                                              options.max_sessions, options.session_wait);
+  state->pool =
+      std::make_unique<SessionPool>(fn, token.slot, std::move(options.pin), options.max_sessions,
+                                    options.session_wait, options.max_waiters, state->module.get());
   {
     // Log in now, so that a wrong PIN fails Open (PERMISSION_DENIED) rather than the first
     // request. The session stays in the pool.
@@ -990,10 +1321,6 @@ absl::StatusOr<std::shared_ptr<KeyPair>> Token::GenerateKeyPair(const KeySpec& s
     return absl::InvalidArgumentError("Ed25519 keys cannot decrypt");
   }
   CK_FUNCTION_LIST* fn = state_->fn;
-  P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, state_->pool->Acquire());
-
-  P11_RETURN_IF_ERROR(RefuseExistingId(fn, lease, id));
-
   const bool rsa = spec.type == KeyType::kRsa;
   const CK_ULONG modulus_bits = static_cast<CK_ULONG>(spec.rsa_bits);
   static constexpr unsigned char kF4[] = {0x01, 0x00, 0x01};
@@ -1024,63 +1351,77 @@ absl::StatusOr<std::shared_ptr<KeyPair>> Token::GenerateKeyPair(const KeySpec& s
   mechanism.mechanism = rsa                              ? CKM_RSA_PKCS_KEY_PAIR_GEN
                         : spec.type == KeyType::kEd25519 ? CKM_EC_EDWARDS_KEY_PAIR_GEN
                                                          : CKM_EC_KEY_PAIR_GEN;
-  auto generate = [&](std::string_view ec_params, CK_OBJECT_HANDLE* public_key,
-                      CK_OBJECT_HANDLE* private_key) {
+  auto generate = [&](SessionPool::Lease& lease, std::string_view ec_params,
+                      CK_OBJECT_HANDLE* public_key, CK_OBJECT_HANDLE* private_key) {
     std::vector<CK_ATTRIBUTE> public_attributes = public_template;
     if (!ec_params.empty()) public_attributes.push_back(Attr(CKA_EC_PARAMS, ec_params));
     return fn->C_GenerateKeyPair(lease.get(), &mechanism, public_attributes.data(),
                                  public_attributes.size(), private_template.data(),
                                  private_template.size(), public_key, private_key);
   };
-  CK_OBJECT_HANDLE public_key = CK_INVALID_HANDLE;
-  CK_OBJECT_HANDLE private_key = CK_INVALID_HANDLE;
-  CK_RV rv = generate(EcParams(spec.type), &public_key, &private_key);
-  if (spec.type == KeyType::kEd25519 &&
-      (rv == CKR_ATTRIBUTE_VALUE_INVALID || rv == CKR_CURVE_NOT_SUPPORTED ||
-       rv == CKR_DOMAIN_PARAMS_INVALID || rv == CKR_TEMPLATE_INCONSISTENT)) {
-    // Modules differ on how Ed25519 is named in CKA_EC_PARAMS (RFC 8410 OID vs the PKCS#11 3.0
-    // PrintableString). A refusal created nothing, so asking again with the other form is not a
-    // retry of a failed generation.
-    rv = generate(kEd25519Name, &public_key, &private_key);
-  }
-  P11_RETURN_IF_ERROR(lease.Check("C_GenerateKeyPair", rv));
-
-  auto pair = std::make_shared<KeyPair>();
-  pair->id = std::string(id);
-  pair->label = std::string(label);
-  pair->spec = spec;
-  if (!rsa) pair->spec.rsa_bits = 0;
-  pair->private_handle.store(private_key);
-  pair->public_handle.store(public_key);
+  bool started = false;
+  std::shared_ptr<KeyPair> pair;
+  P11_RETURN_IF_ERROR(state_->RunCreating(
+      [&](SessionPool::Lease& lease) -> absl::Status {
+        P11_RETURN_IF_ERROR(RefuseExistingId(fn, lease, id));
+        started = true;
+        CK_OBJECT_HANDLE public_key = CK_INVALID_HANDLE;
+        CK_OBJECT_HANDLE private_key = CK_INVALID_HANDLE;
+        CK_RV rv = generate(lease, EcParams(spec.type), &public_key, &private_key);
+        if (spec.type == KeyType::kEd25519 &&
+            (rv == CKR_ATTRIBUTE_VALUE_INVALID || rv == CKR_CURVE_NOT_SUPPORTED ||
+             rv == CKR_DOMAIN_PARAMS_INVALID || rv == CKR_TEMPLATE_INCONSISTENT)) {
+          // Modules differ on how Ed25519 is named in CKA_EC_PARAMS (RFC 8410 OID vs the
+          // PKCS#11 3.0 PrintableString). A refusal created nothing, so asking again with the
+          // other form is not a retry of a failed generation.
+          rv = generate(lease, kEd25519Name, &public_key, &private_key);
+        }
+        P11_RETURN_IF_ERROR(lease.Check("C_GenerateKeyPair", rv));
+        pair = std::make_shared<KeyPair>();
+        pair->id = std::string(id);
+        pair->label = std::string(label);
+        pair->spec = spec;
+        if (!rsa) pair->spec.rsa_bits = 0;
+        pair->private_handle.store(private_key);
+        pair->public_handle.store(public_key);
+        pair->handle_generation.store(state_->module->generation());
+        return absl::OkStatus();
+      },
+      started, id, pair));
   return pair;
 }
 
 absl::StatusOr<std::shared_ptr<KeyPair>> Token::FindKeyPair(std::string_view id) {
   if (id.empty()) return absl::InvalidArgumentError("FindKeyPair: empty CKA_ID");
   CK_FUNCTION_LIST* fn = state_->fn;
-  P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, state_->pool->Acquire());
-  P11_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE private_key, FindOne(fn, lease, CKO_PRIVATE_KEY, id));
-  // A missing public key is tolerated here (signing still works); PublicKey reports it.
-  CK_OBJECT_HANDLE public_key = CK_INVALID_HANDLE;
-  if (absl::StatusOr<CK_OBJECT_HANDLE> found = FindOne(fn, lease, CKO_PUBLIC_KEY, id); found.ok()) {
-    public_key = *found;
-  } else if (!absl::IsNotFound(found.status())) {
-    return found.status();
-  }
-  P11_ASSIGN_OR_RETURN(KeySpec spec, ReadKeySpec(fn, lease, private_key));
-  P11_ASSIGN_OR_RETURN(std::string label, GetBytes(fn, lease, private_key, CKA_LABEL));
-
-  auto pair = std::make_shared<KeyPair>();
-  pair->id = std::string(id);
-  pair->label = std::move(label);
-  pair->spec = spec;
-  pair->private_handle.store(private_key);
-  pair->public_handle.store(public_key);
+  std::shared_ptr<KeyPair> pair;
+  P11_RETURN_IF_ERROR(state_->Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
+    P11_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE private_key, FindOne(fn, lease, CKO_PRIVATE_KEY, id));
+    // A missing public key is tolerated here (signing still works); PublicKey reports it.
+    CK_OBJECT_HANDLE public_key = CK_INVALID_HANDLE;
+    if (absl::StatusOr<CK_OBJECT_HANDLE> found = FindOne(fn, lease, CKO_PUBLIC_KEY, id);
+        found.ok()) {
+      public_key = *found;
+    } else if (!absl::IsNotFound(found.status()) || CkrOf(found.status()).has_value()) {
+      return found.status();
+    }
+    P11_ASSIGN_OR_RETURN(KeySpec spec, ReadKeySpec(fn, lease, private_key));
+    P11_ASSIGN_OR_RETURN(std::string label, GetBytes(fn, lease, private_key, CKA_LABEL));
+    pair = std::make_shared<KeyPair>();
+    pair->id = std::string(id);
+    pair->label = std::move(label);
+    pair->spec = spec;
+    pair->private_handle.store(private_key);
+    pair->public_handle.store(public_key);
+    pair->handle_generation.store(state_->module->generation());
+    return absl::OkStatus();
+  }));
   return pair;
 }
 
 absl::StatusOr<std::string> Token::Sign(const KeyPair& key, SignScheme scheme,
                                         std::string_view input) {
+  State::Timer timer(*state_, Timed::kSign);
   CK_MECHANISM mechanism{};
   CK_RSA_PKCS_PSS_PARAMS pss{};
   bool scheme_fits = false;
@@ -1117,122 +1458,132 @@ absl::StatusOr<std::string> Token::Sign(const KeyPair& key, SignScheme scheme,
   if (input.empty()) return absl::InvalidArgumentError("nothing to sign");
 
   CK_FUNCTION_LIST* fn = state_->fn;
-  P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, state_->pool->Acquire());
   std::string signature;
-  P11_RETURN_IF_ERROR(state_->WithHandle(lease, key, CKO_PRIVATE_KEY, [&](CK_OBJECT_HANDLE handle) {
-    P11_RETURN_IF_ERROR(lease.Check("C_SignInit", fn->C_SignInit(lease.get(), &mechanism, handle)));
-    auto* data = reinterpret_cast<CK_BYTE*>(const_cast<char*>(input.data()));
-    signature.assign(SignatureSize(key.spec), '\0');
-    CK_ULONG length = signature.size();
-    CK_RV rv = fn->C_Sign(lease.get(), data, input.size(),
-                          reinterpret_cast<CK_BYTE*>(signature.data()), &length);
-    if (rv == CKR_BUFFER_TOO_SMALL) {
-      // The operation stays active and `length` now holds the size needed.
-      signature.assign(length, '\0');
-      rv = fn->C_Sign(lease.get(), data, input.size(), reinterpret_cast<CK_BYTE*>(signature.data()),
-                      &length);
-    }
-    P11_RETURN_IF_ERROR(lease.Check("C_Sign", rv));
-    signature.resize(length);
-    return absl::OkStatus();
+  P11_RETURN_IF_ERROR(state_->Run(&key, [&](SessionPool::Lease& lease) {
+    return state_->WithHandle(lease, key, CKO_PRIVATE_KEY, [&](CK_OBJECT_HANDLE handle) {
+      P11_RETURN_IF_ERROR(
+          lease.Check("C_SignInit", fn->C_SignInit(lease.get(), &mechanism, handle)));
+      auto* data = reinterpret_cast<CK_BYTE*>(const_cast<char*>(input.data()));
+      signature.assign(SignatureSize(key.spec), '\0');
+      CK_ULONG length = signature.size();
+      CK_RV rv = fn->C_Sign(lease.get(), data, input.size(),
+                            reinterpret_cast<CK_BYTE*>(signature.data()), &length);
+      if (rv == CKR_BUFFER_TOO_SMALL) {
+        // The operation stays active and `length` now holds the size needed.
+        signature.assign(length, '\0');
+        rv = fn->C_Sign(lease.get(), data, input.size(),
+                        reinterpret_cast<CK_BYTE*>(signature.data()), &length);
+      }
+      P11_RETURN_IF_ERROR(lease.Check("C_Sign", rv));
+      signature.resize(length);
+      return absl::OkStatus();
+    });
   }));
   return signature;
 }
 
 absl::StatusOr<EvpPkeyPtr> Token::PublicKey(const KeyPair& key) {
   CK_FUNCTION_LIST* fn = state_->fn;
-  P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, state_->pool->Acquire());
   EvpPkeyPtr pkey;
-  P11_RETURN_IF_ERROR(
-      state_->WithHandle(lease, key, CKO_PUBLIC_KEY, [&](CK_OBJECT_HANDLE handle) -> absl::Status {
-        if (key.spec.type == KeyType::kRsa) {
-          P11_ASSIGN_OR_RETURN(std::string modulus, GetBytes(fn, lease, handle, CKA_MODULUS));
-          P11_ASSIGN_OR_RETURN(std::string exponent,
-                               GetBytes(fn, lease, handle, CKA_PUBLIC_EXPONENT));
-          P11_ASSIGN_OR_RETURN(pkey, RsaPublicKey(modulus, exponent));
+  P11_RETURN_IF_ERROR(state_->Run(&key, [&](SessionPool::Lease& lease) {
+    return state_->WithHandle(
+        lease, key, CKO_PUBLIC_KEY, [&](CK_OBJECT_HANDLE handle) -> absl::Status {
+          if (key.spec.type == KeyType::kRsa) {
+            P11_ASSIGN_OR_RETURN(std::string modulus, GetBytes(fn, lease, handle, CKA_MODULUS));
+            P11_ASSIGN_OR_RETURN(std::string exponent,
+                                 GetBytes(fn, lease, handle, CKA_PUBLIC_EXPONENT));
+            P11_ASSIGN_OR_RETURN(pkey, RsaPublicKey(modulus, exponent));
+            return absl::OkStatus();
+          }
+          P11_ASSIGN_OR_RETURN(std::string encoded, GetBytes(fn, lease, handle, CKA_EC_POINT));
+          P11_ASSIGN_OR_RETURN(std::string point,
+                               UnwrapEcPoint(encoded, PublicPointSize(key.spec.type)));
+          if (key.spec.type == KeyType::kEd25519) {
+            pkey.reset(EVP_PKEY_new_raw_public_key_ex(
+                nullptr, "ED25519", nullptr, reinterpret_cast<const unsigned char*>(point.data()),
+                point.size()));
+            if (pkey == nullptr)
+              return absl::InternalError("EVP_PKEY_new_raw_public_key_ex failed");
+            return absl::OkStatus();
+          }
+          P11_ASSIGN_OR_RETURN(pkey, EcPublicKey(key.spec.type, std::move(point)));
           return absl::OkStatus();
-        }
-        P11_ASSIGN_OR_RETURN(std::string encoded, GetBytes(fn, lease, handle, CKA_EC_POINT));
-        P11_ASSIGN_OR_RETURN(std::string point,
-                             UnwrapEcPoint(encoded, PublicPointSize(key.spec.type)));
-        if (key.spec.type == KeyType::kEd25519) {
-          pkey.reset(EVP_PKEY_new_raw_public_key_ex(
-              nullptr, "ED25519", nullptr, reinterpret_cast<const unsigned char*>(point.data()),
-              point.size()));
-          if (pkey == nullptr) return absl::InternalError("EVP_PKEY_new_raw_public_key_ex failed");
-          return absl::OkStatus();
-        }
-        P11_ASSIGN_OR_RETURN(pkey, EcPublicKey(key.spec.type, std::move(point)));
-        return absl::OkStatus();
-      }));
+        });
+  }));
   return pkey;
 }
 
 absl::StatusOr<PrivateKeyAttributes> Token::GetPrivateKeyAttributes(const KeyPair& key) {
   CK_FUNCTION_LIST* fn = state_->fn;
-  P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, state_->pool->Acquire());
   PrivateKeyAttributes out;
-  P11_RETURN_IF_ERROR(state_->WithHandle(lease, key, CKO_PRIVATE_KEY, [&](CK_OBJECT_HANDLE handle) {
-    CK_BBOOL values[6] = {};
-    CK_ATTRIBUTE attributes[] = {
-        {CKA_TOKEN, &values[0], 1},
-        {CKA_PRIVATE, &values[1], 1},
-        {CKA_SENSITIVE, &values[2], 1},
-        {CKA_EXTRACTABLE, &values[3], 1},
-        {CKA_ALWAYS_SENSITIVE, &values[4], 1},
-        {CKA_NEVER_EXTRACTABLE, &values[5], 1},
-    };
-    P11_RETURN_IF_ERROR(lease.Check(
-        "C_GetAttributeValue",
-        fn->C_GetAttributeValue(lease.get(), handle, attributes, std::size(attributes))));
-    out.token = values[0] == CK_TRUE;
-    out.is_private = values[1] == CK_TRUE;
-    out.sensitive = values[2] == CK_TRUE;
-    out.extractable = values[3] == CK_TRUE;
-    out.always_sensitive = values[4] == CK_TRUE;
-    out.never_extractable = values[5] == CK_TRUE;
-    return absl::OkStatus();
+  P11_RETURN_IF_ERROR(state_->Run(&key, [&](SessionPool::Lease& lease) {
+    return state_->WithHandle(lease, key, CKO_PRIVATE_KEY, [&](CK_OBJECT_HANDLE handle) {
+      CK_BBOOL values[6] = {};
+      CK_ATTRIBUTE attributes[] = {
+          {CKA_TOKEN, &values[0], 1},
+          {CKA_PRIVATE, &values[1], 1},
+          {CKA_SENSITIVE, &values[2], 1},
+          {CKA_EXTRACTABLE, &values[3], 1},
+          {CKA_ALWAYS_SENSITIVE, &values[4], 1},
+          {CKA_NEVER_EXTRACTABLE, &values[5], 1},
+      };
+      P11_RETURN_IF_ERROR(lease.Check(
+          "C_GetAttributeValue",
+          fn->C_GetAttributeValue(lease.get(), handle, attributes, std::size(attributes))));
+      out.token = values[0] == CK_TRUE;
+      out.is_private = values[1] == CK_TRUE;
+      out.sensitive = values[2] == CK_TRUE;
+      out.extractable = values[3] == CK_TRUE;
+      out.always_sensitive = values[4] == CK_TRUE;
+      out.never_extractable = values[5] == CK_TRUE;
+      return absl::OkStatus();
+    });
   }));
   return out;
 }
 
 absl::StatusOr<std::vector<ObjectInfo>> Token::ListKeyObjects() {
   CK_FUNCTION_LIST* fn = state_->fn;
-  P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, state_->pool->Acquire());
   std::vector<ObjectInfo> objects;
-  for (CK_OBJECT_CLASS object_class : {CKO_PRIVATE_KEY, CKO_PUBLIC_KEY}) {
-    P11_ASSIGN_OR_RETURN(
-        std::vector<CK_OBJECT_HANDLE> handles,
-        FindObjects(fn, lease, {Attr(CKA_CLASS, &object_class, sizeof(object_class))}));
-    for (CK_OBJECT_HANDLE handle : handles) {
-      absl::StatusOr<std::string> id = GetBytes(fn, lease, handle, CKA_ID);
-      // Destroyed by another thread since the search: not an error for a listing.
-      if (absl::IsNotFound(id.status())) continue;
-      if (!id.ok()) return id.status();
-      absl::StatusOr<std::string> label = GetBytes(fn, lease, handle, CKA_LABEL);
-      if (absl::IsNotFound(label.status())) continue;
-      if (!label.ok()) return label.status();
-      objects.push_back(ObjectInfo{.id = std::move(*id),
-                                   .label = std::move(*label),
-                                   .is_private_key = object_class == CKO_PRIVATE_KEY});
+  P11_RETURN_IF_ERROR(state_->Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
+    objects.clear();
+    for (CK_OBJECT_CLASS object_class : {CKO_PRIVATE_KEY, CKO_PUBLIC_KEY}) {
+      P11_ASSIGN_OR_RETURN(
+          std::vector<CK_OBJECT_HANDLE> handles,
+          FindObjects(fn, lease, {Attr(CKA_CLASS, &object_class, sizeof(object_class))}));
+      for (CK_OBJECT_HANDLE handle : handles) {
+        absl::StatusOr<std::string> id = GetBytes(fn, lease, handle, CKA_ID);
+        // Destroyed by another thread since the search: not an error for a listing.
+        if (absl::IsNotFound(id.status())) continue;
+        if (!id.ok()) return id.status();
+        absl::StatusOr<std::string> label = GetBytes(fn, lease, handle, CKA_LABEL);
+        if (absl::IsNotFound(label.status())) continue;
+        if (!label.ok()) return label.status();
+        objects.push_back(ObjectInfo{.id = std::move(*id),
+                                     .label = std::move(*label),
+                                     .is_private_key = object_class == CKO_PRIVATE_KEY});
+      }
     }
-  }
+    return absl::OkStatus();
+  }));
   return objects;
 }
 
 absl::Status Token::DestroyKeyPair(std::string_view id) {
   if (id.empty()) return absl::InvalidArgumentError("DestroyKeyPair: empty CKA_ID");
   CK_FUNCTION_LIST* fn = state_->fn;
-  P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, state_->pool->Acquire());
-  P11_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> handles,
-                       FindObjects(fn, lease, {Attr(CKA_ID, id)}));
-  for (CK_OBJECT_HANDLE handle : handles) {
-    CK_RV rv = fn->C_DestroyObject(lease.get(), handle);
-    // Already gone (a concurrent destroy) is what we wanted.
-    if (rv == CKR_OBJECT_HANDLE_INVALID) continue;
-    P11_RETURN_IF_ERROR(lease.Check("C_DestroyObject", rv));
-  }
-  return absl::OkStatus();
+  // Idempotent, so retried after a recovery like the reads.
+  return state_->Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
+    P11_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> handles,
+                         FindObjects(fn, lease, {Attr(CKA_ID, id)}));
+    for (CK_OBJECT_HANDLE handle : handles) {
+      CK_RV rv = fn->C_DestroyObject(lease.get(), handle);
+      // Already gone (a concurrent destroy) is what we wanted.
+      if (rv == CKR_OBJECT_HANDLE_INVALID) continue;
+      P11_RETURN_IF_ERROR(lease.Check("C_DestroyObject", rv));
+    }
+    return absl::OkStatus();
+  });
 }
 
 bool Token::HasMechanism(std::string_view mechanism_name) const {
@@ -1241,24 +1592,27 @@ bool Token::HasMechanism(std::string_view mechanism_name) const {
 
 absl::StatusOr<Secret> Token::DecryptRsaOaep(const KeyPair& key, OaepHash hash,
                                              std::string_view ciphertext) {
+  State::Timer timer(*state_, Timed::kDecrypt);
   if (key.spec.type != KeyType::kRsa) {
     return absl::InvalidArgumentError(
         absl::StrCat("key ", PrintableId(key.id), " is not an RSA key"));
   }
   CK_FUNCTION_LIST* fn = state_->fn;
-  P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, state_->pool->Acquire());
   Secret plaintext;
-  P11_RETURN_IF_ERROR(
-      state_->WithHandle(lease, key, CKO_PRIVATE_KEY, [&](CK_OBJECT_HANDLE handle) -> absl::Status {
-        P11_ASSIGN_OR_RETURN(size_t modulus_bytes, ModulusBytes(fn, lease, handle, key.spec));
-        P11_ASSIGN_OR_RETURN(plaintext,
-                             DecryptOaep(fn, lease, handle, hash, modulus_bytes, ciphertext));
-        return absl::OkStatus();
-      }));
+  P11_RETURN_IF_ERROR(state_->Run(&key, [&](SessionPool::Lease& lease) {
+    return state_->WithHandle(
+        lease, key, CKO_PRIVATE_KEY, [&](CK_OBJECT_HANDLE handle) -> absl::Status {
+          P11_ASSIGN_OR_RETURN(size_t modulus_bytes, ModulusBytes(fn, lease, handle, key.spec));
+          P11_ASSIGN_OR_RETURN(plaintext,
+                               DecryptOaep(fn, lease, handle, hash, modulus_bytes, ciphertext));
+          return absl::OkStatus();
+        });
+  }));
   return plaintext;
 }
 
 absl::StatusOr<Secret> Token::DecryptRsaRaw(const KeyPair& key, std::string_view ciphertext) {
+  State::Timer timer(*state_, Timed::kDecrypt);
   if (key.spec.type != KeyType::kRsa) {
     return absl::InvalidArgumentError(
         absl::StrCat("key ", PrintableId(key.id), " is not an RSA key"));
@@ -1267,25 +1621,27 @@ absl::StatusOr<Secret> Token::DecryptRsaRaw(const KeyPair& key, std::string_view
     return absl::UnimplementedError("the token does not offer CKM_RSA_X_509");
   }
   CK_FUNCTION_LIST* fn = state_->fn;
-  P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, state_->pool->Acquire());
   Secret message;
   size_t modulus_bytes = 0;
-  P11_RETURN_IF_ERROR(
-      state_->WithHandle(lease, key, CKO_PRIVATE_KEY, [&](CK_OBJECT_HANDLE handle) -> absl::Status {
-        P11_ASSIGN_OR_RETURN(modulus_bytes, ModulusBytes(fn, lease, handle, key.spec));
-        // Before C_DecryptInit, so that no operation is left active.
-        if (ciphertext.size() != modulus_bytes) {
-          return absl::InvalidArgumentError(kDecryptionFailed);
-        }
-        CK_MECHANISM mechanism{CKM_RSA_X_509, nullptr, 0};
-        CK_RV rv = fn->C_DecryptInit(lease.get(), &mechanism, handle);
-        if (rv == CKR_MECHANISM_INVALID) {
-          return absl::UnimplementedError("C_DecryptInit: CKR_MECHANISM_INVALID for CKM_RSA_X_509");
-        }
-        P11_RETURN_IF_ERROR(lease.Check("C_DecryptInit", rv));
-        P11_ASSIGN_OR_RETURN(message, RunDecrypt(fn, lease, modulus_bytes, ciphertext));
-        return absl::OkStatus();
-      }));
+  P11_RETURN_IF_ERROR(state_->Run(&key, [&](SessionPool::Lease& lease) {
+    return state_->WithHandle(
+        lease, key, CKO_PRIVATE_KEY, [&](CK_OBJECT_HANDLE handle) -> absl::Status {
+          P11_ASSIGN_OR_RETURN(modulus_bytes, ModulusBytes(fn, lease, handle, key.spec));
+          // Before C_DecryptInit, so that no operation is left active.
+          if (ciphertext.size() != modulus_bytes) {
+            return absl::InvalidArgumentError(kDecryptionFailed);
+          }
+          CK_MECHANISM mechanism{CKM_RSA_X_509, nullptr, 0};
+          CK_RV rv = fn->C_DecryptInit(lease.get(), &mechanism, handle);
+          if (rv == CKR_MECHANISM_INVALID) {
+            return absl::UnimplementedError(
+                "C_DecryptInit: CKR_MECHANISM_INVALID for CKM_RSA_X_509");
+          }
+          P11_RETURN_IF_ERROR(lease.Check("C_DecryptInit", rv));
+          P11_ASSIGN_OR_RETURN(message, RunDecrypt(fn, lease, modulus_bytes, ciphertext));
+          return absl::OkStatus();
+        });
+  }));
   // The k-byte encoded message: a token may have stripped its leading zeros.
   const size_t length = message.size();
   if (length > modulus_bytes) return absl::InvalidArgumentError(kDecryptionFailed);
@@ -1303,7 +1659,18 @@ bool Token::OaepSupported(OaepHash hash) {
   // Probed without the lock (no lock is held across token calls): two first callers may both
   // probe, and then agree.
   absl::StatusOr<bool> supported = false;
-  if (HasMechanism("CKM_RSA_PKCS_OAEP")) supported = ProbeOaep(state_->fn, *state_->pool, hash);
+  if (HasMechanism("CKM_RSA_PKCS_OAEP")) {
+    bool answer = false;
+    absl::Status probed = state_->Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
+      P11_ASSIGN_OR_RETURN(answer, ProbeOaep(state_->fn, lease, hash));
+      return absl::OkStatus();
+    });
+    if (probed.ok()) {
+      supported = answer;
+    } else {
+      supported = probed;
+    }
+  }
   if (!supported.ok()) {
     Log(LogLevel::kWarning, "pkcs11.oaep_probe_failed",
         {{"hash", OaepHashName(hash)}, {"status", supported.status().ToString()}});
@@ -1315,6 +1682,7 @@ bool Token::OaepSupported(OaepHash hash) {
 }
 
 absl::StatusOr<Secret> Token::DeriveEcdh(const KeyPair& key, std::string_view peer_point) {
+  State::Timer timer(*state_, Timed::kDerive);
   if (!IsEc(key.spec.type)) {
     return absl::InvalidArgumentError(
         absl::StrCat("key ", PrintableId(key.id), " is not an EC key: no ECDH"));
@@ -1326,14 +1694,15 @@ absl::StatusOr<Secret> Token::DeriveEcdh(const KeyPair& key, std::string_view pe
   }
   const CK_ULONG field_size = (point_size - 1) / 2;
   CK_FUNCTION_LIST* fn = state_->fn;
-  P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, state_->pool->Acquire());
   Secret shared;
-  P11_RETURN_IF_ERROR(
-      state_->WithHandle(lease, key, CKO_PRIVATE_KEY, [&](CK_OBJECT_HANDLE handle) -> absl::Status {
-        P11_ASSIGN_OR_RETURN(shared,
-                             DeriveEcdhWithHandle(fn, lease, handle, peer_point, field_size));
-        return absl::OkStatus();
-      }));
+  P11_RETURN_IF_ERROR(state_->Run(&key, [&](SessionPool::Lease& lease) {
+    return state_->WithHandle(
+        lease, key, CKO_PRIVATE_KEY, [&](CK_OBJECT_HANDLE handle) -> absl::Status {
+          P11_ASSIGN_OR_RETURN(shared,
+                               DeriveEcdhWithHandle(fn, lease, handle, peer_point, field_size));
+          return absl::OkStatus();
+        });
+  }));
   return shared;
 }
 
@@ -1349,9 +1718,6 @@ absl::StatusOr<std::shared_ptr<KeyPair>> Token::ImportKeyPair(const EVP_PKEY* pr
     return absl::InvalidArgumentError("Ed25519 keys cannot decrypt");
   }
   CK_FUNCTION_LIST* fn = state_->fn;
-  P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, state_->pool->Acquire());
-  P11_RETURN_IF_ERROR(RefuseExistingId(fn, lease, id));
-
   const bool rsa = type == KeyType::kRsa;
   CK_OBJECT_CLASS private_class = CKO_PRIVATE_KEY;
   CK_OBJECT_CLASS public_class = CKO_PUBLIC_KEY;
@@ -1384,35 +1750,45 @@ absl::StatusOr<std::shared_ptr<KeyPair>> Token::ImportKeyPair(const EVP_PKEY* pr
     public_template.push_back(Attr(attribute, value));
   }
 
-  auto create = [&](const std::vector<CK_ATTRIBUTE>& base, std::string_view ec_params,
-                    CK_OBJECT_HANDLE* handle) {
-    std::vector<CK_ATTRIBUTE> attributes = base;
-    if (!ec_params.empty()) attributes.push_back(Attr(CKA_EC_PARAMS, ec_params));
-    return fn->C_CreateObject(lease.get(), attributes.data(), attributes.size(), handle);
-  };
-  std::string_view ec_params = EcParams(type);
-  CK_OBJECT_HANDLE private_handle = CK_INVALID_HANDLE;
-  CK_RV rv = create(private_template, ec_params, &private_handle);
-  if (type == KeyType::kEd25519 &&
-      (rv == CKR_ATTRIBUTE_VALUE_INVALID || rv == CKR_CURVE_NOT_SUPPORTED ||
-       rv == CKR_DOMAIN_PARAMS_INVALID || rv == CKR_TEMPLATE_INCONSISTENT)) {
-    // As in GenerateKeyPair: the other name of Ed25519 in CKA_EC_PARAMS. Nothing was created.
-    ec_params = kEd25519Name;
-    rv = create(private_template, ec_params, &private_handle);
-  }
-  P11_RETURN_IF_ERROR(lease.Check("C_CreateObject(private key)", rv));
-  // No half-imported pair: the private key goes again unless the public key follows it.
-  ScopedObject private_object(fn, lease, private_handle);
-  CK_OBJECT_HANDLE public_handle = CK_INVALID_HANDLE;
-  P11_RETURN_IF_ERROR(lease.Check("C_CreateObject(public key)",
-                                  create(public_template, ec_params, &public_handle)));
-
-  auto pair = std::make_shared<KeyPair>();
-  pair->id = std::string(id);
-  pair->label = std::string(label);
-  pair->spec = material.spec;
-  pair->private_handle.store(private_object.release());
-  pair->public_handle.store(public_handle);
+  bool started = false;
+  std::shared_ptr<KeyPair> pair;
+  P11_RETURN_IF_ERROR(state_->RunCreating(
+      [&](SessionPool::Lease& lease) -> absl::Status {
+        P11_RETURN_IF_ERROR(RefuseExistingId(fn, lease, id));
+        auto create = [&](const std::vector<CK_ATTRIBUTE>& base, std::string_view ec_params,
+                          CK_OBJECT_HANDLE* handle) {
+          std::vector<CK_ATTRIBUTE> attributes = base;
+          if (!ec_params.empty()) attributes.push_back(Attr(CKA_EC_PARAMS, ec_params));
+          return fn->C_CreateObject(lease.get(), attributes.data(), attributes.size(), handle);
+        };
+        started = true;
+        std::string_view ec_params = EcParams(type);
+        CK_OBJECT_HANDLE private_handle = CK_INVALID_HANDLE;
+        CK_RV rv = create(private_template, ec_params, &private_handle);
+        if (type == KeyType::kEd25519 &&
+            (rv == CKR_ATTRIBUTE_VALUE_INVALID || rv == CKR_CURVE_NOT_SUPPORTED ||
+             rv == CKR_DOMAIN_PARAMS_INVALID || rv == CKR_TEMPLATE_INCONSISTENT)) {
+          // As in GenerateKeyPair: the other name of Ed25519 in CKA_EC_PARAMS. Nothing was
+          // created.
+          ec_params = kEd25519Name;
+          rv = create(private_template, ec_params, &private_handle);
+        }
+        P11_RETURN_IF_ERROR(lease.Check("C_CreateObject(private key)", rv));
+        // No half-imported pair: the private key goes again unless the public key follows it.
+        ScopedObject private_object(fn, lease, private_handle);
+        CK_OBJECT_HANDLE public_handle = CK_INVALID_HANDLE;
+        P11_RETURN_IF_ERROR(lease.Check("C_CreateObject(public key)",
+                                        create(public_template, ec_params, &public_handle)));
+        pair = std::make_shared<KeyPair>();
+        pair->id = std::string(id);
+        pair->label = std::string(label);
+        pair->spec = material.spec;
+        pair->private_handle.store(private_object.release());
+        pair->public_handle.store(public_handle);
+        pair->handle_generation.store(state_->module->generation());
+        return absl::OkStatus();
+      },
+      started, id, pair));
   return pair;
 }
 

@@ -7,12 +7,25 @@
 // Errors: absl::Status whose message names the Cryptoki function and the CKR code
 // ("C_Sign: CKR_DEVICE_ERROR"). Codes: UNAVAILABLE for device/session/token errors,
 // INVALID_ARGUMENT for bad input the token rejected, NOT_FOUND for missing objects,
-// RESOURCE_EXHAUSTED when no session frees up within the pool wait, INTERNAL otherwise.
+// RESOURCE_EXHAUSTED when no session frees up within the pool wait (or at once when
+// max_waiters callers already wait), INTERNAL otherwise.
+//
+// Recovery: when a call fails with CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED,
+// CKR_USER_NOT_LOGGED_IN or CKR_DEVICE_ERROR, the session is dropped and a new one is opened
+// and logged in; CKR_DEVICE_REMOVED or CKR_TOKEN_NOT_PRESENT first re-initialize the module
+// (C_Finalize + C_Initialize), which voids every session and object handle; with
+// CKR_OBJECT_HANDLE_INVALID / CKR_KEY_HANDLE_INVALID the KeyPair's cached handles are found
+// again by CKA_ID. Reads, signatures, decryptions, derivations and destruction are then retried
+// once; an operation that fails again is UNAVAILABLE naming the function and the CKR.
+// Generation and import are never retried once the token may have created something: they
+// reconcile instead (see GenerateKeyPair). Decryption failures ("decryption failed") are
+// answers about the ciphertext, never retried.
 #ifndef CUSTODY_PKCS11_TOKEN_H_
 #define CUSTODY_PKCS11_TOKEN_H_
 
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -75,6 +88,9 @@ struct KeyPair {
   // const KeyPair& it was given (see Token::Sign).
   mutable std::atomic<uint64_t> private_handle{0};
   mutable std::atomic<uint64_t> public_handle{0};
+  // Which initialization of the module issued the handles: after a module re-initialization
+  // the same handle values may name other objects, so both are found again by CKA_ID.
+  mutable std::atomic<uint64_t> handle_generation{0};
 };
 
 struct PrivateKeyAttributes {
@@ -111,6 +127,32 @@ class Token {
     Secret pin;               // user PIN; read from a file or the environment by the caller
     size_t max_sessions = 8;  // logged-in sessions in the pool
     absl::Duration session_wait = absl::Seconds(2);  // how long a caller waits for a session
+    // How many callers may wait for a session at once; beyond, RESOURCE_EXHAUSTED "HSM session
+    // pool saturated" at once. Unset: 4 x max_sessions. 0: never wait.
+    std::optional<size_t> max_waiters;
+  };
+
+  struct Latency {
+    uint64_t count = 0;
+    uint64_t total_micros = 0;
+    uint64_t max_micros = 0;
+  };
+
+  // Counters since Open.
+  struct Metrics {
+    // Cryptoki failures that ended an attempt (or a recovery), by CKR name. Decryption
+    // failures of the ciphertext ("decryption failed") are the caller's and not counted.
+    std::map<std::string, uint64_t> errors;
+    uint64_t retries = 0;                   // operations run a second time after a recovery
+    uint64_t recoveries = 0;                // sessions re-opened and logged in by a recovery
+    uint64_t module_reinitializations = 0;  // C_Finalize + C_Initialize cycles by this Token
+    uint64_t pool_waits = 0;                // callers that had to wait for a session
+    uint64_t pool_rejections = 0;           // callers refused at once: too many waiting
+    uint64_t pool_timeouts = 0;             // callers that waited session_wait for nothing
+    // Whole calls as the caller sees them (pool wait and retry included), failed ones too.
+    Latency sign;     // Sign
+    Latency decrypt;  // DecryptRsaOaep, DecryptRsaRaw
+    Latency derive;   // DeriveEcdh
   };
 
   // Loads the module (dlopen + C_GetFunctionList), C_Initialize with CKF_OS_LOCKING_OK, finds
@@ -131,13 +173,31 @@ class Token {
   Token(const Token&) = delete;
   Token& operator=(const Token&) = delete;
 
+  // The token as found by Open (slot_id is the slot at Open; a module re-initialization may
+  // move the token to another slot, which Token follows internally).
   const TokenInfo& info() const;
+
+  // False from a failed recovery (the module cannot be re-initialized, no session can be
+  // opened or logged in, or the operation failed again after recovering) until an operation
+  // succeeds again. True after Open.
+  bool Healthy() const;
+
+  // A cheap liveness check for a health loop: C_GetSessionInfo (the session must be logged in)
+  // and C_GetTokenInfo on a pooled session, recovering as any operation does. OK means the
+  // token serves requests; UNAVAILABLE naming the CKR otherwise; RESOURCE_EXHAUSTED when the
+  // pool is saturated (which says nothing about the token).
+  absl::Status Probe();
+
+  Metrics GetMetrics() const;
 
   // Generates a key pair in the token: private key CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE=TRUE,
   // CKA_EXTRACTABLE=FALSE and one usage: CKA_SIGN, or with `for_decryption` CKA_DECRYPT (RSA) /
   // CKA_DERIVE (EC); the other usage flags and CKA_UNWRAP are set FALSE. Public key CKA_TOKEN,
   // CKA_VERIFY (CKA_ENCRYPT for RSA decryption keys). Both carry CKA_ID=id and CKA_LABEL=label.
-  // Never retried on failure.
+  // Never retried once C_GenerateKeyPair was called: when it (or anything after it) fails with a
+  // session or device error, the session is recovered and the objects with CKA_ID=id are
+  // looked at instead. A complete pair is returned (the generation happened, its answer was
+  // lost); a partial one is destroyed and the call is UNAVAILABLE; with none it is UNAVAILABLE.
   // ALREADY_EXISTS when a private key with CKA_ID=id exists; INVALID_ARGUMENT for an empty id,
   // RSA sizes other than 2048/3072/4096, or an Ed25519 decryption key.
   absl::StatusOr<std::shared_ptr<KeyPair>> GenerateKeyPair(const KeySpec& spec, std::string_view id,
@@ -205,7 +265,8 @@ class Token {
   // CKA_EXTRACTABLE=FALSE, and its public key, both with CKA_ID=id and CKA_LABEL=label and the
   // usage flags of GenerateKeyPair. Private components are copied into buffers that are wiped
   // (OPENSSL_cleanse) before returning. When
-  // the public key cannot be created, the private key just created is destroyed again.
+  // the public key cannot be created, the private key just created is destroyed again. A
+  // session or device error after the first C_CreateObject is reconciled as in GenerateKeyPair.
   // ALREADY_EXISTS for a duplicate id; INVALID_ARGUMENT for other key types or sizes, a key
   // without private components, an empty id, or an Ed25519 key `for_decryption`.
   absl::StatusOr<std::shared_ptr<KeyPair>> ImportKeyPair(const EVP_PKEY* private_key,

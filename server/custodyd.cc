@@ -1,8 +1,11 @@
 // custodyd: the custody gRPC service. See README.md for flags and the embedded default.
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -21,11 +24,15 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/security/tls_certificate_provider.h"
+#include "grpcpp/security/tls_credentials_options.h"
 #include "pkcs11/token.h"
 #include "rotation/metadata_store.h"
 #include "server/embedded_token.h"
 #include "server/grpc_services.h"
 #include "server/key_service.h"
+#include "server/request_guard.h"
 
 ABSL_FLAG(std::string, listen, "", "unix:PATH or HOST:PORT (default unix:STATE_DIR/custodyd.sock)");
 ABSL_FLAG(std::string, state_dir, ".state", "state directory: metadata database, embedded token");
@@ -40,6 +47,13 @@ ABSL_FLAG(int64_t, max_payload_bytes, 256 * 1024, "largest payload SignJws/Sign 
 ABSL_FLAG(std::string, tls_cert, "", "server certificate chain (PEM); enables TLS");
 ABSL_FLAG(std::string, tls_key, "", "server private key (PEM)");
 ABSL_FLAG(std::string, client_ca, "", "CA bundle (PEM) that client certificates must chain to");
+ABSL_FLAG(int, tls_reload_seconds, 60,
+          "how often the TLS certificate, key and client CA files are re-read (rotation of "
+          "custodyd's own credentials without a restart)");
+ABSL_FLAG(std::string, policy_file, "",
+          "access policy (JSON; see README); default STATE_DIR/policy.json, created on first start "
+          "granting the Unix-socket caller everything and JWKS to every authenticated caller");
+ABSL_FLAG(std::string, audit_dir, "", "audit log directory (default STATE_DIR/audit)");
 ABSL_FLAG(bool, verbose, false, "debug logging");
 
 namespace custody::server {
@@ -85,6 +99,9 @@ absl::Status CheckListenAddress(const std::string& addr, bool tls) {
   return absl::OkStatus();
 }
 
+// TLS through gRPC's file-watcher provider, so that the certificate, key and client CA are
+// re-read from disk every --tls_reload_seconds: custodyd's own credentials rotate without a
+// restart. With --client_ca every caller must present a certificate chaining to it.
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials() {
   std::string cert = absl::GetFlag(FLAGS_tls_cert), key = absl::GetFlag(FLAGS_tls_key);
   std::string ca = absl::GetFlag(FLAGS_client_ca);
@@ -92,20 +109,57 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials() {
   if (cert.empty() || key.empty()) {
     return absl::InvalidArgumentError("--tls_cert and --tls_key go together");
   }
-  grpc::SslServerCredentialsOptions options(
-      ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
-                 : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
-  auto cert_pem = ReadFile(cert);
-  if (!cert_pem.ok()) return cert_pem.status();
-  auto key_pem = ReadFile(key);
-  if (!key_pem.ok()) return key_pem.status();
-  options.pem_key_cert_pairs.push_back({*key_pem, *cert_pem});
-  if (!ca.empty()) {
-    auto ca_pem = ReadFile(ca);
-    if (!ca_pem.ok()) return ca_pem.status();
-    options.pem_root_certs = *ca_pem;
+  for (const std::string& path : {cert, key, ca}) {
+    if (!path.empty() && !ReadFile(path).ok()) {
+      return absl::FailedPreconditionError(absl::StrCat("cannot read '", path, "'"));
+    }
   }
-  return grpc::SslServerCredentials(options);
+  // FAPI's TLS 1.2 cipher suites (the DHE ones are not offered by gRPC's TLS stack); TLS 1.3
+  // suites are unaffected. An operator's own GRPC_SSL_CIPHER_SUITES wins.
+  setenv("GRPC_SSL_CIPHER_SUITES",
+         "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:"
+         "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384",
+         0);
+  unsigned int refresh =
+      static_cast<unsigned int>(std::max(1, absl::GetFlag(FLAGS_tls_reload_seconds)));
+  auto provider =
+      std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(key, cert, ca, refresh);
+  grpc::experimental::TlsServerCredentialsOptions options(provider);
+  options.watch_identity_key_cert_pairs();
+  if (!ca.empty()) {
+    options.watch_root_certs();
+    options.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  } else {
+    options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  }
+  return grpc::experimental::TlsServerCredentials(options);
+}
+
+// The default policy written on first start: the local operator (Unix socket, whose file mode
+// decides who that is) may do everything; every authenticated caller may read public keys.
+constexpr char kDefaultPolicy[] = R"({
+  "version": 1,
+  "grants": [
+    {"identities": ["unix"],
+     "operations": ["sign", "decrypt", "jwks", "admin.read", "admin.rotate", "admin.create",
+                    "admin.destroy", "admin.import"],
+     "rings": ["**"]},
+    {"identities": ["*"], "operations": ["jwks"], "rings": ["**"]}
+  ]
+}
+)";
+
+absl::Status EnsureDefaultPolicy(const std::string& path) {
+  if (access(path.c_str(), F_OK) == 0) return absl::OkStatus();
+  std::FILE* f = std::fopen(path.c_str(), "wx");
+  if (f == nullptr)
+    return absl::FailedPreconditionError(absl::StrCat("cannot create '", path, "'"));
+  bool ok = std::fputs(kDefaultPolicy, f) >= 0;
+  ok = std::fflush(f) == 0 && fsync(fileno(f)) == 0 && ok;
+  std::fclose(f);
+  if (!ok) return absl::FailedPreconditionError(absl::StrCat("cannot write '", path, "'"));
+  chmod(path.c_str(), 0600);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Secret> ReadPin(const std::string& state_dir, bool embedded) {
@@ -173,13 +227,29 @@ int Run() {
   auto store = rotation::MetadataStore::Open(state_dir + "/metadata.db");
   if (!store.ok()) return fail("startup.metadata", store.status());
 
+  std::string policy_path = absl::GetFlag(FLAGS_policy_file);
+  if (policy_path.empty()) {
+    policy_path = state_dir + "/policy.json";
+    if (absl::Status s = EnsureDefaultPolicy(policy_path); !s.ok())
+      return fail("startup.policy", s);
+  }
+  PolicyStore policy;
+  if (absl::Status s = policy.LoadFrom(policy_path); !s.ok()) return fail("startup.policy", s);
+  std::string audit_dir = absl::GetFlag(FLAGS_audit_dir);
+  if (audit_dir.empty()) audit_dir = state_dir + "/audit";
+  AuditLog::Options audit_options;
+  audit_options.dir = audit_dir;
+  auto audit = AuditLog::Open(audit_options);
+  if (!audit.ok()) return fail("startup.audit", audit.status());
+  RequestGuard guard(&policy, audit->get());
+
   KeyService::Options key_options;
   key_options.max_payload_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_max_payload_bytes));
   auto keys = KeyService::Create(token->get(), store->get(), key_options);
   if (!keys.ok()) return fail("startup.reconcile", keys.status());
 
-  SignerService signer(keys->get());
-  KeyAdminService admin(keys->get());
+  SignerService signer(keys->get(), &guard);
+  KeyAdminService admin(keys->get(), &guard);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -203,21 +273,54 @@ int Run() {
        {"module", info.module_path},
        {"token", info.label},
        {"token_serial", info.serial},
-       {"rsa_x509_mechanism", (*token)->HasMechanism("CKM_RSA_X_509") ? "present" : "absent"}});
+       {"rsa_x509_mechanism", (*token)->HasMechanism("CKM_RSA_X_509") ? "present" : "absent"},
+       {"policy", policy_path},
+       {"audit_dir", audit_dir}});
+
+  // Health follows the audit log: when it cannot be written every call is refused (fail
+  // closed), and load balancers should stop sending traffic here until it recovers.
+  std::atomic<bool> stopping{false};
+  std::thread health([&] {
+    bool serving = true;
+    while (!stopping.load()) {
+      bool healthy = guard.healthy();
+      if (healthy != serving) {
+        serving = healthy;
+        server->GetHealthCheckService()->SetServingStatus(serving);
+        Log(serving ? LogLevel::kInfo : LogLevel::kError, "health.changed",
+            {{"serving", serving ? "true" : "false"}, {"cause", "audit log"}});
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
 
   // SIGTERM/SIGINT: stop accepting, let in-flight calls finish (bounded), then exit.
+  // SIGHUP: reload the access policy (a bad file keeps the old policy, and says why).
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
   std::thread waiter([&] {
-    int sig = 0;
-    sigwait(&signals, &sig);
-    Log(LogLevel::kInfo, "custodyd.shutdown", {{"signal", absl::StrCat(sig)}});
-    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    for (;;) {
+      int sig = 0;
+      sigwait(&signals, &sig);
+      if (sig == SIGHUP) {
+        absl::Status s = policy.LoadFrom(policy_path);
+        Log(s.ok() ? LogLevel::kInfo : LogLevel::kError, "policy.reloaded",
+            {{"path", policy_path}, {"result", s.ok() ? "ok" : std::string(s.message())}});
+        continue;
+      }
+      Log(LogLevel::kInfo, "custodyd.shutdown", {{"signal", absl::StrCat(sig)}});
+      (*keys)->StopScheduler();
+      server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
+      return;
+    }
   });
   server->Wait();
   waiter.join();
+  stopping = true;
+  health.join();
   return 0;
 }
 
@@ -231,6 +334,7 @@ int main(int argc, char** argv) {
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   signal(SIGPIPE, SIG_IGN);
   absl::SetProgramUsageMessage("custodyd --state_dir=DIR [--listen=unix:PATH|HOST:PORT] ...");

@@ -4,18 +4,64 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_join.h"
 #include "openssl/crypto.h"
 
 namespace custody::server {
 namespace {
 
-// Writes the value or the error: the shape shared by every unary handler.
+// What a successful reply adds to its audit line: the key version and kid that were used.
 template <typename T>
-grpc::Status Reply(absl::StatusOr<T> result, T* response) {
-  if (!result.ok()) return ToGrpcStatus(result.status());
-  *response = *std::move(result);
-  return grpc::Status::OK;
+void Annotate(AuditEvent&, const T&) {}
+template <>
+void Annotate(AuditEvent& e, const v1::SignJwsResponse& r) {
+  e.kid = r.kid();
+  e.version = r.version();
 }
+template <>
+void Annotate(AuditEvent& e, const v1::SignResponse& r) {
+  e.kid = r.kid();
+  e.version = r.version();
+}
+template <>
+void Annotate(AuditEvent& e, const v1::DecryptJweResponse& r) {
+  e.kid = r.kid();
+  e.version = r.version();
+}
+
+// One RPC's authorization and audit: identify, authorize, run, record. The shape every
+// handler below shares.
+class Call {
+ public:
+  Call(RequestGuard* guard, const grpc::ServerContext& context, absl::string_view operation,
+       absl::string_view ring)
+      : guard_(guard) {
+    event_.identity = CallerIdentity(context);
+    event_.operation = std::string(operation);
+    event_.ring = std::string(ring);
+  }
+  const std::string& identity() const { return event_.identity; }
+  AuditEvent& event() { return event_; }
+  absl::Status Authorize() const {
+    return guard_->Authorize(event_.identity, event_.operation, event_.ring);
+  }
+  grpc::Status Finish(const grpc::Status& result) { return guard_->Record(event_, result); }
+
+  // Runs `operation` when authorized and replies with its value or error.
+  template <typename T, typename F>
+  grpc::Status Run(T* response, F&& operation) {
+    if (absl::Status s = Authorize(); !s.ok()) return Finish(ToGrpcStatus(s));
+    absl::StatusOr<T> result = operation();
+    if (!result.ok()) return Finish(ToGrpcStatus(result.status()));
+    Annotate(event_, *result);
+    *response = *std::move(result);
+    return Finish(grpc::Status::OK);
+  }
+
+ private:
+  RequestGuard* const guard_;
+  AuditEvent event_;
+};
 
 // Wipes imported key material in the request once the call is done. The request belongs to this
 // call alone (gRPC frees it afterwards), so writing through the const view is safe; what
@@ -27,6 +73,10 @@ void WipeKeyMaterial(const v1::PrivateKeyMaterial& material) {
   }
 }
 
+// Orphaned token objects concern no ring: they are shown to callers whose admin.read grant
+// covers this name, which only the catch-all patterns ("**", "*") match.
+constexpr char kOrphansResource[] = ".orphans";
+
 }  // namespace
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
@@ -34,33 +84,77 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
 }
 
-grpc::Status SignerService::SignJws(grpc::ServerContext*, const v1::SignJwsRequest* request,
+grpc::Status SignerService::SignJws(grpc::ServerContext* context, const v1::SignJwsRequest* request,
                                     v1::SignJwsResponse* response) {
-  return Reply(keys_->SignJws(*request), response);
+  Call call(guard_, *context, kOpSign, request->ring());
+  call.event().payload_sha256 = Sha256Hex(request->payload());
+  return call.Run(response, [&] { return keys_->SignJws(*request); });
 }
 
-grpc::Status SignerService::Sign(grpc::ServerContext*, const v1::SignRequest* request,
+grpc::Status SignerService::Sign(grpc::ServerContext* context, const v1::SignRequest* request,
                                  v1::SignResponse* response) {
-  return Reply(keys_->Sign(*request), response);
+  Call call(guard_, *context, kOpSign, request->ring());
+  call.event().payload_sha256 =
+      Sha256Hex(request->has_digest() ? request->digest() : request->data());
+  return call.Run(response, [&] { return keys_->Sign(*request); });
 }
 
-grpc::Status SignerService::GetJwks(grpc::ServerContext*, const v1::GetJwksRequest* request,
+grpc::Status SignerService::DecryptJwe(grpc::ServerContext* context,
+                                       const v1::DecryptJweRequest* request,
+                                       v1::DecryptJweResponse* response) {
+  Call call(guard_, *context, kOpDecrypt, request->ring());
+  call.event().payload_sha256 = Sha256Hex(request->jwe());
+  return call.Run(response, [&] { return keys_->DecryptJwe(*request); });
+}
+
+absl::StatusOr<std::vector<std::string>> SignerService::JwksRings(
+    const std::string& identity, const google::protobuf::RepeatedPtrField<std::string>& asked) {
+  std::vector<std::string> rings;
+  if (asked.empty()) {
+    for (const std::string& name : keys_->RingNames()) {
+      if (guard_->Allows(identity, kOpJwks, name)) rings.push_back(name);
+    }
+    return rings;
+  }
+  for (const std::string& name : asked) {
+    if (absl::Status s = guard_->Authorize(identity, kOpJwks, name); !s.ok()) return s;
+    rings.push_back(name);
+  }
+  return rings;
+}
+
+grpc::Status SignerService::GetJwks(grpc::ServerContext* context, const v1::GetJwksRequest* request,
                                     v1::GetJwksResponse* response) {
-  auto jwks = keys_->GetJwks({request->rings().begin(), request->rings().end()});
-  if (!jwks.ok()) return ToGrpcStatus(jwks.status());
+  Call call(guard_, *context, kOpJwks, absl::StrJoin(request->rings(), ","));
+  auto rings = JwksRings(call.identity(), request->rings());
+  if (!rings.ok()) return call.Finish(ToGrpcStatus(rings.status()));
+  // An empty selection after filtering is an empty set, not "every ring".
+  if (rings->empty()) {
+    response->set_jwks("{\"keys\":[]}");
+    return call.Finish(grpc::Status::OK);
+  }
+  auto jwks = keys_->GetJwks(*rings);
+  if (!jwks.ok()) return call.Finish(ToGrpcStatus(jwks.status()));
   response->set_jwks(std::move(jwks->json));
   response->set_etag(std::move(jwks->etag));
   response->set_max_age_seconds(jwks->max_age_seconds);
-  return grpc::Status::OK;
+  return call.Finish(grpc::Status::OK);
 }
 
 grpc::Status SignerService::WatchJwks(grpc::ServerContext* context,
                                       const v1::WatchJwksRequest* request,
                                       grpc::ServerWriter<v1::GetJwksResponse>* writer) {
-  const std::vector<std::string> rings(request->rings().begin(), request->rings().end());
+  Call call(guard_, *context, kOpJwks, absl::StrJoin(request->rings(), ","));
+  call.event().detail = "watch";
+  auto rings = JwksRings(call.identity(), request->rings());
+  if (!rings.ok()) return call.Finish(ToGrpcStatus(rings.status()));
+  // The subscription is what is audited; pushes are the same public keys, re-sent.
+  if (grpc::Status s = call.Finish(grpc::Status::OK); !s.ok()) return s;
   std::string last_sent;
   while (!context->IsCancelled()) {
-    auto jwks = keys_->GetJwks(rings);
+    auto jwks = rings->empty()
+                    ? absl::StatusOr<KeyService::Jwks>(KeyService::Jwks{"{\"keys\":[]}", "", 0, 0})
+                    : keys_->GetJwks(*rings);
     if (!jwks.ok()) return ToGrpcStatus(jwks.status());
     // A change elsewhere wakes every watcher; only a change of these rings' keys is sent.
     if (jwks->json != last_sent) {
@@ -77,78 +171,114 @@ grpc::Status SignerService::WatchJwks(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
-grpc::Status SignerService::DecryptJwe(grpc::ServerContext*, const v1::DecryptJweRequest* request,
-                                       v1::DecryptJweResponse* response) {
-  return Reply(keys_->DecryptJwe(*request), response);
-}
-
-grpc::Status KeyAdminService::CreateKeyRing(grpc::ServerContext*,
+grpc::Status KeyAdminService::CreateKeyRing(grpc::ServerContext* context,
                                             const v1::CreateKeyRingRequest* request,
                                             v1::KeyRing* response) {
-  grpc::Status status = Reply(keys_->CreateKeyRing(*request), response);
+  Call call(guard_, *context, request->has_import_key() ? kOpAdminImport : kOpAdminCreate,
+            request->name());
+  // Importing a key is also creating a ring: both grants are needed.
+  grpc::Status status;
+  if (request->has_import_key()) {
+    if (absl::Status s = guard_->Authorize(call.identity(), kOpAdminCreate, request->name());
+        !s.ok()) {
+      status = call.Finish(ToGrpcStatus(s));
+    }
+  }
+  if (status.ok()) {
+    status = call.Run(response, [&] { return keys_->CreateKeyRing(*request); });
+  }
   WipeKeyMaterial(request->import_key());
   return status;
 }
 
-grpc::Status KeyAdminService::ImportKeyVersion(grpc::ServerContext*,
+grpc::Status KeyAdminService::ImportKeyVersion(grpc::ServerContext* context,
                                                const v1::ImportKeyVersionRequest* request,
                                                v1::KeyRing* response) {
-  grpc::Status status = Reply(keys_->ImportKeyVersion(*request), response);
+  Call call(guard_, *context, kOpAdminImport, request->ring());
+  grpc::Status status = call.Run(response, [&] { return keys_->ImportKeyVersion(*request); });
   WipeKeyMaterial(request->key());
   return status;
 }
 
-grpc::Status KeyAdminService::GetKeyRing(grpc::ServerContext*, const v1::GetKeyRingRequest* request,
+grpc::Status KeyAdminService::GetKeyRing(grpc::ServerContext* context,
+                                         const v1::GetKeyRingRequest* request,
                                          v1::KeyRing* response) {
-  return Reply(keys_->GetKeyRing(request->name()), response);
+  Call call(guard_, *context, kOpAdminRead, request->name());
+  return call.Run(response, [&] { return keys_->GetKeyRing(request->name()); });
 }
 
-grpc::Status KeyAdminService::ListKeyRings(grpc::ServerContext*,
+grpc::Status KeyAdminService::ListKeyRings(grpc::ServerContext* context,
                                            const v1::ListKeyRingsRequest* request,
                                            v1::ListKeyRingsResponse* response) {
-  return Reply(keys_->ListKeyRings(request->prefix()), response);
+  Call call(guard_, *context, kOpAdminRead, request->prefix() + "*");
+  auto all = keys_->ListKeyRings(request->prefix());
+  if (!all.ok()) return call.Finish(ToGrpcStatus(all.status()));
+  // Only the rings the caller may read; orphans only for a caller who may read every ring.
+  for (v1::KeyRing& ring : *all->mutable_rings()) {
+    if (guard_->Allows(call.identity(), kOpAdminRead, ring.name())) {
+      *response->add_rings() = std::move(ring);
+    }
+  }
+  if (guard_->Allows(call.identity(), kOpAdminRead, kOrphansResource)) {
+    *response->mutable_orphaned_objects() = all->orphaned_objects();
+  }
+  return call.Finish(grpc::Status::OK);
 }
 
-grpc::Status KeyAdminService::UpdateRotationPolicy(grpc::ServerContext*,
+grpc::Status KeyAdminService::UpdateRotationPolicy(grpc::ServerContext* context,
                                                    const v1::UpdateRotationPolicyRequest* request,
                                                    v1::KeyRing* response) {
-  return Reply(keys_->UpdateRotationPolicy(*request), response);
+  Call call(guard_, *context, kOpAdminRotate, request->ring());
+  return call.Run(response, [&] { return keys_->UpdateRotationPolicy(*request); });
 }
 
-grpc::Status KeyAdminService::RotateKeyRing(grpc::ServerContext*,
+grpc::Status KeyAdminService::RotateKeyRing(grpc::ServerContext* context,
                                             const v1::RotateKeyRingRequest* request,
                                             v1::RotateKeyRingResponse* response) {
-  return Reply(keys_->RotateKeyRing(*request), response);
+  Call call(guard_, *context, kOpAdminRotate, request->ring());
+  if (request->force()) call.event().detail = "force";
+  return call.Run(response, [&] { return keys_->RotateKeyRing(*request); });
 }
 
-grpc::Status KeyAdminService::DisableKeyVersion(grpc::ServerContext*,
+grpc::Status KeyAdminService::DisableKeyVersion(grpc::ServerContext* context,
                                                 const v1::KeyVersionRequest* request,
                                                 v1::KeyRing* response) {
-  return Reply(keys_->DisableKeyVersion(*request), response);
+  Call call(guard_, *context, kOpAdminRotate, request->ring());
+  call.event().version = request->version();
+  return call.Run(response, [&] { return keys_->DisableKeyVersion(*request); });
 }
 
-grpc::Status KeyAdminService::EnableKeyVersion(grpc::ServerContext*,
+grpc::Status KeyAdminService::EnableKeyVersion(grpc::ServerContext* context,
                                                const v1::KeyVersionRequest* request,
                                                v1::KeyRing* response) {
-  return Reply(keys_->EnableKeyVersion(*request), response);
+  Call call(guard_, *context, kOpAdminRotate, request->ring());
+  call.event().version = request->version();
+  return call.Run(response, [&] { return keys_->EnableKeyVersion(*request); });
 }
 
-grpc::Status KeyAdminService::ScheduleKeyVersionDestruction(grpc::ServerContext*,
+grpc::Status KeyAdminService::ScheduleKeyVersionDestruction(grpc::ServerContext* context,
                                                             const v1::KeyVersionRequest* request,
                                                             v1::KeyRing* response) {
-  return Reply(keys_->ScheduleKeyVersionDestruction(*request), response);
+  Call call(guard_, *context, kOpAdminDestroy, request->ring());
+  call.event().version = request->version();
+  return call.Run(response, [&] { return keys_->ScheduleKeyVersionDestruction(*request); });
 }
 
-grpc::Status KeyAdminService::CancelKeyVersionDestruction(grpc::ServerContext*,
+grpc::Status KeyAdminService::CancelKeyVersionDestruction(grpc::ServerContext* context,
                                                           const v1::KeyVersionRequest* request,
                                                           v1::KeyRing* response) {
-  return Reply(keys_->CancelKeyVersionDestruction(*request), response);
+  Call call(guard_, *context, kOpAdminDestroy, request->ring());
+  call.event().version = request->version();
+  return call.Run(response, [&] { return keys_->CancelKeyVersionDestruction(*request); });
 }
 
-grpc::Status KeyAdminService::CompromiseKeyVersion(grpc::ServerContext*,
+grpc::Status KeyAdminService::CompromiseKeyVersion(grpc::ServerContext* context,
                                                    const v1::CompromiseKeyVersionRequest* request,
                                                    v1::KeyRing* response) {
-  return Reply(keys_->CompromiseKeyVersion(*request), response);
+  Call call(guard_, *context, kOpAdminDestroy, request->ring());
+  call.event().version = request->version();
+  call.event().detail = "compromise: " + request->reason();
+  return call.Run(response, [&] { return keys_->CompromiseKeyVersion(*request); });
 }
 
 }  // namespace custody::server

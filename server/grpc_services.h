@@ -1,5 +1,5 @@
 // gRPC front of KeyService: translation only (proto in, proto out, absl::Status → grpc::Status
-// in one place). No logic lives here.
+// in one place), with every call authorized and audited through the RequestGuard.
 #ifndef CUSTODY_SERVER_GRPC_SERVICES_H_
 #define CUSTODY_SERVER_GRPC_SERVICES_H_
 
@@ -7,6 +7,7 @@
 #include "custody/v1/custody.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "server/key_service.h"
+#include "server/request_guard.h"
 
 namespace custody::server {
 
@@ -14,9 +15,19 @@ namespace custody::server {
 // and INTERNAL keep their message (it names the CKR code or the store error, never secrets).
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
+// Operations as the access policy names them.
+inline constexpr char kOpSign[] = "sign";
+inline constexpr char kOpDecrypt[] = "decrypt";
+inline constexpr char kOpJwks[] = "jwks";
+inline constexpr char kOpAdminRead[] = "admin.read";
+inline constexpr char kOpAdminCreate[] = "admin.create";
+inline constexpr char kOpAdminImport[] = "admin.import";
+inline constexpr char kOpAdminRotate[] = "admin.rotate";
+inline constexpr char kOpAdminDestroy[] = "admin.destroy";
+
 class SignerService final : public v1::Signer::Service {
  public:
-  explicit SignerService(const KeyService* keys) : keys_(keys) {}
+  SignerService(const KeyService* keys, RequestGuard* guard) : keys_(keys), guard_(guard) {}
   grpc::Status SignJws(grpc::ServerContext* context, const v1::SignJwsRequest* request,
                        v1::SignJwsResponse* response) override;
   grpc::Status Sign(grpc::ServerContext* context, const v1::SignRequest* request,
@@ -30,12 +41,18 @@ class SignerService final : public v1::Signer::Service {
                          grpc::ServerWriter<v1::GetJwksResponse>* writer) override;
 
  private:
+  // The rings a jwks call covers: the asked ones (each must be granted), or every ring the
+  // caller may read when none is asked.
+  absl::StatusOr<std::vector<std::string>> JwksRings(
+      const std::string& identity, const google::protobuf::RepeatedPtrField<std::string>& asked);
+
   const KeyService* const keys_;
+  RequestGuard* const guard_;
 };
 
 class KeyAdminService final : public v1::KeyAdmin::Service {
  public:
-  explicit KeyAdminService(KeyService* keys) : keys_(keys) {}
+  KeyAdminService(KeyService* keys, RequestGuard* guard) : keys_(keys), guard_(guard) {}
   grpc::Status CreateKeyRing(grpc::ServerContext* context, const v1::CreateKeyRingRequest* request,
                              v1::KeyRing* response) override;
   grpc::Status GetKeyRing(grpc::ServerContext* context, const v1::GetKeyRingRequest* request,
@@ -66,6 +83,7 @@ class KeyAdminService final : public v1::KeyAdmin::Service {
 
  private:
   KeyService* const keys_;
+  RequestGuard* const guard_;
 };
 
 }  // namespace custody::server

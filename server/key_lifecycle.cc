@@ -517,6 +517,10 @@ int64_t KeyService::RunDueTransitions() {
   }
   int64_t next_due = 0;
   for (const std::string& name : names) {
+    {
+      absl::MutexLock lock(&scheduler_mu_);
+      if (scheduler_stop_) return 0;
+    }
     absl::MutexLock admin(&admin_mu_);
     auto ring = FindRing(name);
     if (!ring.ok()) continue;

@@ -186,7 +186,9 @@ absl::StatusOr<std::unique_ptr<KeyService>> KeyService::Create(pkcs11::Token* to
   return service;
 }
 
-KeyService::~KeyService() {
+KeyService::~KeyService() { StopScheduler(); }
+
+void KeyService::StopScheduler() {
   {
     absl::MutexLock lock(&scheduler_mu_);
     scheduler_stop_ = true;
@@ -219,8 +221,9 @@ absl::Status KeyService::Load() {
   if (!objects.ok()) return objects.status();
 
   std::set<std::string> private_ids;  // hex CKA_IDs of private keys present in the token
+  std::set<std::string> public_ids;   // and of public keys
   for (const pkcs11::ObjectInfo& o : *objects) {
-    if (o.is_private_key) private_ids.insert(absl::BytesToHexString(o.id));
+    (o.is_private_key ? private_ids : public_ids).insert(absl::BytesToHexString(o.id));
   }
 
   oaep_path_.sha256_native = token_->OaepSupported(pkcs11::OaepHash::kSha256);
@@ -254,19 +257,35 @@ absl::Status KeyService::Load() {
     bool present = private_ids.count(v.object_id) > 0;
 
     if (v.state == VersionState::kCreating) {
-      // Crash between the metadata intent and the end of key generation.
-      if (!present) {
+      // Crash between the metadata intent and the end of key generation. A kill inside
+      // C_GenerateKeyPair can leave half a pair (SoftHSM2 writes the two objects one after the
+      // other): only a complete pair is adopted; anything less is destroyed, then rolled back.
+      if (!present || public_ids.count(v.object_id) == 0) {
+        if (absl::Status s = token_->DestroyKeyPair(raw_id); !s.ok()) return s;
         if (absl::Status s = store_->DeleteVersion(v.ring, v.version); !s.ok()) return s;
         Log(LogLevel::kWarning, "reconcile.rolled_back_creation",
             {{"ring", v.ring},
              {"version", absl::StrCat(v.version)},
-             {"reason", "no token object: key generation never completed"}});
+             {"reason", present ? "half a key pair in the token (destroyed)"
+                                : "no complete key pair: key generation never completed"}});
         continue;
       }
       auto key = token_->FindKeyPair(raw_id);
-      if (!key.ok()) return key.status();
-      auto completed = CompleteVersion(v, **key);
-      if (!completed.ok()) return completed.status();
+      absl::StatusOr<VersionRecord> completed =
+          key.ok() ? CompleteVersion(v, **key) : absl::StatusOr<VersionRecord>(key.status());
+      if (!completed.ok()) {
+        // Token trouble stops the start; an object the kill left unreadable (attributes half
+        // written) is destroyed and the creation rolled back.
+        if (absl::IsUnavailable(completed.status())) return completed.status();
+        if (absl::Status s = token_->DestroyKeyPair(raw_id); !s.ok()) return s;
+        if (absl::Status s = store_->DeleteVersion(v.ring, v.version); !s.ok()) return s;
+        Log(LogLevel::kWarning, "reconcile.rolled_back_creation",
+            {{"ring", v.ring},
+             {"version", absl::StrCat(v.version)},
+             {"reason", absl::StrCat("unusable key pair in the token (destroyed): ",
+                                     completed.status().message())}});
+        continue;
+      }
       // The first version of a ring becomes ACTIVE; a later one PENDING (published, and only
       // promoted by a rotation).
       bool has_active = false;
@@ -633,6 +652,13 @@ absl::StatusOr<v1::ListKeyRingsResponse> KeyService::ListKeyRings(const std::str
   }
   for (const v1::OrphanedObject& o : orphans_) *out.add_orphaned_objects() = o;
   return out;
+}
+
+std::vector<std::string> KeyService::RingNames() const {
+  std::vector<std::string> names;
+  absl::ReaderMutexLock lock(&mu_);
+  for (const auto& [name, ring] : rings_) names.push_back(name);
+  return names;
 }
 
 absl::StatusOr<v1::SignJwsResponse> KeyService::SignJws(const v1::SignJwsRequest& request) const {

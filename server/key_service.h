@@ -46,6 +46,9 @@ class KeyService {
                                                             rotation::MetadataStore* store,
                                                             Options options);
   ~KeyService();  // stops the scheduler
+  // Stops the scheduler (waiting for a transition in progress); no transition starts after.
+  // custodyd calls it first on SIGTERM, so that a draining server changes no key.
+  void StopScheduler();
   KeyService(const KeyService&) = delete;
   KeyService& operator=(const KeyService&) = delete;
 
@@ -54,6 +57,7 @@ class KeyService {
   absl::StatusOr<v1::KeyRing> CreateKeyRing(const v1::CreateKeyRingRequest& request);
   absl::StatusOr<v1::KeyRing> GetKeyRing(const std::string& name) const;
   absl::StatusOr<v1::ListKeyRingsResponse> ListKeyRings(const std::string& prefix) const;
+  std::vector<std::string> RingNames() const;
   // Imports a private key as a new PENDING version of an existing ring. The key must fit the
   // ring's alg (curve, key type, RSA size); INVALID_ARGUMENT otherwise.
   absl::StatusOr<v1::KeyRing> ImportKeyVersion(const v1::ImportKeyVersionRequest& request);

@@ -1,8 +1,11 @@
 #include "tests/harness.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -76,8 +79,38 @@ CommandResult RunCommand(const std::vector<std::string>& argv, const std::string
   return r;
 }
 
+int FreePort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  socklen_t len = sizeof(addr);
+  int port = 0;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+    port = ntohs(addr.sin_port);
+  }
+  close(fd);
+  return port;
+}
+
 Custodyd::Custodyd(std::string state_dir, std::vector<std::string> extra)
     : state_dir_(std::move(state_dir)) {
+  Start(std::move(extra));
+}
+
+Custodyd::Custodyd(std::string state_dir, std::vector<std::string> extra,
+                   client::ChannelOptions tls)
+    : state_dir_(std::move(state_dir)), tls_(std::move(tls)) {
+  Start(std::move(extra));
+}
+
+void Custodyd::Signal(int sig) {
+  if (pid_ > 0) kill(pid_, sig);
+}
+
+void Custodyd::Start(std::vector<std::string> extra) {
   std::filesystem::create_directories(state_dir_);
   std::filesystem::permissions(state_dir_, std::filesystem::perms::owner_all);
   std::string log_path = state_dir_ + "/custodyd.log";
@@ -87,7 +120,7 @@ Custodyd::Custodyd(std::string state_dir, std::vector<std::string> extra)
     dup2(log, 2);
     dup2(log, 1);
     std::vector<std::string> argv = {BinDir() + "/custodyd", "--state_dir=" + state_dir_,
-                                     "--listen=unix:" + state_dir_ + "/custodyd.sock"};
+                                     "--listen=" + address()};
     argv.insert(argv.end(), extra.begin(), extra.end());
     std::vector<char*> args;
     for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
@@ -105,8 +138,15 @@ Custodyd::Custodyd(std::string state_dir, std::vector<std::string> extra)
       pid_ = -1;
       return;  // exited during startup: started() stays false, the log says why
     }
-    if (access(socket_path.c_str(), F_OK) == 0) {
-      auto channel = grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
+    if (!tls_.address.empty() || access(socket_path.c_str(), F_OK) == 0) {
+      std::shared_ptr<grpc::Channel> channel;
+      if (tls_.address.empty()) {
+        channel = grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
+      } else {
+        auto made = client::CreateChannel(tls_);
+        if (!made.ok()) return;
+        channel = *made;
+      }
       auto health = grpc::health::v1::Health::NewStub(channel);
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "client/channel.h"
 #include "custody/v1/custody.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 
@@ -38,6 +39,9 @@ CommandResult RunCommand(const std::vector<std::string>& argv, const std::string
 std::string ReadFileOrDie(const std::string& path);
 void WriteFileOrDie(const std::string& path, const std::string& content);
 
+// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+int FreePort();
+
 std::string BinDir();     // build/bin
 std::string SourceDir();  // the repository root
 
@@ -46,10 +50,17 @@ class Custodyd {
   // Starts custodyd --state_dir=state_dir --listen=unix:state_dir/custodyd.sock plus `extra`,
   // with stderr into state_dir/custodyd.log, and waits until the health service says SERVING.
   explicit Custodyd(std::string state_dir, std::vector<std::string> extra = {});
+  // Listens on `tls.address` (HOST:PORT) instead, and reaches it with the TLS/mTLS credentials
+  // in `tls` (ca_file, cert_file, key_file, server_name).
+  Custodyd(std::string state_dir, std::vector<std::string> extra, client::ChannelOptions tls);
   ~Custodyd();
 
   bool started() const { return started_; }
-  std::string address() const { return "unix:" + state_dir_ + "/custodyd.sock"; }
+  std::string address() const {
+    return tls_.address.empty() ? "unix:" + state_dir_ + "/custodyd.sock" : tls_.address;
+  }
+  pid_t pid() const { return pid_; }
+  void Signal(int sig);
   std::string log() const { return ReadFileOrDie(state_dir_ + "/custodyd.log"); }
   void Stop();  // SIGTERM, wait; fails the test if the exit is not clean
   void Kill();  // SIGKILL, wait
@@ -59,7 +70,10 @@ class Custodyd {
   std::shared_ptr<grpc::Channel> channel() { return channel_; }
 
  private:
+  void Start(std::vector<std::string> extra);
+
   std::string state_dir_;
+  client::ChannelOptions tls_;
   pid_t pid_ = -1;
   bool started_ = false;
   std::shared_ptr<grpc::Channel> channel_;

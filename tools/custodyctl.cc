@@ -12,6 +12,7 @@
 //   custodyctl version compromise NAME VERSION [--reason=TEXT]
 //   custodyctl decrypt NAME [--jwe_file=F]          (stdin when no file; raw plaintext out)
 //   custodyctl import NAME --jwk_file=F | --pem_file=F
+//   custodyctl audit verify FILE...   (local: checks audit log files in order; no server)
 //   ring create also takes --curve=P-256|P-384|P-521, --zip_max_bytes=N (DECRYPT rings) and
 //   --import_jwk_file=F | --import_pem_file=F (the first version imported, not generated).
 //
@@ -32,9 +33,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "client/channel.h"
+#include "common/log.h"
 #include "custody/v1/custody.grpc.pb.h"
 #include "google/protobuf/util/json_util.h"
 #include "openssl/crypto.h"
+#include "server/audit_log.h"
 
 namespace {
 
@@ -54,6 +57,7 @@ constexpr char kUsage[] =
     "  version compromise NAME VERSION [--reason=TEXT]\n"
     "  decrypt NAME [--jwe_file=F]   (stdin if no F; prints the raw plaintext)\n"
     "  import NAME --jwk_file=F | --pem_file=F   (a private key, as a new PENDING version)\n"
+    "  audit verify FILE...   (audit log files, oldest first; local, no server)\n"
     "  ring create also takes --curve=P-256|P-384|P-521 --zip_max_bytes=N and the\n"
     "                         set-policy flags\n"
     "                         --import_jwk_file=F | --import_pem_file=F\n"
@@ -100,6 +104,24 @@ int Failed(const grpc::Status& status) {
   return 1;
 }
 
+// Checks the hash chain of audit log files: {"ok":true,"lines":N,"last_hash":H} (keep H elsewhere
+// to detect a truncated tail later), or {"ok":false,"error":"FILE:LINE: reason"} and exit 1.
+int AuditVerify(const std::vector<std::string>& files) {
+  uint64_t lines = 0;
+  std::string last_hash;
+  absl::Status status = custody::server::VerifyAuditFiles(files, &lines, &last_hash);
+  std::string out;
+  if (status.ok()) {
+    out = absl::StrCat("{\"ok\":true,\"lines\":", lines, ",\"last_hash\":\"", last_hash, "\"}");
+  } else {
+    out = "{\"ok\":false,\"error\":";
+    custody::AppendJsonString(out, status.message());
+    out += "}";
+  }
+  std::cout << out << "\n";
+  return status.ok() ? 0 : 1;
+}
+
 int PrintJson(const google::protobuf::Message& message) {
   std::string json;
   google::protobuf::util::JsonPrintOptions options;
@@ -135,6 +157,10 @@ class Ctl {
   int Run(const Args& args) {
     const auto& p = args.positional;
     if (p.empty()) return Usage("no command");
+    if (p[0] == "audit") {
+      if (p.size() >= 3 && p[1] == "verify") return AuditVerify({p.begin() + 2, p.end()});
+      return Usage("audit verify needs one or more files, oldest first");
+    }
     if (p[0] == "ring" && p.size() >= 2) {
       if (p[1] == "create" && p.size() == 3) return RingCreate(p[2], args);
       if (p[1] == "get" && p.size() == 3) return RingGet(p[2]);

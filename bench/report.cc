@@ -1,0 +1,320 @@
+#include "bench/report.h"
+
+#include <cmath>
+#include <cstdio>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "bench/proc_util.h"
+
+namespace custody::bench {
+namespace {
+
+std::string Num(double v, int precision = 0) {
+  if (v < 0 || std::isnan(v)) return "-";
+  return absl::StrFormat("%.*f", precision, v);
+}
+
+// Latency: one decimal below 100 µs, none above.
+std::string Us(double v) { return Num(v, v < 100 ? 1 : 0); }
+
+std::string Mb(int64_t kb) {
+  if (kb < 0) return "-";
+  return absl::StrFormat("%.1f", static_cast<double>(kb) / 1024.0);
+}
+
+std::string JsonString(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    switch (c) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          out += absl::StrFormat("\\u%04x", static_cast<unsigned char>(c));
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out + "\"";
+}
+
+// A JSON number, or null for "unknown" (negative) values.
+std::string JsonNum(double v, bool allow_negative = false) {
+  if (std::isnan(v) || std::isinf(v) || (!allow_negative && v < 0)) return "null";
+  return absl::StrFormat("%.3f", v);
+}
+
+std::string LoadJson(const LoadResult& r) {
+  return absl::StrCat("{\"ops\":", r.ops, ",\"errors\":", r.errors, ",\"shed\":", r.shed,
+                      ",\"elapsed_s\":", JsonNum(r.elapsed_s),
+                      ",\"ops_per_s\":", JsonNum(r.ops_per_s), ",\"p50_us\":", JsonNum(r.p50_us),
+                      ",\"p99_us\":", JsonNum(r.p99_us), ",\"p999_us\":", JsonNum(r.p999_us),
+                      ",\"worker_cpu_s\":", JsonNum(r.worker_cpu_s),
+                      r.first_error.empty() ? "" : ",\"first_error\":",
+                      r.first_error.empty() ? "" : JsonString(r.first_error), "}");
+}
+
+}  // namespace
+
+double CeilingResult::DirectCpuUsPerOp() const {
+  if (!direct_ran || direct.ops == 0) return -1;
+  return direct.worker_cpu_s / static_cast<double>(direct.ops) * 1e6;
+}
+
+double RowResult::Ratio() const {
+  if (ceiling == nullptr || !ceiling->direct_ran || ceiling->direct.ops_per_s <= 0) return -1;
+  return load.ops_per_s / ceiling->direct.ops_per_s;
+}
+
+double RowResult::ServiceCpuUsPerOp() const {
+  if (service_cpu_s < 0 || load.ops == 0) return -1;
+  return service_cpu_s / static_cast<double>(load.ops) * 1e6;
+}
+
+bool RowResult::HasOverhead() const {
+  return ServiceCpuUsPerOp() >= 0 && ceiling != nullptr && ceiling->DirectCpuUsPerOp() >= 0;
+}
+
+double RowResult::OverheadUs() const {
+  if (!HasOverhead()) return 0;
+  return ServiceCpuUsPerOp() - ceiling->DirectCpuUsPerOp();
+}
+
+void EvaluateTargets(Report* report, int tc) {
+  auto find = [&](const std::string& transport, const std::string& op_id) -> const RowResult* {
+    for (const RowResult& r : report->rows) {
+      if (r.transport == transport && r.op->id == op_id && r.concurrency == tc) return &r;
+    }
+    return nullptr;
+  };
+  auto ratio_target = [&](const std::string& name, const std::string& transport,
+                          const std::string& op_id, double threshold) {
+    TargetResult t;
+    t.name = name;
+    t.threshold = threshold;
+    t.row = absl::StrCat(transport, " ", op_id, " c=", tc);
+    if (const RowResult* r = find(transport, op_id); r != nullptr && r->Ratio() >= 0) {
+      t.available = true;
+      t.value = r->Ratio();
+      t.met = t.value >= threshold;
+    }
+    report->targets.push_back(t);
+  };
+  ratio_target("SignJws ES256 Unix >= 0.70 x direct C_Sign", "unix", "ES256", 0.70);
+  {
+    TargetResult t;
+    t.name = "service overhead ES256 (Unix) <= 15 us/op";
+    t.threshold = 15;
+    t.at_most = true;
+    t.row = absl::StrCat("unix ES256 c=", tc);
+    if (const RowResult* r = find("unix", "ES256"); r != nullptr && r->HasOverhead()) {
+      t.available = true;
+      t.value = r->OverheadUs();
+      t.met = t.value <= t.threshold;
+    }
+    report->targets.push_back(t);
+  }
+  ratio_target("SignJws PS256/RSA-2048 Unix >= 0.90 x direct", "unix", "PS256-2048", 0.90);
+  ratio_target("SignJws PS256/RSA-3072 Unix >= 0.90 x direct", "unix", "PS256-3072", 0.90);
+  ratio_target("DecryptJwe RSA-OAEP-256 Unix >= 0.90 x direct", "unix", "RSA-OAEP-256", 0.90);
+  ratio_target("SignJws ES256 TCP+mTLS >= 0.65 x direct C_Sign", "tcp+mtls", "ES256", 0.65);
+}
+
+void PrintReport(const Report& report, std::FILE* out) {
+  std::fprintf(out,
+               "\ncustody-bench: %.2f s per row%s, %d cores, load average at start %s, "
+               "PKCS#11 sessions %d (custodyd and bench), payload %d bytes\n",
+               report.seconds, report.quick ? " (--quick)" : "", report.cores,
+               report.loadavg.c_str(), report.max_sessions, report.payload_bytes);
+
+  if (!report.ceilings.empty()) {
+    std::fprintf(out, "\nCeilings (in the bench process, no gRPC, same thread count):\n");
+    std::fprintf(out, "%-34s %3s %11s %9s %9s %10s %6s %11s\n", "op", "c", "cryptoki/s", "p50_us",
+                 "p99_us", "cpu_us/op", "shed", "openssl/s");
+    for (const auto& [key, c] : report.ceilings) {
+      std::string label = key.first;
+      for (const OpSpec& op : AllOps()) {
+        if (op.id == key.first) label = op.label;
+      }
+      std::fprintf(out, "%-34s %3d %11s %9s %9s %10s %6llu %11s%s%s\n", label.c_str(),
+                   c.concurrency, c.direct_ran ? Num(c.direct.ops_per_s).c_str() : "-",
+                   c.direct_ran ? Us(c.direct.p50_us).c_str() : "-",
+                   c.direct_ran ? Us(c.direct.p99_us).c_str() : "-",
+                   Num(c.DirectCpuUsPerOp(), 1).c_str(),
+                   static_cast<unsigned long long>(c.direct.shed),
+                   c.openssl_ran ? Num(c.openssl.ops_per_s).c_str() : "-",
+                   c.error.empty() ? "" : "  ERROR: ", c.error.c_str());
+    }
+
+    std::fprintf(
+        out,
+        "\ncustodyd end to end (ratio = custodyd ops/s / direct Cryptoki ops/s at the "
+        "same threads; svc = custodyd CPU per op; tok = bench CPU per direct token op; "
+        "ovh = svc - tok; shed = RESOURCE_EXHAUSTED from the session pool's back-pressure):\n");
+    std::fprintf(out, "%-9s %-34s %3s %2s %9s %9s %9s %9s %6s %9s %8s %8s %7s %4s  %s\n",
+                 "transport", "op", "c", "ch", "ops/s", "p50_us", "p99_us", "p99.9_us", "ratio",
+                 "svc_us/op", "tok_us", "ovh_us", "hwm_MB", "err", "check");
+    for (const RowResult& r : report.rows) {
+      std::fprintf(out, "%-9s %-34s %3d %2d %9s %9s %9s %9s %6s %9s %8s %8s %7s %4llu %5llu  %s\n",
+                   r.transport.c_str(), r.op->label.c_str(), r.concurrency, r.channels,
+                   r.HasNumber() ? Num(r.load.ops_per_s).c_str() : "NONE",
+                   r.HasNumber() ? Us(r.load.p50_us).c_str() : "-",
+                   r.HasNumber() ? Us(r.load.p99_us).c_str() : "-",
+                   r.HasNumber() ? Us(r.load.p999_us).c_str() : "-", Num(r.Ratio(), 2).c_str(),
+                   Num(r.ServiceCpuUsPerOp(), 1).c_str(),
+                   r.ceiling != nullptr ? Num(r.ceiling->DirectCpuUsPerOp(), 1).c_str() : "-",
+                   r.HasOverhead() ? absl::StrFormat("%.1f", r.OverheadUs()).c_str() : "-",
+                   Mb(r.vmhwm_kb).c_str(), static_cast<unsigned long long>(r.load.errors),
+                   static_cast<unsigned long long>(r.load.shed), r.check.c_str());
+    }
+  }
+  uint64_t shed_rows = 0;
+  for (const RowResult& r : report.rows) shed_rows += r.load.shed > 0 ? 1 : 0;
+  if (shed_rows > 0) {
+    std::fprintf(out,
+                 "Note: %llu rows had calls shed by the session pool's back-pressure (more callers "
+                 "than %d sessions + 4 x %d waiting); their ops/s count successes only.\n",
+                 static_cast<unsigned long long>(shed_rows), report.max_sessions,
+                 report.max_sessions);
+  }
+  for (const auto& [transport, kb] : report.custodyd_vmhwm_kb) {
+    std::fprintf(out, "custodyd peak RSS (VmHWM) over the %s run: %s MB\n", transport.c_str(),
+                 Mb(kb).c_str());
+  }
+
+  if (!report.targets.empty()) {
+    std::fprintf(out, "\nTargets (reported, not asserted):\n");
+    for (const TargetResult& t : report.targets) {
+      std::fprintf(out, "  %-48s %-26s %8s  %s\n", t.name.c_str(), t.row.c_str(),
+                   t.available ? absl::StrFormat("%.2f", t.value).c_str() : "-",
+                   !t.available ? "not measured" : (t.met ? "met" : "MISSED"));
+    }
+  }
+
+  if (report.scale.has_value()) {
+    const ScaleResult& s = *report.scale;
+    std::fprintf(out,
+                 "\nScale: %d ES256 rings, %lld key versions (created and rotated in %.1f s)\n",
+                 s.rings, static_cast<long long>(s.versions), s.create_s);
+    std::fprintf(out, "  custodyd VmRSS before %s MB, after creation %s MB (VmHWM %s MB)\n",
+                 Mb(s.rss_kb_before).c_str(), Mb(s.rss_kb_after_create).c_str(),
+                 Mb(s.hwm_kb_after_create).c_str());
+    std::fprintf(out,
+                 "  GetJwks (all rings, %lld keys, %lld bytes) x%d: p50 %.2f ms, p99 %.2f ms, "
+                 "max %.2f ms\n",
+                 static_cast<long long>(s.jwks_keys), static_cast<long long>(s.jwks_bytes),
+                 s.jwks_calls, s.jwks_p50_ms, s.jwks_p99_ms, s.jwks_max_ms);
+    std::fprintf(
+        out, "  restart with that state: SERVING after %.0f ms; VmRSS %s MB (VmHWM %s MB)\n",
+        s.startup_ms, Mb(s.rss_kb_after_restart).c_str(), Mb(s.hwm_kb_after_restart).c_str());
+  }
+
+  std::fprintf(out, "\nTotal %.1f s. ", report.total_s);
+  if (report.failures.empty()) {
+    std::fprintf(out, "Every row produced a number and passed its check.\n");
+  } else {
+    std::fprintf(out, "FAILURES (%zu):\n", report.failures.size());
+    for (const std::string& f : report.failures) std::fprintf(out, "  %s\n", f.c_str());
+  }
+}
+
+absl::Status WriteJsonReport(const Report& report, const std::string& path) {
+  std::string j = "{";
+  absl::StrAppend(&j, "\"custodyd\":", JsonString(report.custodyd),
+                  ",\"seconds_per_row\":", JsonNum(report.seconds),
+                  ",\"quick\":", report.quick ? "true" : "false", ",\"cores\":", report.cores,
+                  ",\"loadavg_at_start\":", JsonString(report.loadavg),
+                  ",\"pkcs11_sessions\":", report.max_sessions,
+                  ",\"payload_bytes\":", report.payload_bytes,
+                  ",\"total_s\":", JsonNum(report.total_s));
+  j += ",\"ceilings\":[";
+  bool first = true;
+  for (const auto& [key, c] : report.ceilings) {
+    absl::StrAppend(
+        &j, first ? "" : ",", "{\"op\":", JsonString(key.first), ",\"concurrency\":", c.concurrency,
+        ",\"direct_cryptoki\":", c.direct_ran ? LoadJson(c.direct) : "null",
+        ",\"direct_cpu_us_per_op\":", JsonNum(c.DirectCpuUsPerOp()),
+        ",\"openssl\":", c.openssl_ran ? LoadJson(c.openssl) : "null",
+        c.error.empty() ? "" : ",\"error\":", c.error.empty() ? "" : JsonString(c.error), "}");
+    first = false;
+  }
+  j += "],\"rows\":[";
+  first = true;
+  for (const RowResult& r : report.rows) {
+    absl::StrAppend(
+        &j, first ? "" : ",", "{\"transport\":", JsonString(r.transport),
+        ",\"op\":", JsonString(r.op->id),
+        ",\"rpc\":", JsonString(r.op->rpc == Rpc::kSignJws ? "SignJws" : "DecryptJwe"),
+        ",\"concurrency\":", r.concurrency, ",\"channels\":", r.channels,
+        ",\"custodyd\":", LoadJson(r.load), ",\"direct_cryptoki_ops_per_s\":",
+        r.ceiling != nullptr && r.ceiling->direct_ran ? JsonNum(r.ceiling->direct.ops_per_s)
+                                                      : "null",
+        ",\"openssl_ops_per_s\":",
+        r.ceiling != nullptr && r.ceiling->openssl_ran ? JsonNum(r.ceiling->openssl.ops_per_s)
+                                                       : "null",
+        ",\"ratio_vs_direct\":", JsonNum(r.Ratio()),
+        ",\"custodyd_cpu_s\":", JsonNum(r.service_cpu_s),
+        ",\"custodyd_cpu_us_per_op\":", JsonNum(r.ServiceCpuUsPerOp()),
+        ",\"direct_cpu_us_per_op\":",
+        r.ceiling != nullptr ? JsonNum(r.ceiling->DirectCpuUsPerOp()) : "null",
+        ",\"service_overhead_us\":", r.HasOverhead() ? JsonNum(r.OverheadUs(), true) : "null",
+        ",\"custodyd_vmhwm_kb\":", r.vmhwm_kb >= 0 ? absl::StrCat(r.vmhwm_kb) : "null",
+        ",\"check_ok\":", r.check_ok ? "true" : "false", ",\"check\":", JsonString(r.check), "}");
+    first = false;
+  }
+  j += "],\"custodyd_vmhwm_kb\":{";
+  first = true;
+  for (const auto& [transport, kb] : report.custodyd_vmhwm_kb) {
+    absl::StrAppend(&j, first ? "" : ",", JsonString(transport), ":", kb);
+    first = false;
+  }
+  j += "},\"targets\":[";
+  first = true;
+  for (const TargetResult& t : report.targets) {
+    absl::StrAppend(&j, first ? "" : ",", "{\"name\":", JsonString(t.name),
+                    ",\"row\":", JsonString(t.row),
+                    ",\"value\":", t.available ? JsonNum(t.value, true) : "null",
+                    ",\"threshold\":", JsonNum(t.threshold),
+                    ",\"comparison\":", JsonString(t.at_most ? "<=" : ">="),
+                    ",\"met\":", !t.available ? "null" : (t.met ? "true" : "false"), "}");
+    first = false;
+  }
+  j += "]";
+  if (report.scale.has_value()) {
+    const ScaleResult& s = *report.scale;
+    absl::StrAppend(
+        &j, ",\"scale\":{\"rings\":", s.rings, ",\"versions\":", s.versions,
+        ",\"create_s\":", JsonNum(s.create_s), ",\"vmrss_kb_before\":", s.rss_kb_before,
+        ",\"vmrss_kb_after_create\":", s.rss_kb_after_create,
+        ",\"vmhwm_kb_after_create\":", s.hwm_kb_after_create, ",\"jwks_keys\":", s.jwks_keys,
+        ",\"jwks_bytes\":", s.jwks_bytes, ",\"jwks_calls\":", s.jwks_calls,
+        ",\"jwks_p50_ms\":", JsonNum(s.jwks_p50_ms), ",\"jwks_p99_ms\":", JsonNum(s.jwks_p99_ms),
+        ",\"jwks_max_ms\":", JsonNum(s.jwks_max_ms), ",\"startup_ms\":", JsonNum(s.startup_ms),
+        ",\"vmrss_kb_after_restart\":", s.rss_kb_after_restart,
+        ",\"vmhwm_kb_after_restart\":", s.hwm_kb_after_restart, "}");
+  }
+  j += ",\"failures\":[";
+  first = true;
+  for (const std::string& f : report.failures) {
+    absl::StrAppend(&j, first ? "" : ",", JsonString(f));
+    first = false;
+  }
+  j += "],\"ok\":";
+  j += report.failures.empty() ? "true" : "false";
+  j += "}\n";
+  return WriteFile(path, j, 0644);
+}
+
+}  // namespace custody::bench

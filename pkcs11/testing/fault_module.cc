@@ -1,0 +1,335 @@
+// A FAULT INJECTOR, USED ONLY BY TESTS. It is a PKCS#11 module (C ABI, C_GetFunctionList) that
+// loads the real module named by $CUSTODY_FAULT_REAL_MODULE (default: Debian's SoftHSM2),
+// forwards every call to it, and on demand makes calls fail the way a real HSM fails but a
+// software token cannot be made to fail at will: CKR_DEVICE_ERROR from C_Sign, sessions closed
+// behind the application's back, a device removed until the module is re-initialized, a slow
+// token. The test process drives it through the C functions of fault_module.h. Never install
+// it or point custodyd at it.
+#include "pkcs11/testing/fault_module.h"
+
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "p11-kit/pkcs11.h"
+
+#define CUSTODY_FAULT_EXPORT __attribute__((visibility("default")))
+
+namespace {
+
+struct Injection {
+  CK_RV rv = CKR_OK;
+  int remaining = 0;  // < 0: forever
+  int skip = 0;       // calls still let through first
+  bool lose_reply = false;
+};
+
+// What Enter decided for one call.
+struct Verdict {
+  CK_RV rv = CKR_OK;        // CKR_OK: forward and answer what the real module answers
+  bool lose_reply = false;  // forward anyway, then answer rv
+};
+
+struct Faults {
+  std::mutex mu;
+  std::map<std::string, Injection> injected;
+  std::map<std::string, int> delays_ms;
+  std::map<std::string, unsigned long> calls;
+  int removed_cycles = 0;  // > 0: re-initializations left; < 0: until reset
+  std::set<CK_SLOT_ID> slots;
+};
+
+Faults& State() {
+  static auto* faults = new Faults();  // never destroyed: called until process exit
+  return *faults;
+}
+
+CK_FUNCTION_LIST* real = nullptr;
+CK_FUNCTION_LIST shim_list;
+
+// Whether the function fails while the device is "removed". Library-level calls and closing
+// sessions keep working, as they do on a real reader with the token pulled out.
+enum class Scope { kLibrary, kToken };
+
+// Counts the call, sleeps its delay, and says which fault is due.
+Verdict Enter(const char* function, Scope scope) {
+  int delay_ms = 0;
+  Verdict verdict;
+  {
+    Faults& faults = State();
+    std::lock_guard<std::mutex> lock(faults.mu);
+    ++faults.calls[function];
+    if (auto it = faults.delays_ms.find(function); it != faults.delays_ms.end()) {
+      delay_ms = it->second;
+    }
+    auto it = faults.injected.find(function);
+    if (it != faults.injected.end() && it->second.skip > 0) {
+      --it->second.skip;
+    } else if (it != faults.injected.end()) {
+      verdict.rv = it->second.rv;
+      verdict.lose_reply = it->second.lose_reply;
+      if (it->second.remaining > 0 && --it->second.remaining == 0) faults.injected.erase(it);
+    } else if (scope == Scope::kToken && faults.removed_cycles != 0) {
+      verdict.rv = CKR_DEVICE_REMOVED;
+    }
+  }
+  if (delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
+  return verdict;
+}
+
+// A failed single-part C_Sign/C_Decrypt ends the active operation (PKCS#11 2.40 §5.2): run the
+// real call into a scratch buffer so that the real session is left as a real failure leaves it.
+template <typename Call>
+void EndOperation(Call call, CK_SESSION_HANDLE session, CK_BYTE_PTR in, CK_ULONG in_len) {
+  std::vector<CK_BYTE> scratch(16384);
+  CK_ULONG length = scratch.size();
+  call(session, in, in_len, scratch.data(), &length);
+  explicit_bzero(scratch.data(), scratch.size());
+}
+
+#define CUSTODY_FORWARD(name, scope, params, args)                      \
+  CK_RV Shim_##name params {                                            \
+    const Verdict verdict = Enter(#name, Scope::scope);                 \
+    if (verdict.rv != CKR_OK && !verdict.lose_reply) return verdict.rv; \
+    const CK_RV rv = real->name args;                                   \
+    return verdict.rv != CKR_OK ? verdict.rv : rv;                      \
+  }
+
+CK_RV Shim_C_Initialize(CK_VOID_PTR args) {
+  if (const Verdict verdict = Enter("C_Initialize", Scope::kLibrary); verdict.rv != CKR_OK) {
+    return verdict.rv;
+  }
+  const CK_RV rv = real->C_Initialize(args);
+  if (rv == CKR_OK) {
+    Faults& faults = State();
+    std::lock_guard<std::mutex> lock(faults.mu);
+    if (faults.removed_cycles > 0) --faults.removed_cycles;  // the token is "back"
+  }
+  return rv;
+}
+
+CK_RV Shim_C_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR application, CK_NOTIFY notify,
+                         CK_SESSION_HANDLE_PTR session) {
+  if (const Verdict verdict = Enter("C_OpenSession", Scope::kToken); verdict.rv != CKR_OK) {
+    return verdict.rv;
+  }
+  const CK_RV rv = real->C_OpenSession(slot, flags, application, notify, session);
+  if (rv == CKR_OK) {
+    Faults& faults = State();
+    std::lock_guard<std::mutex> lock(faults.mu);
+    faults.slots.insert(slot);
+  }
+  return rv;
+}
+
+CK_RV Shim_C_Sign(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_len,
+                  CK_BYTE_PTR signature, CK_ULONG_PTR signature_len) {
+  if (const Verdict verdict = Enter("C_Sign", Scope::kToken); verdict.rv != CKR_OK) {
+    EndOperation(real->C_Sign, session, data, data_len);
+    return verdict.rv;
+  }
+  return real->C_Sign(session, data, data_len, signature, signature_len);
+}
+
+CK_RV Shim_C_Decrypt(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_len,
+                     CK_BYTE_PTR plaintext, CK_ULONG_PTR plaintext_len) {
+  if (const Verdict verdict = Enter("C_Decrypt", Scope::kToken); verdict.rv != CKR_OK) {
+    EndOperation(real->C_Decrypt, session, data, data_len);
+    return verdict.rv;
+  }
+  return real->C_Decrypt(session, data, data_len, plaintext, plaintext_len);
+}
+
+CUSTODY_FORWARD(C_Finalize, kLibrary, (CK_VOID_PTR reserved), (reserved))
+CUSTODY_FORWARD(C_GetInfo, kLibrary, (CK_INFO_PTR info), (info))
+CUSTODY_FORWARD(C_GetSlotList, kLibrary,
+                (CK_BBOOL present, CK_SLOT_ID_PTR slots, CK_ULONG_PTR count),
+                (present, slots, count))
+CUSTODY_FORWARD(C_GetSlotInfo, kLibrary, (CK_SLOT_ID slot, CK_SLOT_INFO_PTR info), (slot, info))
+CUSTODY_FORWARD(C_GetTokenInfo, kToken, (CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info), (slot, info))
+CUSTODY_FORWARD(C_GetMechanismList, kToken,
+                (CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list, CK_ULONG_PTR count),
+                (slot, list, count))
+CUSTODY_FORWARD(C_InitToken, kToken,
+                (CK_SLOT_ID slot, CK_UTF8CHAR_PTR pin, CK_ULONG pin_len, CK_UTF8CHAR_PTR label),
+                (slot, pin, pin_len, label))
+CUSTODY_FORWARD(C_InitPIN, kToken,
+                (CK_SESSION_HANDLE session, CK_UTF8CHAR_PTR pin, CK_ULONG pin_len),
+                (session, pin, pin_len))
+CUSTODY_FORWARD(C_CloseSession, kLibrary, (CK_SESSION_HANDLE session), (session))
+CUSTODY_FORWARD(C_CloseAllSessions, kLibrary, (CK_SLOT_ID slot), (slot))
+CUSTODY_FORWARD(C_GetSessionInfo, kToken, (CK_SESSION_HANDLE session, CK_SESSION_INFO_PTR info),
+                (session, info))
+CUSTODY_FORWARD(C_Login, kToken,
+                (CK_SESSION_HANDLE session, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin,
+                 CK_ULONG pin_len),
+                (session, user, pin, pin_len))
+CUSTODY_FORWARD(C_Logout, kToken, (CK_SESSION_HANDLE session), (session))
+CUSTODY_FORWARD(C_CreateObject, kToken,
+                (CK_SESSION_HANDLE session, CK_ATTRIBUTE_PTR attributes, CK_ULONG count,
+                 CK_OBJECT_HANDLE_PTR object),
+                (session, attributes, count, object))
+CUSTODY_FORWARD(C_DestroyObject, kToken, (CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object),
+                (session, object))
+CUSTODY_FORWARD(C_GetAttributeValue, kToken,
+                (CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object, CK_ATTRIBUTE_PTR attributes,
+                 CK_ULONG count),
+                (session, object, attributes, count))
+CUSTODY_FORWARD(C_FindObjectsInit, kToken,
+                (CK_SESSION_HANDLE session, CK_ATTRIBUTE_PTR attributes, CK_ULONG count),
+                (session, attributes, count))
+CUSTODY_FORWARD(C_FindObjects, kToken,
+                (CK_SESSION_HANDLE session, CK_OBJECT_HANDLE_PTR objects, CK_ULONG max,
+                 CK_ULONG_PTR count),
+                (session, objects, max, count))
+CUSTODY_FORWARD(C_FindObjectsFinal, kToken, (CK_SESSION_HANDLE session), (session))
+CUSTODY_FORWARD(C_DecryptInit, kToken,
+                (CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE key),
+                (session, mechanism, key))
+CUSTODY_FORWARD(C_SignInit, kToken,
+                (CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE key),
+                (session, mechanism, key))
+CUSTODY_FORWARD(C_GenerateKeyPair, kToken,
+                (CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism,
+                 CK_ATTRIBUTE_PTR public_template, CK_ULONG public_count,
+                 CK_ATTRIBUTE_PTR private_template, CK_ULONG private_count,
+                 CK_OBJECT_HANDLE_PTR public_key, CK_OBJECT_HANDLE_PTR private_key),
+                (session, mechanism, public_template, public_count, private_template, private_count,
+                 public_key, private_key))
+CUSTODY_FORWARD(C_DeriveKey, kToken,
+                (CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE base,
+                 CK_ATTRIBUTE_PTR attributes, CK_ULONG count, CK_OBJECT_HANDLE_PTR key),
+                (session, mechanism, base, attributes, count, key))
+
+#undef CUSTODY_FORWARD
+
+// The real module's list with the functions custody calls replaced by the wrappers above.
+CK_RV BuildList() {
+  const char* path = getenv("CUSTODY_FAULT_REAL_MODULE");
+  if (path == nullptr || *path == '\0') path = "/usr/lib/softhsm/libsofthsm2.so";
+  // Kept mapped for the life of the process, like custody's own Module does.
+  void* library = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (library == nullptr) return CKR_GENERAL_ERROR;
+  auto get_function_list =
+      reinterpret_cast<CK_C_GetFunctionList>(dlsym(library, "C_GetFunctionList"));
+  if (get_function_list == nullptr) return CKR_GENERAL_ERROR;
+  if (CK_RV rv = get_function_list(&real); rv != CKR_OK) return rv;
+  shim_list = *real;  // everything not wrapped is forwarded as is
+  shim_list.C_GetFunctionList = &C_GetFunctionList;
+#define CUSTODY_WRAP(name) shim_list.name = &Shim_##name
+  CUSTODY_WRAP(C_Initialize);
+  CUSTODY_WRAP(C_Finalize);
+  CUSTODY_WRAP(C_GetInfo);
+  CUSTODY_WRAP(C_GetSlotList);
+  CUSTODY_WRAP(C_GetSlotInfo);
+  CUSTODY_WRAP(C_GetTokenInfo);
+  CUSTODY_WRAP(C_GetMechanismList);
+  CUSTODY_WRAP(C_InitToken);
+  CUSTODY_WRAP(C_InitPIN);
+  CUSTODY_WRAP(C_OpenSession);
+  CUSTODY_WRAP(C_CloseSession);
+  CUSTODY_WRAP(C_CloseAllSessions);
+  CUSTODY_WRAP(C_GetSessionInfo);
+  CUSTODY_WRAP(C_Login);
+  CUSTODY_WRAP(C_Logout);
+  CUSTODY_WRAP(C_CreateObject);
+  CUSTODY_WRAP(C_DestroyObject);
+  CUSTODY_WRAP(C_GetAttributeValue);
+  CUSTODY_WRAP(C_FindObjectsInit);
+  CUSTODY_WRAP(C_FindObjects);
+  CUSTODY_WRAP(C_FindObjectsFinal);
+  CUSTODY_WRAP(C_DecryptInit);
+  CUSTODY_WRAP(C_Decrypt);
+  CUSTODY_WRAP(C_SignInit);
+  CUSTODY_WRAP(C_Sign);
+  CUSTODY_WRAP(C_GenerateKeyPair);
+  CUSTODY_WRAP(C_DeriveKey);
+#undef CUSTODY_WRAP
+  return CKR_OK;
+}
+
+}  // namespace
+
+extern "C" {
+
+CUSTODY_FAULT_EXPORT CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list) {
+  static const CK_RV built = BuildList();
+  if (list == nullptr) return CKR_ARGUMENTS_BAD;
+  if (built != CKR_OK) return built;
+  *list = &shim_list;
+  return CKR_OK;
+}
+
+CUSTODY_FAULT_EXPORT void custody_fault_inject(const char* function, unsigned long ckr, int count) {
+  Faults& faults = State();
+  std::lock_guard<std::mutex> lock(faults.mu);
+  if (count == 0) {
+    faults.injected.erase(function);
+  } else {
+    faults.injected[function] = Injection{ckr, count, 0, false};
+  }
+}
+
+CUSTODY_FAULT_EXPORT void custody_fault_inject_ex(const char* function, unsigned long ckr,
+                                                  int count, int skip, int lose_reply) {
+  Faults& faults = State();
+  std::lock_guard<std::mutex> lock(faults.mu);
+  if (count == 0) {
+    faults.injected.erase(function);
+  } else {
+    faults.injected[function] = Injection{ckr, count, skip, lose_reply != 0};
+  }
+}
+
+CUSTODY_FAULT_EXPORT void custody_fault_close_all_sessions(void) {
+  std::set<CK_SLOT_ID> slots;
+  {
+    Faults& faults = State();
+    std::lock_guard<std::mutex> lock(faults.mu);
+    slots = faults.slots;
+  }
+  if (real == nullptr) return;
+  for (CK_SLOT_ID slot : slots) real->C_CloseAllSessions(slot);
+}
+
+CUSTODY_FAULT_EXPORT void custody_fault_device_removed(int cycles) {
+  Faults& faults = State();
+  std::lock_guard<std::mutex> lock(faults.mu);
+  faults.removed_cycles = cycles;
+}
+
+CUSTODY_FAULT_EXPORT void custody_fault_delay_ms(const char* function, int ms) {
+  Faults& faults = State();
+  std::lock_guard<std::mutex> lock(faults.mu);
+  if (ms <= 0) {
+    faults.delays_ms.erase(function);
+  } else {
+    faults.delays_ms[function] = ms;
+  }
+}
+
+CUSTODY_FAULT_EXPORT unsigned long custody_fault_calls(const char* function) {
+  Faults& faults = State();
+  std::lock_guard<std::mutex> lock(faults.mu);
+  auto it = faults.calls.find(function);
+  return it == faults.calls.end() ? 0 : it->second;
+}
+
+CUSTODY_FAULT_EXPORT void custody_fault_reset(void) {
+  Faults& faults = State();
+  std::lock_guard<std::mutex> lock(faults.mu);
+  faults.injected.clear();
+  faults.delays_ms.clear();
+  faults.calls.clear();
+  faults.removed_cycles = 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,47 @@
+// Test-only: the control API of the fault-injecting PKCS#11 module (fault_module.cc, shared
+// library custody_fault_pkcs11). Tests do not link the module: they load it as the Token's
+// module_path and find these functions with dlopen(path, RTLD_NOW | RTLD_NOLOAD) + dlsym, typed
+// with decltype(&custody_fault_inject) and so on.
+//
+// Function names are Cryptoki names ("C_Sign"). Faults apply to the functions custody calls
+// (see kWrapped in fault_module.cc); every other function is forwarded untouched.
+#ifndef CUSTODY_PKCS11_TESTING_FAULT_MODULE_H_
+#define CUSTODY_PKCS11_TESTING_FAULT_MODULE_H_
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// The next `count` calls of `function` return `ckr` without reaching the real module (a failed
+// C_Sign/C_Decrypt still ends the real operation, as the standard says a failed call does).
+// count < 0: every call until custody_fault_reset. count 0: cancels.
+void custody_fault_inject(const char* function, unsigned long ckr, int count);
+
+// As custody_fault_inject, after letting `skip` calls through; with `lose_reply` the faulted calls
+// do reach the real module (objects get created) and only their answer is replaced by `ckr`.
+void custody_fault_inject_ex(const char* function, unsigned long ckr, int count, int skip,
+                             int lose_reply);
+
+// C_CloseAllSessions in the real module on every slot a session was opened on: later calls on
+// the old handles get CKR_SESSION_HANDLE_INVALID, and the application is logged out.
+void custody_fault_close_all_sessions(void);
+
+// The token is "removed": every session call, C_OpenSession, C_GetTokenInfo and C_Login return
+// CKR_DEVICE_REMOVED until `cycles` C_Finalize/C_Initialize cycles have happened (1: the next
+// re-initialization cures it). cycles < 0: until custody_fault_reset; 0: cancels.
+void custody_fault_device_removed(int cycles);
+
+// Every call of `function` sleeps `ms` milliseconds first (a slow token). 0 cancels.
+void custody_fault_delay_ms(const char* function, int ms);
+
+// How many times `function` was called (faulted calls included) since the last reset.
+unsigned long custody_fault_calls(const char* function);
+
+// Clears every fault, delay and call count.
+void custody_fault_reset(void);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif
+
+#endif  // CUSTODY_PKCS11_TESTING_FAULT_MODULE_H_

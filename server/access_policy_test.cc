@@ -1,0 +1,364 @@
+#include "server/access_policy.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "gtest/gtest.h"
+
+namespace custody::server {
+namespace {
+
+constexpr char kDocumentedPolicy[] = R"({"version": 1,
+ "grants": [
+   {"identities": ["spiffe://bank.example/as", "dns:as.bank.example", "uid:1000"],
+    "operations": ["sign", "decrypt", "jwks"], "rings": ["op/*", "clients/**"]},
+   {"identities": ["*"], "operations": ["jwks"], "rings": ["**"]}
+ ]})";
+
+AccessPolicy MustParse(const std::string& json) {
+  absl::StatusOr<AccessPolicy> policy = AccessPolicy::Parse(json);
+  EXPECT_TRUE(policy.ok()) << policy.status();
+  return policy.ok() ? *std::move(policy) : AccessPolicy();
+}
+
+// One grant to "id" for "sign" on `pattern`.
+AccessPolicy OnePattern(const std::string& pattern) {
+  return MustParse(
+      R"({"version":1,"grants":[{"identities":["id"],"operations":["sign"],"rings":[")" + pattern +
+      R"("]}]})");
+}
+
+TEST(AccessPolicyTest, DocumentedExampleGrantsWhatItSays) {
+  AccessPolicy policy = MustParse(kDocumentedPolicy);
+  EXPECT_EQ(policy.grant_count(), 2u);
+  EXPECT_TRUE(policy.Allows("spiffe://bank.example/as", "sign", "op/id-token"));
+  EXPECT_TRUE(policy.Allows("dns:as.bank.example", "decrypt", "clients/acme/enc"));
+  EXPECT_TRUE(policy.Allows("uid:1000", "jwks", "op/id-token"));
+  EXPECT_FALSE(policy.Allows("uid:1000", "admin.rotate", "op/id-token"));
+  EXPECT_FALSE(policy.Allows("uid:1000", "sign", "other/key"));
+  // Anyone authenticated may read any JWKS, nothing more.
+  EXPECT_TRUE(policy.Allows("uid:4242", "jwks", "other/key"));
+  EXPECT_FALSE(policy.Allows("uid:4242", "sign", "op/id-token"));
+}
+
+TEST(AccessPolicyTest, DeniesByDefault) {
+  AccessPolicy empty;
+  EXPECT_FALSE(empty.Allows("uid:0", "sign", "op/id"));
+  EXPECT_FALSE(empty.AllowsAnyRing("uid:0", "admin.read"));
+  AccessPolicy no_grants = MustParse(R"({"version":1,"grants":[]})");
+  EXPECT_FALSE(no_grants.Allows("uid:0", "jwks", "op/id"));
+}
+
+TEST(AccessPolicyTest, SingleStarStaysWithinOneSegment) {
+  AccessPolicy policy = OnePattern("op/*");
+  EXPECT_TRUE(policy.Allows("id", "sign", "op/id-token"));
+  EXPECT_TRUE(policy.Allows("id", "sign", "op/x"));
+  EXPECT_FALSE(policy.Allows("id", "sign", "op/a/b"));
+  EXPECT_FALSE(policy.Allows("id", "sign", "op"));
+  EXPECT_FALSE(policy.Allows("id", "sign", "opx/a"));
+  EXPECT_FALSE(policy.Allows("id", "sign", "x/op/a"));
+
+  AccessPolicy infix = OnePattern("clients/*/jwt-*");
+  EXPECT_TRUE(infix.Allows("id", "sign", "clients/acme/jwt-1"));
+  EXPECT_TRUE(infix.Allows("id", "sign", "clients/acme/jwt-"));
+  EXPECT_FALSE(infix.Allows("id", "sign", "clients/a/b/jwt-1"));
+  EXPECT_FALSE(infix.Allows("id", "sign", "clients/acme/jwt-1/x"));
+}
+
+TEST(AccessPolicyTest, DoubleStarCrossesSegments) {
+  AccessPolicy policy = OnePattern("clients/**");
+  EXPECT_TRUE(policy.Allows("id", "sign", "clients/acme"));
+  EXPECT_TRUE(policy.Allows("id", "sign", "clients/acme/private-key-jwt"));
+  EXPECT_FALSE(policy.Allows("id", "sign", "clients"));
+  EXPECT_FALSE(policy.Allows("id", "sign", "op/clients/acme"));
+
+  AccessPolicy suffix = OnePattern("**/sig");
+  EXPECT_TRUE(suffix.Allows("id", "sign", "a/sig"));
+  EXPECT_TRUE(suffix.Allows("id", "sign", "a/b/c/sig"));
+  EXPECT_FALSE(suffix.Allows("id", "sign", "sig"));
+  EXPECT_FALSE(suffix.Allows("id", "sign", "a/sig2"));
+
+  AccessPolicy all = OnePattern("**");
+  EXPECT_TRUE(all.Allows("id", "sign", "a"));
+  EXPECT_TRUE(all.Allows("id", "sign", "a/b/c/d/e/f/g/h"));
+}
+
+TEST(AccessPolicyTest, LiteralPatternMatchesExactly) {
+  AccessPolicy policy = OnePattern("op/id.v1_x-y");
+  EXPECT_TRUE(policy.Allows("id", "sign", "op/id.v1_x-y"));
+  EXPECT_FALSE(policy.Allows("id", "sign", "op/id.v1_x-yz"));
+  EXPECT_FALSE(policy.Allows("id", "sign", "op/id.v1_x-"));
+  EXPECT_FALSE(policy.Allows("id", "sign", ""));
+}
+
+TEST(AccessPolicyTest, ManyStarsDoNotBlowUp) {
+  // Backtracking matchers take exponential time here; the answer is still false.
+  AccessPolicy policy = OnePattern("**a**a**a**a**a**a**a**a**a**a**b");
+  std::string ring(200, 'a');
+  EXPECT_FALSE(policy.Allows("id", "sign", ring));
+  ring.back() = 'b';
+  EXPECT_TRUE(policy.Allows("id", "sign", ring));
+}
+
+TEST(AccessPolicyTest, WildcardIdentityIsAnyAuthenticatedCaller) {
+  AccessPolicy policy =
+      MustParse(R"({"version":1,"grants":[{"identities":["*"],"operations":["jwks"],)"
+                R"("rings":["**"]}]})");
+  EXPECT_TRUE(policy.Allows("uid:1", "jwks", "op/id"));
+  EXPECT_TRUE(policy.Allows("spiffe://x/y", "jwks", "op/id"));
+  EXPECT_FALSE(policy.Allows("", "jwks", "op/id"));
+  EXPECT_FALSE(policy.AllowsAnyRing("", "jwks"));
+}
+
+TEST(AccessPolicyTest, IdentitiesMatchExactly) {
+  AccessPolicy policy =
+      MustParse(R"({"version":1,"grants":[{"identities":["uid:1000"],"operations":["sign"],)"
+                R"("rings":["**"]}]})");
+  EXPECT_TRUE(policy.Allows("uid:1000", "sign", "op/id"));
+  EXPECT_FALSE(policy.Allows("uid:10000", "sign", "op/id"));
+  EXPECT_FALSE(policy.Allows("uid:100", "sign", "op/id"));
+  EXPECT_FALSE(policy.Allows("UID:1000", "sign", "op/id"));
+}
+
+TEST(AccessPolicyTest, UnknownOperationIsDenied) {
+  AccessPolicy policy = MustParse(kDocumentedPolicy);
+  EXPECT_FALSE(policy.Allows("uid:1000", "sing", "op/id"));
+  EXPECT_FALSE(policy.Allows("uid:1000", "", "op/id"));
+  EXPECT_FALSE(policy.AllowsAnyRing("uid:1000", "admin"));
+}
+
+TEST(AccessPolicyTest, AllowsAnyRingGatesListOperations) {
+  AccessPolicy policy =
+      MustParse(R"({"version":1,"grants":[{"identities":["uid:7"],"operations":["admin.read"],)"
+                R"("rings":["team-a/**"]}]})");
+  EXPECT_TRUE(policy.AllowsAnyRing("uid:7", "admin.read"));
+  EXPECT_FALSE(policy.AllowsAnyRing("uid:7", "admin.rotate"));
+  EXPECT_FALSE(policy.AllowsAnyRing("uid:8", "admin.read"));
+}
+
+TEST(AccessPolicyTest, AcceptsEveryDocumentedOperation) {
+  AccessPolicy policy = MustParse(
+      R"({"version":1,"grants":[{"identities":["a"],"operations":["sign","decrypt","jwks",)"
+      R"("admin.read","admin.rotate","admin.create","admin.destroy","admin.import"],)"
+      R"("rings":["r"]}]})");
+  for (const char* op : {"sign", "decrypt", "jwks", "admin.read", "admin.rotate", "admin.create",
+                         "admin.destroy", "admin.import"}) {
+    EXPECT_TRUE(policy.Allows("a", op, "r")) << op;
+  }
+}
+
+TEST(AccessPolicyTest, RejectsInvalidPoliciesNamingThePath) {
+  struct Case {
+    std::string json;
+    std::string message;  // expected prefix of the error message
+  };
+  const std::string ok_grant = R"({"identities":["a"],"operations":["sign"],"rings":["r"]})";
+  auto with_grant = [&](const std::string& grant) {
+    return R"({"version":1,"grants":[)" + ok_grant + "," + grant + "]}";
+  };
+  const std::vector<Case> cases = {
+      {with_grant(R"({"identities":["a"],"operations":["sing"],"rings":["r"]})"),
+       "grants[1].operations[0]: unknown operation 'sing'"},
+      {with_grant(R"({"identities":["a"],"operations":["sign","Admin.read"],"rings":["r"]})"),
+       "grants[1].operations[1]: unknown operation 'Admin.read'"},
+      {with_grant(R"({"identities":["a"],"operations":["sign"],"ring":["r"]})"),
+       "grants[1].ring: unknown member"},
+      {with_grant(R"({"identities":["a"],"operations":["sign"]})"), "grants[1].rings: missing"},
+      {with_grant(R"({"identities":[],"operations":["sign"],"rings":["r"]})"),
+       "grants[1].identities: must not be empty"},
+      {with_grant(R"({"identities":"a","operations":["sign"],"rings":["r"]})"),
+       "grants[1].identities: must be an array of strings"},
+      {with_grant(R"({"identities":["a",7],"operations":["sign"],"rings":["r"]})"),
+       "grants[1].identities[1]: must be a string"},
+      {with_grant(R"({"identities":[""],"operations":["sign"],"rings":["r"]})"),
+       "grants[1].identities[0]: identity is empty"},
+      {with_grant(R"({"identities":["spiffe://bank.example/*"],"operations":["sign"],)"
+                  R"("rings":["r"]})"),
+       "grants[1].identities[0]: identity 'spiffe://bank.example/*': '*' is only valid alone"},
+      {with_grant(R"({"identities":["a"],"operations":["sign"],"rings":["r",""]})"),
+       "grants[1].rings[1]: ring pattern is empty"},
+      {with_grant(R"({"identities":["a"],"operations":["sign"],"rings":["Op/*"]})"),
+       "grants[1].rings[0]: ring pattern 'Op/*' may contain only"},
+      {with_grant(R"({"identities":["a"],"operations":["sign"],"rings":["op/ x"]})"),
+       "grants[1].rings[0]: ring pattern 'op/ x' may contain only"},
+      {with_grant(R"({"identities":["a"],"operations":["sign"],"rings":["op/***"]})"),
+       "grants[1].rings[0]: ring pattern 'op/***' contains '***'"},
+      {with_grant(R"({"identities":["a"],"operations":["sign"],"rings":["op//x"]})"),
+       "grants[1].rings[0]: ring pattern 'op//x' has an empty segment"},
+      {with_grant(R"({"identities":["a"],"operations":["sign"],"rings":["/op"]})"),
+       "grants[1].rings[0]: ring pattern '/op' has an empty segment"},
+      {with_grant("[]"), "grants[1]: must be an object"},
+      {R"({"version":1,"grants":[],"extra":true})", "extra: unknown member"},
+      {R"({"version":2,"grants":[]})", "version: must be 1"},
+      {R"({"version":"1","grants":[]})", "version: must be 1"},
+      {R"({"grants":[]})", "version: missing"},
+      {R"({"version":1})", "grants: missing"},
+      {R"({"version":1,"grants":{}})", "grants: must be an array"},
+      {R"([])", "policy: must be a JSON object"},
+      {R"({"version":1,"grants":[],})", "policy is not valid JSON"},
+      {R"({"version":1,"version":1,"grants":[]})", "policy is not valid JSON"},
+      {"", "policy is not valid JSON"},
+  };
+  for (const Case& c : cases) {
+    absl::StatusOr<AccessPolicy> policy = AccessPolicy::Parse(c.json);
+    ASSERT_FALSE(policy.ok()) << c.json;
+    EXPECT_EQ(policy.status().code(), absl::StatusCode::kInvalidArgument) << c.json;
+    EXPECT_EQ(policy.status().message().substr(0, c.message.size()), c.message)
+        << c.json << "\n  got: " << policy.status().message();
+  }
+}
+
+TEST(AccessPolicyTest, RejectsPolicyOverOneMebibyte) {
+  std::string big = R"({"version":1,"grants":[],"pad":")" + std::string(1024 * 1024, 'x') + "\"}";
+  absl::StatusOr<AccessPolicy> policy = AccessPolicy::Parse(big);
+  ASSERT_FALSE(policy.ok());
+  EXPECT_EQ(policy.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(policy.status().message().find("larger than"), std::string::npos) << policy.status();
+}
+
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = (std::filesystem::temp_directory_path() / "policy-test-XXXXXX").string();
+    path_ = ::mkdtemp(tmpl.data());
+  }
+  ~TempDir() { std::filesystem::remove_all(path_); }
+  std::string File(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+void WriteFile(const std::string& path, const std::string& content, mode_t mode = 0600) {
+  std::ofstream(path, std::ios::trunc) << content;
+  ::chmod(path.c_str(), mode);
+}
+
+TEST(AccessPolicyTest, LoadNamesTheFileAndTheProblem) {
+  TempDir dir;
+  const std::string path = dir.File("policy.json");
+  WriteFile(path,
+            R"({"version":1,"grants":[{"identities":["a"],"operations":["x"],"rings":["r"]}]})");
+  absl::StatusOr<AccessPolicy> policy = AccessPolicy::Load(path);
+  ASSERT_FALSE(policy.ok());
+  EXPECT_EQ(policy.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(policy.status().message(), path + ": grants[0].operations[0]: unknown operation 'x'");
+
+  absl::StatusOr<AccessPolicy> missing = AccessPolicy::Load(dir.File("absent.json"));
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(AccessPolicyTest, LoadRefusesGroupWritableFile) {
+  TempDir dir;
+  const std::string path = dir.File("policy.json");
+  WriteFile(path, kDocumentedPolicy, 0664);
+  absl::StatusOr<AccessPolicy> policy = AccessPolicy::Load(path);
+  ASSERT_FALSE(policy.ok());
+  EXPECT_EQ(policy.status().code(), absl::StatusCode::kFailedPrecondition);
+  ::chmod(path.c_str(), 0644);
+  EXPECT_TRUE(AccessPolicy::Load(path).ok());
+}
+
+TEST(PolicyStoreTest, DeniesEverythingBeforeTheFirstLoad) {
+  PolicyStore store;
+  ASSERT_NE(store.Get(), nullptr);
+  EXPECT_FALSE(store.Get()->Allows("uid:0", "jwks", "a"));
+  EXPECT_EQ(store.ReloadIfChanged().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(PolicyStoreTest, FailedReloadKeepsThePolicyInForce) {
+  TempDir dir;
+  const std::string path = dir.File("policy.json");
+  WriteFile(path, kDocumentedPolicy);
+  PolicyStore store;
+  ASSERT_TRUE(store.LoadFrom(path).ok());
+  std::shared_ptr<const AccessPolicy> first = store.Get();
+  EXPECT_TRUE(first->Allows("uid:1000", "sign", "op/id"));
+  EXPECT_EQ(store.generation(), 1u);
+
+  // Unchanged file: nothing happens.
+  EXPECT_TRUE(store.ReloadIfChanged().ok());
+  EXPECT_EQ(store.Get(), first);
+
+  // A typo: the error is reported (every time), the old policy stays.
+  WriteFile(path, R"({"version":1,"grants":[{"identities":["uid:1000"],"operations":["sing"],)"
+                  R"("rings":["**"]}]})");
+  absl::Status s = store.ReloadIfChanged();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("grants[0].operations[0]: unknown operation 'sing'"),
+            std::string::npos)
+      << s;
+  EXPECT_EQ(store.ReloadIfChanged().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(store.Get(), first);
+  EXPECT_TRUE(store.Get()->Allows("uid:1000", "sign", "op/id"));
+
+  // The file disappears: same.
+  std::filesystem::remove(path);
+  EXPECT_EQ(store.ReloadIfChanged().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store.Get(), first);
+
+  // Fixed: swapped in; a snapshot held by a request stays valid and unchanged.
+  WriteFile(path, R"({"version":1,"grants":[{"identities":["uid:1000"],"operations":["sign"],)"
+                  R"("rings":["other/*"]}]})");
+  ASSERT_TRUE(store.ReloadIfChanged().ok());
+  EXPECT_EQ(store.generation(), 2u);
+  EXPECT_FALSE(store.Get()->Allows("uid:1000", "sign", "op/id"));
+  EXPECT_TRUE(store.Get()->Allows("uid:1000", "sign", "other/x"));
+  EXPECT_TRUE(first->Allows("uid:1000", "sign", "op/id"));
+}
+
+TEST(PolicyStoreTest, FailedInitialLoadDeniesAndLaterReloadPicksTheFileUp) {
+  TempDir dir;
+  const std::string path = dir.File("policy.json");
+  WriteFile(path, "{");
+  PolicyStore store;
+  EXPECT_EQ(store.LoadFrom(path).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE(store.Get()->Allows("uid:1000", "jwks", "op/id"));
+  WriteFile(path, kDocumentedPolicy);
+  ASSERT_TRUE(store.ReloadIfChanged().ok());
+  EXPECT_TRUE(store.Get()->Allows("uid:1000", "jwks", "op/id"));
+}
+
+TEST(PolicyStoreTest, ReadersSeeWholePoliciesDuringReloads) {
+  TempDir dir;
+  const std::string path = dir.File("policy.json");
+  const std::string a = R"({"version":1,"grants":[{"identities":["u"],"operations":["sign"],)"
+                        R"("rings":["a/*"]}]})";
+  const std::string b = R"({"version":1,"grants":[{"identities":["u"],"operations":["sign"],)"
+                        R"("rings":["b/*"]}]})";
+  WriteFile(path, a);
+  PolicyStore store;
+  ASSERT_TRUE(store.LoadFrom(path).ok());
+  std::atomic<bool> stop{false};
+  std::atomic<int> torn{0};
+  std::vector<std::thread> readers;
+  for (int i = 0; i < 4; ++i) {
+    readers.emplace_back([&] {
+      while (!stop.load()) {
+        std::shared_ptr<const AccessPolicy> p = store.Get();
+        // Exactly one of the two policies is in force at any time.
+        if (p->Allows("u", "sign", "a/x") == p->Allows("u", "sign", "b/x")) ++torn;
+      }
+    });
+  }
+  for (int i = 0; i < 50; ++i) {
+    WriteFile(path, i % 2 == 0 ? b : a);
+    EXPECT_TRUE(store.ReloadIfChanged().ok());
+  }
+  stop = true;
+  for (std::thread& t : readers) t.join();
+  EXPECT_EQ(torn.load(), 0);
+}
+
+}  // namespace
+}  // namespace custody::server

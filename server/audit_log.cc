@@ -1,0 +1,596 @@
+#include "server/audit_log.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "common/log.h"
+#include "jose/json.h"
+#include "openssl/evp.h"
+
+namespace custody::server {
+namespace {
+
+constexpr absl::string_view kAnchor =
+    "0000000000000000000000000000000000000000000000000000000000000000";
+constexpr absl::string_view kHashKey = ",\"hash\":\"";
+constexpr size_t kHexHashBytes = 64;
+// The fixed tail of every line: ,"hash":"<64 hex>"}
+constexpr size_t kHashSuffixBytes = kHashKey.size() + kHexHashBytes + 2;
+// Longest line the verifier and Open accept; ours stay below 16 KiB thanks to the field caps.
+constexpr size_t kMaxLineBytes = 64 * 1024;
+constexpr size_t kMaxDetailBytes = 4096;
+constexpr size_t kMaxFieldBytes = 1024;
+
+std::string HexSha256(absl::string_view data) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_Digest(data.data(), data.size(), md, &len, EVP_sha256(), nullptr);
+  std::string out;
+  out.reserve(2 * len);
+  for (unsigned int i = 0; i < len; ++i) {
+    out.push_back(kHex[md[i] >> 4]);
+    out.push_back(kHex[md[i] & 0xf]);
+  }
+  return out;
+}
+
+bool IsLowerHex(absl::string_view s) {
+  return std::all_of(s.begin(), s.end(),
+                     [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); });
+}
+
+// Length of the valid UTF-8 sequence starting at s[i] (RFC 3629: no overlongs, surrogates or
+// code points above U+10FFFF), 0 when invalid.
+size_t Utf8SequenceLength(absl::string_view s, size_t i) {
+  auto byte = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
+  auto cont = [&](size_t k) { return k < s.size() && (byte(k) & 0xC0) == 0x80; };
+  unsigned char c = byte(i);
+  if (c < 0x80) return 1;
+  if (c >= 0xC2 && c <= 0xDF) return cont(i + 1) ? 2 : 0;
+  if (c >= 0xE0 && c <= 0xEF) {
+    if (i + 1 >= s.size()) return 0;
+    unsigned char c1 = byte(i + 1);
+    if (c == 0xE0 && c1 < 0xA0) return 0;
+    if (c == 0xED && c1 > 0x9F) return 0;
+    return cont(i + 1) && cont(i + 2) ? 3 : 0;
+  }
+  if (c >= 0xF0 && c <= 0xF4) {
+    if (i + 1 >= s.size()) return 0;
+    unsigned char c1 = byte(i + 1);
+    if (c == 0xF0 && c1 < 0x90) return 0;
+    if (c == 0xF4 && c1 > 0x8F) return 0;
+    return cont(i + 1) && cont(i + 2) && cont(i + 3) ? 4 : 0;
+  }
+  return 0;
+}
+
+// Appends ,"name":"value" with value made valid UTF-8 (the verifier's strict JSON parser refuses
+// anything else; identities come from peer certificates) and cut at max_bytes.
+void AppendField(std::string& out, absl::string_view name, absl::string_view value,
+                 size_t max_bytes) {
+  std::string clean;
+  for (size_t i = 0; i < value.size();) {
+    size_t len = Utf8SequenceLength(value, i);
+    absl::string_view piece = len > 0 ? value.substr(i, len) : "\xEF\xBF\xBD";  // U+FFFD
+    if (clean.size() + piece.size() > max_bytes) {
+      clean += "[truncated]";
+      break;
+    }
+    clean.append(piece.data(), piece.size());
+    i += len > 0 ? len : 1;
+  }
+  out += ",\"";
+  out.append(name.data(), name.size());
+  out += "\":";
+  AppendJsonString(out, clean);
+}
+
+// Everything of a line between "time" and "prev", formatted by the caller's thread.
+std::string FormatEventFields(const AuditEvent& event) {
+  std::string out;
+  AppendField(out, "identity", event.identity, kMaxFieldBytes);
+  AppendField(out, "operation", event.operation, kMaxFieldBytes);
+  AppendField(out, "ring", event.ring, kMaxFieldBytes);
+  absl::StrAppend(&out, ",\"version\":", event.version);
+  AppendField(out, "kid", event.kid, kMaxFieldBytes);
+  AppendField(out, "payload_sha256", event.payload_sha256, kMaxFieldBytes);
+  AppendField(out, "result", event.result, kMaxFieldBytes);
+  AppendField(out, "detail", event.detail, kMaxDetailBytes);
+  return out;
+}
+
+std::string FormatLine(uint64_t seq, absl::Time time, absl::string_view fields,
+                       absl::string_view prev) {
+  std::string line = absl::StrCat("{\"seq\":", seq, ",\"time\":");
+  AppendJsonString(line, absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", time, absl::UTCTimeZone()));
+  absl::StrAppend(&line, fields, ",\"prev\":\"", prev, "\"");
+  std::string hash = HexSha256(line);
+  absl::StrAppend(&line, kHashKey, hash, "\"}");
+  return line;
+}
+
+struct ParsedLine {
+  uint64_t seq = 0;
+  std::string prev;
+};
+
+// Checks one line (without its newline) on its own: JSON, the members the chain needs, and its
+// own hash. The error message is the reason only; callers add where.
+absl::StatusOr<ParsedLine> ParseAuditLine(absl::string_view line) {
+  jose::JsonLimits limits;
+  limits.max_bytes = kMaxLineBytes;
+  limits.max_depth = 2;
+  absl::StatusOr<jose::Json> json =
+      jose::ParseJson(std::string_view(line.data(), line.size()), limits);
+  if (!json.ok())
+    return absl::InvalidArgumentError(absl::StrCat("not JSON (", json.status().message(), ")"));
+  if (!json->is_object()) return absl::InvalidArgumentError("not a JSON object");
+  const jose::Json* seq = json->Find("seq");
+  const jose::Json* prev = json->Find("prev");
+  const jose::Json* hash = json->Find("hash");
+  if (seq == nullptr || !seq->as_int().has_value() || *seq->as_int() < 1) {
+    return absl::InvalidArgumentError("missing or malformed 'seq'");
+  }
+  if (prev == nullptr || prev->as_string().size() != kHexHashBytes ||
+      !IsLowerHex(prev->as_string())) {
+    return absl::InvalidArgumentError("missing or malformed 'prev'");
+  }
+  if (hash == nullptr || json->as_object().back().first != "hash" ||
+      hash->as_string().size() != kHexHashBytes || !IsLowerHex(hash->as_string())) {
+    return absl::InvalidArgumentError("missing or malformed 'hash' (it must be the last member)");
+  }
+  // The hash covers the exact bytes before ,"hash":"; a line that is not byte-for-byte in our
+  // canonical shape fails here too.
+  if (line.size() < kHashSuffixBytes ||
+      line.substr(line.size() - kHashSuffixBytes, kHashKey.size()) != kHashKey ||
+      line.substr(line.size() - kHashSuffixBytes + kHashKey.size(), kHexHashBytes) !=
+          hash->as_string() ||
+      HexSha256(line.substr(0, line.size() - kHashSuffixBytes)) != hash->as_string()) {
+    return absl::InvalidArgumentError("line hash does not match its content (line modified)");
+  }
+  return ParsedLine{static_cast<uint64_t>(*seq->as_int()), prev->as_string()};
+}
+
+absl::Status ErrnoError(absl::string_view what) { return absl::ErrnoToStatus(errno, what); }
+
+class Fd {
+ public:
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  int get() const { return fd_; }
+  int release() { return std::exchange(fd_, -1); }
+
+ private:
+  int fd_;
+};
+
+std::string FileName(uint64_t index) { return absl::StrFormat("audit-%06d.jsonl", index); }
+
+// audit-NNNNNN.jsonl -> NNNNNN; 0 for other names.
+uint64_t FileIndex(absl::string_view name) {
+  constexpr absl::string_view kPrefix = "audit-", kSuffix = ".jsonl";
+  if (name.size() < kPrefix.size() + 6 + kSuffix.size() ||
+      name.substr(0, kPrefix.size()) != kPrefix ||
+      name.substr(name.size() - kSuffix.size()) != kSuffix) {
+    return 0;
+  }
+  absl::string_view digits =
+      name.substr(kPrefix.size(), name.size() - kPrefix.size() - kSuffix.size());
+  uint64_t index = 0;
+  if (!std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }) ||
+      !absl::SimpleAtoi(digits, &index)) {
+    return 0;
+  }
+  return index;
+}
+
+// Where the chain continues: the current file, its size, and the last line's seq and hash.
+struct ChainTail {
+  uint64_t index = 1;
+  uint64_t size = 0;
+  uint64_t seq = 0;
+  std::string hash = std::string(kAnchor);
+};
+
+// Walks the files from the newest down to the first with a line. A torn last line in the newest
+// file (a crash mid-write: never acknowledged) is cut off; anything else wrong is DATA_LOSS.
+absl::StatusOr<ChainTail> FindChainTail(const std::string& dir, std::vector<uint64_t> indices) {
+  ChainTail tail;
+  if (indices.empty()) return tail;
+  std::sort(indices.rbegin(), indices.rend());
+  tail.index = indices.front();
+  for (size_t i = 0; i < indices.size(); ++i) {
+    const std::string path = absl::StrCat(dir, "/", FileName(indices[i]));
+    if (i > 0 && indices[i] != indices[i - 1] - 1) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("audit log ", dir, ": ", FileName(indices[i - 1] - 1),
+                       " is missing and the newer files are empty; cannot continue the chain"));
+    }
+    Fd fd(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+    if (fd.get() < 0) return ErrnoError(absl::StrCat("open ", path));
+    struct stat st;
+    if (::fstat(fd.get(), &st) != 0) return ErrnoError(absl::StrCat("stat ", path));
+    if (!S_ISREG(st.st_mode)) {
+      return absl::FailedPreconditionError(absl::StrCat(path, " is not a regular file"));
+    }
+    uint64_t size = static_cast<uint64_t>(st.st_size);
+    const uint64_t offset = size > kMaxLineBytes + 1 ? size - (kMaxLineBytes + 1) : 0;
+    std::string buf(size - offset, '\0');
+    if (::pread(fd.get(), buf.data(), buf.size(), static_cast<off_t>(offset)) !=
+        static_cast<ssize_t>(buf.size())) {
+      return ErrnoError(absl::StrCat("read ", path));
+    }
+    if (!buf.empty() && buf.back() != '\n') {
+      if (i > 0) {
+        return absl::DataLossError(absl::StrCat(path, ": last line is incomplete"));
+      }
+      size_t cut = buf.rfind('\n');
+      if (cut == std::string::npos && offset > 0) {
+        return absl::DataLossError(
+            absl::StrCat(path, ": last line is longer than ", kMaxLineBytes, " bytes"));
+      }
+      const uint64_t new_size = cut == std::string::npos ? 0 : offset + cut + 1;
+      if (::ftruncate(fd.get(), static_cast<off_t>(new_size)) != 0 || ::fsync(fd.get()) != 0) {
+        return ErrnoError(absl::StrCat("truncate ", path));
+      }
+      Log(LogLevel::kWarning, "audit_log_torn_line_removed",
+          {{"file", path}, {"bytes", absl::StrCat(size - new_size)}});
+      size = new_size;
+      buf.resize(new_size - offset);
+    }
+    if (i == 0) tail.size = size;
+    if (buf.empty()) continue;
+    const size_t end = buf.size() - 1;  // the final newline
+    size_t start = end == 0 ? std::string::npos : buf.rfind('\n', end - 1);
+    if (start == std::string::npos) {
+      if (offset > 0) {
+        return absl::DataLossError(
+            absl::StrCat(path, ": last line is longer than ", kMaxLineBytes, " bytes"));
+      }
+      start = 0;
+    } else {
+      ++start;
+    }
+    absl::string_view line = absl::string_view(buf).substr(start, end - start);
+    absl::StatusOr<ParsedLine> parsed = ParseAuditLine(line);
+    if (!parsed.ok()) {
+      return absl::DataLossError(absl::StrCat(path,
+                                              ": last line is damaged: ", parsed.status().message(),
+                                              "; check with 'custodyctl audit verify'"));
+    }
+    tail.seq = parsed->seq;
+    tail.hash = HexSha256(line);
+    return tail;
+  }
+  if (indices.back() != 1) {
+    return absl::FailedPreconditionError(absl::StrCat("audit log ", dir, ": ", FileName(1), " .. ",
+                                                      FileName(indices.back() - 1),
+                                                      " are missing and the newer files are "
+                                                      "empty; cannot continue the chain"));
+  }
+  return tail;
+}
+
+}  // namespace
+
+struct AuditLog::Batch {
+  struct Entry {
+    absl::Time time;
+    std::string fields;
+  };
+  std::vector<Entry> entries;
+  bool done = false;
+  absl::Status status;
+};
+
+AuditLog::AuditLog(Options options) : options_(std::move(options)), last_hash_(kAnchor) {}
+
+AuditLog::~AuditLog() {
+  if (fd_ >= 0) ::close(fd_);
+  if (lock_fd_ >= 0) ::close(lock_fd_);
+}
+
+absl::StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(Options options) {
+  if (options.dir.empty()) return absl::InvalidArgumentError("audit log: no directory given");
+  if (options.max_file_bytes == 0) {
+    return absl::InvalidArgumentError("audit log: max_file_bytes must be positive");
+  }
+  if (!options.write_fn) {
+    options.write_fn = [](int fd, const void* data, size_t size) {
+      return ::write(fd, data, size);
+    };
+  }
+  // fdatasync is enough for appends: the new size is metadata needed to read the data back, so
+  // it is flushed too.
+  if (!options.fsync_fn) options.fsync_fn = [](int fd) { return ::fdatasync(fd); };
+
+  const std::string dir = options.dir;  // a copy: options moves into the log below
+  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    return ErrnoError(absl::StrCat("audit log: mkdir ", dir));
+  }
+  struct stat st;
+  if (::stat(dir.c_str(), &st) != 0) return ErrnoError(absl::StrCat("audit log: stat ", dir));
+  if (!S_ISDIR(st.st_mode)) {
+    return absl::FailedPreconditionError(absl::StrCat("audit log: ", dir, " is not a directory"));
+  }
+  if ((st.st_mode & 077) != 0) {
+    Log(LogLevel::kWarning, "audit_log_dir_permissions",
+        {{"dir", dir}, {"mode", absl::StrFormat("%04o", st.st_mode & 07777)}, {"want", "0700"}});
+  }
+
+  std::unique_ptr<AuditLog> log(new AuditLog(std::move(options)));
+  const std::string lock_path = absl::StrCat(dir, "/.lock");
+  log->lock_fd_ = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (log->lock_fd_ < 0) return ErrnoError(absl::StrCat("audit log: open ", lock_path));
+  if (::flock(log->lock_fd_, LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EWOULDBLOCK) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("audit log ", dir, " is in use by another process"));
+    }
+    return ErrnoError(absl::StrCat("audit log: lock ", lock_path));
+  }
+
+  std::vector<uint64_t> indices;
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return ErrnoError(absl::StrCat("audit log: opendir ", dir));
+  while (struct dirent* entry = ::readdir(d)) {
+    if (uint64_t index = FileIndex(entry->d_name); index > 0) indices.push_back(index);
+  }
+  ::closedir(d);
+
+  absl::StatusOr<ChainTail> tail = FindChainTail(dir, std::move(indices));
+  if (!tail.ok()) return tail.status();
+  log->index_ = tail->index;
+  log->good_size_ = tail->size;
+  log->seq_ = tail->seq;
+  log->last_hash_ = tail->hash;
+  if (absl::Status s = log->ReopenCurrent(); !s.ok()) return s;
+  return log;
+}
+
+std::string AuditLog::FilePath(uint64_t index) const {
+  return absl::StrCat(options_.dir, "/", FileName(index));
+}
+
+absl::Status AuditLog::WriteAll(int fd, const std::string& data, const std::string& path) {
+  size_t done = 0;
+  while (done < data.size()) {
+    ssize_t n = options_.write_fn(fd, data.data() + done, data.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return ErrnoError(absl::StrCat("write ", path));
+    if (n == 0) return absl::UnavailableError(absl::StrCat("write ", path, ": wrote nothing"));
+    done += static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status AuditLog::Sync(int fd, const std::string& path) {
+  fsyncs_.fetch_add(1);
+  if (options_.fsync_fn(fd) != 0) return ErrnoError(absl::StrCat("fsync ", path));
+  return absl::OkStatus();
+}
+
+absl::Status AuditLog::SyncDir() {
+  Fd dir(::open(options_.dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (dir.get() < 0) return ErrnoError(absl::StrCat("open ", options_.dir));
+  return Sync(dir.get(), options_.dir);
+}
+
+// (Re)opens the current file and cuts whatever a failed batch left past the acknowledged size.
+absl::Status AuditLog::ReopenCurrent() {
+  if (fd_ >= 0) ::close(std::exchange(fd_, -1));
+  const std::string path = FilePath(index_);
+  Fd fd(::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600));
+  if (fd.get() < 0) return ErrnoError(absl::StrCat("open ", path));
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) return ErrnoError(absl::StrCat("stat ", path));
+  if (!S_ISREG(st.st_mode)) {
+    return absl::FailedPreconditionError(absl::StrCat(path, " is not a regular file"));
+  }
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (size < good_size_) {
+    return absl::DataLossError(absl::StrCat(path, " holds ", size, " bytes, fewer than the ",
+                                            good_size_, " already acknowledged"));
+  }
+  if (size > good_size_ && ::ftruncate(fd.get(), static_cast<off_t>(good_size_)) != 0) {
+    return ErrnoError(absl::StrCat("truncate ", path));
+  }
+  // The file may have just been created: make its directory entry durable.
+  if (absl::Status s = SyncDir(); !s.ok()) return s;
+  fd_ = fd.release();
+  dirty_ = false;
+  return absl::OkStatus();
+}
+
+absl::Status AuditLog::OpenNextFile() {
+  if (fd_ >= 0) ::close(std::exchange(fd_, -1));
+  const std::string path = FilePath(index_ + 1);
+  // O_TRUNC: a file left by an earlier failed rotation holds nothing acknowledged.
+  Fd fd(::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  if (fd.get() < 0) return ErrnoError(absl::StrCat("open ", path));
+  fd_ = fd.release();
+  ++index_;
+  good_size_ = 0;
+  return SyncDir();
+}
+
+absl::Status AuditLog::WriteLines(const Batch& batch) {
+  if (fd_ < 0 || dirty_) {
+    if (absl::Status s = ReopenCurrent(); !s.ok()) return s;
+  }
+  dirty_ = true;  // from here until success the file may hold unacknowledged bytes
+  std::string buf;
+  uint64_t size = good_size_;  // bytes already in the current file
+  uint64_t seq = seq_;
+  std::string prev = last_hash_;
+  for (const Batch::Entry& entry : batch.entries) {
+    std::string line = FormatLine(seq + 1, entry.time, entry.fields, prev);
+    if (size + buf.size() + line.size() + 1 > options_.max_file_bytes && size + buf.size() > 0) {
+      // Rotate: the old file gets its share of the batch, synced, before the new one exists,
+      // so a crash never leaves a newer file without the lines it chains from.
+      const std::string path = FilePath(index_);
+      if (absl::Status s = WriteAll(fd_, buf, path); !s.ok()) return s;
+      if (absl::Status s = Sync(fd_, path); !s.ok()) return s;
+      buf.clear();
+      if (absl::Status s = OpenNextFile(); !s.ok()) return s;
+      size = 0;
+    }
+    prev = HexSha256(line);
+    ++seq;
+    buf += line;
+    buf += '\n';
+  }
+  const std::string path = FilePath(index_);
+  if (absl::Status s = WriteAll(fd_, buf, path); !s.ok()) return s;
+  if (absl::Status s = Sync(fd_, path); !s.ok()) return s;
+  good_size_ = size + buf.size();
+  seq_ = seq;
+  last_hash_ = std::move(prev);
+  dirty_ = false;
+  return absl::OkStatus();
+}
+
+absl::Status AuditLog::Commit(const Batch& batch) {
+  const uint64_t start_index = index_, start_size = good_size_, start_seq = seq_;
+  const std::string start_hash = last_hash_;
+  absl::Status status = WriteLines(batch);
+  if (status.ok()) {
+    lines_.fetch_add(batch.entries.size());
+    batches_.fetch_add(1);
+    if (!healthy_.exchange(true)) {
+      Log(LogLevel::kInfo, "audit_log_recovered", {{"dir", options_.dir}});
+    }
+    return status;
+  }
+  // Undo the whole batch: nothing of it was acknowledged. Files this batch created go (they hold
+  // only its lines); the start file is cut back to start_size by ReopenCurrent on the next try.
+  if (fd_ >= 0) ::close(std::exchange(fd_, -1));
+  for (uint64_t index = index_; index > start_index; --index) ::unlink(FilePath(index).c_str());
+  index_ = start_index;
+  good_size_ = start_size;
+  seq_ = start_seq;
+  last_hash_ = start_hash;
+  dirty_ = true;
+  failures_.fetch_add(1);
+  if (healthy_.exchange(false)) {
+    Log(LogLevel::kError, "audit_log_unavailable",
+        {{"dir", options_.dir}, {"error", std::string(status.message())}});
+  }
+  return absl::UnavailableError(absl::StrCat("audit log unavailable: ", status.message()));
+}
+
+absl::Status AuditLog::Append(const AuditEvent& event) {
+  std::string fields = FormatEventFields(event);
+  mu_.Lock();
+  if (queued_ == nullptr) queued_ = std::make_shared<Batch>();
+  std::shared_ptr<Batch> batch = queued_;
+  // The time is taken under the lock so that times never go backwards along seq.
+  batch->entries.push_back({absl::Now(), std::move(fields)});
+  while (!batch->done) {
+    if (writing_) {
+      cv_.Wait(&mu_);
+      continue;
+    }
+    // Leader: our batch is the queued one (a batch taken by a writer is done before writing_
+    // clears). Write it, and everything that joined it, with one fsync.
+    writing_ = true;
+    std::shared_ptr<Batch> mine = std::move(queued_);
+    queued_ = nullptr;
+    mu_.Unlock();
+    absl::Status status = Commit(*mine);
+    mu_.Lock();
+    mine->status = std::move(status);
+    mine->done = true;
+    writing_ = false;
+    cv_.SignalAll();
+  }
+  absl::Status result = batch->status;
+  mu_.Unlock();
+  return result;
+}
+
+AuditLog::Stats AuditLog::stats() const {
+  Stats s;
+  s.lines = lines_.load();
+  s.batches = batches_.load();
+  s.fsyncs = fsyncs_.load();
+  s.failures = failures_.load();
+  return s;
+}
+
+absl::Status VerifyAuditFiles(const std::vector<std::string>& files, uint64_t* lines,
+                              std::string* last_hash) {
+  if (files.empty()) return absl::InvalidArgumentError("no audit files given");
+  uint64_t count = 0;
+  uint64_t expected_seq = 1;
+  std::string prev(kAnchor);
+  for (const std::string& file : files) {
+    std::unique_ptr<std::FILE, int (*)(std::FILE*)> f(std::fopen(file.c_str(), "rb"), &std::fclose);
+    if (f == nullptr) return ErrnoError(file);
+    struct LineBuffer {
+      char* data = nullptr;
+      size_t capacity = 0;
+      ~LineBuffer() { std::free(data); }
+    } buf;
+    uint64_t line_no = 0;
+    for (;;) {
+      ssize_t n = ::getline(&buf.data, &buf.capacity, f.get());
+      if (n <= 0) break;
+      ++line_no;
+      auto bad = [&](absl::string_view reason) {
+        return absl::InvalidArgumentError(absl::StrCat(file, ":", line_no, ": ", reason));
+      };
+      absl::string_view line(buf.data, static_cast<size_t>(n));
+      if (line.back() != '\n') return bad("incomplete line (no trailing newline)");
+      line.remove_suffix(1);
+      absl::StatusOr<ParsedLine> parsed = ParseAuditLine(line);
+      if (!parsed.ok()) return bad(parsed.status().message());
+      if (count == 0) {
+        if (parsed->seq != 1 || parsed->prev != kAnchor) {
+          return bad(absl::StrCat("first line not anchored (seq ", parsed->seq,
+                                  "; a chain starts at seq 1 with prev of 64 zeros)"));
+        }
+      } else {
+        if (parsed->seq != expected_seq) {
+          return bad(absl::StrCat("seq ", parsed->seq, " not consecutive (expected ", expected_seq,
+                                  "): a line is missing or out of order"));
+        }
+        if (parsed->prev != prev) {
+          return bad("prev does not match the hash of the previous line");
+        }
+      }
+      prev = HexSha256(line);
+      expected_seq = parsed->seq + 1;
+      ++count;
+    }
+    if (std::ferror(f.get())) return ErrnoError(absl::StrCat("read ", file));
+  }
+  if (lines != nullptr) *lines = count;
+  if (last_hash != nullptr) *last_hash = prev;
+  return absl::OkStatus();
+}
+
+}  // namespace custody::server

@@ -1,0 +1,84 @@
+#include "server/request_guard.h"
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "openssl/evp.h"
+
+namespace custody::server {
+namespace {
+
+const char* CodeName(grpc::StatusCode code) {
+  static const char* kNames[] = {"OK",
+                                 "CANCELLED",
+                                 "UNKNOWN",
+                                 "INVALID_ARGUMENT",
+                                 "DEADLINE_EXCEEDED",
+                                 "NOT_FOUND",
+                                 "ALREADY_EXISTS",
+                                 "PERMISSION_DENIED",
+                                 "RESOURCE_EXHAUSTED",
+                                 "FAILED_PRECONDITION",
+                                 "ABORTED",
+                                 "OUT_OF_RANGE",
+                                 "UNIMPLEMENTED",
+                                 "INTERNAL",
+                                 "UNAVAILABLE",
+                                 "DATA_LOSS",
+                                 "UNAUTHENTICATED"};
+  int i = static_cast<int>(code);
+  return i >= 0 && i <= 16 ? kNames[i] : "UNKNOWN";
+}
+
+}  // namespace
+
+std::string CallerIdentity(const grpc::ServerContext& context) {
+  std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
+  if (auth != nullptr && auth->IsPeerAuthenticated()) {
+    for (const char* property : {GRPC_PEER_URI_PROPERTY_NAME, GRPC_PEER_SPIFFE_ID_PROPERTY_NAME}) {
+      auto values = auth->FindPropertyValues(property);
+      if (!values.empty()) return std::string(values[0].data(), values[0].size());
+    }
+    for (const char* property : {GRPC_PEER_DNS_PROPERTY_NAME, GRPC_X509_SAN_PROPERTY_NAME}) {
+      auto values = auth->FindPropertyValues(property);
+      if (!values.empty())
+        return absl::StrCat("dns:", std::string(values[0].data(), values[0].size()));
+    }
+  }
+  if (absl::StartsWith(context.peer(), "unix:")) return "unix";
+  return "anonymous";
+}
+
+std::string Sha256Hex(absl::string_view data) {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  if (EVP_Digest(data.data(), data.size(), digest, &len, EVP_sha256(), nullptr) != 1) return "";
+  return absl::BytesToHexString(absl::string_view(reinterpret_cast<char*>(digest), len));
+}
+
+bool RequestGuard::Allows(const std::string& identity, absl::string_view operation,
+                          absl::string_view ring) const {
+  std::shared_ptr<const AccessPolicy> policy = policy_->Get();
+  return policy != nullptr && policy->Allows(identity, operation, ring);
+}
+
+absl::Status RequestGuard::Authorize(const std::string& identity, absl::string_view operation,
+                                     absl::string_view ring) const {
+  if (Allows(identity, operation, ring)) return absl::OkStatus();
+  return absl::PermissionDeniedError(
+      absl::StrCat("permission denied: '", identity, "' may not ", operation, " on '", ring, "'"));
+}
+
+grpc::Status RequestGuard::Record(AuditEvent event, const grpc::Status& result) {
+  event.result = CodeName(result.error_code());
+  if (!result.ok()) event.detail = result.error_message();
+  absl::Status written = audit_->Append(event);
+  if (!written.ok()) {
+    return grpc::Status(
+        grpc::StatusCode::UNAVAILABLE,
+        absl::StrCat("refused: the audit log cannot record it (", written.message(), ")"));
+  }
+  return result;
+}
+
+}  // namespace custody::server

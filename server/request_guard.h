@@ -1,0 +1,54 @@
+// Who is calling, may they, and the record of it: the caller's identity from its TLS
+// certificate (or the transport), the access-policy decision, and the audit line every call
+// leaves, allowed or denied. Used by the gRPC services for every RPC.
+//
+// Fail closed: when the audit line cannot be made durable, the call's reply is UNAVAILABLE
+// whatever the operation returned, so no operation is acknowledged without its record.
+// Thread-safe.
+#ifndef CUSTODY_SERVER_REQUEST_GUARD_H_
+#define CUSTODY_SERVER_REQUEST_GUARD_H_
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+#include "grpcpp/grpcpp.h"
+#include "server/access_policy.h"
+#include "server/audit_log.h"
+
+namespace custody::server {
+
+// The caller's identity: the first URI SAN of its client certificate (e.g.
+// "spiffe://bank.example/as"), else "dns:" + its first DNS SAN, else "unix" for a caller on the
+// Unix socket (whose access the socket's file permissions decide), else "anonymous".
+std::string CallerIdentity(const grpc::ServerContext& context);
+
+// Lowercase hex SHA-256 of `data` (what the audit log keeps instead of payloads).
+std::string Sha256Hex(absl::string_view data);
+
+class RequestGuard {
+ public:
+  // Both must outlive the guard.
+  RequestGuard(const PolicyStore* policy, AuditLog* audit) : policy_(policy), audit_(audit) {}
+
+  // PERMISSION_DENIED unless the policy grants `operation` on `ring` to `identity`. The message
+  // is the same whether the ring exists or not.
+  absl::Status Authorize(const std::string& identity, absl::string_view operation,
+                         absl::string_view ring) const;
+  bool Allows(const std::string& identity, absl::string_view operation,
+              absl::string_view ring) const;
+
+  // Appends the audit line of a finished call and returns the status to send: `result`, or
+  // UNAVAILABLE when the line could not be written.
+  grpc::Status Record(AuditEvent event, const grpc::Status& result);
+
+  bool healthy() const { return audit_->healthy(); }
+
+ private:
+  const PolicyStore* const policy_;
+  AuditLog* const audit_;
+};
+
+}  // namespace custody::server
+
+#endif  // CUSTODY_SERVER_REQUEST_GUARD_H_

@@ -1,5 +1,6 @@
 #include "client/channel.h"
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 
@@ -22,6 +23,11 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateChannel(const ChannelOption
   if (options.address.empty()) return absl::InvalidArgumentError("address is empty");
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(16 * 1024 * 1024);
+  if (options.max_reconnect_backoff_ms > 0) {
+    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, options.max_reconnect_backoff_ms);
+    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS,
+                std::min(options.max_reconnect_backoff_ms, 1000));
+  }
   if (options.ca_file.empty()) {
     return grpc::CreateCustomChannel(options.address, grpc::InsecureChannelCredentials(), args);
   }

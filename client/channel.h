@@ -16,6 +16,9 @@ struct ChannelOptions {
   std::string cert_file;    // client certificate chain (PEM) for mTLS
   std::string key_file;     // client private key (PEM) for mTLS
   std::string server_name;  // overrides the TLS target name (SNI / SAN check)
+  // Caps gRPC's reconnect backoff after a lost connection (its default grows to 120 s); 0 keeps
+  // the default. Long-lived watchers (JwksCache) want a few seconds.
+  int max_reconnect_backoff_ms = 0;
 };
 
 // FAILED_PRECONDITION when a PEM file cannot be read, INVALID_ARGUMENT for an empty address.

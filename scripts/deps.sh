@@ -7,7 +7,7 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   libabsl-dev libgtest-dev libgmock-dev libsqlite3-dev sqlite3 zlib1g-dev
   libp11-kit-dev softhsm2 opensc
-  python3 python3-jwcrypto
+  python3 python3-jwcrypto clang-14 libclang-rt-14-dev
 )
 # Node.js and npm run the npm `jose` interop tests; a machine that has them (any source) keeps them.
 command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || PACKAGES+=(nodejs npm)

@@ -55,6 +55,9 @@ ABSL_FLAG(std::string, policy_file, "",
           "granting the Unix-socket caller everything and JWKS to every authenticated caller");
 ABSL_FLAG(std::string, audit_dir, "", "audit log directory (default STATE_DIR/audit)");
 ABSL_FLAG(bool, verbose, false, "debug logging");
+ABSL_FLAG(int, metrics_log_seconds, 60,
+          "how often HSM metrics (errors by CKR code, retries, pool waits, latencies) are logged; "
+          "0 = never");
 
 namespace custody::server {
 namespace {
@@ -280,15 +283,53 @@ int Run() {
   // Health follows the audit log: when it cannot be written every call is refused (fail
   // closed), and load balancers should stop sending traffic here until it recovers.
   std::atomic<bool> stopping{false};
+  // Health follows the audit log and the token: while either cannot do its job every call
+  // would fail, and load balancers should send traffic elsewhere until it recovers. The token is
+  // probed (a cheap C_GetSessionInfo, recovering sessions if needed) every second; HSM metrics
+  // are logged every --metrics_log_seconds.
   std::thread health([&] {
     bool serving = true;
+    std::string cause;
+    auto last_probe = absl::Now(), last_metrics = absl::Now();
+    const absl::Duration metrics_every = absl::Seconds(absl::GetFlag(FLAGS_metrics_log_seconds));
     while (!stopping.load()) {
-      bool healthy = guard.healthy();
+      bool token_ok = (*token)->Healthy();
+      if (!token_ok || absl::Now() - last_probe > absl::Seconds(1)) {
+        token_ok = (*token)->Probe().ok();
+        last_probe = absl::Now();
+      }
+      bool audit_ok = guard.healthy();
+      bool healthy = token_ok && audit_ok;
       if (healthy != serving) {
         serving = healthy;
+        cause = !audit_ok ? "audit log" : (!token_ok ? "token unreachable" : "recovered");
         server->GetHealthCheckService()->SetServingStatus(serving);
         Log(serving ? LogLevel::kInfo : LogLevel::kError, "health.changed",
-            {{"serving", serving ? "true" : "false"}, {"cause", "audit log"}});
+            {{"serving", serving ? "true" : "false"}, {"cause", cause}});
+      }
+      if (metrics_every > absl::ZeroDuration() && absl::Now() - last_metrics > metrics_every) {
+        last_metrics = absl::Now();
+        pkcs11::Token::Metrics m = (*token)->GetMetrics();
+        std::string errors;
+        for (const auto& [ckr, n] : m.errors) absl::StrAppend(&errors, ckr, "=", n, " ");
+        auto mean = [](const pkcs11::Token::Latency& l) {
+          return absl::StrCat(l.count == 0 ? 0 : l.total_micros / l.count);
+        };
+        Log(LogLevel::kInfo, "metrics.hsm",
+            {{"errors", errors},
+             {"retries", absl::StrCat(m.retries)},
+             {"recoveries", absl::StrCat(m.recoveries)},
+             {"module_reinitializations", absl::StrCat(m.module_reinitializations)},
+             {"pool_waits", absl::StrCat(m.pool_waits)},
+             {"pool_rejections", absl::StrCat(m.pool_rejections)},
+             {"pool_timeouts", absl::StrCat(m.pool_timeouts)},
+             {"sign_count", absl::StrCat(m.sign.count)},
+             {"sign_mean_us", mean(m.sign)},
+             {"sign_max_us", absl::StrCat(m.sign.max_micros)},
+             {"decrypt_count", absl::StrCat(m.decrypt.count)},
+             {"decrypt_mean_us", mean(m.decrypt)},
+             {"derive_count", absl::StrCat(m.derive.count)},
+             {"derive_mean_us", mean(m.derive)}});
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }

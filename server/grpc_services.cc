@@ -151,7 +151,7 @@ grpc::Status SignerService::WatchJwks(grpc::ServerContext* context,
   // The subscription is what is audited; pushes are the same public keys, re-sent.
   if (grpc::Status s = call.Finish(grpc::Status::OK); !s.ok()) return s;
   std::string last_sent;
-  while (!context->IsCancelled()) {
+  while (!context->IsCancelled() && !keys_->draining()) {
     auto jwks = rings->empty()
                     ? absl::StatusOr<KeyService::Jwks>(KeyService::Jwks{"{\"keys\":[]}", "", 0, 0})
                     : keys_->GetJwks(*rings);

@@ -188,7 +188,17 @@ absl::StatusOr<std::unique_ptr<KeyService>> KeyService::Create(pkcs11::Token* to
 
 KeyService::~KeyService() { StopScheduler(); }
 
+bool KeyService::draining() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return draining_;
+}
+
 void KeyService::StopScheduler() {
+  {
+    absl::MutexLock lock(&mu_);
+    draining_ = true;
+    jwks_changed_.SignalAll();  // wakes the watchers, which then see draining()
+  }
   {
     absl::MutexLock lock(&scheduler_mu_);
     scheduler_stop_ = true;
@@ -681,6 +691,14 @@ absl::StatusOr<v1::SignJwsResponse> KeyService::SignJws(const v1::SignJwsRequest
   params.kid = (*version)->record.kid;
   params.typ = request.typ();
   params.cty = request.cty();
+  if (request.embed_jwk()) {
+    auto jwk = jose::ParseJson((*version)->record.public_jwk);
+    if (!jwk.ok() || !jwk->is_object()) {
+      return absl::DataLossError(
+          absl::StrCat("stored public JWK of ring '", request.ring(), "' is invalid"));
+    }
+    params.jwk = *std::move(jwk);
+  }
   if (!request.extra_header_json().empty()) {
     if (request.extra_header_json().size() > options_.max_extra_header_bytes) {
       return absl::InvalidArgumentError(absl::StrCat("extra_header_json is larger than ",
@@ -800,7 +818,7 @@ absl::StatusOr<KeyService::Jwks> KeyService::GetJwks(const std::vector<std::stri
 
 uint64_t KeyService::WaitForJwksChange(uint64_t generation, absl::Time deadline) const {
   absl::MutexLock lock(&mu_);
-  while (jwks_generation_ == generation) {
+  while (jwks_generation_ == generation && !draining_) {
     if (jwks_changed_.WaitWithDeadline(&mu_, deadline)) break;
   }
   return jwks_generation_;

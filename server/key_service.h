@@ -49,6 +49,8 @@ class KeyService {
   // Stops the scheduler (waiting for a transition in progress); no transition starts after.
   // custodyd calls it first on SIGTERM, so that a draining server changes no key.
   void StopScheduler();
+  // True once StopScheduler ran: long-lived calls (WatchJwks) end so the server drains quickly.
+  bool draining() const;
   KeyService(const KeyService&) = delete;
   KeyService& operator=(const KeyService&) = delete;
 
@@ -176,6 +178,7 @@ class KeyService {
   std::map<std::string, std::shared_ptr<const Ring>> rings_ ABSL_GUARDED_BY(mu_);
   std::vector<v1::OrphanedObject> orphans_ ABSL_GUARDED_BY(mu_);
   uint64_t jwks_generation_ ABSL_GUARDED_BY(mu_) = 1;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
   mutable absl::CondVar jwks_changed_;
 
   absl::Mutex scheduler_mu_;

@@ -144,6 +144,28 @@ TEST_F(SigningTest, ExtraHeaderMembersAreSignedButReservedOnesRefused) {
   EXPECT_NE(s.error_message().find("extra_header_json"), std::string::npos) << s.error_message();
 }
 
+TEST_F(SigningTest, EmbeddedJwkIsTheRingsOwnPublicKey) {
+  custody::v1::SignJwsRequest req;
+  req.set_ring("op/es256");
+  req.set_payload(R"({"htm":"POST","htu":"https://as.example/token"})");
+  req.set_typ("dpop+jwt");
+  req.set_embed_jwk(true);
+  custody::v1::SignJwsResponse resp;
+  grpc::ClientContext ctx;
+  ASSERT_TRUE(daemon_->signer().SignJws(&ctx, req, &resp).ok());
+  // jwcrypto verifies with the key from the header itself (as a DPoP verifier does) and checks
+  // that its RFC 7638 thumbprint is the kid custody published.
+  CommandResult r = RunCommand({"/usr/bin/python3", "-c",
+                                "import sys, json\nfrom jwcrypto import jwk, jws\n"
+                                "t=jws.JWS(); t.deserialize(sys.stdin.read().strip())\n"
+                                "h=t.jose_header; k=jwk.JWK(**h['jwk'])\n"
+                                "assert 'd' not in h['jwk'] and h['typ']=='dpop+jwt'\n"
+                                "t.verify(k, alg='ES256'); print(k.thumbprint())"},
+                               resp.jws());
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, resp.kid() + "\n");
+}
+
 TEST_F(SigningTest, BadRequestsGetClearStatuses) {
   custody::v1::SignJwsResponse resp;
   grpc::Status s = SignJws(*daemon_, "op/nope", "x", &resp);

@@ -1,0 +1,191 @@
+#include "client/client.h"
+
+#include <algorithm>
+#include <random>
+#include <string_view>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "google/protobuf/descriptor.h"
+#include "google/protobuf/message.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "jose/base64url.h"
+#include "jose/json.h"
+
+namespace custody::client {
+namespace {
+
+double Jitter() {
+  thread_local std::mt19937_64 rng{std::random_device{}()};
+  return std::uniform_real_distribution<double>(0.8, 1.2)(rng);
+}
+
+// Sets SignJwsRequest.embed_jwk through reflection, so that this file compiles against a proto
+// with or without field 6. UNIMPLEMENTED when the field is absent.
+absl::Status SetEmbedJwk(custody::v1::SignJwsRequest& req) {
+  const google::protobuf::FieldDescriptor* field = req.GetDescriptor()->FindFieldByNumber(6);
+  if (field == nullptr || field->name() != "embed_jwk" ||
+      field->type() != google::protobuf::FieldDescriptor::TYPE_BOOL || field->is_repeated()) {
+    return absl::UnimplementedError(
+        "embed_jwk: this build's custody.proto has no SignJwsRequest.embed_jwk (field 6)");
+  }
+  req.GetReflection()->SetBool(&req, field, true);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<jose::Json> ProtectedHeader(std::string_view jws) {
+  size_t dot = jws.find('.');
+  if (dot == std::string_view::npos) return absl::InvalidArgumentError("not a compact JWS");
+  auto raw = jose::Base64UrlDecode(jws.substr(0, dot));
+  if (!raw.ok()) return raw.status();
+  return jose::ParseJson(*raw);
+}
+
+}  // namespace
+
+absl::Status ToAbslStatus(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+}
+
+Client::Client(std::shared_ptr<grpc::Channel> channel, const Options& options)
+    : channel_(std::move(channel)),
+      options_(options),
+      signer_(custody::v1::Signer::NewStub(channel_)) {}
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ChannelOptions& channel_options,
+                                                        const Options& options) {
+  auto channel = CreateChannel(channel_options);
+  if (!channel.ok()) return channel.status();
+  return FromChannel(*std::move(channel), options);
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Client::FromChannel(std::shared_ptr<grpc::Channel> channel,
+                                                            const Options& options) {
+  if (channel == nullptr) return absl::InvalidArgumentError("null channel");
+  if (options.max_attempts < 1) return absl::InvalidArgumentError("max_attempts must be >= 1");
+  if (options.deadline <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("deadline must be positive");
+  }
+  return std::unique_ptr<Client>(new Client(std::move(channel), options));
+}
+
+template <typename Rpc>
+absl::Status Client::Retry(Rpc rpc) const {
+  const absl::Time deadline = absl::Now() + options_.deadline;
+  absl::Duration backoff = options_.initial_backoff;
+  absl::Status status;
+  for (int attempt = 1;; ++attempt) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(deadline));
+    status = ToAbslStatus(rpc(ctx));
+    if (status.code() != absl::StatusCode::kUnavailable || attempt >= options_.max_attempts) {
+      break;
+    }
+    absl::Duration sleep = std::min(backoff, options_.max_backoff) * Jitter();
+    if (absl::Now() + sleep >= deadline) break;
+    absl::SleepFor(sleep);
+    backoff *= 2;
+  }
+  return status;
+}
+
+absl::StatusOr<SignedJws> Client::SignJws(absl::string_view ring, absl::string_view payload,
+                                          const SignJwsOptions& options) const {
+  custody::v1::SignJwsRequest req;
+  req.set_ring(std::string(ring));
+  req.set_payload(std::string(payload));
+  req.set_typ(options.typ);
+  req.set_cty(options.cty);
+  req.set_extra_header_json(options.extra_header_json);
+  if (options.embed_jwk) {
+    if (absl::Status s = SetEmbedJwk(req); !s.ok()) return s;
+  }
+  custody::v1::SignJwsResponse resp;
+  absl::Status s =
+      Retry([&](grpc::ClientContext& ctx) { return signer_->SignJws(&ctx, req, &resp); });
+  if (!s.ok()) return s;
+  if (options.embed_jwk) {
+    auto header = ProtectedHeader(resp.jws());
+    if (!header.ok()) return header.status();
+    if (header->Find("jwk") == nullptr) {
+      return absl::UnimplementedError("embed_jwk: custodyd did not embed the jwk (too old?)");
+    }
+  }
+  return SignedJws{resp.jws(), resp.kid(), resp.version(), resp.alg()};
+}
+
+absl::StatusOr<Signature> Client::Sign(absl::string_view ring, absl::string_view digest) const {
+  custody::v1::SignRequest req;
+  req.set_ring(std::string(ring));
+  req.set_digest(std::string(digest));
+  custody::v1::SignResponse resp;
+  absl::Status s = Retry([&](grpc::ClientContext& ctx) { return signer_->Sign(&ctx, req, &resp); });
+  if (!s.ok()) return s;
+  return Signature{resp.signature(), resp.kid(), resp.version(), resp.alg()};
+}
+
+absl::StatusOr<Signature> Client::SignData(absl::string_view ring, absl::string_view data) const {
+  custody::v1::SignRequest req;
+  req.set_ring(std::string(ring));
+  req.set_data(std::string(data));
+  custody::v1::SignResponse resp;
+  absl::Status s = Retry([&](grpc::ClientContext& ctx) { return signer_->Sign(&ctx, req, &resp); });
+  if (!s.ok()) return s;
+  return Signature{resp.signature(), resp.kid(), resp.version(), resp.alg()};
+}
+
+absl::StatusOr<DecryptedJwe> Client::DecryptJwe(absl::string_view ring,
+                                                absl::string_view jwe) const {
+  custody::v1::DecryptJweRequest req;
+  req.set_ring(std::string(ring));
+  req.set_jwe(std::string(jwe));
+  custody::v1::DecryptJweResponse resp;
+  absl::Status s =
+      Retry([&](grpc::ClientContext& ctx) { return signer_->DecryptJwe(&ctx, req, &resp); });
+  if (!s.ok()) return s;
+  return DecryptedJwe{resp.plaintext(), resp.protected_header(), resp.kid(), resp.version()};
+}
+
+absl::StatusOr<Jwks> Client::GetJwks(const std::vector<std::string>& rings) const {
+  custody::v1::GetJwksRequest req;
+  for (const std::string& r : rings) req.add_rings(r);
+  custody::v1::GetJwksResponse resp;
+  absl::Status s =
+      Retry([&](grpc::ClientContext& ctx) { return signer_->GetJwks(&ctx, req, &resp); });
+  if (!s.ok()) return s;
+  return Jwks{resp.jwks(), resp.etag(), resp.max_age_seconds()};
+}
+
+absl::StatusOr<std::string> Client::RingAlg(absl::string_view ring) const {
+  auto jwks = GetJwks({std::string(ring)});
+  if (!jwks.ok()) return jwks.status();
+  auto set = jose::ParseJson(jwks->jwks);
+  if (!set.ok()) return set.status();
+  const jose::Json* keys = set->Find("keys");
+  if (keys != nullptr) {
+    for (const jose::Json& k : keys->as_array()) {
+      const jose::Json* alg = k.Find("alg");
+      if (alg != nullptr && alg->is_string()) return alg->as_string();
+    }
+  }
+  return absl::NotFoundError(absl::StrCat("ring ", ring, " publishes no key with an alg"));
+}
+
+absl::Status Client::Health() const {
+  auto stub = grpc::health::v1::Health::NewStub(channel_);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.deadline));
+  grpc::health::v1::HealthCheckRequest req;
+  grpc::health::v1::HealthCheckResponse resp;
+  absl::Status s = ToAbslStatus(stub->Check(&ctx, req, &resp));
+  if (!s.ok()) return s;
+  if (resp.status() != grpc::health::v1::HealthCheckResponse::SERVING) {
+    return absl::UnavailableError(
+        absl::StrCat("custodyd health: ",
+                     grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status())));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace custody::client

@@ -1542,6 +1542,64 @@ absl::StatusOr<PrivateKeyAttributes> Token::GetPrivateKeyAttributes(const KeyPai
   return out;
 }
 
+absl::StatusOr<std::map<std::string, std::shared_ptr<KeyPair>>> Token::FindAllKeyPairs() {
+  CK_FUNCTION_LIST* fn = state_->fn;
+  std::map<std::string, std::shared_ptr<KeyPair>> pairs;
+  P11_RETURN_IF_ERROR(state_->Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
+    pairs.clear();
+    std::set<std::string> ambiguous;
+    CK_OBJECT_CLASS private_class = CKO_PRIVATE_KEY;
+    P11_ASSIGN_OR_RETURN(
+        std::vector<CK_OBJECT_HANDLE> private_keys,
+        FindObjects(fn, lease, {Attr(CKA_CLASS, &private_class, sizeof(private_class))}));
+    for (CK_OBJECT_HANDLE handle : private_keys) {
+      absl::StatusOr<std::string> id = GetBytes(fn, lease, handle, CKA_ID);
+      if (absl::IsNotFound(id.status())) continue;  // destroyed since the search
+      if (!id.ok()) return id.status();
+      if (id->empty() || ambiguous.count(*id) > 0) continue;
+      if (pairs.count(*id) > 0) {
+        pairs.erase(*id);
+        ambiguous.insert(*id);
+        continue;
+      }
+      absl::StatusOr<KeySpec> spec = ReadKeySpec(fn, lease, handle);
+      // A key custody cannot use (another type, half-written attributes) is simply not a pair
+      // here; FindKeyPair on its id says why.
+      if (!spec.ok()) {
+        if (absl::IsUnavailable(spec.status())) return spec.status();  // token trouble: recover
+        continue;
+      }
+      absl::StatusOr<std::string> label = GetBytes(fn, lease, handle, CKA_LABEL);
+      if (!label.ok()) continue;
+      auto pair = std::make_shared<KeyPair>();
+      pair->id = *id;
+      pair->label = std::move(*label);
+      pair->spec = *spec;
+      pair->private_handle.store(handle);
+      pair->handle_generation.store(state_->module->generation());
+      pairs.emplace(*id, std::move(pair));
+    }
+    CK_OBJECT_CLASS public_class = CKO_PUBLIC_KEY;
+    P11_ASSIGN_OR_RETURN(
+        std::vector<CK_OBJECT_HANDLE> public_keys,
+        FindObjects(fn, lease, {Attr(CKA_CLASS, &public_class, sizeof(public_class))}));
+    std::set<std::string> seen_public;
+    for (CK_OBJECT_HANDLE handle : public_keys) {
+      absl::StatusOr<std::string> id = GetBytes(fn, lease, handle, CKA_ID);
+      if (!id.ok()) continue;
+      auto it = pairs.find(*id);
+      if (it == pairs.end()) continue;
+      if (!seen_public.insert(*id).second) {  // two public keys: ambiguous as well
+        pairs.erase(it);
+        continue;
+      }
+      it->second->public_handle.store(handle);
+    }
+    return absl::OkStatus();
+  }));
+  return pairs;
+}
+
 absl::StatusOr<std::vector<ObjectInfo>> Token::ListKeyObjects() {
   CK_FUNCTION_LIST* fn = state_->fn;
   std::vector<ObjectInfo> objects;

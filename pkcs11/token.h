@@ -219,6 +219,13 @@ class Token {
 
   absl::StatusOr<PrivateKeyAttributes> GetPrivateKeyAttributes(const KeyPair& key);
 
+  // Every key pair in the token, by CKA_ID, resolved in one pass over the private and one over
+  // the public key objects (startup: one search per pair costs a full scan each on SoftHSM2,
+  // quadratic in the number of keys). An id carried by several private keys is left out (the
+  // caller's FindKeyPair then reports the ambiguity). A pair without its public key is included
+  // with public_handle 0, as FindKeyPair does.
+  absl::StatusOr<std::map<std::string, std::shared_ptr<KeyPair>>> FindAllKeyPairs();
+
   // Every private/public key object in the token (id, label), for reconciliation.
   absl::StatusOr<std::vector<ObjectInfo>> ListKeyObjects();
 

@@ -1,5 +1,6 @@
 #include "pkcs11/token.h"
 
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -398,6 +399,28 @@ TEST_F(TokenTest, SecondTokenObjectFindsTheSameKeyPair) {
   ASSERT_TRUE(signature.ok()) << signature.status();
   EXPECT_TRUE(RsaVerifyDigest(original->get(), RSA_PKCS1_PSS_PADDING, digest, *signature));
   EXPECT_TRUE(token_->DestroyKeyPair("find-rsa").ok());
+}
+
+TEST_F(TokenTest, FindAllKeyPairsResolvesEveryPairInOnePass) {
+  std::shared_ptr<KeyPair> ec = Generate(KeySpec{.type = KeyType::kEcP256}, "all-ec");
+  std::shared_ptr<KeyPair> ed = Generate(KeySpec{.type = KeyType::kEd25519}, "all-ed");
+  ASSERT_NE(ec, nullptr);
+  ASSERT_NE(ed, nullptr);
+  absl::StatusOr<std::map<std::string, std::shared_ptr<KeyPair>>> all = token_->FindAllKeyPairs();
+  ASSERT_TRUE(all.ok()) << all.status();
+  for (const auto& [id, original] : {std::pair{std::string("all-ec"), ec}, {"all-ed", ed}}) {
+    auto it = all->find(id);
+    ASSERT_NE(it, all->end()) << id;
+    EXPECT_EQ(it->second->spec.type, original->spec.type) << id;
+    EXPECT_EQ(it->second->label, "label-" + id);
+    EXPECT_NE(it->second->public_handle.load(), 0u) << id;
+    absl::StatusOr<EvpPkeyPtr> a = token_->PublicKey(*original);
+    absl::StatusOr<EvpPkeyPtr> b = token_->PublicKey(*it->second);
+    ASSERT_TRUE(a.ok() && b.ok());
+    EXPECT_EQ(EVP_PKEY_eq(a->get(), b->get()), 1) << id;
+  }
+  EXPECT_TRUE(token_->DestroyKeyPair("all-ec").ok());
+  EXPECT_TRUE(token_->DestroyKeyPair("all-ed").ok());
 }
 
 TEST_F(TokenTest, FindKeyPairReadsTheCurve) {

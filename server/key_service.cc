@@ -229,6 +229,9 @@ absl::Status KeyService::Load() {
   if (!version_records.ok()) return version_records.status();
   auto objects = token_->ListKeyObjects();
   if (!objects.ok()) return objects.status();
+  // Every pair resolved in one pass: a search per version is quadratic on SoftHSM2.
+  auto pairs = token_->FindAllKeyPairs();
+  if (!pairs.ok()) return pairs.status();
 
   std::set<std::string> private_ids;  // hex CKA_IDs of private keys present in the token
   std::set<std::string> public_ids;   // and of public keys
@@ -315,9 +318,11 @@ absl::Status KeyService::Load() {
     // A DESTROYING version's object may already be gone: the scheduler finishes the job.
     if (version.record.state != VersionState::kDestroyed &&
         version.record.state != VersionState::kDestroying) {
-      auto key =
-          present ? token_->FindKeyPair(raw_id)
-                  : absl::StatusOr<std::shared_ptr<pkcs11::KeyPair>>(absl::NotFoundError("absent"));
+      auto found = pairs->find(raw_id);
+      absl::StatusOr<std::shared_ptr<pkcs11::KeyPair>> key =
+          !present ? absl::StatusOr<std::shared_ptr<pkcs11::KeyPair>>(absl::NotFoundError("absent"))
+          : found != pairs->end() ? absl::StatusOr<std::shared_ptr<pkcs11::KeyPair>>(found->second)
+                                  : token_->FindKeyPair(raw_id);  // says what is wrong with it
       if (key.ok()) {
         version.key = *std::move(key);
       } else if (absl::IsNotFound(key.status())) {

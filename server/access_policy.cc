@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "jose/json.h"
 #include "openssl/evp.h"
@@ -175,6 +177,13 @@ class AccessPolicyParser {
       return Error(path, absl::StrCat("identity ", Quote(id),
                                       ": '*' is only valid alone (any authenticated caller)"));
     }
+    if (absl::StartsWith(id, "uid:")) {
+      uint32_t uid = 0;
+      if (!absl::SimpleAtoi(id.substr(4), &uid) || id.size() > 14 ||
+          id.find_first_not_of("0123456789", 4) != std::string::npos) {
+        return Error(path, absl::StrCat("identity ", Quote(id), ": uid:N needs a decimal uid"));
+      }
+    }
     return absl::OkStatus();
   }
 
@@ -286,6 +295,8 @@ absl::StatusOr<AccessPolicy> AccessPolicy::Load(const std::string& path) {
 bool AccessPolicy::IdentityMatches(const Grant& grant, absl::string_view identity) const {
   for (const std::string& id : grant.identities) {
     if (id == "*" || id == identity) return true;
+    // "unix": any caller on custodyd's Unix socket, whatever its uid.
+    if (id == "unix" && absl::StartsWith(identity, "uid:")) return true;
   }
   return false;
 }

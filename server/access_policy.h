@@ -17,9 +17,10 @@
 // - "grants": an array (may be empty: everything is denied). Each grant has exactly the three
 //   members below, each a non-empty array of strings.
 // - "identities": exact identity strings as the server derives them from the peer ("spiffe://..."
-//   from a URI SAN, "dns:NAME", "uid:N" for Unix-socket callers), or "*" alone = any
-//   authenticated caller (never the empty identity). No other wildcards: "spiffe://bank/*" is
-//   refused rather than read literally.
+//   from a URI SAN, "dns:NAME", "uid:N" for Unix-socket callers, N decimal), "unix" = any
+//   caller on custodyd's Unix socket whatever its uid, or "*" alone = any authenticated caller
+//   (never the empty identity). No other wildcards: "spiffe://bank/*" is refused rather than
+//   read literally.
 // - "operations": sign, decrypt, jwks, admin.read, admin.rotate, admin.create, admin.destroy,
 //   admin.import.
 // - "rings": patterns over ring names. "*" matches any run of characters within one path

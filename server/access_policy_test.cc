@@ -129,6 +129,18 @@ TEST(AccessPolicyTest, IdentitiesMatchExactly) {
   EXPECT_FALSE(policy.Allows("UID:1000", "sign", "op/id"));
 }
 
+TEST(AccessPolicyTest, UnixIdentityIsAnyUidOnTheSocketOnly) {
+  AccessPolicy policy =
+      MustParse(R"({"version":1,"grants":[{"identities":["unix"],"operations":["sign"],)"
+                R"("rings":["**"]}]})");
+  EXPECT_TRUE(policy.Allows("uid:0", "sign", "op/id"));
+  EXPECT_TRUE(policy.Allows("uid:65534", "sign", "op/id"));
+  EXPECT_TRUE(policy.Allows("unix", "sign", "op/id"));
+  EXPECT_FALSE(policy.Allows("spiffe://bank.example/uid:1", "sign", "op/id"));
+  EXPECT_FALSE(policy.Allows("dns:uid", "sign", "op/id"));
+  EXPECT_FALSE(policy.Allows("anonymous", "sign", "op/id"));
+}
+
 TEST(AccessPolicyTest, UnknownOperationIsDenied) {
   AccessPolicy policy = MustParse(kDocumentedPolicy);
   EXPECT_FALSE(policy.Allows("uid:1000", "sing", "op/id"));
@@ -184,6 +196,12 @@ TEST(AccessPolicyTest, RejectsInvalidPoliciesNamingThePath) {
       {with_grant(R"({"identities":["spiffe://bank.example/*"],"operations":["sign"],)"
                   R"("rings":["r"]})"),
        "grants[1].identities[0]: identity 'spiffe://bank.example/*': '*' is only valid alone"},
+      {with_grant(R"({"identities":["uid:alice"],"operations":["sign"],"rings":["r"]})"),
+       "grants[1].identities[0]: identity 'uid:alice': uid:N needs a decimal uid"},
+      {with_grant(R"({"identities":["uid:"],"operations":["sign"],"rings":["r"]})"),
+       "grants[1].identities[0]: identity 'uid:': uid:N needs a decimal uid"},
+      {with_grant(R"({"identities":["uid:+1"],"operations":["sign"],"rings":["r"]})"),
+       "grants[1].identities[0]: identity 'uid:+1': uid:N needs a decimal uid"},
       {with_grant(R"({"identities":["a"],"operations":["sign"],"rings":["r",""]})"),
        "grants[1].rings[1]: ring pattern is empty"},
       {with_grant(R"({"identities":["a"],"operations":["sign"],"rings":["Op/*"]})"),

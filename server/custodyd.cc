@@ -33,6 +33,7 @@
 #include "server/grpc_services.h"
 #include "server/key_service.h"
 #include "server/request_guard.h"
+#include "server/unix_listener.h"
 
 ABSL_FLAG(std::string, listen, "", "unix:PATH or HOST:PORT (default unix:STATE_DIR/custodyd.sock)");
 ABSL_FLAG(std::string, state_dir, ".state", "state directory: metadata database, embedded token");
@@ -138,26 +139,31 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials() {
   return grpc::experimental::TlsServerCredentials(options);
 }
 
-// The default policy written on first start: the local operator (Unix socket, whose file mode
-// decides who that is) may do everything; every authenticated caller may read public keys.
-constexpr char kDefaultPolicy[] = R"({
+// The default policy written on first start: the uid custodyd runs as (the operator's service
+// account), connecting over the Unix socket, may do everything; every authenticated caller may
+// read public keys. Other local users and remote callers need a grant.
+std::string DefaultPolicy() {
+  return absl::StrCat(R"({
   "version": 1,
   "grants": [
-    {"identities": ["unix"],
+    {"identities": ["uid:)",
+                      getuid(), R"("],
      "operations": ["sign", "decrypt", "jwks", "admin.read", "admin.rotate", "admin.create",
                     "admin.destroy", "admin.import"],
      "rings": ["**"]},
     {"identities": ["*"], "operations": ["jwks"], "rings": ["**"]}
   ]
 }
-)";
+)");
+}
 
 absl::Status EnsureDefaultPolicy(const std::string& path) {
   if (access(path.c_str(), F_OK) == 0) return absl::OkStatus();
+  const std::string policy = DefaultPolicy();
   std::FILE* f = std::fopen(path.c_str(), "wx");
   if (f == nullptr)
     return absl::FailedPreconditionError(absl::StrCat("cannot create '", path, "'"));
-  bool ok = std::fputs(kDefaultPolicy, f) >= 0;
+  bool ok = std::fputs(policy.c_str(), f) >= 0;
   ok = std::fflush(f) == 0 && fsync(fileno(f)) == 0 && ok;
   std::fclose(f);
   if (!ok) return absl::FailedPreconditionError(absl::StrCat("cannot write '", path, "'"));
@@ -256,11 +262,20 @@ int Run() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  if (absl::StartsWith(listen, "unix:")) {
-    std::error_code ec;
-    std::filesystem::remove(listen.substr(5), ec);  // a stale socket from a killed run
+  // A Unix socket without TLS is custodyd's own listener, so that a handler learns the caller's
+  // uid (unix_listener.h); with TLS, gRPC listens and the certificate names the caller.
+  std::unique_ptr<UnixListener> unix_listener;
+  if (absl::StartsWith(listen, "unix:") && !tls) {
+    auto listener = UnixListener::Listen(listen.substr(5), 0660);
+    if (!listener.ok()) return fail("startup.listen", listener.status());
+    unix_listener = *std::move(listener);
+  } else {
+    if (absl::StartsWith(listen, "unix:")) {
+      std::error_code ec;
+      std::filesystem::remove(listen.substr(5), ec);  // a stale socket from a killed run
+    }
+    builder.AddListeningPort(listen, *creds);
   }
-  builder.AddListeningPort(listen, *creds);
   builder.RegisterService(&signer);
   builder.RegisterService(&admin);
   builder.SetMaxReceiveMessageSize(4 * 1024 * 1024);
@@ -269,6 +284,7 @@ int Run() {
     return fail("startup.listen",
                 absl::UnavailableError(absl::StrCat("cannot listen on '", listen, "'")));
   }
+  if (unix_listener != nullptr) unix_listener->Serve(server.get());
   const pkcs11::TokenInfo& info = (*token)->info();
   Log(LogLevel::kInfo, "custodyd.ready",
       {{"listen", listen},
@@ -354,6 +370,7 @@ int Run() {
       }
       Log(LogLevel::kInfo, "custodyd.shutdown", {{"signal", absl::StrCat(sig)}});
       (*keys)->StopScheduler();
+      if (unix_listener != nullptr) unix_listener->Stop();
       server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
       return;
     }

@@ -211,6 +211,11 @@ grpc::Status KeyAdminService::ListKeyRings(grpc::ServerContext* context,
                                            const v1::ListKeyRingsRequest* request,
                                            v1::ListKeyRingsResponse* response) {
   Call call(guard_, *context, kOpAdminRead, request->prefix() + "*");
+  // A caller with no admin.read grant at all is refused; one with some sees what it may read.
+  if (absl::Status s = guard_->AuthorizeAnyRing(call.identity(), kOpAdminRead, call.event().ring);
+      !s.ok()) {
+    return call.Finish(ToGrpcStatus(s));
+  }
   auto all = keys_->ListKeyRings(request->prefix());
   if (!all.ok()) return call.Finish(ToGrpcStatus(all.status()));
   // Only the rings the caller may read; orphans only for a caller who may read every ring.

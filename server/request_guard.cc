@@ -4,6 +4,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "openssl/evp.h"
+#include "server/unix_listener.h"
 
 namespace custody::server {
 namespace {
@@ -45,7 +46,10 @@ std::string CallerIdentity(const grpc::ServerContext& context) {
         return absl::StrCat("dns:", std::string(values[0].data(), values[0].size()));
     }
   }
-  if (absl::StartsWith(context.peer(), "unix:")) return "unix";
+  const std::string peer = context.peer();
+  if (std::optional<uid_t> uid = UnixPeerUid(peer)) return absl::StrCat("uid:", *uid);
+  // gRPC's own Unix listener (only with TLS on a Unix socket) names no peer.
+  if (absl::StartsWith(peer, "unix:")) return "unix";
   return "anonymous";
 }
 
@@ -67,6 +71,15 @@ absl::Status RequestGuard::Authorize(const std::string& identity, absl::string_v
   if (Allows(identity, operation, ring)) return absl::OkStatus();
   return absl::PermissionDeniedError(
       absl::StrCat("permission denied: '", identity, "' may not ", operation, " on '", ring, "'"));
+}
+
+absl::Status RequestGuard::AuthorizeAnyRing(const std::string& identity,
+                                            absl::string_view operation,
+                                            absl::string_view what) const {
+  std::shared_ptr<const AccessPolicy> policy = policy_->Get();
+  if (policy != nullptr && policy->AllowsAnyRing(identity, operation)) return absl::OkStatus();
+  return absl::PermissionDeniedError(
+      absl::StrCat("permission denied: '", identity, "' may not ", operation, " on '", what, "'"));
 }
 
 grpc::Status RequestGuard::Record(AuditEvent event, const grpc::Status& result) {

@@ -19,8 +19,9 @@
 namespace custody::server {
 
 // The caller's identity: the first URI SAN of its client certificate (e.g.
-// "spiffe://bank.example/as"), else "dns:" + its first DNS SAN, else "unix" for a caller on the
-// Unix socket (whose access the socket's file permissions decide), else "anonymous".
+// "spiffe://bank.example/as"), else "dns:" + its first DNS SAN, else "uid:N" for a caller on
+// custodyd's Unix socket (N: the uid that connected, from the kernel; see unix_listener.h), else
+// "unix" for a Unix socket served by gRPC itself (TLS over a Unix socket), else "anonymous".
 std::string CallerIdentity(const grpc::ServerContext& context);
 
 // Lowercase hex SHA-256 of `data` (what the audit log keeps instead of payloads).
@@ -37,6 +38,10 @@ class RequestGuard {
                          absl::string_view ring) const;
   bool Allows(const std::string& identity, absl::string_view operation,
               absl::string_view ring) const;
+  // For listings: PERMISSION_DENIED unless `operation` is granted to `identity` on some ring
+  // (`what` names the listing in the message).
+  absl::Status AuthorizeAnyRing(const std::string& identity, absl::string_view operation,
+                                absl::string_view what) const;
 
   // Appends the audit line of a finished call and returns the status to send: `result`, or
   // UNAVAILABLE when the line could not be written.

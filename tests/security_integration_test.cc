@@ -4,8 +4,10 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mount.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <string>
@@ -370,6 +372,97 @@ TEST(AuditTest, FullAuditDiskFailsClosedAndRecovers) {
   verify.insert(verify.end(), files.begin(), files.end());
   CommandResult ok = RunCommand(verify);
   EXPECT_EQ(ok.exit_code, 0) << "the chain survives the outage: " << ok.out << ok.err;
+}
+
+// Unix-socket callers are told apart by the uid the kernel reports for their connection
+// (SO_PEERCRED), so a policy can grant one local service account what another may not do. The
+// part that connects as another user (setpriv to nobody) needs root; without root only the
+// caller's own uid is checked.
+TEST(UnixSocketTest, CallersAreIdentifiedByTheirUid) {
+  TempDir dir;
+  const std::string state = dir.path() + "/state";
+  const uid_t self = getuid();
+  const uid_t other = 65534;  // nobody
+  const std::string policy = dir.path() + "/policy.json";
+  WriteFileOrDie(policy, R"({"version": 1, "grants": [
+    {"identities": ["uid:)" + std::to_string(self) +
+                             R"("], "operations": ["sign", "jwks",
+     "admin.read", "admin.create"], "rings": ["**"]},
+    {"identities": ["uid:)" + std::to_string(other) +
+                             R"("], "operations": ["sign"],
+     "rings": ["op/shared"]}]})");
+  chmod(policy.c_str(), 0600);
+  Custodyd d(state, {"--policy_file=" + policy});
+  ASSERT_TRUE(d.started()) << d.log();
+  for (const char* name : {"op/shared", "op/private"}) {
+    custody::v1::CreateKeyRingRequest req;
+    req.set_name(name);
+    req.set_purpose(custody::v1::SIGN);
+    req.set_alg("ES256");
+    custody::v1::KeyRing ring;
+    grpc::ClientContext ctx;
+    grpc::Status s = d.admin().CreateKeyRing(&ctx, req, &ring);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  // Rotation is granted to nobody: the operator's own uid is refused it like anyone else.
+  {
+    custody::v1::RotateKeyRingRequest req;
+    req.set_ring("op/private");
+    custody::v1::RotateKeyRingResponse resp;
+    grpc::ClientContext ctx;
+    grpc::Status s = d.admin().RotateKeyRing(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    EXPECT_NE(s.error_message().find("'uid:" + std::to_string(self) + "'"), std::string::npos)
+        << s.error_message();
+  }
+
+  const bool can_switch_user = self == 0 && access("/usr/bin/setpriv", X_OK) == 0;
+  if (can_switch_user) {
+    // Let nobody reach the socket: traverse the directories, connect to the socket. Policy,
+    // not the file mode, is what is under test.
+    ASSERT_EQ(chmod(dir.path().c_str(), 0711), 0);
+    ASSERT_EQ(chmod(state.c_str(), 0711), 0);
+    ASSERT_EQ(chmod((state + "/custodyd.sock").c_str(), 0666), 0);
+    auto as_nobody = [&](std::vector<std::string> args) {
+      std::vector<std::string> argv = {"/usr/bin/setpriv",       "--reuid=65534",
+                                       "--regid=65534",          "--clear-groups",
+                                       BinDir() + "/custodyctl", "--addr=" + d.address()};
+      argv.insert(argv.end(), args.begin(), args.end());
+      return RunCommand(argv, "{\"sub\":\"x\"}");
+    };
+    CommandResult shared = as_nobody({"sign", "op/shared"});
+    EXPECT_EQ(shared.exit_code, 0) << shared.out << shared.err;
+    EXPECT_EQ(std::count(shared.out.begin(), shared.out.end(), '.'), 2) << shared.out;
+    CommandResult priv = as_nobody({"sign", "op/private"});
+    EXPECT_EQ(priv.exit_code, 1) << priv.out << priv.err;
+    EXPECT_NE(priv.err.find("PERMISSION_DENIED"), std::string::npos) << priv.err;
+    EXPECT_NE(priv.err.find("'uid:65534'"), std::string::npos) << priv.err;
+    CommandResult list = as_nobody({"ring", "list"});
+    EXPECT_EQ(list.exit_code, 1) << list.out << list.err;
+    EXPECT_NE(list.err.find("PERMISSION_DENIED"), std::string::npos) << list.err;
+  }
+  d.Stop();
+
+  std::string audit;
+  for (const auto& e : std::filesystem::directory_iterator(state + "/audit")) {
+    audit += ReadFileOrDie(e.path().string());
+  }
+  const std::string self_id = "\"identity\":\"uid:" + std::to_string(self) + "\"";
+  EXPECT_NE(audit.find(self_id + ",\"operation\":\"admin.create\",\"ring\":\"op/shared\""),
+            std::string::npos)
+      << audit;
+  if (can_switch_user) {
+    EXPECT_NE(
+        audit.find("\"identity\":\"uid:65534\",\"operation\":\"sign\",\"ring\":\"op/shared\""),
+        std::string::npos)
+        << audit;
+    EXPECT_NE(
+        audit.find("\"identity\":\"uid:65534\",\"operation\":\"sign\",\"ring\":\"op/private\""),
+        std::string::npos)
+        << audit;
+  } else {
+    GTEST_SKIP() << "not root: the part connecting as another uid did not run";
+  }
 }
 
 }  // namespace

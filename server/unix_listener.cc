@@ -1,0 +1,144 @@
+#include "server/unix_listener.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "absl/strings/match.h"
+#include "absl/strings/strip.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+#include "grpcpp/server_posix.h"
+
+namespace custody::server {
+namespace {
+
+absl::Status Errno(absl::string_view what, const std::string& path) {
+  return absl::UnavailableError(absl::StrCat(what, " '", path, "': ", std::strerror(errno)));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<UnixListener>> UnixListener::Listen(const std::string& path,
+                                                                   mode_t mode) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof(addr.sun_path)) {
+    return absl::InvalidArgumentError(absl::StrCat("Unix socket path '", path,
+                                                   "' is empty or longer than ",
+                                                   sizeof(addr.sun_path) - 1, " bytes"));
+  }
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  struct stat st {};
+  if (lstat(path.c_str(), &st) == 0) {
+    // Only a socket left by a killed run is replaced: never unlink a file someone else put there.
+    if (!S_ISSOCK(st.st_mode)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("'", path, "' exists and is not a socket; refusing to replace it"));
+    }
+    if (unlink(path.c_str()) != 0) return Errno("cannot remove stale socket", path);
+  }
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return Errno("socket() for", path);
+  // The socket file is created with mode 0600 (umask) and widened to `mode` once bound, so that
+  // no one outside `mode` can connect in between.
+  mode_t old_umask = umask(0177);
+  int rc = bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  umask(old_umask);
+  if (rc != 0 || chmod(path.c_str(), mode) != 0 || listen(fd, SOMAXCONN) != 0) {
+    absl::Status s = Errno("cannot listen on", path);
+    close(fd);
+    return s;
+  }
+  int pipe_fds[2];
+  if (pipe2(pipe_fds, O_CLOEXEC | O_NONBLOCK) != 0) {
+    absl::Status s = Errno("pipe() for", path);
+    close(fd);
+    unlink(path.c_str());
+    return s;
+  }
+  return std::unique_ptr<UnixListener>(new UnixListener(path, fd, pipe_fds[0], pipe_fds[1]));
+}
+
+UnixListener::UnixListener(std::string path, int listen_fd, int wake_read, int wake_write)
+    : path_(std::move(path)),
+      listen_fd_(listen_fd),
+      wake_read_(wake_read),
+      wake_write_(wake_write) {}
+
+UnixListener::~UnixListener() {
+  Stop();
+  close(wake_read_);
+  close(wake_write_);
+}
+
+void UnixListener::Serve(grpc::Server* server) {
+  thread_ = std::thread([this, server] { AcceptLoop(server); });
+}
+
+void UnixListener::Stop() {
+  if (listen_fd_ < 0) return;
+  char byte = 1;
+  (void)!write(wake_write_, &byte, 1);
+  if (thread_.joinable()) thread_.join();
+  close(listen_fd_);
+  listen_fd_ = -1;
+  unlink(path_.c_str());
+}
+
+void UnixListener::AcceptLoop(grpc::Server* server) {
+  for (;;) {
+    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_read_, POLLIN, 0}};
+    if (poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      Log(LogLevel::kError, "unix_listener.poll", {{"error", std::strerror(errno)}});
+      return;
+    }
+    if (fds[1].revents != 0) return;
+    if (fds[0].revents == 0) continue;
+    int conn = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (conn < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ECONNABORTED) {
+        continue;
+      }
+      // EMFILE/ENFILE/ENOBUFS: out of descriptors or memory. Back off rather than spin; the
+      // connection waits in the backlog.
+      Log(LogLevel::kError, "unix_listener.accept", {{"error", std::strerror(errno)}});
+      pollfd wake{wake_read_, POLLIN, 0};
+      if (poll(&wake, 1, 100) > 0) return;
+      continue;
+    }
+    accepted_.fetch_add(1);
+    // From here the descriptor is gRPC's: it closes it when the connection ends. It stays open
+    // while any call on the connection is alive (the call holds the transport), so the peer
+    // "fd:N" a handler sees always names this connection.
+    grpc::AddInsecureChannelFromFd(server, conn);
+  }
+}
+
+std::optional<uid_t> UnixPeerUid(absl::string_view peer) {
+  if (!absl::ConsumePrefix(&peer, "fd:")) return std::nullopt;
+  int fd = -1;
+  if (!absl::SimpleAtoi(peer, &fd) || fd < 0) return std::nullopt;
+  sockaddr_storage local{};
+  socklen_t local_len = sizeof(local);
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &local_len) != 0 ||
+      local.ss_family != AF_UNIX) {
+    return std::nullopt;
+  }
+  ucred cred{};
+  socklen_t len = sizeof(cred);
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || len != sizeof(cred)) {
+    return std::nullopt;
+  }
+  return cred.uid;
+}
+
+}  // namespace custody::server

@@ -87,6 +87,17 @@ size_t Utf8SequenceLength(absl::string_view s, size_t i) {
 // anything else; identities come from peer certificates) and cut at max_bytes.
 void AppendField(std::string& out, absl::string_view name, absl::string_view value,
                  size_t max_bytes) {
+  out += ",\"";
+  out.append(name.data(), name.size());
+  out += "\":";
+  // Fast path: short ASCII needs neither truncation nor UTF-8 repair.
+  bool ascii = value.size() <= max_bytes;
+  for (size_t i = 0; ascii && i < value.size(); ++i)
+    ascii = static_cast<unsigned char>(value[i]) < 0x80;
+  if (ascii) {
+    AppendJsonString(out, value);
+    return;
+  }
   std::string clean;
   for (size_t i = 0; i < value.size();) {
     size_t len = Utf8SequenceLength(value, i);
@@ -98,9 +109,6 @@ void AppendField(std::string& out, absl::string_view name, absl::string_view val
     clean.append(piece.data(), piece.size());
     i += len > 0 ? len : 1;
   }
-  out += ",\"";
-  out.append(name.data(), name.size());
-  out += "\":";
   AppendJsonString(out, clean);
 }
 

@@ -56,6 +56,9 @@ ABSL_FLAG(std::string, policy_file, "",
           "granting the Unix-socket caller everything and JWKS to every authenticated caller");
 ABSL_FLAG(std::string, audit_dir, "", "audit log directory (default STATE_DIR/audit)");
 ABSL_FLAG(bool, verbose, false, "debug logging");
+ABSL_FLAG(int, grpc_cqs, 0, "completion queues of the sync gRPC server (0: gRPC's default)");
+ABSL_FLAG(int, grpc_min_pollers, 0, "min polling threads per completion queue (0: default)");
+ABSL_FLAG(int, grpc_max_pollers, 0, "max polling threads per completion queue (0: default)");
 ABSL_FLAG(int, metrics_log_seconds, 60,
           "how often HSM metrics (errors by CKR code, retries, pool waits, latencies) are logged; "
           "0 = never");
@@ -279,6 +282,15 @@ int Run() {
   builder.RegisterService(&signer);
   builder.RegisterService(&admin);
   builder.SetMaxReceiveMessageSize(4 * 1024 * 1024);
+  if (int n = absl::GetFlag(FLAGS_grpc_cqs); n > 0) {
+    builder.SetSyncServerOption(grpc::ServerBuilder::NUM_CQS, n);
+  }
+  if (int n = absl::GetFlag(FLAGS_grpc_min_pollers); n > 0) {
+    builder.SetSyncServerOption(grpc::ServerBuilder::MIN_POLLERS, n);
+  }
+  if (int n = absl::GetFlag(FLAGS_grpc_max_pollers); n > 0) {
+    builder.SetSyncServerOption(grpc::ServerBuilder::MAX_POLLERS, n);
+  }
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr) {
     return fail("startup.listen",

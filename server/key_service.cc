@@ -6,6 +6,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "common/log.h"
@@ -786,29 +787,50 @@ absl::StatusOr<KeyService::Jwks> KeyService::GetJwks(const std::vector<std::stri
     if (!ring.ok()) return ring.status();
     rings.push_back(*std::move(ring));
   }
-  jose::Json keys = jose::Json::MakeArray();
   int64_t min_prepublish = rotation::RotationPolicy{}.prepublish_ms;
   for (size_t i = 0; i < rings.size(); ++i) {
-    const Ring& ring = *rings[i];
-    if (i == 0 || ring.record.policy.prepublish_ms < min_prepublish) {
-      min_prepublish = ring.record.policy.prepublish_ms;
-    }
-    for (const Version* v : ring.Published()) {
-      auto jwk = jose::ParseJson(v->record.public_jwk);
-      if (!jwk.ok() || !jwk->is_object()) {
-        return absl::DataLossError(absl::StrCat("stored public JWK of ring '", ring.record.name,
-                                                "' version ", v->record.version, " is invalid"));
-      }
-      jwk->Set("kid", jose::Json::String(v->record.kid));
-      jwk->Set("use",
-               jose::Json::String(ring.record.purpose == rotation::Purpose::kSign ? "sig" : "enc"));
-      jwk->Set("alg", jose::Json::String(ring.record.alg));
-      keys.Append(*std::move(jwk));
+    if (i == 0 || rings[i]->record.policy.prepublish_ms < min_prepublish) {
+      min_prepublish = rings[i]->record.policy.prepublish_ms;
     }
   }
-  jose::Json jwks = jose::Json::MakeObject();
-  jwks.Set("keys", std::move(keys));
-  out.json = jwks.Serialize();
+  // A verifier honouring max-age has refreshed at least twice while a new key is pre-published.
+  out.max_age_seconds = min_prepublish / 2 / 1000;
+
+  const std::string cache_key = absl::StrJoin(names, "\n");
+  {
+    absl::MutexLock lock(&jwks_cache_mu_);
+    if (jwks_cache_generation_ == out.generation) {
+      auto it = jwks_cache_.find(cache_key);
+      if (it != jwks_cache_.end()) {
+        out.json = it->second.json;
+        out.etag = it->second.etag;
+        return out;
+      }
+    }
+  }
+  // Each stored public JWK is a serialized object of key members only (CompleteVersion): kid, use
+  // and alg are spliced in before its closing brace rather than parsed and re-serialized.
+  out.json = "{\"keys\":[";
+  bool first = true;
+  for (const auto& ring : rings) {
+    const char* use = ring->record.purpose == rotation::Purpose::kSign ? "sig" : "enc";
+    for (const Version* v : ring->Published()) {
+      const std::string& jwk = v->record.public_jwk;
+      if (jwk.size() < 2 || jwk.front() != '{' || jwk.back() != '}') {
+        return absl::DataLossError(absl::StrCat("stored public JWK of ring '", ring->record.name,
+                                                "' version ", v->record.version, " is invalid"));
+      }
+      if (!first) out.json += ',';
+      first = false;
+      out.json.append(jwk, 0, jwk.size() - 1);
+      out.json += jwk.size() > 2 ? ",\"kid\":" : "\"kid\":";
+      AppendJsonString(out.json, v->record.kid);
+      absl::StrAppend(&out.json, ",\"use\":\"", use, "\",\"alg\":");
+      AppendJsonString(out.json, ring->record.alg);
+      out.json += '}';
+    }
+  }
+  out.json += "]}";
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned int digest_len = 0;
   if (EVP_Digest(out.json.data(), out.json.size(), digest, &digest_len, EVP_sha256(), nullptr) !=
@@ -816,8 +838,17 @@ absl::StatusOr<KeyService::Jwks> KeyService::GetJwks(const std::vector<std::stri
     return absl::InternalError("EVP_Digest failed");
   }
   out.etag = jose::Base64UrlEncode(std::string(reinterpret_cast<char*>(digest), 16));
-  // A verifier honouring max-age has refreshed at least twice while a new key is pre-published.
-  out.max_age_seconds = min_prepublish / 2 / 1000;
+  {
+    absl::MutexLock lock(&jwks_cache_mu_);
+    if (jwks_cache_generation_ < out.generation) {
+      jwks_cache_.clear();
+      jwks_cache_generation_ = out.generation;
+    }
+    // Callers ask for a handful of ring sets; anything beyond that is served uncached.
+    if (jwks_cache_generation_ == out.generation && jwks_cache_.size() < 256) {
+      jwks_cache_[cache_key] = CachedJwks{out.json, out.etag};
+    }
+  }
   return out;
 }
 

@@ -180,6 +180,17 @@ class KeyService {
   uint64_t jwks_generation_ ABSL_GUARDED_BY(mu_) = 1;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   mutable absl::CondVar jwks_changed_;
+  // Serialized JWKS (json, etag) by requested ring list, for one generation of the published key
+  // set: the JSON is a function of the generation and the names, so repeated GetJwks calls (every
+  // verifier's refresh, every watcher's wake-up) are served without rebuilding it. Bounded;
+  // emptied when the generation moves on.
+  struct CachedJwks {
+    std::string json;
+    std::string etag;
+  };
+  mutable absl::Mutex jwks_cache_mu_;
+  mutable uint64_t jwks_cache_generation_ ABSL_GUARDED_BY(jwks_cache_mu_) = 0;
+  mutable std::map<std::string, CachedJwks> jwks_cache_ ABSL_GUARDED_BY(jwks_cache_mu_);
 
   absl::Mutex scheduler_mu_;
   absl::CondVar scheduler_wake_;

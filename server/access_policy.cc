@@ -14,8 +14,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/sha256.h"
 #include "jose/json.h"
-#include "openssl/evp.h"
 
 namespace custody::server {
 namespace {
@@ -53,13 +53,6 @@ std::string Quote(absl::string_view s) {
 bool IsRingPatternChar(char c) {
   return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-' ||
          c == '/' || c == '*';
-}
-
-std::string Sha256(absl::string_view data) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_Digest(data.data(), data.size(), md, &len, EVP_sha256(), nullptr);
-  return std::string(reinterpret_cast<const char*>(md), len);
 }
 
 // Reads a policy file: a regular file of at most kMaxBytes, not writable by group or others

@@ -22,8 +22,8 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/log.h"
+#include "common/sha256.h"
 #include "jose/json.h"
-#include "openssl/evp.h"
 
 namespace custody::server {
 namespace {
@@ -38,20 +38,6 @@ constexpr size_t kHashSuffixBytes = kHashKey.size() + kHexHashBytes + 2;
 constexpr size_t kMaxLineBytes = 64 * 1024;
 constexpr size_t kMaxDetailBytes = 4096;
 constexpr size_t kMaxFieldBytes = 1024;
-
-std::string HexSha256(absl::string_view data) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_Digest(data.data(), data.size(), md, &len, EVP_sha256(), nullptr);
-  std::string out;
-  out.reserve(2 * len);
-  for (unsigned int i = 0; i < len; ++i) {
-    out.push_back(kHex[md[i] >> 4]);
-    out.push_back(kHex[md[i] & 0xf]);
-  }
-  return out;
-}
 
 bool IsLowerHex(absl::string_view s) {
   return std::all_of(s.begin(), s.end(),
@@ -131,7 +117,7 @@ std::string FormatLine(uint64_t seq, absl::Time time, absl::string_view fields,
   std::string line = absl::StrCat("{\"seq\":", seq, ",\"time\":");
   AppendJsonString(line, absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", time, absl::UTCTimeZone()));
   absl::StrAppend(&line, fields, ",\"prev\":\"", prev, "\"");
-  std::string hash = HexSha256(line);
+  std::string hash = Sha256Hex(line);
   absl::StrAppend(&line, kHashKey, hash, "\"}");
   return line;
 }
@@ -172,7 +158,7 @@ absl::StatusOr<ParsedLine> ParseAuditLine(absl::string_view line) {
       line.substr(line.size() - kHashSuffixBytes, kHashKey.size()) != kHashKey ||
       line.substr(line.size() - kHashSuffixBytes + kHashKey.size(), kHexHashBytes) !=
           hash->as_string() ||
-      HexSha256(line.substr(0, line.size() - kHashSuffixBytes)) != hash->as_string()) {
+      Sha256Hex(line.substr(0, line.size() - kHashSuffixBytes)) != hash->as_string()) {
     return absl::InvalidArgumentError("line hash does not match its content (line modified)");
   }
   return ParsedLine{static_cast<uint64_t>(*seq->as_int()), prev->as_string()};
@@ -290,7 +276,7 @@ absl::StatusOr<ChainTail> FindChainTail(const std::string& dir, std::vector<uint
                                               "; check with 'custodyctl audit verify'"));
     }
     tail.seq = parsed->seq;
-    tail.hash = HexSha256(line);
+    tail.hash = Sha256Hex(line);
     return tail;
   }
   if (indices.back() != 1) {
@@ -466,7 +452,7 @@ absl::Status AuditLog::WriteLines(const Batch& batch) {
       if (absl::Status s = OpenNextFile(); !s.ok()) return s;
       size = 0;
     }
-    prev = HexSha256(line);
+    prev = Sha256Hex(line);
     ++seq;
     buf += line;
     buf += '\n';
@@ -590,7 +576,7 @@ absl::Status VerifyAuditFiles(const std::vector<std::string>& files, uint64_t* l
           return bad("prev does not match the hash of the previous line");
         }
       }
-      prev = HexSha256(line);
+      prev = Sha256Hex(line);
       expected_seq = parsed->seq + 1;
       ++count;
     }

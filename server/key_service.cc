@@ -10,6 +10,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "common/log.h"
+#include "common/sha256.h"
 #include "jose/base64url.h"
 #include "jose/json.h"
 #include "jose/jwe.h"
@@ -831,13 +832,9 @@ absl::StatusOr<KeyService::Jwks> KeyService::GetJwks(const std::vector<std::stri
     }
   }
   out.json += "]}";
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int digest_len = 0;
-  if (EVP_Digest(out.json.data(), out.json.size(), digest, &digest_len, EVP_sha256(), nullptr) !=
-      1) {
-    return absl::InternalError("EVP_Digest failed");
-  }
-  out.etag = jose::Base64UrlEncode(std::string(reinterpret_cast<char*>(digest), 16));
+  const std::string digest = Sha256(out.json);
+  if (digest.empty()) return absl::InternalError("SHA-256 failed");
+  out.etag = jose::Base64UrlEncode(digest.substr(0, 16));
   {
     absl::MutexLock lock(&jwks_cache_mu_);
     if (jwks_cache_generation_ < out.generation) {

@@ -3,7 +3,6 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "openssl/evp.h"
 #include "server/unix_listener.h"
 
 namespace custody::server {
@@ -51,13 +50,6 @@ std::string CallerIdentity(const grpc::ServerContext& context) {
   // gRPC's own Unix listener (only with TLS on a Unix socket) names no peer.
   if (absl::StartsWith(peer, "unix:")) return "unix";
   return "anonymous";
-}
-
-std::string Sha256Hex(absl::string_view data) {
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  if (EVP_Digest(data.data(), data.size(), digest, &len, EVP_sha256(), nullptr) != 1) return "";
-  return absl::BytesToHexString(absl::string_view(reinterpret_cast<char*>(digest), len));
 }
 
 bool RequestGuard::Allows(const std::string& identity, absl::string_view operation,

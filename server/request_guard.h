@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "common/sha256.h"
 #include "grpcpp/grpcpp.h"
 #include "server/access_policy.h"
 #include "server/audit_log.h"
@@ -23,9 +24,6 @@ namespace custody::server {
 // custodyd's Unix socket (N: the uid that connected, from the kernel; see unix_listener.h), else
 // "unix" for a Unix socket served by gRPC itself (TLS over a Unix socket), else "anonymous".
 std::string CallerIdentity(const grpc::ServerContext& context);
-
-// Lowercase hex SHA-256 of `data` (what the audit log keeps instead of payloads).
-std::string Sha256Hex(absl::string_view data);
 
 class RequestGuard {
  public:

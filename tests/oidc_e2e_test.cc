@@ -1,0 +1,367 @@
+// End to end against oidc-provider (npm, the OpenID-certified Node.js authorization server):
+// the client-side program examples/fapi_flow.cc, with all its keys in a real custodyd, completes
+// a FAPI 2.0 flow (PAR with a signed request object, private_key_jwt, PKCE, DPoP with server
+// nonces, an ID token encrypted RSA-OAEP-256 + A256GCM to a custody DECRYPT ring, userinfo with
+// the DPoP-bound token); then the client's signing ring is rotated and the flow runs again with
+// the new kid.
+//
+// What is checked against what: the provider (tests/js/oidc_provider.mjs, oidc-provider 9.13.3
+// pinned in tests/js/package-lock.json) is the judge of every custody-made artifact. It learns
+// the client's keys only by fetching the client's jwks_uri (served from a file this test writes
+// with custody's GetJwks), reports each accepted artifact's kid (client assertion, request
+// object) and DPoP key thumbprint, and reports every error it answers with; any error other than
+// its request for a DPoP nonce fails the test. The expected kids come from GetKeyRing.
+//
+// oidc-provider keeps a client's fetched JWKS at least 60 s and refetches only once that has
+// passed; the test sends the provider SIGUSR2 to expire that copy instead of waiting, then
+// checks that the provider refetched jwks_uri. The new key is in the provider's first fetch
+// already (custody pre-publishes the PENDING key), which is what makes the rotation seamless.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "jose/json.h"
+#include "tests/harness.h"
+
+namespace custody::testing {
+namespace {
+
+namespace v1 = custody::v1;
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+constexpr char kSigningRing[] = "clients/fapi/sign";
+constexpr char kDecryptionRing[] = "clients/fapi/id-token-enc";
+constexpr char kClientId[] = "custody-fapi-client";
+constexpr char kRedirectUri[] = "https://client.example/cb";
+constexpr int64_t kPrepublishMs = 2000;
+
+void SetDeadline(grpc::ClientContext* ctx) {
+  ctx->set_deadline(std::chrono::system_clock::now() + 30s);
+}
+
+std::string Str(const jose::Json& json, const char* name) {
+  const jose::Json* member = json.Find(name);
+  return member != nullptr ? member->as_string() : "";
+}
+
+// Whether the "kids" array of a client_jwks.served event holds `kid`.
+bool ServedKid(const jose::Json& event, const std::string& kid) {
+  const jose::Json* kids = event.Find("kids");
+  if (kids == nullptr) return false;
+  for (const jose::Json& item : kids->as_array()) {
+    if (item.as_string() == kid) return true;
+  }
+  return false;
+}
+
+// tests/js/oidc_provider.mjs in a child process; its stdout (one JSON event per line) goes to
+// a file that Events() parses.
+class OidcProvider {
+ public:
+  OidcProvider(const std::string& dir, const std::string& client_jwks_file)
+      : out_path_(dir + "/provider.out"), err_path_(dir + "/provider.err") {
+    std::vector<std::string> argv = {"node",
+                                     SourceDir() + "/tests/js/oidc_provider.mjs",
+                                     "--port=0",
+                                     std::string("--client_id=") + kClientId,
+                                     std::string("--redirect_uri=") + kRedirectUri,
+                                     "--client_jwks_file=" + client_jwks_file};
+    pid_ = fork();
+    if (pid_ == 0) {
+      FILE* out = std::freopen(out_path_.c_str(), "w", stdout);
+      FILE* err = std::freopen(err_path_.c_str(), "w", stderr);
+      if (out == nullptr || err == nullptr) _exit(126);
+      std::vector<char*> args;
+      for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+      args.push_back(nullptr);
+      execvp(args[0], args.data());
+      _exit(127);
+    }
+  }
+  ~OidcProvider() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGTERM);
+    for (auto deadline = Clock::now() + 5s; Clock::now() < deadline;) {
+      if (waitpid(pid_, nullptr, WNOHANG) == pid_) return;
+      std::this_thread::sleep_for(20ms);
+    }
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+  }
+
+  void Signal(int sig) { kill(pid_, sig); }
+  // True once the process has exited (reaped here; the destructor then has nothing to do).
+  bool exited() const {
+    if (pid_ > 0 && waitpid(pid_, nullptr, WNOHANG) == pid_) pid_ = -1;
+    return pid_ <= 0;
+  }
+
+  // Every complete event line written so far.
+  std::vector<jose::Json> Events() const {
+    std::vector<jose::Json> events;
+    std::string out = ReadFileOrDie(out_path_);
+    for (size_t start = 0, end; (end = out.find('\n', start)) != std::string::npos;
+         start = end + 1) {
+      auto event = jose::ParseJson(std::string_view(out).substr(start, end - start));
+      if (event.ok()) events.push_back(*std::move(event));
+    }
+    return events;
+  }
+
+  // The first event from index `from` on named `name`, waiting up to `timeout`.
+  std::optional<jose::Json> WaitFor(const std::string& name, size_t from,
+                                    std::chrono::seconds timeout) const {
+    for (const auto deadline = Clock::now() + timeout;; std::this_thread::sleep_for(20ms)) {
+      std::vector<jose::Json> events = Events();
+      for (size_t i = from; i < events.size(); ++i) {
+        if (Str(events[i], "event") == name) return events[i];
+      }
+      if (Clock::now() >= deadline || exited()) return std::nullopt;
+    }
+  }
+
+  std::string Log() const {
+    return "provider stdout:\n" + ReadFileOrDie(out_path_) + "provider stderr:\n" +
+           ReadFileOrDie(err_path_);
+  }
+
+ private:
+  std::string out_path_, err_path_;
+  mutable pid_t pid_ = -1;
+};
+
+grpc::Status CreateRing(Custodyd& d, v1::CreateKeyRingRequest req) {
+  v1::KeyRing ring;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  return d.admin().CreateKeyRing(&ctx, req, &ring);
+}
+
+v1::KeyRing GetRing(Custodyd& d, const std::string& name) {
+  v1::GetKeyRingRequest req;
+  req.set_name(name);
+  v1::KeyRing ring;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  grpc::Status s = d.admin().GetKeyRing(&ctx, req, &ring);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  return ring;
+}
+
+const v1::KeyVersion* VersionIn(const v1::KeyRing& ring, v1::KeyVersionState state) {
+  for (const v1::KeyVersion& v : ring.versions()) {
+    if (v.state() == state) return &v;
+  }
+  return nullptr;
+}
+
+// Writes what the client's jwks_uri serves: custody's JWKS of both client rings.
+jose::Json PublishClientJwks(Custodyd& d, const std::string& path) {
+  v1::GetJwksRequest req;
+  req.add_rings(kSigningRing);
+  req.add_rings(kDecryptionRing);
+  v1::GetJwksResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  grpc::Status s = d.signer().GetJwks(&ctx, req, &resp);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  WriteFileOrDie(path, resp.jwks());
+  auto jwks = jose::ParseJson(resp.jwks());
+  EXPECT_TRUE(jwks.ok()) << resp.jwks();
+  return jwks.ok() ? *jwks : jose::Json::MakeObject();
+}
+
+CommandResult RunFlow(Custodyd& d, const std::string& issuer,
+                      const std::string& signing_ring = kSigningRing) {
+  return RunCommand(
+      {BinDir() + "/fapi_flow", "--addr=" + d.address(), "--issuer=" + issuer,
+       std::string("--client_id=") + kClientId, std::string("--redirect_uri=") + kRedirectUri,
+       "--signing_ring=" + signing_ring, std::string("--decryption_ring=") + kDecryptionRing});
+}
+
+// What the provider reported from event index `from` on: each artifact it accepted was made
+// with `kid` (the client assertion and request object by kid, the DPoP proofs by the RFC 7638
+// thumbprint of the embedded key, which custody's kids are), the flow reached userinfo, and it
+// rejected nothing and failed at nothing (asking for a DPoP nonce is not a rejection).
+void ExpectProviderAccepted(const OidcProvider& op, size_t from, const std::string& kid) {
+  // The provider logs its success events asynchronously (after hashing the DPoP key).
+  for (const char* last : {"grant.success", "userinfo.success"}) op.WaitFor(last, from, 10s);
+  std::vector<jose::Json> events = op.Events();
+  int par = 0, grant = 0, userinfo = 0;
+  for (size_t i = from; i < events.size(); ++i) {
+    const jose::Json& e = events[i];
+    const std::string name = Str(e, "event");
+    if (name == "pushed_authorization_request.success") {
+      ++par;
+      EXPECT_EQ(Str(e, "request_object_kid"), kid) << e.Serialize();
+    }
+    if (name == "grant.success") ++grant;
+    if (name == "userinfo.success") ++userinfo;
+    if (name == "pushed_authorization_request.success" || name == "grant.success") {
+      EXPECT_EQ(Str(e, "client_assertion_kid"), kid) << e.Serialize();
+      EXPECT_EQ(Str(e, "dpop_jkt"), kid) << e.Serialize();
+    }
+    if (name.find("error") != std::string::npos || name.ends_with(".failed")) {
+      EXPECT_EQ(Str(e, "error"), "use_dpop_nonce") << "provider rejected: " << e.Serialize();
+    }
+  }
+  EXPECT_EQ(par, 1);
+  EXPECT_EQ(grant, 1);
+  EXPECT_EQ(userinfo, 1);
+}
+
+// custodyd with the client's rings, and the provider with the client registered; the client's
+// jwks_uri serves custody's JWKS of both rings.
+class OidcE2eTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (RunCommand({"sh", "-c", "command -v node"}).exit_code != 0) {
+      GTEST_SKIP() << "node is not installed (scripts/deps.sh installs nodejs and npm)";
+    }
+    // oidc-provider 9 uses crypto.hash and URL.parse (Node.js 20.18+; 22 LTS is its supported
+    // runtime). Debian 12's own nodejs package is 18.
+    CommandResult node = RunCommand({"node", "-e",
+                                     "const [a,b]=process.versions.node.split('.').map(Number);"
+                                     "process.exit(a>20||(a===20&&b>=18)?0:1)"});
+    ASSERT_EQ(node.exit_code, 0) << "oidc-provider 9 needs Node.js >= 20.18; this node is "
+                                 << RunCommand({"node", "--version"}).out;
+    ASSERT_TRUE(
+        std::filesystem::exists(SourceDir() + "/tests/js/node_modules/oidc-provider/package.json"))
+        << "oidc-provider is not installed: run `npm ci` in tests/js (scripts/test.sh does)";
+    custodyd_ = std::make_unique<Custodyd>(dir_.path() + "/state");
+    ASSERT_TRUE(custodyd_->started()) << custodyd_->log();
+
+    // The client's keys: one ES256 signing ring (client assertions, request objects, DPoP) with
+    // a short pre-publication, and an RSA-OAEP-256 ring the ID tokens are encrypted to.
+    v1::CreateKeyRingRequest sign;
+    sign.set_name(kSigningRing);
+    sign.set_purpose(v1::SIGN);
+    sign.set_alg("ES256");
+    sign.mutable_policy()->set_prepublish_ms(kPrepublishMs);
+    sign.mutable_policy()->set_retain_ms(3600 * 1000);
+    sign.mutable_policy()->set_destroy_delay_ms(3600 * 1000);
+    ASSERT_TRUE(CreateRing(*custodyd_, sign).ok());
+    v1::CreateKeyRingRequest decrypt;
+    decrypt.set_name(kDecryptionRing);
+    decrypt.set_purpose(v1::DECRYPT);
+    decrypt.set_alg("RSA-OAEP-256");
+    decrypt.set_rsa_bits(2048);
+    ASSERT_TRUE(CreateRing(*custodyd_, decrypt).ok());
+
+    PublishClientJwks(*custodyd_, jwks_path_);
+    provider_ = std::make_unique<OidcProvider>(dir_.path(), jwks_path_);
+    std::optional<jose::Json> ready = provider_->WaitFor("ready", 0, 30s);
+    ASSERT_TRUE(ready.has_value()) << provider_->Log();
+    issuer_ = Str(*ready, "issuer");
+  }
+
+  TempDir dir_;
+  const std::string jwks_path_ = dir_.path() + "/client-jwks.json";
+  std::unique_ptr<Custodyd> custodyd_;
+  std::unique_ptr<OidcProvider> provider_;
+  std::string issuer_;
+};
+
+TEST_F(OidcE2eTest, FapiFlowWithCustodyKeysCompletesBeforeAndAfterSigningKeyRotation) {
+  const auto started = Clock::now();
+  Custodyd& d = *custodyd_;
+  OidcProvider& op = *provider_;
+  v1::KeyRing ring = GetRing(d, kSigningRing);
+  ASSERT_NE(VersionIn(ring, v1::ACTIVE), nullptr);
+  ASSERT_NE(VersionIn(ring, v1::PENDING), nullptr) << "an explicit policy keeps a next key";
+  const std::string kid_a = VersionIn(ring, v1::ACTIVE)->kid();
+  const std::string kid_b = VersionIn(ring, v1::PENDING)->kid();
+  const v1::KeyRing enc_ring = GetRing(d, kDecryptionRing);
+  ASSERT_NE(VersionIn(enc_ring, v1::ACTIVE), nullptr);
+  const std::string enc_kid = VersionIn(enc_ring, v1::ACTIVE)->kid();
+
+  // Flow 1, with the first key.
+  CommandResult flow = RunFlow(d, issuer_);
+  ASSERT_EQ(flow.exit_code, 0) << flow.out << flow.err << op.Log();
+  EXPECT_NE(flow.out.find("flow ok signing_kid=" + kid_a + " decryption_kid=" + enc_kid + " "),
+            std::string::npos)
+      << flow.out;
+  EXPECT_NE(flow.out.find(R"("alg":"RSA-OAEP-256")"), std::string::npos) << flow.out;
+  EXPECT_NE(flow.out.find(R"("enc":"A256GCM")"), std::string::npos) << flow.out;
+  std::printf("flow 1:\n%s", flow.out.c_str());
+  ExpectProviderAccepted(op, 0, kid_a);
+  std::optional<jose::Json> first_fetch = op.WaitFor("client_jwks.served", 0, 0s);
+  ASSERT_TRUE(first_fetch.has_value()) << "the provider never fetched jwks_uri\n" << op.Log();
+  EXPECT_TRUE(ServedKid(*first_fetch, kid_a) && ServedKid(*first_fetch, kid_b))
+      << "the next key was not pre-published: " << first_fetch->Serialize();
+
+  // Rotation once the PENDING key has been published for the prepublish period (custodyd says
+  // when it is eligible; the test does not force it).
+  v1::RotateKeyRingResponse rotated;
+  for (auto deadline = Clock::now() + 20s; !rotated.rotated() && Clock::now() < deadline;) {
+    v1::RotateKeyRingRequest req;
+    req.set_ring(kSigningRing);
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    grpc::Status s = d.admin().RotateKeyRing(&ctx, req, &rotated);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    if (!rotated.rotated()) std::this_thread::sleep_for(100ms);
+  }
+  ASSERT_TRUE(rotated.rotated()) << rotated.message();
+  ring = GetRing(d, kSigningRing);
+  ASSERT_NE(VersionIn(ring, v1::ACTIVE), nullptr);
+  ASSERT_EQ(VersionIn(ring, v1::ACTIVE)->kid(), kid_b);
+  const jose::Json served = PublishClientJwks(d, jwks_path_);
+  ASSERT_NE(served.Find("keys"), nullptr);
+
+  // The provider refetches the client's jwks_uri (its cached copy expired), then flow 2 runs
+  // with the new key.
+  const size_t mark = op.Events().size();
+  op.Signal(SIGUSR2);
+  ASSERT_TRUE(op.WaitFor("client_jwks.cache_expired", mark, 10s).has_value()) << op.Log();
+  flow = RunFlow(d, issuer_);
+  ASSERT_EQ(flow.exit_code, 0) << flow.out << flow.err << op.Log();
+  EXPECT_NE(flow.out.find("flow ok signing_kid=" + kid_b + " decryption_kid=" + enc_kid + " "),
+            std::string::npos)
+      << flow.out;
+  std::printf("flow 2:\n%s", flow.out.c_str());
+  ExpectProviderAccepted(op, mark, kid_b);
+  std::optional<jose::Json> refetch = op.WaitFor("client_jwks.served", mark, 0s);
+  ASSERT_TRUE(refetch.has_value()) << "the provider did not refetch jwks_uri\n" << op.Log();
+  for (const jose::Json& key : served.Find("keys")->as_array()) {
+    EXPECT_TRUE(ServedKid(*refetch, Str(key, "kid"))) << refetch->Serialize();
+  }
+
+  const auto seconds = std::chrono::duration<double>(Clock::now() - started).count();
+  std::printf("oidc e2e: kid %s -> %s, %.1f s\n", kid_a.c_str(), kid_b.c_str(), seconds);
+}
+
+// The judge is awake: a key custody holds but the client's jwks_uri does not publish is refused
+// at the first artifact it signs (the PAR's client assertion), once the provider has fetched
+// jwks_uri and found no such key.
+TEST_F(OidcE2eTest, ProviderRefusesKeyNotPublishedAtJwksUri) {
+  v1::CreateKeyRingRequest other;
+  other.set_name("clients/fapi/unpublished");
+  other.set_purpose(v1::SIGN);
+  other.set_alg("ES256");
+  ASSERT_TRUE(CreateRing(*custodyd_, other).ok());
+  CommandResult flow = RunFlow(*custodyd_, issuer_, "clients/fapi/unpublished");
+  EXPECT_EQ(flow.exit_code, 1) << flow.out << flow.err;
+  EXPECT_NE(flow.err.find("invalid_client"), std::string::npos) << flow.err;
+  std::optional<jose::Json> refused =
+      provider_->WaitFor("pushed_authorization_request.error", 0, 10s);
+  ASSERT_TRUE(refused.has_value()) << provider_->Log();
+  EXPECT_EQ(Str(*refused, "error"), "invalid_client") << refused->Serialize();
+  EXPECT_EQ(provider_->WaitFor("pushed_authorization_request.success", 0, 0s), std::nullopt);
+  EXPECT_TRUE(provider_->WaitFor("client_jwks.served", 0, 0s).has_value()) << provider_->Log();
+}
+
+}  // namespace
+}  // namespace custody::testing

@@ -1542,58 +1542,165 @@ absl::StatusOr<PrivateKeyAttributes> Token::GetPrivateKeyAttributes(const KeyPai
   return out;
 }
 
-absl::StatusOr<std::map<std::string, std::shared_ptr<KeyPair>>> Token::FindAllKeyPairs() {
+namespace {
+
+// What startup needs of one key object, read in one C_GetAttributeValue: SoftHSM2 re-reads an
+// object's file (open, lock, read) on every call, so the number of calls is what a start with
+// thousands of keys pays. Attributes an object lacks (CKA_EC_PARAMS of an RSA key) come back
+// unavailable, which the standard allows in the same call.
+struct KeyObjectAttributes {
+  CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
+  std::string id;
+  std::string label;
+  std::optional<KeySpec> spec;  // private keys whose type custody can use
+};
+
+// One attribute per call: for objects whose combined read failed.
+absl::StatusOr<std::optional<KeyObjectAttributes>> ReadKeyObjectSlowly(CK_FUNCTION_LIST* fn,
+                                                                       SessionPool::Lease& lease,
+                                                                       CK_OBJECT_HANDLE handle,
+                                                                       bool* is_private) {
+  absl::StatusOr<CK_ULONG> object_class = GetUlong(fn, lease, handle, CKA_CLASS);
+  if (absl::IsUnavailable(object_class.status())) return object_class.status();
+  if (!object_class.ok() || (*object_class != CKO_PRIVATE_KEY && *object_class != CKO_PUBLIC_KEY)) {
+    return std::nullopt;
+  }
+  *is_private = *object_class == CKO_PRIVATE_KEY;
+  KeyObjectAttributes out;
+  out.handle = handle;
+  absl::StatusOr<std::string> id = GetBytes(fn, lease, handle, CKA_ID);
+  if (absl::IsNotFound(id.status())) return std::nullopt;  // destroyed since the search
+  if (!id.ok()) return id.status();
+  out.id = *std::move(id);
+  absl::StatusOr<std::string> label = GetBytes(fn, lease, handle, CKA_LABEL);
+  if (absl::IsUnavailable(label.status())) return label.status();
+  if (label.ok()) out.label = *std::move(label);
+  if (*is_private) {
+    absl::StatusOr<KeySpec> spec = ReadKeySpec(fn, lease, handle);
+    if (absl::IsUnavailable(spec.status())) return spec.status();
+    if (spec.ok()) out.spec = *spec;
+  }
+  return out;
+}
+
+// nullopt: the object is gone or not a key. UNAVAILABLE: token trouble.
+absl::StatusOr<std::optional<KeyObjectAttributes>> ReadKeyObject(CK_FUNCTION_LIST* fn,
+                                                                 SessionPool::Lease& lease,
+                                                                 CK_OBJECT_HANDLE handle,
+                                                                 bool* is_private) {
+  CK_OBJECT_CLASS object_class = 0;
+  CK_KEY_TYPE key_type = 0;
+  char id[256], label[256], params[64], modulus[1024];
+  CK_ATTRIBUTE t[] = {{CKA_CLASS, &object_class, sizeof(object_class)},
+                      {CKA_ID, id, sizeof(id)},
+                      {CKA_LABEL, label, sizeof(label)},
+                      {CKA_KEY_TYPE, &key_type, sizeof(key_type)},
+                      {CKA_EC_PARAMS, params, sizeof(params)},
+                      {CKA_MODULUS, modulus, sizeof(modulus)}};
+  CK_RV rv = fn->C_GetAttributeValue(lease.get(), handle, t, std::size(t));
+  if (rv == CKR_OBJECT_HANDLE_INVALID) return std::nullopt;  // destroyed since the search
+  if (rv != CKR_OK && rv != CKR_ATTRIBUTE_TYPE_INVALID && rv != CKR_ATTRIBUTE_SENSITIVE &&
+      rv != CKR_BUFFER_TOO_SMALL) {
+    absl::Status s = lease.Check("C_GetAttributeValue", rv);
+    if (absl::IsUnavailable(s)) return s;  // token trouble: recover and retry the whole pass
+    // Anything else (SoftHSM2 fails the whole call with CKR_ATTRIBUTE_VALUE_INVALID for an
+    // object a kill left half-written): read it attribute by attribute, as for any object.
+    return ReadKeyObjectSlowly(fn, lease, handle, is_private);
+  }
+  auto available = [&](const CK_ATTRIBUTE& a) {
+    return a.ulValueLen != CK_UNAVAILABLE_INFORMATION;
+  };
+  if (!available(t[0]) || (object_class != CKO_PRIVATE_KEY && object_class != CKO_PUBLIC_KEY)) {
+    return std::nullopt;
+  }
+  *is_private = object_class == CKO_PRIVATE_KEY;
+  KeyObjectAttributes out;
+  out.handle = handle;
+  // An id or label over 256 bytes: read it alone, as any other object's.
+  if (available(t[1])) {
+    out.id.assign(id, t[1].ulValueLen);
+  } else {
+    P11_ASSIGN_OR_RETURN(out.id, GetBytes(fn, lease, handle, CKA_ID));
+  }
+  if (available(t[2])) {
+    out.label.assign(label, t[2].ulValueLen);
+  } else {
+    absl::StatusOr<std::string> l = GetBytes(fn, lease, handle, CKA_LABEL);
+    if (absl::IsUnavailable(l.status())) return l.status();
+    if (l.ok()) out.label = *std::move(l);
+  }
+  if (!*is_private || !available(t[3])) return out;
+  if (key_type == CKK_RSA && available(t[5])) {
+    std::string_view m(modulus, t[5].ulValueLen);
+    size_t first = m.find_first_not_of('\0');
+    if (first != std::string_view::npos) {
+      int bits = static_cast<int>(m.size() - first) * 8;
+      for (unsigned char top = m[first]; (top & 0x80) == 0; top <<= 1) --bits;
+      out.spec = KeySpec{.type = KeyType::kRsa, .rsa_bits = bits};
+    }
+  } else if ((key_type == CKK_EC || key_type == CKK_EC_EDWARDS) && available(t[4])) {
+    std::string_view p(params, t[4].ulValueLen);
+    std::optional<KeyType> type;
+    if (p == kP256Oid) type = KeyType::kEcP256;
+    if (p == kP384Oid) type = KeyType::kEcP384;
+    if (p == kP521Oid) type = KeyType::kEcP521;
+    if (p == kEd25519Oid || p == kEd25519Name) type = KeyType::kEd25519;
+    if (type.has_value()) out.spec = KeySpec{.type = *type, .rsa_bits = 0};
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<std::map<std::string, std::shared_ptr<KeyPair>>> Token::FindAllKeyPairs(
+    std::vector<ObjectInfo>* objects) {
   CK_FUNCTION_LIST* fn = state_->fn;
   std::map<std::string, std::shared_ptr<KeyPair>> pairs;
   P11_RETURN_IF_ERROR(state_->Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
     pairs.clear();
+    if (objects != nullptr) objects->clear();
+    // One search over every object and one attribute read per key object.
+    P11_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> handles, FindObjects(fn, lease, {}));
+    std::vector<KeyObjectAttributes> private_keys, public_keys;
+    for (CK_OBJECT_HANDLE handle : handles) {
+      bool is_private = false;
+      P11_ASSIGN_OR_RETURN(std::optional<KeyObjectAttributes> key,
+                           ReadKeyObject(fn, lease, handle, &is_private));
+      if (!key.has_value()) continue;
+      if (objects != nullptr) {
+        objects->push_back(
+            ObjectInfo{.id = key->id, .label = key->label, .is_private_key = is_private});
+      }
+      (is_private ? private_keys : public_keys).push_back(*std::move(key));
+    }
     std::set<std::string> ambiguous;
-    CK_OBJECT_CLASS private_class = CKO_PRIVATE_KEY;
-    P11_ASSIGN_OR_RETURN(
-        std::vector<CK_OBJECT_HANDLE> private_keys,
-        FindObjects(fn, lease, {Attr(CKA_CLASS, &private_class, sizeof(private_class))}));
-    for (CK_OBJECT_HANDLE handle : private_keys) {
-      absl::StatusOr<std::string> id = GetBytes(fn, lease, handle, CKA_ID);
-      if (absl::IsNotFound(id.status())) continue;  // destroyed since the search
-      if (!id.ok()) return id.status();
-      if (id->empty() || ambiguous.count(*id) > 0) continue;
-      if (pairs.count(*id) > 0) {
-        pairs.erase(*id);
-        ambiguous.insert(*id);
+    for (KeyObjectAttributes& key : private_keys) {
+      if (key.id.empty() || ambiguous.count(key.id) > 0) continue;
+      if (pairs.count(key.id) > 0) {
+        pairs.erase(key.id);
+        ambiguous.insert(key.id);
         continue;
       }
-      absl::StatusOr<KeySpec> spec = ReadKeySpec(fn, lease, handle);
       // A key custody cannot use (another type, half-written attributes) is simply not a pair
       // here; FindKeyPair on its id says why.
-      if (!spec.ok()) {
-        if (absl::IsUnavailable(spec.status())) return spec.status();  // token trouble: recover
-        continue;
-      }
-      absl::StatusOr<std::string> label = GetBytes(fn, lease, handle, CKA_LABEL);
-      if (!label.ok()) continue;
+      if (!key.spec.has_value()) continue;
       auto pair = std::make_shared<KeyPair>();
-      pair->id = *id;
-      pair->label = std::move(*label);
-      pair->spec = *spec;
-      pair->private_handle.store(handle);
+      pair->id = key.id;
+      pair->label = std::move(key.label);
+      pair->spec = *key.spec;
+      pair->private_handle.store(key.handle);
       pair->handle_generation.store(state_->module->generation());
-      pairs.emplace(*id, std::move(pair));
+      pairs.emplace(key.id, std::move(pair));
     }
-    CK_OBJECT_CLASS public_class = CKO_PUBLIC_KEY;
-    P11_ASSIGN_OR_RETURN(
-        std::vector<CK_OBJECT_HANDLE> public_keys,
-        FindObjects(fn, lease, {Attr(CKA_CLASS, &public_class, sizeof(public_class))}));
     std::set<std::string> seen_public;
-    for (CK_OBJECT_HANDLE handle : public_keys) {
-      absl::StatusOr<std::string> id = GetBytes(fn, lease, handle, CKA_ID);
-      if (!id.ok()) continue;
-      auto it = pairs.find(*id);
+    for (const KeyObjectAttributes& key : public_keys) {
+      auto it = pairs.find(key.id);
       if (it == pairs.end()) continue;
-      if (!seen_public.insert(*id).second) {  // two public keys: ambiguous as well
+      if (!seen_public.insert(key.id).second) {  // two public keys: ambiguous as well
         pairs.erase(it);
         continue;
       }
-      it->second->public_handle.store(handle);
+      it->second->public_handle.store(key.handle);
     }
     return absl::OkStatus();
   }));

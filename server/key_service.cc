@@ -229,10 +229,11 @@ absl::Status KeyService::Load() {
   if (!ring_records.ok()) return ring_records.status();
   auto version_records = store_->LoadVersions();
   if (!version_records.ok()) return version_records.status();
-  auto objects = token_->ListKeyObjects();
-  if (!objects.ok()) return objects.status();
-  // Every pair resolved in one pass: a search per version is quadratic on SoftHSM2.
-  auto pairs = token_->FindAllKeyPairs();
+  // Every pair and every key object in one pass over the token: a search per version is
+  // quadratic on SoftHSM2, and each attribute read re-reads an object's file there.
+  std::vector<pkcs11::ObjectInfo> key_objects;
+  auto* objects = &key_objects;
+  auto pairs = token_->FindAllKeyPairs(objects);
   if (!pairs.ok()) return pairs.status();
 
   std::set<std::string> private_ids;  // hex CKA_IDs of private keys present in the token

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
-# The npm `jose` package: an independent JOSE implementation the interop tests encrypt with.
+# npm packages (tests/js, pinned by package-lock.json): `jose`, an independent JOSE implementation
+# the interop tests use, and oidc-provider, the authorization server of the end-to-end test.
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 if [ "${CUSTODY_SANITIZE:-0}" = 1 ]; then
   export BUILD_DIR=build-asan

@@ -101,19 +101,22 @@ absl::Status PrepareEmbeddedToken(const std::string& state_dir, const std::strin
   for (const char* name : {"/pin", "/so-pin"}) {
     if (absl::Status s = EnsurePinFile(abs_dir + name); !s.ok()) return s;
   }
+  // Once initialized, the token is not probed again: loading the module to look would make
+  // SoftHSM2 read every object file twice per start (and keep the memory of the first read).
+  const std::string marker = abs_dir + "/token-initialized";
+  if (access(marker.c_str(), F_OK) == 0) return absl::OkStatus();
   auto pin = ReadSecretFile(abs_dir + "/pin");
   if (!pin.ok()) return pin.status();
   auto so_pin = ReadSecretFile(abs_dir + "/so-pin");
   if (!so_pin.ok()) return so_pin.status();
   absl::Status init =
       pkcs11::Token::InitializeToken(module_path, kEmbeddedTokenLabel, *so_pin, *pin);
+  if (!init.ok() && !absl::IsAlreadyExists(init)) return init;
   if (init.ok()) {
     Log(LogLevel::kInfo, "embedded_token.initialized",
         {{"label", kEmbeddedTokenLabel}, {"softhsm2_conf", conf}});
-    return absl::OkStatus();
   }
-  if (absl::IsAlreadyExists(init)) return absl::OkStatus();
-  return init;
+  return WriteNewFile(marker, "the embedded token is initialized\n", 0600);
 }
 
 }  // namespace custody::server

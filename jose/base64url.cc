@@ -25,28 +25,28 @@ int DecodeChar(char c) {
 }  // namespace
 
 std::string Base64UrlEncode(std::string_view data) {
-  std::string out;
-  out.reserve((data.size() * 4 + 2) / 3);
+  // Sized once and written through a pointer: the hot path of every JWS (payload and signature).
+  std::string out((data.size() * 4 + 2) / 3, '\0');
+  char* o = out.data();
+  const auto* in = reinterpret_cast<const uint8_t*>(data.data());
   size_t i = 0;
   for (; i + 3 <= data.size(); i += 3) {
-    const uint32_t v = (static_cast<uint8_t>(data[i]) << 16) |
-                       (static_cast<uint8_t>(data[i + 1]) << 8) | static_cast<uint8_t>(data[i + 2]);
-    out.push_back(kAlphabet[(v >> 18) & 0x3f]);
-    out.push_back(kAlphabet[(v >> 12) & 0x3f]);
-    out.push_back(kAlphabet[(v >> 6) & 0x3f]);
-    out.push_back(kAlphabet[v & 0x3f]);
+    const uint32_t v = (in[i] << 16) | (in[i + 1] << 8) | in[i + 2];
+    *o++ = kAlphabet[(v >> 18) & 0x3f];
+    *o++ = kAlphabet[(v >> 12) & 0x3f];
+    *o++ = kAlphabet[(v >> 6) & 0x3f];
+    *o++ = kAlphabet[v & 0x3f];
   }
   const size_t rest = data.size() - i;
   if (rest == 1) {
-    const uint32_t v = static_cast<uint8_t>(data[i]) << 16;
-    out.push_back(kAlphabet[(v >> 18) & 0x3f]);
-    out.push_back(kAlphabet[(v >> 12) & 0x3f]);
+    const uint32_t v = in[i] << 16;
+    *o++ = kAlphabet[(v >> 18) & 0x3f];
+    *o++ = kAlphabet[(v >> 12) & 0x3f];
   } else if (rest == 2) {
-    const uint32_t v =
-        (static_cast<uint8_t>(data[i]) << 16) | (static_cast<uint8_t>(data[i + 1]) << 8);
-    out.push_back(kAlphabet[(v >> 18) & 0x3f]);
-    out.push_back(kAlphabet[(v >> 12) & 0x3f]);
-    out.push_back(kAlphabet[(v >> 6) & 0x3f]);
+    const uint32_t v = (in[i] << 16) | (in[i + 1] << 8);
+    *o++ = kAlphabet[(v >> 18) & 0x3f];
+    *o++ = kAlphabet[(v >> 12) & 0x3f];
+    *o++ = kAlphabet[(v >> 6) & 0x3f];
   }
   return out;
 }

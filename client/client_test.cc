@@ -21,6 +21,8 @@
 namespace custody::client {
 namespace {
 
+using ::custody::testing::BinDir;
+using ::custody::testing::CommandResult;
 using ::custody::testing::Custodyd;
 using ::custody::testing::ReadFileOrDie;
 using ::custody::testing::RunCommand;
@@ -535,6 +537,23 @@ TEST_F(ClientTest, IdTokenAndJarm) {
                  &out),
       "");
   EXPECT_EQ(ParseOrDie(out).Find("payload")->Find("code")->as_string(), "code-456");
+}
+
+// The README's examples, built by default, run against the fixture's rings (their defaults) and
+// produce what they say: the AS side verifies the request object it decrypted; the client side
+// prints three compact JWSs.
+TEST_F(ClientTest, ExamplesRunAgainstCustodyd) {
+  const std::string addr = "--addr=" + daemon_->address();
+  CommandResult as = RunCommand({BinDir() + "/as_example", addr});
+  EXPECT_EQ(as.exit_code, 0) << as.out << as.err;
+  EXPECT_NE(as.out.find("Verified request object claims:"), std::string::npos) << as.out;
+  CommandResult client = RunCommand({BinDir() + "/client_example", addr});
+  EXPECT_EQ(client.exit_code, 0) << client.out << client.err;
+  for (const char* what : {"client_assertion", "request object:", "DPoP proof:"}) {
+    EXPECT_NE(client.out.find(what), std::string::npos) << what << "\n" << client.out;
+  }
+  CommandResult usage = RunCommand({BinDir() + "/client_example"});
+  EXPECT_EQ(usage.exit_code, 2) << usage.err;
 }
 
 }  // namespace

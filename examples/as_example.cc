@@ -12,36 +12,21 @@
 #include <cstdio>
 #include <string>
 
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
 #include "client/client.h"
 #include "client/fapi.h"
 #include "client/jws_verifier.h"
 
+ABSL_FLAG(std::string, addr, "", "custodyd address: unix:PATH or HOST:PORT");
+ABSL_FLAG(std::string, id_token_ring, "op/id-token", "ES256/PS256 ring that signs ID tokens");
+ABSL_FLAG(std::string, enc_ring, "op/request-object-enc",
+          "DECRYPT ring request objects are encrypted to");
+ABSL_FLAG(std::string, client_ring, "clients/acme/private-key-jwt",
+          "the client's signing ring (makes the request object)");
+
 namespace {
-
-struct Flags {
-  std::string addr;
-  std::string id_token_ring = "op/id-token";
-  std::string enc_ring = "op/request-object-enc";
-  std::string client_ring = "clients/acme/private-key-jwt";
-};
-
-bool ParseFlags(int argc, char** argv, Flags& flags) {
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    auto value = [&](const char* name, std::string& out) {
-      std::string prefix = std::string("--") + name + "=";
-      if (arg.rfind(prefix, 0) != 0) return false;
-      out = arg.substr(prefix.size());
-      return true;
-    };
-    if (!value("addr", flags.addr) && !value("id_token_ring", flags.id_token_ring) &&
-        !value("enc_ring", flags.enc_ring) && !value("client_ring", flags.client_ring)) {
-      std::fprintf(stderr, "unknown flag %s\n", argv[i]);
-      return false;
-    }
-  }
-  return !flags.addr.empty();
-}
 
 int Fail(const char* what, const absl::Status& status) {
   std::fprintf(stderr, "%s: %s\n", what, status.ToString().c_str());
@@ -51,17 +36,17 @@ int Fail(const char* what, const absl::Status& status) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Flags flags;
-  if (!ParseFlags(argc, argv, flags)) {
-    std::fprintf(stderr,
-                 "usage: %s --addr=unix:PATH|HOST:PORT [--id_token_ring=R] [--enc_ring=R] "
-                 "[--client_ring=R]\n",
-                 argv[0]);
+  absl::SetProgramUsageMessage(
+      "as_example --addr=unix:PATH|HOST:PORT [--id_token_ring=R] [--enc_ring=R] [--client_ring=R]");
+  absl::ParseCommandLine(argc, argv);
+  const std::string addr = absl::GetFlag(FLAGS_addr);
+  if (addr.empty()) {
+    std::fprintf(stderr, "--addr is required (unix:PATH or HOST:PORT)\n");
     return 2;
   }
   using namespace custody::client;  // NOLINT: example brevity
   ChannelOptions channel;
-  channel.address = flags.addr;
+  channel.address = addr;
   auto client = Client::Connect(channel);
   if (!client.ok()) return Fail("connect", client.status());
   if (absl::Status s = (*client)->Health(); !s.ok()) return Fail("health", s);
@@ -75,12 +60,12 @@ int main(int argc, char** argv) {
   id.auth_time = absl::Now() - absl::Minutes(1);
   id.access_token = "jHkWEdUXMU1BwAsC4vtUsZwnNM5rRWyKl9uRlCxMS";
   id.code = "Qcb0Orv1zh30vL1MPRsbm-diHiMwcLyZvn1arpZv-Jxf_11jnpEX3Tgfvk";
-  auto id_token = IdToken(**client, flags.id_token_ring, id);
+  auto id_token = IdToken(**client, absl::GetFlag(FLAGS_id_token_ring), id);
   if (!id_token.ok()) return Fail("id token", id_token.status());
   std::printf("ID token:\n%s\n\n", id_token->c_str());
 
   // 2. A request object as a client would send it: signed, then encrypted to our enc ring.
-  auto op_jwks = (*client)->GetJwks({flags.enc_ring});
+  auto op_jwks = (*client)->GetJwks({absl::GetFlag(FLAGS_enc_ring)});
   if (!op_jwks.ok()) return Fail("GetJwks(enc)", op_jwks.status());
   RequestObjectOptions ro;
   ro.client_id = "acme";
@@ -91,16 +76,16 @@ int main(int argc, char** argv) {
   if (!claims.ok()) return Fail("claims", claims.status());
   ro.claims = *claims;
   ro.encrypt_to_jwks = op_jwks->jwks;
-  auto jwe = RequestObject(**client, flags.client_ring, ro);
+  auto jwe = RequestObject(**client, absl::GetFlag(FLAGS_client_ring), ro);
   if (!jwe.ok()) return Fail("request object", jwe.status());
   std::printf("Encrypted request object:\n%s\n\n", jwe->c_str());
 
   // 3. The OP decrypts it in the HSM and verifies the nested JWT against the client's JWKS.
-  auto decrypted = (*client)->DecryptJwe(flags.enc_ring, *jwe);
+  auto decrypted = (*client)->DecryptJwe(absl::GetFlag(FLAGS_enc_ring), *jwe);
   if (!decrypted.ok()) return Fail("decrypt", decrypted.status());
   std::printf("Decrypted with kid %s (version %u); header %s\n", decrypted->kid.c_str(),
               decrypted->version, decrypted->protected_header.c_str());
-  auto client_jwks = (*client)->GetJwks({flags.client_ring});
+  auto client_jwks = (*client)->GetJwks({absl::GetFlag(FLAGS_client_ring)});
   if (!client_jwks.ok()) return Fail("GetJwks(client)", client_jwks.status());
   JwsVerifierOptions vo;
   vo.issuer = "acme";

@@ -6,35 +6,19 @@
 #include <cstdio>
 #include <string>
 
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
 #include "client/client.h"
 #include "client/fapi.h"
 
+ABSL_FLAG(std::string, addr, "", "custodyd address: unix:PATH or HOST:PORT");
+ABSL_FLAG(std::string, ring, "clients/acme/private-key-jwt", "the client's signing ring");
+ABSL_FLAG(std::string, client_id, "acme", "our client_id at the authorization server");
+ABSL_FLAG(std::string, issuer, "https://op.example",
+          "the authorization server's issuer identifier");
+
 namespace {
-
-struct Flags {
-  std::string addr;
-  std::string ring = "clients/acme/private-key-jwt";
-  std::string client_id = "acme";
-  std::string issuer = "https://op.example";
-};
-
-bool ParseFlags(int argc, char** argv, Flags& flags) {
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    auto value = [&](const char* name, std::string& out) {
-      std::string prefix = std::string("--") + name + "=";
-      if (arg.rfind(prefix, 0) != 0) return false;
-      out = arg.substr(prefix.size());
-      return true;
-    };
-    if (!value("addr", flags.addr) && !value("ring", flags.ring) &&
-        !value("client_id", flags.client_id) && !value("issuer", flags.issuer)) {
-      std::fprintf(stderr, "unknown flag %s\n", argv[i]);
-      return false;
-    }
-  }
-  return !flags.addr.empty();
-}
 
 int Fail(const char* what, const absl::Status& status) {
   std::fprintf(stderr, "%s: %s\n", what, status.ToString().c_str());
@@ -44,32 +28,32 @@ int Fail(const char* what, const absl::Status& status) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Flags flags;
-  if (!ParseFlags(argc, argv, flags)) {
-    std::fprintf(stderr,
-                 "usage: %s --addr=unix:PATH|HOST:PORT [--ring=R] [--client_id=ID] "
-                 "[--issuer=URL]\n",
-                 argv[0]);
+  absl::SetProgramUsageMessage(
+      "client_example --addr=unix:PATH|HOST:PORT [--ring=R] [--client_id=ID] [--issuer=URL]");
+  absl::ParseCommandLine(argc, argv);
+  const std::string addr = absl::GetFlag(FLAGS_addr);
+  if (addr.empty()) {
+    std::fprintf(stderr, "--addr is required (unix:PATH or HOST:PORT)\n");
     return 2;
   }
   using namespace custody::client;  // NOLINT: example brevity
   ChannelOptions channel;
-  channel.address = flags.addr;
+  channel.address = addr;
   auto client = Client::Connect(channel);
   if (!client.ok()) return Fail("connect", client.status());
 
   // private_key_jwt for the token / PAR endpoint.
   ClientAssertionOptions ca;
-  ca.client_id = flags.client_id;
-  ca.audience = flags.issuer;
-  auto assertion = ClientAssertion(**client, flags.ring, ca);
+  ca.client_id = absl::GetFlag(FLAGS_client_id);
+  ca.audience = absl::GetFlag(FLAGS_issuer);
+  auto assertion = ClientAssertion(**client, absl::GetFlag(FLAGS_ring), ca);
   if (!assertion.ok()) return Fail("client assertion", assertion.status());
   std::printf("client_assertion (private_key_jwt):\n%s\n\n", assertion->c_str());
 
   // A signed request object for PAR.
   RequestObjectOptions ro;
-  ro.client_id = flags.client_id;
-  ro.audience = flags.issuer;
+  ro.client_id = absl::GetFlag(FLAGS_client_id);
+  ro.audience = absl::GetFlag(FLAGS_issuer);
   auto claims = custody::jose::ParseJson(
       R"({"response_type":"code","redirect_uri":"https://acme.example/cb","scope":"openid",)"
       R"("state":"af0ifjsldkj","nonce":"n-0S6_WzA2Mj",)"
@@ -77,7 +61,7 @@ int main(int argc, char** argv) {
       R"("code_challenge_method":"S256"})");
   if (!claims.ok()) return Fail("claims", claims.status());
   ro.claims = *claims;
-  auto request = RequestObject(**client, flags.ring, ro);
+  auto request = RequestObject(**client, absl::GetFlag(FLAGS_ring), ro);
   if (!request.ok()) return Fail("request object", request.status());
   std::printf("request object:\n%s\n\n", request->c_str());
 
@@ -86,7 +70,7 @@ int main(int argc, char** argv) {
   dp.htm = "GET";
   dp.htu = "https://rs.example/accounts?page=2";
   dp.access_token = "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU";
-  auto proof = DpopProof(**client, flags.ring, dp);
+  auto proof = DpopProof(**client, absl::GetFlag(FLAGS_ring), dp);
   if (!proof.ok()) return Fail("DPoP proof", proof.status());
   std::printf("DPoP proof:\n%s\n", proof->c_str());
   return 0;

@@ -6,6 +6,8 @@
 #include <dlfcn.h>
 #include <stdlib.h>
 
+#include <algorithm>
+#include <cstdio>
 #include <latch>
 #include <memory>
 #include <string>
@@ -149,7 +151,9 @@ class RecoveryTest : public ::testing::Test {
     token_.reset();
   }
 
-  void OpenToken(size_t max_sessions, std::optional<size_t> max_waiters) {
+  void OpenToken(size_t max_sessions, std::optional<size_t> max_waiters,
+                 absl::Duration reinit_backoff = absl::Milliseconds(50),
+                 absl::Duration reinit_backoff_max = absl::Seconds(2)) {
     if (faults_.reset != nullptr) faults_.reset();
     token_.reset();
     Token::Options options;
@@ -159,6 +163,8 @@ class RecoveryTest : public ::testing::Test {
     options.max_sessions = max_sessions;
     options.max_waiters = max_waiters;
     options.session_wait = absl::Seconds(5);
+    options.reinit_backoff = reinit_backoff;
+    options.reinit_backoff_max = reinit_backoff_max;
     absl::StatusOr<std::unique_ptr<Token>> token = Token::Open(std::move(options));
     ASSERT_TRUE(token.ok()) << token.status();
     token_ = std::move(*token);
@@ -550,7 +556,8 @@ TEST_F(RecoveryTest, HealthFollowsARemovedDeviceAndItsReturn) {
   }
   EXPECT_TRUE(absl::IsUnavailable(token_->ListKeyObjects().status()));
   EXPECT_FALSE(token_->Healthy());
-  EXPECT_GE(token_->GetMetrics().module_reinitializations, 2u);
+  // At least the first probe re-initialized; the next ones may have met the backoff.
+  EXPECT_GE(token_->GetMetrics().module_reinitializations, 1u);
 
   faults_.device_removed(0);  // the token is back
   probe = token_->Probe();
@@ -562,6 +569,79 @@ TEST_F(RecoveryTest, HealthFollowsARemovedDeviceAndItsReturn) {
   absl::Status signed_ok = SignAndVerify(*key, public_key.get(), "back");
   EXPECT_TRUE(signed_ok.ok()) << signed_ok;
   EXPECT_TRUE(token_->DestroyKeyPair("health-1").ok());
+}
+
+// ---- Re-initialization backoff --------------------------------------------------------------
+
+TEST_F(RecoveryTest, ReinitializationsBackOffWhileTheDeviceStaysRemoved) {
+  faults_.device_removed(-1);
+  const absl::Time start = absl::Now();
+  int probes = 0;
+  absl::Duration slowest;
+  while (absl::Now() - start < absl::Milliseconds(400)) {
+    const absl::Time before = absl::Now();
+    const absl::Status probe = token_->Probe();
+    slowest = std::max(slowest, absl::Now() - before);
+    EXPECT_EQ(probe.code(), absl::StatusCode::kUnavailable) << probe;
+    EXPECT_TRUE(absl::StrContains(probe.message(), "CKR_DEVICE_REMOVED")) << probe;
+    ++probes;
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  // Backoff 50, 100, 200 ms: re-initializations at about 0, 50, 150 and 350 ms at most, against
+  // one per probe without it.
+  const unsigned long initializations = faults_.calls("C_Initialize");
+  const Token::Metrics metrics = token_->GetMetrics();
+  std::printf("[backoff] %d probes in 400 ms: %lu C_Initialize, %lu refused by the backoff\n",
+              probes, initializations, static_cast<unsigned long>(metrics.reinit_backoffs));
+  EXPECT_GE(probes, 20);
+  EXPECT_GE(initializations, 2u);
+  EXPECT_LE(initializations, 4u);
+  EXPECT_EQ(metrics.module_reinitializations, initializations);
+  EXPECT_EQ(metrics.module_reinitializations + metrics.reinit_backoffs,
+            static_cast<uint64_t>(probes))
+      << "every probe either re-initialized or failed fast";
+  EXPECT_LT(slowest, absl::Seconds(1)) << "probes in the backoff fail at once";
+  EXPECT_FALSE(token_->Healthy());
+
+  // The device is back: the next operation succeeds (the module was initialized by the last
+  // attempt) and resets the backoff, so a new removal re-initializes at once.
+  faults_.device_removed(0);
+  absl::Status probe = token_->Probe();
+  ASSERT_TRUE(probe.ok()) << probe;
+  EXPECT_TRUE(token_->Healthy());
+  faults_.device_removed(-1);
+  probe = token_->Probe();
+  EXPECT_EQ(probe.code(), absl::StatusCode::kUnavailable) << probe;
+  EXPECT_EQ(faults_.calls("C_Initialize"), initializations + 1) << "no backoff after a success";
+  faults_.device_removed(0);
+  probe = token_->Probe();
+  EXPECT_TRUE(probe.ok()) << probe;
+
+  EvpPkeyPtr public_key;
+  std::shared_ptr<KeyPair> key = Generate("backoff-1", &public_key);
+  ASSERT_NE(key, nullptr);
+  absl::Status signed_ok = SignAndVerify(*key, public_key.get(), "after the backoff");
+  EXPECT_TRUE(signed_ok.ok()) << signed_ok;
+  EXPECT_TRUE(token_->DestroyKeyPair("backoff-1").ok());
+}
+
+TEST_F(RecoveryTest, ReinitializationBackoffStopsDoublingAtItsMaximum) {
+  ASSERT_NO_FATAL_FAILURE(OpenToken(4, std::nullopt, absl::Milliseconds(10),
+                                    /*reinit_backoff_max=*/absl::Milliseconds(40)));
+  faults_.device_removed(-1);
+  const absl::Time start = absl::Now();
+  while (absl::Now() - start < absl::Milliseconds(600)) {
+    EXPECT_TRUE(absl::IsUnavailable(token_->Probe()));
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  // 10, 20, 40, 40, ...: at most 17 re-initializations in 600 ms; doubling without a cap would
+  // allow 6 (0, 10, 30, 70, 150, 310).
+  const unsigned long initializations = faults_.calls("C_Initialize");
+  std::printf("[backoff] capped at 40 ms: %lu C_Initialize in 600 ms\n", initializations);
+  EXPECT_GE(initializations, 9u);
+  EXPECT_LE(initializations, 17u);
+  faults_.device_removed(0);
+  EXPECT_TRUE(token_->Probe().ok());
 }
 
 TEST_F(RecoveryTest, ProbeRecoversALoggedOutToken) {

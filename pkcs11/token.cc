@@ -857,6 +857,16 @@ class Token::State {
   std::atomic<uint64_t> retries{0};
   std::atomic<uint64_t> recoveries{0};
   std::atomic<uint64_t> reinitializations{0};
+  std::atomic<uint64_t> reinit_backoffs{0};
+
+  // Re-initialization backoff (token.h, Recovery). `reinit_backoff_armed` lets the hot path
+  // (Succeeded) skip the mutex while nothing is to reset.
+  absl::Duration reinit_backoff_initial = absl::Milliseconds(50);
+  absl::Duration reinit_backoff_max = absl::Seconds(2);
+  std::atomic<bool> reinit_backoff_armed{false};
+  absl::Mutex backoff_mu;  // never held across a token call
+  absl::Time reinit_not_before ABSL_GUARDED_BY(backoff_mu) = absl::InfinitePast();
+  absl::Duration reinit_backoff ABSL_GUARDED_BY(backoff_mu) = absl::Milliseconds(50);
   mutable absl::Mutex metrics_mu;  // never held across a token call
   std::map<std::string, uint64_t> errors ABSL_GUARDED_BY(metrics_mu);
   Token::Latency latency[3] ABSL_GUARDED_BY(metrics_mu);  // indexed by Timed
@@ -995,6 +1005,22 @@ class Token::State {
       case Damage::kModule:
         break;
     }
+    // When the module is still the one the attempt failed on, this recovery would cycle it:
+    // only once the backoff allows. (Past that generation, someone else already did, and
+    // Reinitialize only follows the token.)
+    if (module->generation() == generation) {
+      absl::MutexLock lock(&backoff_mu);
+      const absl::Time now = absl::Now();
+      if (now < reinit_not_before) {
+        reinit_backoffs.fetch_add(1, std::memory_order_relaxed);
+        return absl::UnavailableError(absl::StrCat(
+            "module re-initialization backing off for another ",
+            absl::FormatDuration(absl::Ceil(reinit_not_before - now, absl::Milliseconds(1)))));
+      }
+      reinit_not_before = now + reinit_backoff;
+      reinit_backoff = std::min(reinit_backoff * 2, reinit_backoff_max);
+      reinit_backoff_armed.store(true, std::memory_order_relaxed);
+    }
     absl::StatusOr<bool> reinitialized = module->Reinitialize(generation);
     if (absl::IsFailedPrecondition(reinitialized.status())) {
       // Someone else's module: not ours to finalize. A new session is all we can try.
@@ -1034,6 +1060,12 @@ class Token::State {
 
   absl::Status Succeeded() {
     healthy.store(true, std::memory_order_relaxed);
+    if (reinit_backoff_armed.load(std::memory_order_relaxed)) {
+      absl::MutexLock lock(&backoff_mu);
+      reinit_not_before = absl::InfinitePast();
+      reinit_backoff = reinit_backoff_initial;
+      reinit_backoff_armed.store(false, std::memory_order_relaxed);
+    }
     return absl::OkStatus();
   }
 
@@ -1174,6 +1206,7 @@ Token::Metrics Token::GetMetrics() const {
   metrics.retries = state_->retries.load(std::memory_order_relaxed);
   metrics.recoveries = state_->recoveries.load(std::memory_order_relaxed);
   metrics.module_reinitializations = state_->reinitializations.load(std::memory_order_relaxed);
+  metrics.reinit_backoffs = state_->reinit_backoffs.load(std::memory_order_relaxed);
   const SessionPool::Stats pool = state_->pool->stats();
   metrics.pool_waits = pool.waits;
   metrics.pool_rejections = pool.rejections;
@@ -1248,6 +1281,12 @@ absl::StatusOr<std::unique_ptr<Token>> Token::Open(Options options) {
   mechanisms.resize(count);
   for (CK_MECHANISM_TYPE mechanism : mechanisms) state->mechanisms.insert(CkmName(mechanism));
 
+  state->reinit_backoff_initial = std::max(options.reinit_backoff, absl::ZeroDuration());
+  state->reinit_backoff_max = std::max(options.reinit_backoff_max, state->reinit_backoff_initial);
+  {
+    absl::MutexLock lock(&state->backoff_mu);
+    state->reinit_backoff = state->reinit_backoff_initial;
+  }
   state->pool =
       std::make_unique<SessionPool>(fn, token.slot, std::move(options.pin), options.max_sessions,
                                     options.session_wait, options.max_waiters, state->module.get());
@@ -1569,8 +1608,11 @@ absl::StatusOr<std::optional<KeyObjectAttributes>> ReadKeyObjectSlowly(CK_FUNCTI
   KeyObjectAttributes out;
   out.handle = handle;
   absl::StatusOr<std::string> id = GetBytes(fn, lease, handle, CKA_ID);
-  if (absl::IsNotFound(id.status())) return std::nullopt;  // destroyed since the search
-  if (!id.ok()) return id.status();
+  if (absl::IsUnavailable(id.status())) return id.status();
+  // Destroyed since the search, or too broken to name: not a key custody can match to a
+  // version. Startup must not stop on it (the version then reports its object missing, and
+  // the scan of orphans cannot list it either).
+  if (!id.ok()) return std::nullopt;
   out.id = *std::move(id);
   absl::StatusOr<std::string> label = GetBytes(fn, lease, handle, CKA_LABEL);
   if (absl::IsUnavailable(label.status())) return label.status();

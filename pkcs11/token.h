@@ -17,6 +17,10 @@
 // CKR_OBJECT_HANDLE_INVALID / CKR_KEY_HANDLE_INVALID the KeyPair's cached handles are found
 // again by CKA_ID. Reads, signatures, decryptions, derivations and destruction are then retried
 // once; an operation that fails again is UNAVAILABLE naming the function and the CKR.
+// Re-initializations back off while the device stays away: after one, the next is allowed only
+// Options::reinit_backoff later, doubling up to reinit_backoff_max, back to the start once an
+// operation succeeds; a recovery that would re-initialize sooner fails at once (UNAVAILABLE
+// naming the CKR that called for it) instead of cycling the module on every request.
 // Generation and import are never retried once the token may have created something: they
 // reconcile instead (see GenerateKeyPair). Decryption failures ("decryption failed") are
 // answers about the ciphertext, never retried.
@@ -130,6 +134,9 @@ class Token {
     // How many callers may wait for a session at once; beyond, RESOURCE_EXHAUSTED "HSM session
     // pool saturated" at once. Unset: 4 x max_sessions. 0: never wait.
     std::optional<size_t> max_waiters;
+    // Spacing of module re-initializations while the device stays removed (see Recovery above).
+    absl::Duration reinit_backoff = absl::Milliseconds(50);
+    absl::Duration reinit_backoff_max = absl::Seconds(2);
   };
 
   struct Latency {
@@ -146,6 +153,7 @@ class Token {
     uint64_t retries = 0;                   // operations run a second time after a recovery
     uint64_t recoveries = 0;                // sessions re-opened and logged in by a recovery
     uint64_t module_reinitializations = 0;  // C_Finalize + C_Initialize cycles by this Token
+    uint64_t reinit_backoffs = 0;           // recoveries failed at once: re-init backing off
     uint64_t pool_waits = 0;                // callers that had to wait for a session
     uint64_t pool_rejections = 0;           // callers refused at once: too many waiting
     uint64_t pool_timeouts = 0;             // callers that waited session_wait for nothing

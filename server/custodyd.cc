@@ -353,6 +353,7 @@ int Run() {
              {"retries", absl::StrCat(m.retries)},
              {"recoveries", absl::StrCat(m.recoveries)},
              {"module_reinitializations", absl::StrCat(m.module_reinitializations)},
+             {"reinit_backoffs", absl::StrCat(m.reinit_backoffs)},
              {"pool_waits", absl::StrCat(m.pool_waits)},
              {"pool_rejections", absl::StrCat(m.pool_rejections)},
              {"pool_timeouts", absl::StrCat(m.pool_timeouts)},

@@ -106,6 +106,11 @@ Custodyd::Custodyd(std::string state_dir, std::vector<std::string> extra,
   Start(std::move(extra));
 }
 
+Custodyd::Custodyd(std::string state_dir, std::vector<std::string> extra, Environment environment)
+    : state_dir_(std::move(state_dir)), environment_(std::move(environment.variables)) {
+  Start(std::move(extra));
+}
+
 void Custodyd::Signal(int sig) {
   if (pid_ > 0) kill(pid_, sig);
 }
@@ -122,6 +127,7 @@ void Custodyd::Start(std::vector<std::string> extra) {
     std::vector<std::string> argv = {BinDir() + "/custodyd", "--state_dir=" + state_dir_,
                                      "--listen=" + address()};
     argv.insert(argv.end(), extra.begin(), extra.end());
+    for (const std::string& variable : environment_) putenv(strdup(variable.c_str()));
     std::vector<char*> args;
     for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);

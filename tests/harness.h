@@ -53,6 +53,12 @@ class Custodyd {
   // Listens on `tls.address` (HOST:PORT) instead, and reaches it with the TLS/mTLS credentials
   // in `tls` (ca_file, cert_file, key_file, server_name).
   Custodyd(std::string state_dir, std::vector<std::string> extra, client::ChannelOptions tls);
+  // Variables ("K=V") added to custodyd's environment (e.g. SOFTHSM2_CONF for a token the test
+  // made, or a test module's control file); otherwise as the first constructor.
+  struct Environment {
+    std::vector<std::string> variables;
+  };
+  Custodyd(std::string state_dir, std::vector<std::string> extra, Environment environment);
   ~Custodyd();
 
   bool started() const { return started_; }
@@ -74,6 +80,7 @@ class Custodyd {
 
   std::string state_dir_;
   client::ChannelOptions tls_;
+  std::vector<std::string> environment_;
   pid_t pid_ = -1;
   bool started_ = false;
   std::shared_ptr<grpc::Channel> channel_;

@@ -4,7 +4,33 @@
 // with decltype(&custody_fault_inject) and so on.
 //
 // Function names are Cryptoki names ("C_Sign"). Faults apply to the functions custody calls
-// (see kWrapped in fault_module.cc); every other function is forwarded untouched.
+// (the CUSTODY_WRAP list in fault_module.cc); every other function is forwarded untouched.
+//
+// Driving another process (custodyd) through a control file: start it with
+// CUSTODY_FAULT_CONTROL=/path/file in its environment. At most every 10 ms, from whichever
+// wrapped call comes first (never from C_Initialize/C_Finalize, which no other call overlaps),
+// the module reads the file and, when its content differs from the content it applied last,
+// applies its lines in order, one command per line ('#' starts a comment):
+//   seq N                              names this write (makes equal command sets distinct)
+//   reset                              custody_fault_reset()
+//   inject FUNCTION CKR COUNT          custody_fault_inject
+//   inject_ex FUNCTION CKR COUNT SKIP LOSE_REPLY
+//   close_all_sessions                 every session open now is closed behind the application's
+//                                      back: lazily, each really closed by the next call made on
+//                                      it, which gets CKR_SESSION_HANDLE_INVALID (SoftHSM2 crashes
+//                                      when a session is closed under a call running on it, which
+//                                      custody_fault_close_all_sessions cannot rule out in a
+//                                      process under load)
+//   device_removed CYCLES              custody_fault_device_removed
+//   delay FUNCTION MS                  custody_fault_delay_ms
+// CKR is a name from a short list (CKR_DEVICE_ERROR, CKR_SESSION_HANDLE_INVALID, ...) or a
+// number (0xB3). Commands act at once, so a test writes the whole file atomically (a temporary
+// file renamed over it) with a new `seq` each time. After applying, the module replaces
+// /path/file.ack with "seq N" (the last seq line, "-" without one), one "error LINE" per line it
+// did not understand, then "calls FUNCTION COUNT" (since the last reset) and "total FUNCTION
+// COUNT" (since the module was loaded) for every function called so far. A process that makes
+// no Cryptoki call applies nothing, so the test keeps it busy (custodyd probes its token every
+// second anyway).
 #ifndef CUSTODY_PKCS11_TESTING_FAULT_MODULE_H_
 #define CUSTODY_PKCS11_TESTING_FAULT_MODULE_H_
 

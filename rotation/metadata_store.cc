@@ -213,26 +213,16 @@ absl::Status MetadataStore::Apply(const Mutation& m) {
     if (!s.ok()) return s;
   }
   for (const VersionRecord& v : m.update_versions) {
+    // Numbered parameters in kVersionColumns order, so BindVersion serves INSERT and UPDATE;
+    // ring, version (the key), object_id and create_time (fixed at creation) are not set.
     auto stmt = Prepare(db_,
-                        "UPDATE versions SET object_label=?, kid=?, public_jwk=?, state=?, "
-                        "activate_time=?, publish_time=?, retire_time=?, destroy_after=?, "
-                        "destroy_time=?, previous_state=?, compromised=? WHERE ring=? AND "
-                        "version=?");
+                        "UPDATE versions SET object_label=?4, kid=?5, public_jwk=?6, state=?7, "
+                        "activate_time=?9, publish_time=?10, retire_time=?11, destroy_after=?12, "
+                        "destroy_time=?13, previous_state=?14, compromised=?15 "
+                        "WHERE ring=?1 AND version=?2");
     if (!stmt.ok()) return stmt.status();
     sqlite3_stmt* s = stmt->get();
-    BindText(s, 1, v.object_label);
-    BindText(s, 2, v.kid);
-    BindText(s, 3, v.public_jwk);
-    BindText(s, 4, std::string(VersionStateName(v.state)));
-    sqlite3_bind_int64(s, 5, v.activate_time);
-    sqlite3_bind_int64(s, 6, v.publish_time);
-    sqlite3_bind_int64(s, 7, v.retire_time);
-    sqlite3_bind_int64(s, 8, v.destroy_after);
-    sqlite3_bind_int64(s, 9, v.destroy_time);
-    BindText(s, 10, std::string(VersionStateName(v.previous_state)));
-    sqlite3_bind_int(s, 11, v.compromised ? 1 : 0);
-    BindText(s, 12, v.ring);
-    sqlite3_bind_int64(s, 13, v.version);
+    BindVersion(s, v);
     if (absl::Status st = StepDone(db_, s, "update version"); !st.ok()) return st;
     if (sqlite3_changes(db_) != 1) {
       return absl::NotFoundError(

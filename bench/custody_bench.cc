@@ -87,6 +87,9 @@ ABSL_FLAG(bool, scale, false,
 ABSL_FLAG(int, scale_rings, 1000, "rings for --scale");
 ABSL_FLAG(std::string, pkcs11_module, custody::server::kDefaultSoftHsmModule,
           "SoftHSM2 module that custodyd's embedded token uses");
+ABSL_FLAG(std::vector<std::string>, custodyd_flags, {},
+          "extra custodyd flags, comma-separated, e.g. --custodyd_flags=--audit_dir=/dev/shm/a "
+          "to see what the audit log's fsync costs (not a configuration to run)");
 
 namespace custody::bench {
 namespace {
@@ -313,6 +316,9 @@ absl::Status Bench::Setup() {
       return s;
     }
     common_flags_.push_back("--policy_file=" + policy);
+  }
+  for (const std::string& flag : absl::GetFlag(FLAGS_custodyd_flags)) {
+    common_flags_.push_back(flag);
   }
 
   const std::string tls_dir = tmp_->path() + "/tls";

@@ -5,9 +5,9 @@
 // restarted 100 times while signing and changing keys.
 //
 // What is checked against what:
-// - Signatures are verified by a verifier written here on OpenSSL's EVP API alone (public JWK →
-//   EVP_PKEY via OSSL_PARAM, JOSE r||s → DER, RSA-PSS parameters set explicitly), never by
-//   custody's jose/ code (only its JSON parser reads the JWKS and headers).
+// - Signatures are verified by tests/independent_jws.h, written on OpenSSL's EVP API alone
+//   (public JWK → EVP_PKEY via OSSL_PARAM, JOSE r||s → DER, RSA-PSS parameters set explicitly),
+//   never by custody's jose/ code (only its JSON parser reads the JWKS and headers).
 // - The only acceptable failure while a fault is injected is UNAVAILABLE naming a CKR code; on a
 //   slow token, RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED, promptly. Memory is custodyd's own
 //   VmRSS/VmHWM from /proc/PID/status.
@@ -50,6 +50,7 @@
 #include "pkcs11/softhsm_testing.h"
 #include "pkcs11/token.h"
 #include "tests/harness.h"
+#include "tests/independent_jws.h"
 
 namespace custody::testing {
 namespace {
@@ -82,171 +83,12 @@ int EnvInt(const char* name, int fallback) {
   return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;
 }
 
-// ---------------------------------------------------------------------------------------------
-// An independent ES256/PS256 verifier on OpenSSL's EVP API.
-
-std::optional<std::string> B64UrlDecode(std::string_view in) {
-  static constexpr std::string_view kAlphabet =
-      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-  std::string out;
-  uint32_t buffer = 0;
-  int bits = 0;
-  for (char c : in) {
-    size_t value = kAlphabet.find(c);
-    if (value == std::string_view::npos) return std::nullopt;
-    buffer = ((buffer << 6) | static_cast<uint32_t>(value)) & 0xffffff;
-    bits += 6;
-    if (bits >= 8) {
-      bits -= 8;
-      out.push_back(static_cast<char>((buffer >> bits) & 0xff));
-    }
-  }
-  if (bits >= 6) return std::nullopt;
-  if ((buffer & ((1u << bits) - 1)) != 0) return std::nullopt;
-  return out;
-}
-
-const std::string& JsonString(const jose::Json& object, std::string_view name) {
-  static const std::string* empty = new std::string();
-  const jose::Json* value = object.Find(name);
-  return value != nullptr && value->is_string() ? value->as_string() : *empty;
-}
-
-using PkeyPtr = std::shared_ptr<EVP_PKEY>;
-
-PkeyPtr PkeyFromParams(const char* type, OSSL_PARAM* params) {
-  std::unique_ptr<EVP_PKEY_CTX, decltype(&EVP_PKEY_CTX_free)> ctx(
-      EVP_PKEY_CTX_new_from_name(nullptr, type, nullptr), &EVP_PKEY_CTX_free);
-  EVP_PKEY* raw = nullptr;
-  if (ctx == nullptr || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
-      EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_PUBLIC_KEY, params) != 1) {
-    return nullptr;
-  }
-  return PkeyPtr(raw, &EVP_PKEY_free);
-}
-
-struct VerifyKey {
-  std::string alg;  // "ES256" or "PS256"
-  PkeyPtr key;
-};
-
-// A public JWK (EC P-256 or RSA) → EVP_PKEY; nullptr for anything else.
-PkeyPtr PkeyFromJwk(const jose::Json& jwk) {
-  if (jwk.Find("d") != nullptr) return nullptr;  // a JWKS never carries private members
-  if (JsonString(jwk, "kty") == "EC" && JsonString(jwk, "crv") == "P-256") {
-    std::optional<std::string> x = B64UrlDecode(JsonString(jwk, "x"));
-    std::optional<std::string> y = B64UrlDecode(JsonString(jwk, "y"));
-    if (!x || !y || x->size() != 32 || y->size() != 32) return nullptr;
-    std::string point = std::string(1, '\x04') + *x + *y;
-    char group[] = "prime256v1";
-    OSSL_PARAM params[] = {
-        OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, group, 0),
-        OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY, point.data(), point.size()),
-        OSSL_PARAM_construct_end()};
-    return PkeyFromParams("EC", params);
-  }
-  if (JsonString(jwk, "kty") == "RSA") {
-    std::optional<std::string> n = B64UrlDecode(JsonString(jwk, "n"));
-    std::optional<std::string> e = B64UrlDecode(JsonString(jwk, "e"));
-    if (!n || !e || n->size() < 256) return nullptr;
-    // OSSL_PARAM integers are native-endian: convert the big-endian JWK values.
-    std::unique_ptr<BIGNUM, decltype(&BN_free)> bn_n(
-        BN_bin2bn(reinterpret_cast<const unsigned char*>(n->data()), n->size(), nullptr), &BN_free);
-    std::unique_ptr<BIGNUM, decltype(&BN_free)> bn_e(
-        BN_bin2bn(reinterpret_cast<const unsigned char*>(e->data()), e->size(), nullptr), &BN_free);
-    std::string n_native(n->size(), '\0'), e_native(e->size(), '\0');
-    if (BN_bn2nativepad(bn_n.get(), reinterpret_cast<unsigned char*>(n_native.data()),
-                        n_native.size()) < 0 ||
-        BN_bn2nativepad(bn_e.get(), reinterpret_cast<unsigned char*>(e_native.data()),
-                        e_native.size()) < 0) {
-      return nullptr;
-    }
-    OSSL_PARAM params[] = {
-        OSSL_PARAM_construct_BN(OSSL_PKEY_PARAM_RSA_N,
-                                reinterpret_cast<unsigned char*>(n_native.data()), n_native.size()),
-        OSSL_PARAM_construct_BN(OSSL_PKEY_PARAM_RSA_E,
-                                reinterpret_cast<unsigned char*>(e_native.data()), e_native.size()),
-        OSSL_PARAM_construct_end()};
-    return PkeyFromParams("RSA", params);
-  }
-  return nullptr;
-}
-
-// The signing keys of a JWKS by kid, added to `keys`; false for a JWKS that cannot be read.
-bool AddJwks(const std::string& jwks, std::map<std::string, VerifyKey>& keys) {
-  auto parsed = jose::ParseJson(jwks, {.max_bytes = 4 << 20, .max_depth = 16});
-  if (!parsed.ok() || parsed->Find("keys") == nullptr) return false;
-  for (const jose::Json& jwk : parsed->Find("keys")->as_array()) {
-    const std::string& alg = JsonString(jwk, "alg");
-    if (alg != "ES256" && alg != "PS256") continue;
-    PkeyPtr key = PkeyFromJwk(jwk);
-    if (key == nullptr) return false;
-    keys[JsonString(jwk, "kid")] = VerifyKey{alg, key};
-  }
-  return true;
-}
-
-bool VerifySignature(const VerifyKey& key, std::string_view input, std::string_view sig) {
-  std::string der_or_raw(sig);
-  if (key.alg == "ES256") {
-    if (sig.size() != 64) return false;
-    const auto* bytes = reinterpret_cast<const unsigned char*>(sig.data());
-    ECDSA_SIG* ecdsa = ECDSA_SIG_new();
-    BIGNUM* r = BN_bin2bn(bytes, 32, nullptr);
-    BIGNUM* s = BN_bin2bn(bytes + 32, 32, nullptr);
-    if (ecdsa == nullptr || r == nullptr || s == nullptr || ECDSA_SIG_set0(ecdsa, r, s) != 1) {
-      std::abort();
-    }
-    unsigned char* der = nullptr;
-    const int der_len = i2d_ECDSA_SIG(ecdsa, &der);
-    ECDSA_SIG_free(ecdsa);
-    if (der_len <= 0) return false;
-    der_or_raw.assign(reinterpret_cast<const char*>(der), static_cast<size_t>(der_len));
-    OPENSSL_free(der);
-  }
-  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> md(EVP_MD_CTX_new(), &EVP_MD_CTX_free);
-  EVP_PKEY_CTX* pctx = nullptr;
-  if (EVP_DigestVerifyInit_ex(md.get(), &pctx, "SHA256", nullptr, nullptr, key.key.get(),
-                              nullptr) != 1) {
-    return false;
-  }
-  if (key.alg == "PS256" && (EVP_PKEY_CTX_set_rsa_padding(pctx, RSA_PKCS1_PSS_PADDING) != 1 ||
-                             EVP_PKEY_CTX_set_rsa_mgf1_md_name(pctx, "SHA256", nullptr) != 1 ||
-                             EVP_PKEY_CTX_set_rsa_pss_saltlen(pctx, 32) != 1)) {
-    return false;
-  }
-  return EVP_DigestVerify(md.get(), reinterpret_cast<const unsigned char*>(der_or_raw.data()),
-                          der_or_raw.size(), reinterpret_cast<const unsigned char*>(input.data()),
-                          input.size()) == 1;
-}
-
-// "" when `jws` is a compact JWS over `payload` whose header names a kid of `keys` with its alg
-// and whose signature verifies; else why not.
-std::string VerifyJws(const std::map<std::string, VerifyKey>& keys, const std::string& jws,
-                      const std::string& payload) {
-  const size_t dot1 = jws.find('.');
-  const size_t dot2 = dot1 == std::string::npos ? dot1 : jws.find('.', dot1 + 1);
-  if (dot2 == std::string::npos || jws.find('.', dot2 + 1) != std::string::npos) {
-    return "not a compact JWS: " + jws;
-  }
-  std::optional<std::string> header = B64UrlDecode(std::string_view(jws).substr(0, dot1));
-  std::optional<std::string> body =
-      B64UrlDecode(std::string_view(jws).substr(dot1 + 1, dot2 - dot1 - 1));
-  std::optional<std::string> signature = B64UrlDecode(std::string_view(jws).substr(dot2 + 1));
-  if (!header || !body || !signature) return "bad base64url in " + jws;
-  auto parsed = jose::ParseJson(*header);
-  if (!parsed.ok() || !parsed->is_object()) return "bad protected header " + *header;
-  if (*body != payload) return "the payload changed";
-  const std::string& kid = JsonString(*parsed, "kid");
-  auto key = keys.find(kid);
-  if (key == keys.end()) return "kid " + kid + " is not in the JWKS";
-  if (JsonString(*parsed, "alg") != key->second.alg) {
-    return "header alg " + JsonString(*parsed, "alg") + " differs from the key's";
-  }
-  if (!VerifySignature(key->second, jws.substr(0, dot2), *signature)) {
-    return key->second.alg + " signature does not verify (kid " + kid + ")";
-  }
-  return "";
+// The independent verifier (tests/independent_jws.h), checking the payload too.
+std::string VerifyJws(const JwsKeys& keys, const std::string& jws, const std::string& payload) {
+  std::string signed_payload;
+  std::string error = VerifyJws(keys, jws, nullptr, &signed_payload);
+  if (!error.empty()) return error;
+  return signed_payload == payload ? "" : "the payload changed";
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -443,8 +285,8 @@ class SigningLoad {
  public:
   // `threads` callers sign in a loop on `rings` (round robin), each call with `timeout`; every
   // returned JWS is verified against `keys` at once.
-  SigningLoad(Custodyd& d, std::vector<std::string> rings, std::map<std::string, VerifyKey> keys,
-              int threads, Ms timeout, Ms pause_after_failure = 5ms)
+  SigningLoad(Custodyd& d, std::vector<std::string> rings, JwsKeys keys, int threads, Ms timeout,
+              Ms pause_after_failure = 5ms)
       : d_(d), rings_(std::move(rings)), keys_(std::move(keys)) {
     for (int i = 0; i < threads; ++i) {
       threads_.emplace_back([this, i, timeout, pause_after_failure] {
@@ -493,7 +335,7 @@ class SigningLoad {
  private:
   Custodyd& d_;
   const std::vector<std::string> rings_;
-  const std::map<std::string, VerifyKey> keys_;
+  const JwsKeys keys_;
   std::atomic<bool> stop_{false};
   std::atomic<int> phase_{0};
   std::mutex mu_;
@@ -565,8 +407,8 @@ TEST(FaultIntegrationTest, EveryHsmFaultUnderSigningLoadFailsOnlyUnavailableAndR
   ASSERT_TRUE(CreateRing(d, "fault/es256", "ES256", &ring).ok());
   ASSERT_TRUE(CreateRing(d, "fault/ps256", "PS256", &ring).ok());
   grpc::Status status;
-  std::map<std::string, VerifyKey> keys;
-  ASSERT_TRUE(AddJwks(GetJwks(d, &status), keys));
+  JwsKeys keys;
+  ASSERT_EQ(AddJwks(GetJwks(d, &status), keys), "");
   ASSERT_TRUE(status.ok()) << status.error_message();
   ASSERT_EQ(keys.size(), 2u);
   ASSERT_FALSE(custodyd.control().Apply({"reset"}).empty()) << "the fault module never acked";
@@ -726,8 +568,8 @@ TEST(FaultIntegrationTest, SlowTokenRefusesCallersPromptlyAndMemoryStaysFlat) {
   v1::KeyRing ring;
   ASSERT_TRUE(CreateRing(d, "slow/es256", "ES256", &ring).ok());
   grpc::Status status;
-  std::map<std::string, VerifyKey> keys;
-  ASSERT_TRUE(AddJwks(GetJwks(d, &status), keys));
+  JwsKeys keys;
+  ASSERT_EQ(AddJwks(GetJwks(d, &status), keys), "");
   ASSERT_FALSE(custodyd.control().Apply({"reset"}).empty());
   constexpr int kCallers = 64;
   const int seconds = EnvInt("CUSTODY_FAULT_SLOW_SECONDS", 6);
@@ -909,7 +751,7 @@ TEST(RestartUnderLoadTest, SigkillWhileSigningAndChangingKeysLosesNoAcknowledged
   TempDir dir;
   const std::string state = dir.path() + "/state";
   AckedFacts facts;
-  std::map<std::string, VerifyKey> keys;
+  JwsKeys keys;
   std::vector<std::pair<std::string, std::string>> unverified;  // (jws, payload)
   std::map<std::string, int> acked_ops;
   std::map<int, int> sign_codes;
@@ -938,7 +780,7 @@ TEST(RestartUnderLoadTest, SigkillWhileSigningAndChangingKeysLosesNoAcknowledged
     // Every key that may have signed is published (nothing disables a version this test has not
     // seen published): collect them, then check what was signed before the kill.
     grpc::Status status;
-    ASSERT_TRUE(AddJwks(GetJwks(d, &status), keys));
+    ASSERT_EQ(AddJwks(GetJwks(d, &status), keys), "");
     ASSERT_TRUE(status.ok()) << status.error_message();
     for (const auto& [jws, payload] : unverified) {
       const std::string wrong = VerifyJws(keys, jws, payload);

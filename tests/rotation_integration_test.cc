@@ -1,9 +1,10 @@
 // Key rotation end to end: the real custodyd on a real SoftHSM2 token over real gRPC.
 //
 // What is checked against what:
-// - Signatures are verified by a verifier written here on OpenSSL's EVP API alone (public JWK →
-//   EVP_PKEY via OSSL_PARAM, JOSE r||s → DER, EVP_DigestVerify, our own base64url and RFC 7638
-//   thumbprint), never by custody's jose/ code: the code under test does not judge itself.
+// - Signatures are verified by tests/independent_jws.h, written on OpenSSL's EVP API alone
+//   (public JWK → EVP_PKEY via OSSL_PARAM, JOSE r||s → DER, EVP_DigestVerify, its own base64url
+//   and RFC 7638 thumbprint), never by custody's jose/ code: the code under test does not judge
+//   itself.
 // - JWEs are made by the client library (EncryptToJwks), as a sender that encrypts to its cached
 //   copy of the ring's JWKS would make them.
 // - Expected values come from the API contract (proto/custody/v1/custody.proto) and from the
@@ -39,6 +40,7 @@
 #include "openssl/params.h"
 #include "openssl/pem.h"
 #include "tests/harness.h"
+#include "tests/independent_jws.h"
 
 namespace custody::testing {
 namespace {
@@ -59,212 +61,6 @@ int64_t MsBetween(Clock::time_point from, Clock::time_point to) {
 
 void SetDeadline(grpc::ClientContext* ctx, Ms timeout = 10s) {
   ctx->set_deadline(std::chrono::system_clock::now() + timeout);
-}
-
-// ---------------------------------------------------------------------------------------------
-// An independent ES256 verifier: base64url, JWK → EVP_PKEY, RFC 7638 thumbprint, signature.
-
-std::optional<std::string> B64UrlDecode(std::string_view in) {
-  static constexpr std::string_view kAlphabet =
-      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-  std::string out;
-  uint32_t buffer = 0;
-  int bits = 0;
-  for (char c : in) {
-    size_t value = kAlphabet.find(c);
-    if (value == std::string_view::npos) return std::nullopt;
-    buffer = ((buffer << 6) | static_cast<uint32_t>(value)) & 0xffffff;
-    bits += 6;
-    if (bits >= 8) {
-      bits -= 8;
-      out.push_back(static_cast<char>((buffer >> bits) & 0xff));
-    }
-  }
-  if (bits >= 6) return std::nullopt;                           // a length of 4k+1 is not base64url
-  if ((buffer & ((1u << bits) - 1)) != 0) return std::nullopt;  // non-canonical trailing bits
-  return out;
-}
-
-std::string B64UrlEncode(std::string_view in) {
-  static constexpr std::string_view kAlphabet =
-      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-  std::string out;
-  uint32_t buffer = 0;
-  int bits = 0;
-  for (unsigned char c : in) {
-    buffer = ((buffer << 8) | c) & 0xffff;
-    bits += 8;
-    while (bits >= 6) {
-      bits -= 6;
-      out.push_back(kAlphabet[(buffer >> bits) & 0x3f]);
-    }
-  }
-  if (bits > 0) out.push_back(kAlphabet[(buffer << (6 - bits)) & 0x3f]);
-  return out;
-}
-
-std::string Sha256(std::string_view data) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  if (EVP_Digest(data.data(), data.size(), md, &len, EVP_sha256(), nullptr) != 1) std::abort();
-  return std::string(reinterpret_cast<const char*>(md), len);
-}
-
-const std::string& JsonString(const jose::Json& object, std::string_view name) {
-  static const std::string* empty = new std::string();
-  const jose::Json* value = object.Find(name);
-  return value != nullptr && value->is_string() ? value->as_string() : *empty;
-}
-
-using PkeyPtr = std::shared_ptr<EVP_PKEY>;
-
-// An EC P-256 public JWK → EVP_PKEY built from OSSL_PARAMs, with OpenSSL's public-key check.
-PkeyPtr P256FromJwk(const jose::Json& jwk, std::string* error) {
-  if (JsonString(jwk, "kty") != "EC" || JsonString(jwk, "crv") != "P-256") {
-    *error = "not an EC P-256 JWK: " + jwk.Serialize();
-    return nullptr;
-  }
-  if (jwk.Find("d") != nullptr) {
-    *error = "the JWKS carries a private key member \"d\"";
-    return nullptr;
-  }
-  std::optional<std::string> x = B64UrlDecode(JsonString(jwk, "x"));
-  std::optional<std::string> y = B64UrlDecode(JsonString(jwk, "y"));
-  if (!x || !y || x->size() != 32 || y->size() != 32) {
-    *error = "bad P-256 coordinates: " + jwk.Serialize();
-    return nullptr;
-  }
-  std::string point = std::string(1, '\x04') + *x + *y;
-  char group[] = "prime256v1";
-  OSSL_PARAM params[] = {
-      OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, group, 0),
-      OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY, point.data(), point.size()),
-      OSSL_PARAM_construct_end()};
-  std::unique_ptr<EVP_PKEY_CTX, decltype(&EVP_PKEY_CTX_free)> ctx(
-      EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr), &EVP_PKEY_CTX_free);
-  EVP_PKEY* raw = nullptr;
-  if (ctx == nullptr || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
-      EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_PUBLIC_KEY, params) != 1) {
-    *error = "OpenSSL refused the point of " + jwk.Serialize();
-    return nullptr;
-  }
-  PkeyPtr key(raw, &EVP_PKEY_free);
-  std::unique_ptr<EVP_PKEY_CTX, decltype(&EVP_PKEY_CTX_free)> check(
-      EVP_PKEY_CTX_new_from_pkey(nullptr, raw, nullptr), &EVP_PKEY_CTX_free);
-  if (check == nullptr || EVP_PKEY_public_check(check.get()) != 1) {
-    *error = "point not on P-256: " + jwk.Serialize();
-    return nullptr;
-  }
-  return key;
-}
-
-// RFC 7638 §3.2: the required members of an EC key, lexicographic order, no whitespace.
-std::string EcThumbprint(const jose::Json& jwk) {
-  return B64UrlEncode(Sha256("{\"crv\":\"" + JsonString(jwk, "crv") + "\",\"kty\":\"EC\",\"x\":\"" +
-                             JsonString(jwk, "x") + "\",\"y\":\"" + JsonString(jwk, "y") + "\"}"));
-}
-
-// "" when `sig` (JOSE r||s) is a valid ES256 signature of `input` under `key`.
-std::string VerifyEs256(EVP_PKEY* key, std::string_view input, std::string_view sig) {
-  if (sig.size() != 64) return "an ES256 signature is 64 bytes, got " + std::to_string(sig.size());
-  const auto* bytes = reinterpret_cast<const unsigned char*>(sig.data());
-  ECDSA_SIG* ecdsa = ECDSA_SIG_new();
-  BIGNUM* r = BN_bin2bn(bytes, 32, nullptr);
-  BIGNUM* s = BN_bin2bn(bytes + 32, 32, nullptr);
-  if (ecdsa == nullptr || r == nullptr || s == nullptr || ECDSA_SIG_set0(ecdsa, r, s) != 1) {
-    std::abort();
-  }
-  unsigned char* der = nullptr;
-  int der_len = i2d_ECDSA_SIG(ecdsa, &der);
-  ECDSA_SIG_free(ecdsa);
-  EVP_MD_CTX* md = EVP_MD_CTX_new();
-  bool ok =
-      der_len > 0 &&
-      EVP_DigestVerifyInit_ex(md, nullptr, "SHA256", nullptr, nullptr, key, nullptr) == 1 &&
-      EVP_DigestVerify(md, der, static_cast<size_t>(der_len),
-                       reinterpret_cast<const unsigned char*>(input.data()), input.size()) == 1;
-  EVP_MD_CTX_free(md);
-  OPENSSL_free(der);
-  return ok ? "" : "the ES256 signature does not verify";
-}
-
-struct ParsedJws {
-  std::string signing_input;
-  jose::Json header;
-  std::string payload;
-  std::string signature;
-};
-
-std::optional<ParsedJws> ParseCompactJws(const std::string& jws, std::string* error) {
-  size_t dot1 = jws.find('.');
-  size_t dot2 = dot1 == std::string::npos ? dot1 : jws.find('.', dot1 + 1);
-  if (dot2 == std::string::npos || jws.find('.', dot2 + 1) != std::string::npos) {
-    *error = "not a compact JWS: " + jws;
-    return std::nullopt;
-  }
-  ParsedJws out;
-  out.signing_input = jws.substr(0, dot2);
-  std::optional<std::string> header = B64UrlDecode(std::string_view(jws).substr(0, dot1));
-  std::optional<std::string> payload =
-      B64UrlDecode(std::string_view(jws).substr(dot1 + 1, dot2 - dot1 - 1));
-  std::optional<std::string> signature = B64UrlDecode(std::string_view(jws).substr(dot2 + 1));
-  if (!header || !payload || !signature) {
-    *error = "bad base64url in " + jws;
-    return std::nullopt;
-  }
-  auto parsed = jose::ParseJson(*header);
-  if (!parsed.ok() || !parsed->is_object()) {
-    *error = "bad protected header " + *header;
-    return std::nullopt;
-  }
-  out.header = *std::move(parsed);
-  out.payload = *std::move(payload);
-  out.signature = *std::move(signature);
-  return out;
-}
-
-// The ES256 "sig" keys of a JWKS by kid; each kid must be the key's RFC 7638 thumbprint (the
-// contract for generated keys).
-std::map<std::string, PkeyPtr> Es256KeysOf(const std::string& jwks, std::string* error) {
-  std::map<std::string, PkeyPtr> keys;
-  auto parsed = jose::ParseJson(jwks, {.max_bytes = 4 << 20, .max_depth = 16});
-  if (!parsed.ok() || parsed->Find("keys") == nullptr) {
-    *error = "bad JWKS: " + jwks;
-    return keys;
-  }
-  for (const jose::Json& jwk : parsed->Find("keys")->as_array()) {
-    if (JsonString(jwk, "alg") != "ES256") continue;
-    if (JsonString(jwk, "use") != "sig") {
-      *error = "ES256 key without \"use\":\"sig\": " + jwk.Serialize();
-      return keys;
-    }
-    const std::string& kid = JsonString(jwk, "kid");
-    if (kid != EcThumbprint(jwk)) {
-      *error = "kid " + kid + " is not the RFC 7638 thumbprint " + EcThumbprint(jwk);
-      return keys;
-    }
-    PkeyPtr key = P256FromJwk(jwk, error);
-    if (key == nullptr) return keys;
-    keys[kid] = key;
-  }
-  return keys;
-}
-
-// Verifies a compact ES256 JWS with `keys`; "" or why not. *kid and *payload are filled.
-std::string VerifyJws(const std::map<std::string, PkeyPtr>& keys, const std::string& jws,
-                      std::string* kid = nullptr, std::string* payload = nullptr) {
-  std::string error;
-  std::optional<ParsedJws> parsed = ParseCompactJws(jws, &error);
-  if (!parsed) return error;
-  if (JsonString(parsed->header, "alg") != "ES256") {
-    return "header alg is not ES256: " + parsed->header.Serialize();
-  }
-  const std::string& header_kid = JsonString(parsed->header, "kid");
-  if (kid != nullptr) *kid = header_kid;
-  if (payload != nullptr) *payload = parsed->payload;
-  auto key = keys.find(header_kid);
-  if (key == keys.end()) return "kid " + header_kid + " is not in the JWKS";
-  return VerifyEs256(key->second.get(), parsed->signing_input, parsed->signature);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -485,7 +281,7 @@ std::string SignAndVerify(Custodyd& d, const std::string& ring, std::string* kid
   std::string jwks = GetJwks(d, {ring}, &js).jwks();
   if (!js.ok()) return "GetJwks " + ring + ": " + js.error_message();
   std::string error;
-  auto keys = Es256KeysOf(jwks, &error);
+  auto keys = JwsKeysOf(jwks, &error);
   if (!error.empty()) return error;
   std::string header_kid, verified;
   std::string v = VerifyJws(keys, resp.jws(), &header_kid, &verified);
@@ -631,7 +427,7 @@ class CachingVerifier {
     std::string jwks = GetJwks(daemon_, {ring_}, &s).jwks();
     if (!s.ok()) return "GetJwks: " + s.error_message();
     std::string error;
-    auto keys = Es256KeysOf(jwks, &error);
+    auto keys = JwsKeysOf(jwks, &error);
     if (!error.empty()) return error;
     keys_ = std::move(keys);
     fetched_at_ = start;
@@ -643,7 +439,7 @@ class CachingVerifier {
   Custodyd& daemon_;
   const std::string ring_;
   const Ms ttl_;
-  std::map<std::string, PkeyPtr> keys_;
+  JwsKeys keys_;
   bool have_ = false;
   Clock::time_point fetched_at_;
   bool refetched_for_unknown_kid_ = false;
@@ -1065,7 +861,7 @@ TEST_F(RotationOpsTest, TheTestsOwnVerifierAgreesWithJwcryptoAndRejectsTampering
   std::string jwks = JwksOf(d(), "op/verifier");
   EXPECT_EQ(VerifyWithJwcrypto(jwks, resp.jws(), "ES256"), "");
   std::string error;
-  auto keys = Es256KeysOf(jwks, &error);
+  auto keys = JwsKeysOf(jwks, &error);
   ASSERT_EQ(error, "");
   ASSERT_EQ(keys.size(), 1u);
   std::string payload;
@@ -1080,10 +876,10 @@ TEST_F(RotationOpsTest, TheTestsOwnVerifierAgreesWithJwcryptoAndRejectsTampering
   size_t dot1 = other_payload.find('.'), dot2 = other_payload.rfind('.');
   other_payload.replace(dot1 + 1, dot2 - dot1 - 1, B64UrlEncode(R"({"sub":"mallory"})"));
   EXPECT_NE(VerifyJws(keys, other_payload), "");
-  auto other_keys = Es256KeysOf(JwksOf(d(), "op/other"), &error);
+  auto other_keys = JwsKeysOf(JwksOf(d(), "op/other"), &error);
   EXPECT_NE(VerifyJws(other_keys, resp.jws()), "");
   // Same kid, another key: the signature check itself must fail.
-  std::map<std::string, PkeyPtr> swapped = {{resp.kid(), other_keys.begin()->second}};
+  JwsKeys swapped = {{resp.kid(), other_keys.begin()->second}};
   EXPECT_EQ(VerifyJws(swapped, resp.jws()), "the ES256 signature does not verify");
 }
 
@@ -1560,7 +1356,7 @@ TEST_F(RotationOpsTest, JwksEtagChangesExactlyWhenTheJwksChanges) {
     // "truncated" is accepted: the encoding of a prefix of the hash (at least 96 bits), or a
     // prefix (at least 16 characters) of the encoding of the whole hash.
     const std::string& etag = samples[i].etag();
-    std::string hash = Sha256(samples[i].jwks());
+    std::string hash = Sha256Digest(samples[i].jwks());
     std::optional<std::string> decoded = B64UrlDecode(etag);
     bool hash_prefix =
         decoded && decoded->size() >= 12 && hash.compare(0, decoded->size(), *decoded) == 0;

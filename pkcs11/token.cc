@@ -302,26 +302,19 @@ absl::StatusOr<CK_OBJECT_HANDLE> FindOne(CK_FUNCTION_LIST* fn, SessionPool::Leas
   return found.front();
 }
 
-absl::StatusOr<KeySpec> ReadKeySpec(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease,
-                                    CK_OBJECT_HANDLE private_key) {
-  P11_ASSIGN_OR_RETURN(CK_ULONG key_type, GetUlong(fn, lease, private_key, CKA_KEY_TYPE));
+// The spec of an RSA key from its modulus (CKA_MODULUS_BITS lives on the public key only; the
+// modulus is public on both).
+absl::StatusOr<KeySpec> RsaSpec(std::string_view modulus) {
+  size_t first = modulus.find_first_not_of('\0');
+  if (first == std::string_view::npos) return absl::InternalError("RSA key with a zero modulus");
+  int bits = static_cast<int>(modulus.size() - first) * 8;
+  for (unsigned char top = modulus[first]; (top & 0x80) == 0; top <<= 1) --bits;
+  return KeySpec{.type = KeyType::kRsa, .rsa_bits = bits};
+}
+
+// The spec of an EC or EdDSA key from its CKA_EC_PARAMS.
+absl::StatusOr<KeySpec> EcSpec(std::string_view params) {
   KeySpec spec;
-  if (key_type == CKK_RSA) {
-    // CKA_MODULUS_BITS lives on the public key only; the modulus is public on both.
-    P11_ASSIGN_OR_RETURN(std::string modulus, GetBytes(fn, lease, private_key, CKA_MODULUS));
-    size_t first = modulus.find_first_not_of('\0');
-    if (first == std::string::npos) return absl::InternalError("RSA key with a zero modulus");
-    int bits = static_cast<int>(modulus.size() - first) * 8;
-    for (unsigned char top = modulus[first]; (top & 0x80) == 0; top <<= 1) --bits;
-    spec.type = KeyType::kRsa;
-    spec.rsa_bits = bits;
-    return spec;
-  }
-  if (key_type != CKK_EC && key_type != CKK_EC_EDWARDS) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("unsupported CKA_KEY_TYPE 0x", absl::Hex(key_type)));
-  }
-  P11_ASSIGN_OR_RETURN(std::string params, GetBytes(fn, lease, private_key, CKA_EC_PARAMS));
   if (params == kP256Oid) {
     spec.type = KeyType::kEcP256;
   } else if (params == kP384Oid) {
@@ -332,9 +325,25 @@ absl::StatusOr<KeySpec> ReadKeySpec(CK_FUNCTION_LIST* fn, SessionPool::Lease& le
     spec.type = KeyType::kEd25519;
   } else {
     return absl::FailedPreconditionError(
-        absl::StrCat("unsupported CKA_EC_PARAMS ", absl::BytesToHexString(params)));
+        absl::StrCat("unsupported CKA_EC_PARAMS ",
+                     absl::BytesToHexString(absl::string_view(params.data(), params.size()))));
   }
   return spec;
+}
+
+absl::StatusOr<KeySpec> ReadKeySpec(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease,
+                                    CK_OBJECT_HANDLE private_key) {
+  P11_ASSIGN_OR_RETURN(CK_ULONG key_type, GetUlong(fn, lease, private_key, CKA_KEY_TYPE));
+  if (key_type == CKK_RSA) {
+    P11_ASSIGN_OR_RETURN(std::string modulus, GetBytes(fn, lease, private_key, CKA_MODULUS));
+    return RsaSpec(modulus);
+  }
+  if (key_type != CKK_EC && key_type != CKK_EC_EDWARDS) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("unsupported CKA_KEY_TYPE 0x", absl::Hex(key_type)));
+  }
+  P11_ASSIGN_OR_RETURN(std::string params, GetBytes(fn, lease, private_key, CKA_EC_PARAMS));
+  return EcSpec(params);
 }
 
 // CKA_EC_POINT is an OCTET STRING holding the point per PKCS#11 (SoftHSM2 does that); some
@@ -1672,23 +1681,13 @@ absl::StatusOr<std::optional<KeyObjectAttributes>> ReadKeyObject(CK_FUNCTION_LIS
     if (l.ok()) out.label = *std::move(l);
   }
   if (!*is_private || !available(t[3])) return out;
+  absl::StatusOr<KeySpec> spec = absl::NotFoundError("no usable key type");
   if (key_type == CKK_RSA && available(t[5])) {
-    std::string_view m(modulus, t[5].ulValueLen);
-    size_t first = m.find_first_not_of('\0');
-    if (first != std::string_view::npos) {
-      int bits = static_cast<int>(m.size() - first) * 8;
-      for (unsigned char top = m[first]; (top & 0x80) == 0; top <<= 1) --bits;
-      out.spec = KeySpec{.type = KeyType::kRsa, .rsa_bits = bits};
-    }
+    spec = RsaSpec(std::string_view(modulus, t[5].ulValueLen));
   } else if ((key_type == CKK_EC || key_type == CKK_EC_EDWARDS) && available(t[4])) {
-    std::string_view p(params, t[4].ulValueLen);
-    std::optional<KeyType> type;
-    if (p == kP256Oid) type = KeyType::kEcP256;
-    if (p == kP384Oid) type = KeyType::kEcP384;
-    if (p == kP521Oid) type = KeyType::kEcP521;
-    if (p == kEd25519Oid || p == kEd25519Name) type = KeyType::kEd25519;
-    if (type.has_value()) out.spec = KeySpec{.type = *type, .rsa_bits = 0};
+    spec = EcSpec(std::string_view(params, t[4].ulValueLen));
   }
+  if (spec.ok()) out.spec = *spec;
   return out;
 }
 
@@ -1750,29 +1749,9 @@ absl::StatusOr<std::map<std::string, std::shared_ptr<KeyPair>>> Token::FindAllKe
 }
 
 absl::StatusOr<std::vector<ObjectInfo>> Token::ListKeyObjects() {
-  CK_FUNCTION_LIST* fn = state_->fn;
   std::vector<ObjectInfo> objects;
-  P11_RETURN_IF_ERROR(state_->Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
-    objects.clear();
-    for (CK_OBJECT_CLASS object_class : {CKO_PRIVATE_KEY, CKO_PUBLIC_KEY}) {
-      P11_ASSIGN_OR_RETURN(
-          std::vector<CK_OBJECT_HANDLE> handles,
-          FindObjects(fn, lease, {Attr(CKA_CLASS, &object_class, sizeof(object_class))}));
-      for (CK_OBJECT_HANDLE handle : handles) {
-        absl::StatusOr<std::string> id = GetBytes(fn, lease, handle, CKA_ID);
-        // Destroyed by another thread since the search: not an error for a listing.
-        if (absl::IsNotFound(id.status())) continue;
-        if (!id.ok()) return id.status();
-        absl::StatusOr<std::string> label = GetBytes(fn, lease, handle, CKA_LABEL);
-        if (absl::IsNotFound(label.status())) continue;
-        if (!label.ok()) return label.status();
-        objects.push_back(ObjectInfo{.id = std::move(*id),
-                                     .label = std::move(*label),
-                                     .is_private_key = object_class == CKO_PRIVATE_KEY});
-      }
-    }
-    return absl::OkStatus();
-  }));
+  absl::StatusOr<std::map<std::string, std::shared_ptr<KeyPair>>> pairs = FindAllKeyPairs(&objects);
+  if (!pairs.ok()) return pairs.status();
   return objects;
 }
 

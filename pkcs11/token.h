@@ -232,12 +232,12 @@ class Token {
   // quadratic in the number of keys). An id carried by several private keys is left out (the
   // caller's FindKeyPair then reports the ambiguity). A pair without its public key is included
   // with public_handle 0, as FindKeyPair does.
-  // With `objects`, also every private/public key object (id, label) as ListKeyObjects gives
-  // them, from the same pass: one search and one attribute read per object in all.
+  // With `objects`, also every private/public key object (id, label), from the same pass: one
+  // search and one attribute read per object in all.
   absl::StatusOr<std::map<std::string, std::shared_ptr<KeyPair>>> FindAllKeyPairs(
       std::vector<ObjectInfo>* objects = nullptr);
 
-  // Every private/public key object in the token (id, label), for reconciliation.
+  // Every private/public key object in the token (id, label): FindAllKeyPairs' listing alone.
   absl::StatusOr<std::vector<ObjectInfo>> ListKeyObjects();
 
   // Destroys every object with CKA_ID=id. OK when none exists (idempotent).

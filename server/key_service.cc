@@ -231,14 +231,13 @@ absl::Status KeyService::Load() {
   if (!version_records.ok()) return version_records.status();
   // Every pair and every key object in one pass over the token: a search per version is
   // quadratic on SoftHSM2, and each attribute read re-reads an object's file there.
-  std::vector<pkcs11::ObjectInfo> key_objects;
-  auto* objects = &key_objects;
-  auto pairs = token_->FindAllKeyPairs(objects);
+  std::vector<pkcs11::ObjectInfo> objects;
+  auto pairs = token_->FindAllKeyPairs(&objects);
   if (!pairs.ok()) return pairs.status();
 
   std::set<std::string> private_ids;  // hex CKA_IDs of private keys present in the token
   std::set<std::string> public_ids;   // and of public keys
-  for (const pkcs11::ObjectInfo& o : *objects) {
+  for (const pkcs11::ObjectInfo& o : objects) {
     (o.is_private_key ? private_ids : public_ids).insert(absl::BytesToHexString(o.id));
   }
 
@@ -344,7 +343,7 @@ absl::Status KeyService::Load() {
 
   std::vector<v1::OrphanedObject> orphans;
   std::set<std::string> reported;
-  for (const pkcs11::ObjectInfo& o : *objects) {
+  for (const pkcs11::ObjectInfo& o : objects) {
     std::string hex = absl::BytesToHexString(o.id);
     if (!absl::StartsWith(o.label, rotation::kObjectLabelPrefix) || known_ids.count(hex) > 0 ||
         !reported.insert(hex).second) {

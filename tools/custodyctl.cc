@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -81,26 +82,10 @@ int Usage(const std::string& why) {
 }
 
 int Failed(const grpc::Status& status) {
-  static const char* kCodes[] = {"OK",
-                                 "CANCELLED",
-                                 "UNKNOWN",
-                                 "INVALID_ARGUMENT",
-                                 "DEADLINE_EXCEEDED",
-                                 "NOT_FOUND",
-                                 "ALREADY_EXISTS",
-                                 "PERMISSION_DENIED",
-                                 "RESOURCE_EXHAUSTED",
-                                 "FAILED_PRECONDITION",
-                                 "ABORTED",
-                                 "OUT_OF_RANGE",
-                                 "UNIMPLEMENTED",
-                                 "INTERNAL",
-                                 "UNAVAILABLE",
-                                 "DATA_LOSS",
-                                 "UNAUTHENTICATED"};
-  int code = static_cast<int>(status.error_code());
-  std::cerr << "custodyctl: " << (code >= 0 && code <= 16 ? kCodes[code] : "UNKNOWN") << ": "
-            << status.error_message() << "\n";
+  // gRPC's code numbers are Abseil's (both follow google.rpc.Code), and so are the names.
+  std::string code = absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code()));
+  std::cerr << "custodyctl: " << (code.empty() ? "UNKNOWN" : code) << ": " << status.error_message()
+            << "\n";
   return 1;
 }
 

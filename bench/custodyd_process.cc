@@ -45,36 +45,17 @@ absl::StatusOr<std::unique_ptr<CustodydProcess>> CustodydProcess::Start(
   std::vector<std::string> argv = {options.binary, "--state_dir=" + options.state_dir,
                                    "--listen=" + options.listen};
   argv.insert(argv.end(), options.extra_flags.begin(), options.extra_flags.end());
-  std::vector<char*> args;
-  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-  args.push_back(nullptr);
-  int log = open(options.log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-  if (log < 0) {
-    return absl::InternalError(absl::StrCat("open ", options.log_path, ": ", strerror(errno)));
-  }
   const absl::Time start = absl::Now();
-  pid_t pid = fork();
-  if (pid < 0) {
-    close(log);
-    return absl::InternalError(absl::StrCat("fork: ", std::strerror(errno)));
-  }
-  if (pid == 0) {
-    int null = open("/dev/null", O_RDONLY);
-    if (null >= 0) dup2(null, 0);
-    dup2(log, 1);
-    dup2(log, 2);
-    execv(args[0], args.data());
-    _exit(127);
-  }
-  close(log);
-  p->pid_ = pid;
+  absl::StatusOr<pid_t> pid = Spawn(argv, options.log_path);
+  if (!pid.ok()) return pid.status();
+  p->pid_ = *pid;
 
   const bool unix_socket = absl::StartsWith(options.listen, "unix:");
   const std::string socket_path = unix_socket ? options.listen.substr(5) : "";
   const absl::Time deadline = start + options.startup_timeout;
   while (absl::Now() < deadline) {
     int status = 0;
-    if (waitpid(pid, &status, WNOHANG) == pid) {
+    if (waitpid(*pid, &status, WNOHANG) == *pid) {
       p->pid_ = -1;
       return absl::FailedPreconditionError(absl::StrCat("custodyd exited during startup (status ",
                                                         status, "); log ", options.log_path, ":\n",

@@ -60,7 +60,7 @@ TempDir::~TempDir() {
   std::filesystem::remove_all(path_, ec);
 }
 
-absl::Status RunCommand(const std::vector<std::string>& argv, const std::string& log_path) {
+absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, const std::string& log_path) {
   if (argv.empty()) return absl::InvalidArgumentError("empty command");
   std::vector<char*> args = ExecArgs(argv);
   int log = open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
@@ -79,7 +79,13 @@ absl::Status RunCommand(const std::vector<std::string>& argv, const std::string&
     _exit(127);
   }
   close(log);
-  int code = WaitExitCode(pid);
+  return pid;
+}
+
+absl::Status RunCommand(const std::vector<std::string>& argv, const std::string& log_path) {
+  absl::StatusOr<pid_t> pid = Spawn(argv, log_path);
+  if (!pid.ok()) return pid.status();
+  int code = WaitExitCode(*pid);
   if (code == 0) return absl::OkStatus();
   std::string tail;
   if (auto text = ReadFile(log_path); text.ok()) {

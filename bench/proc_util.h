@@ -31,8 +31,11 @@ class TempDir {
   std::string path_;
 };
 
-// Runs argv[0] (looked up in PATH) with `argv`, no shell, stdin from /dev/null and stdout and
-// stderr appended to `log_path`. INTERNAL naming the command and the log's tail unless it exits 0.
+// Starts argv[0] (looked up in PATH unless it contains '/') with `argv`, no shell, stdin from
+// /dev/null and stdout and stderr appended to `log_path`; the child's pid.
+absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, const std::string& log_path);
+
+// Spawn, then wait. INTERNAL naming the command and the log's tail unless it exits 0.
 absl::Status RunCommand(const std::vector<std::string>& argv, const std::string& log_path);
 
 // Like RunCommand but returns stdout (stderr goes to /dev/null); the exit status is ignored.

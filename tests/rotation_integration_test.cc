@@ -513,6 +513,19 @@ struct KidUse {  // per kid, on the signing or encrypting side
   int64_t count = 0;
 };
 
+// Records one successful use of `kid` (sent at `send`, answered at `recv`).
+void RecordUse(std::map<std::string, KidUse>& uses, const std::string& kid, Clock::time_point send,
+               Clock::time_point recv) {
+  auto [it, inserted] = uses.try_emplace(kid);
+  if (inserted) {
+    it->second.first_send = send;
+    it->second.first_recv = recv;
+  }
+  it->second.last_send = send;
+  it->second.last_recv = recv;
+  ++it->second.count;
+}
+
 TEST(RotationSoakTest, TokensVerifyAndJwesDecryptAcrossFiftyRotationsWithCachingClients) {
   TempDir dir;
   Custodyd d(dir.path() + "/state");
@@ -626,14 +639,7 @@ TEST(RotationSoakTest, TokensVerifyAndJwesDecryptAcrossFiftyRotationsWithCaching
         ++verify_failures;
         note(sign_samples, "token #" + std::to_string(n) + " kid " + kid + ": " + failure);
       } else {
-        auto [it, inserted] = signed_by.try_emplace(kid);
-        if (inserted) {
-          it->second.first_send = send;
-          it->second.first_recv = recv;
-        }
-        it->second.last_send = send;
-        it->second.last_recv = recv;
-        ++it->second.count;
+        RecordUse(signed_by, kid, send, recv);
       }
       std::this_thread::sleep_for(1ms);
     }
@@ -668,14 +674,7 @@ TEST(RotationSoakTest, TokensVerifyAndJwesDecryptAcrossFiftyRotationsWithCaching
         ++decrypt_failures;
         note(decrypt_samples, "JWE #" + std::to_string(n) + " to " + kid + ": " + failure);
       } else {
-        auto [it, inserted] = encrypted_to.try_emplace(kid);
-        if (inserted) {
-          it->second.first_send = send;
-          it->second.first_recv = recv;
-        }
-        it->second.last_send = send;
-        it->second.last_recv = recv;
-        ++it->second.count;
+        RecordUse(encrypted_to, kid, send, recv);
       }
       std::this_thread::sleep_for(1ms);
     }

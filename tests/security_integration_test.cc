@@ -59,6 +59,17 @@ client::ChannelOptions Client(const Pki& pki, const std::string& addr, const std
   return o;
 }
 
+// Creates an ES256 SIGN ring named `name` through `admin`.
+grpc::Status CreateEs256Ring(custody::v1::KeyAdmin::Stub& admin, const std::string& name) {
+  custody::v1::CreateKeyRingRequest req;
+  req.set_name(name);
+  req.set_purpose(custody::v1::SIGN);
+  req.set_alg("ES256");
+  custody::v1::KeyRing ring;
+  grpc::ClientContext ctx;
+  return admin.CreateKeyRing(&ctx, req, &ring);
+}
+
 grpc::Status SignAs(const client::ChannelOptions& options, const std::string& ring,
                     custody::v1::SignJwsResponse* out = nullptr) {
   auto channel = client::CreateChannel(options);
@@ -99,13 +110,7 @@ class MtlsTest : public ::testing::Test {
     auto channel = client::CreateChannel(Client(pki_, addr_, "dns"));
     ASSERT_TRUE(channel.ok());
     auto admin = custody::v1::KeyAdmin::NewStub(*channel);
-    custody::v1::CreateKeyRingRequest req;
-    req.set_name("op/id-token");
-    req.set_purpose(custody::v1::SIGN);
-    req.set_alg("ES256");
-    custody::v1::KeyRing ring;
-    grpc::ClientContext ctx;
-    grpc::Status s = admin->CreateKeyRing(&ctx, req, &ring);
+    grpc::Status s = CreateEs256Ring(*admin, "op/id-token");
     ASSERT_TRUE(s.ok()) << s.error_message();
   }
 
@@ -227,13 +232,7 @@ TEST(AuditTest, EveryCallIsChainedAndVerifiedAndTamperingIsNamed) {
   {
     Custodyd d(state);
     ASSERT_TRUE(d.started()) << d.log();
-    custody::v1::CreateKeyRingRequest req;
-    req.set_name("op/audited");
-    req.set_purpose(custody::v1::SIGN);
-    req.set_alg("ES256");
-    custody::v1::KeyRing ring;
-    grpc::ClientContext ctx;
-    ASSERT_TRUE(d.admin().CreateKeyRing(&ctx, req, &ring).ok());
+    ASSERT_TRUE(CreateEs256Ring(d.admin(), "op/audited").ok());
     for (int i = 0; i < 5; ++i) {
       custody::v1::SignJwsRequest sign;
       sign.set_ring("op/audited");
@@ -305,13 +304,7 @@ TEST(AuditTest, FullAuditDiskFailsClosedAndRecovers) {
   } unmount{audit};
   Custodyd d(state, {"--audit_dir=" + audit});
   ASSERT_TRUE(d.started()) << d.log();
-  custody::v1::CreateKeyRingRequest req;
-  req.set_name("op/full");
-  req.set_purpose(custody::v1::SIGN);
-  req.set_alg("ES256");
-  custody::v1::KeyRing ring;
-  grpc::ClientContext ctx;
-  ASSERT_TRUE(d.admin().CreateKeyRing(&ctx, req, &ring).ok());
+  ASSERT_TRUE(CreateEs256Ring(d.admin(), "op/full").ok());
   auto sign = [&] {
     custody::v1::SignJwsRequest r;
     r.set_ring("op/full");
@@ -395,13 +388,7 @@ TEST(UnixSocketTest, CallersAreIdentifiedByTheirUid) {
   Custodyd d(state, {"--policy_file=" + policy});
   ASSERT_TRUE(d.started()) << d.log();
   for (const char* name : {"op/shared", "op/private"}) {
-    custody::v1::CreateKeyRingRequest req;
-    req.set_name(name);
-    req.set_purpose(custody::v1::SIGN);
-    req.set_alg("ES256");
-    custody::v1::KeyRing ring;
-    grpc::ClientContext ctx;
-    grpc::Status s = d.admin().CreateKeyRing(&ctx, req, &ring);
+    grpc::Status s = CreateEs256Ring(d.admin(), name);
     ASSERT_TRUE(s.ok()) << s.error_message();
   }
   // Rotation is granted to nobody: the operator's own uid is refused it like anyone else.

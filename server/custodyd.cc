@@ -1,5 +1,4 @@
 // custodyd: the custody gRPC service. See README.md for flags and the embedded default.
-#include <malloc.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -261,9 +260,6 @@ int Run() {
   key_options.max_payload_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_max_payload_bytes));
   auto keys = KeyService::Create(token->get(), store->get(), key_options);
   if (!keys.ok()) return fail("startup.reconcile", keys.status());
-  // Startup reads every key object (SoftHSM2 parses each object file); hand the freed part of
-  // that back to the OS rather than carry it as resident memory for the process's lifetime.
-  malloc_trim(0);
 
   SignerService signer(keys->get(), &guard);
   KeyAdminService admin(keys->get(), &guard);

@@ -49,6 +49,7 @@
 #include "bench/scale.h"
 #include "bench/tls_files.h"
 #include "client/channel.h"
+#include "client/client.h"
 #include "client/jwe_encryption.h"
 #include "common/secret.h"
 #include "custody/v1/custody.grpc.pb.h"
@@ -79,6 +80,12 @@ ABSL_FLAG(int, max_sessions, 16,
           "custodyd's default 8: the pool lets 4 x max_sessions callers wait and refuses more "
           "(RESOURCE_EXHAUSTED), so with 8 a 64-thread row measures load shedding (reported as "
           "'shed') rather than throughput");
+ABSL_FLAG(std::string, client, "library",
+          "how SignJws rows call: library (custody::client::Client, which coalesces concurrent "
+          "calls into SignJwsBatch RPCs, as an authorization server linking it does) or stub "
+          "(one unary RPC per call, as any other gRPC client). DecryptJwe rows use the stub");
+ABSL_FLAG(int, rpcs_in_flight, custody::client::ClientOptions{}.max_rpcs_in_flight,
+          "--client=library: the Client's max_rpcs_in_flight (0: no coalescing)");
 ABSL_FLAG(int, payload_bytes, 1024, "SignJws payload and DecryptJwe plaintext size");
 ABSL_FLAG(bool, rows, true, "run the throughput rows (false with --scale: scale only)");
 ABSL_FLAG(bool, scale, false,
@@ -230,9 +237,13 @@ class Bench {
   absl::Status Setup();
   absl::Status RunTransport(const std::string& transport);
   CeilingResult* EnsureCeiling(OpState& op, int concurrency);
-  RowResult RunRow(const std::string& transport,
-                   const std::vector<std::unique_ptr<custody::v1::Signer::Stub>>& stubs,
-                   OpState& op, int concurrency, pid_t daemon_pid);
+  // The connections of one concurrency level: each channel with its stub and Client.
+  struct Connections {
+    std::vector<std::unique_ptr<custody::v1::Signer::Stub>> stubs;
+    std::vector<std::unique_ptr<client::Client>> clients;
+  };
+  RowResult RunRow(const std::string& transport, const Connections& connections, OpState& op,
+                   int concurrency, pid_t daemon_pid);
   void Fail(std::string what) {
     std::fprintf(stderr, "custody-bench: FAIL: %s\n", what.c_str());
     report_->failures.push_back(std::move(what));
@@ -401,21 +412,29 @@ CeilingResult* Bench::EnsureCeiling(OpState& op, int concurrency) {
   return &c;
 }
 
-RowResult Bench::RunRow(const std::string& transport,
-                        const std::vector<std::unique_ptr<custody::v1::Signer::Stub>>& stubs,
-                        OpState& op, int concurrency, pid_t daemon_pid) {
+RowResult Bench::RunRow(const std::string& transport, const Connections& connections, OpState& op,
+                        int concurrency, pid_t daemon_pid) {
   RowResult row;
   row.transport = transport;
   row.op = op.spec;
   row.concurrency = concurrency;
+  const auto& stubs = connections.stubs;
+  const auto& clients = connections.clients;
   row.channels = static_cast<int>(stubs.size());
   auto stub_of = [&](int t) -> custody::v1::Signer::Stub& {
     return *stubs[static_cast<size_t>(t) % stubs.size()];
   };
+  const bool library = op.spec->rpc == Rpc::kSignJws && !clients.empty();
   const size_t n = static_cast<size_t>(concurrency);
-  double cpu0 = -1, cpu1 = -1;
-  auto at_start = [&] { cpu0 = ProcessCpuSeconds(daemon_pid); };
-  auto at_end = [&] { cpu1 = ProcessCpuSeconds(daemon_pid); };
+  double cpu0 = -1, cpu1 = -1, self0 = -1, self1 = -1;
+  auto at_start = [&] {
+    cpu0 = ProcessCpuSeconds(daemon_pid);
+    self0 = ProcessCpuSeconds(getpid());
+  };
+  auto at_end = [&] {
+    cpu1 = ProcessCpuSeconds(daemon_pid);
+    self1 = ProcessCpuSeconds(getpid());
+  };
 
   if (op.spec->rpc == Rpc::kSignJws) {
     std::vector<custody::v1::SignJwsRequest> requests(n);
@@ -425,6 +444,23 @@ RowResult Bench::RunRow(const std::string& transport,
       r.set_typ("JWT");
     }
     std::vector<std::string> last(n);  // each worker's latest JWS
+    client::SignJwsOptions jws_options;
+    jws_options.typ = "JWT";
+    Operation library_call = [&](int t, std::string* error) {
+      auto jws = clients[static_cast<size_t>(t) % clients.size()]->SignJws(op.spec->ring, payload_,
+                                                                           jws_options);
+      if (!jws.ok()) {
+        *error = absl::StrCat("SignJws: ", jws.status().ToString());
+        return jws.status().code() == absl::StatusCode::kResourceExhausted ? Outcome::kShed
+                                                                           : Outcome::kError;
+      }
+      if (jws->alg != op.spec->alg || jws->kid != op.kid) {
+        *error = absl::StrCat("SignJws answered alg ", jws->alg, " kid ", jws->kid);
+        return Outcome::kError;
+      }
+      last[static_cast<size_t>(t)].swap(jws->jws);
+      return Outcome::kOk;
+    };
     Operation call = [&](int t, std::string* error) {
       custody::v1::SignJwsResponse resp;
       grpc::ClientContext ctx;
@@ -442,7 +478,37 @@ RowResult Bench::RunRow(const std::string& transport,
       last[static_cast<size_t>(t)].swap(*resp.mutable_jws());
       return Outcome::kOk;
     };
-    row.load = RunLoad(concurrency, row_, call, at_start, at_end);
+    client::SignJwsCoalescer::Stats before, after;
+    auto sum_stats = [&](client::SignJwsCoalescer::Stats* into) {
+      *into = {};
+      for (const auto& c : clients) {
+        client::SignJwsCoalescer::Stats s = c->coalescing_stats();
+        into->plain_calls += s.plain_calls;
+        into->batches += s.batches;
+        into->batched_items += s.batched_items;
+        into->fallbacks += s.fallbacks;
+      }
+    };
+    if (library) {
+      row.client = "library";
+      row.load = RunLoad(
+          concurrency, row_, library_call,
+          [&] {
+            sum_stats(&before);
+            at_start();
+          },
+          [&] {
+            at_end();
+            sum_stats(&after);
+          });
+      const uint64_t rpcs = (after.plain_calls - before.plain_calls) +
+                            (after.batches - before.batches) + (after.fallbacks - before.fallbacks);
+      const uint64_t calls =
+          (after.plain_calls - before.plain_calls) + (after.batched_items - before.batched_items);
+      if (rpcs > 0) row.calls_per_rpc = static_cast<double>(calls) / static_cast<double>(rpcs);
+    } else {
+      row.load = RunLoad(concurrency, row_, call, at_start, at_end);
+    }
     // Verify one JWS of the row against the ring's published key.
     const std::string& sample = last[0];
     if (sample.empty()) {
@@ -497,6 +563,7 @@ RowResult Bench::RunRow(const std::string& transport,
     }
   }
   if (cpu0 >= 0 && cpu1 >= 0) row.service_cpu_s = cpu1 - cpu0;
+  if (self0 >= 0 && self1 >= 0) row.client_cpu_s = self1 - self0;
   row.vmhwm_kb = ProcessStatusKb(daemon_pid, "VmHWM");
   return row;
 }
@@ -563,22 +630,30 @@ absl::Status Bench::RunTransport(const std::string& transport) {
     if (per_connection > 0) {
       channels = std::clamp((c + per_connection - 1) / per_connection, 1, max_connections);
     }
-    std::vector<std::unique_ptr<custody::v1::Signer::Stub>> stubs;
+    Connections connections;
     for (int i = 0; i < channels; ++i) {
       auto channel = MakeChannel(options.channel, i);
       if (!channel.ok()) return channel.status();
-      stubs.push_back(custody::v1::Signer::NewStub(*channel));
+      connections.stubs.push_back(custody::v1::Signer::NewStub(*channel));
+      if (absl::GetFlag(FLAGS_client) == "library") {
+        client::ClientOptions client_options;
+        client_options.deadline = absl::Seconds(60);
+        client_options.max_rpcs_in_flight = absl::GetFlag(FLAGS_rpcs_in_flight);
+        auto c = client::Client::FromChannel(*channel, client_options);
+        if (!c.ok()) return c.status();
+        connections.clients.push_back(*std::move(c));
+      }
     }
     for (OpState& op : ops_) {
       CeilingResult* ceiling = EnsureCeiling(op, c);
-      RowResult row = RunRow(name, stubs, op, c, pid);
+      RowResult row = RunRow(name, connections, op, c, pid);
       row.ceiling = ceiling;
       std::fprintf(stderr,
                    "[%s] %-34s c=%-3d %8.0f ops/s  p50 %7.0f us  p99 %7.0f us  ratio %.2f  "
-                   "svc %.1f us/op  ovh %.1f us  %s\n",
+                   "svc %.1f us/op  ovh %.1f us  cli %.1f us/op  c/rpc %.1f  %s\n",
                    name.c_str(), op.spec->label.c_str(), c, row.load.ops_per_s, row.load.p50_us,
                    row.load.p99_us, row.Ratio(), row.ServiceCpuUsPerOp(), row.OverheadUs(),
-                   row.check.c_str());
+                   row.ClientCpuUsPerOp(), row.calls_per_rpc, row.check.c_str());
       const std::string where = absl::StrCat(name, " ", op.spec->label, " c=", c);
       if (!row.HasNumber()) {
         Fail(absl::StrCat(where, ": no successful operation (", row.load.first_error, ")"));
@@ -640,10 +715,15 @@ int Bench::Run() {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "custody-bench [--custodyd=PATH] [--seconds=2] [--quick] [--json=FILE] "
-      "[--concurrency=1,4,16,64] [--ops=...] [--transports=unix,tcp] [--scale]");
+      "[--concurrency=1,4,16,64] [--ops=...] [--transports=unix,tcp] [--client=library|stub] "
+      "[--scale]");
   std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
   if (rest.size() > 1) {
     std::fprintf(stderr, "custody-bench: unexpected argument '%s'\n", rest[1]);
+    return 2;
+  }
+  if (const std::string c = absl::GetFlag(FLAGS_client); c != "library" && c != "stub") {
+    std::fprintf(stderr, "custody-bench: --client must be library or stub, not '%s'\n", c.c_str());
     return 2;
   }
   using custody::bench::Report;

@@ -83,6 +83,11 @@ double RowResult::ServiceCpuUsPerOp() const {
   return service_cpu_s / static_cast<double>(load.ops) * 1e6;
 }
 
+double RowResult::ClientCpuUsPerOp() const {
+  if (client_cpu_s < 0 || load.ops == 0) return -1;
+  return client_cpu_s / static_cast<double>(load.ops) * 1e6;
+}
+
 bool RowResult::HasOverhead() const {
   return ServiceCpuUsPerOp() >= 0 && ceiling != nullptr && ceiling->DirectCpuUsPerOp() >= 0;
 }
@@ -162,22 +167,27 @@ void PrintReport(const Report& report, std::FILE* out) {
         out,
         "\ncustodyd end to end (ratio = custodyd ops/s / direct Cryptoki ops/s at the "
         "same threads; svc = custodyd CPU per op; tok = bench CPU per direct token op; "
-        "ovh = svc - tok; shed = RESOURCE_EXHAUSTED from the session pool's back-pressure):\n");
-    std::fprintf(out, "%-9s %-34s %3s %2s %9s %9s %9s %9s %6s %9s %8s %8s %7s %4s  %s\n",
-                 "transport", "op", "c", "ch", "ops/s", "p50_us", "p99_us", "p99.9_us", "ratio",
-                 "svc_us/op", "tok_us", "ovh_us", "hwm_MB", "err", "check");
+        "ovh = svc - tok; shed = RESOURCE_EXHAUSTED from the session pool's back-pressure; "
+        "c/rpc = SignJws calls per RPC the client library sent, coalescing included; cli = the "
+        "bench process's CPU per op, i.e. the callers' share of the two cores):\n");
+    std::fprintf(
+        out, "%-9s %-34s %3s %2s %5s %9s %9s %9s %9s %6s %9s %8s %8s %8s %7s %4s %5s  %s\n",
+        "transport", "op", "c", "ch", "c/rpc", "ops/s", "p50_us", "p99_us", "p99.9_us", "ratio",
+        "svc_us/op", "tok_us", "ovh_us", "cli_us", "hwm_MB", "err", "shed", "check");
     for (const RowResult& r : report.rows) {
-      std::fprintf(out, "%-9s %-34s %3d %2d %9s %9s %9s %9s %6s %9s %8s %8s %7s %4llu %5llu  %s\n",
-                   r.transport.c_str(), r.op->label.c_str(), r.concurrency, r.channels,
-                   r.HasNumber() ? Num(r.load.ops_per_s).c_str() : "NONE",
-                   r.HasNumber() ? Us(r.load.p50_us).c_str() : "-",
-                   r.HasNumber() ? Us(r.load.p99_us).c_str() : "-",
-                   r.HasNumber() ? Us(r.load.p999_us).c_str() : "-", Num(r.Ratio(), 2).c_str(),
-                   Num(r.ServiceCpuUsPerOp(), 1).c_str(),
-                   r.ceiling != nullptr ? Num(r.ceiling->DirectCpuUsPerOp(), 1).c_str() : "-",
-                   r.HasOverhead() ? absl::StrFormat("%.1f", r.OverheadUs()).c_str() : "-",
-                   Mb(r.vmhwm_kb).c_str(), static_cast<unsigned long long>(r.load.errors),
-                   static_cast<unsigned long long>(r.load.shed), r.check.c_str());
+      std::fprintf(
+          out, "%-9s %-34s %3d %2d %5s %9s %9s %9s %9s %6s %9s %8s %8s %8s %7s %4llu %5llu  %s\n",
+          r.transport.c_str(), r.op->label.c_str(), r.concurrency, r.channels,
+          Num(r.calls_per_rpc, 1).c_str(), r.HasNumber() ? Num(r.load.ops_per_s).c_str() : "NONE",
+          r.HasNumber() ? Us(r.load.p50_us).c_str() : "-",
+          r.HasNumber() ? Us(r.load.p99_us).c_str() : "-",
+          r.HasNumber() ? Us(r.load.p999_us).c_str() : "-", Num(r.Ratio(), 2).c_str(),
+          Num(r.ServiceCpuUsPerOp(), 1).c_str(),
+          r.ceiling != nullptr ? Num(r.ceiling->DirectCpuUsPerOp(), 1).c_str() : "-",
+          r.HasOverhead() ? absl::StrFormat("%.1f", r.OverheadUs()).c_str() : "-",
+          Num(r.ClientCpuUsPerOp(), 1).c_str(), Mb(r.vmhwm_kb).c_str(),
+          static_cast<unsigned long long>(r.load.errors),
+          static_cast<unsigned long long>(r.load.shed), r.check.c_str());
     }
   }
   uint64_t shed_rows = 0;
@@ -258,6 +268,7 @@ absl::Status WriteJsonReport(const Report& report, const std::string& path) {
         ",\"op\":", JsonString(r.op->id),
         ",\"rpc\":", JsonString(r.op->rpc == Rpc::kSignJws ? "SignJws" : "DecryptJwe"),
         ",\"concurrency\":", r.concurrency, ",\"channels\":", r.channels,
+        ",\"client\":", JsonString(r.client), ",\"calls_per_rpc\":", JsonNum(r.calls_per_rpc),
         ",\"custodyd\":", LoadJson(r.load), ",\"direct_cryptoki_ops_per_s\":",
         r.ceiling != nullptr && r.ceiling->direct_ran ? JsonNum(r.ceiling->direct.ops_per_s)
                                                       : "null",
@@ -267,7 +278,7 @@ absl::Status WriteJsonReport(const Report& report, const std::string& path) {
         ",\"ratio_vs_direct\":", JsonNum(r.Ratio()),
         ",\"custodyd_cpu_s\":", JsonNum(r.service_cpu_s),
         ",\"custodyd_cpu_us_per_op\":", JsonNum(r.ServiceCpuUsPerOp()),
-        ",\"direct_cpu_us_per_op\":",
+        ",\"client_cpu_us_per_op\":", JsonNum(r.ClientCpuUsPerOp()), ",\"direct_cpu_us_per_op\":",
         r.ceiling != nullptr ? JsonNum(r.ceiling->DirectCpuUsPerOp()) : "null",
         ",\"service_overhead_us\":", r.HasOverhead() ? JsonNum(r.OverheadUs(), true) : "null",
         ",\"custodyd_vmhwm_kb\":", r.vmhwm_kb >= 0 ? absl::StrCat(r.vmhwm_kb) : "null",

@@ -33,8 +33,13 @@ struct RowResult {
   const OpSpec* op = nullptr;
   int concurrency = 0;
   int channels = 1;
+  // "library": custody::client::Client::SignJws (coalesces concurrent calls into SignJwsBatch);
+  // "stub": one unary RPC per call through the generated stub (DecryptJwe rows always).
+  std::string client = "stub";
+  double calls_per_rpc = -1;  // SignJws calls per RPC the library sent (-1: stub)
   LoadResult load;
   double service_cpu_s = -1;  // custodyd utime+stime during the row
+  double client_cpu_s = -1;   // the bench process's (the callers') utime+stime during the row
   int64_t vmhwm_kb = -1;      // custodyd VmHWM right after the row
   const CeilingResult* ceiling = nullptr;
   bool check_ok = false;
@@ -43,6 +48,7 @@ struct RowResult {
   bool HasNumber() const { return load.ops > 0; }
   double Ratio() const;              // custodyd ops/s / direct Cryptoki ops/s; -1 if unknown
   double ServiceCpuUsPerOp() const;  // -1 if unknown
+  double ClientCpuUsPerOp() const;   // -1 if unknown
   // custodyd CPU per op minus the bench's CPU per direct token op (same op and threads), in
   // microseconds. Only meaningful when HasOverhead().
   double OverheadUs() const;

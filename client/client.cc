@@ -51,7 +51,18 @@ absl::Status ToAbslStatus(const grpc::Status& status) {
 Client::Client(std::shared_ptr<grpc::Channel> channel, const Options& options)
     : channel_(std::move(channel)),
       options_(options),
-      signer_(custody::v1::Signer::NewStub(channel_)) {}
+      signer_(custody::v1::Signer::NewStub(channel_)) {
+  if (options_.max_rpcs_in_flight > 0) {
+    SignJwsCoalescer::Options coalescing;
+    coalescing.max_in_flight = options_.max_rpcs_in_flight;
+    coalescing.max_items = options_.max_batch_items;
+    coalescer_ = std::make_unique<SignJwsCoalescer>(
+        signer_.get(), coalescing,
+        [this](const custody::v1::SignJwsRequest& request, absl::Time deadline) {
+          return PlainSignJws(request, deadline);
+        });
+  }
+}
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ChannelOptions& channel_options,
                                                         const Options& options) {
@@ -67,12 +78,14 @@ absl::StatusOr<std::unique_ptr<Client>> Client::FromChannel(std::shared_ptr<grpc
   if (options.deadline <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("deadline must be positive");
   }
+  if (options.max_rpcs_in_flight < 0 || options.max_batch_items < 1) {
+    return absl::InvalidArgumentError("max_rpcs_in_flight must be >= 0, max_batch_items >= 1");
+  }
   return std::unique_ptr<Client>(new Client(std::move(channel), options));
 }
 
 template <typename Rpc>
-absl::Status Client::Retry(Rpc rpc) const {
-  const absl::Time deadline = absl::Now() + options_.deadline;
+absl::Status Client::Retry(Rpc rpc, absl::Time deadline) const {
   absl::Duration backoff = options_.initial_backoff;
   absl::Status status;
   for (int attempt = 1;; ++attempt) {
@@ -101,10 +114,11 @@ absl::StatusOr<SignedJws> Client::SignJws(absl::string_view ring, absl::string_v
   if (options.embed_jwk) {
     if (absl::Status s = SetEmbedJwk(req); !s.ok()) return s;
   }
-  custody::v1::SignJwsResponse resp;
-  absl::Status s =
-      Retry([&](grpc::ClientContext& ctx) { return signer_->SignJws(&ctx, req, &resp); });
-  if (!s.ok()) return s;
+  const absl::Time deadline = absl::Now() + options_.deadline;
+  absl::StatusOr<custody::v1::SignJwsResponse> signed_jws =
+      coalescer_ != nullptr ? coalescer_->SignJws(req, deadline) : PlainSignJws(req, deadline);
+  if (!signed_jws.ok()) return signed_jws.status();
+  const custody::v1::SignJwsResponse& resp = *signed_jws;
   if (options.embed_jwk) {
     auto header = ProtectedHeader(resp.jws());
     if (!header.ok()) return header.status();
@@ -113,6 +127,19 @@ absl::StatusOr<SignedJws> Client::SignJws(absl::string_view ring, absl::string_v
     }
   }
   return SignedJws{resp.jws(), resp.kid(), resp.version(), resp.alg()};
+}
+
+absl::StatusOr<custody::v1::SignJwsResponse> Client::PlainSignJws(
+    const custody::v1::SignJwsRequest& request, absl::Time deadline) const {
+  custody::v1::SignJwsResponse resp;
+  absl::Status s = Retry(
+      [&](grpc::ClientContext& ctx) { return signer_->SignJws(&ctx, request, &resp); }, deadline);
+  if (!s.ok()) return s;
+  return resp;
+}
+
+SignJwsCoalescer::Stats Client::coalescing_stats() const {
+  return coalescer_ != nullptr ? coalescer_->stats() : SignJwsCoalescer::Stats{};
 }
 
 absl::StatusOr<Signature> Client::Sign(absl::string_view ring, absl::string_view digest) const {

@@ -15,6 +15,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "client/channel.h"
+#include "client/coalescer.h"
 #include "custody/v1/custody.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 
@@ -29,6 +30,13 @@ struct ClientOptions {
   // multiplied by a random factor in [0.8, 1.2].
   absl::Duration initial_backoff = absl::Milliseconds(50);
   absl::Duration max_backoff = absl::Seconds(2);
+  // SignJws calls made concurrently on one Client share RPCs (client/coalescer.h): at most
+  // `max_rpcs_in_flight` SignJws/SignJwsBatch RPCs are outstanding, and calls that arrive while
+  // they are all busy go together in the next SignJwsBatch (at most `max_batch_items`). No
+  // timer, so a lone caller sends a plain SignJws at once. 0 turns coalescing off: every call is
+  // its own RPC, however many run at once.
+  int max_rpcs_in_flight = 2;
+  int max_batch_items = 32;
 };
 
 struct SignJwsOptions {
@@ -106,6 +114,8 @@ class Client {
   absl::Status Health() const;
 
   const Options& options() const { return options_; }
+  // How SignJws calls were sent (all zero when coalescing is off).
+  SignJwsCoalescer::Stats coalescing_stats() const;
   // For streaming calls (JwksCache) and callers that need another RPC.
   custody::v1::Signer::Stub& signer() const { return *signer_; }
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
@@ -116,11 +126,19 @@ class Client {
   // Runs `rpc(ctx)` until it returns anything but UNAVAILABLE, max_attempts is reached or the
   // overall deadline would pass during the next backoff.
   template <typename Rpc>
-  absl::Status Retry(Rpc rpc) const;
+  absl::Status Retry(Rpc rpc) const {
+    return Retry(rpc, absl::Now() + options_.deadline);
+  }
+  template <typename Rpc>
+  absl::Status Retry(Rpc rpc, absl::Time deadline) const;
+  // One SignJws RPC with retries, bounded by `deadline`.
+  absl::StatusOr<custody::v1::SignJwsResponse> PlainSignJws(
+      const custody::v1::SignJwsRequest& request, absl::Time deadline) const;
 
   std::shared_ptr<grpc::Channel> channel_;
   Options options_;
   std::unique_ptr<custody::v1::Signer::Stub> signer_;
+  std::unique_ptr<SignJwsCoalescer> coalescer_;  // null when coalescing is off
 };
 
 }  // namespace custody::client

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -17,6 +18,7 @@
 #include "jose/json.h"
 #include "openssl/evp.h"
 #include "tests/harness.h"
+#include "tests/independent_jws.h"
 
 namespace custody::client {
 namespace {
@@ -221,6 +223,99 @@ TEST(ClientRetryTest, UnavailableIsRetriedWithBackoff) {
 
   o.max_attempts = 0;
   EXPECT_EQ(Client::Connect(At("unix:/x"), o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Signs from `threads` threads at once, `calls` each, through one Client. Every call's JWS must
+// verify independently (tests/independent_jws.h) and carry that call's own payload and typ; a
+// thread with `bad_ring` set signs on a missing ring and must get NOT_FOUND every time.
+void SignConcurrently(Client& client, const std::string& ring, const std::string& jwks, int threads,
+                      int calls) {
+  std::string error;
+  ::custody::testing::JwsKeys keys = ::custody::testing::JwsKeysOf(jwks, &error);
+  ASSERT_EQ(error, "");
+  std::vector<std::vector<std::string>> failures(static_cast<size_t>(threads));
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t) {
+    workers.emplace_back([&, t] {
+      std::vector<std::string>& mine = failures[static_cast<size_t>(t)];
+      const bool bad_ring = t % 5 == 4;
+      for (int i = 0; i < calls; ++i) {
+        const std::string payload = absl::StrCat(R"({"thread":)", t, R"(,"call":)", i, "}");
+        SignJwsOptions o;
+        o.typ = absl::StrCat("t", t, "+jwt");
+        auto jws = client.SignJws(bad_ring ? "no/such-ring" : ring, payload, o);
+        if (bad_ring) {
+          if (jws.status().code() != absl::StatusCode::kNotFound) {
+            mine.push_back(absl::StrCat("missing ring: ", jws.status().ToString()));
+          }
+          continue;
+        }
+        if (!jws.ok()) {
+          mine.push_back(jws.status().ToString());
+          continue;
+        }
+        std::string kid, signed_payload;
+        std::string why = ::custody::testing::VerifyJws(keys, jws->jws, &kid, &signed_payload);
+        if (!why.empty()) mine.push_back(why);
+        if (signed_payload != payload)
+          mine.push_back("payload " + signed_payload + " for " + payload);
+        if (kid != jws->kid) mine.push_back("kid " + kid);
+        const jose::Json header = Header(jws->jws);
+        const jose::Json* typ = header.Find("typ");
+        if (typ == nullptr || !typ->is_string() || typ->as_string() != o.typ) {
+          mine.push_back("typ of another call");
+        }
+      }
+    });
+  }
+  for (std::thread& w : workers) w.join();
+  for (int t = 0; t < threads; ++t) {
+    EXPECT_TRUE(failures[static_cast<size_t>(t)].empty())
+        << "thread " << t << ": " << failures[static_cast<size_t>(t)].size() << " failures, first "
+        << failures[static_cast<size_t>(t)].front();
+  }
+}
+
+TEST_F(ClientTest, ConcurrentSignJwsCallsShareBatchesAndEachGetsItsOwnResult) {
+  ClientOptions o;
+  o.max_rpcs_in_flight = 1;  // every call that overlaps another one waits for a batch
+  o.max_batch_items = 8;
+  auto c = Client::Connect(At(daemon_->address()), o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  SignConcurrently(**c, kOpSign, Jwks(kOpSign), 15, 40);
+  SignJwsCoalescer::Stats stats = (*c)->coalescing_stats();
+  EXPECT_EQ(stats.plain_calls + stats.batched_items, 15u * 40u);
+  EXPECT_GT(stats.batches, 0u);
+  EXPECT_GE(stats.batched_items, 2 * stats.batches);
+  EXPECT_LE(stats.batched_items, 8 * stats.batches);
+  EXPECT_EQ(stats.fallbacks, 0u);
+
+  // Off: every call is its own SignJws RPC.
+  o.max_rpcs_in_flight = 0;
+  auto plain = Client::Connect(At(daemon_->address()), o);
+  ASSERT_TRUE(plain.ok());
+  SignConcurrently(**plain, kOpSign, Jwks(kOpSign), 4, 10);
+  EXPECT_EQ((*plain)->coalescing_stats().batches, 0u);
+}
+
+// A custodyd that takes fewer items per batch than the client sends refuses the batch as a
+// whole; its calls go again one by one and the client stops batching.
+TEST(ClientCoalescingTest, BatchesRefusedAsAWholeAreResentAsPlainCalls) {
+  TempDir dir;
+  Custodyd d(dir.path() + "/state", {"--max_batch_items=1"});
+  ASSERT_TRUE(d.started()) << d.log();
+  CreateRing(d, kOpSign, custody::v1::SIGN, "ES256");
+  ClientOptions o;
+  o.max_rpcs_in_flight = 1;
+  auto c = Client::Connect(At(d.address()), o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto jwks = (*c)->GetJwks({kOpSign});
+  ASSERT_TRUE(jwks.ok()) << jwks.status();
+  SignConcurrently(**c, kOpSign, jwks->jwks, 8, 30);
+  SignJwsCoalescer::Stats stats = (*c)->coalescing_stats();
+  EXPECT_GE(stats.batches, 1u);
+  EXPECT_EQ(stats.fallbacks, stats.batched_items);
+  EXPECT_EQ(stats.plain_calls + stats.batched_items, 8u * 30u);
 }
 
 TEST_F(ClientTest, VerifierChecksKeysAndClaims) {

@@ -497,12 +497,20 @@ absl::Status AuditLog::Commit(const Batch& batch) {
 }
 
 absl::Status AuditLog::Append(const AuditEvent& event) {
-  std::string fields = FormatEventFields(event);
+  return AppendAll(absl::MakeConstSpan(&event, 1));
+}
+
+absl::Status AuditLog::AppendAll(absl::Span<const AuditEvent> events) {
+  if (events.empty()) return absl::OkStatus();
+  std::vector<std::string> fields;
+  fields.reserve(events.size());
+  for (const AuditEvent& event : events) fields.push_back(FormatEventFields(event));
   mu_.Lock();
   if (queued_ == nullptr) queued_ = std::make_shared<Batch>();
   std::shared_ptr<Batch> batch = queued_;
   // The time is taken under the lock so that times never go backwards along seq.
-  batch->entries.push_back({absl::Now(), std::move(fields)});
+  const absl::Time now = absl::Now();
+  for (std::string& f : fields) batch->entries.push_back({now, std::move(f)});
   while (!batch->done) {
     if (writing_) {
       cv_.Wait(&mu_);

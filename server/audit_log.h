@@ -33,6 +33,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
 
 namespace custody::server {
 
@@ -85,6 +86,9 @@ class AuditLog {
   // truncated back to its last acknowledged size before the next attempt, which keeps the chain
   // valid), and healthy() turns false until an Append succeeds again. Thread-safe.
   absl::Status Append(const AuditEvent& event);
+  // Appends several lines, consecutive and in order, with the same semantics: all of them are
+  // durable when it returns OK, none counts as written otherwise.
+  absl::Status AppendAll(absl::Span<const AuditEvent> events);
 
   // False after a failed Append, true again after a successful one.
   bool healthy() const { return healthy_.load(); }

@@ -302,6 +302,68 @@ TEST_F(TamperTest, ReplacedFirstLineIsNotAnchored) {
             file() + ":1: first line not anchored");
 }
 
+// A batch RPC's lines: consecutive in the file, in the order given, under one fsync, while other
+// threads append single lines around them; a failed fsync acknowledges none of them.
+TEST(AuditLogTest, AppendAllWritesConsecutiveLinesUnderOneCommit) {
+  TempDir tmp;
+  std::atomic<bool> fail_fsync{false};
+  AuditLog::Options options{.dir = tmp.dir()};
+  options.fsync_fn = [&](int fd) {
+    if (fail_fsync.load()) {
+      errno = EIO;
+      return -1;
+    }
+    return ::fdatasync(fd);
+  };
+  auto log = MustOpen(options);
+  ASSERT_NE(log, nullptr);
+  std::atomic<bool> stop{false};
+  std::thread single([&] {
+    for (int i = 0; !stop.load(); ++i)
+      ASSERT_TRUE(log->Append(Event(absl::StrCat("single ", i))).ok());
+  });
+  for (int b = 0; b < 50; ++b) {
+    std::vector<AuditEvent> events;
+    for (int i = 0; i < 7; ++i) events.push_back(Event(absl::StrCat("batch ", b, " item ", i)));
+    const AuditLog::Stats before = log->stats();
+    ASSERT_TRUE(log->AppendAll(events).ok());
+    EXPECT_GE(log->stats().lines - before.lines, 7u);
+  }
+  stop = true;
+  single.join();
+  ASSERT_TRUE(log->AppendAll({}).ok());
+
+  std::vector<std::string> lines = ReadLines(tmp.File(1));
+  uint64_t verified = 0;
+  absl::Status s = VerifyAuditFiles({tmp.File(1)}, &verified);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(verified, lines.size());
+  int batches_seen = 0;
+  for (size_t at = 0; at < lines.size(); ++at) {
+    const std::string detail = MustParseJson(lines[at]).Find("detail")->as_string();
+    if (detail.rfind("batch ", 0) != 0 || detail.find(" item 0") == std::string::npos) continue;
+    const std::string prefix = detail.substr(0, detail.find(" item"));
+    ASSERT_LE(at + 7, lines.size());
+    for (int i = 0; i < 7; ++i) {
+      EXPECT_EQ(MustParseJson(lines[at + i]).Find("detail")->as_string(),
+                absl::StrCat(prefix, " item ", i));
+    }
+    ++batches_seen;
+  }
+  EXPECT_EQ(batches_seen, 50);
+
+  fail_fsync = true;
+  const uint64_t lines_before = log->stats().lines;
+  absl::Status failed = log->AppendAll({Event("x"), Event("y")});
+  EXPECT_EQ(failed.code(), absl::StatusCode::kUnavailable) << failed;
+  EXPECT_EQ(log->stats().lines, lines_before);
+  fail_fsync = false;
+  ASSERT_TRUE(log->Append(Event("after")).ok());
+  s = VerifyAuditFiles({tmp.File(1)}, &verified);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(verified, lines.size() + 1);
+}
+
 TEST(AuditLogTest, ConcurrentAppendsAreGroupCommitted) {
   TempDir tmp;
   AuditLog::Options options{.dir = tmp.dir()};

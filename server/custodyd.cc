@@ -46,6 +46,8 @@ ABSL_FLAG(std::string, pin_env, "CUSTODY_PIN",
           "environment variable holding the user PIN when --pin_file is not given");
 ABSL_FLAG(int, max_sessions, 8, "logged-in PKCS#11 sessions in the pool");
 ABSL_FLAG(int64_t, max_payload_bytes, 256 * 1024, "largest payload SignJws/Sign accept");
+ABSL_FLAG(int, max_batch_items, custody::server::SignerService::kDefaultMaxBatchItems,
+          "most requests one SignJwsBatch may carry (the client library sends at most 32)");
 ABSL_FLAG(std::string, tls_cert, "", "server certificate chain (PEM); enables TLS");
 ABSL_FLAG(std::string, tls_key, "", "server private key (PEM)");
 ABSL_FLAG(std::string, client_ca, "", "CA bundle (PEM) that client certificates must chain to");
@@ -261,7 +263,11 @@ int Run() {
   auto keys = KeyService::Create(token->get(), store->get(), key_options);
   if (!keys.ok()) return fail("startup.reconcile", keys.status());
 
-  SignerService signer(keys->get(), &guard);
+  const int max_batch_items = absl::GetFlag(FLAGS_max_batch_items);
+  if (max_batch_items < 1) {
+    return fail("startup.flags", absl::InvalidArgumentError("--max_batch_items must be >= 1"));
+  }
+  SignerService signer(keys->get(), &guard, max_batch_items);
   KeyAdminService admin(keys->get(), &guard);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -4,6 +4,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "openssl/crypto.h"
 
@@ -89,6 +90,51 @@ grpc::Status SignerService::SignJws(grpc::ServerContext* context, const v1::Sign
   Call call(guard_, *context, kOpSign, request->ring());
   call.event().payload_sha256 = Sha256Hex(request->payload());
   return call.Run(response, [&] { return keys_->SignJws(*request); });
+}
+
+grpc::Status SignerService::SignJwsBatch(grpc::ServerContext* context,
+                                         const v1::SignJwsBatchRequest* request,
+                                         v1::SignJwsBatchResponse* response) {
+  const int n = request->requests_size();
+  if (n > max_batch_items_) {
+    Call call(guard_, *context, kOpSign, "");
+    call.event().detail = absl::StrCat("batch of ", n);
+    return call.Finish(grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        absl::StrCat("batch of ", n, " requests; at most ", max_batch_items_, " per batch")));
+  }
+  const std::string identity = CallerIdentity(*context);
+  std::vector<AuditEvent> events(n);
+  std::vector<grpc::Status> results(n);
+  for (int i = 0; i < n; ++i) {
+    const v1::SignJwsRequest& item = request->requests(i);
+    AuditEvent& event = events[i];
+    event.identity = identity;
+    event.operation = kOpSign;
+    event.ring = item.ring();
+    event.payload_sha256 = Sha256Hex(item.payload());
+    v1::SignJwsResult* result = response->add_results();
+    if (absl::Status s = guard_->Authorize(identity, kOpSign, item.ring()); !s.ok()) {
+      results[i] = ToGrpcStatus(s);
+      continue;
+    }
+    absl::StatusOr<v1::SignJwsResponse> signed_jws = keys_->SignJws(item);
+    if (!signed_jws.ok()) {
+      results[i] = ToGrpcStatus(signed_jws.status());
+      continue;
+    }
+    Annotate(event, *signed_jws);
+    *result->mutable_response() = *std::move(signed_jws);
+  }
+  guard_->RecordAll(events, results);
+  for (int i = 0; i < n; ++i) {
+    v1::SignJwsResult* result = response->mutable_results(i);
+    if (results[i].ok()) continue;
+    result->clear_response();
+    result->set_code(results[i].error_code());
+    result->set_message(results[i].error_message());
+  }
+  return grpc::Status::OK;
 }
 
 grpc::Status SignerService::Sign(grpc::ServerContext* context, const v1::SignRequest* request,

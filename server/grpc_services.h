@@ -27,9 +27,18 @@ inline constexpr char kOpAdminDestroy[] = "admin.destroy";
 
 class SignerService final : public v1::Signer::Service {
  public:
-  SignerService(const KeyService* keys, RequestGuard* guard) : keys_(keys), guard_(guard) {}
+  // Batch RPCs with more than this many items are refused (INVALID_ARGUMENT).
+  static constexpr int kDefaultMaxBatchItems = 64;
+
+  SignerService(const KeyService* keys, RequestGuard* guard,
+                int max_batch_items = kDefaultMaxBatchItems)
+      : keys_(keys), guard_(guard), max_batch_items_(max_batch_items) {}
   grpc::Status SignJws(grpc::ServerContext* context, const v1::SignJwsRequest* request,
                        v1::SignJwsResponse* response) override;
+  // Each item as a SignJws of its own (authorized, signed, one audit line), signed in order on
+  // this thread; the reply waits for one group commit of all the lines.
+  grpc::Status SignJwsBatch(grpc::ServerContext* context, const v1::SignJwsBatchRequest* request,
+                            v1::SignJwsBatchResponse* response) override;
   grpc::Status Sign(grpc::ServerContext* context, const v1::SignRequest* request,
                     v1::SignResponse* response) override;
   grpc::Status GetJwks(grpc::ServerContext* context, const v1::GetJwksRequest* request,
@@ -48,6 +57,7 @@ class SignerService final : public v1::Signer::Service {
 
   const KeyService* const keys_;
   RequestGuard* const guard_;
+  const int max_batch_items_;
 };
 
 class KeyAdminService final : public v1::KeyAdmin::Service {

@@ -58,16 +58,32 @@ absl::Status RequestGuard::AuthorizeAnyRing(const std::string& identity,
       absl::StrCat("permission denied: '", identity, "' may not ", operation, " on '", what, "'"));
 }
 
-grpc::Status RequestGuard::Record(AuditEvent event, const grpc::Status& result) {
+namespace {
+
+void SetResult(AuditEvent& event, const grpc::Status& result) {
   event.result = CodeName(result.error_code());
   if (!result.ok()) event.detail = result.error_message();
+}
+
+grpc::Status AuditFailure(const absl::Status& written) {
+  return grpc::Status(
+      grpc::StatusCode::UNAVAILABLE,
+      absl::StrCat("refused: the audit log cannot record it (", written.message(), ")"));
+}
+
+}  // namespace
+
+grpc::Status RequestGuard::Record(AuditEvent event, const grpc::Status& result) {
+  SetResult(event, result);
   absl::Status written = audit_->Append(event);
-  if (!written.ok()) {
-    return grpc::Status(
-        grpc::StatusCode::UNAVAILABLE,
-        absl::StrCat("refused: the audit log cannot record it (", written.message(), ")"));
-  }
-  return result;
+  return written.ok() ? result : AuditFailure(written);
+}
+
+void RequestGuard::RecordAll(std::vector<AuditEvent>& events, std::vector<grpc::Status>& results) {
+  for (size_t i = 0; i < events.size(); ++i) SetResult(events[i], results[i]);
+  absl::Status written = audit_->AppendAll(events);
+  if (written.ok()) return;
+  for (grpc::Status& result : results) result = AuditFailure(written);
 }
 
 }  // namespace custody::server

@@ -9,6 +9,7 @@
 #define CUSTODY_SERVER_REQUEST_GUARD_H_
 
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
@@ -44,6 +45,9 @@ class RequestGuard {
   // Appends the audit line of a finished call and returns the status to send: `result`, or
   // UNAVAILABLE when the line could not be written.
   grpc::Status Record(AuditEvent event, const grpc::Status& result);
+  // The same for the items of one batch RPC: events[i] finished with results[i]. All lines are
+  // appended in one group commit; when that fails every result becomes UNAVAILABLE.
+  void RecordAll(std::vector<AuditEvent>& events, std::vector<grpc::Status>& results);
 
   bool healthy() const { return audit_->healthy(); }
 

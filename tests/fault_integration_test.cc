@@ -37,6 +37,8 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "client/client.h"
 #include "common/secret.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
@@ -560,6 +562,77 @@ TEST(FaultIntegrationTest, EveryHsmFaultUnderSigningLoadFailsOnlyUnavailableAndR
 
 // ---------------------------------------------------------------------------------------------
 // 2. A slow token: callers are refused promptly instead of piling up, and memory stays flat.
+
+// The client library's coalesced calls under a held HSM fault: items that come back UNAVAILABLE
+// inside a batch are retried on their own (plain SignJws with backoff), so callers see either a
+// JWS that verifies, carrying their own payload, or UNAVAILABLE naming a CKR; never another
+// caller's result or another code.
+TEST(FaultIntegrationTest, CoalescedCallsUnderAHeldFaultAreRetriedAloneOrFailUnavailable) {
+  FaultyCustodyd custodyd("fault-batch");
+  Custodyd& d = custodyd.d();
+  ASSERT_TRUE(d.started()) << LogTail(d.log());
+  v1::KeyRing ring;
+  ASSERT_TRUE(CreateRing(d, "fault/batch", "ES256", &ring).ok());
+  grpc::Status status;
+  JwsKeys keys;
+  ASSERT_EQ(AddJwks(GetJwks(d, &status), keys), "");
+  ASSERT_FALSE(custodyd.control().Apply({"reset"}).empty()) << "the fault module never acked";
+  client::ClientOptions options;
+  options.max_rpcs_in_flight = 1;
+  options.max_batch_items = 16;
+  options.initial_backoff = absl::Milliseconds(100);
+  auto c = client::Client::FromChannel(d.channel(), options);
+  ASSERT_TRUE(c.ok()) << c.status();
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> ok{0}, unavailable{0};
+  std::mutex mu;
+  std::vector<std::string> problems;
+  std::vector<std::thread> callers;
+  for (int t = 0; t < 8; ++t) {
+    callers.emplace_back([&, t] {
+      for (int n = 0; !stop.load(); ++n) {
+        const std::string payload = absl::StrCat(R"({"caller":)", t, R"(,"n":)", n, "}");
+        auto jws = (*c)->SignJws("fault/batch", payload);
+        std::string problem;
+        if (jws.ok()) {
+          std::string signed_payload;
+          problem = VerifyJws(keys, jws->jws, nullptr, &signed_payload);
+          if (problem.empty() && signed_payload != payload) problem = "payload of another call";
+          ++ok;
+        } else if (jws.status().code() == absl::StatusCode::kUnavailable &&
+                   jws.status().message().find("CKR_") != absl::string_view::npos) {
+          ++unavailable;
+        } else {
+          problem = jws.status().ToString();
+        }
+        if (!problem.empty()) {
+          std::lock_guard<std::mutex> lock(mu);
+          problems.push_back(problem);
+        }
+      }
+    });
+  }
+  std::this_thread::sleep_for(300ms);
+  const int ok_before = ok.load();
+  ASSERT_FALSE(custodyd.control().Apply({"inject C_Sign CKR_DEVICE_ERROR -1"}).empty());
+  std::this_thread::sleep_for(800ms);
+  ASSERT_FALSE(custodyd.control().Apply({"reset"}).empty());
+  const int ok_at_reset = ok.load();
+  std::this_thread::sleep_for(500ms);
+  stop = true;
+  for (std::thread& t : callers) t.join();
+
+  EXPECT_TRUE(problems.empty()) << problems.size() << " problems, first: " << problems.front();
+  EXPECT_GT(ok_before, 0);
+  EXPECT_GT(ok.load(), ok_at_reset) << "signing did not resume after the fault";
+  const client::SignJwsCoalescer::Stats stats = (*c)->coalescing_stats();
+  EXPECT_GT(stats.batches, 0u);
+  EXPECT_GT(stats.fallbacks, 0u) << "no batch item came back UNAVAILABLE during the fault";
+  RecordProperty("ok", ok.load());
+  RecordProperty("unavailable", unavailable.load());
+  RecordProperty("fallbacks", static_cast<int>(stats.fallbacks));
+}
 
 TEST(FaultIntegrationTest, SlowTokenRefusesCallersPromptlyAndMemoryStaysFlat) {
   FaultyCustodyd custodyd("fault-slow");

@@ -14,9 +14,11 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "tests/harness.h"
+#include "tests/independent_jws.h"
 
 namespace custody::testing {
 namespace {
@@ -158,6 +160,89 @@ TEST_F(MtlsTest, IdentityWithoutGrantIsDeniedAlikeForExistingAndMissingRings) {
   grpc::ClientContext ctx;
   ASSERT_TRUE(signer->GetJwks(&ctx, jwks_req, &jwks).ok());
   EXPECT_NE(jwks.jwks().find(jws.kid()), std::string::npos);
+}
+
+// A batch is answered item by item exactly as single calls would be: each item authorized for
+// the caller's certificate identity, signed or refused with its own status, and audited on its
+// own line; the OK items verify independently and carry the payload that was asked for.
+TEST_F(MtlsTest, SignJwsBatchItemsAreAuthorizedSignedAndAuditedOneByOne) {
+  auto channel = client::CreateChannel(Client(pki_, addr_, "as"));
+  ASSERT_TRUE(channel.ok());
+  auto signer = custody::v1::Signer::NewStub(*channel);
+  custody::v1::SignJwsBatchRequest batch;
+  auto add = [&](const std::string& ring, const std::string& payload,
+                 const std::string& extra = "") {
+    custody::v1::SignJwsRequest* r = batch.add_requests();
+    r->set_ring(ring);
+    r->set_payload(payload);
+    r->set_typ("JWT");
+    r->set_extra_header_json(extra);
+  };
+  add("op/id-token", R"({"item":0})");
+  add("clients/x", R"({"item":1})");                         // the AS is granted sign on op/* only
+  add("op/nope", R"({"item":2})");                           // granted, but no such ring
+  add("op/id-token", R"({"item":3})", R"({"alg":"none"})");  // reserved member
+  add("op/id-token", R"({"item":4})", R"({"x-fapi":"1"})");
+  custody::v1::SignJwsBatchResponse resp;
+  grpc::ClientContext ctx;
+  grpc::Status s = signer->SignJwsBatch(&ctx, batch, &resp);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  ASSERT_EQ(resp.results_size(), 5);
+  const std::vector<grpc::StatusCode> want = {
+      grpc::StatusCode::OK, grpc::StatusCode::PERMISSION_DENIED, grpc::StatusCode::NOT_FOUND,
+      grpc::StatusCode::INVALID_ARGUMENT, grpc::StatusCode::OK};
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_EQ(resp.results(i).code(), static_cast<int>(want[i]))
+        << i << ": " << resp.results(i).message();
+  }
+  EXPECT_NE(resp.results(1).message().find("spiffe://bank.example/as"), std::string::npos)
+      << resp.results(1).message();
+  EXPECT_NE(resp.results(3).message().find("alg"), std::string::npos) << resp.results(3).message();
+  EXPECT_FALSE(resp.results(1).has_response());
+
+  custody::v1::GetJwksRequest jwks_req;
+  custody::v1::GetJwksResponse jwks;
+  grpc::ClientContext jwks_ctx;
+  ASSERT_TRUE(signer->GetJwks(&jwks_ctx, jwks_req, &jwks).ok());
+  std::string error;
+  JwsKeys keys = JwsKeysOf(jwks.jwks(), &error);
+  ASSERT_EQ(error, "");
+  for (int i : {0, 4}) {
+    std::string kid, payload;
+    EXPECT_EQ(VerifyJws(keys, resp.results(i).response().jws(), &kid, &payload), "") << i;
+    EXPECT_EQ(payload, absl::StrCat("{\"item\":", i, "}"));
+    EXPECT_EQ(kid, resp.results(i).response().kid());
+  }
+
+  // One audit line per item, with the caller's identity and the item's own result.
+  std::string log;
+  for (const auto& e : std::filesystem::directory_iterator(state_ + "/audit")) {
+    log += ReadFileOrDie(e.path().string());
+  }
+  for (const std::string result : {"PERMISSION_DENIED", "NOT_FOUND", "INVALID_ARGUMENT"}) {
+    EXPECT_NE(log.find(absl::StrCat("\"result\":\"", result, "\"")), std::string::npos)
+        << result << " missing in\n"
+        << log;
+  }
+  size_t as_sign_ok = 0;
+  for (size_t at = 0; (at = log.find("\"identity\":\"spiffe://bank.example/as\","
+                                     "\"operation\":\"sign\",\"ring\":\"op/id-token\"",
+                                     at)) != std::string::npos;
+       ++at) {
+    const size_t eol = log.find('\n', at);
+    if (log.substr(at, eol - at).find("\"result\":\"OK\"") != std::string::npos) ++as_sign_ok;
+  }
+  EXPECT_EQ(as_sign_ok, 2u) << log;
+
+  // More items than custodyd takes in one batch: refused as a whole, nothing signed.
+  custody::v1::SignJwsBatchRequest big;
+  for (int i = 0; i < 65; ++i) *big.add_requests() = batch.requests(0);
+  custody::v1::SignJwsBatchResponse big_resp;
+  grpc::ClientContext big_ctx;
+  s = signer->SignJwsBatch(&big_ctx, big, &big_resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("at most 64"), std::string::npos) << s.error_message();
+  EXPECT_EQ(big_resp.results_size(), 0);
 }
 
 TEST_F(MtlsTest, ReloadedPolicyTakesEffectWithoutRestart) {

@@ -1,0 +1,122 @@
+#include "client/coalescer.h"
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "grpcpp/grpcpp.h"
+
+namespace custody::client {
+
+struct SignJwsCoalescer::Pending {
+  const v1::SignJwsRequest* request = nullptr;
+  absl::Time deadline;
+  bool taken = false;     // removed from the queue by a sender
+  bool done = false;      // result (or fallback) is set
+  bool fallback = false;  // the caller sends it as a plain SignJws
+  absl::StatusOr<v1::SignJwsResponse> result = absl::UnknownError("not sent");
+};
+
+SignJwsCoalescer::SignJwsCoalescer(v1::Signer::Stub* stub, const Options& options, Plain plain)
+    : stub_(stub), options_(options), plain_(std::move(plain)) {}
+
+absl::StatusOr<v1::SignJwsResponse> SignJwsCoalescer::SignJws(const v1::SignJwsRequest& request,
+                                                              absl::Time deadline) {
+  Pending me;
+  me.request = &request;
+  me.deadline = deadline;
+  std::vector<Pending*> batch;
+  mu_.Lock();
+  queue_.push_back(&me);
+  for (;;) {
+    // Wake for our result, or to send when a slot is free and we are first in the queue (the
+    // others stay asleep: absl::Mutex evaluates each waiter's condition and wakes only those
+    // whose condition holds).
+    auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return me.done || (!me.taken && in_flight_ < options_.max_in_flight && queue_.front() == &me);
+    };
+    mu_.Await(absl::Condition(&ready));
+    if (me.done) break;
+    // Sender: take the head of the queue (us first).
+    const size_t max_items = batch_supported_.load(std::memory_order_relaxed)
+                                 ? static_cast<size_t>(std::max(options_.max_items, 1))
+                                 : 1;
+    batch.clear();
+    size_t bytes = 0;
+    while (!queue_.empty() && batch.size() < max_items) {
+      Pending* next = queue_.front();
+      bytes += next->request->payload().size();
+      if (!batch.empty() && bytes > options_.max_bytes) break;
+      queue_.pop_front();
+      next->taken = true;
+      batch.push_back(next);
+    }
+    ++in_flight_;
+    mu_.Unlock();
+    if (batch.size() == 1) {
+      plain_calls_.fetch_add(1, std::memory_order_relaxed);
+      me.result = plain_(request, deadline);
+    } else {
+      SendBatch(batch.data(), batch.size());
+    }
+    mu_.Lock();
+    --in_flight_;
+    for (Pending* p : batch) p->done = true;
+  }
+  mu_.Unlock();
+  if (me.fallback) {
+    fallbacks_.fetch_add(1, std::memory_order_relaxed);
+    return plain_(request, deadline);
+  }
+  return std::move(me.result);
+}
+
+void SignJwsCoalescer::SendBatch(Pending* const* batch, size_t n) {
+  v1::SignJwsBatchRequest request;
+  absl::Time deadline = absl::InfiniteFuture();
+  for (size_t i = 0; i < n; ++i) {
+    *request.add_requests() = *batch[i]->request;
+    deadline = std::min(deadline, batch[i]->deadline);
+  }
+  batches_.fetch_add(1, std::memory_order_relaxed);
+  batched_items_.fetch_add(n, std::memory_order_relaxed);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(deadline));
+  v1::SignJwsBatchResponse response;
+  grpc::Status status = stub_->SignJwsBatch(&ctx, request, &response);
+  if (!status.ok() || response.results_size() != static_cast<int>(n)) {
+    // The batch as a whole failed (transport, deadline, an older custodyd): every item goes
+    // again on its own, with the retry policy and its own deadline. A custodyd without the RPC
+    // (UNIMPLEMENTED) or with a smaller --max_batch_items (INVALID_ARGUMENT) gets plain calls
+    // from now on.
+    if (status.error_code() == grpc::StatusCode::UNIMPLEMENTED ||
+        status.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
+      batch_supported_.store(false);
+    }
+    for (size_t i = 0; i < n; ++i) batch[i]->fallback = true;
+    return;
+  }
+  for (size_t i = 0; i < n; ++i) {
+    v1::SignJwsResult* result = response.mutable_results(static_cast<int>(i));
+    const auto code = static_cast<absl::StatusCode>(result->code());
+    if (code == absl::StatusCode::kOk) {
+      batch[i]->result = std::move(*result->mutable_response());
+    } else if (code == absl::StatusCode::kUnavailable) {
+      batch[i]->fallback = true;  // retried like a plain call's UNAVAILABLE
+    } else {
+      batch[i]->result = absl::Status(code, result->message());
+    }
+  }
+}
+
+SignJwsCoalescer::Stats SignJwsCoalescer::stats() const {
+  Stats s;
+  s.plain_calls = plain_calls_.load();
+  s.batches = batches_.load();
+  s.batched_items = batched_items_.load();
+  s.fallbacks = fallbacks_.load();
+  return s;
+}
+
+}  // namespace custody::client

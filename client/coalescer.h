@@ -1,0 +1,77 @@
+// SignJwsCoalescer: turns concurrent SignJws calls on one Client into SignJwsBatch RPCs.
+//
+// gRPC's cost per unary call (HTTP/2 framing, completion-queue hops, thread wake-ups on both
+// sides) is several times custody's own work per signature, and on a busy authorization server
+// it is paid for every token. The coalescer keeps at most `max_in_flight` RPCs outstanding per
+// Client; a call that arrives while they are all busy waits in a queue, and the next free slot
+// sends everything queued (up to `max_items` / `max_bytes`) as one SignJwsBatch. There is no
+// timer: a lone caller, or callers fewer than the slots, each send a plain SignJws at once, so
+// coalescing adds no latency; it only appears when calls would otherwise queue behind gRPC.
+//
+// Each item keeps SignJws' semantics: its own authorization, audit line and status. Items that
+// come back UNAVAILABLE, and every item of a batch RPC that failed as a whole, are re-sent by
+// their own caller as plain SignJws calls with the client's retry policy and their original
+// deadline; a custodyd without SignJwsBatch (UNIMPLEMENTED) or with a smaller batch limit
+// (INVALID_ARGUMENT) switches coalescing off for good.
+// Thread-safe.
+#ifndef CUSTODY_CLIENT_COALESCER_H_
+#define CUSTODY_CLIENT_COALESCER_H_
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "custody/v1/custody.grpc.pb.h"
+
+namespace custody::client {
+
+class SignJwsCoalescer {
+ public:
+  struct Options {
+    int max_in_flight = 2;           // outstanding RPCs (plain or batch) per Client, >= 1
+    int max_items = 32;              // requests per batch, >= 2 (custodyd accepts 64)
+    size_t max_bytes = 1024 * 1024;  // payload bytes per batch (custodyd receives <= 4 MiB)
+  };
+  struct Stats {
+    uint64_t plain_calls = 0;  // SignJws RPCs sent for a batch of one
+    uint64_t batches = 0;      // SignJwsBatch RPCs sent
+    uint64_t batched_items = 0;
+    uint64_t fallbacks = 0;  // items re-sent as plain SignJws (UNAVAILABLE, batch failure)
+  };
+  // A plain SignJws with retries, bounded by the call's deadline.
+  using Plain = std::function<absl::StatusOr<v1::SignJwsResponse>(const v1::SignJwsRequest&,
+                                                                  absl::Time deadline)>;
+
+  // `stub` must outlive the coalescer.
+  SignJwsCoalescer(v1::Signer::Stub* stub, const Options& options, Plain plain);
+
+  absl::StatusOr<v1::SignJwsResponse> SignJws(const v1::SignJwsRequest& request,
+                                              absl::Time deadline);
+
+  Stats stats() const;
+
+ private:
+  struct Pending;
+  // Sends `batch` (>= 2 items) as one SignJwsBatch and stores each item's outcome.
+  void SendBatch(Pending* const* batch, size_t n);
+
+  v1::Signer::Stub* const stub_;
+  const Options options_;
+  const Plain plain_;
+
+  absl::Mutex mu_;
+  std::deque<Pending*> queue_ ABSL_GUARDED_BY(mu_);
+  int in_flight_ ABSL_GUARDED_BY(mu_) = 0;
+  std::atomic<bool> batch_supported_{true};
+  std::atomic<uint64_t> plain_calls_{0}, batches_{0}, batched_items_{0}, fallbacks_{0};
+};
+
+}  // namespace custody::client
+
+#endif  // CUSTODY_CLIENT_COALESCER_H_

@@ -81,9 +81,9 @@ ABSL_FLAG(int, max_sessions, 16,
           "(RESOURCE_EXHAUSTED), so with 8 a 64-thread row measures load shedding (reported as "
           "'shed') rather than throughput");
 ABSL_FLAG(std::string, client, "library",
-          "how SignJws rows call: library (custody::client::Client, which coalesces concurrent "
-          "calls into SignJwsBatch RPCs, as an authorization server linking it does) or stub "
-          "(one unary RPC per call, as any other gRPC client). DecryptJwe rows use the stub");
+          "how rows call: library (custody::client::Client, which coalesces concurrent calls "
+          "into SignJwsBatch/DecryptJweBatch RPCs, as an authorization server linking it does) "
+          "or stub (one unary RPC per call, as any other gRPC client)");
 ABSL_FLAG(int, rpcs_in_flight, custody::client::ClientOptions{}.max_rpcs_in_flight,
           "--client=library: the Client's max_rpcs_in_flight (0: no coalescing)");
 ABSL_FLAG(int, payload_bytes, 1024, "SignJws payload and DecryptJwe plaintext size");
@@ -424,7 +424,7 @@ RowResult Bench::RunRow(const std::string& transport, const Connections& connect
   auto stub_of = [&](int t) -> custody::v1::Signer::Stub& {
     return *stubs[static_cast<size_t>(t) % stubs.size()];
   };
-  const bool library = op.spec->rpc == Rpc::kSignJws && !clients.empty();
+  const bool library = !clients.empty();
   const size_t n = static_cast<size_t>(concurrency);
   double cpu0 = -1, cpu1 = -1, self0 = -1, self1 = -1;
   auto at_start = [&] {
@@ -434,6 +434,38 @@ RowResult Bench::RunRow(const std::string& transport, const Connections& connect
   auto at_end = [&] {
     cpu1 = ProcessCpuSeconds(daemon_pid);
     self1 = ProcessCpuSeconds(getpid());
+  };
+  // Runs `library_op` (calls through the Clients) and records how many calls each RPC carried.
+  auto run_library = [&](const Operation& library_op,
+                         client::CoalescingStats (client::Client::*stats_of)() const) {
+    auto sum = [&] {
+      client::CoalescingStats total;
+      for (const auto& c : clients) {
+        client::CoalescingStats s = (c.get()->*stats_of)();
+        total.plain_calls += s.plain_calls;
+        total.batches += s.batches;
+        total.batched_items += s.batched_items;
+        total.fallbacks += s.fallbacks;
+      }
+      return total;
+    };
+    client::CoalescingStats before, after;
+    row.client = "library";
+    row.load = RunLoad(
+        concurrency, row_, library_op,
+        [&] {
+          before = sum();
+          at_start();
+        },
+        [&] {
+          at_end();
+          after = sum();
+        });
+    const uint64_t rpcs = (after.plain_calls - before.plain_calls) +
+                          (after.batches - before.batches) + (after.fallbacks - before.fallbacks);
+    const uint64_t calls =
+        (after.plain_calls - before.plain_calls) + (after.batched_items - before.batched_items);
+    if (rpcs > 0) row.calls_per_rpc = static_cast<double>(calls) / static_cast<double>(rpcs);
   };
 
   if (op.spec->rpc == Rpc::kSignJws) {
@@ -478,34 +510,8 @@ RowResult Bench::RunRow(const std::string& transport, const Connections& connect
       last[static_cast<size_t>(t)].swap(*resp.mutable_jws());
       return Outcome::kOk;
     };
-    client::SignJwsCoalescer::Stats before, after;
-    auto sum_stats = [&](client::SignJwsCoalescer::Stats* into) {
-      *into = {};
-      for (const auto& c : clients) {
-        client::SignJwsCoalescer::Stats s = c->coalescing_stats();
-        into->plain_calls += s.plain_calls;
-        into->batches += s.batches;
-        into->batched_items += s.batched_items;
-        into->fallbacks += s.fallbacks;
-      }
-    };
     if (library) {
-      row.client = "library";
-      row.load = RunLoad(
-          concurrency, row_, library_call,
-          [&] {
-            sum_stats(&before);
-            at_start();
-          },
-          [&] {
-            at_end();
-            sum_stats(&after);
-          });
-      const uint64_t rpcs = (after.plain_calls - before.plain_calls) +
-                            (after.batches - before.batches) + (after.fallbacks - before.fallbacks);
-      const uint64_t calls =
-          (after.plain_calls - before.plain_calls) + (after.batched_items - before.batched_items);
-      if (rpcs > 0) row.calls_per_rpc = static_cast<double>(calls) / static_cast<double>(rpcs);
+      run_library(library_call, &client::Client::coalescing_stats);
     } else {
       row.load = RunLoad(concurrency, row_, call, at_start, at_end);
     }
@@ -552,7 +558,27 @@ RowResult Bench::RunRow(const std::string& transport, const Connections& connect
       }
       return Outcome::kOk;
     };
-    row.load = RunLoad(concurrency, row_, call, at_start, at_end);
+    Operation library_call = [&](int t, std::string* error) {
+      auto plain = clients[static_cast<size_t>(t) % clients.size()]->DecryptJwe(
+          op.spec->ring, requests[static_cast<size_t>(t)].jwe());
+      if (!plain.ok()) {
+        *error = absl::StrCat("DecryptJwe: ", plain.status().ToString());
+        return plain.status().code() == absl::StatusCode::kResourceExhausted ? Outcome::kShed
+                                                                             : Outcome::kError;
+      }
+      checked.fetch_add(1, std::memory_order_relaxed);
+      if (plain->plaintext != payload_) {
+        mismatches.fetch_add(1, std::memory_order_relaxed);
+        *error = "DecryptJwe returned another plaintext";
+        return Outcome::kError;
+      }
+      return Outcome::kOk;
+    };
+    if (library) {
+      run_library(library_call, &client::Client::decrypt_coalescing_stats);
+    } else {
+      row.load = RunLoad(concurrency, row_, call, at_start, at_end);
+    }
     if (mismatches.load() > 0) {
       row.check = absl::StrCat("FAIL: ", mismatches.load(), " replies with a wrong plaintext");
     } else if (checked.load() == 0) {

@@ -168,7 +168,7 @@ void PrintReport(const Report& report, std::FILE* out) {
         "\ncustodyd end to end (ratio = custodyd ops/s / direct Cryptoki ops/s at the "
         "same threads; svc = custodyd CPU per op; tok = bench CPU per direct token op; "
         "ovh = svc - tok; shed = RESOURCE_EXHAUSTED from the session pool's back-pressure; "
-        "c/rpc = SignJws calls per RPC the client library sent, coalescing included; cli = the "
+        "c/rpc = calls per RPC the client library sent, coalescing included; cli = the "
         "bench process's CPU per op, i.e. the callers' share of the two cores):\n");
     std::fprintf(
         out, "%-9s %-34s %3s %2s %5s %9s %9s %9s %9s %6s %9s %8s %8s %8s %7s %4s %5s  %s\n",

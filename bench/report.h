@@ -33,10 +33,10 @@ struct RowResult {
   const OpSpec* op = nullptr;
   int concurrency = 0;
   int channels = 1;
-  // "library": custody::client::Client::SignJws (coalesces concurrent calls into SignJwsBatch);
-  // "stub": one unary RPC per call through the generated stub (DecryptJwe rows always).
+  // "library": custody::client::Client (coalesces concurrent calls into batch RPCs); "stub":
+  // one unary RPC per call through the generated stub.
   std::string client = "stub";
-  double calls_per_rpc = -1;  // SignJws calls per RPC the library sent (-1: stub)
+  double calls_per_rpc = -1;  // calls per RPC the library sent (-1: stub)
   LoadResult load;
   double service_cpu_s = -1;  // custodyd utime+stime during the row
   double client_cpu_s = -1;   // the bench process's (the callers') utime+stime during the row

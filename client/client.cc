@@ -41,6 +41,15 @@ absl::StatusOr<jose::Json> ProtectedHeader(std::string_view jws) {
   return jose::ParseJson(*raw);
 }
 
+template <typename C>
+std::unique_ptr<C> MakeCoalescer(custody::v1::Signer::Stub* stub, const ClientOptions& options,
+                                 typename C::Plain plain) {
+  typename C::Options coalescing;
+  coalescing.max_in_flight = options.max_rpcs_in_flight;
+  coalescing.max_items = options.max_batch_items;
+  return std::make_unique<C>(stub, coalescing, std::move(plain));
+}
+
 }  // namespace
 
 absl::Status ToAbslStatus(const grpc::Status& status) {
@@ -53,13 +62,15 @@ Client::Client(std::shared_ptr<grpc::Channel> channel, const Options& options)
       options_(options),
       signer_(custody::v1::Signer::NewStub(channel_)) {
   if (options_.max_rpcs_in_flight > 0) {
-    SignJwsCoalescer::Options coalescing;
-    coalescing.max_in_flight = options_.max_rpcs_in_flight;
-    coalescing.max_items = options_.max_batch_items;
-    coalescer_ = std::make_unique<SignJwsCoalescer>(
-        signer_.get(), coalescing,
+    coalescer_ = MakeCoalescer<SignJwsCoalescer>(
+        signer_.get(), options_,
         [this](const custody::v1::SignJwsRequest& request, absl::Time deadline) {
           return PlainSignJws(request, deadline);
+        });
+    decrypt_coalescer_ = MakeCoalescer<DecryptJweCoalescer>(
+        signer_.get(), options_,
+        [this](const custody::v1::DecryptJweRequest& request, absl::Time deadline) {
+          return PlainDecryptJwe(request, deadline);
         });
   }
 }
@@ -116,7 +127,7 @@ absl::StatusOr<SignedJws> Client::SignJws(absl::string_view ring, absl::string_v
   }
   const absl::Time deadline = absl::Now() + options_.deadline;
   absl::StatusOr<custody::v1::SignJwsResponse> signed_jws =
-      coalescer_ != nullptr ? coalescer_->SignJws(req, deadline) : PlainSignJws(req, deadline);
+      coalescer_ != nullptr ? coalescer_->Call(req, deadline) : PlainSignJws(req, deadline);
   if (!signed_jws.ok()) return signed_jws.status();
   const custody::v1::SignJwsResponse& resp = *signed_jws;
   if (options.embed_jwk) {
@@ -138,8 +149,22 @@ absl::StatusOr<custody::v1::SignJwsResponse> Client::PlainSignJws(
   return resp;
 }
 
-SignJwsCoalescer::Stats Client::coalescing_stats() const {
-  return coalescer_ != nullptr ? coalescer_->stats() : SignJwsCoalescer::Stats{};
+absl::StatusOr<custody::v1::DecryptJweResponse> Client::PlainDecryptJwe(
+    const custody::v1::DecryptJweRequest& request, absl::Time deadline) const {
+  custody::v1::DecryptJweResponse resp;
+  absl::Status s =
+      Retry([&](grpc::ClientContext& ctx) { return signer_->DecryptJwe(&ctx, request, &resp); },
+            deadline);
+  if (!s.ok()) return s;
+  return resp;
+}
+
+CoalescingStats Client::coalescing_stats() const {
+  return coalescer_ != nullptr ? coalescer_->stats() : CoalescingStats{};
+}
+
+CoalescingStats Client::decrypt_coalescing_stats() const {
+  return decrypt_coalescer_ != nullptr ? decrypt_coalescer_->stats() : CoalescingStats{};
 }
 
 absl::StatusOr<Signature> Client::Sign(absl::string_view ring, absl::string_view digest) const {
@@ -167,11 +192,13 @@ absl::StatusOr<DecryptedJwe> Client::DecryptJwe(absl::string_view ring,
   custody::v1::DecryptJweRequest req;
   req.set_ring(std::string(ring));
   req.set_jwe(std::string(jwe));
-  custody::v1::DecryptJweResponse resp;
-  absl::Status s =
-      Retry([&](grpc::ClientContext& ctx) { return signer_->DecryptJwe(&ctx, req, &resp); });
-  if (!s.ok()) return s;
-  return DecryptedJwe{resp.plaintext(), resp.protected_header(), resp.kid(), resp.version()};
+  const absl::Time deadline = absl::Now() + options_.deadline;
+  absl::StatusOr<custody::v1::DecryptJweResponse> resp =
+      decrypt_coalescer_ != nullptr ? decrypt_coalescer_->Call(req, deadline)
+                                    : PlainDecryptJwe(req, deadline);
+  if (!resp.ok()) return resp.status();
+  return DecryptedJwe{std::move(*resp->mutable_plaintext()), resp->protected_header(), resp->kid(),
+                      resp->version()};
 }
 
 absl::StatusOr<Jwks> Client::GetJwks(const std::vector<std::string>& rings) const {

@@ -30,11 +30,11 @@ struct ClientOptions {
   // multiplied by a random factor in [0.8, 1.2].
   absl::Duration initial_backoff = absl::Milliseconds(50);
   absl::Duration max_backoff = absl::Seconds(2);
-  // SignJws calls made concurrently on one Client share RPCs (client/coalescer.h): at most
-  // `max_rpcs_in_flight` SignJws/SignJwsBatch RPCs are outstanding, and calls that arrive while
-  // they are all busy go together in the next SignJwsBatch (at most `max_batch_items`). No
-  // timer, so a lone caller sends a plain SignJws at once. 0 turns coalescing off: every call is
-  // its own RPC, however many run at once.
+  // SignJws (and DecryptJwe) calls made concurrently on one Client share RPCs
+  // (client/coalescer.h): at most `max_rpcs_in_flight` SignJws/SignJwsBatch RPCs are
+  // outstanding (as many again for decryption), and calls that arrive while they are all busy go
+  // together in the next batch RPC (at most `max_batch_items`). No timer, so a lone caller sends
+  // a plain call at once. 0 turns coalescing off: every call is its own RPC.
   int max_rpcs_in_flight = 2;
   int max_batch_items = 32;
 };
@@ -114,8 +114,9 @@ class Client {
   absl::Status Health() const;
 
   const Options& options() const { return options_; }
-  // How SignJws calls were sent (all zero when coalescing is off).
-  SignJwsCoalescer::Stats coalescing_stats() const;
+  // How SignJws / DecryptJwe calls were sent (all zero when coalescing is off).
+  CoalescingStats coalescing_stats() const;
+  CoalescingStats decrypt_coalescing_stats() const;
   // For streaming calls (JwksCache) and callers that need another RPC.
   custody::v1::Signer::Stub& signer() const { return *signer_; }
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
@@ -131,14 +132,17 @@ class Client {
   }
   template <typename Rpc>
   absl::Status Retry(Rpc rpc, absl::Time deadline) const;
-  // One SignJws RPC with retries, bounded by `deadline`.
+  // One SignJws / DecryptJwe RPC with retries, bounded by `deadline`.
   absl::StatusOr<custody::v1::SignJwsResponse> PlainSignJws(
       const custody::v1::SignJwsRequest& request, absl::Time deadline) const;
+  absl::StatusOr<custody::v1::DecryptJweResponse> PlainDecryptJwe(
+      const custody::v1::DecryptJweRequest& request, absl::Time deadline) const;
 
   std::shared_ptr<grpc::Channel> channel_;
   Options options_;
   std::unique_ptr<custody::v1::Signer::Stub> signer_;
   std::unique_ptr<SignJwsCoalescer> coalescer_;  // null when coalescing is off
+  std::unique_ptr<DecryptJweCoalescer> decrypt_coalescer_;
 };
 
 }  // namespace custody::client

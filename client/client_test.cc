@@ -283,7 +283,7 @@ TEST_F(ClientTest, ConcurrentSignJwsCallsShareBatchesAndEachGetsItsOwnResult) {
   auto c = Client::Connect(At(daemon_->address()), o);
   ASSERT_TRUE(c.ok()) << c.status();
   SignConcurrently(**c, kOpSign, Jwks(kOpSign), 15, 40);
-  SignJwsCoalescer::Stats stats = (*c)->coalescing_stats();
+  CoalescingStats stats = (*c)->coalescing_stats();
   EXPECT_EQ(stats.plain_calls + stats.batched_items, 15u * 40u);
   EXPECT_GT(stats.batches, 0u);
   EXPECT_GE(stats.batched_items, 2 * stats.batches);
@@ -296,6 +296,55 @@ TEST_F(ClientTest, ConcurrentSignJwsCallsShareBatchesAndEachGetsItsOwnResult) {
   ASSERT_TRUE(plain.ok());
   SignConcurrently(**plain, kOpSign, Jwks(kOpSign), 4, 10);
   EXPECT_EQ((*plain)->coalescing_stats().batches, 0u);
+}
+
+// Concurrent DecryptJwe calls are coalesced the same way: each caller gets its own plaintext,
+// and a tampered JWE in the same batch gets the uniform "decryption failed" alone.
+TEST_F(ClientTest, ConcurrentDecryptJweCallsShareBatchesAndEachGetsItsOwnPlaintext) {
+  ClientOptions o;
+  o.max_rpcs_in_flight = 1;
+  auto c = Client::Connect(At(daemon_->address()), o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  const std::string jwks = Jwks(kOpEnc);
+  constexpr int kThreads = 8, kCalls = 25;
+  std::vector<std::vector<std::string>> failures(kThreads);
+  std::vector<std::thread> workers;
+  for (int t = 0; t < kThreads; ++t) {
+    workers.emplace_back([&, t] {
+      for (int i = 0; i < kCalls; ++i) {
+        const std::string secret = absl::StrCat("request object ", t, "/", i);
+        auto jwe = EncryptToJwks(secret, jwks);
+        if (!jwe.ok()) {
+          failures[t].push_back(jwe.status().ToString());
+          continue;
+        }
+        std::string sent = *jwe;
+        const bool tamper = t == 3;
+        if (tamper) sent[sent.size() - 3] = sent[sent.size() - 3] == 'A' ? 'B' : 'A';  // the tag
+        auto plain = (*c)->DecryptJwe(kOpEnc, sent);
+        if (tamper) {
+          if (plain.status().code() != absl::StatusCode::kInvalidArgument ||
+              plain.status().message() != "decryption failed") {
+            failures[t].push_back("tampered: " + plain.status().ToString());
+          }
+        } else if (!plain.ok()) {
+          failures[t].push_back(plain.status().ToString());
+        } else if (plain->plaintext != secret) {
+          failures[t].push_back("plaintext of another call: " + plain->plaintext);
+        }
+      }
+    });
+  }
+  for (std::thread& w : workers) w.join();
+  for (int t = 0; t < kThreads; ++t) {
+    EXPECT_TRUE(failures[t].empty()) << "thread " << t << ": " << failures[t].size()
+                                     << " failures, first " << failures[t].front();
+  }
+  CoalescingStats stats = (*c)->decrypt_coalescing_stats();
+  EXPECT_EQ(stats.plain_calls + stats.batched_items, static_cast<uint64_t>(kThreads * kCalls));
+  EXPECT_GT(stats.batches, 0u);
+  EXPECT_EQ(stats.fallbacks, 0u);
+  EXPECT_EQ((*c)->coalescing_stats().batches, 0u);
 }
 
 // A custodyd that takes fewer items per batch than the client sends refuses the batch as a
@@ -312,7 +361,7 @@ TEST(ClientCoalescingTest, BatchesRefusedAsAWholeAreResentAsPlainCalls) {
   auto jwks = (*c)->GetJwks({kOpSign});
   ASSERT_TRUE(jwks.ok()) << jwks.status();
   SignConcurrently(**c, kOpSign, jwks->jwks, 8, 30);
-  SignJwsCoalescer::Stats stats = (*c)->coalescing_stats();
+  CoalescingStats stats = (*c)->coalescing_stats();
   EXPECT_GE(stats.batches, 1u);
   EXPECT_EQ(stats.fallbacks, stats.batched_items);
   EXPECT_EQ(stats.plain_calls + stats.batched_items, 8u * 30u);

@@ -9,20 +9,23 @@
 
 namespace custody::client {
 
-struct SignJwsCoalescer::Pending {
-  const v1::SignJwsRequest* request = nullptr;
+template <typename Batching>
+struct Coalescer<Batching>::Pending {
+  const Request* request = nullptr;
   absl::Time deadline;
   bool taken = false;     // removed from the queue by a sender
   bool done = false;      // result (or fallback) is set
-  bool fallback = false;  // the caller sends it as a plain SignJws
-  absl::StatusOr<v1::SignJwsResponse> result = absl::UnknownError("not sent");
+  bool fallback = false;  // the caller sends it as a plain call
+  absl::StatusOr<Response> result = absl::UnknownError("not sent");
 };
 
-SignJwsCoalescer::SignJwsCoalescer(v1::Signer::Stub* stub, const Options& options, Plain plain)
+template <typename Batching>
+Coalescer<Batching>::Coalescer(v1::Signer::Stub* stub, const Options& options, Plain plain)
     : stub_(stub), options_(options), plain_(std::move(plain)) {}
 
-absl::StatusOr<v1::SignJwsResponse> SignJwsCoalescer::SignJws(const v1::SignJwsRequest& request,
-                                                              absl::Time deadline) {
+template <typename Batching>
+absl::StatusOr<typename Batching::Response> Coalescer<Batching>::Call(const Request& request,
+                                                                      absl::Time deadline) {
   Pending me;
   me.request = &request;
   me.deadline = deadline;
@@ -46,7 +49,7 @@ absl::StatusOr<v1::SignJwsResponse> SignJwsCoalescer::SignJws(const v1::SignJwsR
     size_t bytes = 0;
     while (!queue_.empty() && batch.size() < max_items) {
       Pending* next = queue_.front();
-      bytes += next->request->payload().size();
+      bytes += Batching::Bytes(*next->request);
       if (!batch.empty() && bytes > options_.max_bytes) break;
       queue_.pop_front();
       next->taken = true;
@@ -72,8 +75,9 @@ absl::StatusOr<v1::SignJwsResponse> SignJwsCoalescer::SignJws(const v1::SignJwsR
   return std::move(me.result);
 }
 
-void SignJwsCoalescer::SendBatch(Pending* const* batch, size_t n) {
-  v1::SignJwsBatchRequest request;
+template <typename Batching>
+void Coalescer<Batching>::SendBatch(Pending* const* batch, size_t n) {
+  typename Batching::BatchRequest request;
   absl::Time deadline = absl::InfiniteFuture();
   for (size_t i = 0; i < n; ++i) {
     *request.add_requests() = *batch[i]->request;
@@ -83,8 +87,8 @@ void SignJwsCoalescer::SendBatch(Pending* const* batch, size_t n) {
   batched_items_.fetch_add(n, std::memory_order_relaxed);
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(deadline));
-  v1::SignJwsBatchResponse response;
-  grpc::Status status = stub_->SignJwsBatch(&ctx, request, &response);
+  typename Batching::BatchResponse response;
+  grpc::Status status = Batching::Send(stub_, &ctx, request, &response);
   if (!status.ok() || response.results_size() != static_cast<int>(n)) {
     // The batch as a whole failed (transport, deadline, an older custodyd): every item goes
     // again on its own, with the retry policy and its own deadline. A custodyd without the RPC
@@ -98,7 +102,7 @@ void SignJwsCoalescer::SendBatch(Pending* const* batch, size_t n) {
     return;
   }
   for (size_t i = 0; i < n; ++i) {
-    v1::SignJwsResult* result = response.mutable_results(static_cast<int>(i));
+    auto* result = response.mutable_results(static_cast<int>(i));
     const auto code = static_cast<absl::StatusCode>(result->code());
     if (code == absl::StatusCode::kOk) {
       batch[i]->result = std::move(*result->mutable_response());
@@ -110,7 +114,8 @@ void SignJwsCoalescer::SendBatch(Pending* const* batch, size_t n) {
   }
 }
 
-SignJwsCoalescer::Stats SignJwsCoalescer::stats() const {
+template <typename Batching>
+CoalescingStats Coalescer<Batching>::stats() const {
   Stats s;
   s.plain_calls = plain_calls_.load();
   s.batches = batches_.load();
@@ -118,5 +123,8 @@ SignJwsCoalescer::Stats SignJwsCoalescer::stats() const {
   s.fallbacks = fallbacks_.load();
   return s;
 }
+
+template class Coalescer<SignJwsBatching>;
+template class Coalescer<DecryptJweBatching>;
 
 }  // namespace custody::client

@@ -1,4 +1,5 @@
-// SignJwsCoalescer: turns concurrent SignJws calls on one Client into SignJwsBatch RPCs.
+// Coalescer: turns concurrent SignJws (DecryptJwe) calls on one Client into SignJwsBatch
+// (DecryptJweBatch) RPCs.
 //
 // gRPC's cost per unary call (HTTP/2 framing, completion-queue hops, thread wake-ups on both
 // sides) is several times custody's own work per signature, and on a busy authorization server
@@ -28,37 +29,68 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "custody/v1/custody.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
 
 namespace custody::client {
 
-class SignJwsCoalescer {
+// How a Client's calls were sent (all zero when coalescing is off).
+struct CoalescingStats {
+  uint64_t plain_calls = 0;  // plain RPCs sent for a batch of one
+  uint64_t batches = 0;      // batch RPCs sent
+  uint64_t batched_items = 0;
+  uint64_t fallbacks = 0;  // items re-sent as plain calls (UNAVAILABLE, batch failure)
+};
+
+// The RPC pairs that can be coalesced: the plain call's messages, the batch RPC and its
+// messages (whose results carry code, message and response), and the size that counts against
+// max_bytes.
+struct SignJwsBatching {
+  using Request = v1::SignJwsRequest;
+  using Response = v1::SignJwsResponse;
+  using BatchRequest = v1::SignJwsBatchRequest;
+  using BatchResponse = v1::SignJwsBatchResponse;
+  static grpc::Status Send(v1::Signer::Stub* stub, grpc::ClientContext* ctx,
+                           const BatchRequest& request, BatchResponse* response) {
+    return stub->SignJwsBatch(ctx, request, response);
+  }
+  static size_t Bytes(const Request& request) { return request.payload().size(); }
+};
+struct DecryptJweBatching {
+  using Request = v1::DecryptJweRequest;
+  using Response = v1::DecryptJweResponse;
+  using BatchRequest = v1::DecryptJweBatchRequest;
+  using BatchResponse = v1::DecryptJweBatchResponse;
+  static grpc::Status Send(v1::Signer::Stub* stub, grpc::ClientContext* ctx,
+                           const BatchRequest& request, BatchResponse* response) {
+    return stub->DecryptJweBatch(ctx, request, response);
+  }
+  static size_t Bytes(const Request& request) { return request.jwe().size(); }
+};
+
+template <typename Batching>
+class Coalescer {
  public:
+  using Request = typename Batching::Request;
+  using Response = typename Batching::Response;
+  using Stats = CoalescingStats;
   struct Options {
     int max_in_flight = 2;           // outstanding RPCs (plain or batch) per Client, >= 1
-    int max_items = 32;              // requests per batch, >= 2 (custodyd accepts 64)
-    size_t max_bytes = 1024 * 1024;  // payload bytes per batch (custodyd receives <= 4 MiB)
+    int max_items = 32;              // requests per batch (custodyd accepts 64)
+    size_t max_bytes = 1024 * 1024;  // request bytes per batch (custodyd receives <= 4 MiB)
   };
-  struct Stats {
-    uint64_t plain_calls = 0;  // SignJws RPCs sent for a batch of one
-    uint64_t batches = 0;      // SignJwsBatch RPCs sent
-    uint64_t batched_items = 0;
-    uint64_t fallbacks = 0;  // items re-sent as plain SignJws (UNAVAILABLE, batch failure)
-  };
-  // A plain SignJws with retries, bounded by the call's deadline.
-  using Plain = std::function<absl::StatusOr<v1::SignJwsResponse>(const v1::SignJwsRequest&,
-                                                                  absl::Time deadline)>;
+  // A plain call with retries, bounded by the call's deadline.
+  using Plain = std::function<absl::StatusOr<Response>(const Request&, absl::Time deadline)>;
 
   // `stub` must outlive the coalescer.
-  SignJwsCoalescer(v1::Signer::Stub* stub, const Options& options, Plain plain);
+  Coalescer(v1::Signer::Stub* stub, const Options& options, Plain plain);
 
-  absl::StatusOr<v1::SignJwsResponse> SignJws(const v1::SignJwsRequest& request,
-                                              absl::Time deadline);
+  absl::StatusOr<Response> Call(const Request& request, absl::Time deadline);
 
   Stats stats() const;
 
  private:
   struct Pending;
-  // Sends `batch` (>= 2 items) as one SignJwsBatch and stores each item's outcome.
+  // Sends `batch` (>= 2 items) as one batch RPC and stores each item's outcome.
   void SendBatch(Pending* const* batch, size_t n);
 
   v1::Signer::Stub* const stub_;
@@ -71,6 +103,11 @@ class SignJwsCoalescer {
   std::atomic<bool> batch_supported_{true};
   std::atomic<uint64_t> plain_calls_{0}, batches_{0}, batched_items_{0}, fallbacks_{0};
 };
+
+using SignJwsCoalescer = Coalescer<SignJwsBatching>;
+using DecryptJweCoalescer = Coalescer<DecryptJweBatching>;
+extern template class Coalescer<SignJwsBatching>;
+extern template class Coalescer<DecryptJweBatching>;
 
 }  // namespace custody::client
 

@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <filesystem>
@@ -267,7 +268,10 @@ int Run() {
   if (max_batch_items < 1) {
     return fail("startup.flags", absl::InvalidArgumentError("--max_batch_items must be >= 1"));
   }
-  SignerService signer(keys->get(), &guard, max_batch_items);
+  BatchRunner::Options runner_options;
+  runner_options.threads = std::max(1, absl::GetFlag(FLAGS_max_sessions)) - 1;
+  BatchRunner batch_runner(runner_options);
+  SignerService signer(keys->get(), &guard, max_batch_items, &batch_runner);
   KeyAdminService admin(keys->get(), &guard);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

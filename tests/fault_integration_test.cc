@@ -626,7 +626,7 @@ TEST(FaultIntegrationTest, CoalescedCallsUnderAHeldFaultAreRetriedAloneOrFailUna
   EXPECT_TRUE(problems.empty()) << problems.size() << " problems, first: " << problems.front();
   EXPECT_GT(ok_before, 0);
   EXPECT_GT(ok.load(), ok_at_reset) << "signing did not resume after the fault";
-  const client::SignJwsCoalescer::Stats stats = (*c)->coalescing_stats();
+  const client::CoalescingStats stats = (*c)->coalescing_stats();
   EXPECT_GT(stats.batches, 0u);
   EXPECT_GT(stats.fallbacks, 0u) << "no batch item came back UNAVAILABLE during the fault";
   RecordProperty("ok", ok.load());

@@ -701,7 +701,7 @@ absl::StatusOr<PkeyPtr> ValidateEpk(const Json& epk, absl::string_view expected_
     }
   }
   // PkeyFromPublicJwk imports the uncompressed point (which cannot encode the point at infinity)
-  // and runs EVP_PKEY_public_check, which rejects points off the curve: the invalid-curve attack.
+  // and checks that the point is on the curve (jwk.cc), which defeats the invalid-curve attack.
   absl::StatusOr<PkeyPtr> key = PkeyFromPublicJwk(epk);
   if (!key.ok()) return absl::InvalidArgumentError(absl::StrCat("epk: ", key.status().message()));
   absl::StatusOr<std::string> group = GroupName(key->get());

@@ -15,6 +15,7 @@ struct BatchRunner::Job {
   std::atomic<size_t> next{0};
   absl::Mutex mu;
   size_t finished ABSL_GUARDED_BY(mu) = 0;
+  bool AllFinished() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return finished == n; }
 };
 
 BatchRunner::BatchRunner(const Options& options) : options_(options) {
@@ -48,10 +49,7 @@ void BatchRunner::HelperLoop() {
     std::shared_ptr<Job> job;
     {
       absl::MutexLock lock(&mu_);
-      mu_.Await(absl::Condition(
-          +[](BatchRunner* r)
-               ABSL_EXCLUSIVE_LOCKS_REQUIRED(r->mu_) { return r->stopping_ || !r->jobs_.empty(); },
-          this));
+      mu_.Await(absl::Condition(this, &BatchRunner::HasWorkOrStopping));
       if (jobs_.empty()) return;  // stopping
       job = std::move(jobs_.front());
       jobs_.pop_front();
@@ -90,8 +88,7 @@ void BatchRunner::Run(size_t n, const std::function<void(size_t)>& item) {
   Drain(*job, &ran);
   // Wait for the helpers' items (a helper that finds nothing left returns at once).
   absl::MutexLock lock(&job->mu);
-  job->mu.Await(absl::Condition(
-      +[](Job* j) ABSL_EXCLUSIVE_LOCKS_REQUIRED(j->mu) { return j->finished == j->n; }, job.get()));
+  job->mu.Await(absl::Condition(job.get(), &Job::AllFinished));
 }
 
 BatchRunner::Stats BatchRunner::stats() const {

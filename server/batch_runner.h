@@ -54,6 +54,9 @@ class BatchRunner {
  private:
   struct Job;
   void HelperLoop();
+  bool HasWorkOrStopping() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return stopping_ || !jobs_.empty();
+  }
   // Runs items of `job` until none is left; true if this thread ran the last one to finish.
   static void Drain(Job& job, uint64_t* ran);
 

@@ -3,10 +3,11 @@
 //
 // A batch from the client library is a handful of calls that arrived together. Against a fast
 // token (SoftHSM2: ES256 in ~60 µs) waking another thread costs about as much as an item, so the
-// handler signs them in order itself. Against a slow one (a network HSM at milliseconds per
+// handler signs them in order itself (with ~100 µs items and batches of ~5, splitting cost
+// throughput in the benchmark). Against a slow one (a network HSM at milliseconds per
 // operation, RSA-3072, a token under load) running them one after another would hold all but one
 // of the token's sessions idle and multiply the batch's latency, so once the first item shows
-// that the rest would take longer than `parallel_after`, up to `max_helpers` pool threads join
+// that the rest would take longer than `parallel_after`, up to `threads` pool threads join
 // and the items spread over the session pool as separate calls would.
 // Thread-safe; Run may be called from many handler threads at once.
 #ifndef CUSTODY_SERVER_BATCH_RUNNER_H_
@@ -32,7 +33,7 @@ class BatchRunner {
   struct Options {
     int threads = 8;  // helper threads (at most the token's session pool is useful)
     // Helpers join when the remaining items, at the first item's duration, would take longer.
-    absl::Duration parallel_after = absl::Microseconds(500);
+    absl::Duration parallel_after = absl::Milliseconds(2);
   };
   struct Stats {
     uint64_t batches = 0;

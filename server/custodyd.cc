@@ -47,6 +47,9 @@ ABSL_FLAG(std::string, pin_env, "CUSTODY_PIN",
           "environment variable holding the user PIN when --pin_file is not given");
 ABSL_FLAG(int, max_sessions, 8, "logged-in PKCS#11 sessions in the pool");
 ABSL_FLAG(int64_t, max_payload_bytes, 256 * 1024, "largest payload SignJws/Sign accept");
+ABSL_FLAG(int64_t, batch_parallel_after_us, 2000,
+          "a batch's remaining items are spread over helper threads when, at the first item's "
+          "duration, they would take longer than this (microseconds)");
 ABSL_FLAG(int, max_batch_items, custody::server::SignerService::kDefaultMaxBatchItems,
           "most requests one SignJwsBatch may carry (the client library sends at most 32)");
 ABSL_FLAG(std::string, tls_cert, "", "server certificate chain (PEM); enables TLS");
@@ -270,6 +273,8 @@ int Run() {
   }
   BatchRunner::Options runner_options;
   runner_options.threads = std::max(1, absl::GetFlag(FLAGS_max_sessions)) - 1;
+  runner_options.parallel_after =
+      absl::Microseconds(std::max<int64_t>(0, absl::GetFlag(FLAGS_batch_parallel_after_us)));
   BatchRunner batch_runner(runner_options);
   SignerService signer(keys->get(), &guard, max_batch_items, &batch_runner);
   KeyAdminService admin(keys->get(), &guard);

@@ -170,28 +170,6 @@ const EcCurve* CurveByJwkName(absl::string_view name) {
   return nullptr;
 }
 
-// Domain parameters of `curve` as a key without key material, made once per curve (read-only
-// afterwards, so shared by every thread). Null if OpenSSL cannot make them.
-const EVP_PKEY* CurveParameters(const EcCurve& curve) {
-  static const std::array<EVP_PKEY*, kCurves.size()>* const params = [] {
-    auto* made = new std::array<EVP_PKEY*, kCurves.size()>{};
-    for (size_t i = 0; i < kCurves.size(); ++i) {
-      PkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr));
-      OSSL_PARAM p[] = {
-          OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME,
-                                           const_cast<char*>(kCurves[i].openssl_name), 0),
-          OSSL_PARAM_construct_end()};
-      EVP_PKEY* key = nullptr;
-      if (ctx != nullptr && EVP_PKEY_paramgen_init(ctx.get()) == 1 &&
-          EVP_PKEY_CTX_set_params(ctx.get(), p) == 1 && EVP_PKEY_paramgen(ctx.get(), &key) == 1) {
-        (*made)[i] = key;
-      }
-    }
-    return made;
-  }();
-  return (*params)[static_cast<size_t>(&curve - kCurves.data())];
-}
-
 absl::StatusOr<Secret> RandomSecret(size_t n) {
   Secret out(std::string(n, '\0'));
   if (RAND_bytes(MutableBytes(out.mutable_value()), static_cast<int>(n)) != 1) {
@@ -706,8 +684,6 @@ absl::StatusOr<PkeyPtr> ValidateEpk(const Json& epk, absl::string_view expected_
                                                    "\" does not match the key's curve \"",
                                                    expected_crv, "\""));
   }
-  if (epk.Find("d") != nullptr) return absl::InvalidArgumentError("epk: contains a private key");
-  std::string point = "\x04";  // uncompressed: 04 || X || Y (cannot encode infinity)
   for (std::string_view member : {"x", "y"}) {
     const Json* v = epk.Find(member);
     absl::StatusOr<std::string> bytes =
@@ -723,28 +699,15 @@ absl::StatusOr<PkeyPtr> ValidateEpk(const Json& epk, absl::string_view expected_
                                                      bytes->size(), " bytes, ", curve->field_bytes,
                                                      " expected for ", expected_crv));
     }
-    point += *bytes;
   }
-  // The point goes into a key that copies the curve's parameters from a per-curve template
-  // (building the group from its name on every call cost ~20 µs), then must be on the curve
-  // and in range: EVP_PKEY_set1_encoded_public_key refuses a point off the curve and the quick
-  // public check (complete for these cofactor-1 curves, see jwk.cc) confirms it. An off-curve
-  // point is the invalid-curve attack.
-  const EVP_PKEY* params = CurveParameters(*curve);
-  if (params == nullptr) return OpensslError("epk: curve parameters");
-  PkeyPtr key(EVP_PKEY_new());
-  if (key == nullptr || EVP_PKEY_copy_parameters(key.get(), params) != 1) {
-    return OpensslError("epk: curve parameters");
-  }
-  if (EVP_PKEY_set1_encoded_public_key(
-          key.get(), reinterpret_cast<const unsigned char*>(point.data()), point.size()) != 1) {
-    ERR_clear_error();
-    return absl::InvalidArgumentError("epk: the point is not on the curve");
-  }
-  PkeyCtxPtr check(EVP_PKEY_CTX_new_from_pkey(nullptr, key.get(), nullptr));
-  if (check == nullptr || EVP_PKEY_public_check_quick(check.get()) != 1) {
-    ERR_clear_error();
-    return absl::InvalidArgumentError("epk: not a valid public key on the curve");
+  // PkeyFromPublicJwk imports the uncompressed point (which cannot encode the point at infinity)
+  // and refuses points off the curve (jwk.cc): the invalid-curve attack.
+  absl::StatusOr<PkeyPtr> key = PkeyFromPublicJwk(epk);
+  if (!key.ok()) return absl::InvalidArgumentError(absl::StrCat("epk: ", key.status().message()));
+  absl::StatusOr<std::string> group = GroupName(key->get());
+  if (!group.ok()) return group.status();
+  if (*group != curve->openssl_name && *group != curve->jwk_name) {
+    return absl::InvalidArgumentError(absl::StrCat("epk: on group ", *group));
   }
   return key;
 }

@@ -157,6 +157,24 @@ absl::StatusOr<std::string> RequiredBytes(const Json& jwk, std::string_view name
   return bytes;
 }
 
+// fromdata and the EC import below do not promise full validation; check the point/modulus
+// explicitly. For EC the partial public-key validation of SP 800-56A rev. 3 §5.6.2.3.4
+// (coordinates in range, point on the curve, not the point at infinity) is the whole check:
+// every curve accepted here (P-256, P-384, P-521) has cofactor 1, so any other point on it has
+// the group's prime order and the full check's extra n·Q = O scalar multiplication (~45 µs for
+// P-256, most of an ECDH decryption's own CPU) proves nothing more. An off-curve point (the
+// invalid-curve attack) fails either check.
+absl::StatusOr<PkeyPtr> CheckedPublicKey(const char* type, PkeyPtr pkey) {
+  PkeyCtxPtr check(EVP_PKEY_CTX_new_from_pkey(nullptr, pkey.get(), nullptr));
+  const bool valid = check != nullptr &&
+                     (std::string_view(type) == "EC" ? EVP_PKEY_public_check_quick(check.get()) == 1
+                                                     : EVP_PKEY_public_check(check.get()) == 1);
+  if (!valid) {
+    return OpensslError(absl::StrCat("invalid ", type, " public key"));
+  }
+  return pkey;
+}
+
 absl::StatusOr<PkeyPtr> PkeyFromParams(const char* type, OSSL_PARAM_BLD* bld) {
   ParamsPtr params(OSSL_PARAM_BLD_to_param(bld));
   if (params == nullptr) return OpensslError("building key parameters");
@@ -167,22 +185,31 @@ absl::StatusOr<PkeyPtr> PkeyFromParams(const char* type, OSSL_PARAM_BLD* bld) {
       EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_PUBLIC_KEY, params.get()) != 1) {
     return OpensslError(absl::StrCat("invalid ", type, " public key"));
   }
-  PkeyPtr pkey(raw);
-  // fromdata does not promise full validation; check the point/modulus explicitly. For EC the
-  // partial public-key validation of SP 800-56A rev. 3 §5.6.2.3.4 (coordinates in range, point
-  // on the curve, not the point at infinity) is the whole check: every curve accepted here
-  // (P-256, P-384, P-521) has cofactor 1, so any other point on it has the group's prime order
-  // and the full check's extra n·Q = O scalar multiplication (~45 µs for P-256, most of an ECDH
-  // decryption's own CPU) proves nothing more. An off-curve point (the invalid-curve attack)
-  // fails either check.
-  PkeyCtxPtr check(EVP_PKEY_CTX_new_from_pkey(nullptr, pkey.get(), nullptr));
-  const bool valid = check != nullptr &&
-                     (std::string_view(type) == "EC" ? EVP_PKEY_public_check_quick(check.get()) == 1
-                                                     : EVP_PKEY_public_check(check.get()) == 1);
-  if (!valid) {
-    return OpensslError(absl::StrCat("invalid ", type, " public key"));
-  }
-  return pkey;
+  return CheckedPublicKey(type, PkeyPtr(raw));
+}
+
+// Domain parameters of each curve as a key without key material, made once (read-only
+// afterwards, so shared by every thread): an EC key copies them instead of building its group
+// from the curve's name, which cost ~20 µs per key (an ECDH JWE's epk is one key per call).
+// Null where OpenSSL cannot make them.
+const EVP_PKEY* CurveParameters(const EcCurve& curve) {
+  static const std::array<EVP_PKEY*, kCurves.size()>* const params = [] {
+    auto* made = new std::array<EVP_PKEY*, kCurves.size()>{};
+    for (size_t i = 0; i < kCurves.size(); ++i) {
+      PkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr));
+      OSSL_PARAM p[] = {
+          OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME,
+                                           const_cast<char*>(kCurves[i].openssl_name.data()), 0),
+          OSSL_PARAM_construct_end()};
+      EVP_PKEY* key = nullptr;
+      if (ctx != nullptr && EVP_PKEY_paramgen_init(ctx.get()) == 1 &&
+          EVP_PKEY_CTX_set_params(ctx.get(), p) == 1 && EVP_PKEY_paramgen(ctx.get(), &key) == 1) {
+        (*made)[i] = key;
+      }
+    }
+    return made;
+  }();
+  return (*params)[static_cast<size_t>(&curve - kCurves.data())];
 }
 
 absl::StatusOr<PkeyPtr> EcPkey(const Json& jwk) {
@@ -202,15 +229,17 @@ absl::StatusOr<PkeyPtr> EcPkey(const Json& jwk) {
         absl::StrCat("EC coordinates must be ", curve->field_bytes, " bytes for ", *crv));
   }
   const std::string point = absl::StrCat("\x04", *x, *y);
-  ParamBldPtr bld(OSSL_PARAM_BLD_new());
-  if (bld == nullptr ||
-      OSSL_PARAM_BLD_push_utf8_string(bld.get(), OSSL_PKEY_PARAM_GROUP_NAME,
-                                      curve->openssl_name.data(), 0) != 1 ||
-      OSSL_PARAM_BLD_push_octet_string(bld.get(), OSSL_PKEY_PARAM_PUB_KEY, point.data(),
-                                       point.size()) != 1) {
+  const EVP_PKEY* params = CurveParameters(*curve);
+  PkeyPtr pkey(EVP_PKEY_new());
+  if (params == nullptr || pkey == nullptr || EVP_PKEY_copy_parameters(pkey.get(), params) != 1) {
     return OpensslError("building EC parameters");
   }
-  return PkeyFromParams("EC", bld.get());
+  // Refuses a point that is not on the curve; CheckedPublicKey checks the rest.
+  if (EVP_PKEY_set1_encoded_public_key(
+          pkey.get(), reinterpret_cast<const unsigned char*>(point.data()), point.size()) != 1) {
+    return OpensslError("invalid EC public key");
+  }
+  return CheckedPublicKey("EC", std::move(pkey));
 }
 
 absl::StatusOr<BnPtr> MinimalUnsigned(const Json& jwk, std::string_view name) {

@@ -41,6 +41,14 @@ class Call {
     event_.operation = std::string(operation);
     event_.ring = std::string(ring);
   }
+  // One item of a batch RPC, whose caller is already identified.
+  Call(RequestGuard* guard, const std::string& identity, absl::string_view operation,
+       absl::string_view ring)
+      : guard_(guard) {
+    event_.identity = identity;
+    event_.operation = std::string(operation);
+    event_.ring = std::string(ring);
+  }
   const std::string& identity() const { return event_.identity; }
   AuditEvent& event() { return event_; }
   absl::Status Authorize() const {
@@ -48,15 +56,21 @@ class Call {
   }
   grpc::Status Finish(const grpc::Status& result) { return guard_->Record(event_, result); }
 
-  // Runs `operation` when authorized and replies with its value or error.
+  // Runs `operation` when authorized and stores its value in *response (only on success); the
+  // call's status, not yet recorded.
   template <typename T, typename F>
-  grpc::Status Run(T* response, F&& operation) {
-    if (absl::Status s = Authorize(); !s.ok()) return Finish(ToGrpcStatus(s));
+  grpc::Status Execute(T* response, F&& operation) {
+    if (absl::Status s = Authorize(); !s.ok()) return ToGrpcStatus(s);
     absl::StatusOr<T> result = operation();
-    if (!result.ok()) return Finish(ToGrpcStatus(result.status()));
+    if (!result.ok()) return ToGrpcStatus(result.status());
     Annotate(event_, *result);
     *response = *std::move(result);
-    return Finish(grpc::Status::OK);
+    return grpc::Status::OK;
+  }
+  // Executes and records: the reply of a unary RPC.
+  template <typename T, typename F>
+  grpc::Status Run(T* response, F&& operation) {
+    return Finish(Execute(response, std::forward<F>(operation)));
   }
 
  private:
@@ -103,25 +117,15 @@ grpc::Status SignerService::RunBatch(const grpc::ServerContext& context, const c
   std::vector<grpc::Status> statuses(static_cast<size_t>(n));
   results->Reserve(n);
   for (int i = 0; i < n; ++i) results->Add();
-  // Item i touches only events[i], statuses[i] and results[i], so items may run concurrently.
+  // Each item is a Call of its own, as the unary RPC is, recorded below with the others. Item i
+  // touches only events[i], statuses[i] and results[i], so items may run concurrently.
   auto run_item = [&](size_t i) {
     const Request& item = items.Get(static_cast<int>(i));
-    AuditEvent& event = events[i];
-    event.identity = identity;
-    event.operation = operation;
-    event.ring = item.ring();
-    event.payload_sha256 = Sha256Hex(content_of(item));
-    if (absl::Status s = guard_->Authorize(identity, operation, item.ring()); !s.ok()) {
-      statuses[i] = ToGrpcStatus(s);
-      return;
-    }
-    auto reply = run(item);
-    if (!reply.ok()) {
-      statuses[i] = ToGrpcStatus(reply.status());
-      return;
-    }
-    Annotate(event, *reply);
-    *results->Mutable(static_cast<int>(i))->mutable_response() = *std::move(reply);
+    Call call(guard_, identity, operation, item.ring());
+    call.event().payload_sha256 = Sha256Hex(content_of(item));
+    statuses[i] = call.Execute(results->Mutable(static_cast<int>(i))->mutable_response(),
+                               [&] { return run(item); });
+    events[i] = std::move(call.event());
   };
   if (runner_ != nullptr) {
     runner_->Run(static_cast<size_t>(n), run_item);
@@ -134,7 +138,7 @@ grpc::Status SignerService::RunBatch(const grpc::ServerContext& context, const c
     const grpc::Status& status = statuses[static_cast<size_t>(i)];
     if (status.ok()) continue;
     Result* result = results->Mutable(i);
-    result->clear_response();
+    result->clear_response();  // mutable_response() made an empty one
     result->set_code(status.error_code());
     result->set_message(status.error_message());
   }

@@ -13,7 +13,6 @@ template <typename Batching>
 struct Coalescer<Batching>::Pending {
   const Request* request = nullptr;
   absl::Time deadline;
-  bool taken = false;     // removed from the queue by a sender
   bool done = false;      // result (or fallback) is set
   bool fallback = false;  // the caller sends it as a plain call
   absl::StatusOr<Response> result = absl::UnknownError("not sent");
@@ -37,7 +36,8 @@ absl::StatusOr<typename Batching::Response> Coalescer<Batching>::Call(const Requ
     // others stay asleep: absl::Mutex evaluates each waiter's condition and wakes only those
     // whose condition holds).
     auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      return me.done || (!me.taken && in_flight_ < options_.max_in_flight && queue_.front() == &me);
+      return me.done ||
+             (in_flight_ < options_.max_in_flight && !queue_.empty() && queue_.front() == &me);
     };
     mu_.Await(absl::Condition(&ready));
     if (me.done) break;
@@ -52,7 +52,6 @@ absl::StatusOr<typename Batching::Response> Coalescer<Batching>::Call(const Requ
       bytes += Batching::Bytes(*next->request);
       if (!batch.empty() && bytes > options_.max_bytes) break;
       queue_.pop_front();
-      next->taken = true;
       batch.push_back(next);
     }
     ++in_flight_;

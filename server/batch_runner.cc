@@ -32,16 +32,17 @@ BatchRunner::~BatchRunner() {
   for (std::thread& t : helpers_) t.join();
 }
 
-void BatchRunner::Drain(Job& job, uint64_t* ran) {
+size_t BatchRunner::Drain(Job& job) {
   size_t done_here = 0;
   for (size_t i; (i = job.next.fetch_add(1)) < job.n;) {
     (*job.item)(i);
     ++done_here;
   }
-  if (done_here == 0) return;
-  *ran += done_here;
-  absl::MutexLock lock(&job.mu);
-  job.finished += done_here;
+  if (done_here > 0) {
+    absl::MutexLock lock(&job.mu);
+    job.finished += done_here;
+  }
+  return done_here;
 }
 
 void BatchRunner::HelperLoop() {
@@ -54,9 +55,7 @@ void BatchRunner::HelperLoop() {
       job = std::move(jobs_.front());
       jobs_.pop_front();
     }
-    uint64_t ran = 0;
-    Drain(*job, &ran);
-    helper_items_.fetch_add(ran, std::memory_order_relaxed);
+    helper_items_.fetch_add(Drain(*job), std::memory_order_relaxed);
   }
 }
 
@@ -84,8 +83,7 @@ void BatchRunner::Run(size_t n, const std::function<void(size_t)>& item) {
       for (size_t i = 0; i < wanted; ++i) jobs_.push_back(job);
     }
   }
-  uint64_t ran = 0;
-  Drain(*job, &ran);
+  Drain(*job);
   // Wait for the helpers' items (a helper that finds nothing left returns at once).
   absl::MutexLock lock(&job->mu);
   job->mu.Await(absl::Condition(job.get(), &Job::AllFinished));

@@ -58,8 +58,8 @@ class BatchRunner {
   bool HasWorkOrStopping() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return stopping_ || !jobs_.empty();
   }
-  // Runs items of `job` until none is left; true if this thread ran the last one to finish.
-  static void Drain(Job& job, uint64_t* ran);
+  // Runs items of `job` until none is left; how many this thread ran.
+  static size_t Drain(Job& job);
 
   const Options options_;
   absl::Mutex mu_;

@@ -272,6 +272,22 @@ class FaultyCustodyd {
   std::unique_ptr<Custodyd> d_;
 };
 
+// Checks that `custodyd` started, creates `rings` (name, alg) in it, reads their published keys
+// into *keys and clears any fault. Call with ASSERT_NO_FATAL_FAILURE.
+void StartWithRings(FaultyCustodyd& custodyd,
+                    const std::vector<std::pair<std::string, std::string>>& rings, JwsKeys* keys) {
+  Custodyd& d = custodyd.d();
+  ASSERT_TRUE(d.started()) << LogTail(d.log());
+  for (const auto& [name, alg] : rings) {
+    v1::KeyRing ring;
+    ASSERT_TRUE(CreateRing(d, name, alg, &ring).ok()) << name;
+  }
+  grpc::Status status;
+  ASSERT_EQ(AddJwks(GetJwks(d, &status), *keys), "");
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_FALSE(custodyd.control().Apply({"reset"}).empty()) << "the fault module never acked";
+}
+
 // ---------------------------------------------------------------------------------------------
 // Steady signing load and what it saw.
 
@@ -404,16 +420,10 @@ std::vector<Fault> Faults() {
 TEST(FaultIntegrationTest, EveryHsmFaultUnderSigningLoadFailsOnlyUnavailableAndRecovers) {
   FaultyCustodyd custodyd("fault-load");
   Custodyd& d = custodyd.d();
-  ASSERT_TRUE(d.started()) << LogTail(d.log());
-  v1::KeyRing ring;
-  ASSERT_TRUE(CreateRing(d, "fault/es256", "ES256", &ring).ok());
-  ASSERT_TRUE(CreateRing(d, "fault/ps256", "PS256", &ring).ok());
-  grpc::Status status;
   JwsKeys keys;
-  ASSERT_EQ(AddJwks(GetJwks(d, &status), keys), "");
-  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_NO_FATAL_FAILURE(
+      StartWithRings(custodyd, {{"fault/es256", "ES256"}, {"fault/ps256", "PS256"}}, &keys));
   ASSERT_EQ(keys.size(), 2u);
-  ASSERT_FALSE(custodyd.control().Apply({"reset"}).empty()) << "the fault module never acked";
 
   const std::vector<Fault> faults = Faults();
   SigningLoad load(d, {"fault/es256", "fault/es256", "fault/ps256"}, keys, /*threads=*/6, 10s);
@@ -570,13 +580,8 @@ TEST(FaultIntegrationTest, EveryHsmFaultUnderSigningLoadFailsOnlyUnavailableAndR
 TEST(FaultIntegrationTest, CoalescedCallsUnderAHeldFaultAreRetriedAloneOrFailUnavailable) {
   FaultyCustodyd custodyd("fault-batch");
   Custodyd& d = custodyd.d();
-  ASSERT_TRUE(d.started()) << LogTail(d.log());
-  v1::KeyRing ring;
-  ASSERT_TRUE(CreateRing(d, "fault/batch", "ES256", &ring).ok());
-  grpc::Status status;
   JwsKeys keys;
-  ASSERT_EQ(AddJwks(GetJwks(d, &status), keys), "");
-  ASSERT_FALSE(custodyd.control().Apply({"reset"}).empty()) << "the fault module never acked";
+  ASSERT_NO_FATAL_FAILURE(StartWithRings(custodyd, {{"fault/batch", "ES256"}}, &keys));
   client::ClientOptions options;
   options.max_rpcs_in_flight = 1;
   options.max_batch_items = 16;
@@ -637,13 +642,8 @@ TEST(FaultIntegrationTest, CoalescedCallsUnderAHeldFaultAreRetriedAloneOrFailUna
 TEST(FaultIntegrationTest, SlowTokenRefusesCallersPromptlyAndMemoryStaysFlat) {
   FaultyCustodyd custodyd("fault-slow");
   Custodyd& d = custodyd.d();
-  ASSERT_TRUE(d.started()) << LogTail(d.log());
-  v1::KeyRing ring;
-  ASSERT_TRUE(CreateRing(d, "slow/es256", "ES256", &ring).ok());
-  grpc::Status status;
   JwsKeys keys;
-  ASSERT_EQ(AddJwks(GetJwks(d, &status), keys), "");
-  ASSERT_FALSE(custodyd.control().Apply({"reset"}).empty());
+  ASSERT_NO_FATAL_FAILURE(StartWithRings(custodyd, {{"slow/es256", "ES256"}}, &keys));
   constexpr int kCallers = 64;
   const int seconds = EnvInt("CUSTODY_FAULT_SLOW_SECONDS", 6);
   const Ms call_timeout = 5s;

@@ -15,9 +15,7 @@ namespace custody::bench {
 namespace {
 
 Outcome FromStatus(const absl::Status& status, std::string* error) {
-  if (status.ok()) return Outcome::kOk;
-  *error = status.ToString();
-  return absl::IsResourceExhausted(status) ? Outcome::kShed : Outcome::kError;
+  return OutcomeOf("", status, error);
 }
 
 struct MdCtxDeleter {

@@ -478,37 +478,29 @@ RowResult Bench::RunRow(const std::string& transport, const Connections& connect
     std::vector<std::string> last(n);  // each worker's latest JWS
     client::SignJwsOptions jws_options;
     jws_options.typ = "JWT";
+    // A reply must carry the ring's alg and ACTIVE kid; its JWS is kept for the check below.
+    auto accept = [&](int t, const std::string& alg, const std::string& kid, std::string* jws,
+                      std::string* error) {
+      if (alg != op.spec->alg || kid != op.kid) {
+        *error = absl::StrCat("SignJws answered alg ", alg, " kid ", kid);
+        return Outcome::kError;
+      }
+      last[static_cast<size_t>(t)].swap(*jws);
+      return Outcome::kOk;
+    };
     Operation library_call = [&](int t, std::string* error) {
       auto jws = clients[static_cast<size_t>(t) % clients.size()]->SignJws(op.spec->ring, payload_,
                                                                            jws_options);
-      if (!jws.ok()) {
-        *error = absl::StrCat("SignJws: ", jws.status().ToString());
-        return jws.status().code() == absl::StatusCode::kResourceExhausted ? Outcome::kShed
-                                                                           : Outcome::kError;
-      }
-      if (jws->alg != op.spec->alg || jws->kid != op.kid) {
-        *error = absl::StrCat("SignJws answered alg ", jws->alg, " kid ", jws->kid);
-        return Outcome::kError;
-      }
-      last[static_cast<size_t>(t)].swap(jws->jws);
-      return Outcome::kOk;
+      if (!jws.ok()) return OutcomeOf("SignJws", jws.status(), error);
+      return accept(t, jws->alg, jws->kid, &jws->jws, error);
     };
     Operation call = [&](int t, std::string* error) {
       custody::v1::SignJwsResponse resp;
       grpc::ClientContext ctx;
       ctx.set_deadline(Deadline(60));
       grpc::Status s = stub_of(t).SignJws(&ctx, requests[static_cast<size_t>(t)], &resp);
-      if (!s.ok()) {
-        *error = GrpcError("SignJws", s);
-        return s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED ? Outcome::kShed
-                                                                      : Outcome::kError;
-      }
-      if (resp.alg() != op.spec->alg || resp.kid() != op.kid) {
-        *error = absl::StrCat("SignJws answered alg ", resp.alg(), " kid ", resp.kid());
-        return Outcome::kError;
-      }
-      last[static_cast<size_t>(t)].swap(*resp.mutable_jws());
-      return Outcome::kOk;
+      if (!s.ok()) return OutcomeOf("SignJws", client::ToAbslStatus(s), error);
+      return accept(t, resp.alg(), resp.kid(), resp.mutable_jws(), error);
     };
     if (library) {
       run_library(library_call, &client::Client::coalescing_stats);
@@ -540,39 +532,29 @@ RowResult Bench::RunRow(const std::string& transport, const Connections& connect
     }
     std::atomic<uint64_t> mismatches{0};
     std::atomic<uint64_t> checked{0};
-    Operation call = [&](int t, std::string* error) {
-      custody::v1::DecryptJweResponse resp;
-      grpc::ClientContext ctx;
-      ctx.set_deadline(Deadline(60));
-      grpc::Status s = stub_of(t).DecryptJwe(&ctx, requests[static_cast<size_t>(t)], &resp);
-      if (!s.ok()) {
-        *error = GrpcError("DecryptJwe", s);
-        return s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED ? Outcome::kShed
-                                                                      : Outcome::kError;
-      }
+    // A reply must carry the plaintext that was encrypted.
+    auto accept = [&](const std::string& plaintext, std::string* error) {
       checked.fetch_add(1, std::memory_order_relaxed);
-      if (resp.plaintext() != payload_) {
+      if (plaintext != payload_) {
         mismatches.fetch_add(1, std::memory_order_relaxed);
         *error = "DecryptJwe returned another plaintext";
         return Outcome::kError;
       }
       return Outcome::kOk;
     };
+    Operation call = [&](int t, std::string* error) {
+      custody::v1::DecryptJweResponse resp;
+      grpc::ClientContext ctx;
+      ctx.set_deadline(Deadline(60));
+      grpc::Status s = stub_of(t).DecryptJwe(&ctx, requests[static_cast<size_t>(t)], &resp);
+      if (!s.ok()) return OutcomeOf("DecryptJwe", client::ToAbslStatus(s), error);
+      return accept(resp.plaintext(), error);
+    };
     Operation library_call = [&](int t, std::string* error) {
       auto plain = clients[static_cast<size_t>(t) % clients.size()]->DecryptJwe(
           op.spec->ring, requests[static_cast<size_t>(t)].jwe());
-      if (!plain.ok()) {
-        *error = absl::StrCat("DecryptJwe: ", plain.status().ToString());
-        return plain.status().code() == absl::StatusCode::kResourceExhausted ? Outcome::kShed
-                                                                             : Outcome::kError;
-      }
-      checked.fetch_add(1, std::memory_order_relaxed);
-      if (plain->plaintext != payload_) {
-        mismatches.fetch_add(1, std::memory_order_relaxed);
-        *error = "DecryptJwe returned another plaintext";
-        return Outcome::kError;
-      }
-      return Outcome::kOk;
+      if (!plain.ok()) return OutcomeOf("DecryptJwe", plain.status(), error);
+      return accept(plain->plaintext, error);
     };
     if (library) {
       run_library(library_call, &client::Client::decrypt_coalescing_stats);

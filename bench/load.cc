@@ -6,6 +6,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "bench/proc_util.h"
 
 namespace custody::bench {
@@ -29,6 +30,12 @@ double Percentile(const std::vector<float>& sorted, double p) {
 }
 
 }  // namespace
+
+Outcome OutcomeOf(absl::string_view what, const absl::Status& status, std::string* error) {
+  if (status.ok()) return Outcome::kOk;
+  *error = what.empty() ? status.ToString() : absl::StrCat(what, ": ", status.ToString());
+  return absl::IsResourceExhausted(status) ? Outcome::kShed : Outcome::kError;
+}
 
 LoadResult RunLoad(int threads, absl::Duration duration, const Operation& op,
                    const std::function<void()>& at_start, const std::function<void()>& at_end) {

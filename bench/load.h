@@ -6,6 +6,8 @@
 #include <functional>
 #include <string>
 
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 
 namespace custody::bench {
@@ -25,6 +27,10 @@ struct LoadResult {
 };
 
 enum class Outcome { kOk, kShed, kError };
+
+// The outcome of a call that returned `status`: kOk, kShed for RESOURCE_EXHAUSTED (the session
+// pool's back-pressure), else kError; *error gets `what` and the status when not OK.
+Outcome OutcomeOf(absl::string_view what, const absl::Status& status, std::string* error);
 
 // One operation on behalf of worker `thread` (0..threads-1). Sets *error unless kOk. Must be safe
 // to call from all workers at once.

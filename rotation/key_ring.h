@@ -59,6 +59,10 @@ struct RingRecord {
   int64_t zip_max_bytes = 0;  // decryption rings: 0 = JWE "zip" refused
   RotationPolicy policy;
   bool policy_explicit = false;  // set once an operator gave a policy: keep a PENDING version
+  // Stores shared between replicas (PostgreSQL): incremented by every commit that changes the
+  // ring or its versions, so a writer can make its change conditional on what it read. Always
+  // 0 in the embedded SQLite store (one process writes it).
+  uint64_t generation = 0;
 };
 
 struct VersionRecord {

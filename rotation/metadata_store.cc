@@ -4,11 +4,33 @@
 
 #include <utility>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 
 namespace custody::rotation {
 namespace {
+
+// The embedded store: one SQLite connection behind a mutex.
+class SqliteMetadataStore final : public MetadataStore {
+ public:
+  explicit SqliteMetadataStore(sqlite3* db) : db_(db) {}
+  ~SqliteMetadataStore() override;
+
+  absl::Status Commit(const Mutation& mutation) override;
+  absl::StatusOr<std::vector<RingRecord>> LoadRings() override;
+  absl::StatusOr<std::vector<VersionRecord>> LoadVersions() override;
+  // Sets the connection's pragmas and applies the schema.
+  absl::Status Init();
+
+ private:
+  absl::Status Exec(const char* sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Apply(const Mutation& mutation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  absl::Mutex mu_;
+  sqlite3* db_ ABSL_GUARDED_BY(mu_);
+};
 
 constexpr const char* kSchema = R"sql(
 CREATE TABLE IF NOT EXISTS rings (
@@ -141,22 +163,27 @@ absl::StatusOr<std::unique_ptr<MetadataStore>> MetadataStore::Open(const std::st
         absl::StrCat("cannot open metadata database '", path, "': ", msg));
   }
   sqlite3_busy_timeout(db, 5000);
-  auto store = std::unique_ptr<MetadataStore>(new MetadataStore(db));
-  absl::MutexLock lock(&store->mu_);
-  // WAL + synchronous=FULL: every commit is fsynced before it returns.
-  for (const char* pragma : {"PRAGMA journal_mode=WAL;", "PRAGMA synchronous=FULL;",
-                             "PRAGMA foreign_keys=ON;", kSchema}) {
-    if (absl::Status s = store->Exec(pragma); !s.ok()) return s;
-  }
+  auto store = std::make_unique<SqliteMetadataStore>(db);
+  if (absl::Status s = store->Init(); !s.ok()) return s;
   return store;
 }
 
-MetadataStore::~MetadataStore() {
+absl::Status SqliteMetadataStore::Init() {
+  absl::MutexLock lock(&mu_);
+  // WAL + synchronous=FULL: every commit is fsynced before it returns.
+  for (const char* pragma : {"PRAGMA journal_mode=WAL;", "PRAGMA synchronous=FULL;",
+                             "PRAGMA foreign_keys=ON;", kSchema}) {
+    if (absl::Status s = Exec(pragma); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+SqliteMetadataStore::~SqliteMetadataStore() {
   absl::MutexLock lock(&mu_);
   sqlite3_close(db_);
 }
 
-absl::Status MetadataStore::Exec(const char* sql) {
+absl::Status SqliteMetadataStore::Exec(const char* sql) {
   char* err = nullptr;
   if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
     std::string msg = err ? err : "unknown error";
@@ -166,7 +193,7 @@ absl::Status MetadataStore::Exec(const char* sql) {
   return absl::OkStatus();
 }
 
-absl::Status MetadataStore::Apply(const Mutation& m) {
+absl::Status SqliteMetadataStore::Apply(const Mutation& m) {
   for (const RingRecord& r : m.insert_rings) {
     auto stmt = Prepare(db_, absl::StrCat("INSERT INTO rings(", kRingColumns,
                                           ") VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)"));
@@ -245,7 +272,7 @@ absl::Status MetadataStore::Apply(const Mutation& m) {
   return absl::OkStatus();
 }
 
-absl::Status MetadataStore::Commit(const Mutation& mutation) {
+absl::Status SqliteMetadataStore::Commit(const Mutation& mutation) {
   absl::MutexLock lock(&mu_);
   if (absl::Status s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
   absl::Status s = Apply(mutation);
@@ -280,7 +307,7 @@ absl::Status MetadataStore::DeleteVersion(const std::string& ring, uint32_t vers
   return Commit(m);
 }
 
-absl::StatusOr<std::vector<RingRecord>> MetadataStore::LoadRings() {
+absl::StatusOr<std::vector<RingRecord>> SqliteMetadataStore::LoadRings() {
   absl::MutexLock lock(&mu_);
   auto stmt = Prepare(db_, absl::StrCat("SELECT ", kRingColumns, " FROM rings ORDER BY name"));
   if (!stmt.ok()) return stmt.status();
@@ -310,7 +337,7 @@ absl::StatusOr<std::vector<RingRecord>> MetadataStore::LoadRings() {
   return rings;
 }
 
-absl::StatusOr<std::vector<VersionRecord>> MetadataStore::LoadVersions() {
+absl::StatusOr<std::vector<VersionRecord>> SqliteMetadataStore::LoadVersions() {
   absl::MutexLock lock(&mu_);
   auto stmt = Prepare(
       db_, absl::StrCat("SELECT ", kVersionColumns, " FROM versions ORDER BY ring,version"));

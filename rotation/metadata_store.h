@@ -1,9 +1,9 @@
-// Durable metadata for rings and versions: SQLite in WAL mode with synchronous=FULL, so a
-// change is on disk before the call returns (and before custodyd acknowledges it).
+// Durable metadata for rings and versions. A change is durable before the call returns (and
+// before custodyd acknowledges it).
 //
 // Every mutation is one transaction: a rotation (two versions change state) is all or nothing.
-// Thread-safe (one connection behind a mutex; the store is read at startup and written on
-// admin operations and scheduled transitions only, never on the signing path).
+// The store is read at startup and written on admin operations and scheduled transitions only,
+// never on the signing path.
 #ifndef CUSTODY_ROTATION_METADATA_STORE_H_
 #define CUSTODY_ROTATION_METADATA_STORE_H_
 
@@ -11,13 +11,9 @@
 #include <string>
 #include <vector>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "rotation/key_ring.h"
-
-struct sqlite3;
 
 namespace custody::rotation {
 
@@ -29,20 +25,30 @@ struct Mutation {
   std::vector<VersionRecord> update_versions;  // by (ring, version)
   // (ring, version) pairs; a ring left with no version is deleted with its last version.
   std::vector<std::pair<std::string, uint32_t>> delete_versions;
+  // (ring, generation): a store shared between replicas commits only while each named ring is
+  // still at that generation (else ABORTED); the embedded store ignores it.
+  std::vector<std::pair<std::string, uint64_t>> expect_generations;
 };
 
+// The durable metadata of rings and versions. Two implementations: the embedded SQLite file
+// (Open, one custodyd process) and PostgreSQL (rotation/postgres_metadata_store.h, shared by any
+// number of replicas). Implementations are thread-safe.
 class MetadataStore {
  public:
-  // Opens (creating if needed) the database at `path` and applies the schema.
+  // Opens (creating if needed) the embedded SQLite database at `path` and applies the schema:
+  // WAL mode with synchronous=FULL, so a change is on disk before the call returns.
   static absl::StatusOr<std::unique_ptr<MetadataStore>> Open(const std::string& path);
-  ~MetadataStore();
+  virtual ~MetadataStore() = default;
   MetadataStore(const MetadataStore&) = delete;
   MetadataStore& operator=(const MetadataStore&) = delete;
 
   // Applies `mutation` in one transaction. ALREADY_EXISTS when an inserted ring name, version
   // number or object id is taken; NOT_FOUND when an updated row or the ring of an inserted
-  // version does not exist. Nothing is changed on error.
-  absl::Status Commit(const Mutation& mutation);
+  // version does not exist. A store shared between processes also refuses, ABORTED, a mutation
+  // that lost a race with another writer (a stale ring generation, a version number that is no
+  // longer the next one, a second ACTIVE version); UNAVAILABLE when it cannot be reached.
+  // Nothing is changed on error.
+  virtual absl::Status Commit(const Mutation& mutation) = 0;
 
   // Shorthands for single-row mutations.
   absl::Status InsertRingWithVersion(const RingRecord& ring, const VersionRecord& version);
@@ -50,16 +56,11 @@ class MetadataStore {
   absl::Status UpdateVersion(const VersionRecord& version);
   absl::Status DeleteVersion(const std::string& ring, uint32_t version);
 
-  absl::StatusOr<std::vector<RingRecord>> LoadRings();
-  absl::StatusOr<std::vector<VersionRecord>> LoadVersions();
+  virtual absl::StatusOr<std::vector<RingRecord>> LoadRings() = 0;
+  virtual absl::StatusOr<std::vector<VersionRecord>> LoadVersions() = 0;
 
- private:
-  explicit MetadataStore(sqlite3* db) : db_(db) {}
-  absl::Status Exec(const char* sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status Apply(const Mutation& mutation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-
-  absl::Mutex mu_;
-  sqlite3* db_ ABSL_GUARDED_BY(mu_);
+ protected:
+  MetadataStore() = default;
 };
 
 }  // namespace custody::rotation

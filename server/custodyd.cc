@@ -34,6 +34,7 @@
 #include "server/embedded_token.h"
 #include "server/grpc_services.h"
 #include "server/key_service.h"
+#include "server/metadata_backend.h"
 #include "server/request_guard.h"
 #include "server/unix_listener.h"
 
@@ -62,6 +63,15 @@ ABSL_FLAG(std::string, policy_file, "",
           "access policy (JSON; see README); default STATE_DIR/policy.json, created on first start "
           "granting the Unix-socket caller everything and JWKS to every authenticated caller");
 ABSL_FLAG(std::string, audit_dir, "", "audit log directory (default STATE_DIR/audit)");
+ABSL_FLAG(std::string, metadata, "",
+          "metadata store: empty = the embedded SQLite STATE_DIR/metadata.db; a postgresql:// URI "
+          "or the path of a file holding a libpq connection string (replicas sharing one "
+          "PostgreSQL; never a password)");
+ABSL_FLAG(std::string, metadata_password_file, "",
+          "file holding the PostgreSQL password (mode 0600 or 0400)");
+ABSL_FLAG(std::string, metadata_password_env, "CUSTODY_METADATA_PASSWORD",
+          "environment variable holding the PostgreSQL password when --metadata_password_file "
+          "is not given (else libpq's PGPASSFILE / ~/.pgpass)");
 ABSL_FLAG(bool, verbose, false, "debug logging");
 ABSL_FLAG(int, grpc_cqs, 0, "completion queues of the sync gRPC server (0: gRPC's default)");
 ABSL_FLAG(int, grpc_min_pollers, 0, "min polling threads per completion queue (0: default)");
@@ -243,8 +253,15 @@ int Run() {
   auto token = pkcs11::Token::Open(std::move(token_options));
   if (!token.ok()) return fail("startup.token", token.status());
 
-  auto store = rotation::MetadataStore::Open(state_dir + "/metadata.db");
-  if (!store.ok()) return fail("startup.metadata", store.status());
+  MetadataBackendOptions metadata_options;
+  metadata_options.spec = absl::GetFlag(FLAGS_metadata);
+  metadata_options.state_dir = state_dir;
+  metadata_options.password_file = absl::GetFlag(FLAGS_metadata_password_file);
+  metadata_options.password_env = absl::GetFlag(FLAGS_metadata_password_env);
+  auto metadata = OpenMetadataBackend(metadata_options);
+  if (!metadata.ok()) return fail("startup.metadata", metadata.status());
+  Log(LogLevel::kInfo, "metadata.opened", {{"store", metadata->describe}});
+  rotation::MetadataStore* store = metadata->store.get();
 
   std::string policy_path = absl::GetFlag(FLAGS_policy_file);
   if (policy_path.empty()) {
@@ -264,7 +281,7 @@ int Run() {
 
   KeyService::Options key_options;
   key_options.max_payload_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_max_payload_bytes));
-  auto keys = KeyService::Create(token->get(), store->get(), key_options);
+  auto keys = KeyService::Create(token->get(), store, key_options);
   if (!keys.ok()) return fail("startup.reconcile", keys.status());
 
   const int max_batch_items = absl::GetFlag(FLAGS_max_batch_items);

@@ -13,6 +13,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "rotation/key_ring.h"
 
 namespace custody::rotation {
@@ -58,6 +60,14 @@ class MetadataStore {
 
   virtual absl::StatusOr<std::vector<RingRecord>> LoadRings() = 0;
   virtual absl::StatusOr<std::vector<VersionRecord>> LoadVersions() = 0;
+
+  // Blocks until another writer may have committed a change (true), or `timeout` passes
+  // (false). A store only one process writes never reports a change. UNAVAILABLE when the
+  // store cannot be reached. Call from one thread at a time.
+  virtual absl::StatusOr<bool> WaitForChange(absl::Duration timeout) {
+    absl::SleepFor(timeout);
+    return false;
+  }
 
  protected:
   MetadataStore() = default;

@@ -1,6 +1,7 @@
 #include "rotation/postgres_metadata_store.h"
 
 #include <libpq-fe.h>
+#include <poll.h>
 
 #include <algorithm>
 #include <map>
@@ -287,7 +288,9 @@ absl::Status CheckConninfo(const std::string& conninfo) {
 }
 
 PostgresMetadataStore::PostgresMetadataStore(Options options)
-    : options_(std::move(options)), conn_(std::make_unique<Connection>()) {}
+    : options_(std::move(options)),
+      conn_(std::make_unique<Connection>()),
+      listen_conn_(std::make_unique<Connection>()) {}
 
 PostgresMetadataStore::~PostgresMetadataStore() = default;
 
@@ -595,6 +598,47 @@ absl::StatusOr<std::vector<VersionRecord>> PostgresMetadataStore::LoadVersions()
     versions.push_back(std::move(v));
   }
   return versions;
+}
+
+absl::StatusOr<bool> PostgresMetadataStore::WaitForChange(absl::Duration timeout) {
+  Connection& c = *listen_conn_;
+  absl::MutexLock lock(&c.mu);
+  if (c.conn == nullptr || PQstatus(c.conn) != CONNECTION_OK) {
+    if (absl::Status s = c.Connect(options_); !s.ok()) {
+      absl::SleepFor(std::min(timeout, absl::Milliseconds(200)));
+      s.ErasePayload(kRetryPayload);
+      return s;
+    }
+    auto listened = c.Exec(absl::StrCat("LISTEN ", kNotifyChannel), {});
+    if (!listened.ok()) {
+      absl::Status s = listened.status();
+      s.ErasePayload(kRetryPayload);
+      return s;
+    }
+    return true;  // anything committed while not listening is unknown: re-read
+  }
+  auto drain = [&]() {
+    bool any = false;
+    while (PGnotify* n = PQnotifies(c.conn)) {
+      any = true;
+      PQfreemem(n);
+    }
+    return any;
+  };
+  auto broken = [&]() {
+    absl::Status s = absl::UnavailableError(
+        absl::StrCat("metadata store unreachable: ", Trim(PQerrorMessage(c.conn))));
+    PQfinish(c.conn);
+    c.conn = nullptr;
+    return s;
+  };
+  if (PQconsumeInput(c.conn) == 0) return broken();
+  if (drain()) return true;
+  pollfd fd{PQsocket(c.conn), POLLIN, 0};
+  int ready = poll(&fd, 1, static_cast<int>(absl::ToInt64Milliseconds(timeout)));
+  if (ready <= 0) return false;
+  if (PQconsumeInput(c.conn) == 0) return broken();
+  return drain();
 }
 
 }  // namespace custody::rotation

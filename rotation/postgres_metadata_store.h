@@ -53,6 +53,9 @@ class PostgresMetadataStore : public MetadataStore {
   absl::Status Commit(const Mutation& mutation) override;
   absl::StatusOr<std::vector<RingRecord>> LoadRings() override;
   absl::StatusOr<std::vector<VersionRecord>> LoadVersions() override;
+  // LISTEN custody_metadata on a second connection. True on a notification, and after
+  // (re)connecting that connection (notifications may have been missed meanwhile).
+  absl::StatusOr<bool> WaitForChange(absl::Duration timeout) override;
 
   // The schema version this binary migrates to.
   static int LatestSchemaVersion();
@@ -69,6 +72,7 @@ class PostgresMetadataStore : public MetadataStore {
 
   Options options_;
   std::unique_ptr<Connection> conn_;
+  std::unique_ptr<Connection> listen_conn_;
 };
 
 // True when `spec` names a PostgreSQL store (postgresql:// or postgres:// URI).

@@ -281,6 +281,7 @@ int Run() {
 
   KeyService::Options key_options;
   key_options.max_payload_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_max_payload_bytes));
+  key_options.shared_store = metadata->shared;
   auto keys = KeyService::Create(token->get(), store, key_options);
   if (!keys.ok()) return fail("startup.reconcile", keys.status());
 

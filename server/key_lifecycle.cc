@@ -108,12 +108,25 @@ void KeyService::Publish(std::shared_ptr<const Ring> ring) {
 absl::StatusOr<std::shared_ptr<const KeyService::Ring>> KeyService::MutateRing(
     const std::string& name,
     const std::function<absl::Status(Ring&, rotation::Mutation&)>& change) {
-  auto current = FindRing(name);
-  if (!current.ok()) return current.status();
-  Ring ring = **current;
-  rotation::Mutation mutation;
-  if (absl::Status s = change(ring, mutation); !s.ok()) return s;
-  if (absl::Status s = store_->Commit(mutation); !s.ok()) return s;
+  Ring ring;
+  // With a shared store the commit is conditional on the ring's generation; when another
+  // replica changed the ring meanwhile, re-read it and apply `change` again (it re-checks its
+  // preconditions on the new state).
+  for (int attempt = 0;; ++attempt) {
+    auto current = FindRing(name);
+    if (!current.ok()) return current.status();
+    ring = **current;
+    rotation::Mutation mutation;
+    if (absl::Status s = change(ring, mutation); !s.ok()) return s;
+    if (options_.shared_store)
+      mutation.expect_generations.emplace_back(name, ring.record.generation);
+    absl::Status s = store_->Commit(mutation);
+    if (s.ok()) break;
+    if (!options_.shared_store || !absl::IsAborted(s) || attempt == 2) return s;
+    Log(LogLevel::kInfo, "replica.retry", {{"ring", name}, {"reason", std::string(s.message())}});
+    if (absl::Status r = RefreshLocked(); !r.ok()) return r;
+  }
+  if (options_.shared_store) ++ring.record.generation;
   ring.Reindex();
   auto snapshot = std::make_shared<const Ring>(std::move(ring));
   Publish(snapshot);
@@ -141,7 +154,25 @@ absl::StatusOr<uint32_t> KeyService::AddVersion(const std::string& name, Activat
   record.state = VersionState::kCreating;
   record.create_time = NowMs();
   // 1. Durable intent; 2. the key in the token; 3. one commit that publishes (and activates).
-  if (absl::Status s = store_->InsertVersion(record); !s.ok()) return s;
+  for (int attempt = 0;; ++attempt) {
+    rotation::Mutation intent;
+    intent.insert_versions.push_back(record);
+    if (options_.shared_store) {
+      intent.expect_generations.emplace_back(name, (*base)->record.generation);
+    }
+    absl::Status s = store_->Commit(intent);
+    if (s.ok()) break;
+    if (!options_.shared_store || !absl::IsAborted(s) || attempt == 2) return s;
+    // Another replica changed the ring: take its next number.
+    if (absl::Status r = RefreshLocked(); !r.ok()) return r;
+    base = FindRing(name);
+    if (!base.ok()) return base.status();
+    next = record.version + 1;
+    for (const Version& v : (*base)->versions) next = std::max(next, v.record.version + 1);
+    record.version = next;
+    record.object_label = absl::StrCat(rotation::kObjectLabelPrefix, name, "/v", next);
+  }
+  BumpGeneration(name, 1);
   auto created = MaterializeVersion(**base, record, nullptr);
   if (!created.ok()) {
     RollBackVersion(record);
@@ -273,6 +304,7 @@ absl::StatusOr<v1::KeyRing> KeyService::UpdateRotationPolicy(
       request.policy().retain_ms(), request.policy().destroy_delay_ms()};
   if (absl::Status s = rotation::ValidatePolicy(policy); !s.ok()) return s;
   absl::MutexLock admin(&admin_mu_);
+  if (absl::Status s = SyncShared(); !s.ok()) return s;
   auto updated = MutateRing(request.ring(), [&](Ring& ring, rotation::Mutation& m) {
     ring.record.policy = policy;
     ring.record.policy_explicit = true;
@@ -351,11 +383,13 @@ absl::StatusOr<v1::RotateKeyRingResponse> KeyService::RotateLocked(const std::st
 absl::StatusOr<v1::RotateKeyRingResponse> KeyService::RotateKeyRing(
     const v1::RotateKeyRingRequest& request) {
   absl::MutexLock admin(&admin_mu_);
+  if (absl::Status s = SyncShared(); !s.ok()) return s;
   return RotateLocked(request.ring(), request.force());
 }
 
 absl::StatusOr<v1::KeyRing> KeyService::DisableKeyVersion(const v1::KeyVersionRequest& request) {
   absl::MutexLock admin(&admin_mu_);
+  if (absl::Status s = SyncShared(); !s.ok()) return s;
   auto ring = MutateRing(request.ring(), [&](Ring& r, rotation::Mutation& m) -> absl::Status {
     Version* v = r.Find(request.version());
     if (v == nullptr) return VersionNotFound(request.ring(), request.version());
@@ -380,6 +414,7 @@ absl::StatusOr<v1::KeyRing> KeyService::DisableKeyVersion(const v1::KeyVersionRe
 
 absl::StatusOr<v1::KeyRing> KeyService::EnableKeyVersion(const v1::KeyVersionRequest& request) {
   absl::MutexLock admin(&admin_mu_);
+  if (absl::Status s = SyncShared(); !s.ok()) return s;
   auto ring = MutateRing(request.ring(), [&](Ring& r, rotation::Mutation& m) -> absl::Status {
     Version* v = r.Find(request.version());
     if (v == nullptr) return VersionNotFound(request.ring(), request.version());
@@ -410,6 +445,7 @@ absl::StatusOr<v1::KeyRing> KeyService::EnableKeyVersion(const v1::KeyVersionReq
 absl::StatusOr<v1::KeyRing> KeyService::ScheduleKeyVersionDestruction(
     const v1::KeyVersionRequest& request) {
   absl::MutexLock admin(&admin_mu_);
+  if (absl::Status s = SyncShared(); !s.ok()) return s;
   int64_t destroy_after = 0;
   auto ring = MutateRing(request.ring(), [&](Ring& r, rotation::Mutation& m) -> absl::Status {
     Version* v = r.Find(request.version());
@@ -441,6 +477,7 @@ absl::StatusOr<v1::KeyRing> KeyService::ScheduleKeyVersionDestruction(
 absl::StatusOr<v1::KeyRing> KeyService::CancelKeyVersionDestruction(
     const v1::KeyVersionRequest& request) {
   absl::MutexLock admin(&admin_mu_);
+  if (absl::Status s = SyncShared(); !s.ok()) return s;
   auto ring = MutateRing(request.ring(), [&](Ring& r, rotation::Mutation& m) -> absl::Status {
     Version* v = r.Find(request.version());
     if (v == nullptr) return VersionNotFound(request.ring(), request.version());
@@ -462,6 +499,7 @@ absl::StatusOr<v1::KeyRing> KeyService::CancelKeyVersionDestruction(
 absl::StatusOr<v1::KeyRing> KeyService::CompromiseKeyVersion(
     const v1::CompromiseKeyVersionRequest& request) {
   absl::MutexLock admin(&admin_mu_);
+  if (absl::Status s = SyncShared(); !s.ok()) return s;
   auto ring = FindRing(request.ring());
   if (!ring.ok()) return ring.status();
   const Version* v = (*ring)->Find(request.version());
@@ -510,6 +548,10 @@ absl::StatusOr<v1::KeyRing> KeyService::CompromiseKeyVersion(
 }
 
 int64_t KeyService::RunDueTransitions() {
+  if (options_.shared_store) {
+    absl::MutexLock admin(&admin_mu_);
+    if (absl::Status s = SyncShared(); !s.ok()) return NowMs() + 5000;
+  }
   std::vector<std::string> names;
   {
     absl::ReaderMutexLock lock(&mu_);

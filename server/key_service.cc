@@ -27,6 +27,10 @@ using rotation::VersionState;
 
 int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
 
+// With a shared store, a CREATING version younger than this may be another replica's creation
+// in flight: startup reconciliation leaves it alone (an older one was abandoned by a crash).
+constexpr int64_t kInFlightCreationMs = 10 * 60 * 1000;
+
 absl::StatusOr<std::string> NewObjectId() {
   unsigned char id[16];
   if (RAND_bytes(id, sizeof(id)) != 1) return absl::InternalError("RAND_bytes failed");
@@ -185,6 +189,10 @@ absl::StatusOr<std::unique_ptr<KeyService>> KeyService::Create(pkcs11::Token* to
     KeyService* raw = service.get();
     service->scheduler_ = std::thread([raw] { raw->SchedulerLoop(); });
   }
+  if (options.shared_store) {
+    KeyService* raw = service.get();
+    service->follower_ = std::thread([raw] { raw->FollowLoop(); });
+  }
   return service;
 }
 
@@ -207,6 +215,7 @@ void KeyService::StopScheduler() {
     scheduler_wake_.SignalAll();
   }
   if (scheduler_.joinable()) scheduler_.join();
+  if (follower_.joinable()) follower_.join();
 }
 
 absl::StatusOr<VersionRecord> KeyService::CompleteVersion(VersionRecord record,
@@ -271,6 +280,10 @@ absl::Status KeyService::Load() {
     std::string raw_id = absl::HexStringToBytes(v.object_id);
     bool present = private_ids.count(v.object_id) > 0;
 
+    if (v.state == VersionState::kCreating && options_.shared_store &&
+        NowMs() - v.create_time < kInFlightCreationMs) {
+      continue;  // another replica may be generating this key right now
+    }
     if (v.state == VersionState::kCreating) {
       // Crash between the metadata intent and the end of key generation. A kill inside
       // C_GenerateKeyPair can leave half a pair (SoftHSM2 writes the two objects one after the
@@ -467,6 +480,7 @@ absl::StatusOr<v1::KeyRing> KeyService::CreateKeyRing(const v1::CreateKeyRingReq
   }
 
   absl::MutexLock admin(&admin_mu_);
+  if (absl::Status s = SyncShared(); !s.ok()) return s;
   {
     absl::MutexLock lock(&mu_);
     if (rings_.count(request.name()) > 0) {
@@ -504,6 +518,7 @@ absl::StatusOr<v1::KeyRing> KeyService::CreateKeyRing(const v1::CreateKeyRingReq
   }
   ring.versions.push_back(*std::move(created));
   ring.active = 0;
+  if (options_.shared_store) ring.record.generation = 2;  // the intent and the activation
   auto snapshot = std::make_shared<const Ring>(std::move(ring));
   Publish(snapshot);
   Log(LogLevel::kInfo, "ring.created",
@@ -534,6 +549,7 @@ absl::StatusOr<v1::KeyRing> KeyService::ImportKeyVersion(
   if (!imported.ok()) return imported.status();
 
   absl::MutexLock admin(&admin_mu_);
+  if (absl::Status s = SyncShared(); !s.ok()) return s;
   // Re-read under the admin lock: the snapshot we extend must be the latest.
   auto current = FindRing(request.ring());
   if (!current.ok()) return current.status();
@@ -575,6 +591,7 @@ absl::StatusOr<v1::KeyRing> KeyService::ImportKeyVersion(
   }
   Ring ring = base;
   ring.versions.push_back(*std::move(created));
+  if (options_.shared_store) ring.record.generation += 2;  // the intent and the completion
   auto snapshot = std::make_shared<const Ring>(std::move(ring));
   Publish(snapshot);
   Log(LogLevel::kInfo, "version.imported",

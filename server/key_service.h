@@ -22,6 +22,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "custody/v1/custody.pb.h"
 #include "pkcs11/token.h"
 #include "rotation/metadata_store.h"
@@ -36,6 +37,11 @@ class KeyService {
     size_t max_payload_bytes = 256 * 1024;
     size_t max_extra_header_bytes = 4 * 1024;
     bool run_scheduler = true;  // the thread that performs due lifecycle transitions
+    // The store is shared with other replicas (PostgreSQL): a follower thread re-reads it on
+    // each change notification and at least every `refresh_interval`, and startup leaves
+    // young CREATING versions (another replica's creation in flight) alone.
+    bool shared_store = false;
+    absl::Duration refresh_interval = absl::Seconds(5);
   };
 
   // Loads rings from `store`, resolves every version's token object once, and reconciles:
@@ -91,6 +97,12 @@ class KeyService {
   // ACTIVE first). Parse errors name the part; every later failure is INVALID_ARGUMENT
   // "decryption failed".
   absl::StatusOr<v1::DecryptJweResponse> DecryptJwe(const v1::DecryptJweRequest& request) const;
+
+  // Replicas (server/replica_sync.cc): re-reads the store and publishes every ring whose
+  // generation moved: new snapshots (JWKS generation, WatchJwks streams), versions another
+  // replica created resolved in the token by CKA_ID, rings another replica removed dropped.
+  // CREATING versions are not shown until they complete. Serialized with admin operations.
+  absl::Status Refresh();
 
  private:
   struct Version {
@@ -163,6 +175,20 @@ class KeyService {
   // Carries out every due transition once; returns the next due time (Unix ms, 0 = none).
   int64_t RunDueTransitions();
   void SchedulerLoop();
+  // Waits for change notifications and calls Refresh (shared stores).
+  void FollowLoop();
+  // Refresh's work; the status of reading the store (token trouble with one version is logged
+  // and retried at the next refresh). Pokes the scheduler when a ring changed.
+  absl::Status RefreshLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
+  // With a shared store, every admin operation starts from the store's latest state (another
+  // replica may have changed the ring): RefreshLocked. OK at once with the embedded store.
+  absl::Status SyncShared() ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
+  // Records in the ring's snapshot that `commits` more commits moved its generation (shared
+  // stores), so that the next conditional commit of this operation expects the right one.
+  void BumpGeneration(const std::string& name, uint64_t commits)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
+  // Drops a ring another replica removed from the in-memory map.
+  void Unpublish(const std::string& name);
 
   pkcs11::Token* const token_;
   rotation::MetadataStore* const store_;
@@ -197,6 +223,7 @@ class KeyService {
   bool scheduler_stop_ ABSL_GUARDED_BY(scheduler_mu_) = false;
   bool scheduler_poke_ ABSL_GUARDED_BY(scheduler_mu_) = false;
   std::thread scheduler_;
+  std::thread follower_;
 };
 
 }  // namespace custody::server

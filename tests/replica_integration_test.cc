@@ -4,8 +4,14 @@
 // custody's jose/).
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <functional>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -43,6 +49,78 @@ class ClusterEnvironment : public ::testing::Environment {
 
 ::testing::Environment* const environment =
     ::testing::AddGlobalTestEnvironment(new ClusterEnvironment);
+
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+
+using Clock = std::chrono::steady_clock;
+
+double MsSince(Clock::time_point from, Clock::time_point to) {
+  return std::chrono::duration<double, std::milli>(to - from).count();
+}
+
+double Percentile(std::vector<double> v, double p) {
+  std::sort(v.begin(), v.end());
+  size_t i =
+      std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size() - 1) + 0.5));
+  return v[i];
+}
+
+// Reads a WatchJwks stream on its own thread and lets the test wait for a pushed JWKS that
+// satisfies a predicate, with the time it arrived.
+class JwksWatcher {
+ public:
+  JwksWatcher(Custodyd& d) {
+    reader_ = d.signer().WatchJwks(&ctx_, v1::WatchJwksRequest());
+    thread_ = std::thread([this] {
+      v1::GetJwksResponse msg;
+      while (reader_->Read(&msg)) {
+        std::lock_guard<std::mutex> lock(mu_);
+        pushes_.push_back({Clock::now(), msg.jwks()});
+        cv_.notify_all();
+      }
+    });
+  }
+  ~JwksWatcher() {
+    ctx_.TryCancel();
+    thread_.join();
+  }
+  // The arrival time of the first push after `from` (index into pushes) satisfying `pred`;
+  // nullopt after `timeout`. *next receives the index after it.
+  std::optional<Clock::time_point> WaitFor(size_t from,
+                                           const std::function<bool(const std::string&)>& pred,
+                                           std::chrono::milliseconds timeout, size_t* next) {
+    std::unique_lock<std::mutex> lock(mu_);
+    auto deadline = Clock::now() + timeout;
+    size_t i = from;
+    for (;;) {
+      for (; i < pushes_.size(); ++i) {
+        if (pred(pushes_[i].second)) {
+          *next = i + 1;
+          return pushes_[i].first;
+        }
+      }
+      if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && i == pushes_.size()) {
+        return std::nullopt;
+      }
+    }
+  }
+  size_t count() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return pushes_.size();
+  }
+
+ private:
+  grpc::ClientContext ctx_;
+  std::unique_ptr<grpc::ClientReader<v1::GetJwksResponse>> reader_;
+  std::thread thread_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::pair<Clock::time_point, std::string>> pushes_;
+};
 
 void SetDeadline(grpc::ClientContext* ctx, std::chrono::milliseconds timeout = 10s) {
   ctx->set_deadline(std::chrono::system_clock::now() + timeout);
@@ -89,8 +167,55 @@ class ReplicaTest : public ::testing::Test {
     return resp.jwks();
   }
 
+  // Replica 0 bootstraps the embedded SoftHSM2 token under its state directory; the others
+  // load the same module on the same token directory (SOFTHSM2_CONF) with the same PIN.
+  void StartReplicas(int n) {
+    for (int i = 0; i < n; ++i) dirs_.push_back(std::make_unique<TempDir>());
+    const std::string first = dirs_[0]->path();
+    replicas_.push_back(std::make_unique<Custodyd>(first, MetadataFlags()));
+    ASSERT_TRUE(replicas_[0]->started()) << replicas_[0]->log();
+    for (int i = 1; i < n; ++i) {
+      std::vector<std::string> flags = MetadataFlags();
+      flags.push_back("--pkcs11_module=/usr/lib/softhsm/libsofthsm2.so");
+      flags.push_back("--token_label=custody");
+      flags.push_back("--pin_file=" + first + "/pin");
+      replicas_.push_back(std::make_unique<Custodyd>(
+          dirs_[i]->path(), flags,
+          Custodyd::Environment{{"SOFTHSM2_CONF=" + first + "/softhsm2.conf"}}));
+      ASSERT_TRUE(replicas_.back()->started()) << replicas_.back()->log();
+    }
+  }
+  Custodyd& replica(int i) { return *replicas_[static_cast<size_t>(i)]; }
+
   std::string db_;
+  std::vector<std::unique_ptr<TempDir>> dirs_;
+  std::vector<std::unique_ptr<Custodyd>> replicas_;
 };
+
+// Polls SignJws on `d` until it succeeds with a kid other than `not_kid`; the signature.
+std::optional<v1::SignJwsResponse> SignWhenReady(Custodyd& d, const std::string& ring,
+                                                 const std::string& not_kid,
+                                                 std::chrono::milliseconds timeout) {
+  auto deadline = Clock::now() + timeout;
+  while (Clock::now() < deadline) {
+    v1::SignJwsRequest req;
+    req.set_ring(ring);
+    req.set_payload("p");
+    v1::SignJwsResponse resp;
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    if (d.signer().SignJws(&ctx, req, &resp).ok() && resp.kid() != not_kid) return resp;
+    std::this_thread::sleep_for(2ms);
+  }
+  return std::nullopt;
+}
+
+std::string ActiveKid(const v1::KeyRing& ring) {
+  for (const v1::KeyVersion& v : ring.versions()) {
+    if (v.state() == v1::ACTIVE) return v.kid();
+  }
+  return "";
+}
 
 TEST_F(ReplicaTest, CustodydOnPostgresKeepsRingsAcrossRestart) {
   TempDir dir;
@@ -150,6 +275,134 @@ TEST_F(ReplicaTest, ConninfoFileAndPasswordFromEnvironment) {
   grpc::Status s = CreateEs256(d, "a/b", &ring);
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_EQ(d.log().find(cluster->password()), std::string::npos);
+}
+
+// A ring created on A signs on B and C (the version found in the shared token by CKA_ID, no
+// restart); a forced rotation on B is pushed to a WatchJwks stream on C; a compromise on A stops
+// the compromised key signing on B and C. Every signature verifies against A's JWKS.
+TEST_F(ReplicaTest, ChangesOnOneReplicaReachTheOthers) {
+  StartReplicas(3);
+  v1::KeyRing ring;
+  auto created_at = Clock::now();
+  grpc::Status s = CreateEs256(replica(0), "op/id-token", &ring);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  const std::string kid1 = ring.versions(0).kid();
+  for (int i = 1; i < 3; ++i) {
+    auto signed_jws = SignWhenReady(replica(i), "op/id-token", "", 5s);
+    ASSERT_TRUE(signed_jws.has_value()) << "replica " << i << " never signed\n" << replica(i).log();
+    std::printf("ring created on A signs on replica %d after %.1f ms\n", i,
+                MsSince(created_at, Clock::now()));
+    std::string error;
+    JwsKeys keys = JwsKeysOf(Jwks(replica(0)), &error);
+    ASSERT_EQ(error, "");
+    std::string kid;
+    EXPECT_EQ(VerifyJws(keys, signed_jws->jws(), &kid), "");
+    EXPECT_EQ(kid, kid1);
+  }
+
+  // A forced rotation on B: C's WatchJwks (of every ring, which now includes this one) pushes
+  // the new key.
+  JwksWatcher watch_c(replica(2));
+  v1::RotateKeyRingRequest rotate;
+  rotate.set_ring("op/id-token");
+  rotate.set_force(true);
+  v1::RotateKeyRingResponse rotated;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  size_t from = watch_c.count();
+  s = replica(1).admin().RotateKeyRing(&ctx, rotate, &rotated);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  const std::string kid2 = ActiveKid(rotated.ring());
+  ASSERT_NE(kid2, kid1);
+  size_t next = 0;
+  auto pushed = watch_c.WaitFor(
+      from, [&](const std::string& jwks) { return jwks.find(kid2) != std::string::npos; }, 5s,
+      &next);
+  ASSERT_TRUE(pushed.has_value()) << replica(2).log();
+  auto on_c = SignWhenReady(replica(2), "op/id-token", kid1, 5s);
+  ASSERT_TRUE(on_c.has_value());
+  EXPECT_EQ(on_c->kid(), kid2);
+
+  // Compromise the ACTIVE version on A: it stops signing on B and C.
+  v1::CompromiseKeyVersionRequest compromise;
+  compromise.set_ring("op/id-token");
+  compromise.set_version(rotated.ring().versions_size() > 0 ? [&] {
+    for (const v1::KeyVersion& v : rotated.ring().versions()) {
+      if (v.kid() == kid2) return v.version();
+    }
+    return 0u;
+  }() : 0u);
+  v1::KeyRing after;
+  grpc::ClientContext cctx;
+  SetDeadline(&cctx);
+  auto compromised_at = Clock::now();
+  s = replica(0).admin().CompromiseKeyVersion(&cctx, compromise, &after);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  for (int i = 1; i < 3; ++i) {
+    auto signed_jws = SignWhenReady(replica(i), "op/id-token", kid2, 5s);
+    ASSERT_TRUE(signed_jws.has_value()) << replica(i).log();
+    const double ms = MsSince(compromised_at, Clock::now());
+    std::printf("compromised key stopped signing on replica %d after %.1f ms\n", i, ms);
+    EXPECT_LT(ms, 1000);
+    EXPECT_EQ(signed_jws->kid(), ActiveKid(after));
+  }
+}
+
+// Propagation time of >= 100 published-key-set changes made on A and B, seen in C's WatchJwks:
+// a PENDING version disabled (its kid leaves the JWKS) and enabled again (it comes back). Each
+// latency runs from just before the lifecycle call is sent to the push's arrival.
+TEST_F(ReplicaTest, PropagationTimeOfJwksChanges) {
+  StartReplicas(3);
+  const int kChanges = kSanitized ? 30 : 120;
+  v1::KeyRing ring;
+  ASSERT_TRUE(CreateEs256(replica(0), "op/jwks", &ring).ok());
+  v1::RotateKeyRingRequest prepare;
+  prepare.set_ring("op/jwks");
+  v1::RotateKeyRingResponse prepared;
+  grpc::ClientContext pctx;
+  SetDeadline(&pctx);
+  ASSERT_TRUE(replica(0).admin().RotateKeyRing(&pctx, prepare, &prepared).ok());
+  uint32_t pending = 0;
+  std::string pending_kid;
+  for (const v1::KeyVersion& v : prepared.ring().versions()) {
+    if (v.state() == v1::PENDING) {
+      pending = v.version();
+      pending_kid = v.kid();
+    }
+  }
+  ASSERT_NE(pending, 0u);
+  JwksWatcher watch_c(replica(2));
+  std::vector<double> latencies;
+  for (int i = 0; i < kChanges; ++i) {
+    const bool disable = i % 2 == 0;
+    v1::KeyVersionRequest req;
+    req.set_ring("op/jwks");
+    req.set_version(pending);
+    v1::KeyRing reply;
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    size_t from = watch_c.count();
+    Custodyd& writer = replica(i % 4 < 2 ? 0 : 1);
+    auto sent = Clock::now();
+    grpc::Status s = disable ? writer.admin().DisableKeyVersion(&ctx, req, &reply)
+                             : writer.admin().EnableKeyVersion(&ctx, req, &reply);
+    ASSERT_TRUE(s.ok()) << i << ": " << s.error_message();
+    size_t next = 0;
+    auto pushed = watch_c.WaitFor(
+        from,
+        [&](const std::string& jwks) {
+          return (jwks.find(pending_kid) == std::string::npos) == disable;
+        },
+        5s, &next);
+    ASSERT_TRUE(pushed.has_value()) << "change " << i << " never reached C";
+    latencies.push_back(std::max(0.0, MsSince(sent, *pushed)));
+  }
+  const double p50 = Percentile(latencies, 0.5), p99 = Percentile(latencies, 0.99);
+  std::printf("JWKS propagation over %d changes: p50 %.1f ms, p99 %.1f ms, max %.1f ms\n", kChanges,
+              p50, p99, Percentile(latencies, 1.0));
+  RecordProperty("propagation_p50_ms", static_cast<int>(p50));
+  RecordProperty("propagation_p99_ms", static_cast<int>(p99));
+  EXPECT_LT(p99, 1000);
 }
 
 }  // namespace

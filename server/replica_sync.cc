@@ -1,0 +1,160 @@
+// KeyService, part three: following the changes other replicas commit to a shared metadata
+// store. Signing and decryption never read the store; they read the snapshots this keeps up to
+// date, so a change reaches the request path through the same snapshot swap a local change
+// uses (JWKS generation, WatchJwks wake-up).
+#include <algorithm>
+#include <map>
+#include <set>
+#include <utility>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/log.h"
+#include "server/key_service.h"
+
+namespace custody::server {
+
+using rotation::VersionRecord;
+using rotation::VersionState;
+
+void KeyService::Unpublish(const std::string& name) {
+  absl::MutexLock lock(&mu_);
+  if (rings_.erase(name) > 0) {
+    ++jwks_generation_;
+    jwks_changed_.SignalAll();
+  }
+}
+
+absl::Status KeyService::Refresh() {
+  absl::MutexLock admin(&admin_mu_);
+  return RefreshLocked();
+}
+
+absl::Status KeyService::SyncShared() {
+  if (!options_.shared_store) return absl::OkStatus();
+  return RefreshLocked();
+}
+
+void KeyService::BumpGeneration(const std::string& name, uint64_t commits) {
+  if (!options_.shared_store) return;
+  auto current = FindRing(name);
+  if (!current.ok()) return;
+  Ring ring = **current;
+  ring.record.generation += commits;
+  Publish(std::make_shared<const Ring>(std::move(ring)));
+}
+
+absl::Status KeyService::RefreshLocked() {
+  auto ring_records = store_->LoadRings();
+  if (!ring_records.ok()) return ring_records.status();
+  auto version_records = store_->LoadVersions();
+  if (!version_records.ok()) return version_records.status();
+  std::map<std::string, std::vector<VersionRecord>> versions_by_ring;
+  for (VersionRecord& v : *version_records) versions_by_ring[v.ring].push_back(std::move(v));
+  std::map<std::string, std::shared_ptr<const Ring>> current;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    current = rings_;
+  }
+  bool changed = false;
+  std::set<std::string> seen;
+  for (rotation::RingRecord& record : *ring_records) {
+    seen.insert(record.name);
+    auto it = current.find(record.name);
+    const Ring* old = it == current.end() ? nullptr : it->second.get();
+    if (old != nullptr && old->record.generation == record.generation) continue;
+    Ring ring;
+    ring.record = std::move(record);
+    if (absl::Status s = ResolveProfile(ring); !s.ok()) {
+      Log(LogLevel::kError, "replica.invalid_ring",
+          {{"ring", ring.record.name}, {"error", std::string(s.message())}});
+      continue;
+    }
+    bool complete = true;
+    for (VersionRecord& v : versions_by_ring[ring.record.name]) {
+      if (v.state == VersionState::kCreating) continue;  // shown once it completes
+      Version version{std::move(v), nullptr, false};
+      if (version.record.state != VersionState::kDestroyed &&
+          version.record.state != VersionState::kDestroying) {
+        // The handle this replica already holds, else the object by its CKA_ID: a version
+        // another replica created is found in the shared token on first sight.
+        const Version* known = nullptr;
+        if (old != nullptr) {
+          for (const Version& o : old->versions) {
+            if (o.record.object_id == version.record.object_id && o.key != nullptr) known = &o;
+          }
+        }
+        if (known != nullptr) {
+          version.key = known->key;
+        } else {
+          auto key = token_->FindKeyPair(absl::HexStringToBytes(version.record.object_id));
+          if (key.ok()) {
+            version.key = *std::move(key);
+          } else if (absl::IsNotFound(key.status())) {
+            version.object_missing = true;
+            Log(LogLevel::kError, "replica.object_missing",
+                {{"ring", version.record.ring},
+                 {"version", absl::StrCat(version.record.version)},
+                 {"object_id", version.record.object_id}});
+          } else {
+            // Token trouble: publish what is known and try this ring again next time.
+            complete = false;
+            Log(LogLevel::kError, "replica.object_unresolved",
+                {{"ring", version.record.ring},
+                 {"version", absl::StrCat(version.record.version)},
+                 {"error", std::string(key.status().message())}});
+          }
+        }
+      }
+      ring.versions.push_back(std::move(version));
+    }
+    if (ring.versions.empty()) continue;  // its first version is still being created
+    if (!complete) ring.record.generation = ~uint64_t{0};
+    ring.Reindex();
+    const std::string name = ring.record.name;
+    const size_t count = ring.versions.size();
+    Publish(std::make_shared<const Ring>(std::move(ring)));
+    changed = true;
+    Log(LogLevel::kDebug, "replica.ring_refreshed",
+        {{"ring", name}, {"versions", absl::StrCat(count)}});
+  }
+  for (const auto& [name, ring] : current) {
+    if (seen.count(name) == 0) {
+      Unpublish(name);
+      changed = true;
+      Log(LogLevel::kInfo, "replica.ring_removed", {{"ring", name}});
+    }
+  }
+  if (changed) {
+    absl::MutexLock lock(&scheduler_mu_);  // due times may have moved
+    scheduler_poke_ = true;
+    scheduler_wake_.SignalAll();
+  }
+  return absl::OkStatus();
+}
+
+void KeyService::FollowLoop() {
+  absl::Time last_refresh = absl::Now();
+  bool healthy = true;
+  for (;;) {
+    {
+      absl::MutexLock lock(&scheduler_mu_);
+      if (scheduler_stop_) return;
+    }
+    // Short waits, so that StopScheduler is not kept waiting.
+    auto changed = store_->WaitForChange(absl::Milliseconds(250));
+    const bool due = absl::Now() - last_refresh >= options_.refresh_interval;
+    if (changed.ok() && !*changed && !due) continue;
+    absl::Status s = changed.ok() ? Refresh() : changed.status();
+    if (s.ok()) last_refresh = absl::Now();
+    if (s.ok() != healthy) {
+      healthy = s.ok();
+      Log(healthy ? LogLevel::kInfo : LogLevel::kError, "replica.follow",
+          {{"state", healthy ? "following" : "failing"},
+           {"error", healthy ? "" : std::string(s.message())}});
+    }
+  }
+}
+
+}  // namespace custody::server

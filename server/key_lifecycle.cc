@@ -122,7 +122,7 @@ absl::StatusOr<std::shared_ptr<const KeyService::Ring>> KeyService::MutateRing(
       mutation.expect_generations.emplace_back(name, ring.record.generation);
     absl::Status s = store_->Commit(mutation);
     if (s.ok()) break;
-    if (!options_.shared_store || !absl::IsAborted(s) || attempt == 2) return s;
+    if (!options_.shared_store || !absl::IsAborted(s) || attempt == 7) return s;
     Log(LogLevel::kInfo, "replica.retry", {{"ring", name}, {"reason", std::string(s.message())}});
     if (absl::Status r = RefreshLocked(); !r.ok()) return r;
   }
@@ -162,12 +162,14 @@ absl::StatusOr<uint32_t> KeyService::AddVersion(const std::string& name, Activat
     }
     absl::Status s = store_->Commit(intent);
     if (s.ok()) break;
-    if (!options_.shared_store || !absl::IsAborted(s) || attempt == 2) return s;
-    // Another replica changed the ring: take its next number.
+    // ABORTED: another replica changed the ring; ALREADY_EXISTS: it is creating this number
+    // (its CREATING intent is not in the snapshot). Take the next number.
+    const bool raced = absl::IsAborted(s) || absl::IsAlreadyExists(s);
+    if (!options_.shared_store || !raced || attempt == 4) return s;
     if (absl::Status r = RefreshLocked(); !r.ok()) return r;
     base = FindRing(name);
     if (!base.ok()) return base.status();
-    next = record.version + 1;
+    next = absl::IsAlreadyExists(s) ? record.version + 1 : 1;
     for (const Version& v : (*base)->versions) next = std::max(next, v.record.version + 1);
     record.version = next;
     record.object_label = absl::StrCat(rotation::kObjectLabelPrefix, name, "/v", next);
@@ -206,6 +208,10 @@ absl::StatusOr<uint32_t> KeyService::AddVersion(const std::string& name, Activat
     return absl::OkStatus();
   });
   if (!result.ok()) {
+    Log(LogLevel::kError, "version.creation_failed",
+        {{"ring", name},
+         {"version", absl::StrCat(record.version)},
+         {"error", std::string(result.status().message())}});
     RollBackVersion(record);
     return result.status();
   }

@@ -425,8 +425,19 @@ absl::StatusOr<KeyService::Version> KeyService::MaterializeVersion(const Ring& r
 
 void KeyService::RollBackVersion(const VersionRecord& record) {
   absl::Status destroyed = token_->DestroyKeyPair(absl::HexStringToBytes(record.object_id));
-  absl::Status deleted =
-      destroyed.ok() ? store_->DeleteVersion(record.ring, record.version) : destroyed;
+  absl::Status deleted = destroyed;
+  if (destroyed.ok() && options_.shared_store) {
+    // Another replica may have numbered a version after this one meanwhile: the number stays,
+    // as a version DESTROYED before it was ever used, so that numbers remain contiguous.
+    VersionRecord abandoned = record;
+    abandoned.state = VersionState::kDestroyed;
+    abandoned.destroy_time = NowMs();
+    deleted = store_->UpdateVersion(abandoned);
+  } else if (destroyed.ok()) {
+    deleted = store_->DeleteVersion(record.ring, record.version);
+  }
+  Log(LogLevel::kWarning, "version.creation_abandoned",
+      {{"ring", record.ring}, {"version", absl::StrCat(record.version)}});
   if (!deleted.ok()) {
     Log(LogLevel::kError, "version.rollback_failed",
         {{"ring", record.ring},

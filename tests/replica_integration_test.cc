@@ -5,13 +5,17 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -403,6 +407,189 @@ TEST_F(ReplicaTest, PropagationTimeOfJwksChanges) {
   RecordProperty("propagation_p50_ms", static_cast<int>(p50));
   RecordProperty("propagation_p99_ms", static_cast<int>(p99));
   EXPECT_LT(p99, 1000);
+}
+
+// The CKA_IDs (hex) of the private keys in the shared token labelled custody/..., as pkcs11-tool
+// (OpenSC) lists them.
+std::set<std::string> TokenPrivateKeyIds(const std::string& state) {
+  std::string pin = ReadFileOrDie(state + "/pin");
+  while (!pin.empty() && (pin.back() == '\n' || pin.back() == ' ')) pin.pop_back();
+  CommandResult r =
+      RunCommand({"pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so", "--token-label",
+                  "custody", "--login", "--pin", pin, "--list-objects", "--type", "privkey"},
+                 "", {"SOFTHSM2_CONF=" + state + "/softhsm2.conf"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  std::set<std::string> ids;
+  bool custody_label = false;
+  size_t start = 0;
+  for (size_t nl; (nl = r.out.find('\n', start)) != std::string::npos; start = nl + 1) {
+    std::string line = r.out.substr(start, nl - start);
+    if (line.find("label:") != std::string::npos) {
+      custody_label = line.find("custody/") != std::string::npos;
+    }
+    size_t at = line.find("ID:");
+    if (at != std::string::npos && custody_label) {
+      std::string id = line.substr(at + 3);
+      id.erase(0, id.find_first_not_of(" \t"));
+      while (!id.empty() && (id.back() == ' ' || id.back() == '\t')) id.pop_back();
+      ids.insert(id);
+    }
+  }
+  return ids;
+}
+
+// Replicas issue concurrent lifecycle operations on the same rings, each through a random
+// replica: forced and normal rotations, disable/enable, destruction scheduled and cancelled,
+// compromise. Whatever wins each race, after each round PostgreSQL holds exactly one ACTIVE
+// version per ring, contiguous version numbers and no CREATING intent left over, every
+// version that is not destroyed has its key in the token, and the token holds no custody key
+// that the metadata does not name. Round one runs on two replicas, round two on three.
+TEST_F(ReplicaTest, ConcurrentLifecycleOperationsKeepEveryRingConsistent) {
+  StartReplicas(3);
+  const std::vector<std::string> rings = {"race/a", "race/b"};
+  for (const std::string& name : rings) {
+    v1::KeyRing ring;
+    ASSERT_TRUE(CreateEs256(replica(0), name, &ring).ok());
+  }
+  const int kOpsPerRound = kSanitized ? 60 : 220;
+  const int kThreads = 6;
+  for (int replicas : {2, 3}) {
+    std::atomic<int> next_op{0};
+    std::mutex counts_mu;
+    std::map<std::string, int> counts;  // by status code name
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        std::mt19937 rng(static_cast<unsigned>(t * 7919 + replicas));
+        while (next_op.fetch_add(1) < kOpsPerRound) {
+          Custodyd& d = replica(static_cast<int>(rng() % static_cast<unsigned>(replicas)));
+          const std::string& ring = rings[rng() % rings.size()];
+          // A version number near the top, where the action is.
+          v1::KeyRing current;
+          {
+            v1::GetKeyRingRequest req;
+            req.set_name(ring);
+            grpc::ClientContext ctx;
+            SetDeadline(&ctx);
+            if (!d.admin().GetKeyRing(&ctx, req, &current).ok()) continue;
+          }
+          uint32_t top = 0;
+          for (const v1::KeyVersion& v : current.versions()) top = std::max(top, v.version());
+          v1::KeyVersionRequest vreq;
+          vreq.set_ring(ring);
+          vreq.set_version(top - std::min<uint32_t>(top - 1, rng() % 3));
+          grpc::ClientContext ctx;
+          SetDeadline(&ctx, 30s);
+          grpc::Status s;
+          v1::KeyRing reply;
+          const int op = static_cast<int>(rng() % 9);
+          if (op <= 1) {
+            v1::RotateKeyRingRequest req;
+            req.set_ring(ring);
+            req.set_force(op == 0);
+            v1::RotateKeyRingResponse resp;
+            s = d.admin().RotateKeyRing(&ctx, req, &resp);
+          } else if (op == 2) {
+            s = d.admin().DisableKeyVersion(&ctx, vreq, &reply);
+          } else if (op == 3) {
+            s = d.admin().EnableKeyVersion(&ctx, vreq, &reply);
+          } else if (op == 4) {
+            s = d.admin().ScheduleKeyVersionDestruction(&ctx, vreq, &reply);
+          } else if (op == 5) {
+            s = d.admin().CancelKeyVersionDestruction(&ctx, vreq, &reply);
+          } else if (op == 6) {
+            v1::CompromiseKeyVersionRequest req;
+            req.set_ring(ring);
+            req.set_version(vreq.version());
+            req.set_reason("race test");
+            s = d.admin().CompromiseKeyVersion(&ctx, req, &reply);
+          } else {
+            v1::RotateKeyRingRequest req;
+            req.set_ring(ring);
+            req.set_force(true);
+            v1::RotateKeyRingResponse resp;
+            s = d.admin().RotateKeyRing(&ctx, req, &resp);
+          }
+          std::lock_guard<std::mutex> lock(counts_mu);
+          ++counts[absl::StatusCodeToString(static_cast<absl::StatusCode>(s.error_code()))];
+          if (s.error_code() != grpc::StatusCode::OK &&
+              s.error_code() != grpc::StatusCode::FAILED_PRECONDITION &&
+              s.error_code() != grpc::StatusCode::ABORTED) {
+            ADD_FAILURE() << "unexpected " << s.error_code() << ": " << s.error_message();
+          }
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    std::string summary;
+    for (const auto& [code, n] : counts) absl::StrAppend(&summary, code, "=", n, " ");
+    std::printf("round with %d replicas, %d ops: %s\n", replicas, kOpsPerRound, summary.c_str());
+    EXPECT_GE(counts["OK"], kOpsPerRound / 4);
+
+    for (const std::string& name : rings) {
+      auto rows =
+          cluster->Psql(db_,
+                        "SELECT count(*) FILTER (WHERE state = 'ACTIVE'), count(*), max(version), "
+                        "count(*) FILTER (WHERE state = 'CREATING') FROM versions WHERE ring = '" +
+                            name + "'");
+      ASSERT_TRUE(rows.ok()) << rows.status();
+      int active = 0, count = 0, max = 0, creating = 0;
+      ASSERT_EQ(std::sscanf(rows->c_str(), "%d|%d|%d|%d", &active, &count, &max, &creating), 4)
+          << *rows;
+      EXPECT_EQ(active, 1) << name;
+      EXPECT_EQ(count, max) << name << ": version numbers must be contiguous";
+      EXPECT_EQ(creating, 0) << name;
+    }
+    auto live = cluster->Psql(
+        db_, "SELECT object_id FROM versions WHERE state NOT IN ('DESTROYED') ORDER BY 1");
+    ASSERT_TRUE(live.ok());
+    std::set<std::string> metadata_ids;
+    size_t start = 0;
+    for (size_t nl; (nl = live->find('\n', start)) != std::string::npos; start = nl + 1) {
+      metadata_ids.insert(live->substr(start, nl - start));
+    }
+    std::set<std::string> token_ids = TokenPrivateKeyIds(dirs_[0]->path());
+    for (const std::string& id : metadata_ids) {
+      EXPECT_EQ(token_ids.count(id), 1u) << "version object " << id << " missing from the token";
+    }
+    for (const std::string& id : token_ids) {
+      EXPECT_EQ(metadata_ids.count(id), 1u) << "orphaned token object " << id;
+    }
+    if (HasFailure()) {
+      for (int i = 0; i < 3; ++i) {
+        std::string log = replica(i).log();
+        size_t start = 0;
+        for (size_t nl; (nl = log.find('\n', start)) != std::string::npos; start = nl + 1) {
+          std::string line = log.substr(start, nl - start);
+          if (line.find("roll") != std::string::npos || line.find("error") != std::string::npos ||
+              line.find("version.created") != std::string::npos ||
+              line.find("replica.retry") != std::string::npos) {
+            std::printf("replica %d: %s\n", i, line.c_str());
+          }
+        }
+      }
+      auto all = cluster->Psql(
+          db_, "SELECT ring, version, state, create_time FROM versions ORDER BY 1, 2");
+      std::printf("%s\n", all.ok() ? all->c_str() : "");
+      return;
+    }
+    // Every replica converges on the same ACTIVE version.
+    for (const std::string& name : rings) {
+      auto rows = cluster->Psql(
+          db_, "SELECT kid FROM versions WHERE state = 'ACTIVE' AND ring = '" + name + "'");
+      ASSERT_TRUE(rows.ok());
+      std::string kid = rows->substr(0, rows->find('\n'));
+      for (int i = 0; i < 3; ++i) {
+        auto signed_jws = SignWhenReady(replica(i), name, "", 2s);
+        ASSERT_TRUE(signed_jws.has_value());
+        auto deadline = Clock::now() + 2s;
+        while (signed_jws->kid() != kid && Clock::now() < deadline) {
+          signed_jws = SignWhenReady(replica(i), name, "", 2s);
+        }
+        EXPECT_EQ(signed_jws->kid(), kid) << name << " on replica " << i;
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -21,6 +21,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "common/log.h"
 #include "common/secret.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
@@ -72,6 +73,10 @@ ABSL_FLAG(std::string, metadata_password_file, "",
 ABSL_FLAG(std::string, metadata_password_env, "CUSTODY_METADATA_PASSWORD",
           "environment variable holding the PostgreSQL password when --metadata_password_file "
           "is not given (else libpq's PGPASSFILE / ~/.pgpass)");
+ABSL_FLAG(absl::Duration, max_metadata_staleness, absl::Seconds(30),
+          "with --metadata=postgresql: how long signing and decryption continue from memory "
+          "while the database cannot be read; past it they are refused and health is "
+          "NOT_SERVING, since a compromise could have been missed");
 ABSL_FLAG(bool, verbose, false, "debug logging");
 ABSL_FLAG(int, grpc_cqs, 0, "completion queues of the sync gRPC server (0: gRPC's default)");
 ABSL_FLAG(int, grpc_min_pollers, 0, "min polling threads per completion queue (0: default)");
@@ -282,6 +287,10 @@ int Run() {
   KeyService::Options key_options;
   key_options.max_payload_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_max_payload_bytes));
   key_options.shared_store = metadata->shared;
+  key_options.max_staleness = absl::GetFlag(FLAGS_max_metadata_staleness);
+  // A few re-reads per staleness period, so that one slow read does not fail the replica.
+  key_options.refresh_interval =
+      std::clamp(key_options.max_staleness / 4, absl::Milliseconds(200), absl::Seconds(5));
   auto keys = KeyService::Create(token->get(), store, key_options);
   if (!keys.ok()) return fail("startup.reconcile", keys.status());
 
@@ -361,10 +370,14 @@ int Run() {
         last_probe = absl::Now();
       }
       bool audit_ok = guard.healthy();
-      bool healthy = token_ok && audit_ok;
+      bool metadata_ok = (*keys)->CheckMetadataFresh().ok();
+      bool healthy = token_ok && audit_ok && metadata_ok;
       if (healthy != serving) {
         serving = healthy;
-        cause = !audit_ok ? "audit log" : (!token_ok ? "token unreachable" : "recovered");
+        cause = !audit_ok      ? "audit log"
+                : !token_ok    ? "token unreachable"
+                : !metadata_ok ? "metadata unreachable past --max_metadata_staleness"
+                               : "recovered";
         server->GetHealthCheckService()->SetServingStatus(serving);
         Log(serving ? LogLevel::kInfo : LogLevel::kError, "health.changed",
             {{"serving", serving ? "true" : "false"}, {"cause", cause}});

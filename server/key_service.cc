@@ -372,6 +372,7 @@ absl::Status KeyService::Load() {
          {"action", "reported; custody never adopts or deletes an object it has no record of"}});
   }
 
+  last_synced_ms_.store(NowMs());
   absl::MutexLock lock(&mu_);
   for (auto& [name, ring] : rings) {
     if (ring.versions.empty()) continue;  // rolled back entirely
@@ -707,6 +708,7 @@ std::vector<std::string> KeyService::RingNames() const {
 }
 
 absl::StatusOr<v1::SignJwsResponse> KeyService::SignJws(const v1::SignJwsRequest& request) const {
+  if (absl::Status s = CheckMetadataFresh(); !s.ok()) return s;
   if (request.payload().size() > options_.max_payload_bytes) {
     return absl::InvalidArgumentError(absl::StrCat("payload is ", request.payload().size(),
                                                    " bytes; the limit is ",
@@ -766,6 +768,7 @@ absl::StatusOr<v1::SignJwsResponse> KeyService::SignJws(const v1::SignJwsRequest
 }
 
 absl::StatusOr<v1::SignResponse> KeyService::Sign(const v1::SignRequest& request) const {
+  if (absl::Status s = CheckMetadataFresh(); !s.ok()) return s;
   auto ring = FindRing(request.ring());
   if (!ring.ok()) return ring.status();
   if ((*ring)->record.purpose != rotation::Purpose::kSign) {
@@ -887,6 +890,7 @@ uint64_t KeyService::WaitForJwksChange(uint64_t generation, absl::Time deadline)
 
 absl::StatusOr<v1::DecryptJweResponse> KeyService::DecryptJwe(
     const v1::DecryptJweRequest& request) const {
+  if (absl::Status s = CheckMetadataFresh(); !s.ok()) return s;
   auto ring = FindRing(request.ring());
   if (!ring.ok()) return ring.status();
   const Ring& r = **ring;

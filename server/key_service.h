@@ -12,6 +12,7 @@
 #ifndef CUSTODY_SERVER_KEY_SERVICE_H_
 #define CUSTODY_SERVER_KEY_SERVICE_H_
 
+#include <atomic>
 #include <functional>
 #include <map>
 #include <memory>
@@ -42,6 +43,9 @@ class KeyService {
     // young CREATING versions (another replica's creation in flight) alone.
     bool shared_store = false;
     absl::Duration refresh_interval = absl::Seconds(5);
+    // Shared stores: past this long without a successful re-read of the store, signing and
+    // decryption are refused UNAVAILABLE (this replica could have missed a compromise).
+    absl::Duration max_staleness = absl::Seconds(30);
   };
 
   // Loads rings from `store`, resolves every version's token object once, and reconciles:
@@ -103,6 +107,9 @@ class KeyService {
   // replica created resolved in the token by CKA_ID, rings another replica removed dropped.
   // CREATING versions are not shown until they complete. Serialized with admin operations.
   absl::Status Refresh();
+  // OK while the snapshots are fresh enough to use (always with the embedded store); else
+  // UNAVAILABLE "metadata unreachable for N s".
+  absl::Status CheckMetadataFresh() const;
 
  private:
   struct Version {
@@ -224,6 +231,8 @@ class KeyService {
   bool scheduler_poke_ ABSL_GUARDED_BY(scheduler_mu_) = false;
   std::thread scheduler_;
   std::thread follower_;
+  // Unix ms of the last successful re-read of a shared store (or of the startup load).
+  std::atomic<int64_t> last_synced_ms_{0};
 };
 
 }  // namespace custody::server

@@ -31,6 +31,17 @@ absl::Status KeyService::Refresh() {
   return RefreshLocked();
 }
 
+absl::Status KeyService::CheckMetadataFresh() const {
+  if (!options_.shared_store) return absl::OkStatus();
+  const int64_t stale_ms = absl::ToUnixMillis(absl::Now()) - last_synced_ms_.load();
+  if (stale_ms <= absl::ToInt64Milliseconds(options_.max_staleness)) return absl::OkStatus();
+  return absl::UnavailableError(
+      absl::StrCat("metadata unreachable for ", stale_ms / 1000,
+                   " s: this replica cannot know whether a key was disabled or compromised "
+                   "(--max_metadata_staleness=",
+                   absl::ToInt64Seconds(options_.max_staleness), "s)"));
+}
+
 absl::Status KeyService::SyncShared() {
   if (!options_.shared_store) return absl::OkStatus();
   return RefreshLocked();
@@ -126,6 +137,7 @@ absl::Status KeyService::RefreshLocked() {
       Log(LogLevel::kInfo, "replica.ring_removed", {{"ring", name}});
     }
   }
+  last_synced_ms_.store(absl::ToUnixMillis(absl::Now()));
   if (changed) {
     absl::MutexLock lock(&scheduler_mu_);  // due times may have moved
     scheduler_poke_ = true;

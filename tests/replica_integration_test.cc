@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "rotation/testing/postgres_cluster.h"
 #include "tests/harness.h"
@@ -590,6 +591,161 @@ TEST_F(ReplicaTest, ConcurrentLifecycleOperationsKeepEveryRingConsistent) {
       }
     }
   }
+}
+
+bool Serving(Custodyd& d) {
+  auto health = grpc::health::v1::Health::NewStub(d.channel());
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, 2s);
+  grpc::health::v1::HealthCheckRequest req;
+  grpc::health::v1::HealthCheckResponse resp;
+  return health->Check(&ctx, req, &resp).ok() &&
+         resp.status() == grpc::health::v1::HealthCheckResponse::SERVING;
+}
+
+// Signing runs from memory while PostgreSQL restarts (pg_ctl restart -m immediate): no call
+// fails. With PostgreSQL stopped, lifecycle writes fail UNAVAILABLE at once; signing goes on
+// for --max_metadata_staleness (3 s here), then is refused UNAVAILABLE "metadata unreachable"
+// and health turns NOT_SERVING; once PostgreSQL is back, the replica catches up and signs
+// again without a restart, and a rotation acknowledged before the outage is still in force.
+TEST_F(ReplicaTest, StalenessBoundFailsClosedAndRecovers) {
+  TempDir dir;
+  std::vector<std::string> flags = MetadataFlags();
+  flags.push_back("--max_metadata_staleness=3s");
+  Custodyd d(dir.path(), flags);
+  ASSERT_TRUE(d.started()) << d.log();
+  v1::KeyRing ring;
+  ASSERT_TRUE(CreateEs256(d, "op/stale", &ring).ok());
+  v1::RotateKeyRingRequest rotate;
+  rotate.set_ring("op/stale");
+  rotate.set_force(true);
+  v1::RotateKeyRingResponse rotated;
+  {
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    ASSERT_TRUE(d.admin().RotateKeyRing(&ctx, rotate, &rotated).ok());
+  }
+  const std::string acked_kid = ActiveKid(rotated.ring());
+
+  // Signing load: every call's end time and outcome.
+  struct Outcome {
+    Clock::time_point at;
+    grpc::StatusCode code;
+    std::string message;
+    std::string kid;
+  };
+  std::mutex mu;
+  std::vector<Outcome> outcomes;
+  std::atomic<bool> stop{false};
+  std::thread load([&] {
+    while (!stop.load()) {
+      v1::SignJwsRequest req;
+      req.set_ring("op/stale");
+      req.set_payload("x");
+      v1::SignJwsResponse resp;
+      grpc::ClientContext ctx;
+      SetDeadline(&ctx, 5s);
+      grpc::Status s = d.signer().SignJws(&ctx, req, &resp);
+      std::lock_guard<std::mutex> lock(mu);
+      outcomes.push_back({Clock::now(), s.error_code(), s.error_message(), resp.kid()});
+      if (!s.ok()) std::this_thread::sleep_for(5ms);
+    }
+  });
+  auto failures_between = [&](Clock::time_point from, Clock::time_point to) {
+    std::lock_guard<std::mutex> lock(mu);
+    int n = 0;
+    for (const Outcome& o : outcomes) n += o.at >= from && o.at <= to && o.code != grpc::OK;
+    return n;
+  };
+
+  // 1. A restart of PostgreSQL, shorter than the bound: no signing call fails.
+  std::this_thread::sleep_for(300ms);
+  auto restart_from = Clock::now();
+  ASSERT_TRUE(cluster->Restart("immediate").ok());
+  std::this_thread::sleep_for(1500ms);
+  EXPECT_EQ(failures_between(restart_from, Clock::now()), 0);
+
+  // 2. Stopped for longer than the bound.
+  auto stopped_at = Clock::now();
+  ASSERT_TRUE(cluster->Stop("immediate").ok());
+  {
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    v1::RotateKeyRingResponse refused;
+    auto sent = Clock::now();
+    grpc::Status s = d.admin().RotateKeyRing(&ctx, rotate, &refused);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
+    EXPECT_LT(MsSince(sent, Clock::now()), 2000) << "a lifecycle write must fail at once";
+  }
+  std::optional<Clock::time_point> first_refusal;
+  std::string refusal_message;
+  auto deadline = Clock::now() + 15s;
+  while (!first_refusal && Clock::now() < deadline) {
+    std::this_thread::sleep_for(20ms);
+    std::lock_guard<std::mutex> lock(mu);
+    for (const Outcome& o : outcomes) {
+      if (o.at > stopped_at && o.code == grpc::StatusCode::UNAVAILABLE) {
+        first_refusal = o.at;
+        refusal_message = o.message;
+        break;
+      }
+    }
+  }
+  ASSERT_TRUE(first_refusal.has_value()) << "signing was never refused";
+  const double refused_after = MsSince(stopped_at, *first_refusal);
+  std::printf("PostgreSQL stopped: signing refused after %.0f ms (bound 3 s): %s\n", refused_after,
+              refusal_message.c_str());
+  EXPECT_NE(refusal_message.find("metadata unreachable for"), std::string::npos);
+  EXPECT_GE(refused_after, 2000);  // the last re-read was at most one interval before the stop
+  EXPECT_LT(refused_after, 5000);
+  {
+    auto health_deadline = Clock::now() + 3s;
+    while (Serving(d) && Clock::now() < health_deadline) std::this_thread::sleep_for(50ms);
+    EXPECT_FALSE(Serving(d)) << "health must be NOT_SERVING past the bound";
+  }
+  // Refused consistently, not intermittently, while the database is away.
+  std::this_thread::sleep_for(1s);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    int ok_after = 0;
+    for (const Outcome& o : outcomes) {
+      ok_after += o.at > *first_refusal + 100ms && o.code == grpc::OK;
+    }
+    EXPECT_EQ(ok_after, 0);
+  }
+
+  // 3. Back: catches up without a restart.
+  auto started_at = Clock::now();
+  ASSERT_TRUE(cluster->StartServer().ok());
+  std::optional<Clock::time_point> resumed;
+  deadline = Clock::now() + 20s;
+  while (!resumed && Clock::now() < deadline) {
+    std::this_thread::sleep_for(20ms);
+    std::lock_guard<std::mutex> lock(mu);
+    for (const Outcome& o : outcomes) {
+      if (o.at > started_at && o.code == grpc::OK) {
+        resumed = o.at;
+        EXPECT_EQ(o.kid, acked_kid) << "the acknowledged rotation must still be in force";
+        break;
+      }
+    }
+  }
+  stop = true;
+  load.join();
+  ASSERT_TRUE(resumed.has_value()) << "signing never resumed\n" << d.log();
+  std::printf("PostgreSQL back: signing resumed %.0f ms after pg_ctl start returned\n",
+              MsSince(started_at, *resumed));
+  {
+    // The health thread looks every 100 ms.
+    auto health_deadline = Clock::now() + 3s;
+    while (!Serving(d) && Clock::now() < health_deadline) std::this_thread::sleep_for(50ms);
+    EXPECT_TRUE(Serving(d));
+  }
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  v1::RotateKeyRingResponse again;
+  grpc::Status s = d.admin().RotateKeyRing(&ctx, rotate, &again);
+  EXPECT_TRUE(s.ok()) << s.error_message();
 }
 
 }  // namespace

@@ -69,6 +69,12 @@ class MetadataStore {
     return false;
   }
 
+  // Whether this process leads the scheduler: it should perform due transitions. A store only
+  // one process writes is always led by that process. A shared store elects one holder among
+  // the processes calling it (the first to ask while none holds it) and keeps it until that
+  // process's connection ends; each call re-checks that the holder's session is alive.
+  virtual absl::StatusOr<bool> HoldLeadership() { return true; }
+
  protected:
   MetadataStore() = default;
 };

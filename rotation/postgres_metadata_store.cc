@@ -21,6 +21,8 @@ namespace {
 
 // Advisory-lock key of schema migrations ("custody" in ASCII).
 constexpr int64_t kMigrationLockKey = 0x637573746f6479;
+// Advisory-lock key held by the scheduler's leader ("custodyL").
+constexpr int64_t kLeaderLockKey = 0x637573746f64794c;
 
 // Schema migrations, applied in order; never edit one that has shipped, append a new one.
 constexpr const char* kMigrations[] = {
@@ -290,7 +292,8 @@ absl::Status CheckConninfo(const std::string& conninfo) {
 PostgresMetadataStore::PostgresMetadataStore(Options options)
     : options_(std::move(options)),
       conn_(std::make_unique<Connection>()),
-      listen_conn_(std::make_unique<Connection>()) {}
+      listen_conn_(std::make_unique<Connection>()),
+      leader_conn_(std::make_unique<Connection>()) {}
 
 PostgresMetadataStore::~PostgresMetadataStore() = default;
 
@@ -639,6 +642,34 @@ absl::StatusOr<bool> PostgresMetadataStore::WaitForChange(absl::Duration timeout
   if (ready <= 0) return false;
   if (PQconsumeInput(c.conn) == 0) return broken();
   return drain();
+}
+
+absl::StatusOr<bool> PostgresMetadataStore::HoldLeadership() {
+  Connection& c = *leader_conn_;
+  absl::MutexLock lock(&c.mu);
+  if (leading_) {
+    // Still the holder only while the session that took the lock is alive.
+    auto alive = c.Exec("SELECT 1", {});
+    if (alive.ok()) return true;
+    leading_ = false;
+    if (c.conn != nullptr) PQfinish(c.conn);
+    c.conn = nullptr;
+    absl::Status s = alive.status();
+    s.ErasePayload(kRetryPayload);
+    return s;
+  }
+  if (absl::Status s = c.Connect(options_); !s.ok()) {
+    s.ErasePayload(kRetryPayload);
+    return s;
+  }
+  auto r = c.Exec("SELECT pg_try_advisory_lock($1::bigint)", {absl::StrCat(kLeaderLockKey)});
+  if (!r.ok()) {
+    absl::Status s = r.status();
+    s.ErasePayload(kRetryPayload);
+    return s;
+  }
+  leading_ = Boolean(r->get(), 0, 0);
+  return leading_;
 }
 
 }  // namespace custody::rotation

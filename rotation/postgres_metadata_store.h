@@ -56,6 +56,9 @@ class PostgresMetadataStore : public MetadataStore {
   // LISTEN custody_metadata on a second connection. True on a notification, and after
   // (re)connecting that connection (notifications may have been missed meanwhile).
   absl::StatusOr<bool> WaitForChange(absl::Duration timeout) override;
+  // A session-level advisory lock on a third connection (pg_try_advisory_lock): PostgreSQL
+  // releases it when that session ends, however the process died.
+  absl::StatusOr<bool> HoldLeadership() override;
 
   // The schema version this binary migrates to.
   static int LatestSchemaVersion();
@@ -73,6 +76,8 @@ class PostgresMetadataStore : public MetadataStore {
   Options options_;
   std::unique_ptr<Connection> conn_;
   std::unique_ptr<Connection> listen_conn_;
+  std::unique_ptr<Connection> leader_conn_;
+  bool leading_ = false;  // guarded by leader_conn_->mu
 };
 
 // True when `spec` names a PostgreSQL store (postgresql:// or postgres:// URI).

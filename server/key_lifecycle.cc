@@ -635,11 +635,27 @@ int64_t KeyService::RunDueTransitions() {
 }
 
 void KeyService::SchedulerLoop() {
+  bool leading = false;
   for (;;) {
-    int64_t next_due = RunDueTransitions();
+    // With a shared store one replica, elected through the store, performs due transitions;
+    // the others ask again every half second (the takeover delay after a leader dies). Even a
+    // replica that wrongly believed it led changes nothing twice: every transition is a
+    // conditional commit on the ring's generation.
+    auto leader = store_->HoldLeadership();
+    const bool now_leading = leader.ok() && *leader;
+    if (now_leading != leading) {
+      leading = now_leading;
+      if (options_.shared_store) {
+        Log(leading ? LogLevel::kInfo : LogLevel::kWarning, "scheduler.leader",
+            {{"state", leading ? "acquired" : "lost"},
+             {"error", leader.ok() ? "" : std::string(leader.status().message())}});
+      }
+    }
+    int64_t next_due = leading ? RunDueTransitions() : 0;
     absl::MutexLock lock(&scheduler_mu_);
     if (scheduler_stop_) return;
-    absl::Time deadline = absl::Now() + absl::Seconds(60);
+    absl::Time deadline = absl::Now() + absl::Seconds(leading ? 60 : 0.5);
+    if (options_.shared_store && leading) deadline = absl::Now() + absl::Seconds(1);
     if (next_due != 0) deadline = std::min(deadline, absl::FromUnixMillis(next_due));
     while (!scheduler_stop_ && !scheduler_poke_) {
       if (scheduler_wake_.WaitWithDeadline(&scheduler_mu_, deadline)) break;

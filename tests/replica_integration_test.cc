@@ -474,11 +474,16 @@ TEST_F(ReplicaTest, ConcurrentLifecycleOperationsKeepEveryRingConsistent) {
             SetDeadline(&ctx);
             if (!d.admin().GetKeyRing(&ctx, req, &current).ok()) continue;
           }
-          uint32_t top = 0;
-          for (const v1::KeyVersion& v : current.versions()) top = std::max(top, v.version());
+          // One of the newest versions the replica shows (a version another replica is still
+          // creating is not shown, and is NOT_FOUND until it completes).
+          std::vector<uint32_t> shown;
+          for (const v1::KeyVersion& v : current.versions()) shown.push_back(v.version());
+          std::sort(shown.begin(), shown.end());
+          if (shown.empty()) continue;
+          const uint32_t top = shown.back();
           v1::KeyVersionRequest vreq;
           vreq.set_ring(ring);
-          vreq.set_version(top - std::min<uint32_t>(top - 1, rng() % 3));
+          vreq.set_version(shown[shown.size() - 1 - std::min<size_t>(shown.size() - 1, rng() % 3)]);
           grpc::ClientContext ctx;
           SetDeadline(&ctx, 30s);
           grpc::Status s;
@@ -516,7 +521,12 @@ TEST_F(ReplicaTest, ConcurrentLifecycleOperationsKeepEveryRingConsistent) {
           if (s.error_code() != grpc::StatusCode::OK &&
               s.error_code() != grpc::StatusCode::FAILED_PRECONDITION &&
               s.error_code() != grpc::StatusCode::ABORTED) {
-            ADD_FAILURE() << "unexpected " << s.error_code() << ": " << s.error_message();
+            auto row = cluster->Psql(
+                db_, "SELECT version, state, create_time FROM versions WHERE ring = '" + ring +
+                         "' AND version >= " + std::to_string(vreq.version() - 1));
+            ADD_FAILURE() << "unexpected " << s.error_code() << ": " << s.error_message() << " op "
+                          << op << " top " << top << "\n"
+                          << (row.ok() ? *row : "");
           }
         }
       });
@@ -746,6 +756,114 @@ TEST_F(ReplicaTest, StalenessBoundFailsClosedAndRecovers) {
   v1::RotateKeyRingResponse again;
   grpc::Status s = d.admin().RotateKeyRing(&ctx, rotate, &again);
   EXPECT_TRUE(s.ok()) << s.error_message();
+}
+
+int CountLines(const std::string& log, const std::string& needle) {
+  int n = 0;
+  for (size_t at = 0; (at = log.find(needle, at)) != std::string::npos; at += needle.size()) ++n;
+  return n;
+}
+
+// Exactly one replica runs the scheduler (a PostgreSQL session-level advisory lock). With a
+// ring rotating every 2 s (and retiring and destroying old versions), the leader is SIGKILLed:
+// another replica takes the lock and the rotations continue. Activations stay at least one
+// period apart (no period rotated twice) and no version is destroyed twice.
+TEST_F(ReplicaTest, SchedulerLeaderDiesAndAnotherTakesOver) {
+  StartReplicas(3);
+  const int64_t kPeriodMs = 2000;
+  v1::CreateKeyRingRequest req;
+  req.set_name("op/scheduled");
+  req.set_purpose(v1::SIGN);
+  req.set_alg("ES256");
+  req.mutable_policy()->set_prepublish_ms(1000);
+  req.mutable_policy()->set_rotation_period_ms(kPeriodMs);
+  req.mutable_policy()->set_retain_ms(1000);
+  req.mutable_policy()->set_destroy_delay_ms(1000);
+  v1::KeyRing ring;
+  {
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    grpc::Status s = replica(0).admin().CreateKeyRing(&ctx, req, &ring);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  const std::string kAcquired = "\"event\":\"scheduler.leader\",\"state\":\"acquired\"";
+  auto leaders = [&] {
+    std::vector<int> out;
+    for (int i = 0; i < 3; ++i) {
+      if (CountLines(replica(i).log(), kAcquired) > 0) out.push_back(i);
+    }
+    return out;
+  };
+  std::vector<int> first = leaders();
+  ASSERT_EQ(first.size(), 1u) << "exactly one replica must lead";
+  const int leader = first[0];
+  std::this_thread::sleep_for(std::chrono::milliseconds(kSanitized ? 6000 : 5000));
+  const int rotations_before = CountLines(replica(leader).log(), "\"event\":\"ring.rotated\"");
+  EXPECT_GE(rotations_before, 1) << replica(leader).log();
+  std::string killed_log_path = dirs_[static_cast<size_t>(leader)]->path() + "/custodyd.log";
+  auto killed_at = Clock::now();
+  replica(leader).Kill();
+  std::optional<Clock::time_point> taken_over;
+  int successor = -1;
+  while (!taken_over && Clock::now() < killed_at + 15s) {
+    for (int i = 0; i < 3; ++i) {
+      if (i != leader && CountLines(replica(i).log(), kAcquired) > 0) {
+        taken_over = Clock::now();
+        successor = i;
+      }
+    }
+    std::this_thread::sleep_for(10ms);
+  }
+  ASSERT_TRUE(taken_over.has_value()) << "no replica took over";
+  const double gap = MsSince(killed_at, *taken_over);
+  std::printf("scheduler leader SIGKILLed: replica %d took over after %.0f ms\n", successor, gap);
+  RecordProperty("takeover_ms", static_cast<int>(gap));
+  EXPECT_LT(gap, 5000);
+  std::this_thread::sleep_for(std::chrono::milliseconds(3 * kPeriodMs + 1000));
+  EXPECT_GE(CountLines(replica(successor).log(), "\"event\":\"ring.rotated\""), 2)
+      << "rotations must continue on the new leader";
+  for (int i = 0; i < 3; ++i) {
+    if (i != leader && i != successor) {
+      EXPECT_EQ(CountLines(replica(i).log(), kAcquired), 0) << "two leaders";
+    }
+  }
+
+  // Activations at least a period apart.
+  auto rows = cluster->Psql(db_,
+                            "SELECT activate_time FROM versions WHERE ring = 'op/scheduled' AND "
+                            "activate_time > 0 ORDER BY activate_time");
+  ASSERT_TRUE(rows.ok());
+  std::vector<int64_t> activations;
+  size_t start = 0;
+  for (size_t nl; (nl = rows->find('\n', start)) != std::string::npos; start = nl + 1) {
+    activations.push_back(std::stoll(rows->substr(start, nl - start)));
+  }
+  ASSERT_GE(activations.size(), 4u);
+  int64_t longest = 0;
+  for (size_t i = 1; i < activations.size(); ++i) {
+    const int64_t between = activations[i] - activations[i - 1];
+    EXPECT_GE(between, kPeriodMs) << "activation " << i << " came early: a period rotated twice";
+    longest = std::max(longest, between);
+  }
+  std::printf("%zu activations; longest interval %lld ms (period %lld ms)\n", activations.size(),
+              static_cast<long long>(longest), static_cast<long long>(kPeriodMs));
+  // Each destroyed version was destroyed once, by one replica.
+  std::map<std::string, int> destroyed;
+  std::vector<std::string> logs = {ReadFileOrDie(killed_log_path)};
+  for (int i = 0; i < 3; ++i) {
+    if (i != leader) logs.push_back(replica(i).log());
+  }
+  for (const std::string& log : logs) {
+    size_t at = 0;
+    const std::string needle = "\"event\":\"version.destroyed\"";
+    while ((at = log.find(needle, at)) != std::string::npos) {
+      size_t eol = log.find('\n', at);
+      ++destroyed[log.substr(at, eol - at)];
+      at = eol;
+    }
+  }
+  EXPECT_GE(destroyed.size(), 1u);
+  for (const auto& [line, n] : destroyed) EXPECT_EQ(n, 1) << line;
 }
 
 }  // namespace

@@ -10,11 +10,13 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -125,6 +127,7 @@ std::string FormatLine(uint64_t seq, absl::Time time, absl::string_view fields,
 struct ParsedLine {
   uint64_t seq = 0;
   std::string prev;
+  std::string replica;  // "" when the line has no "replica" member
 };
 
 // Checks one line (without its newline) on its own: JSON, the members the chain needs, and its
@@ -161,7 +164,9 @@ absl::StatusOr<ParsedLine> ParseAuditLine(absl::string_view line) {
       Sha256Hex(line.substr(0, line.size() - kHashSuffixBytes)) != hash->as_string()) {
     return absl::InvalidArgumentError("line hash does not match its content (line modified)");
   }
-  return ParsedLine{static_cast<uint64_t>(*seq->as_int()), prev->as_string()};
+  const jose::Json* replica = json->Find("replica");
+  return ParsedLine{static_cast<uint64_t>(*seq->as_int()), prev->as_string(),
+                    replica == nullptr ? "" : replica->as_string()};
 }
 
 absl::Status ErrnoError(absl::string_view what) { return absl::ErrnoToStatus(errno, what); }
@@ -181,11 +186,19 @@ class Fd {
   int fd_;
 };
 
-std::string FileName(uint64_t index) { return absl::StrFormat("audit-%06d.jsonl", index); }
+// audit-NNNNNN.jsonl, or audit-REPLICA-NNNNNN.jsonl for a replica's chain.
+std::string FilePrefix(absl::string_view replica) {
+  return replica.empty() ? "audit-" : absl::StrCat("audit-", replica, "-");
+}
 
-// audit-NNNNNN.jsonl -> NNNNNN; 0 for other names.
-uint64_t FileIndex(absl::string_view name) {
-  constexpr absl::string_view kPrefix = "audit-", kSuffix = ".jsonl";
+std::string FileName(uint64_t index, absl::string_view replica) {
+  return absl::StrCat(FilePrefix(replica), absl::StrFormat("%06d.jsonl", index));
+}
+
+// audit-[REPLICA-]NNNNNN.jsonl -> NNNNNN; 0 for other names (and other replicas' files).
+uint64_t FileIndex(absl::string_view name, absl::string_view replica) {
+  const std::string prefix = FilePrefix(replica);
+  const absl::string_view kPrefix = prefix, kSuffix = ".jsonl";
   if (name.size() < kPrefix.size() + 6 + kSuffix.size() ||
       name.substr(0, kPrefix.size()) != kPrefix ||
       name.substr(name.size() - kSuffix.size()) != kSuffix) {
@@ -211,16 +224,17 @@ struct ChainTail {
 
 // Walks the files from the newest down to the first with a line. A torn last line in the newest
 // file (a crash mid-write: never acknowledged) is cut off; anything else wrong is DATA_LOSS.
-absl::StatusOr<ChainTail> FindChainTail(const std::string& dir, std::vector<uint64_t> indices) {
+absl::StatusOr<ChainTail> FindChainTail(const std::string& dir, std::vector<uint64_t> indices,
+                                        absl::string_view replica) {
   ChainTail tail;
   if (indices.empty()) return tail;
   std::sort(indices.rbegin(), indices.rend());
   tail.index = indices.front();
   for (size_t i = 0; i < indices.size(); ++i) {
-    const std::string path = absl::StrCat(dir, "/", FileName(indices[i]));
+    const std::string path = absl::StrCat(dir, "/", FileName(indices[i], replica));
     if (i > 0 && indices[i] != indices[i - 1] - 1) {
       return absl::FailedPreconditionError(
-          absl::StrCat("audit log ", dir, ": ", FileName(indices[i - 1] - 1),
+          absl::StrCat("audit log ", dir, ": ", FileName(indices[i - 1] - 1, replica),
                        " is missing and the newer files are empty; cannot continue the chain"));
     }
     Fd fd(::open(path.c_str(), O_RDWR | O_CLOEXEC));
@@ -280,8 +294,8 @@ absl::StatusOr<ChainTail> FindChainTail(const std::string& dir, std::vector<uint
     return tail;
   }
   if (indices.back() != 1) {
-    return absl::FailedPreconditionError(absl::StrCat("audit log ", dir, ": ", FileName(1), " .. ",
-                                                      FileName(indices.back() - 1),
+    return absl::FailedPreconditionError(absl::StrCat("audit log ", dir, ": ", FileName(1, replica),
+                                                      " .. ", FileName(indices.back() - 1, replica),
                                                       " are missing and the newer files are "
                                                       "empty; cannot continue the chain"));
   }
@@ -351,11 +365,12 @@ absl::StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(Options options) {
   DIR* d = ::opendir(dir.c_str());
   if (d == nullptr) return ErrnoError(absl::StrCat("audit log: opendir ", dir));
   while (struct dirent* entry = ::readdir(d)) {
-    if (uint64_t index = FileIndex(entry->d_name); index > 0) indices.push_back(index);
+    if (uint64_t index = FileIndex(entry->d_name, log->options_.replica_id); index > 0)
+      indices.push_back(index);
   }
   ::closedir(d);
 
-  absl::StatusOr<ChainTail> tail = FindChainTail(dir, std::move(indices));
+  absl::StatusOr<ChainTail> tail = FindChainTail(dir, std::move(indices), log->options_.replica_id);
   if (!tail.ok()) return tail.status();
   log->index_ = tail->index;
   log->good_size_ = tail->size;
@@ -366,7 +381,7 @@ absl::StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(Options options) {
 }
 
 std::string AuditLog::FilePath(uint64_t index) const {
-  return absl::StrCat(options_.dir, "/", FileName(index));
+  return absl::StrCat(options_.dir, "/", FileName(index, options_.replica_id));
 }
 
 absl::Status AuditLog::WriteAll(int fd, const std::string& data, const std::string& path) {
@@ -504,7 +519,12 @@ absl::Status AuditLog::AppendAll(absl::Span<const AuditEvent> events) {
   if (events.empty()) return absl::OkStatus();
   std::vector<std::string> fields;
   fields.reserve(events.size());
-  for (const AuditEvent& event : events) fields.push_back(FormatEventFields(event));
+  for (const AuditEvent& event : events) {
+    std::string f;
+    if (!options_.replica_id.empty())
+      AppendField(f, "replica", options_.replica_id, kMaxFieldBytes);
+    fields.push_back(f + FormatEventFields(event));
+  }
   mu_.Lock();
   if (queued_ == nullptr) queued_ = std::make_shared<Batch>();
   std::shared_ptr<Batch> batch = queued_;
@@ -543,8 +563,11 @@ AuditLog::Stats AuditLog::stats() const {
   return s;
 }
 
-absl::Status VerifyAuditFiles(const std::vector<std::string>& files, uint64_t* lines,
-                              std::string* last_hash) {
+namespace {
+
+// VerifyAuditFiles, and when `replica` is given, every line must carry that replica id.
+absl::Status VerifyChain(const std::vector<std::string>& files, uint64_t* lines,
+                         std::string* last_hash, const std::string* replica) {
   if (files.empty()) return absl::InvalidArgumentError("no audit files given");
   uint64_t count = 0;
   uint64_t expected_seq = 1;
@@ -570,6 +593,10 @@ absl::Status VerifyAuditFiles(const std::vector<std::string>& files, uint64_t* l
       line.remove_suffix(1);
       absl::StatusOr<ParsedLine> parsed = ParseAuditLine(line);
       if (!parsed.ok()) return bad(parsed.status().message());
+      if (replica != nullptr && parsed->replica != *replica) {
+        return bad(absl::StrCat("line of replica '", parsed->replica, "' in a file of replica '",
+                                *replica, "'"));
+      }
       if (count == 0) {
         if (parsed->seq != 1 || parsed->prev != kAnchor) {
           return bad(absl::StrCat("first line not anchored (seq ", parsed->seq,
@@ -593,6 +620,52 @@ absl::Status VerifyAuditFiles(const std::vector<std::string>& files, uint64_t* l
   if (lines != nullptr) *lines = count;
   if (last_hash != nullptr) *last_hash = prev;
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status VerifyAuditFiles(const std::vector<std::string>& files, uint64_t* lines,
+                              std::string* last_hash) {
+  return VerifyChain(files, lines, last_hash, nullptr);
+}
+
+std::string AuditFileReplica(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+  constexpr absl::string_view kPrefix = "audit-";
+  if (!absl::StartsWith(name, kPrefix)) return "";
+  const size_t dash = name.rfind('-');
+  if (dash + 1 <= kPrefix.size()) return "";  // audit-NNNNNN.jsonl
+  const std::string replica = name.substr(kPrefix.size(), dash - kPrefix.size());
+  return FileIndex(name, replica) > 0 ? replica : "";
+}
+
+absl::StatusOr<std::vector<AuditChainResult>> VerifyAuditChains(
+    const std::vector<std::string>& files) {
+  if (files.empty()) return absl::InvalidArgumentError("no audit files given");
+  std::vector<std::string> order;
+  std::map<std::string, std::vector<std::string>> groups;
+  for (const std::string& f : files) {
+    const std::string replica = AuditFileReplica(f);
+    if (groups.count(replica) == 0) order.push_back(replica);
+    groups[replica].push_back(f);
+  }
+  std::vector<AuditChainResult> out;
+  for (const std::string& replica : order) {
+    AuditChainResult r;
+    r.replica = replica;
+    r.files = groups[replica].size();
+    // A single process's files (no replica in the name) are checked as before; a replica's
+    // lines must all name it.
+    absl::Status s =
+        VerifyChain(groups[replica], &r.lines, &r.last_hash, replica.empty() ? nullptr : &replica);
+    if (!s.ok()) {
+      if (replica.empty()) return s;
+      return absl::Status(s.code(), absl::StrCat("replica ", replica, ": ", s.message()));
+    }
+    out.push_back(std::move(r));
+  }
+  return out;
 }
 
 }  // namespace custody::server

@@ -58,6 +58,10 @@ class AuditLog {
     // writes fail there; an injected failure (errno set, -1 returned) is the portable fault.
     std::function<ssize_t(int fd, const void* data, size_t size)> write_fn = nullptr;
     std::function<int(int fd)> fsync_fn = nullptr;
+    // A replica of several (custodyd --replica_id): its chain's files are
+    // audit-REPLICA-NNNNNN.jsonl and each line carries "replica":"REPLICA" after "time". Empty:
+    // audit-NNNNNN.jsonl without the member (one process). [A-Za-z0-9._-], at most 64.
+    std::string replica_id = "";
   };
 
   struct Stats {
@@ -139,6 +143,24 @@ class AuditLog {
 // An I/O status when a file cannot be read.
 absl::Status VerifyAuditFiles(const std::vector<std::string>& files, uint64_t* lines = nullptr,
                               std::string* last_hash = nullptr);
+
+// The replica id a file name carries (audit-REPLICA-NNNNNN.jsonl), "" for audit-NNNNNN.jsonl or
+// any other name.
+std::string AuditFileReplica(const std::string& path);
+
+// One chain per replica: `files` (any order of replicas; each replica's files oldest first) are
+// grouped by AuditFileReplica and each group is verified as VerifyAuditFiles does; every line of
+// a replica's files must carry that replica's id ("replica" member; none for ""). The results
+// in the order replicas first appear; the first failure is INVALID_ARGUMENT
+// "replica R: FILE:LINE: reason".
+struct AuditChainResult {
+  std::string replica;
+  size_t files = 0;
+  uint64_t lines = 0;
+  std::string last_hash;
+};
+absl::StatusOr<std::vector<AuditChainResult>> VerifyAuditChains(
+    const std::vector<std::string>& files);
 
 }  // namespace custody::server
 

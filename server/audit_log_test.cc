@@ -528,5 +528,71 @@ TEST(AuditLogTest, OpenFailsWhenTheDirectoryIsAFile) {
   EXPECT_FALSE(log.ok());
 }
 
+// Replicas: each writes its own chain into audit-REPLICA-NNNNNN.jsonl with its id in every
+// line; VerifyAuditChains takes every replica's files at once and checks each chain, and a
+// file passed off as another replica's fails.
+TEST(AuditLogTest, EachReplicaHasItsOwnChainAndAllVerifyTogether) {
+  TempDir a_tmp, b_tmp;
+  std::map<std::string, std::vector<std::string>> files;
+  std::map<std::string, int> appended;
+  for (auto [tmp, replica] :
+       {std::pair{&a_tmp, std::string("host-a")}, std::pair{&b_tmp, std::string("host-b")}}) {
+    AuditLog::Options options;
+    options.dir = tmp->dir();
+    options.max_file_bytes = 1500;
+    options.replica_id = replica;
+    auto log = AuditLog::Open(options);
+    ASSERT_TRUE(log.ok()) << log.status();
+    const int n = replica == "host-a" ? 9 : 5;
+    for (int i = 0; i < n; ++i) ASSERT_TRUE((*log)->Append(Event(absl::StrCat(replica, i))).ok());
+    appended[replica] = n;
+    for (int index = 1;; ++index) {
+      char name[64];
+      std::snprintf(name, sizeof(name), "audit-%s-%06d.jsonl", replica.c_str(), index);
+      std::string path = tmp->dir() + "/" + name;
+      if (!std::filesystem::exists(path)) break;
+      files[replica].push_back(path);
+    }
+    ASSERT_FALSE(files[replica].empty());
+    EXPECT_FALSE(std::filesystem::exists(tmp->File(1)));  // no unnamed chain
+    for (const std::string& line : ReadLines(files[replica].front())) {
+      jose::Json json = MustParseJson(line);
+      EXPECT_EQ(json.Find("replica")->as_string(), replica);
+      EXPECT_EQ(json.as_object()[2].first, "replica");  // seq, time, replica, ...
+    }
+    EXPECT_EQ(AuditFileReplica(files[replica].front()), replica);
+  }
+  EXPECT_GE(files["host-a"].size(), 2u);  // rotated: the chain spans files
+  // Interleaved on the command line: still one chain per replica, in order of appearance.
+  std::vector<std::string> all = {files["host-b"].front()};
+  for (const std::string& f : files["host-a"]) all.push_back(f);
+  for (size_t i = 1; i < files["host-b"].size(); ++i) all.push_back(files["host-b"][i]);
+  auto chains = VerifyAuditChains(all);
+  ASSERT_TRUE(chains.ok()) << chains.status();
+  ASSERT_EQ(chains->size(), 2u);
+  EXPECT_EQ((*chains)[0].replica, "host-b");
+  EXPECT_EQ((*chains)[0].lines, static_cast<uint64_t>(appended["host-b"]));
+  EXPECT_EQ((*chains)[1].replica, "host-a");
+  EXPECT_EQ((*chains)[1].lines, static_cast<uint64_t>(appended["host-a"]));
+  EXPECT_EQ((*chains)[1].last_hash, Sha256Hex(ReadLines(files["host-a"].back()).back()));
+
+  // host-b's first file renamed as host-a's: its lines name host-b.
+  std::string forged = b_tmp.dir() + "/audit-host-c-000001.jsonl";
+  std::filesystem::copy_file(files["host-a"].front(), forged);
+  auto bad = VerifyAuditChains({forged});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("replica host-c: "), absl::string_view::npos)
+      << bad.status();
+  EXPECT_NE(bad.status().message().find("line of replica 'host-a'"), absl::string_view::npos);
+  // A gap in one replica's chain is reported for that replica.
+  std::vector<std::string> gap = {files["host-a"].front(), files["host-a"].back()};
+  gap.insert(gap.begin(), files["host-b"].begin(), files["host-b"].end());
+  if (files["host-a"].size() >= 3) {
+    auto broken = VerifyAuditChains(gap);
+    ASSERT_FALSE(broken.ok());
+    EXPECT_EQ(broken.status().message().substr(0, 16), "replica host-a: ");
+  }
+}
+
 }  // namespace
 }  // namespace custody::server

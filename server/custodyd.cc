@@ -77,6 +77,9 @@ ABSL_FLAG(absl::Duration, max_metadata_staleness, absl::Seconds(30),
           "with --metadata=postgresql: how long signing and decryption continue from memory "
           "while the database cannot be read; past it they are refused and health is "
           "NOT_SERVING, since a compromise could have been missed");
+ABSL_FLAG(std::string, replica_id, "",
+          "this replica's name in its audit chain (file names and lines); default with "
+          "--metadata=postgresql: the host name (give replicas on one host distinct ids)");
 ABSL_FLAG(bool, verbose, false, "debug logging");
 ABSL_FLAG(int, grpc_cqs, 0, "completion queues of the sync gRPC server (0: gRPC's default)");
 ABSL_FLAG(int, grpc_min_pollers, 0, "min polling threads per completion queue (0: default)");
@@ -280,6 +283,19 @@ int Run() {
   if (audit_dir.empty()) audit_dir = state_dir + "/audit";
   AuditLog::Options audit_options;
   audit_options.dir = audit_dir;
+  std::string replica_id = absl::GetFlag(FLAGS_replica_id);
+  if (replica_id.empty() && metadata->shared) {
+    char host[256] = {};
+    if (gethostname(host, sizeof(host) - 1) == 0) replica_id = host;
+  }
+  if (replica_id.size() > 64 ||
+      replica_id.find_first_not_of(
+          "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") !=
+          std::string::npos) {
+    return fail("startup.flags", absl::InvalidArgumentError(
+                                     "--replica_id: at most 64 characters of [A-Za-z0-9._-]"));
+  }
+  audit_options.replica_id = replica_id;
   auto audit = AuditLog::Open(audit_options);
   if (!audit.ok()) return fail("startup.audit", audit.status());
   RequestGuard guard(&policy, audit->get());
@@ -348,6 +364,7 @@ int Run() {
        {"token", info.label},
        {"token_serial", info.serial},
        {"rsa_x509_mechanism", (*token)->HasMechanism("CKM_RSA_X_509") ? "present" : "absent"},
+       {"replica_id", replica_id},
        {"policy", policy_path},
        {"audit_dir", audit_dir}});
 

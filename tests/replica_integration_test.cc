@@ -9,6 +9,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
@@ -177,13 +178,16 @@ class ReplicaTest : public ::testing::Test {
   void StartReplicas(int n) {
     for (int i = 0; i < n; ++i) dirs_.push_back(std::make_unique<TempDir>());
     const std::string first = dirs_[0]->path();
-    replicas_.push_back(std::make_unique<Custodyd>(first, MetadataFlags()));
+    std::vector<std::string> first_flags = MetadataFlags();
+    first_flags.push_back("--replica_id=r0");
+    replicas_.push_back(std::make_unique<Custodyd>(first, first_flags));
     ASSERT_TRUE(replicas_[0]->started()) << replicas_[0]->log();
     for (int i = 1; i < n; ++i) {
       std::vector<std::string> flags = MetadataFlags();
       flags.push_back("--pkcs11_module=/usr/lib/softhsm/libsofthsm2.so");
       flags.push_back("--token_label=custody");
       flags.push_back("--pin_file=" + first + "/pin");
+      flags.push_back("--replica_id=r" + std::to_string(i));
       replicas_.push_back(std::make_unique<Custodyd>(
           dirs_[i]->path(), flags,
           Custodyd::Environment{{"SOFTHSM2_CONF=" + first + "/softhsm2.conf"}}));
@@ -350,6 +354,27 @@ TEST_F(ReplicaTest, ChangesOnOneReplicaReachTheOthers) {
     std::printf("compromised key stopped signing on replica %d after %.1f ms\n", i, ms);
     EXPECT_LT(ms, 1000);
     EXPECT_EQ(signed_jws->kid(), ActiveKid(after));
+  }
+
+  // Each replica's audit chain carries its id; custodyctl checks all of them at once.
+  std::vector<std::string> argv = {BinDir() + "/custodyctl", "audit", "verify"};
+  for (int i = 0; i < 3; ++i) {
+    std::vector<std::string> files;
+    for (const auto& e : std::filesystem::directory_iterator(dirs_[i]->path() + "/audit")) {
+      if (e.path().filename().string().rfind("audit-", 0) == 0) files.push_back(e.path());
+    }
+    std::sort(files.begin(), files.end());
+    ASSERT_FALSE(files.empty());
+    EXPECT_NE(files[0].find("audit-r" + std::to_string(i) + "-000001.jsonl"), std::string::npos);
+    EXPECT_NE(ReadFileOrDie(files[0]).find("\"replica\":\"r" + std::to_string(i) + "\""),
+              std::string::npos);
+    argv.insert(argv.end(), files.begin(), files.end());
+  }
+  CommandResult verified = RunCommand(argv);
+  EXPECT_EQ(verified.exit_code, 0) << verified.out << verified.err;
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_NE(verified.out.find("{\"replica\":\"r" + std::to_string(i) + "\""), std::string::npos)
+        << verified.out;
   }
 }
 

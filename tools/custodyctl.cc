@@ -58,7 +58,7 @@ constexpr char kUsage[] =
     "  version compromise NAME VERSION [--reason=TEXT]\n"
     "  decrypt NAME [--jwe_file=F]   (stdin if no F; prints the raw plaintext)\n"
     "  import NAME --jwk_file=F | --pem_file=F   (a private key, as a new PENDING version)\n"
-    "  audit verify FILE...   (audit log files, oldest first; local, no server)\n"
+    "  audit verify FILE...   (audit log files, oldest first, one chain per replica; local)\n"
     "  ring create also takes --curve=P-256|P-384|P-521 --zip_max_bytes=N and the\n"
     "                         set-policy flags\n"
     "                         --import_jwk_file=F | --import_pem_file=F\n"
@@ -91,20 +91,32 @@ int Failed(const grpc::Status& status) {
 
 // Checks the hash chain of audit log files: {"ok":true,"lines":N,"last_hash":H} (keep H elsewhere
 // to detect a truncated tail later), or {"ok":false,"error":"FILE:LINE: reason"} and exit 1.
+// Replicas' files (audit-REPLICA-NNNNNN.jsonl) are checked as one chain per replica:
+// {"ok":true,"chains":[{"replica":R,"files":F,"lines":N,"last_hash":H},...]}.
 int AuditVerify(const std::vector<std::string>& files) {
-  uint64_t lines = 0;
-  std::string last_hash;
-  absl::Status status = custody::server::VerifyAuditFiles(files, &lines, &last_hash);
+  auto chains = custody::server::VerifyAuditChains(files);
   std::string out;
-  if (status.ok()) {
-    out = absl::StrCat("{\"ok\":true,\"lines\":", lines, ",\"last_hash\":\"", last_hash, "\"}");
-  } else {
+  if (!chains.ok()) {
     out = "{\"ok\":false,\"error\":";
-    custody::AppendJsonString(out, status.message());
+    custody::AppendJsonString(out, chains.status().message());
     out += "}";
+  } else if (chains->size() == 1 && chains->front().replica.empty()) {
+    out = absl::StrCat("{\"ok\":true,\"lines\":", chains->front().lines, ",\"last_hash\":\"",
+                       chains->front().last_hash, "\"}");
+  } else {
+    out = "{\"ok\":true,\"chains\":[";
+    for (size_t i = 0; i < chains->size(); ++i) {
+      const auto& c = (*chains)[i];
+      if (i > 0) out += ",";
+      out += "{\"replica\":";
+      custody::AppendJsonString(out, c.replica);
+      absl::StrAppend(&out, ",\"files\":", c.files, ",\"lines\":", c.lines, ",\"last_hash\":\"",
+                      c.last_hash, "\"}");
+    }
+    out += "]}";
   }
   std::cout << out << "\n";
-  return status.ok() ? 0 : 1;
+  return chains.ok() ? 0 : 1;
 }
 
 int PrintJson(const google::protobuf::Message& message) {

@@ -4,7 +4,11 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 
 namespace custody::client {
 namespace {
@@ -17,10 +21,54 @@ absl::StatusOr<std::string> ReadPem(const std::string& path) {
   return out.str();
 }
 
+bool IsIpv4HostPort(absl::string_view a) {
+  size_t colon = a.rfind(':');
+  if (colon == absl::string_view::npos || colon == 0) return false;
+  for (char c : a.substr(0, colon)) {
+    if (!(c == '.' || (c >= '0' && c <= '9'))) return false;
+  }
+  return true;
+}
+
+// Round robin over the replicas that report SERVING (client-side health checking of service "").
+constexpr char kReplicaServiceConfig[] =
+    R"({"loadBalancingConfig":[{"round_robin":{}}],"healthCheckConfig":{"serviceName":""}})";
+
 }  // namespace
 
+absl::StatusOr<std::pair<std::string, bool>> ChannelTarget(const ChannelOptions& options) {
+  std::vector<std::string> list = options.addresses;
+  if (!options.address.empty()) {
+    list.clear();
+    for (absl::string_view a : absl::StrSplit(options.address, ',', absl::SkipWhitespace())) {
+      list.emplace_back(absl::StripAsciiWhitespace(a));
+    }
+  }
+  if (list.empty()) return absl::InvalidArgumentError("address is empty");
+  if (list.size() == 1) {
+    return std::make_pair(list[0], absl::StartsWith(list[0], "dns:"));
+  }
+  // gRPC's unix: and ipv4: resolvers take a comma-separated list of one kind.
+  std::vector<std::string> parts;
+  if (std::all_of(list.begin(), list.end(),
+                  [](const std::string& a) { return absl::StartsWith(a, "unix:"); })) {
+    for (const std::string& a : list) parts.push_back(a.substr(5));
+    return std::make_pair("unix:" + absl::StrJoin(parts, ","), true);
+  }
+  if (std::all_of(list.begin(), list.end(), [](const std::string& a) {
+        return IsIpv4HostPort(absl::StripPrefix(a, "ipv4:"));
+      })) {
+    for (const std::string& a : list) parts.emplace_back(absl::StripPrefix(a, "ipv4:"));
+    return std::make_pair("ipv4:" + absl::StrJoin(parts, ","), true);
+  }
+  return absl::InvalidArgumentError(
+      "several addresses must all be unix:PATH or all IPv4 HOST:PORT; for host names use one "
+      "dns:///NAME:PORT whose records name the replicas");
+}
+
 absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateChannel(const ChannelOptions& options) {
-  if (options.address.empty()) return absl::InvalidArgumentError("address is empty");
+  auto target = ChannelTarget(options);
+  if (!target.ok()) return target.status();
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(16 * 1024 * 1024);
   if (options.max_reconnect_backoff_ms > 0) {
@@ -28,8 +76,18 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateChannel(const ChannelOption
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS,
                 std::min(options.max_reconnect_backoff_ms, 1000));
   }
+  if (target->second) {
+    args.SetServiceConfigJSON(kReplicaServiceConfig);
+    // A replica that comes back is used again within a second, not after gRPC's default
+    // backoff (up to 120 s).
+    if (options.max_reconnect_backoff_ms <= 0) {
+      args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+      args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+      args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+    }
+  }
   if (options.ca_file.empty()) {
-    return grpc::CreateCustomChannel(options.address, grpc::InsecureChannelCredentials(), args);
+    return grpc::CreateCustomChannel(target->first, grpc::InsecureChannelCredentials(), args);
   }
   grpc::SslCredentialsOptions ssl;
   auto roots = ReadPem(options.ca_file);
@@ -46,7 +104,7 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateChannel(const ChannelOption
   if (!options.server_name.empty()) {
     args.SetSslTargetNameOverride(options.server_name);
   }
-  return grpc::CreateCustomChannel(options.address, grpc::SslCredentials(ssl), args);
+  return grpc::CreateCustomChannel(target->first, grpc::SslCredentials(ssl), args);
 }
 
 }  // namespace custody::client

@@ -4,6 +4,8 @@
 
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "grpcpp/grpcpp.h"
@@ -11,7 +13,12 @@
 namespace custody::client {
 
 struct ChannelOptions {
-  std::string address;      // unix:PATH or HOST:PORT
+  // unix:PATH or HOST:PORT; several replicas as a comma-separated list of the same kind
+  // ("unix:/a.sock,unix:/b.sock" or "10.0.0.1:7443,10.0.0.2:7443"), or one dns:///NAME:PORT
+  // whose records name the replicas. Several replicas are load-balanced round robin over the
+  // ones whose grpc.health.v1 status is SERVING; the Client retries an UNAVAILABLE call, which
+  // then goes to another replica.
+  std::string address;
   std::string ca_file;      // PEM roots that the server certificate chains to; enables TLS
   std::string cert_file;    // client certificate chain (PEM) for mTLS
   std::string key_file;     // client private key (PEM) for mTLS
@@ -19,7 +26,13 @@ struct ChannelOptions {
   // Caps gRPC's reconnect backoff after a lost connection (its default grows to 120 s); 0 keeps
   // the default. Long-lived watchers (JwksCache) want a few seconds.
   int max_reconnect_backoff_ms = 0;
+  // The same as a list (joined to `address` when `address` is empty).
+  std::vector<std::string> addresses;
 };
+
+// The gRPC target for `options`' address(es) and whether it names several replicas.
+// INVALID_ARGUMENT for an empty address or a list mixing kinds or holding DNS names.
+absl::StatusOr<std::pair<std::string, bool>> ChannelTarget(const ChannelOptions& options);
 
 // FAILED_PRECONDITION when a PEM file cannot be read, INVALID_ARGUMENT for an empty address.
 absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateChannel(const ChannelOptions& options);

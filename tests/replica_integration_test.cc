@@ -22,6 +22,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "client/client.h"
+#include "client/jwe_encryption.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "rotation/testing/postgres_cluster.h"
@@ -79,8 +81,11 @@ double Percentile(std::vector<double> v, double p) {
 // satisfies a predicate, with the time it arrived.
 class JwksWatcher {
  public:
-  JwksWatcher(Custodyd& d) {
-    reader_ = d.signer().WatchJwks(&ctx_, v1::WatchJwksRequest());
+  // Watches `ring` (a WatchJwks of every ring would cover only the rings known when it starts).
+  JwksWatcher(Custodyd& d, const std::string& ring) {
+    v1::WatchJwksRequest req;
+    req.add_rings(ring);
+    reader_ = d.signer().WatchJwks(&ctx_, req);
     thread_ = std::thread([this] {
       v1::GetJwksResponse msg;
       while (reader_->Read(&msg)) {
@@ -180,6 +185,8 @@ class ReplicaTest : public ::testing::Test {
     const std::string first = dirs_[0]->path();
     std::vector<std::string> first_flags = MetadataFlags();
     first_flags.push_back("--replica_id=r0");
+    flags_.push_back(first_flags);
+    envs_.push_back({});
     replicas_.push_back(std::make_unique<Custodyd>(first, first_flags));
     ASSERT_TRUE(replicas_[0]->started()) << replicas_[0]->log();
     for (int i = 1; i < n; ++i) {
@@ -188,17 +195,33 @@ class ReplicaTest : public ::testing::Test {
       flags.push_back("--token_label=custody");
       flags.push_back("--pin_file=" + first + "/pin");
       flags.push_back("--replica_id=r" + std::to_string(i));
-      replicas_.push_back(std::make_unique<Custodyd>(
-          dirs_[i]->path(), flags,
-          Custodyd::Environment{{"SOFTHSM2_CONF=" + first + "/softhsm2.conf"}}));
+      flags_.push_back(flags);
+      envs_.push_back({"SOFTHSM2_CONF=" + first + "/softhsm2.conf"});
+      replicas_.push_back(
+          std::make_unique<Custodyd>(dirs_[i]->path(), flags, Custodyd::Environment{envs_.back()}));
       ASSERT_TRUE(replicas_.back()->started()) << replicas_.back()->log();
     }
   }
   Custodyd& replica(int i) { return *replicas_[static_cast<size_t>(i)]; }
+  // Starts replica i again on its state directory with its flags (after a Kill).
+  void Restart(int i) {
+    const size_t k = static_cast<size_t>(i);
+    replicas_[k].reset();
+    replicas_[k] =
+        std::make_unique<Custodyd>(dirs_[k]->path(), flags_[k], Custodyd::Environment{envs_[k]});
+  }
+  // "unix:A,unix:B,...": every replica, for the client library.
+  std::string AllAddresses() {
+    std::string out;
+    for (auto& r : replicas_) absl::StrAppend(&out, out.empty() ? "" : ",", r->address());
+    return out;
+  }
 
   std::string db_;
   std::vector<std::unique_ptr<TempDir>> dirs_;
   std::vector<std::unique_ptr<Custodyd>> replicas_;
+  std::vector<std::vector<std::string>> flags_;
+  std::vector<std::vector<std::string>> envs_;
 };
 
 // Polls SignJws on `d` until it succeeds with a kid other than `not_kid`; the signature.
@@ -309,9 +332,8 @@ TEST_F(ReplicaTest, ChangesOnOneReplicaReachTheOthers) {
     EXPECT_EQ(kid, kid1);
   }
 
-  // A forced rotation on B: C's WatchJwks (of every ring, which now includes this one) pushes
-  // the new key.
-  JwksWatcher watch_c(replica(2));
+  // A forced rotation on B: C's WatchJwks of the ring pushes the new key.
+  JwksWatcher watch_c(replica(2), "op/id-token");
   v1::RotateKeyRingRequest rotate;
   rotate.set_ring("op/id-token");
   rotate.set_force(true);
@@ -401,7 +423,13 @@ TEST_F(ReplicaTest, PropagationTimeOfJwksChanges) {
     }
   }
   ASSERT_NE(pending, 0u);
-  JwksWatcher watch_c(replica(2));
+  // C knows the ring and its PENDING key before the watch starts.
+  for (auto deadline = Clock::now() + 5s;
+       Jwks(replica(2)).find(pending_kid) == std::string::npos && Clock::now() < deadline;) {
+    std::this_thread::sleep_for(5ms);
+  }
+  ASSERT_NE(Jwks(replica(2)).find(pending_kid), std::string::npos);
+  JwksWatcher watch_c(replica(2), "op/jwks");
   std::vector<double> latencies;
   for (int i = 0; i < kChanges; ++i) {
     const bool disable = i % 2 == 0;
@@ -889,6 +917,116 @@ TEST_F(ReplicaTest, SchedulerLeaderDiesAndAnotherTakesOver) {
   }
   EXPECT_GE(destroyed.size(), 1u);
   for (const auto& [line, n] : destroyed) EXPECT_EQ(n, 1) << line;
+}
+
+// The client library with every replica's address, 8 threads signing and decrypting, a random
+// replica SIGKILLed every 2 s and restarted: no call fails (each is retried on another replica
+// within its deadline), every JWS verifies against the JWKS (OpenSSL, tests/independent_jws)
+// and every plaintext comes back.
+TEST_F(ReplicaTest, ClientFailsOverWhileReplicasAreKilled) {
+  StartReplicas(3);
+  const int kKills = kSanitized ? 8 : 30;
+  v1::KeyRing ring;
+  ASSERT_TRUE(CreateEs256(replica(0), "ha/sign", &ring).ok());
+  {
+    v1::CreateKeyRingRequest req;
+    req.set_name("ha/enc");
+    req.set_purpose(v1::DECRYPT);
+    req.set_alg("ECDH-ES+A128KW");
+    req.set_curve("P-256");
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    v1::KeyRing enc;
+    grpc::Status s = replica(0).admin().CreateKeyRing(&ctx, req, &enc);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(SignWhenReady(replica(i), "ha/sign", "", 5s));
+  std::this_thread::sleep_for(300ms);  // the decryption ring reached every replica too
+
+  client::ChannelOptions channel;
+  channel.address = AllAddresses();
+  client::ClientOptions options;
+  options.deadline = absl::Seconds(5);
+  options.max_attempts = 100;
+  options.initial_backoff = absl::Milliseconds(10);
+  options.max_backoff = absl::Milliseconds(200);
+  auto client = client::Client::Connect(channel, options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto sign_jwks = (*client)->GetJwks({"ha/sign"});
+  auto enc_jwks = (*client)->GetJwks({"ha/enc"});
+  ASSERT_TRUE(sign_jwks.ok() && enc_jwks.ok());
+  std::string error;
+  JwsKeys keys = JwsKeysOf(sign_jwks->jwks, &error);
+  ASSERT_EQ(error, "");
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> signed_ok{0}, decrypted_ok{0}, failed{0};
+  std::mutex failures_mu;
+  std::vector<std::string> failures;
+  std::vector<std::thread> workers;
+  for (int t = 0; t < 8; ++t) {
+    workers.emplace_back([&, t] {
+      for (int n = 0; !stop.load(); ++n) {
+        const std::string payload = absl::StrCat("thread ", t, " call ", n);
+        std::string problem;
+        auto started = Clock::now();
+        if (t % 2 == 0) {
+          auto jws = (*client)->SignJws("ha/sign", payload);
+          std::string got;
+          if (!jws.ok()) {
+            problem = jws.status().ToString();
+          } else if (std::string v = VerifyJws(keys, jws->jws, nullptr, &got); !v.empty()) {
+            problem = "JWS does not verify: " + v;
+          } else if (got != payload) {
+            problem = "JWS payload differs";
+          } else {
+            ++signed_ok;
+          }
+        } else {
+          auto jwe = client::EncryptToJwks(payload, enc_jwks->jwks);
+          if (!jwe.ok()) {
+            problem = jwe.status().ToString();
+          } else if (auto pt = (*client)->DecryptJwe("ha/enc", *jwe); !pt.ok()) {
+            problem = pt.status().ToString();
+          } else if (pt->plaintext != payload) {
+            problem = "wrong plaintext";
+          } else {
+            ++decrypted_ok;
+          }
+        }
+        if (!problem.empty()) {
+          ++failed;
+          std::lock_guard<std::mutex> lock(failures_mu);
+          failures.push_back(
+              absl::StrCat(problem, " after ", MsSince(started, Clock::now()), " ms"));
+        }
+      }
+    });
+  }
+  std::mt19937 rng(42);
+  double longest_restart = 0;
+  for (int k = 0; k < kKills; ++k) {
+    std::this_thread::sleep_for(2s);
+    const int victim = static_cast<int>(rng() % 3);
+    replica(victim).Kill();
+    auto killed = Clock::now();
+    Restart(victim);
+    ASSERT_TRUE(replica(victim).started()) << replica(victim).log();
+    longest_restart = std::max(longest_restart, MsSince(killed, Clock::now()));
+  }
+  std::this_thread::sleep_for(1s);
+  stop = true;
+  for (auto& w : workers) w.join();
+  std::printf(
+      "failover: %d kills, %d signatures and %d decryptions, %d failed; longest restart "
+      "%.0f ms\n",
+      kKills, signed_ok.load(), decrypted_ok.load(), failed.load(), longest_restart);
+  EXPECT_EQ(failed.load(), 0);
+  for (size_t i = 0; i < std::min<size_t>(failures.size(), 5); ++i) {
+    ADD_FAILURE() << failures[i];
+  }
+  EXPECT_GT(signed_ok.load(), kKills * 10);
+  EXPECT_GT(decrypted_ok.load(), kKills * 10);
 }
 
 }  // namespace

@@ -758,6 +758,7 @@ absl::StatusOr<v1::SignJwsResponse> KeyService::SignJws(const v1::SignJwsRequest
   if (!input.ok()) return input.status();
   auto signature = token_->Sign(*(*version)->key, (*ring)->profile.scheme, *input);
   if (!signature.ok()) return signature.status();
+  (*version)->NoteSignature();
 
   v1::SignJwsResponse out;
   out.set_jws(jose::AssembleCompactJws(signing_input, *signature));
@@ -796,6 +797,7 @@ absl::StatusOr<v1::SignResponse> KeyService::Sign(const v1::SignRequest& request
   if (!input.ok()) return input.status();
   auto signature = token_->Sign(*(*version)->key, (*ring)->profile.scheme, *input);
   if (!signature.ok()) return signature.status();
+  (*version)->NoteSignature();
   v1::SignResponse out;
   out.set_signature(*signature);
   out.set_kid((*version)->record.kid);

@@ -98,6 +98,7 @@ absl::Status KeyService::RefreshLocked() {
         }
         if (known != nullptr) {
           version.key = known->key;
+          version.last_signed_ms = known->last_signed_ms;  // this process's signatures
         } else {
           auto key = token_->FindKeyPair(absl::HexStringToBytes(version.record.object_id));
           if (key.ok()) {

@@ -256,6 +256,11 @@ TEST_F(PrometheusIntegrationTest, PromQlCountsTheCallsAndHsmErrorsCustodydServed
   }
   ASSERT_TRUE(Control("reset"));
 
+  // The probe command of deploy/kubernetes (grpc.health.v1 through custodyctl).
+  CommandResult health = RunCommand({BinDir() + "/custodyctl", "--addr=" + d.address(), "health"});
+  EXPECT_EQ(health.exit_code, 0) << health.err;
+  EXPECT_EQ(health.out, "SERVING\n");
+
   // custodyd's page, as Prometheus's own linter reads it.
   long http = 0;
   const std::string page =

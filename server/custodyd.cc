@@ -37,6 +37,7 @@
 #include "server/key_service.h"
 #include "server/request_guard.h"
 #include "server/service_metrics.h"
+#include "server/systemd_notify.h"
 #include "server/unix_listener.h"
 
 ABSL_FLAG(std::string, listen, "", "unix:PATH or HOST:PORT (default unix:STATE_DIR/custodyd.sock)");
@@ -363,6 +364,7 @@ int Run() {
   }
   if (unix_listener != nullptr) unix_listener->Serve(server.get());
   const pkcs11::TokenInfo& info = (*token)->info();
+  NotifySystemd(absl::StrCat("READY=1\nMAINPID=", getpid()));  // Type=notify units
   Log(LogLevel::kInfo, "custodyd.ready",
       {{"listen", listen},
        {"tls", tls ? "true" : "false"},
@@ -440,12 +442,15 @@ int Run() {
       int sig = 0;
       sigwait(&signals, &sig);
       if (sig == SIGHUP) {
+        NotifySystemd("RELOADING=1");
         absl::Status s = policy.LoadFrom(policy_path);
+        NotifySystemd("READY=1");
         Log(s.ok() ? LogLevel::kInfo : LogLevel::kError, "policy.reloaded",
             {{"path", policy_path}, {"result", s.ok() ? "ok" : std::string(s.message())}});
         continue;
       }
       Log(LogLevel::kInfo, "custodyd.shutdown", {{"signal", absl::StrCat(sig)}});
+      NotifySystemd("STOPPING=1");
       (*keys)->StopScheduler();
       if (unix_listener != nullptr) unix_listener->Stop();
       server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));

@@ -308,5 +308,15 @@ TEST_F(PrometheusIntegrationTest, PromQlCountsTheCallsAndHsmErrorsCustodydServed
   d.Stop();
 }
 
+// Like the gRPC port: metrics in clear only on loopback.
+TEST(MetricsListenTest, NonLoopbackWithoutTlsIsRefusedAtStartup) {
+  TempDir dir;
+  CommandResult r = RunCommand({BinDir() + "/custodyd", "--state_dir=" + dir.path() + "/state",
+                                "--metrics_listen=0.0.0.0:9464"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("startup.metrics"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("without TLS"), std::string::npos) << r.err;
+}
+
 }  // namespace
 }  // namespace custody::testing

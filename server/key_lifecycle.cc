@@ -165,7 +165,11 @@ absl::StatusOr<uint32_t> KeyService::AddVersion(const std::string& name, Activat
     // ABORTED: another replica changed the ring; ALREADY_EXISTS: it is creating this number
     // (its CREATING intent is not in the snapshot). Take the next number.
     const bool raced = absl::IsAborted(s) || absl::IsAlreadyExists(s);
-    if (!options_.shared_store || !raced || attempt == 4) return s;
+    if (!options_.shared_store || !raced) return s;
+    if (attempt == 9) {
+      return absl::AbortedError(
+          absl::StrCat("ring '", name, "' keeps being changed by other replicas; retry"));
+    }
     if (absl::Status r = RefreshLocked(); !r.ok()) return r;
     base = FindRing(name);
     if (!base.ok()) return base.status();

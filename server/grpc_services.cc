@@ -178,6 +178,13 @@ grpc::Status SignerService::Sign(grpc::ServerContext* context, const v1::SignReq
   return call.Run(response, [&] { return keys_->Sign(*request); });
 }
 
+grpc::Status SignerService::GetPublicKey(grpc::ServerContext* context,
+                                         const v1::GetPublicKeyRequest* request,
+                                         v1::PublicKey* response) {
+  Call call(guard_, *context, kOpJwks, request->ring());
+  return call.Run(response, [&] { return keys_->GetPublicKey(*request); });
+}
+
 grpc::Status SignerService::DecryptJwe(grpc::ServerContext* context,
                                        const v1::DecryptJweRequest* request,
                                        v1::DecryptJweResponse* response) {

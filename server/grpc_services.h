@@ -46,6 +46,8 @@ class SignerService final : public v1::Signer::Service {
                     v1::SignResponse* response) override;
   grpc::Status GetJwks(grpc::ServerContext* context, const v1::GetJwksRequest* request,
                        v1::GetJwksResponse* response) override;
+  grpc::Status GetPublicKey(grpc::ServerContext* context, const v1::GetPublicKeyRequest* request,
+                            v1::PublicKey* response) override;
   grpc::Status DecryptJwe(grpc::ServerContext* context, const v1::DecryptJweRequest* request,
                           v1::DecryptJweResponse* response) override;
   // As SignJwsBatch, for DecryptJwe items (each failure the same "decryption failed").

@@ -18,6 +18,7 @@
 #include "jose/private_key.h"
 #include "openssl/core_names.h"
 #include "openssl/rand.h"
+#include "server/raw_signature.h"
 
 namespace custody::server {
 namespace {
@@ -746,30 +747,59 @@ absl::StatusOr<v1::SignResponse> KeyService::Sign(const v1::SignRequest& request
   }
   auto version = ActiveVersion(**ring);
   if (!version.ok()) return version.status();
-  absl::StatusOr<std::string> input;
-  switch (request.input_case()) {
-    case v1::SignRequest::kDigest:
-      input = TokenSignInputFromDigest((*ring)->profile, request.digest());
-      break;
-    case v1::SignRequest::kData:
-      if (request.data().size() > options_.max_payload_bytes) {
-        return absl::InvalidArgumentError(absl::StrCat("data is ", request.data().size(),
-                                                       " bytes; the limit is ",
-                                                       options_.max_payload_bytes));
-      }
-      input = TokenSignInput((*ring)->profile, request.data());
-      break;
-    default:
-      return absl::InvalidArgumentError("one of 'digest' or 'data' is required");
+  if (request.version() != 0 && request.version() != (*version)->record.version) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("version ", request.version(), " of ring '", request.ring(),
+                     "' does not sign: only the ACTIVE version (", (*version)->record.version,
+                     ") does; reload the key (and its certificate)"));
   }
-  if (!input.ok()) return input.status();
-  auto signature = token_->Sign(*(*version)->key, (*ring)->profile.scheme, *input);
+  auto plan = PlanRawSign((*ring)->profile, request, options_.max_payload_bytes);
+  if (!plan.ok()) return plan.status();
+  auto signature = token_->Sign(*(*version)->key, plan->scheme, plan->token_input);
   if (!signature.ok()) return signature.status();
+  if (plan->der) {
+    signature = EcdsaJoseToDer(*signature);
+    if (!signature.ok()) return signature.status();
+  }
   v1::SignResponse out;
   out.set_signature(*signature);
   out.set_kid((*version)->record.kid);
   out.set_version((*version)->record.version);
   out.set_alg(std::string(jose::JwsAlgName((*ring)->profile.alg)));
+  return out;
+}
+
+absl::StatusOr<v1::PublicKey> KeyService::GetPublicKey(
+    const v1::GetPublicKeyRequest& request) const {
+  auto ring = FindRing(request.ring());
+  if (!ring.ok()) return ring.status();
+  const Version* v = nullptr;
+  if (request.version() == 0) {
+    auto active = ActiveVersion(**ring);
+    if (!active.ok()) return active.status();
+    v = *active;
+  } else {
+    v = (*ring)->Find(request.version());
+    if (v == nullptr) {
+      return absl::NotFoundError(
+          absl::StrCat("ring '", request.ring(), "' has no version ", request.version()));
+    }
+    const VersionState st = v->record.state;
+    if (st != VersionState::kPending && st != VersionState::kActive &&
+        st != VersionState::kRetired) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "version ", request.version(), " of ring '", request.ring(), "' is ",
+          rotation::VersionStateName(st), ": only PENDING, ACTIVE and RETIRED keys are published"));
+    }
+  }
+  v1::PublicKey out;
+  out.set_ring(request.ring());
+  out.set_version(v->record.version);
+  out.set_kid(v->record.kid);
+  out.set_alg((*ring)->record.alg);
+  out.set_state(ToProtoState(v->record.state));
+  out.set_public_jwk(v->record.public_jwk);
+  out.set_purpose((*ring)->record.purpose == rotation::Purpose::kSign ? v1::SIGN : v1::DECRYPT);
   return out;
 }
 

@@ -76,6 +76,9 @@ class KeyService {
 
   absl::StatusOr<v1::SignJwsResponse> SignJws(const v1::SignJwsRequest& request) const;
   absl::StatusOr<v1::SignResponse> Sign(const v1::SignRequest& request) const;
+  // A published version (version 0: the ACTIVE one); FAILED_PRECONDITION naming its state
+  // otherwise, NOT_FOUND for an unknown ring or version.
+  absl::StatusOr<v1::PublicKey> GetPublicKey(const v1::GetPublicKeyRequest& request) const;
   struct Jwks {
     std::string json;
     std::string etag;             // base64url of the first 16 bytes of SHA-256(json)

@@ -45,7 +45,8 @@ namespace {
 constexpr char kUsage[] =
     "usage: custodyctl [--addr=ADDR] COMMAND\n"
     "  ring create NAME --purpose=sign|decrypt --alg=ALG [--rsa_bits=N]\n"
-    "      sign: ES256|PS256|EdDSA|RS256; decrypt: RSA-OAEP-256|RSA-OAEP|ECDH-ES[+A128KW|...]\n"
+    "      sign: ES256|ES384|ES512|PS256|EdDSA|RS256; decrypt: "
+    "RSA-OAEP-256|RSA-OAEP|ECDH-ES[+A128KW|...]\n"
     "                   [--allow_non_fapi]\n"
     "  ring get NAME\n"
     "  ring list [--prefix=P]\n"

@@ -286,6 +286,13 @@ grpc::Status KeyAdminService::ImportKeyVersion(grpc::ServerContext* context,
   return status;
 }
 
+grpc::Status KeyAdminService::CreateCertificateRequest(
+    grpc::ServerContext* context, const v1::CreateCertificateRequestRequest* request,
+    v1::CertificateRequest* response) {
+  Call call(guard_, *context, kOpAdminCertificate, request->ring());
+  return call.Run(response, [&] { return keys_->CreateCertificateRequest(*request); });
+}
+
 grpc::Status KeyAdminService::GetKeyRing(grpc::ServerContext* context,
                                          const v1::GetKeyRingRequest* request,
                                          v1::KeyRing* response) {

@@ -25,6 +25,7 @@ inline constexpr char kOpAdminCreate[] = "admin.create";
 inline constexpr char kOpAdminImport[] = "admin.import";
 inline constexpr char kOpAdminRotate[] = "admin.rotate";
 inline constexpr char kOpAdminDestroy[] = "admin.destroy";
+inline constexpr char kOpAdminCertificate[] = "admin.certificate";
 
 class SignerService final : public v1::Signer::Service {
  public:
@@ -105,6 +106,9 @@ class KeyAdminService final : public v1::KeyAdmin::Service {
   grpc::Status CancelKeyVersionDestruction(grpc::ServerContext* context,
                                            const v1::KeyVersionRequest* request,
                                            v1::KeyRing* response) override;
+  grpc::Status CreateCertificateRequest(grpc::ServerContext* context,
+                                        const v1::CreateCertificateRequestRequest* request,
+                                        v1::CertificateRequest* response) override;
   grpc::Status CompromiseKeyVersion(grpc::ServerContext* context,
                                     const v1::CompromiseKeyVersionRequest* request,
                                     v1::KeyRing* response) override;

@@ -18,6 +18,7 @@
 #include "jose/private_key.h"
 #include "openssl/core_names.h"
 #include "openssl/rand.h"
+#include "server/certificates.h"
 #include "server/raw_signature.h"
 
 namespace custody::server {
@@ -800,6 +801,53 @@ absl::StatusOr<v1::PublicKey> KeyService::GetPublicKey(
   out.set_state(ToProtoState(v->record.state));
   out.set_public_jwk(v->record.public_jwk);
   out.set_purpose((*ring)->record.purpose == rotation::Purpose::kSign ? v1::SIGN : v1::DECRYPT);
+  return out;
+}
+
+absl::StatusOr<v1::CertificateRequest> KeyService::CreateCertificateRequest(
+    const v1::CreateCertificateRequestRequest& request) const {
+  auto ring = FindRing(request.ring());
+  if (!ring.ok()) return ring.status();
+  if ((*ring)->record.purpose != rotation::Purpose::kSign) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "ring '", request.ring(), "' is a DECRYPT ring; certificates are for signing keys"));
+  }
+  const Version* v = nullptr;
+  if (request.version() == 0) {
+    auto active = ActiveVersion(**ring);
+    if (!active.ok()) return active.status();
+    v = *active;
+  } else {
+    v = (*ring)->Find(request.version());
+    if (v == nullptr) {
+      return absl::NotFoundError(
+          absl::StrCat("ring '", request.ring(), "' has no version ", request.version()));
+    }
+    if (v->record.state != VersionState::kPending && v->record.state != VersionState::kActive) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("version ", request.version(), " of ring '", request.ring(), "' is ",
+                       rotation::VersionStateName(v->record.state),
+                       ": certificate requests are made for PENDING or ACTIVE versions"));
+    }
+  }
+  if (v->key == nullptr) {
+    return absl::UnavailableError(absl::StrCat("the token object of ring '", request.ring(),
+                                               "' version ", v->record.version, " is missing"));
+  }
+  auto jwk = jose::ParseJson(v->record.public_jwk);
+  if (!jwk.ok()) return absl::DataLossError("stored public JWK is invalid");
+  auto pub = jose::PkeyFromPublicJwk(*jwk);
+  if (!pub.ok()) return pub.status();
+  const std::vector<std::string> sans(request.sans().begin(), request.sans().end());
+  auto pem = BuildCertificateRequest(pub->get(), (*ring)->profile, request.subject(), sans,
+                                     [&](const RawSignPlan& plan) {
+                                       return token_->Sign(*v->key, plan.scheme, plan.token_input);
+                                     });
+  if (!pem.ok()) return pem.status();
+  v1::CertificateRequest out;
+  out.set_pem(*std::move(pem));
+  out.set_version(v->record.version);
+  out.set_kid(v->record.kid);
   return out;
 }
 

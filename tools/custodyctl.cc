@@ -12,6 +12,7 @@
 //   custodyctl version compromise NAME VERSION [--reason=TEXT]
 //   custodyctl decrypt NAME [--jwe_file=F]          (stdin when no file; raw plaintext out)
 //   custodyctl import NAME --jwk_file=F | --pem_file=F
+//   custodyctl csr NAME [--version=N] --subject=/CN=... [--san=dns:NAME,uri:URI,...]
 //   custodyctl audit verify FILE...   (local: checks audit log files in order; no server)
 //   ring create also takes --curve=P-256|P-384|P-521, --zip_max_bytes=N (DECRYPT rings) and
 //   --import_jwk_file=F | --import_pem_file=F (the first version imported, not generated).
@@ -32,6 +33,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 #include "client/channel.h"
 #include "common/log.h"
@@ -58,6 +60,7 @@ constexpr char kUsage[] =
     "  version disable|enable|destroy|cancel-destroy NAME VERSION\n"
     "  version compromise NAME VERSION [--reason=TEXT]\n"
     "  decrypt NAME [--jwe_file=F]   (stdin if no F; prints the raw plaintext)\n"
+    "  csr NAME [--version=N] --subject=/CN=... [--san=dns:NAME,uri:URI,...]   (PEM out)\n"
     "  import NAME --jwk_file=F | --pem_file=F   (a private key, as a new PENDING version)\n"
     "  audit verify FILE...   (audit log files, oldest first; local, no server)\n"
     "  ring create also takes --curve=P-256|P-384|P-521 --zip_max_bytes=N and the\n"
@@ -159,6 +162,7 @@ class Ctl {
     if (p[0] == "jwks") return Jwks({p.begin() + 1, p.end()}, args.Has("watch"));
     if (p[0] == "decrypt" && p.size() == 2) return Decrypt(p[1], args);
     if (p[0] == "import" && p.size() == 2) return Import(p[1], args);
+    if (p[0] == "csr" && p.size() == 2) return Csr(p[1], args);
     return Usage(absl::StrCat("unknown command '", p[0], p.size() > 1 ? " " + p[1] : "", "'"));
   }
 
@@ -307,6 +311,32 @@ class Ctl {
     auto ctx = Context();
     s = admin_->UpdateRotationPolicy(ctx.get(), req, &ring);
     return s.ok() ? PrintJson(ring) : Failed(s);
+  }
+
+  // PKCS#10 CSR built and signed inside custodyd (the version may still be PENDING); PEM out.
+  int Csr(const std::string& name, const Args& args) {
+    custody::v1::CreateCertificateRequestRequest req;
+    req.set_ring(name);
+    if (args.Has("version")) {
+      uint32_t version = 0;
+      if (!absl::SimpleAtoi(args.Flag("version"), &version) || version == 0) {
+        return Usage("--version: a number");
+      }
+      req.set_version(version);
+    }
+    if (!args.Has("subject")) return Usage("csr needs --subject=/CN=...");
+    req.set_subject(args.Flag("subject"));
+    if (args.Has("san")) {
+      for (absl::string_view san : absl::StrSplit(args.Flag("san"), ',')) {
+        req.add_sans(std::string(san));
+      }
+    }
+    custody::v1::CertificateRequest resp;
+    auto ctx = Context();
+    grpc::Status s = admin_->CreateCertificateRequest(ctx.get(), req, &resp);
+    if (!s.ok()) return Failed(s);
+    std::cout << resp.pem();
+    return 0;
   }
 
   int Rotate(const std::string& name, bool force) {

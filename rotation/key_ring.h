@@ -59,6 +59,8 @@ struct RingRecord {
   int64_t zip_max_bytes = 0;  // decryption rings: 0 = JWE "zip" refused
   RotationPolicy policy;
   bool policy_explicit = false;  // set once an operator gave a policy: keep a PENDING version
+  // Manual rotation (without force) promotes only a PENDING version that has a certificate.
+  bool require_certificate = false;
 };
 
 struct VersionRecord {
@@ -79,6 +81,9 @@ struct VersionRecord {
   // DISABLED / DESTROY_SCHEDULED: the state before; kCreating when not applicable.
   VersionState previous_state = VersionState::kCreating;
   bool compromised = false;
+  // X.509 chain of the version's key (PEM, leaf first; checked against the key when set); "" =
+  // none.
+  std::string certificate_chain;
 };
 
 // Published in JWKS: PENDING, ACTIVE and RETIRED. Decrypts: the same.

@@ -1,14 +1,19 @@
 #include "server/certificates.h"
 
+#include <ctime>
 #include <memory>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
 #include "custody/v1/custody.pb.h"
+#include "jose/base64url.h"
 #include "openssl/core_names.h"
+#include "openssl/err.h"
 #include "openssl/pem.h"
 #include "openssl/rsa.h"
 #include "openssl/x509.h"
@@ -174,6 +179,96 @@ absl::StatusOr<std::string> BuildCertificateRequest(const EVP_PKEY* public_key,
   char* data = nullptr;
   const long len = BIO_get_mem_data(bio.get(), &data);
   return std::string(data, static_cast<size_t>(len));
+}
+
+absl::StatusOr<CertificateChain> ParseCertificateChain(absl::string_view pem, const EVP_PKEY* key) {
+  constexpr size_t kMaxPem = 64 * 1024;
+  constexpr size_t kMaxCertificates = 10;
+  if (pem.size() > kMaxPem) {
+    return absl::InvalidArgumentError(absl::StrCat("certificate chain over ", kMaxPem, " bytes"));
+  }
+  BioPtr bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  std::vector<std::unique_ptr<X509, Deleter<X509, X509_free>>> certs;
+  while (true) {
+    X509* cert = PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr);
+    if (cert == nullptr) break;
+    certs.emplace_back(cert);
+    if (certs.size() > kMaxCertificates) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("certificate chain longer than ", kMaxCertificates));
+    }
+  }
+  ERR_clear_error();  // the end of the PEM data
+  if (certs.empty()) {
+    return absl::InvalidArgumentError("no PEM certificate (-----BEGIN CERTIFICATE-----) found");
+  }
+  for (size_t i = 0; i + 1 < certs.size(); ++i) {
+    if (X509_check_issued(certs[i + 1].get(), certs[i].get()) != X509_V_OK) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("certificate ", i + 2, " of the chain did not issue certificate ", i + 1,
+                       " (give the leaf first, then its issuers in order)"));
+    }
+  }
+  X509* leaf = certs.front().get();
+  if (key != nullptr && EVP_PKEY_eq(X509_get0_pubkey(leaf), key) != 1) {
+    return absl::InvalidArgumentError(
+        "the leaf certificate's public key is not this version's key (certificate for another "
+        "key?)");
+  }
+  CertificateChain out;
+  for (const auto& c : certs) {
+    unsigned char* der = nullptr;
+    const int len = i2d_X509(c.get(), &der);
+    if (len <= 0) return absl::InternalError("i2d_X509 failed");
+    out.der.emplace_back(reinterpret_cast<const char*>(der), len);
+    OPENSSL_free(der);
+  }
+  auto name = [](const X509_NAME* n) {
+    BioPtr b(BIO_new(BIO_s_mem()));
+    X509_NAME_print_ex(b.get(), n, 0, XN_FLAG_RFC2253);
+    char* data = nullptr;
+    const long len = BIO_get_mem_data(b.get(), &data);
+    return std::string(data, static_cast<size_t>(len));
+  };
+  out.subject = name(X509_get_subject_name(leaf));
+  out.issuer = name(X509_get_issuer_name(leaf));
+  struct tm tm {};
+  if (ASN1_TIME_to_tm(X509_get0_notAfter(leaf), &tm) != 1) {
+    return absl::InvalidArgumentError("the leaf certificate's notAfter is invalid");
+  }
+  out.not_after_ms = static_cast<int64_t>(timegm(&tm)) * 1000;
+  unsigned char digest[32];
+  if (EVP_Digest(out.der.front().data(), out.der.front().size(), digest, nullptr, EVP_sha256(),
+                 nullptr) != 1) {
+    return absl::InternalError("SHA-256 failed");
+  }
+  out.sha256_thumbprint =
+      jose::Base64UrlEncode(std::string_view(reinterpret_cast<char*>(digest), sizeof(digest)));
+  return out;
+}
+
+void DescribeCertificate(absl::string_view chain_pem, int64_t prepublish_ms,
+                         v1::CertificateInfo* out) {
+  auto chain = ParseCertificateChain(chain_pem);
+  if (!chain.ok()) {
+    out->set_subject(absl::StrCat("(stored chain unreadable: ", chain.status().message(), ")"));
+    return;
+  }
+  out->set_subject(chain->subject);
+  out->set_issuer(chain->issuer);
+  out->set_not_after_ms(chain->not_after_ms);
+  out->set_sha256_thumbprint(chain->sha256_thumbprint);
+  out->set_chain_length(static_cast<int>(chain->der.size()));
+  out->set_expiring(chain->not_after_ms - absl::ToUnixMillis(absl::Now()) <= prepublish_ms);
+}
+
+std::string JwkCertificateMembers(const CertificateChain& chain) {
+  std::vector<std::string> x5c;
+  for (const std::string& der : chain.der) {
+    x5c.push_back(absl::StrCat("\"", absl::Base64Escape(der), "\""));
+  }
+  return absl::StrCat(",\"x5c\":[", absl::StrJoin(x5c, ","), "],\"x5t#S256\":\"",
+                      chain.sha256_thumbprint, "\"");
 }
 
 }  // namespace custody::server

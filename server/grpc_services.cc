@@ -293,6 +293,13 @@ grpc::Status KeyAdminService::CreateCertificateRequest(
   return call.Run(response, [&] { return keys_->CreateCertificateRequest(*request); });
 }
 
+grpc::Status KeyAdminService::SetCertificate(grpc::ServerContext* context,
+                                             const v1::SetCertificateRequest* request,
+                                             v1::KeyRing* response) {
+  Call call(guard_, *context, kOpAdminCertificate, request->ring());
+  return call.Run(response, [&] { return keys_->SetCertificate(*request); });
+}
+
 grpc::Status KeyAdminService::GetKeyRing(grpc::ServerContext* context,
                                          const v1::GetKeyRingRequest* request,
                                          v1::KeyRing* response) {

@@ -109,6 +109,9 @@ class KeyAdminService final : public v1::KeyAdmin::Service {
   grpc::Status CreateCertificateRequest(grpc::ServerContext* context,
                                         const v1::CreateCertificateRequestRequest* request,
                                         v1::CertificateRequest* response) override;
+  grpc::Status SetCertificate(grpc::ServerContext* context,
+                              const v1::SetCertificateRequest* request,
+                              v1::KeyRing* response) override;
   grpc::Status CompromiseKeyVersion(grpc::ServerContext* context,
                                     const v1::CompromiseKeyVersionRequest* request,
                                     v1::KeyRing* response) override;

@@ -444,6 +444,10 @@ absl::StatusOr<v1::KeyRing> KeyService::CreateKeyRing(const v1::CreateKeyRingReq
   ring.record.allow_non_fapi = request.allow_non_fapi();
   ring.record.curve = request.curve();
   ring.record.zip_max_bytes = request.zip_max_bytes();
+  if (request.require_certificate() && ring.record.purpose != rotation::Purpose::kSign) {
+    return absl::InvalidArgumentError("require_certificate applies to SIGN rings only");
+  }
+  ring.record.require_certificate = request.require_certificate();
   if (request.has_policy()) {
     ring.record.policy = {request.policy().prepublish_ms(), request.policy().rotation_period_ms(),
                           request.policy().retain_ms(), request.policy().destroy_delay_ms()};
@@ -653,7 +657,12 @@ v1::KeyRing KeyService::ToProto(const Ring& ring) const {
     pv->set_token_object_id(v.record.object_id);
     pv->set_public_jwk(v.record.public_jwk);
     pv->set_object_missing(v.object_missing);
+    if (!v.record.certificate_chain.empty()) {
+      DescribeCertificate(v.record.certificate_chain, ring.record.policy.prepublish_ms,
+                          pv->mutable_certificate());
+    }
   }
+  out.set_require_certificate(ring.record.require_certificate);
   return out;
 }
 
@@ -906,6 +915,11 @@ absl::StatusOr<KeyService::Jwks> KeyService::GetJwks(const std::vector<std::stri
       AppendJsonString(out.json, v->record.kid);
       absl::StrAppend(&out.json, ",\"use\":\"", use, "\",\"alg\":");
       AppendJsonString(out.json, ring->record.alg);
+      if (!v->record.certificate_chain.empty()) {
+        // Checked when it was set; a chain that no longer parses is left out, not fatal.
+        auto chain = ParseCertificateChain(v->record.certificate_chain);
+        if (chain.ok()) out.json += JwkCertificateMembers(*chain);
+      }
       out.json += '}';
     }
   }

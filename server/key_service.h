@@ -83,6 +83,8 @@ class KeyService {
   // (server/certificates.h); FAILED_PRECONDITION for other states and DECRYPT rings.
   absl::StatusOr<v1::CertificateRequest> CreateCertificateRequest(
       const v1::CreateCertificateRequestRequest& request) const;
+  // Attaches a checked X.509 chain to a PENDING, ACTIVE or RETIRED version (durable first).
+  absl::StatusOr<v1::KeyRing> SetCertificate(const v1::SetCertificateRequest& request);
   struct Jwks {
     std::string json;
     std::string etag;             // base64url of the first 16 bytes of SHA-256(json)

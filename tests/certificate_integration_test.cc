@@ -38,7 +38,8 @@ class CertificateTest : public ::testing::Test {
                                                           {"tls/rs256", "--alg=RS256"},
                                                           {"tls/eddsa", "--alg=EdDSA"},
                                                           {"tls/next", "--alg=ES256"},
-                                                          {"locked/es256", "--alg=ES256"}}) {
+                                                          {"locked/es256", "--alg=ES256"},
+                                                          {"tls/mtls", "--alg=PS256"}}) {
       std::vector<std::string> args = {"ring", "create", ring, "--purpose=sign", alg};
       if (alg == "--alg=RS256") args.push_back("--allow_non_fapi");
       CommandResult r = Ctl(args);
@@ -46,6 +47,14 @@ class CertificateTest : public ::testing::Test {
     }
     // tls/next: an explicit policy keeps a pre-published PENDING version 2.
     CommandResult r = Ctl({"ring", "set-policy", "tls/next", "--prepublish=1h", "--retain=1h"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    // tls/gated: rotation needs a certificate on the PENDING version (published long enough
+    // at once: prepublish 0). tls/short: a 2-day prepublish window.
+    r = Ctl({"ring", "create", "tls/gated", "--purpose=sign", "--alg=ES256",
+             "--require_certificate", "--prepublish=0", "--retain=1h"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    r = Ctl({"ring", "create", "tls/short", "--purpose=sign", "--alg=ES256", "--prepublish=48h",
+             "--retain=48h"});
     ASSERT_EQ(r.exit_code, 0) << r.err;
     r = RunCommand({"openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                     "ec_paramgen_curve:P-256", "-nodes", "-keyout", Path("ca.key"), "-subj",
@@ -164,6 +173,123 @@ TEST_F(CertificateTest, RefusesBadRequestsWithTheReason) {
   EXPECT_NE(r.err.find("FAILED_PRECONDITION: version 1 of ring 'tls/es384' is RETIRED"),
             std::string::npos)
       << r.err;
+}
+
+TEST_F(CertificateTest, CertificateSetAcceptsTheChainAndTheJwksCarriesX5c) {
+  CommandResult r = Ctl({"csr", "tls/mtls", "--subject=/CN=acme client/O=Acme",
+                         "--san=uri:https://acme.example/client"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  WriteFileOrDie(Path("mtls.csr"), r.out);
+  r = RunCommand({"openssl", "x509", "-req", "-in", Path("mtls.csr"), "-CA", Path("ca.crt"),
+                  "-CAkey", Path("ca.key"), "-CAcreateserial", "-days", "30", "-out",
+                  Path("mtls.crt")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  WriteFileOrDie(Path("chain.pem"),
+                 ReadFileOrDie(Path("mtls.crt")) + ReadFileOrDie(Path("ca.crt")));
+  r = Ctl({"certificate", "set", "tls/mtls", "1", "--chain_file=" + Path("chain.pem")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("\"subject\": \"O=Acme,CN=acme client\""), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"issuer\": \"CN=custody test CA\""), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"expiring\": false"), std::string::npos) << r.out;
+
+  // jwcrypto reads the JWKS; x5c[0] is the leaf's DER, x5t#S256 its SHA-256, both checked in
+  // Python against `openssl x509 -outform DER`; the thumbprint also against GetKeyRing's.
+  CommandResult leaf = RunCommand(
+      {"openssl", "x509", "-in", Path("mtls.crt"), "-outform", "DER", "-out", Path("leaf.der")});
+  ASSERT_EQ(leaf.exit_code, 0) << leaf.err;
+  r = Ctl({"jwks", "tls/mtls"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  WriteFileOrDie(Path("jwks.json"), r.out);
+  CommandResult check = RunCommand(
+      {"/usr/bin/python3", "-c",
+       "import sys,json,base64,hashlib\nfrom jwcrypto import jwk\n"
+       "ks=jwk.JWKSet.from_json(open(sys.argv[1]).read())\n"
+       "k=json.loads(list(ks['keys'])[0].export_public())\n"
+       "raw=json.load(open(sys.argv[1]))['keys'][0]\n"
+       "leaf=open(sys.argv[2],'rb').read()\n"
+       "assert base64.b64decode(raw['x5c'][0])==leaf, 'x5c[0] is not the leaf'\n"
+       "assert len(raw['x5c'])==2\n"
+       "t=base64.urlsafe_b64encode(hashlib.sha256(leaf).digest()).rstrip(b'=').decode()\n"
+       "assert raw['x5t#S256']==t, 'x5t#S256'\n"
+       "print(t)",
+       Path("jwks.json"), Path("leaf.der")});
+  ASSERT_EQ(check.exit_code, 0) << check.out << check.err;
+  const std::string thumbprint = check.out.substr(0, check.out.find('\n'));
+  r = Ctl({"ring", "get", "tls/mtls"});
+  EXPECT_NE(r.out.find("\"sha256_thumbprint\": \"" + thumbprint + "\""), std::string::npos)
+      << r.out;
+
+  // Durable: still there after a restart.
+  delete daemon_;
+  daemon_ = new Custodyd(Path("state"), {"--policy_file=" + Path("policy.json")});
+  ASSERT_TRUE(daemon_->started()) << daemon_->log();
+  r = Ctl({"jwks", "tls/mtls"});
+  EXPECT_NE(r.out.find("\"x5t#S256\":\"" + thumbprint + "\""), std::string::npos) << r.out;
+}
+
+TEST_F(CertificateTest, CertificateSetRefusesAChainForAnotherKeyWithTheReason) {
+  CommandResult r = Ctl({"csr", "tls/es256", "--subject=/CN=es256"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  WriteFileOrDie(Path("other.csr"), r.out);
+  r = RunCommand({"openssl", "x509", "-req", "-in", Path("other.csr"), "-CA", Path("ca.crt"),
+                  "-CAkey", Path("ca.key"), "-CAcreateserial", "-days", "30", "-out",
+                  Path("other.crt")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Ctl({"certificate", "set", "tls/eddsa", "1", "--chain_file=" + Path("other.crt")});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("INVALID_ARGUMENT: version 1 of ring 'tls/eddsa': the leaf certificate's "
+                       "public key is not this version's key"),
+            std::string::npos)
+      << r.err;
+  // Issuer before leaf.
+  WriteFileOrDie(Path("reversed.pem"),
+                 ReadFileOrDie(Path("ca.crt")) + ReadFileOrDie(Path("other.crt")));
+  r = Ctl({"certificate", "set", "tls/es256", "1", "--chain_file=" + Path("reversed.pem")});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("did not issue certificate 1"), std::string::npos) << r.err;
+  WriteFileOrDie(Path("garbage.pem"), "not a certificate");
+  r = Ctl({"certificate", "set", "tls/es256", "1", "--chain_file=" + Path("garbage.pem")});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("no PEM certificate"), std::string::npos) << r.err;
+  // Nothing was attached.
+  r = Ctl({"ring", "get", "tls/eddsa"});
+  EXPECT_EQ(r.out.find("\"certificate\""), std::string::npos) << r.out;
+}
+
+TEST_F(CertificateTest, RotationOfARingThatRequiresCertificatesWaitsForOne) {
+  CommandResult r = Ctl({"ring", "rotate", "tls/gated"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("FAILED_PRECONDITION: ring 'tls/gated' requires a certificate and PENDING "
+                       "version 2 has none"),
+            std::string::npos)
+      << r.err;
+  // The PENDING version gets its certificate before it signs; then rotation goes through.
+  r = Ctl({"csr", "tls/gated", "--version=2", "--subject=/CN=gated"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  WriteFileOrDie(Path("gated.csr"), r.out);
+  r = RunCommand({"openssl", "x509", "-req", "-in", Path("gated.csr"), "-CA", Path("ca.crt"),
+                  "-CAkey", Path("ca.key"), "-CAcreateserial", "-days", "30", "-out",
+                  Path("gated.crt")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Ctl({"certificate", "set", "tls/gated", "2", "--chain_file=" + Path("gated.crt")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Ctl({"ring", "rotate", "tls/gated"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("\"rotated\": true"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"require_certificate\": true"), std::string::npos) << r.out;
+}
+
+TEST_F(CertificateTest, GetKeyRingReportsCertificatesExpiringWithinPrepublish) {
+  CommandResult r = Ctl({"csr", "tls/short", "--subject=/CN=short"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  WriteFileOrDie(Path("short.csr"), r.out);
+  r = RunCommand({"openssl", "x509", "-req", "-in", Path("short.csr"), "-CA", Path("ca.crt"),
+                  "-CAkey", Path("ca.key"), "-CAcreateserial", "-days", "1", "-out",
+                  Path("short.crt")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Ctl({"certificate", "set", "tls/short", "1", "--chain_file=" + Path("short.crt")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("\"expiring\": true"), std::string::npos) << r.out;
 }
 
 TEST_F(CertificateTest, EveryCsrIsAuditedAsAnAdminCertificateOperation) {

@@ -13,6 +13,8 @@
 //   custodyctl decrypt NAME [--jwe_file=F]          (stdin when no file; raw plaintext out)
 //   custodyctl import NAME --jwk_file=F | --pem_file=F
 //   custodyctl csr NAME [--version=N] --subject=/CN=... [--san=dns:NAME,uri:URI,...]
+//   custodyctl certificate set NAME VERSION --chain_file=F   (PEM, leaf first)
+//   ring create also takes --require_certificate (rotate without --force needs a certificate).
 //   custodyctl audit verify FILE...   (local: checks audit log files in order; no server)
 //   ring create also takes --curve=P-256|P-384|P-521, --zip_max_bytes=N (DECRYPT rings) and
 //   --import_jwk_file=F | --import_pem_file=F (the first version imported, not generated).
@@ -61,6 +63,7 @@ constexpr char kUsage[] =
     "  version compromise NAME VERSION [--reason=TEXT]\n"
     "  decrypt NAME [--jwe_file=F]   (stdin if no F; prints the raw plaintext)\n"
     "  csr NAME [--version=N] --subject=/CN=... [--san=dns:NAME,uri:URI,...]   (PEM out)\n"
+    "  certificate set NAME VERSION --chain_file=F   (PEM chain, leaf first)\n"
     "  import NAME --jwk_file=F | --pem_file=F   (a private key, as a new PENDING version)\n"
     "  audit verify FILE...   (audit log files, oldest first; local, no server)\n"
     "  ring create also takes --curve=P-256|P-384|P-521 --zip_max_bytes=N and the\n"
@@ -163,6 +166,9 @@ class Ctl {
     if (p[0] == "decrypt" && p.size() == 2) return Decrypt(p[1], args);
     if (p[0] == "import" && p.size() == 2) return Import(p[1], args);
     if (p[0] == "csr" && p.size() == 2) return Csr(p[1], args);
+    if (p[0] == "certificate" && p.size() == 4 && p[1] == "set") {
+      return CertificateSet(p[2], p[3], args);
+    }
     return Usage(absl::StrCat("unknown command '", p[0], p.size() > 1 ? " " + p[1] : "", "'"));
   }
 
@@ -192,6 +198,7 @@ class Ctl {
       req.set_rsa_bits(bits);
     }
     req.set_curve(args.Flag("curve"));
+    req.set_require_certificate(args.Has("require_certificate"));
     if (args.Has("zip_max_bytes")) {
       uint32_t zip = 0;
       if (!absl::SimpleAtoi(args.Flag("zip_max_bytes"), &zip)) {
@@ -337,6 +344,23 @@ class Ctl {
     if (!s.ok()) return Failed(s);
     std::cout << resp.pem();
     return 0;
+  }
+
+  int CertificateSet(const std::string& name, const std::string& number, const Args& args) {
+    custody::v1::SetCertificateRequest req;
+    req.set_ring(name);
+    uint32_t version = 0;
+    if (!absl::SimpleAtoi(number, &version) || version == 0) return Usage("VERSION: a number");
+    req.set_version(version);
+    if (!args.Has("chain_file")) return Usage("certificate set needs --chain_file=PEM");
+    if (!ReadAll(args.Flag("chain_file"), req.mutable_chain_pem()) || req.chain_pem().empty()) {
+      std::cerr << "custodyctl: cannot read " << args.Flag("chain_file") << "\n";
+      return 1;
+    }
+    custody::v1::KeyRing ring;
+    auto ctx = Context();
+    grpc::Status s = admin_->SetCertificate(ctx.get(), req, &ring);
+    return s.ok() ? PrintJson(ring) : Failed(s);
   }
 
   int Rotate(const std::string& name, bool force) {

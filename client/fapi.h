@@ -65,6 +65,10 @@ struct DpopProofOptions {
 
 // RFC 9449 DPoP proof: typ "dpop+jwt", the ring's public JWK embedded as "jwk" (needs
 // SignJwsRequest.embed_jwk; UNIMPLEMENTED without it), claims jti, htm, htu, iat, ath?, nonce?.
+// An access token is bound to the key of its token request's proof (cnf.jkt) and is usable only
+// while that key signs: sign proofs with a ring of their own, rotated less often than the
+// access-token lifetime, rather than with the ring of the client's assertions and request
+// objects, whose rotation would otherwise kill every outstanding token.
 absl::StatusOr<std::string> DpopProof(const Client& client, absl::string_view ring,
                                       const DpopProofOptions& options);
 

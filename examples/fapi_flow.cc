@@ -3,13 +3,25 @@
 // cookie jar up to the redirect_uri) → code exchange with DPoP → the encrypted ID token decrypted
 // through custody and verified against the server's JWKS → userinfo with the DPoP-bound token.
 // Server DPoP nonces are honoured (RFC 9449 §8). Prints one line per step, the last
-// "flow ok signing_kid=K decryption_kid=K sub=S"; exit 1 on failure, with the server's answer.
+// "flow ok signing_kid=K decryption_kid=K dpop_kid=K sub=S"; exit 1 on failure, with the
+// server's answer.
+//
+// DPoP proofs are signed by --dpop_ring when given, else by the signing ring. A DPoP-bound access
+// token is bound to the key that signed the proofs of its token request (cnf.jkt), so it stays
+// usable only while that key signs: with the signing ring, until that ring rotates; with a
+// dedicated DPoP ring (its own, slower cadence), across rotations of the signing ring.
+// --reuse_token_after=PATH shows it: once the flow is done, wait until PATH exists (the caller
+// rotates keys meanwhile), then call userinfo again with the same access token and a new proof.
 //
 //   fapi_flow --addr=ADDR --issuer=URL --client_id=ID --redirect_uri=URI
 //       [--signing_ring=clients/acme/sign] [--decryption_ring=clients/acme/id-token-enc]
+//       [--dpop_ring=RING] [--reuse_token_after=PATH]
+#include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <functional>
 #include <string>
+#include <thread>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -20,13 +32,19 @@
 #include "client/jws_verifier.h"
 #include "examples/http_session.h"
 #include "jose/base64url.h"
+#include "jose/jwk.h"
 
 ABSL_FLAG(std::string, addr, "", "custodyd address: unix:PATH or HOST:PORT");
 ABSL_FLAG(std::string, issuer, "", "the authorization server's issuer identifier");
 ABSL_FLAG(std::string, client_id, "", "our client_id at the authorization server");
 ABSL_FLAG(std::string, redirect_uri, "", "our registered redirect_uri (never fetched)");
-ABSL_FLAG(std::string, signing_ring, "clients/acme/sign", "ES256 ring: JWTs and DPoP proofs");
+ABSL_FLAG(std::string, signing_ring, "clients/acme/sign",
+          "ES256 ring: client assertions, request objects (and DPoP proofs without --dpop_ring)");
 ABSL_FLAG(std::string, decryption_ring, "clients/acme/id-token-enc", "ID token JWE ring");
+ABSL_FLAG(std::string, dpop_ring, "", "ring that signs DPoP proofs (default: --signing_ring)");
+ABSL_FLAG(std::string, reuse_token_after, "",
+          "after the flow, wait (up to 60 s) until this file exists, then call userinfo again "
+          "with the same access token");
 
 namespace {
 
@@ -34,11 +52,15 @@ using namespace custody::client;    // NOLINT: example brevity
 using namespace custody::examples;  // NOLINT: HttpSession, HttpResponse, JsonBody, Member
 using custody::jose::Json;
 
-// The kid in a compact JWS's protected header.
+// The kid in a compact JWS's protected header; for a DPoP proof, which carries its key as "jwk",
+// that key's RFC 7638 thumbprint (what custody's kids are, and what cnf.jkt binds).
 std::string KidOf(const std::string& jws) {
   auto header = custody::jose::Base64UrlDecode(jws.substr(0, jws.find('.')));
   auto json = header.ok() ? custody::jose::ParseJson(*header) : header.status();
-  return json.ok() ? Member(*json, "kid") : "";
+  if (!json.ok()) return "";
+  const Json* jwk = json->Find("jwk");
+  if (jwk == nullptr) return Member(*json, "kid");
+  return custody::jose::Rfc7638Thumbprint(*jwk).value_or("");
 }
 
 class Flow {
@@ -119,14 +141,30 @@ class Flow {
         JsonBody(Dpop("GET", Member(*meta, "userinfo_endpoint"), {}, access_token), 200);
     if (!userinfo.ok()) return userinfo.status();
     if (Member(*userinfo, "sub") != sub) return absl::FailedPreconditionError("userinfo sub");
-    std::printf("userinfo: %s\nflow ok signing_kid=%s decryption_kid=%s sub=%s\n",
+    std::printf("userinfo: %s\nflow ok signing_kid=%s decryption_kid=%s dpop_kid=%s sub=%s\n",
                 userinfo->Serialize().c_str(), KidOf(*request).c_str(), id_token->kid.c_str(),
-                sub.c_str());
-    return absl::OkStatus();
+                dpop_kid_.c_str(), sub.c_str());
+    std::fflush(stdout);
+    return f_.reuse_token_after.empty() ? absl::OkStatus()
+                                        : Reuse(Member(*meta, "userinfo_endpoint"), access_token);
   }
 
  private:
   using Fields = std::vector<std::pair<std::string, std::string>>;
+
+  // Once f_.reuse_token_after exists: userinfo again with the access token the flow obtained.
+  absl::Status Reuse(const std::string& userinfo_endpoint, const std::string& access_token) {
+    namespace fs = std::filesystem;
+    for (int i = 0; !fs::exists(f_.reuse_token_after); ++i) {
+      if (i == 6000) return absl::DeadlineExceededError("no " + f_.reuse_token_after + " in 60 s");
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    auto userinfo = JsonBody(Dpop("GET", userinfo_endpoint, {}, access_token), 200);
+    if (!userinfo.ok()) return userinfo.status();
+    std::printf("reuse ok dpop_kid=%s sub=%s\n", dpop_kid_.c_str(),
+                Member(*userinfo, "sub").c_str());
+    return absl::OkStatus();
+  }
 
   // A request with a DPoP proof; `form` (POST when it returns non-empty) is rebuilt for each
   // attempt. Retried once with the server's nonce when it answers use_dpop_nonce.
@@ -139,7 +177,8 @@ class Flow {
       dpop.htu = url;
       dpop.access_token = access_token;  // sets ath
       dpop.nonce = dpop_nonce_;
-      auto proof = DpopProof(client_, f_.signing_ring, dpop);
+      auto proof = DpopProof(client_, f_.dpop_ring.empty() ? f_.signing_ring : f_.dpop_ring, dpop);
+      if (proof.ok()) dpop_kid_ = KidOf(*proof);
       auto body = form ? form() : absl::StatusOr<std::string>("");
       if (!proof.ok() || !body.ok()) return proof.ok() ? body.status() : proof.status();
       std::vector<std::string> headers = {"DPoP: " + *proof};
@@ -172,12 +211,15 @@ class Flow {
 
   const Client& client_;
   const struct {
-    std::string issuer, client_id, redirect_uri, signing_ring, decryption_ring;
-  } f_{absl::GetFlag(FLAGS_issuer), absl::GetFlag(FLAGS_client_id),
-       absl::GetFlag(FLAGS_redirect_uri), absl::GetFlag(FLAGS_signing_ring),
-       absl::GetFlag(FLAGS_decryption_ring)};
+    std::string issuer, client_id, redirect_uri, signing_ring, decryption_ring, dpop_ring,
+        reuse_token_after;
+  } f_{absl::GetFlag(FLAGS_issuer),           absl::GetFlag(FLAGS_client_id),
+       absl::GetFlag(FLAGS_redirect_uri),     absl::GetFlag(FLAGS_signing_ring),
+       absl::GetFlag(FLAGS_decryption_ring),  absl::GetFlag(FLAGS_dpop_ring),
+       absl::GetFlag(FLAGS_reuse_token_after)};
   HttpSession http_;
   std::string dpop_nonce_;
+  std::string dpop_kid_;  // of the last DPoP proof
 };
 
 }  // namespace

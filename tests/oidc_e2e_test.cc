@@ -3,7 +3,9 @@
 // a FAPI 2.0 flow (PAR with a signed request object, private_key_jwt, PKCE, DPoP with server
 // nonces, an ID token encrypted RSA-OAEP-256 + A256GCM to a custody DECRYPT ring, userinfo with
 // the DPoP-bound token); then the client's signing ring is rotated and the flow runs again with
-// the new kid.
+// the new kid. OidcDpopRingTest: a DPoP-bound access token stays usable across a rotation of the
+// signing ring when a dedicated DPoP ring signs the proofs, and dies with the rotation when the
+// signing ring signs them.
 //
 // What is checked against what: the provider (tests/js/oidc_provider.mjs, oidc-provider 9.13.3
 // pinned in tests/js/package-lock.json) is the judge of every custody-made artifact. It learns
@@ -149,6 +151,15 @@ grpc::Status CreateRing(Custodyd& d, v1::CreateKeyRingRequest req) {
   return d.admin().CreateKeyRing(&ctx, req, &ring);
 }
 
+// A SIGN ring with the default policy.
+grpc::Status CreateEs256Ring(Custodyd& d, const std::string& name) {
+  v1::CreateKeyRingRequest req;
+  req.set_name(name);
+  req.set_purpose(v1::SIGN);
+  req.set_alg("ES256");
+  return CreateRing(d, req);
+}
+
 v1::KeyRing GetRing(Custodyd& d, const std::string& name) {
   v1::GetKeyRingRequest req;
   req.set_name(name);
@@ -184,11 +195,17 @@ jose::Json PublishClientJwks(Custodyd& d, const std::string& path) {
 }
 
 CommandResult RunFlow(Custodyd& d, const std::string& issuer,
-                      const std::string& signing_ring = kSigningRing) {
-  return RunCommand(
-      {BinDir() + "/fapi_flow", "--addr=" + d.address(), "--issuer=" + issuer,
-       std::string("--client_id=") + kClientId, std::string("--redirect_uri=") + kRedirectUri,
-       "--signing_ring=" + signing_ring, std::string("--decryption_ring=") + kDecryptionRing});
+                      const std::string& signing_ring = kSigningRing,
+                      const std::vector<std::string>& extra = {}) {
+  std::vector<std::string> argv = {BinDir() + "/fapi_flow",
+                                   "--addr=" + d.address(),
+                                   "--issuer=" + issuer,
+                                   std::string("--client_id=") + kClientId,
+                                   std::string("--redirect_uri=") + kRedirectUri,
+                                   "--signing_ring=" + signing_ring,
+                                   std::string("--decryption_ring=") + kDecryptionRing};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  return RunCommand(argv);
 }
 
 // What the provider reported from event index `from` on: each artifact it accepted was made
@@ -347,11 +364,7 @@ TEST_F(OidcE2eTest, FapiFlowWithCustodyKeysCompletesBeforeAndAfterSigningKeyRota
 // at the first artifact it signs (the PAR's client assertion), once the provider has fetched
 // jwks_uri and found no such key.
 TEST_F(OidcE2eTest, ProviderRefusesKeyNotPublishedAtJwksUri) {
-  v1::CreateKeyRingRequest other;
-  other.set_name("clients/fapi/unpublished");
-  other.set_purpose(v1::SIGN);
-  other.set_alg("ES256");
-  ASSERT_TRUE(CreateRing(*custodyd_, other).ok());
+  ASSERT_TRUE(CreateEs256Ring(*custodyd_, "clients/fapi/unpublished").ok());
   CommandResult flow = RunFlow(*custodyd_, issuer_, "clients/fapi/unpublished");
   EXPECT_EQ(flow.exit_code, 1) << flow.out << flow.err;
   EXPECT_NE(flow.err.find("invalid_client"), std::string::npos) << flow.err;
@@ -361,6 +374,111 @@ TEST_F(OidcE2eTest, ProviderRefusesKeyNotPublishedAtJwksUri) {
   EXPECT_EQ(Str(*refused, "error"), "invalid_client") << refused->Serialize();
   EXPECT_EQ(provider_->WaitFor("pushed_authorization_request.success", 0, 0s), std::nullopt);
   EXPECT_TRUE(provider_->WaitFor("client_jwks.served", 0, 0s).has_value()) << provider_->Log();
+}
+
+// A DPoP-bound access token is bound to the key of the proofs of its token request (cnf.jkt). The
+// flow obtains one, the signing ring is force-rotated while the flow waits, and the flow calls
+// userinfo again with the same token: with DPoP proofs from a dedicated DPoP ring the provider
+// accepts it; with proofs from the (rotated) signing ring it refuses it. The second half is why
+// the option exists.
+class OidcDpopRingTest : public OidcE2eTest {
+ protected:
+  // Runs the flow with `extra` flags and --reuse_token_after; once the provider reported the
+  // first userinfo, force-rotates the signing ring and lets the flow reuse its token.
+  CommandResult FlowAcrossSigningRotation(const std::vector<std::string>& extra) {
+    const std::string go = dir_.path() + "/reuse-now";
+    std::vector<std::string> flags = extra;
+    flags.push_back("--reuse_token_after=" + go);
+    CommandResult flow;
+    std::thread runner([&] { flow = RunFlow(*custodyd_, issuer_, kSigningRing, flags); });
+    const bool first_done = provider_->WaitFor("userinfo.success", 0, 60s).has_value();
+    EXPECT_TRUE(first_done) << provider_->Log();
+    if (first_done) {
+      v1::RotateKeyRingRequest req;
+      req.set_ring(kSigningRing);
+      req.set_force(true);
+      v1::RotateKeyRingResponse rotated;
+      grpc::ClientContext ctx;
+      SetDeadline(&ctx);
+      grpc::Status s = custodyd_->admin().RotateKeyRing(&ctx, req, &rotated);
+      EXPECT_TRUE(s.ok() && rotated.rotated()) << s.error_message() << rotated.message();
+      const v1::KeyRing ring = GetRing(*custodyd_, kSigningRing);
+      const v1::KeyVersion* active = VersionIn(ring, v1::ACTIVE);
+      EXPECT_TRUE(active != nullptr && active->kid() != signing_kid_) << "no new signing key";
+    }
+    WriteFileOrDie(go, "");  // the flow waits for it either way
+    runner.join();
+    return flow;
+  }
+
+  void SetUp() override {
+    OidcE2eTest::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
+    const v1::KeyRing ring = GetRing(*custodyd_, kSigningRing);
+    const v1::KeyVersion* active = VersionIn(ring, v1::ACTIVE);
+    ASSERT_NE(active, nullptr);
+    signing_kid_ = active->kid();
+  }
+
+  std::string signing_kid_;
+};
+
+TEST_F(OidcDpopRingTest, DpopBoundTokenStaysUsableAcrossSigningRotationWithADedicatedDpopRing) {
+  ASSERT_TRUE(CreateEs256Ring(*custodyd_, "clients/fapi/dpop").ok());
+  const v1::KeyRing dpop_ring = GetRing(*custodyd_, "clients/fapi/dpop");
+  const v1::KeyVersion* dpop_active = VersionIn(dpop_ring, v1::ACTIVE);
+  ASSERT_NE(dpop_active, nullptr);
+  const std::string dpop_kid = dpop_active->kid();
+
+  CommandResult flow = FlowAcrossSigningRotation({"--dpop_ring=clients/fapi/dpop"});
+  ASSERT_EQ(flow.exit_code, 0) << flow.out << flow.err << provider_->Log();
+  EXPECT_NE(flow.out.find("flow ok signing_kid=" + signing_kid_ + " "), std::string::npos)
+      << flow.out;
+  EXPECT_NE(flow.out.find("reuse ok dpop_kid=" + dpop_kid + " sub="), std::string::npos)
+      << flow.out;
+  std::printf("dpop ring flow:\n%s", flow.out.c_str());
+
+  // The provider's view: the client assertions by the signing key, every DPoP proof (token
+  // request, both userinfo calls) by the DPoP ring's key, two userinfo successes, no error. The
+  // success events are logged asynchronously: wait for the second userinfo's.
+  auto count = [&](const std::string& event) {
+    int n = 0;
+    for (const jose::Json& e : provider_->Events()) n += Str(e, "event") == event;
+    return n;
+  };
+  for (auto deadline = Clock::now() + 10s;
+       count("userinfo.success") < 2 && Clock::now() < deadline;) {
+    std::this_thread::sleep_for(20ms);
+  }
+  int userinfo = 0;
+  for (const jose::Json& e : provider_->Events()) {
+    const std::string name = Str(e, "event");
+    if (name == "grant.success") {
+      EXPECT_EQ(Str(e, "client_assertion_kid"), signing_kid_) << e.Serialize();
+      EXPECT_EQ(Str(e, "dpop_jkt"), dpop_kid) << e.Serialize();
+    }
+    if (name == "userinfo.success") {
+      ++userinfo;
+      EXPECT_EQ(Str(e, "dpop_jkt"), dpop_kid) << e.Serialize();
+    }
+    if (name.find("error") != std::string::npos) {
+      EXPECT_EQ(Str(e, "error"), "use_dpop_nonce") << "provider rejected: " << e.Serialize();
+    }
+  }
+  EXPECT_EQ(userinfo, 2) << provider_->Log();
+}
+
+TEST_F(OidcDpopRingTest, DpopBoundTokenDiesWithTheSigningKeyWhenTheSigningRingSignsProofs) {
+  CommandResult flow = FlowAcrossSigningRotation({});
+  EXPECT_EQ(flow.exit_code, 1) << flow.out << flow.err;
+  EXPECT_NE(flow.out.find("flow ok signing_kid=" + signing_kid_ + " "), std::string::npos)
+      << flow.out;
+  EXPECT_EQ(flow.out.find("reuse ok"), std::string::npos) << flow.out;
+  std::optional<jose::Json> refused = provider_->WaitFor("userinfo.error", 0, 10s);
+  ASSERT_TRUE(refused.has_value()) << provider_->Log();
+  EXPECT_EQ(Str(*refused, "error"), "invalid_token") << refused->Serialize();
+  EXPECT_EQ(Str(*refused, "detail"), "failed jkt verification") << refused->Serialize();
+  std::printf("signing-ring DPoP after rotation: %s\n", refused->Serialize().c_str());
 }
 
 }  // namespace

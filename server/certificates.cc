@@ -46,6 +46,7 @@ absl::StatusOr<NamePtr> ParseSubject(absl::string_view subject) {
     if (X509_NAME_add_entry_by_txt(name.get(), type.c_str(), MBSTRING_UTF8,
                                    reinterpret_cast<const unsigned char*>(value.c_str()), -1, -1,
                                    0) != 1) {
+      ERR_clear_error();  // leave no stale error on this request thread's queue
       return absl::InvalidArgumentError(
           absl::StrCat("subject attribute '", type, "' is unknown or its value is invalid"));
     }
@@ -74,6 +75,7 @@ absl::Status AddSubjectAltNames(X509_REQ* req, const std::vector<std::string>& s
   const std::string conf = absl::StrJoin(parts, ",");
   X509_EXTENSION* ext = X509V3_EXT_conf_nid(nullptr, nullptr, NID_subject_alt_name, conf.c_str());
   if (ext == nullptr) {
+    ERR_clear_error();
     return absl::InvalidArgumentError(absl::StrCat("invalid subjectAltName '", conf, "'"));
   }
   STACK_OF(X509_EXTENSION)* exts = sk_X509_EXTENSION_new_null();

@@ -518,6 +518,25 @@ absl::StatusOr<v1::KeyRing> KeyService::CompromiseKeyVersion(
   return ToProto(**latest);
 }
 
+void KeyService::Version::NoteSignature() const {
+  const int64_t now = NowMs();
+  if (last_signed_ms->load(std::memory_order_relaxed) < now) {
+    last_signed_ms->store(now, std::memory_order_relaxed);
+  }
+}
+
+std::vector<VersionRecord> KeyService::PlanningRecords(const Ring& ring) {
+  std::vector<VersionRecord> records;
+  for (const Version& v : ring.versions) {
+    records.push_back(v.record);
+    if (v.record.state == VersionState::kRetired) {
+      records.back().retire_time =
+          std::max(v.record.retire_time, v.last_signed_ms->load(std::memory_order_relaxed));
+    }
+  }
+  return records;
+}
+
 int64_t KeyService::RunDueTransitions() {
   std::vector<std::string> names;
   {
@@ -533,9 +552,7 @@ int64_t KeyService::RunDueTransitions() {
     absl::MutexLock admin(&admin_mu_);
     auto ring = FindRing(name);
     if (!ring.ok()) continue;
-    std::vector<VersionRecord> records;
-    for (const Version& v : (*ring)->versions) records.push_back(v.record);
-    rotation::Plan plan = rotation::PlanRing((*ring)->record, records, NowMs());
+    rotation::Plan plan = rotation::PlanRing((*ring)->record, PlanningRecords(**ring), NowMs());
     bool failed = false;
     for (const rotation::Action& action : plan.due) {
       absl::Status s;
@@ -584,9 +601,8 @@ int64_t KeyService::RunDueTransitions() {
     // Re-plan after acting: what was done moved the ring's next due time.
     auto after = FindRing(name);
     if (after.ok()) {
-      records.clear();
-      for (const Version& v : (*after)->versions) records.push_back(v.record);
-      rotation::Plan replan = rotation::PlanRing((*after)->record, records, NowMs());
+      rotation::Plan replan =
+          rotation::PlanRing((*after)->record, PlanningRecords(**after), NowMs());
       int64_t due = replan.due.empty() ? replan.next_due_ms : NowMs();
       if (failed) due = NowMs() + 5000;  // back off after an error instead of spinning
       if (due != 0 && (next_due == 0 || due < next_due)) next_due = due;

@@ -12,6 +12,7 @@
 #ifndef CUSTODY_SERVER_KEY_SERVICE_H_
 #define CUSTODY_SERVER_KEY_SERVICE_H_
 
+#include <atomic>
 #include <functional>
 #include <map>
 #include <memory>
@@ -106,6 +107,14 @@ class KeyService {
     rotation::VersionRecord record;
     std::shared_ptr<pkcs11::KeyPair> key;  // null when the object is missing
     bool object_missing = false;
+    // Unix ms of this process's latest signature with the version, shared by every snapshot's
+    // copy. A call that took the ACTIVE version before a rotation was published signs after the
+    // recorded retire_time (by the commit's fsync and the call's own time); retention runs from
+    // whichever is later (PlanningRecords). In memory only: after a restart no such call exists.
+    std::shared_ptr<std::atomic<int64_t>> last_signed_ms =
+        std::make_shared<std::atomic<int64_t>>(0);
+
+    void NoteSignature() const;
   };
   struct Ring {
     rotation::RingRecord record;
@@ -169,6 +178,9 @@ class KeyService {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
   absl::StatusOr<v1::RotateKeyRingResponse> RotateLocked(const std::string& name, bool force)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
+  // The ring's records as the planner must see them: a RETIRED version's retire_time moved up to
+  // its last signature in this process when that came later (Version::last_signed_ms).
+  static std::vector<rotation::VersionRecord> PlanningRecords(const Ring& ring);
   // Carries out every due transition once; returns the next due time (Unix ms, 0 = none).
   int64_t RunDueTransitions();
   void SchedulerLoop();

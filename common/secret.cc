@@ -48,14 +48,19 @@ absl::StatusOr<Secret> ReadSecretFile(const std::string& path) {
     return absl::FailedPreconditionError(
         absl::StrCat("secret file '", path, "' is not a regular file"));
   }
-  if ((st.st_mode & 077) != 0) {
+  // Kubernetes presents a Secret to a non-root container as a root-owned file whose group is
+  // the pod's fsGroup, mode 0440: root can read anything anyway, and the group is the service's
+  // own, so that is accepted as well (group read only, nothing for others).
+  const bool root_owned_for_our_group =
+      st.st_uid == 0 && st.st_gid == getegid() && (st.st_mode & 037) == 0;
+  if ((st.st_mode & 077) != 0 && !root_owned_for_our_group) {
     close(fd);
     return absl::FailedPreconditionError(absl::StrCat(
         "secret file '", path, "' has mode ", absl::Dec(st.st_mode & 0777), " (octal ",
         (st.st_mode >> 6) & 7, (st.st_mode >> 3) & 7, st.st_mode & 7,
         "): it must be 0600 or 0400, readable by its owner only; run chmod 600 on it"));
   }
-  if (st.st_uid != geteuid()) {
+  if (st.st_uid != geteuid() && !root_owned_for_our_group) {
     close(fd);
     return absl::FailedPreconditionError(
         absl::StrCat("secret file '", path, "' is not owned by the user running custody"));

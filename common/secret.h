@@ -35,7 +35,10 @@ class Secret {
 
 // Reads a secret (a PIN) from a file. The file must be a regular file owned by the current
 // user with mode 0600 or 0400; wider permissions are refused, because a PIN readable by
-// others is a PIN already disclosed. One trailing newline is stripped.
+// others is a PIN already disclosed. Also accepted: a root-owned file whose group is the
+// current effective group, readable by that group only (0440/0400: how Kubernetes mounts a
+// Secret for a non-root pod with fsGroup). Symlinks are refused. One trailing newline is
+// stripped.
 absl::StatusOr<Secret> ReadSecretFile(const std::string& path);
 
 // Reads a secret from an environment variable, then unsets the variable so that child

@@ -45,6 +45,7 @@ CK_RV InitializeForThreads(CK_FUNCTION_LIST* fn) {
 }
 
 constexpr char kCkrPayload[] = "type.custody/pkcs11.CK_RV";
+constexpr char kFunctionPayload[] = "type.custody/pkcs11.function";
 
 absl::Status CkErrorWithoutPayload(std::string_view function, CK_RV rv);
 
@@ -145,7 +146,13 @@ absl::StatusOr<bool> Module::Reinitialize(uint64_t seen) {
 absl::Status CkError(std::string_view function, CK_RV rv) {
   absl::Status status = CkErrorWithoutPayload(function, rv);
   status.SetPayload(kCkrPayload, absl::Cord(absl::StrCat(rv)));
+  status.SetPayload(kFunctionPayload, absl::Cord(AsAbsl(function)));
   return status;
+}
+
+std::string CkFunctionOf(const absl::Status& status) {
+  absl::optional<absl::Cord> payload = status.GetPayload(kFunctionPayload);
+  return payload.has_value() ? std::string(*payload) : std::string();
 }
 
 std::optional<CK_RV> CkrOf(const absl::Status& status) {

@@ -91,6 +91,9 @@ absl::Status CkError(std::string_view function, CK_RV rv);
 // nullopt for statuses that did not come from a Cryptoki return code.
 std::optional<CK_RV> CkrOf(const absl::Status& status);
 
+// The Cryptoki function a CkError status names ("C_Sign"); empty for other statuses.
+std::string CkFunctionOf(const absl::Status& status);
+
 // `status` with its message and payloads but code `code`.
 absl::Status WithCode(const absl::Status& status, absl::StatusCode code);
 

@@ -288,6 +288,12 @@ TEST_F(RecoveryTest, OtherTokenErrorsAreNotRetried) {
   EXPECT_EQ(faults_.calls("C_Sign"), 1u);
   EXPECT_EQ(token_->GetMetrics().retries, 0u);
   EXPECT_EQ(Count(token_->GetMetrics(), "CKR_KEY_FUNCTION_NOT_PERMITTED"), 1u);
+  // The same failure by Cryptoki function (what custody_hsm_errors_total exports).
+  const auto by_function = token_->GetMetrics().errors_by_function;
+  ASSERT_EQ(by_function.size(), 1u);
+  EXPECT_EQ(by_function.begin()->first,
+            std::make_pair(std::string("C_Sign"), std::string("CKR_KEY_FUNCTION_NOT_PERMITTED")));
+  EXPECT_EQ(by_function.begin()->second, 1u);
   EXPECT_TRUE(token_->DestroyKeyPair("not-retried").ok());
 }
 

@@ -151,7 +151,11 @@ void SessionPool::SetSlot(CK_SLOT_ID slot) {
 
 SessionPool::Stats SessionPool::stats() const {
   absl::MutexLock lock(&mu_);
-  return stats_;
+  Stats s = stats_;
+  s.in_use = leased_.size();
+  s.waiting = waiters_;
+  s.max_sessions = max_sessions_;
+  return s;
 }
 
 absl::StatusOr<CK_SESSION_HANDLE> SessionPool::OpenLoggedIn(CK_SLOT_ID slot) {

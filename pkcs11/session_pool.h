@@ -82,6 +82,10 @@ class SessionPool {
     uint64_t waits = 0;       // Acquire calls that had to wait for a session
     uint64_t rejections = 0;  // refused at once: max_waiters callers were already waiting
     uint64_t timeouts = 0;    // waited `wait` and got nothing
+    // Gauges at the time of the call.
+    uint64_t in_use = 0;   // sessions leased to callers
+    uint64_t waiting = 0;  // callers waiting for a session
+    uint64_t max_sessions = 0;
   };
 
   // `module` (may be null) supplies the generation sessions are tagged with; it must outlive

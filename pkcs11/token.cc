@@ -877,7 +877,8 @@ class Token::State {
   absl::Time reinit_not_before ABSL_GUARDED_BY(backoff_mu) = absl::InfinitePast();
   absl::Duration reinit_backoff ABSL_GUARDED_BY(backoff_mu) = absl::Milliseconds(50);
   mutable absl::Mutex metrics_mu;  // never held across a token call
-  std::map<std::string, uint64_t> errors ABSL_GUARDED_BY(metrics_mu);
+  // Failures by (Cryptoki function, CKR name); Token::Metrics::errors sums them per CKR.
+  std::map<std::pair<std::string, std::string>, uint64_t> errors ABSL_GUARDED_BY(metrics_mu);
   Token::Latency latency[3] ABSL_GUARDED_BY(metrics_mu);  // indexed by Timed
 
   // One call sequence on one session: Cryptoki calls through the lease only.
@@ -1191,9 +1192,11 @@ class Token::State {
   void CountError(const absl::Status& status) {
     std::optional<CK_RV> rv = CkrOf(status);
     if (!rv.has_value()) return;
-    const std::string name = CkrName(*rv);
+    std::string function = CkFunctionOf(status);
+    std::pair<std::string, std::string> key(function.empty() ? "unknown" : std::move(function),
+                                            CkrName(*rv));
     absl::MutexLock lock(&metrics_mu);
-    ++errors[name];
+    ++errors[std::move(key)];
   }
 };
 
@@ -1220,8 +1223,12 @@ Token::Metrics Token::GetMetrics() const {
   metrics.pool_waits = pool.waits;
   metrics.pool_rejections = pool.rejections;
   metrics.pool_timeouts = pool.timeouts;
+  metrics.pool_in_use = pool.in_use;
+  metrics.pool_waiting = pool.waiting;
+  metrics.pool_max_sessions = pool.max_sessions;
   absl::MutexLock lock(&state_->metrics_mu);
-  metrics.errors = state_->errors;
+  metrics.errors_by_function = state_->errors;
+  for (const auto& [key, n] : state_->errors) metrics.errors[key.second] += n;
   metrics.sign = state_->latency[static_cast<int>(Timed::kSign)];
   metrics.decrypt = state_->latency[static_cast<int>(Timed::kDecrypt)];
   metrics.derive = state_->latency[static_cast<int>(Timed::kDerive)];

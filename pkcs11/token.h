@@ -152,6 +152,9 @@ class Token {
     // Cryptoki failures that ended an attempt (or a recovery), by CKR name. Decryption
     // failures of the ciphertext ("decryption failed") are the caller's and not counted.
     std::map<std::string, uint64_t> errors;
+    // The same failures by Cryptoki function and CKR name: {"C_Sign", "CKR_DEVICE_ERROR"} -> n.
+    // `errors` is this summed over functions.
+    std::map<std::pair<std::string, std::string>, uint64_t> errors_by_function;
     uint64_t retries = 0;                   // operations run a second time after a recovery
     uint64_t recoveries = 0;                // sessions re-opened and logged in by a recovery
     uint64_t module_reinitializations = 0;  // C_Finalize + C_Initialize cycles by this Token
@@ -159,6 +162,9 @@ class Token {
     uint64_t pool_waits = 0;                // callers that had to wait for a session
     uint64_t pool_rejections = 0;           // callers refused at once: too many waiting
     uint64_t pool_timeouts = 0;             // callers that waited session_wait for nothing
+    uint64_t pool_in_use = 0;               // now: sessions leased to callers
+    uint64_t pool_waiting = 0;              // now: callers waiting for a session
+    uint64_t pool_max_sessions = 0;
     // Whole calls as the caller sees them (pool wait and retry included), failed ones too.
     Latency sign;     // Sign
     Latency decrypt;  // DecryptRsaOaep, DecryptRsaRaw

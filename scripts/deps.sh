@@ -8,6 +8,7 @@ PACKAGES=(
   libabsl-dev libgtest-dev libgmock-dev libsqlite3-dev sqlite3 zlib1g-dev
   libp11-kit-dev softhsm2 opensc libcurl4-openssl-dev
   python3 python3-jwcrypto clang-14 libclang-rt-14-dev
+  prometheus python3-yaml mmdebstrap buildah binutils systemd
 )
 # Node.js and npm run the npm `jose` interop tests and oidc-provider; a machine that has them (any
 # source) keeps them.

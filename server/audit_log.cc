@@ -383,7 +383,10 @@ absl::Status AuditLog::WriteAll(int fd, const std::string& data, const std::stri
 
 absl::Status AuditLog::Sync(int fd, const std::string& path) {
   fsyncs_.fetch_add(1);
-  if (options_.fsync_fn(fd) != 0) return ErrnoError(absl::StrCat("fsync ", path));
+  const absl::Time start = absl::Now();
+  const int rc = options_.fsync_fn(fd);
+  fsync_seconds_.Observe(absl::ToDoubleSeconds(absl::Now() - start));
+  if (rc != 0) return ErrnoError(absl::StrCat("fsync ", path));
   return absl::OkStatus();
 }
 

@@ -34,6 +34,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
+#include "metrics/histogram.h"
 
 namespace custody::server {
 
@@ -94,6 +95,8 @@ class AuditLog {
   bool healthy() const { return healthy_.load(); }
 
   Stats stats() const;
+  // Duration of each fsync (log files and directory), failed ones included.
+  const metrics::Histogram& fsync_seconds() const { return fsync_seconds_; }
 
  private:
   struct Batch;
@@ -130,6 +133,7 @@ class AuditLog {
 
   std::atomic<bool> healthy_{true};
   std::atomic<uint64_t> lines_{0}, batches_{0}, fsyncs_{0}, failures_{0};
+  metrics::Histogram fsync_seconds_{metrics::Histogram::LatencyBounds()};
 };
 
 // Verifies audit files given in order (the first must start the chain). OK, and the number of

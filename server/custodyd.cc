@@ -29,12 +29,15 @@
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/security/tls_certificate_provider.h"
 #include "grpcpp/security/tls_credentials_options.h"
+#include "metrics/http_server.h"
 #include "pkcs11/token.h"
 #include "rotation/metadata_store.h"
 #include "server/embedded_token.h"
 #include "server/grpc_services.h"
 #include "server/key_service.h"
 #include "server/request_guard.h"
+#include "server/service_metrics.h"
+#include "server/systemd_notify.h"
 #include "server/unix_listener.h"
 
 ABSL_FLAG(std::string, listen, "", "unix:PATH or HOST:PORT (default unix:STATE_DIR/custodyd.sock)");
@@ -69,6 +72,17 @@ ABSL_FLAG(int, grpc_max_pollers, 0, "max polling threads per completion queue (0
 ABSL_FLAG(int, metrics_log_seconds, 60,
           "how often HSM metrics (errors by CKR code, retries, pool waits, latencies) are logged; "
           "0 = never");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "HOST:PORT serving Prometheus metrics at /metrics (e.g. 127.0.0.1:9464); empty = off. "
+          "Loopback only, unless --tls_cert/--tls_key are set: then served over TLS with them");
+ABSL_FLAG(std::string, metrics_client_ca, "",
+          "with TLS: CA bundle (PEM) the scraper's client certificate must chain to");
+ABSL_FLAG(
+    bool, metrics_ring_label, true,
+    "label per-call and per-ring metrics with the ring name (bounded by --metrics_max_rings)");
+ABSL_FLAG(
+    int, metrics_max_rings, 100,
+    "rings that get a metrics label of their own; further rings are counted as ring=\"_other\"");
 
 namespace custody::server {
 namespace {
@@ -260,7 +274,12 @@ int Run() {
   audit_options.dir = audit_dir;
   auto audit = AuditLog::Open(audit_options);
   if (!audit.ok()) return fail("startup.audit", audit.status());
-  RequestGuard guard(&policy, audit->get());
+  RequestMetrics::Options request_metrics_options;
+  request_metrics_options.ring_label = absl::GetFlag(FLAGS_metrics_ring_label);
+  request_metrics_options.max_rings =
+      static_cast<size_t>(std::max(0, absl::GetFlag(FLAGS_metrics_max_rings)));
+  RequestMetrics request_metrics(request_metrics_options);
+  RequestGuard guard(&policy, audit->get(), &request_metrics);
 
   KeyService::Options key_options;
   key_options.max_payload_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_max_payload_bytes));
@@ -278,6 +297,37 @@ int Run() {
   BatchRunner batch_runner(runner_options);
   SignerService signer(keys->get(), &guard, max_batch_items, &batch_runner);
   KeyAdminService admin(keys->get(), &guard);
+  std::atomic<bool> serving_now{true};
+  std::unique_ptr<metrics::HttpServer> metrics_server;
+  if (const std::string addr = absl::GetFlag(FLAGS_metrics_listen); !addr.empty()) {
+    // Like the gRPC port: in clear only on loopback.
+    if (absl::StartsWith(addr, "unix:")) {
+      return fail("startup.metrics", absl::InvalidArgumentError("--metrics_listen is HOST:PORT"));
+    }
+    if (absl::Status s = CheckListenAddress(addr, tls); !s.ok()) return fail("startup.metrics", s);
+    metrics::HttpServer::Options metrics_options;
+    metrics_options.address = addr;
+    if (tls) {
+      metrics_options.tls_cert = absl::GetFlag(FLAGS_tls_cert);
+      metrics_options.tls_key = absl::GetFlag(FLAGS_tls_key);
+      metrics_options.client_ca = absl::GetFlag(FLAGS_metrics_client_ca);
+    }
+    MetricsSources sources;
+    sources.requests = &request_metrics;
+    sources.token = token->get();
+    sources.audit = audit->get();
+    sources.keys = keys->get();
+    sources.serving = [&serving_now] { return serving_now.load(); };
+    sources.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+    auto started = metrics::HttpServer::Start(
+        metrics_options, [sources] { return RenderMetrics(sources, absl::Now()); });
+    if (!started.ok()) return fail("startup.metrics", started.status());
+    metrics_server = *std::move(started);
+    Log(LogLevel::kInfo, "metrics.listening",
+        {{"address", addr},
+         {"port", absl::StrCat(metrics_server->port())},
+         {"tls", tls ? "true" : "false"}});
+  }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -314,6 +364,7 @@ int Run() {
   }
   if (unix_listener != nullptr) unix_listener->Serve(server.get());
   const pkcs11::TokenInfo& info = (*token)->info();
+  NotifySystemd(absl::StrCat("READY=1\nMAINPID=", getpid()));  // Type=notify units
   Log(LogLevel::kInfo, "custodyd.ready",
       {{"listen", listen},
        {"tls", tls ? "true" : "false"},
@@ -324,8 +375,6 @@ int Run() {
        {"policy", policy_path},
        {"audit_dir", audit_dir}});
 
-  // Health follows the audit log: when it cannot be written every call is refused (fail
-  // closed), and load balancers should stop sending traffic here until it recovers.
   std::atomic<bool> stopping{false};
   // Health follows the audit log and the token: while either cannot do its job every call
   // would fail, and load balancers should send traffic elsewhere until it recovers. The token is
@@ -348,6 +397,7 @@ int Run() {
         serving = healthy;
         cause = !audit_ok ? "audit log" : (!token_ok ? "token unreachable" : "recovered");
         server->GetHealthCheckService()->SetServingStatus(serving);
+        serving_now = serving;
         Log(serving ? LogLevel::kInfo : LogLevel::kError, "health.changed",
             {{"serving", serving ? "true" : "false"}, {"cause", cause}});
       }
@@ -392,12 +442,15 @@ int Run() {
       int sig = 0;
       sigwait(&signals, &sig);
       if (sig == SIGHUP) {
+        NotifySystemd("RELOADING=1");
         absl::Status s = policy.LoadFrom(policy_path);
+        NotifySystemd("READY=1");
         Log(s.ok() ? LogLevel::kInfo : LogLevel::kError, "policy.reloaded",
             {{"path", policy_path}, {"result", s.ok() ? "ok" : std::string(s.message())}});
         continue;
       }
       Log(LogLevel::kInfo, "custodyd.shutdown", {{"signal", absl::StrCat(sig)}});
+      NotifySystemd("STOPPING=1");
       (*keys)->StopScheduler();
       if (unix_listener != nullptr) unix_listener->Stop();
       server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
@@ -408,6 +461,7 @@ int Run() {
   waiter.join();
   stopping = true;
   health.join();
+  if (metrics_server != nullptr) metrics_server->Stop();
   return 0;
 }
 

@@ -54,7 +54,9 @@ class Call {
   absl::Status Authorize() const {
     return guard_->Authorize(event_.identity, event_.operation, event_.ring);
   }
-  grpc::Status Finish(const grpc::Status& result) { return guard_->Record(event_, result); }
+  grpc::Status Finish(const grpc::Status& result) {
+    return guard_->Record(event_, result, started_);
+  }
 
   // Runs `operation` when authorized and stores its value in *response (only on success); the
   // call's status, not yet recorded.
@@ -76,6 +78,7 @@ class Call {
  private:
   RequestGuard* const guard_;
   AuditEvent event_;
+  const absl::Time started_ = absl::Now();  // for the latency metric
 };
 
 // Wipes imported key material in the request once the call is done. The request belongs to this
@@ -112,6 +115,7 @@ grpc::Status SignerService::RunBatch(const grpc::ServerContext& context, const c
         grpc::StatusCode::INVALID_ARGUMENT,
         absl::StrCat("batch of ", n, " requests; at most ", max_batch_items_, " per batch")));
   }
+  const absl::Time started = absl::Now();
   const std::string identity = CallerIdentity(context);
   std::vector<AuditEvent> events(static_cast<size_t>(n));
   std::vector<grpc::Status> statuses(static_cast<size_t>(n));
@@ -133,7 +137,7 @@ grpc::Status SignerService::RunBatch(const grpc::ServerContext& context, const c
     for (size_t i = 0; i < static_cast<size_t>(n); ++i) run_item(i);
   }
   // One group commit for the batch's lines; the reply waits for it like a single call's.
-  guard_->RecordAll(events, statuses);
+  guard_->RecordAll(events, statuses, started);
   for (int i = 0; i < n; ++i) {
     const grpc::Status& status = statuses[static_cast<size_t>(i)];
     if (status.ok()) continue;

@@ -73,17 +73,29 @@ grpc::Status AuditFailure(const absl::Status& written) {
 
 }  // namespace
 
-grpc::Status RequestGuard::Record(AuditEvent event, const grpc::Status& result) {
+grpc::Status RequestGuard::Record(AuditEvent event, const grpc::Status& result,
+                                  absl::Time started) {
   SetResult(event, result);
   absl::Status written = audit_->Append(event);
-  return written.ok() ? result : AuditFailure(written);
+  grpc::Status sent = written.ok() ? result : AuditFailure(written);
+  if (metrics_ != nullptr) {
+    metrics_->ObserveCall(event.operation, event.ring, sent.error_code(), absl::Now() - started);
+  }
+  return sent;
 }
 
-void RequestGuard::RecordAll(std::vector<AuditEvent>& events, std::vector<grpc::Status>& results) {
+void RequestGuard::RecordAll(std::vector<AuditEvent>& events, std::vector<grpc::Status>& results,
+                             absl::Time started) {
   for (size_t i = 0; i < events.size(); ++i) SetResult(events[i], results[i]);
   absl::Status written = audit_->AppendAll(events);
-  if (written.ok()) return;
-  for (grpc::Status& result : results) result = AuditFailure(written);
+  if (!written.ok()) {
+    for (grpc::Status& result : results) result = AuditFailure(written);
+  }
+  if (metrics_ == nullptr) return;
+  const absl::Duration elapsed = absl::Now() - started;
+  for (size_t i = 0; i < events.size(); ++i) {
+    metrics_->ObserveCall(events[i].operation, events[i].ring, results[i].error_code(), elapsed);
+  }
 }
 
 }  // namespace custody::server

@@ -17,6 +17,7 @@
 #include "grpcpp/grpcpp.h"
 #include "server/access_policy.h"
 #include "server/audit_log.h"
+#include "server/request_metrics.h"
 
 namespace custody::server {
 
@@ -28,8 +29,9 @@ std::string CallerIdentity(const grpc::ServerContext& context);
 
 class RequestGuard {
  public:
-  // Both must outlive the guard.
-  RequestGuard(const PolicyStore* policy, AuditLog* audit) : policy_(policy), audit_(audit) {}
+  // All must outlive the guard; `metrics` (may be null) counts every recorded call.
+  RequestGuard(const PolicyStore* policy, AuditLog* audit, RequestMetrics* metrics = nullptr)
+      : policy_(policy), audit_(audit), metrics_(metrics) {}
 
   // PERMISSION_DENIED unless the policy grants `operation` on `ring` to `identity`. The message
   // is the same whether the ring exists or not.
@@ -43,17 +45,20 @@ class RequestGuard {
                                 absl::string_view what) const;
 
   // Appends the audit line of a finished call and returns the status to send: `result`, or
-  // UNAVAILABLE when the line could not be written.
-  grpc::Status Record(AuditEvent event, const grpc::Status& result);
+  // UNAVAILABLE when the line could not be written. The call (begun at `started`) is counted
+  // in the metrics with the status sent.
+  grpc::Status Record(AuditEvent event, const grpc::Status& result, absl::Time started);
   // The same for the items of one batch RPC: events[i] finished with results[i]. All lines are
   // appended in one group commit; when that fails every result becomes UNAVAILABLE.
-  void RecordAll(std::vector<AuditEvent>& events, std::vector<grpc::Status>& results);
+  void RecordAll(std::vector<AuditEvent>& events, std::vector<grpc::Status>& results,
+                 absl::Time started);
 
   bool healthy() const { return audit_->healthy(); }
 
  private:
   const PolicyStore* const policy_;
   AuditLog* const audit_;
+  RequestMetrics* const metrics_;
 };
 
 }  // namespace custody::server

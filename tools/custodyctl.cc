@@ -41,6 +41,7 @@
 #include "common/log.h"
 #include "custody/v1/custody.grpc.pb.h"
 #include "google/protobuf/util/json_util.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "openssl/crypto.h"
 #include "server/audit_log.h"
 
@@ -66,6 +67,7 @@ constexpr char kUsage[] =
     "  certificate set NAME VERSION --chain_file=F   (PEM chain, leaf first)\n"
     "  import NAME --jwk_file=F | --pem_file=F   (a private key, as a new PENDING version)\n"
     "  audit verify FILE...   (audit log files, oldest first; local, no server)\n"
+    "  health   (grpc.health.v1: prints SERVING and exits 0, else exits 1; for probes)\n"
     "  ring create also takes --curve=P-256|P-384|P-521 --zip_max_bytes=N and the\n"
     "                         set-policy flags\n"
     "                         --import_jwk_file=F | --import_pem_file=F\n"
@@ -144,6 +146,7 @@ class Ctl {
   Ctl(std::shared_ptr<grpc::Channel> channel, int timeout_ms)
       : admin_(custody::v1::KeyAdmin::NewStub(channel)),
         signer_(custody::v1::Signer::NewStub(channel)),
+        health_(grpc::health::v1::Health::NewStub(channel)),
         timeout_ms_(timeout_ms) {}
 
   int Run(const Args& args) {
@@ -169,10 +172,21 @@ class Ctl {
     if (p[0] == "certificate" && p.size() == 4 && p[1] == "set") {
       return CertificateSet(p[2], p[3], args);
     }
+    if (p[0] == "health" && p.size() == 1) return Health();
     return Usage(absl::StrCat("unknown command '", p[0], p.size() > 1 ? " " + p[1] : "", "'"));
   }
 
  private:
+  int Health() {
+    grpc::health::v1::HealthCheckRequest req;
+    grpc::health::v1::HealthCheckResponse resp;
+    auto ctx = Context();
+    grpc::Status status = health_->Check(ctx.get(), req, &resp);
+    if (!status.ok()) return Failed(status);
+    std::cout << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status()) << "\n";
+    return resp.status() == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
+  }
+
   std::unique_ptr<grpc::ClientContext> Context() const {
     auto ctx = std::make_unique<grpc::ClientContext>();
     ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(timeout_ms_));
@@ -482,6 +496,7 @@ class Ctl {
 
   std::unique_ptr<custody::v1::KeyAdmin::Stub> admin_;
   std::unique_ptr<custody::v1::Signer::Stub> signer_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_;
   int timeout_ms_;
 };
 

@@ -1,0 +1,250 @@
+// The exposition format (escaping and number formatting as the 0.0.4 format defines them),
+// the histogram, and the /metrics HTTP server over real loopback sockets, in clear and TLS.
+// custodyd's own page is checked by a real Prometheus in tests/prometheus_integration_test.cc.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <limits>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "metrics/exposition.h"
+#include "metrics/histogram.h"
+#include "metrics/http_server.h"
+#include "openssl/ssl.h"
+
+namespace custody::metrics {
+namespace {
+
+TEST(ExpositionTest, EscapesLabelValuesPerTheFormat) {
+  EXPECT_EQ(EscapeLabelValue("plain/ring-1"), "plain/ring-1");
+  EXPECT_EQ(EscapeLabelValue(R"(a"b)"), R"(a\"b)");
+  EXPECT_EQ(EscapeLabelValue(R"(back\slash)"), R"(back\\slash)");
+  EXPECT_EQ(EscapeLabelValue("two\nlines"), R"(two\nlines)");
+  EXPECT_EQ(EscapeLabelValue("\\\"\n"), R"(\\\"\n)");
+  EXPECT_EQ(EscapeLabelValue("ünïcode"), "ünïcode");  // UTF-8 passes through
+}
+
+TEST(ExpositionTest, EscapesHelpButNotQuotes) {
+  EXPECT_EQ(EscapeHelp(R"(say "hi")"), R"(say "hi")");
+  EXPECT_EQ(EscapeHelp("a\\b\nc"), R"(a\\b\nc)");
+}
+
+TEST(ExpositionTest, FormatsValuesAsPrometheusParsesThem) {
+  EXPECT_EQ(FormatValue(0), "0");
+  EXPECT_EQ(FormatValue(42), "42");
+  EXPECT_EQ(FormatValue(-3), "-3");
+  EXPECT_EQ(FormatValue(0.005), "0.005");
+  EXPECT_EQ(FormatValue(2.5), "2.5");
+  EXPECT_EQ(FormatValue(1e-7), "1e-07");
+  EXPECT_EQ(FormatValue(std::numeric_limits<double>::infinity()), "+Inf");
+  EXPECT_EQ(FormatValue(-std::numeric_limits<double>::infinity()), "-Inf");
+  EXPECT_EQ(FormatValue(std::nan("")), "NaN");
+  EXPECT_EQ(std::strtod(FormatValue(0.1 + 0.2).c_str(), nullptr), 0.1 + 0.2);  // round-trips
+  EXPECT_EQ(FormatValue(18446744073709551615.0), "1.8446744073709552e+19");
+}
+
+TEST(ExpositionTest, ValidatesNames) {
+  EXPECT_TRUE(IsValidMetricName("custody_requests_total"));
+  EXPECT_TRUE(IsValidMetricName("_x:y1"));
+  EXPECT_FALSE(IsValidMetricName(""));
+  EXPECT_FALSE(IsValidMetricName("1abc"));
+  EXPECT_FALSE(IsValidMetricName("a-b"));
+  EXPECT_FALSE(IsValidMetricName("a.b"));
+}
+
+TEST(ExpositionTest, WritesFamiliesAndSamples) {
+  ExpositionWriter out;
+  out.Family("custody_x_total", "Calls, by \"ring\".\nSecond line \\ end.", MetricType::kCounter);
+  out.Sample("custody_x_total", {{"ring", "op/id"}, {"code", "OK"}}, 3);
+  out.Sample("custody_x_total", {{"ring", "we\"ird\\\n"}}, 1);
+  out.Family("custody_up", "Up.", MetricType::kGauge);
+  out.Sample("custody_up", {}, 1);
+  EXPECT_EQ(out.text(),
+            "# HELP custody_x_total Calls, by \"ring\".\\nSecond line \\\\ end.\n"
+            "# TYPE custody_x_total counter\n"
+            "custody_x_total{ring=\"op/id\",code=\"OK\"} 3\n"
+            "custody_x_total{ring=\"we\\\"ird\\\\\\n\"} 1\n"
+            "# HELP custody_up Up.\n"
+            "# TYPE custody_up gauge\n"
+            "custody_up 1\n");
+}
+
+TEST(HistogramTest, BucketsAreCumulativeWithSumAndCount) {
+  Histogram h({0.1, 0.5, 1});
+  for (double v : {0.05, 0.1, 0.2, 0.7, 3.0}) h.Observe(v);  // 0.1 lands in le="0.1"
+  Histogram::Snapshot s = h.Read();
+  EXPECT_EQ(s.cumulative, (std::vector<uint64_t>{2, 3, 4, 5}));
+  EXPECT_DOUBLE_EQ(s.sum, 4.05);
+
+  ExpositionWriter out;
+  out.Family("lat_seconds", "Latency.", MetricType::kHistogram);
+  out.Histogram("lat_seconds", {{"operation", "sign"}}, s.bounds, s.cumulative, s.sum);
+  EXPECT_EQ(out.text(),
+            "# HELP lat_seconds Latency.\n"
+            "# TYPE lat_seconds histogram\n"
+            "lat_seconds_bucket{operation=\"sign\",le=\"0.1\"} 2\n"
+            "lat_seconds_bucket{operation=\"sign\",le=\"0.5\"} 3\n"
+            "lat_seconds_bucket{operation=\"sign\",le=\"1\"} 4\n"
+            "lat_seconds_bucket{operation=\"sign\",le=\"+Inf\"} 5\n"
+            "lat_seconds_sum{operation=\"sign\"} 4.05\n"
+            "lat_seconds_count{operation=\"sign\"} 5\n");
+}
+
+TEST(HistogramTest, ConcurrentObservationsAreAllCounted) {
+  Histogram h(Histogram::LatencyBounds());
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 10000; ++i) h.Observe(0.001 * (i % 7));
+    });
+  }
+  for (auto& t : threads) t.join();
+  Histogram::Snapshot s = h.Read();
+  EXPECT_EQ(s.cumulative.back(), 40000u);
+  EXPECT_NEAR(s.sum, 4 * (10000 / 7 * 0.021 + 0.001 * (0 + 1 + 2 + 3)), 1e-6);
+}
+
+// A raw HTTP exchange with the server on 127.0.0.1:port.
+std::string Exchange(int port, const std::string& request) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return "connect failed";
+  }
+  (void)!write(fd, request.data(), request.size());
+  std::string reply;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof(buf))) > 0) reply.append(buf, static_cast<size_t>(n));
+  close(fd);
+  return reply;
+}
+
+HttpServer::Options At(const std::string& address) {
+  HttpServer::Options options;
+  options.address = address;
+  return options;
+}
+
+TEST(HttpServerTest, ServesMetricsAndRefusesTheRest) {
+  int renders = 0;
+  auto server = HttpServer::Start(At("127.0.0.1:0"), [&] {
+    ++renders;
+    return std::string("custody_up 1\n");
+  });
+  ASSERT_TRUE(server.ok()) << server.status();
+  const int port = (*server)->port();
+  ASSERT_GT(port, 0);
+
+  std::string ok = Exchange(port, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_TRUE(absl::StartsWith(ok, "HTTP/1.1 200 OK\r\n")) << ok;
+  EXPECT_TRUE(absl::StrContains(ok, "Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"));
+  EXPECT_TRUE(absl::StrContains(ok, "Content-Length: 13\r\n"));
+  EXPECT_TRUE(absl::EndsWith(ok, "\r\n\r\ncustody_up 1\n"));
+  EXPECT_TRUE(
+      absl::StartsWith(Exchange(port, "GET /metrics?x=1 HTTP/1.0\r\n\r\n"), "HTTP/1.1 200 OK"));
+  std::string head = Exchange(port, "HEAD /metrics HTTP/1.1\r\n\r\n");
+  EXPECT_TRUE(absl::StartsWith(head, "HTTP/1.1 200 OK")) << head;
+  EXPECT_TRUE(absl::EndsWith(head, "\r\n\r\n")) << head;
+
+  EXPECT_TRUE(absl::StartsWith(Exchange(port, "GET / HTTP/1.1\r\n\r\n"), "HTTP/1.1 404"));
+  EXPECT_TRUE(absl::StartsWith(Exchange(port, "POST /metrics HTTP/1.1\r\n\r\n"), "HTTP/1.1 405"));
+  EXPECT_TRUE(absl::StartsWith(Exchange(port, "garbage\r\n\r\n"), "HTTP/1.1 400"));
+  // Oversized and never-ending headers: refused, and the server keeps serving.
+  EXPECT_TRUE(absl::StartsWith(
+      Exchange(port, "GET /metrics HTTP/1.1\r\nX: " + std::string(20000, 'a')), "HTTP/1.1 400"));
+  EXPECT_TRUE(absl::StartsWith(Exchange(port, "GET /metrics HTTP/1.1\r\n\r\n"), "HTTP/1.1 200 OK"));
+  EXPECT_EQ(renders, 4);  // GET x3 and HEAD
+  (*server)->Stop();
+  EXPECT_EQ(Exchange(port, "GET /metrics HTTP/1.1\r\n\r\n"), "connect failed");
+}
+
+TEST(HttpServerTest, RefusesBadAddresses) {
+  EXPECT_EQ(HttpServer::Start(At("nonsense"), [] { return std::string(); }).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(HttpServer::Start(At("127.0.0.1:99999"), [] { return std::string(); }).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto first = HttpServer::Start(At("127.0.0.1:0"), [] { return std::string(); });
+  ASSERT_TRUE(first.ok());
+  auto second = HttpServer::Start(At(absl::StrCat("127.0.0.1:", (*first)->port())),
+                                  [] { return std::string(); });
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST(HttpServerTest, ServesOverTlsWithAClientCertificate) {
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / absl::StrCat("metrics_tls_", getpid());
+  std::filesystem::create_directories(dir);
+  const std::string d = dir.string();
+  // A self-signed server certificate, and one for the client (which is its own CA here).
+  const std::string make =
+      absl::StrCat("cd ", d,
+                   " && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+                   "-keyout server.key -out server.pem -days 1 -subj /CN=127.0.0.1 "
+                   "-addext subjectAltName=IP:127.0.0.1 2>/dev/null"
+                   " && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+                   "-keyout client.key -out client.pem -days 1 -subj /CN=scraper 2>/dev/null");
+  ASSERT_EQ(std::system(make.c_str()), 0);
+  HttpServer::Options options;
+  options.address = "127.0.0.1:0";
+  options.tls_cert = d + "/server.pem";
+  options.tls_key = d + "/server.key";
+  options.client_ca = d + "/client.pem";
+  auto server = HttpServer::Start(options, [] { return std::string("custody_up 1\n"); });
+  ASSERT_TRUE(server.ok()) << server.status();
+
+  auto fetch = [&](bool with_client_cert) -> std::string {
+    SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+    SSL_CTX_load_verify_locations(ctx, options.tls_cert.c_str(), nullptr);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nullptr);
+    if (with_client_cert) {
+      SSL_CTX_use_certificate_file(ctx, (d + "/client.pem").c_str(), SSL_FILETYPE_PEM);
+      SSL_CTX_use_PrivateKey_file(ctx, (d + "/client.key").c_str(), SSL_FILETYPE_PEM);
+    }
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>((*server)->port()));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    std::string reply;
+    if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+      SSL* ssl = SSL_new(ctx);
+      SSL_set_fd(ssl, fd);
+      if (SSL_connect(ssl) == 1) {
+        const std::string req = "GET /metrics HTTP/1.1\r\n\r\n";
+        size_t wrote = 0;
+        SSL_write_ex(ssl, req.data(), req.size(), &wrote);
+        char buf[4096];
+        size_t got = 0;
+        while (SSL_read_ex(ssl, buf, sizeof(buf), &got) == 1) reply.append(buf, got);
+      }
+      SSL_free(ssl);
+    }
+    close(fd);
+    SSL_CTX_free(ctx);
+    return reply;
+  };
+  std::string with = fetch(true);
+  EXPECT_TRUE(absl::StartsWith(with, "HTTP/1.1 200 OK")) << with;
+  EXPECT_TRUE(absl::EndsWith(with, "custody_up 1\n"));
+  // Without a client certificate the handshake (TLS 1.3: the first read) fails: no metrics.
+  EXPECT_FALSE(absl::StrContains(fetch(false), "custody_up"));
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace custody::metrics

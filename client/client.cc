@@ -177,6 +177,26 @@ absl::StatusOr<Signature> Client::Sign(absl::string_view ring, absl::string_view
   return Signature{resp.signature(), resp.kid(), resp.version(), resp.alg()};
 }
 
+absl::StatusOr<Signature> Client::Sign(const custody::v1::SignRequest& request) const {
+  custody::v1::SignResponse resp;
+  absl::Status s =
+      Retry([&](grpc::ClientContext& ctx) { return signer_->Sign(&ctx, request, &resp); });
+  if (!s.ok()) return s;
+  return Signature{resp.signature(), resp.kid(), resp.version(), resp.alg()};
+}
+
+absl::StatusOr<custody::v1::PublicKey> Client::GetPublicKey(absl::string_view ring,
+                                                            uint32_t version) const {
+  custody::v1::GetPublicKeyRequest req;
+  req.set_ring(std::string(ring));
+  req.set_version(version);
+  custody::v1::PublicKey resp;
+  absl::Status s =
+      Retry([&](grpc::ClientContext& ctx) { return signer_->GetPublicKey(&ctx, req, &resp); });
+  if (!s.ok()) return s;
+  return resp;
+}
+
 absl::StatusOr<Signature> Client::SignData(absl::string_view ring, absl::string_view data) const {
   custody::v1::SignRequest req;
   req.set_ring(std::string(ring));

@@ -57,7 +57,7 @@ struct SignedJws {
 };
 
 struct Signature {
-  std::string signature;  // JOSE encoding (r||s for ECDSA)
+  std::string signature;  // JOSE encoding (r||s for ECDSA) unless the request asked for DER
   std::string kid;
   uint32_t version = 0;
   std::string alg;
@@ -102,6 +102,12 @@ class Client {
   absl::StatusOr<Signature> Sign(absl::string_view ring, absl::string_view digest) const;
   // Signer.Sign over a message (custodyd hashes it; EdDSA signs it directly).
   absl::StatusOr<Signature> SignData(absl::string_view ring, absl::string_view data) const;
+  // Signer.Sign with every field of the request (digest_alg, DER encoding, RSA padding: what
+  // TLS and X.509 need; the custody OpenSSL provider calls this).
+  absl::StatusOr<Signature> Sign(const custody::v1::SignRequest& request) const;
+  // Signer.GetPublicKey: a published version of a ring (0: the ACTIVE one).
+  absl::StatusOr<custody::v1::PublicKey> GetPublicKey(absl::string_view ring,
+                                                      uint32_t version = 0) const;
   // Signer.DecryptJwe of a compact JWE.
   absl::StatusOr<DecryptedJwe> DecryptJwe(absl::string_view ring, absl::string_view jwe) const;
   // Signer.GetJwks of `rings` (empty: every ring).

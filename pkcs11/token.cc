@@ -1490,17 +1490,27 @@ absl::StatusOr<std::string> Token::Sign(const KeyPair& key, SignScheme scheme,
       scheme_fits = key.spec.type == KeyType::kEd25519;
       break;
     case SignScheme::kRsaPssSha256:
-      if (input.size() != 32) {
-        return absl::InvalidArgumentError("PS256 input must be a 32-byte SHA-256 digest");
+    case SignScheme::kRsaPssSha384:
+    case SignScheme::kRsaPssSha512: {
+      // Salt as long as the digest: RFC 7518 PS256 and TLS 1.3 (RFC 8446 §4.2.3) both fix it.
+      const size_t digest_size = scheme == SignScheme::kRsaPssSha256   ? 32
+                                 : scheme == SignScheme::kRsaPssSha384 ? 48
+                                                                       : 64;
+      if (input.size() != digest_size) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("RSA-PSS input must be a ", digest_size, "-byte digest"));
       }
-      pss.hashAlg = CKM_SHA256;
-      pss.mgf = CKG_MGF1_SHA256;
-      pss.sLen = 32;
+      pss.hashAlg = digest_size == 32 ? CKM_SHA256 : digest_size == 48 ? CKM_SHA384 : CKM_SHA512;
+      pss.mgf = digest_size == 32   ? CKG_MGF1_SHA256
+                : digest_size == 48 ? CKG_MGF1_SHA384
+                                    : CKG_MGF1_SHA512;
+      pss.sLen = digest_size;
       mechanism.mechanism = CKM_RSA_PKCS_PSS;
       mechanism.pParameter = &pss;
       mechanism.ulParameterLen = sizeof(pss);
       scheme_fits = key.spec.type == KeyType::kRsa;
       break;
+    }
     case SignScheme::kRsaPkcs1v15:
       mechanism.mechanism = CKM_RSA_PKCS;
       scheme_fits = key.spec.type == KeyType::kRsa;

@@ -64,6 +64,8 @@ enum class SignScheme {
   kEddsa,         // CKM_EDDSA (pure Ed25519). Input: the whole message. Output: 64 bytes.
   kRsaPssSha256,  // CKM_RSA_PKCS_PSS, hash SHA-256, MGF1-SHA-256, salt 32. Input: SHA-256 digest.
   kRsaPkcs1v15,   // CKM_RSA_PKCS. Input: a DER DigestInfo (the caller encodes it).
+  kRsaPssSha384,  // CKM_RSA_PKCS_PSS, SHA-384, MGF1-SHA-384, salt 48. Input: SHA-384 digest.
+  kRsaPssSha512,  // CKM_RSA_PKCS_PSS, SHA-512, MGF1-SHA-512, salt 64. Input: SHA-512 digest.
 };
 
 enum class OaepHash { kSha1, kSha256 };

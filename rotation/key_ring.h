@@ -63,6 +63,8 @@ struct RingRecord {
   // ring or its versions, so a writer can make its change conditional on what it read. Always
   // 0 in the embedded SQLite store (one process writes it).
   uint64_t generation = 0;
+  // Manual rotation (without force) promotes only a PENDING version that has a certificate.
+  bool require_certificate = false;
 };
 
 struct VersionRecord {
@@ -83,6 +85,9 @@ struct VersionRecord {
   // DISABLED / DESTROY_SCHEDULED: the state before; kCreating when not applicable.
   VersionState previous_state = VersionState::kCreating;
   bool compromised = false;
+  // X.509 chain of the version's key (PEM, leaf first; checked against the key when set); "" =
+  // none.
+  std::string certificate_chain;
 };
 
 // Published in JWKS: PENDING, ACTIVE and RETIRED. Decrypts: the same.

@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS rings (
   rotation_period_ms INTEGER NOT NULL DEFAULT 0,
   retain_ms INTEGER NOT NULL DEFAULT 86400000,
   destroy_delay_ms INTEGER NOT NULL DEFAULT 604800000,
-  policy_explicit INTEGER NOT NULL DEFAULT 0
+  policy_explicit INTEGER NOT NULL DEFAULT 0,
+  require_certificate INTEGER NOT NULL DEFAULT 0
 ) STRICT;
 CREATE TABLE IF NOT EXISTS versions (
   ring TEXT NOT NULL REFERENCES rings(name),
@@ -64,16 +65,18 @@ CREATE TABLE IF NOT EXISTS versions (
   destroy_time INTEGER NOT NULL DEFAULT 0,
   previous_state TEXT NOT NULL DEFAULT 'CREATING',
   compromised INTEGER NOT NULL DEFAULT 0,
+  certificate_chain TEXT NOT NULL DEFAULT '',
   PRIMARY KEY (ring, version)
 ) STRICT;
 )sql";
 
 constexpr const char* kRingColumns =
     "name,purpose,alg,rsa_bits,allow_non_fapi,create_time,curve,zip_max_bytes,prepublish_ms,"
-    "rotation_period_ms,retain_ms,destroy_delay_ms,policy_explicit";
+    "rotation_period_ms,retain_ms,destroy_delay_ms,policy_explicit,require_certificate";
 constexpr const char* kVersionColumns =
     "ring,version,object_id,object_label,kid,public_jwk,state,create_time,activate_time,"
-    "publish_time,retire_time,destroy_after,destroy_time,previous_state,compromised";
+    "publish_time,retire_time,destroy_after,destroy_time,previous_state,compromised,"
+    "certificate_chain";
 
 struct StmtDeleter {
   void operator()(sqlite3_stmt* s) const { sqlite3_finalize(s); }
@@ -128,6 +131,7 @@ void BindRing(sqlite3_stmt* s, const RingRecord& r) {
   sqlite3_bind_int64(s, 11, r.policy.retain_ms);
   sqlite3_bind_int64(s, 12, r.policy.destroy_delay_ms);
   sqlite3_bind_int(s, 13, r.policy_explicit ? 1 : 0);
+  sqlite3_bind_int(s, 14, r.require_certificate ? 1 : 0);
 }
 
 // Binds the version's columns from index 1 in kVersionColumns order.
@@ -147,7 +151,19 @@ void BindVersion(sqlite3_stmt* s, const VersionRecord& v) {
   sqlite3_bind_int64(s, 13, v.destroy_time);
   BindText(s, 14, std::string(VersionStateName(v.previous_state)));
   sqlite3_bind_int(s, 15, v.compromised ? 1 : 0);
+  BindText(s, 16, v.certificate_chain);
 }
+
+// Columns added after the first schema: databases made before them get them here (ALTER TABLE
+// ADD COLUMN with the default; CREATE TABLE IF NOT EXISTS leaves an existing table as it was).
+constexpr struct {
+  const char* table;
+  const char* column;
+  const char* definition;
+} kAddedColumns[] = {
+    {"rings", "require_certificate", "INTEGER NOT NULL DEFAULT 0"},
+    {"versions", "certificate_chain", "TEXT NOT NULL DEFAULT ''"},
+};
 
 }  // namespace
 
@@ -175,6 +191,15 @@ absl::Status SqliteMetadataStore::Init() {
                              "PRAGMA foreign_keys=ON;", kSchema}) {
     if (absl::Status s = Exec(pragma); !s.ok()) return s;
   }
+  for (const auto& added : kAddedColumns) {
+    auto info = Prepare(db_, absl::StrCat("SELECT 1 FROM pragma_table_info('", added.table,
+                                          "') WHERE name='", added.column, "'"));
+    if (!info.ok()) return info.status();
+    if (sqlite3_step(info->get()) == SQLITE_ROW) continue;
+    const std::string alter = absl::StrCat("ALTER TABLE ", added.table, " ADD COLUMN ",
+                                           added.column, " ", added.definition, ";");
+    if (absl::Status s = Exec(alter.c_str()); !s.ok()) return s;
+  }
   return absl::OkStatus();
 }
 
@@ -196,7 +221,7 @@ absl::Status SqliteMetadataStore::Exec(const char* sql) {
 absl::Status SqliteMetadataStore::Apply(const Mutation& m) {
   for (const RingRecord& r : m.insert_rings) {
     auto stmt = Prepare(db_, absl::StrCat("INSERT INTO rings(", kRingColumns,
-                                          ") VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)"));
+                                          ") VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)"));
     if (!stmt.ok()) return stmt.status();
     BindRing(stmt->get(), r);
     if (absl::Status s = StepDone(db_, stmt->get(), "insert ring"); !s.ok()) {
@@ -224,7 +249,7 @@ absl::Status SqliteMetadataStore::Apply(const Mutation& m) {
   }
   for (const VersionRecord& v : m.insert_versions) {
     auto stmt = Prepare(db_, absl::StrCat("INSERT INTO versions(", kVersionColumns,
-                                          ") VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"));
+                                          ") VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"));
     if (!stmt.ok()) return stmt.status();
     BindVersion(stmt->get(), v);
     absl::Status s = StepDone(db_, stmt->get(), "insert version");
@@ -245,7 +270,8 @@ absl::Status SqliteMetadataStore::Apply(const Mutation& m) {
     auto stmt = Prepare(db_,
                         "UPDATE versions SET object_label=?4, kid=?5, public_jwk=?6, state=?7, "
                         "activate_time=?9, publish_time=?10, retire_time=?11, destroy_after=?12, "
-                        "destroy_time=?13, previous_state=?14, compromised=?15 "
+                        "destroy_time=?13, previous_state=?14, compromised=?15, "
+                        "certificate_chain=?16 "
                         "WHERE ring=?1 AND version=?2");
     if (!stmt.ok()) return stmt.status();
     sqlite3_stmt* s = stmt->get();
@@ -331,6 +357,7 @@ absl::StatusOr<std::vector<RingRecord>> SqliteMetadataStore::LoadRings() {
     r.policy.retain_ms = sqlite3_column_int64(s, 10);
     r.policy.destroy_delay_ms = sqlite3_column_int64(s, 11);
     r.policy_explicit = sqlite3_column_int(s, 12) != 0;
+    r.require_certificate = sqlite3_column_int(s, 13) != 0;
     rings.push_back(std::move(r));
   }
   if (rc != SQLITE_DONE) return SqliteError(db_, "load rings");
@@ -366,6 +393,7 @@ absl::StatusOr<std::vector<VersionRecord>> SqliteMetadataStore::LoadVersions() {
     if (!previous.ok()) return previous.status();
     v.previous_state = *previous;
     v.compromised = sqlite3_column_int(s, 14) != 0;
+    v.certificate_chain = ColumnText(s, 15);
     versions.push_back(std::move(v));
   }
   if (rc != SQLITE_DONE) return SqliteError(db_, "load versions");

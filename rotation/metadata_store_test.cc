@@ -1,5 +1,6 @@
 #include "rotation/metadata_store.h"
 
+#include <sqlite3.h>
 #include <stdlib.h>
 
 #include <filesystem>
@@ -116,6 +117,68 @@ TEST_F(MetadataStoreTest, UpdateOfMissingVersionIsNotFound) {
   auto store = MetadataStore::Open(path_);
   ASSERT_TRUE(store.ok());
   EXPECT_EQ((*store)->UpdateVersion(Version("nope", 1, "aa")).code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace custody::rotation
+
+namespace custody::rotation {
+namespace {
+
+// A database written before the certificate columns existed gets them on open (ALTER TABLE),
+// keeps its rows, and stores certificates from then on.
+TEST(MetadataStoreMigrationTest, AddsCertificateColumnsToAnOlderDatabase) {
+  char tmpl[] = "/tmp/custody-meta-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl, path = dir + "/metadata.db";
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db, R"sql(
+    CREATE TABLE rings (name TEXT PRIMARY KEY, purpose TEXT NOT NULL, alg TEXT NOT NULL,
+      rsa_bits INTEGER NOT NULL, allow_non_fapi INTEGER NOT NULL, create_time INTEGER NOT NULL,
+      curve TEXT NOT NULL DEFAULT '', zip_max_bytes INTEGER NOT NULL DEFAULT 0,
+      prepublish_ms INTEGER NOT NULL DEFAULT 3600000,
+      rotation_period_ms INTEGER NOT NULL DEFAULT 0, retain_ms INTEGER NOT NULL DEFAULT 86400000,
+      destroy_delay_ms INTEGER NOT NULL DEFAULT 604800000,
+      policy_explicit INTEGER NOT NULL DEFAULT 0) STRICT;
+    CREATE TABLE versions (ring TEXT NOT NULL REFERENCES rings(name), version INTEGER NOT NULL,
+      object_id TEXT NOT NULL UNIQUE, object_label TEXT NOT NULL, kid TEXT NOT NULL,
+      public_jwk TEXT NOT NULL, state TEXT NOT NULL, create_time INTEGER NOT NULL,
+      activate_time INTEGER NOT NULL, publish_time INTEGER NOT NULL DEFAULT 0,
+      retire_time INTEGER NOT NULL DEFAULT 0, destroy_after INTEGER NOT NULL DEFAULT 0,
+      destroy_time INTEGER NOT NULL DEFAULT 0,
+      previous_state TEXT NOT NULL DEFAULT 'CREATING', compromised INTEGER NOT NULL DEFAULT 0,
+      PRIMARY KEY (ring, version)) STRICT;
+    INSERT INTO rings(name,purpose,alg,rsa_bits,allow_non_fapi,create_time)
+      VALUES('op/tls','SIGN','ES256',0,0,1);
+    INSERT INTO versions(ring,version,object_id,object_label,kid,public_jwk,state,create_time,
+      activate_time) VALUES('op/tls',1,'aa','custody/op/tls/v1','k','{}','ACTIVE',1,2);
+  )sql",
+                         nullptr, nullptr, nullptr),
+            SQLITE_OK);
+  sqlite3_close(db);
+  {
+    auto store = MetadataStore::Open(path);
+    ASSERT_TRUE(store.ok()) << store.status();
+    auto rings = (*store)->LoadRings();
+    ASSERT_TRUE(rings.ok()) << rings.status();
+    ASSERT_EQ(rings->size(), 1u);
+    EXPECT_FALSE(rings->front().require_certificate);
+    auto versions = (*store)->LoadVersions();
+    ASSERT_TRUE(versions.ok()) << versions.status();
+    ASSERT_EQ(versions->size(), 1u);
+    EXPECT_EQ(versions->front().kid, "k");
+    EXPECT_EQ(versions->front().certificate_chain, "");
+    VersionRecord v = versions->front();
+    v.certificate_chain = "-----BEGIN CERTIFICATE-----\n...";
+    ASSERT_TRUE((*store)->UpdateVersion(v).ok());
+  }
+  auto store = MetadataStore::Open(path);  // the migration runs once; reopening is a no-op
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto versions = (*store)->LoadVersions();
+  ASSERT_TRUE(versions.ok());
+  EXPECT_EQ(versions->front().certificate_chain, "-----BEGIN CERTIFICATE-----\n...");
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -65,14 +65,20 @@ CREATE TABLE versions (
 );
 CREATE UNIQUE INDEX versions_one_active ON versions (ring) WHERE state = 'ACTIVE';
 )sql",
+    // 2: certificates (a ring that requires one before a manual rotation; a version's chain).
+    R"sql(
+ALTER TABLE rings ADD COLUMN require_certificate boolean NOT NULL DEFAULT false;
+ALTER TABLE versions ADD COLUMN certificate_chain text NOT NULL DEFAULT '';
+)sql",
 };
 
 constexpr const char* kRingColumns =
     "name,purpose,alg,rsa_bits,allow_non_fapi,create_time,curve,zip_max_bytes,prepublish_ms,"
-    "rotation_period_ms,retain_ms,destroy_delay_ms,policy_explicit,generation";
+    "rotation_period_ms,retain_ms,destroy_delay_ms,policy_explicit,generation,require_certificate";
 constexpr const char* kVersionColumns =
     "ring,version,object_id,object_label,kid,public_jwk,state,create_time,activate_time,"
-    "publish_time,retire_time,destroy_after,destroy_time,previous_state,compromised";
+    "publish_time,retire_time,destroy_after,destroy_time,previous_state,compromised,"
+    "certificate_chain";
 
 // A status that Commit retries in a fresh transaction (deadlock, serialization failure, a
 // connection lost before COMMIT was sent).
@@ -238,7 +244,8 @@ std::vector<std::string> RingParams(const RingRecord& r) {
           absl::StrCat(r.policy.rotation_period_ms),
           absl::StrCat(r.policy.retain_ms),
           absl::StrCat(r.policy.destroy_delay_ms),
-          Bool(r.policy_explicit)};
+          Bool(r.policy_explicit),
+          Bool(r.require_certificate)};
 }
 
 std::vector<std::string> VersionParams(const VersionRecord& v) {
@@ -256,7 +263,8 @@ std::vector<std::string> VersionParams(const VersionRecord& v) {
           absl::StrCat(v.destroy_after),
           absl::StrCat(v.destroy_time),
           std::string(VersionStateName(v.previous_state)),
-          Bool(v.compromised)};
+          Bool(v.compromised),
+          v.certificate_chain};
 }
 
 }  // namespace
@@ -378,7 +386,7 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
   auto attempt = [&]() -> absl::Status {
     for (const RingRecord& r : m.insert_rings) {
       auto res = c.Exec(absl::StrCat("INSERT INTO rings(", kRingColumns,
-                                     ") VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,0)"),
+                                     ") VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,0,$14)"),
                         RingParams(r));
       if (absl::IsAlreadyExists(res.status())) {
         return absl::AlreadyExistsError(absl::StrCat("ring '", r.name, "' already exists"));
@@ -427,13 +435,14 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
       auto res = c.Exec(
           "UPDATE versions SET object_label=$3, kid=$4, public_jwk=$5, state=$6, "
           "activate_time=$7, publish_time=$8, retire_time=$9, destroy_after=$10, "
-          "destroy_time=$11, previous_state=$12, compromised=$13 "
+          "destroy_time=$11, previous_state=$12, compromised=$13, certificate_chain=$14 "
           "WHERE ring=$1 AND version=$2::bigint",
           {v->ring, absl::StrCat(v->version), v->object_label, v->kid, v->public_jwk,
            std::string(VersionStateName(v->state)), absl::StrCat(v->activate_time),
            absl::StrCat(v->publish_time), absl::StrCat(v->retire_time),
            absl::StrCat(v->destroy_after), absl::StrCat(v->destroy_time),
-           std::string(VersionStateName(v->previous_state)), Bool(v->compromised)});
+           std::string(VersionStateName(v->previous_state)), Bool(v->compromised),
+           v->certificate_chain});
       if (!res.ok()) return res.status();
       if (std::string(PQcmdTuples(res->get())) != "1") {
         return absl::NotFoundError(
@@ -468,9 +477,10 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
                                                "' is not the next number (", *max + 1,
                                                "): another replica changed the ring; retry"));
       }
-      res = c.Exec(absl::StrCat("INSERT INTO versions(", kVersionColumns,
-                                ") VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15)"),
-                   VersionParams(v));
+      res =
+          c.Exec(absl::StrCat("INSERT INTO versions(", kVersionColumns,
+                              ") VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)"),
+                 VersionParams(v));
       if (!res.ok()) return res.status();
     }
     for (const VersionRecord& v : m.update_versions) {
@@ -559,6 +569,7 @@ absl::StatusOr<std::vector<RingRecord>> PostgresMetadataStore::LoadRings() {
     ring.policy.destroy_delay_ms = ints[11];
     ring.policy_explicit = Boolean(r, i, 12);
     ring.generation = static_cast<uint64_t>(ints[13]);
+    ring.require_certificate = Boolean(r, i, 14);
     rings.push_back(std::move(ring));
   }
   return rings;
@@ -598,6 +609,7 @@ absl::StatusOr<std::vector<VersionRecord>> PostgresMetadataStore::LoadVersions()
     if (!previous.ok()) return previous.status();
     v.previous_state = *previous;
     v.compromised = Boolean(r, i, 14);
+    v.certificate_chain = Text(r, i, 15);
     versions.push_back(std::move(v));
   }
   return versions;

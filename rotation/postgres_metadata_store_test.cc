@@ -103,8 +103,11 @@ TEST_F(PostgresMetadataStoreTest, RingAndVersionSurviveReopen) {
   {
     auto store = MustOpen();
     ASSERT_NE(store, nullptr);
-    ASSERT_TRUE(store->InsertRingWithVersion(Ring("op/id"), Version("op/id", 1, "aa")).ok());
+    RingRecord ring = Ring("op/id");
+    ring.require_certificate = true;
+    ASSERT_TRUE(store->InsertRingWithVersion(ring, Version("op/id", 1, "aa")).ok());
     VersionRecord v = Version("op/id", 1, "aa");
+    v.certificate_chain = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
     v.state = VersionState::kActive;
     v.kid = "kid-1";
     v.public_jwk = R"({"kty":"EC"})";
@@ -122,6 +125,7 @@ TEST_F(PostgresMetadataStoreTest, RingAndVersionSurviveReopen) {
   EXPECT_EQ((*rings)[0].name, "op/id");
   EXPECT_EQ((*rings)[0].alg, "ES256");
   EXPECT_EQ((*rings)[0].generation, 2u);  // two commits touched it
+  EXPECT_TRUE((*rings)[0].require_certificate);
   auto versions = store->LoadVersions();
   ASSERT_TRUE(versions.ok()) << versions.status();
   ASSERT_EQ(versions->size(), 1u);
@@ -133,6 +137,8 @@ TEST_F(PostgresMetadataStoreTest, RingAndVersionSurviveReopen) {
   EXPECT_TRUE((*versions)[0].compromised);
   EXPECT_EQ((*versions)[0].destroy_after, 1700009999);
   EXPECT_EQ((*versions)[0].object_label, "custody/op/id/v1");
+  EXPECT_EQ((*versions)[0].certificate_chain,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n");
 }
 
 TEST_F(PostgresMetadataStoreTest, DuplicateRingIsAlreadyExistsAndChangesNothing) {

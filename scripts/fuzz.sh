@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 BUILD_DIR=${FUZZ_BUILD_DIR:-build-fuzz}
-TARGETS=${FUZZ_TARGETS:-fuzz_jws fuzz_jwe fuzz_jwk fuzz_policy}
+TARGETS=${FUZZ_TARGETS:-fuzz_jws fuzz_jwe fuzz_jwk fuzz_policy fuzz_custody_uri}
 
 CC=clang-14 CXX=clang++-14 cmake -S . -B "$BUILD_DIR" -G Ninja -DCUSTODY_FUZZ=ON \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null

@@ -23,9 +23,9 @@ namespace {
 using jose::Json;
 
 // The operation names, in the bit order of AccessPolicy::Grant::operations.
-constexpr std::array<absl::string_view, 8> kOperations = {
-    "sign",         "decrypt",      "jwks",          "admin.read",
-    "admin.rotate", "admin.create", "admin.destroy", "admin.import",
+constexpr std::array<absl::string_view, 9> kOperations = {
+    "sign",         "decrypt",       "jwks",         "admin.read",        "admin.rotate",
+    "admin.create", "admin.destroy", "admin.import", "admin.certificate",
 };
 
 int OperationBit(absl::string_view name) {

@@ -22,7 +22,7 @@
 //   (never the empty identity). No other wildcards: "spiffe://bank/*" is refused rather than
 //   read literally.
 // - "operations": sign, decrypt, jwks, admin.read, admin.rotate, admin.create, admin.destroy,
-//   admin.import.
+//   admin.import, admin.certificate (CSRs and certificates of ring versions).
 // - "rings": patterns over ring names. "*" matches any run of characters within one path
 //   segment (no '/'), "**" any run including '/', every other character is literal. Patterns use
 //   only ring-name characters [a-z0-9._-/] and '*', and no "***". So "op/*" matches "op/id" but

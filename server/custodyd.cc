@@ -191,7 +191,7 @@ std::string DefaultPolicy() {
     {"identities": ["uid:)",
                       getuid(), R"("],
      "operations": ["sign", "decrypt", "jwks", "admin.read", "admin.rotate", "admin.create",
-                    "admin.destroy", "admin.import"],
+                    "admin.destroy", "admin.import", "admin.certificate"],
      "rings": ["**"]},
     {"identities": ["*"], "operations": ["jwks"], "rings": ["**"]}
   ]

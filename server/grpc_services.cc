@@ -182,6 +182,13 @@ grpc::Status SignerService::Sign(grpc::ServerContext* context, const v1::SignReq
   return call.Run(response, [&] { return keys_->Sign(*request); });
 }
 
+grpc::Status SignerService::GetPublicKey(grpc::ServerContext* context,
+                                         const v1::GetPublicKeyRequest* request,
+                                         v1::PublicKey* response) {
+  Call call(guard_, *context, kOpJwks, request->ring());
+  return call.Run(response, [&] { return keys_->GetPublicKey(*request); });
+}
+
 grpc::Status SignerService::DecryptJwe(grpc::ServerContext* context,
                                        const v1::DecryptJweRequest* request,
                                        v1::DecryptJweResponse* response) {
@@ -281,6 +288,20 @@ grpc::Status KeyAdminService::ImportKeyVersion(grpc::ServerContext* context,
   grpc::Status status = call.Run(response, [&] { return keys_->ImportKeyVersion(*request); });
   WipeKeyMaterial(request->key());
   return status;
+}
+
+grpc::Status KeyAdminService::CreateCertificateRequest(
+    grpc::ServerContext* context, const v1::CreateCertificateRequestRequest* request,
+    v1::CertificateRequest* response) {
+  Call call(guard_, *context, kOpAdminCertificate, request->ring());
+  return call.Run(response, [&] { return keys_->CreateCertificateRequest(*request); });
+}
+
+grpc::Status KeyAdminService::SetCertificate(grpc::ServerContext* context,
+                                             const v1::SetCertificateRequest* request,
+                                             v1::KeyRing* response) {
+  Call call(guard_, *context, kOpAdminCertificate, request->ring());
+  return call.Run(response, [&] { return keys_->SetCertificate(*request); });
 }
 
 grpc::Status KeyAdminService::GetKeyRing(grpc::ServerContext* context,

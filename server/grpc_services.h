@@ -25,6 +25,7 @@ inline constexpr char kOpAdminCreate[] = "admin.create";
 inline constexpr char kOpAdminImport[] = "admin.import";
 inline constexpr char kOpAdminRotate[] = "admin.rotate";
 inline constexpr char kOpAdminDestroy[] = "admin.destroy";
+inline constexpr char kOpAdminCertificate[] = "admin.certificate";
 
 class SignerService final : public v1::Signer::Service {
  public:
@@ -46,6 +47,8 @@ class SignerService final : public v1::Signer::Service {
                     v1::SignResponse* response) override;
   grpc::Status GetJwks(grpc::ServerContext* context, const v1::GetJwksRequest* request,
                        v1::GetJwksResponse* response) override;
+  grpc::Status GetPublicKey(grpc::ServerContext* context, const v1::GetPublicKeyRequest* request,
+                            v1::PublicKey* response) override;
   grpc::Status DecryptJwe(grpc::ServerContext* context, const v1::DecryptJweRequest* request,
                           v1::DecryptJweResponse* response) override;
   // As SignJwsBatch, for DecryptJwe items (each failure the same "decryption failed").
@@ -103,6 +106,12 @@ class KeyAdminService final : public v1::KeyAdmin::Service {
   grpc::Status CancelKeyVersionDestruction(grpc::ServerContext* context,
                                            const v1::KeyVersionRequest* request,
                                            v1::KeyRing* response) override;
+  grpc::Status CreateCertificateRequest(grpc::ServerContext* context,
+                                        const v1::CreateCertificateRequestRequest* request,
+                                        v1::CertificateRequest* response) override;
+  grpc::Status SetCertificate(grpc::ServerContext* context,
+                              const v1::SetCertificateRequest* request,
+                              v1::KeyRing* response) override;
   grpc::Status CompromiseKeyVersion(grpc::ServerContext* context,
                                     const v1::CompromiseKeyVersionRequest* request,
                                     v1::KeyRing* response) override;

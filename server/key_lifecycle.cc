@@ -91,7 +91,10 @@ void KeyService::Publish(std::shared_ptr<const Ring> ring) {
   auto published_kids = [](const Ring* r) {
     std::string kids;
     if (r == nullptr) return kids;
-    for (const Version* v : r->Published()) absl::StrAppend(&kids, v->record.kid, ",");
+    // A certificate attached to a published version changes its JWK (x5c) too.
+    for (const Version* v : r->Published()) {
+      absl::StrAppend(&kids, v->record.kid, ":", v->record.certificate_chain.size(), ",");
+    }
     return kids;
   };
   absl::MutexLock lock(&mu_);
@@ -367,6 +370,12 @@ absl::StatusOr<v1::RotateKeyRingResponse> KeyService::RotateLocked(const std::st
     }
   } else {
     int64_t eligible = pending->record.publish_time + (*ring)->record.policy.prepublish_ms;
+    if (!force && (*ring)->record.require_certificate &&
+        pending->record.certificate_chain.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "ring '", name, "' requires a certificate and PENDING version ", pending->record.version,
+          " has none: custodyctl csr / certificate set first (or rotate with force)"));
+    }
     if (!force && NowMs() < eligible) {
       out.set_rotated(false);
       out.set_eligible_time_ms(eligible);

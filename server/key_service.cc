@@ -18,6 +18,8 @@
 #include "jose/private_key.h"
 #include "openssl/core_names.h"
 #include "openssl/rand.h"
+#include "server/certificates.h"
+#include "server/raw_signature.h"
 
 namespace custody::server {
 namespace {
@@ -467,6 +469,10 @@ absl::StatusOr<v1::KeyRing> KeyService::CreateKeyRing(const v1::CreateKeyRingReq
   ring.record.allow_non_fapi = request.allow_non_fapi();
   ring.record.curve = request.curve();
   ring.record.zip_max_bytes = request.zip_max_bytes();
+  if (request.require_certificate() && ring.record.purpose != rotation::Purpose::kSign) {
+    return absl::InvalidArgumentError("require_certificate applies to SIGN rings only");
+  }
+  ring.record.require_certificate = request.require_certificate();
   if (request.has_policy()) {
     ring.record.policy = {request.policy().prepublish_ms(), request.policy().rotation_period_ms(),
                           request.policy().retain_ms(), request.policy().destroy_delay_ms()};
@@ -680,7 +686,12 @@ v1::KeyRing KeyService::ToProto(const Ring& ring) const {
     pv->set_token_object_id(v.record.object_id);
     pv->set_public_jwk(v.record.public_jwk);
     pv->set_object_missing(v.object_missing);
+    if (!v.record.certificate_chain.empty()) {
+      DescribeCertificate(v.record.certificate_chain, ring.record.policy.prepublish_ms,
+                          pv->mutable_certificate());
+    }
   }
+  out.set_require_certificate(ring.record.require_certificate);
   return out;
 }
 
@@ -778,31 +789,107 @@ absl::StatusOr<v1::SignResponse> KeyService::Sign(const v1::SignRequest& request
   }
   auto version = ActiveVersion(**ring);
   if (!version.ok()) return version.status();
-  absl::StatusOr<std::string> input;
-  switch (request.input_case()) {
-    case v1::SignRequest::kDigest:
-      input = TokenSignInputFromDigest((*ring)->profile, request.digest());
-      break;
-    case v1::SignRequest::kData:
-      if (request.data().size() > options_.max_payload_bytes) {
-        return absl::InvalidArgumentError(absl::StrCat("data is ", request.data().size(),
-                                                       " bytes; the limit is ",
-                                                       options_.max_payload_bytes));
-      }
-      input = TokenSignInput((*ring)->profile, request.data());
-      break;
-    default:
-      return absl::InvalidArgumentError("one of 'digest' or 'data' is required");
+  if (request.version() != 0 && request.version() != (*version)->record.version) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("version ", request.version(), " of ring '", request.ring(),
+                     "' does not sign: only the ACTIVE version (", (*version)->record.version,
+                     ") does; reload the key (and its certificate)"));
   }
-  if (!input.ok()) return input.status();
-  auto signature = token_->Sign(*(*version)->key, (*ring)->profile.scheme, *input);
+  auto plan = PlanRawSign((*ring)->profile, request, options_.max_payload_bytes);
+  if (!plan.ok()) return plan.status();
+  auto signature = token_->Sign(*(*version)->key, plan->scheme, plan->token_input);
   if (!signature.ok()) return signature.status();
   (*version)->NoteSignature();
+  if (plan->der) {
+    signature = EcdsaJoseToDer(*signature);
+    if (!signature.ok()) return signature.status();
+  }
   v1::SignResponse out;
   out.set_signature(*signature);
   out.set_kid((*version)->record.kid);
   out.set_version((*version)->record.version);
   out.set_alg(std::string(jose::JwsAlgName((*ring)->profile.alg)));
+  return out;
+}
+
+absl::StatusOr<v1::PublicKey> KeyService::GetPublicKey(
+    const v1::GetPublicKeyRequest& request) const {
+  auto ring = FindRing(request.ring());
+  if (!ring.ok()) return ring.status();
+  const Version* v = nullptr;
+  if (request.version() == 0) {
+    auto active = ActiveVersion(**ring);
+    if (!active.ok()) return active.status();
+    v = *active;
+  } else {
+    v = (*ring)->Find(request.version());
+    if (v == nullptr) {
+      return absl::NotFoundError(
+          absl::StrCat("ring '", request.ring(), "' has no version ", request.version()));
+    }
+    const VersionState st = v->record.state;
+    if (st != VersionState::kPending && st != VersionState::kActive &&
+        st != VersionState::kRetired) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "version ", request.version(), " of ring '", request.ring(), "' is ",
+          rotation::VersionStateName(st), ": only PENDING, ACTIVE and RETIRED keys are published"));
+    }
+  }
+  v1::PublicKey out;
+  out.set_ring(request.ring());
+  out.set_version(v->record.version);
+  out.set_kid(v->record.kid);
+  out.set_alg((*ring)->record.alg);
+  out.set_state(ToProtoState(v->record.state));
+  out.set_public_jwk(v->record.public_jwk);
+  out.set_purpose((*ring)->record.purpose == rotation::Purpose::kSign ? v1::SIGN : v1::DECRYPT);
+  return out;
+}
+
+absl::StatusOr<v1::CertificateRequest> KeyService::CreateCertificateRequest(
+    const v1::CreateCertificateRequestRequest& request) const {
+  auto ring = FindRing(request.ring());
+  if (!ring.ok()) return ring.status();
+  if ((*ring)->record.purpose != rotation::Purpose::kSign) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "ring '", request.ring(), "' is a DECRYPT ring; certificates are for signing keys"));
+  }
+  const Version* v = nullptr;
+  if (request.version() == 0) {
+    auto active = ActiveVersion(**ring);
+    if (!active.ok()) return active.status();
+    v = *active;
+  } else {
+    v = (*ring)->Find(request.version());
+    if (v == nullptr) {
+      return absl::NotFoundError(
+          absl::StrCat("ring '", request.ring(), "' has no version ", request.version()));
+    }
+    if (v->record.state != VersionState::kPending && v->record.state != VersionState::kActive) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("version ", request.version(), " of ring '", request.ring(), "' is ",
+                       rotation::VersionStateName(v->record.state),
+                       ": certificate requests are made for PENDING or ACTIVE versions"));
+    }
+  }
+  if (v->key == nullptr) {
+    return absl::UnavailableError(absl::StrCat("the token object of ring '", request.ring(),
+                                               "' version ", v->record.version, " is missing"));
+  }
+  auto jwk = jose::ParseJson(v->record.public_jwk);
+  if (!jwk.ok()) return absl::DataLossError("stored public JWK is invalid");
+  auto pub = jose::PkeyFromPublicJwk(*jwk);
+  if (!pub.ok()) return pub.status();
+  const std::vector<std::string> sans(request.sans().begin(), request.sans().end());
+  auto pem = BuildCertificateRequest(pub->get(), (*ring)->profile, request.subject(), sans,
+                                     [&](const RawSignPlan& plan) {
+                                       return token_->Sign(*v->key, plan.scheme, plan.token_input);
+                                     });
+  if (!pem.ok()) return pem.status();
+  v1::CertificateRequest out;
+  out.set_pem(*std::move(pem));
+  out.set_version(v->record.version);
+  out.set_kid(v->record.kid);
   return out;
 }
 
@@ -861,6 +948,11 @@ absl::StatusOr<KeyService::Jwks> KeyService::GetJwks(const std::vector<std::stri
       AppendJsonString(out.json, v->record.kid);
       absl::StrAppend(&out.json, ",\"use\":\"", use, "\",\"alg\":");
       AppendJsonString(out.json, ring->record.alg);
+      if (!v->record.certificate_chain.empty()) {
+        // Checked when it was set; a chain that no longer parses is left out, not fatal.
+        auto chain = ParseCertificateChain(v->record.certificate_chain);
+        if (chain.ok()) out.json += JwkCertificateMembers(*chain);
+      }
       out.json += '}';
     }
   }

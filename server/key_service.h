@@ -86,6 +86,15 @@ class KeyService {
 
   absl::StatusOr<v1::SignJwsResponse> SignJws(const v1::SignJwsRequest& request) const;
   absl::StatusOr<v1::SignResponse> Sign(const v1::SignRequest& request) const;
+  // A published version (version 0: the ACTIVE one); FAILED_PRECONDITION naming its state
+  // otherwise, NOT_FOUND for an unknown ring or version.
+  absl::StatusOr<v1::PublicKey> GetPublicKey(const v1::GetPublicKeyRequest& request) const;
+  // A PKCS#10 CSR built here and signed by a PENDING or ACTIVE version's key in the token
+  // (server/certificates.h); FAILED_PRECONDITION for other states and DECRYPT rings.
+  absl::StatusOr<v1::CertificateRequest> CreateCertificateRequest(
+      const v1::CreateCertificateRequestRequest& request) const;
+  // Attaches a checked X.509 chain to a PENDING, ACTIVE or RETIRED version (durable first).
+  absl::StatusOr<v1::KeyRing> SetCertificate(const v1::SetCertificateRequest& request);
   struct Jwks {
     std::string json;
     std::string etag;             // base64url of the first 16 bytes of SHA-256(json)

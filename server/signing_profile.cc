@@ -13,6 +13,16 @@ const EVP_MD* Sha256() {
   return md;
 }
 
+const EVP_MD* Sha384() {
+  static const EVP_MD* md = EVP_MD_fetch(nullptr, "SHA2-384", nullptr);
+  return md;
+}
+
+const EVP_MD* Sha512() {
+  static const EVP_MD* md = EVP_MD_fetch(nullptr, "SHA2-512", nullptr);
+  return md;
+}
+
 // DER DigestInfo prefix for SHA-256 (RFC 8017 §9.2 note 1).
 constexpr unsigned char kSha256DigestInfoPrefix[] = {0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60,
                                                      0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
@@ -44,6 +54,18 @@ absl::StatusOr<SigningProfile> ResolveSigningProfile(absl::string_view alg, int 
     p.scheme = pkcs11::SignScheme::kEcdsa;
     p.digest = Sha256();
     p.digest_size = 32;
+  } else if (alg == "ES384") {  // for TLS/X.509 keys on P-384 (and JWS ES384)
+    p.alg = jose::JwsAlg::kES384;
+    p.key = {pkcs11::KeyType::kEcP384, 0};
+    p.scheme = pkcs11::SignScheme::kEcdsa;
+    p.digest = Sha384();
+    p.digest_size = 48;
+  } else if (alg == "ES512") {  // P-521 with SHA-512
+    p.alg = jose::JwsAlg::kES512;
+    p.key = {pkcs11::KeyType::kEcP521, 0};
+    p.scheme = pkcs11::SignScheme::kEcdsa;
+    p.digest = Sha512();
+    p.digest_size = 64;
   } else if (alg == "EdDSA") {
     p.alg = jose::JwsAlg::kEdDSA;
     p.key = {pkcs11::KeyType::kEd25519, 0};
@@ -60,13 +82,15 @@ absl::StatusOr<SigningProfile> ResolveSigningProfile(absl::string_view alg, int 
     p.alg = jose::JwsAlg::kRS256;
     p.scheme = pkcs11::SignScheme::kRsaPkcs1v15;
   } else if (alg.empty()) {
-    return absl::InvalidArgumentError("alg is required: PS256, ES256, EdDSA or RS256");
+    return absl::InvalidArgumentError(
+        "alg is required: PS256, ES256, ES384, ES512, EdDSA or RS256");
   } else {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "unsupported signing alg '", alg, "': use PS256, ES256, EdDSA (or RS256, non-FAPI)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unsupported signing alg '", alg,
+                     "': use PS256, ES256, ES384, ES512, EdDSA (or RS256, non-FAPI)"));
   }
   if (p.digest == nullptr && p.scheme != pkcs11::SignScheme::kEddsa) {
-    return absl::InternalError("SHA-256 is not available from the OpenSSL default provider");
+    return absl::InternalError("SHA-2 is not available from the OpenSSL default provider");
   }
   return p;
 }

@@ -12,6 +12,9 @@
 //   custodyctl version compromise NAME VERSION [--reason=TEXT]
 //   custodyctl decrypt NAME [--jwe_file=F]          (stdin when no file; raw plaintext out)
 //   custodyctl import NAME --jwk_file=F | --pem_file=F
+//   custodyctl csr NAME [--version=N] --subject=/CN=... [--san=dns:NAME,uri:URI,...]
+//   custodyctl certificate set NAME VERSION --chain_file=F   (PEM, leaf first)
+//   ring create also takes --require_certificate (rotate without --force needs a certificate).
 //   custodyctl audit verify FILE...   (local: checks audit log files in order; no server)
 //   ring create also takes --curve=P-256|P-384|P-521, --zip_max_bytes=N (DECRYPT rings) and
 //   --import_jwk_file=F | --import_pem_file=F (the first version imported, not generated).
@@ -32,6 +35,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 #include "client/channel.h"
 #include "common/log.h"
@@ -46,7 +50,8 @@ namespace {
 constexpr char kUsage[] =
     "usage: custodyctl [--addr=ADDR] COMMAND\n"
     "  ring create NAME --purpose=sign|decrypt --alg=ALG [--rsa_bits=N]\n"
-    "      sign: ES256|PS256|EdDSA|RS256; decrypt: RSA-OAEP-256|RSA-OAEP|ECDH-ES[+A128KW|...]\n"
+    "      sign: ES256|ES384|ES512|PS256|EdDSA|RS256; decrypt: "
+    "RSA-OAEP-256|RSA-OAEP|ECDH-ES[+A128KW|...]\n"
     "                   [--allow_non_fapi]\n"
     "  ring get NAME\n"
     "  ring list [--prefix=P]\n"
@@ -58,6 +63,8 @@ constexpr char kUsage[] =
     "  version disable|enable|destroy|cancel-destroy NAME VERSION\n"
     "  version compromise NAME VERSION [--reason=TEXT]\n"
     "  decrypt NAME [--jwe_file=F]   (stdin if no F; prints the raw plaintext)\n"
+    "  csr NAME [--version=N] --subject=/CN=... [--san=dns:NAME,uri:URI,...]   (PEM out)\n"
+    "  certificate set NAME VERSION --chain_file=F   (PEM chain, leaf first)\n"
     "  import NAME --jwk_file=F | --pem_file=F   (a private key, as a new PENDING version)\n"
     "  audit verify FILE...   (audit log files, oldest first, one chain per replica; local)\n"
     "  health   (grpc.health.v1: prints SERVING and exits 0, else exits 1; for probes)\n"
@@ -173,6 +180,10 @@ class Ctl {
     if (p[0] == "jwks") return Jwks({p.begin() + 1, p.end()}, args.Has("watch"));
     if (p[0] == "decrypt" && p.size() == 2) return Decrypt(p[1], args);
     if (p[0] == "import" && p.size() == 2) return Import(p[1], args);
+    if (p[0] == "csr" && p.size() == 2) return Csr(p[1], args);
+    if (p[0] == "certificate" && p.size() == 4 && p[1] == "set") {
+      return CertificateSet(p[2], p[3], args);
+    }
     if (p[0] == "health" && p.size() == 1) return Health();
     return Usage(absl::StrCat("unknown command '", p[0], p.size() > 1 ? " " + p[1] : "", "'"));
   }
@@ -213,6 +224,7 @@ class Ctl {
       req.set_rsa_bits(bits);
     }
     req.set_curve(args.Flag("curve"));
+    req.set_require_certificate(args.Has("require_certificate"));
     if (args.Has("zip_max_bytes")) {
       uint32_t zip = 0;
       if (!absl::SimpleAtoi(args.Flag("zip_max_bytes"), &zip)) {
@@ -331,6 +343,49 @@ class Ctl {
     if (int rc = PolicyFromFlags(args, ring.policy(), req.mutable_policy()); rc != 0) return rc;
     auto ctx = Context();
     s = admin_->UpdateRotationPolicy(ctx.get(), req, &ring);
+    return s.ok() ? PrintJson(ring) : Failed(s);
+  }
+
+  // PKCS#10 CSR built and signed inside custodyd (the version may still be PENDING); PEM out.
+  int Csr(const std::string& name, const Args& args) {
+    custody::v1::CreateCertificateRequestRequest req;
+    req.set_ring(name);
+    if (args.Has("version")) {
+      uint32_t version = 0;
+      if (!absl::SimpleAtoi(args.Flag("version"), &version) || version == 0) {
+        return Usage("--version: a number");
+      }
+      req.set_version(version);
+    }
+    if (!args.Has("subject")) return Usage("csr needs --subject=/CN=...");
+    req.set_subject(args.Flag("subject"));
+    if (args.Has("san")) {
+      for (absl::string_view san : absl::StrSplit(args.Flag("san"), ',')) {
+        req.add_sans(std::string(san));
+      }
+    }
+    custody::v1::CertificateRequest resp;
+    auto ctx = Context();
+    grpc::Status s = admin_->CreateCertificateRequest(ctx.get(), req, &resp);
+    if (!s.ok()) return Failed(s);
+    std::cout << resp.pem();
+    return 0;
+  }
+
+  int CertificateSet(const std::string& name, const std::string& number, const Args& args) {
+    custody::v1::SetCertificateRequest req;
+    req.set_ring(name);
+    uint32_t version = 0;
+    if (!absl::SimpleAtoi(number, &version) || version == 0) return Usage("VERSION: a number");
+    req.set_version(version);
+    if (!args.Has("chain_file")) return Usage("certificate set needs --chain_file=PEM");
+    if (!ReadAll(args.Flag("chain_file"), req.mutable_chain_pem()) || req.chain_pem().empty()) {
+      std::cerr << "custodyctl: cannot read " << args.Flag("chain_file") << "\n";
+      return 1;
+    }
+    custody::v1::KeyRing ring;
+    auto ctx = Context();
+    grpc::Status s = admin_->SetCertificate(ctx.get(), req, &ring);
     return s.ok() ? PrintJson(ring) : Failed(s);
   }
 

@@ -2,7 +2,8 @@
 """Offline checks of deploy/kubernetes/*.yaml (run by ctest as kubernetes_manifests).
 
 Parses every document with PyYAML (Debian's python3-yaml) and checks the invariants the
-deployment promises: non-root, read-only root filesystem, no privilege escalation, all
+deployment promises: several replicas on the PostgreSQL metadata store, each with its own audit
+storage (a StatefulSet volumeClaimTemplate) and replica id, behind a headless Service; non-root, read-only root filesystem, no privilege escalation, all
 capabilities dropped, seccomp RuntimeDefault; grpc.health.v1 probes; the PIN and the database
 password from Secrets mounted as files; the PKCS#11 module from a volume; the metrics port
 annotated for scraping and served over TLS (custodyd refuses clear text off loopback);
@@ -60,23 +61,26 @@ def main():
     by_kind = {}
     for doc in docs:
         by_kind.setdefault(doc["kind"], []).append(doc)
-    for kind in ("Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy",
-                 "ServiceAccount", "ConfigMap", "PersistentVolumeClaim"):
+    for kind in ("StatefulSet", "Service", "PodDisruptionBudget", "NetworkPolicy",
+                 "ServiceAccount", "ConfigMap"):
         check(len(by_kind.get(kind, [])) == 1, f"expected exactly one {kind}")
+    check("Deployment" not in by_kind, "a Deployment: replicas need their own audit volumes")
     if failures:
         return
 
-    dep = by_kind["Deployment"][0]
-    spec = dep["spec"]
+    sts = by_kind["StatefulSet"][0]
+    spec = sts["spec"]
     pod = spec["template"]["spec"]
     pod_labels = spec["template"]["metadata"]["labels"]
     annotations = spec["template"]["metadata"].get("annotations", {})
-    check(spec["replicas"] >= 1, "replicas < 1")
-    check(labels_match(spec["selector"]["matchLabels"], pod_labels), "Deployment selector")
-    # A single SQLite replica must never overlap with its successor.
-    if spec["replicas"] == 1:
-        check(spec.get("strategy", {}).get("type") == "Recreate",
-              "one replica on SQLite needs strategy Recreate")
+    check(spec["replicas"] >= 3, "fewer than 3 replicas")
+    check(labels_match(spec["selector"]["matchLabels"], pod_labels), "StatefulSet selector")
+    check(spec.get("updateStrategy", {}).get("type") == "RollingUpdate", "not RollingUpdate")
+    svc = by_kind["Service"][0]
+    check(spec.get("serviceName") == svc["metadata"]["name"], "serviceName is not the Service")
+    check(svc["spec"].get("clusterIP") == "None",
+          "Service not headless: callers must resolve every replica")
+    templates = {t["metadata"]["name"]: t for t in spec.get("volumeClaimTemplates", [])}
 
     psc = pod.get("securityContext", {})
     check(psc.get("runAsNonRoot") is True, "pod runAsNonRoot")
@@ -87,6 +91,7 @@ def main():
         check(not pod.get(host), f"{host} set")
 
     volumes = {v["name"]: v for v in pod["volumes"]}
+    volumes.update({name: {"name": name, "persistentVolumeClaim": {}} for name in templates})
     for c in pod.get("initContainers", []) + pod["containers"]:
         sc = c.get("securityContext", {})
         n = c["name"]
@@ -114,6 +119,19 @@ def main():
                   for e in custody.get("env", [])), "PIN in a literal env value")
 
     mounts = {m["mountPath"]: m for m in custody["volumeMounts"]}
+
+    # Replicas: metadata in PostgreSQL (a connection string from the ConfigMap, never a URI with a
+    # password), the password from a file, a replica id per pod, the state directory (audit log)
+    # on the replica's own claim.
+    check(flags.get("metadata", "").startswith("/"), "--metadata is not a connection-string file")
+    check("metadata_password_file" in flags, "no --metadata_password_file")
+    check(flags.get("replica_id") == "$(POD_NAME)", "--replica_id is not the pod name")
+    pod_name_env = [e for e in custody.get("env", []) if e.get("name") == "POD_NAME"]
+    check(pod_name_env and pod_name_env[0].get("valueFrom", {}).get("fieldRef", {})
+          .get("fieldPath") == "metadata.name", "POD_NAME is not the pod's name")
+    state_mount = mounts.get(flags.get("state_dir", ""))
+    check(state_mount is not None and state_mount["name"] in templates,
+          "the state directory (audit log) is not on a per-replica claim")
 
     def volume_under(path):
         """The volume (and mount) a file path lives in: the longest mount path prefix."""
@@ -188,6 +206,17 @@ def main():
     check(allowed.get(ports.get("metrics")) == {"prometheus"}, f"metrics ingress: {allowed}")
     check(set(allowed) == {ports.get("grpc"), ports.get("metrics")}, "other ports admitted")
 
+    # The connection string: from the ConfigMap, without a password.
+    conninfo = volume_under(flags.get("metadata", "/nonexistent"))
+    check(conninfo is not None and "configMap" in conninfo[0], "conninfo not from the ConfigMap")
+    if conninfo is not None and "configMap" in conninfo[0]:
+        key = os.path.relpath(flags["metadata"], conninfo[1]["mountPath"])
+        (cm,) = [d for d in by_kind["ConfigMap"]
+                 if d["metadata"]["name"] == conninfo[0]["configMap"]["name"]]
+        text = cm.get("data", {}).get(key, "")
+        check(text and "password" not in text.lower(), f"conninfo {key}: missing or has a password")
+        check("sslmode=verify-full" in text, f"conninfo {key}: not sslmode=verify-full")
+
     # Everything the pod references is defined here or is an operator-made Secret.
     check(pod["serviceAccountName"] in {d["metadata"]["name"] for d in by_kind["ServiceAccount"]},
           "ServiceAccount not defined")
@@ -195,9 +224,9 @@ def main():
         if "configMap" in v:
             check(v["configMap"]["name"] in {d["metadata"]["name"] for d in by_kind["ConfigMap"]},
                   f"ConfigMap {v['configMap']['name']} not defined")
-        if "persistentVolumeClaim" in v:
+        if v.get("persistentVolumeClaim", {}).get("claimName"):
             check(v["persistentVolumeClaim"]["claimName"] in
-                  {d["metadata"]["name"] for d in by_kind["PersistentVolumeClaim"]},
+                  {d["metadata"]["name"] for d in by_kind.get("PersistentVolumeClaim", [])},
                   "PVC not defined")
     policy = volume_under(flags.get("policy_file", "/nonexistent"))
     check(policy is not None and "configMap" in policy[0], "policy not from the ConfigMap")

@@ -630,6 +630,17 @@ absl::StatusOr<std::shared_ptr<const KeyService::Ring>> KeyService::FindRing(
   return it->second;
 }
 
+absl::StatusOr<const KeyService::Version*> KeyService::VersionOrActive(const Ring& ring,
+                                                                       uint32_t version) const {
+  if (version == 0) return ActiveVersion(ring);
+  const Version* v = ring.Find(version);
+  if (v == nullptr) {
+    return absl::NotFoundError(
+        absl::StrCat("ring '", ring.record.name, "' has no version ", version));
+  }
+  return v;
+}
+
 absl::StatusOr<const KeyService::Version*> KeyService::ActiveVersion(const Ring& ring) const {
   if (ring.active < 0) {
     return absl::FailedPreconditionError(
@@ -816,24 +827,14 @@ absl::StatusOr<v1::PublicKey> KeyService::GetPublicKey(
     const v1::GetPublicKeyRequest& request) const {
   auto ring = FindRing(request.ring());
   if (!ring.ok()) return ring.status();
-  const Version* v = nullptr;
-  if (request.version() == 0) {
-    auto active = ActiveVersion(**ring);
-    if (!active.ok()) return active.status();
-    v = *active;
-  } else {
-    v = (*ring)->Find(request.version());
-    if (v == nullptr) {
-      return absl::NotFoundError(
-          absl::StrCat("ring '", request.ring(), "' has no version ", request.version()));
-    }
-    const VersionState st = v->record.state;
-    if (st != VersionState::kPending && st != VersionState::kActive &&
-        st != VersionState::kRetired) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "version ", request.version(), " of ring '", request.ring(), "' is ",
-          rotation::VersionStateName(st), ": only PENDING, ACTIVE and RETIRED keys are published"));
-    }
+  auto found = VersionOrActive(**ring, request.version());
+  if (!found.ok()) return found.status();
+  const Version* v = *found;
+  const VersionState st = v->record.state;
+  if (st != VersionState::kPending && st != VersionState::kActive && st != VersionState::kRetired) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "version ", request.version(), " of ring '", request.ring(), "' is ",
+        rotation::VersionStateName(st), ": only PENDING, ACTIVE and RETIRED keys are published"));
   }
   v1::PublicKey out;
   out.set_ring(request.ring());
@@ -854,23 +855,14 @@ absl::StatusOr<v1::CertificateRequest> KeyService::CreateCertificateRequest(
     return absl::FailedPreconditionError(absl::StrCat(
         "ring '", request.ring(), "' is a DECRYPT ring; certificates are for signing keys"));
   }
-  const Version* v = nullptr;
-  if (request.version() == 0) {
-    auto active = ActiveVersion(**ring);
-    if (!active.ok()) return active.status();
-    v = *active;
-  } else {
-    v = (*ring)->Find(request.version());
-    if (v == nullptr) {
-      return absl::NotFoundError(
-          absl::StrCat("ring '", request.ring(), "' has no version ", request.version()));
-    }
-    if (v->record.state != VersionState::kPending && v->record.state != VersionState::kActive) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("version ", request.version(), " of ring '", request.ring(), "' is ",
-                       rotation::VersionStateName(v->record.state),
-                       ": certificate requests are made for PENDING or ACTIVE versions"));
-    }
+  auto found = VersionOrActive(**ring, request.version());
+  if (!found.ok()) return found.status();
+  const Version* v = *found;
+  if (v->record.state != VersionState::kPending && v->record.state != VersionState::kActive) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("version ", request.version(), " of ring '", request.ring(), "' is ",
+                     rotation::VersionStateName(v->record.state),
+                     ": certificate requests are made for PENDING or ACTIVE versions"));
   }
   if (v->key == nullptr) {
     return absl::UnavailableError(absl::StrCat("the token object of ring '", request.ring(),

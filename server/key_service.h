@@ -173,6 +173,8 @@ class KeyService {
                                                           const pkcs11::KeyPair& key) const;
   absl::StatusOr<std::shared_ptr<const Ring>> FindRing(const std::string& name) const;
   absl::StatusOr<const Version*> ActiveVersion(const Ring& ring) const;
+  // Version `version` of `ring`, its ACTIVE version when 0; NOT_FOUND names a missing one.
+  absl::StatusOr<const Version*> VersionOrActive(const Ring& ring, uint32_t version) const;
   v1::KeyRing ToProto(const Ring& ring) const;
 
   // Applies `change` to a copy of the ring's latest snapshot; `change` records in `mutation` the

@@ -21,41 +21,22 @@
 namespace custody::rotation {
 namespace {
 
-testing::PostgresCluster* cluster = nullptr;
-
-class ClusterEnvironment : public ::testing::Environment {
- public:
-  void SetUp() override {
-    auto started = testing::PostgresCluster::Start();
-    ASSERT_TRUE(started.ok()) << started.status();
-    cluster_ = *std::move(started);
-    cluster = cluster_.get();
-  }
-  void TearDown() override {
-    cluster = nullptr;
-    cluster_.reset();
-  }
-
- private:
-  std::unique_ptr<testing::PostgresCluster> cluster_;
-};
-
-::testing::Environment* const environment =
-    ::testing::AddGlobalTestEnvironment(new ClusterEnvironment);
+const ::testing::Environment* const environment = testing::PostgresClusterEnvironment::Register();
+testing::PostgresCluster* Cluster() { return testing::PostgresClusterEnvironment::Get(); }
 
 class PostgresMetadataStoreTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    ASSERT_NE(cluster, nullptr);
+    ASSERT_NE(Cluster(), nullptr);
     static int n = 0;
     db_ = absl::StrCat("t", ++n);
-    ASSERT_TRUE(cluster->CreateDatabase(db_).ok());
+    ASSERT_TRUE(Cluster()->CreateDatabase(db_).ok());
   }
 
   absl::StatusOr<std::unique_ptr<PostgresMetadataStore>> Open() {
     PostgresMetadataStore::Options options;
-    options.conninfo = cluster->Conninfo(db_);
-    auto password = ReadSecretFile(cluster->password_file());
+    options.conninfo = Cluster()->Conninfo(db_);
+    auto password = ReadSecretFile(Cluster()->password_file());
     if (!password.ok()) return password.status();
     options.password = *std::move(password);
     return PostgresMetadataStore::Open(std::move(options));
@@ -66,7 +47,7 @@ class PostgresMetadataStoreTest : public ::testing::Test {
     return store.ok() ? *std::move(store) : nullptr;
   }
   std::string Sql(const std::string& sql) {
-    auto out = cluster->Psql(db_, sql);
+    auto out = Cluster()->Psql(db_, sql);
     EXPECT_TRUE(out.ok()) << out.status();
     return out.ok() ? *out : "";
   }
@@ -260,7 +241,7 @@ TEST_F(PostgresMetadataStoreTest, CommitNotifiesTheTouchedRings) {
   // (psql prints notifications after each command).
   std::string out;
   std::thread listener([&] {
-    auto r = cluster->Psql(db_, "LISTEN custody_metadata; SELECT pg_sleep(1.5); SELECT 'done';");
+    auto r = Cluster()->Psql(db_, "LISTEN custody_metadata; SELECT pg_sleep(1.5); SELECT 'done';");
     out = r.ok() ? *r : r.status().ToString();
   });
   absl::SleepFor(absl::Milliseconds(700));
@@ -273,10 +254,10 @@ TEST_F(PostgresMetadataStoreTest, CommitNotifiesTheTouchedRings) {
 
 TEST_F(PostgresMetadataStoreTest, ConnectionStringWithPasswordIsRefused) {
   PostgresMetadataStore::Options options;
-  options.conninfo = cluster->Conninfo(db_) + " password=" + cluster->password();
+  options.conninfo = Cluster()->Conninfo(db_) + " password=" + Cluster()->password();
   auto store = PostgresMetadataStore::Open(std::move(options));
   ASSERT_EQ(store.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(store.status().message().find(cluster->password()), absl::string_view::npos);
+  EXPECT_EQ(store.status().message().find(Cluster()->password()), absl::string_view::npos);
   EXPECT_NE(store.status().message().find("never on the command line"), absl::string_view::npos);
   EXPECT_EQ(CheckConninfo("postgresql://custody:secret@localhost/db").code(),
             absl::StatusCode::kInvalidArgument);
@@ -285,7 +266,7 @@ TEST_F(PostgresMetadataStoreTest, ConnectionStringWithPasswordIsRefused) {
 
 TEST_F(PostgresMetadataStoreTest, WrongOrMissingPasswordIsUnavailableWithoutThePassword) {
   PostgresMetadataStore::Options options;
-  options.conninfo = cluster->Conninfo(db_);
+  options.conninfo = Cluster()->Conninfo(db_);
   options.password = Secret("not-the-password");
   auto store = PostgresMetadataStore::Open(std::move(options));
   ASSERT_EQ(store.status().code(), absl::StatusCode::kUnavailable) << store.status();
@@ -296,9 +277,9 @@ TEST_F(PostgresMetadataStoreTest, WrongOrMissingPasswordIsUnavailableWithoutTheP
 }
 
 TEST_F(PostgresMetadataStoreTest, PgpassFileAndUriWork) {
-  setenv("PGPASSFILE", cluster->pgpass_file().c_str(), 1);
+  setenv("PGPASSFILE", Cluster()->pgpass_file().c_str(), 1);
   PostgresMetadataStore::Options options;
-  options.conninfo = cluster->Uri(db_);
+  options.conninfo = Cluster()->Uri(db_);
   auto store = PostgresMetadataStore::Open(std::move(options));
   unsetenv("PGPASSFILE");
   ASSERT_TRUE(store.ok()) << store.status();
@@ -420,11 +401,11 @@ TEST_F(PostgresMetadataStoreTest, ReconnectsAfterServerRestart) {
   auto store = MustOpen();
   ASSERT_NE(store, nullptr);
   ASSERT_TRUE(store->InsertRingWithVersion(Ring("op/id"), Version("op/id", 1, "aa")).ok());
-  ASSERT_TRUE(cluster->Stop("immediate").ok());
+  ASSERT_TRUE(Cluster()->Stop("immediate").ok());
   absl::Status down = store->InsertVersion(Version("op/id", 2, "bb"));
   EXPECT_EQ(down.code(), absl::StatusCode::kUnavailable) << down;
   EXPECT_EQ(store->LoadRings().status().code(), absl::StatusCode::kUnavailable);
-  ASSERT_TRUE(cluster->StartServer().ok());
+  ASSERT_TRUE(Cluster()->StartServer().ok());
   absl::Status up = store->InsertVersion(Version("op/id", 2, "bb"));
   EXPECT_TRUE(up.ok()) << up;
   EXPECT_EQ(store->LoadVersions()->size(), 2u);

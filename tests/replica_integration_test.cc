@@ -37,27 +37,11 @@ namespace {
 namespace v1 = custody::v1;
 using namespace std::chrono_literals;
 
-rotation::testing::PostgresCluster* cluster = nullptr;
-
-class ClusterEnvironment : public ::testing::Environment {
- public:
-  void SetUp() override {
-    auto started = rotation::testing::PostgresCluster::Start();
-    ASSERT_TRUE(started.ok()) << started.status();
-    cluster_ = *std::move(started);
-    cluster = cluster_.get();
-  }
-  void TearDown() override {
-    cluster = nullptr;
-    cluster_.reset();
-  }
-
- private:
-  std::unique_ptr<rotation::testing::PostgresCluster> cluster_;
-};
-
-::testing::Environment* const environment =
-    ::testing::AddGlobalTestEnvironment(new ClusterEnvironment);
+const ::testing::Environment* const environment =
+    rotation::testing::PostgresClusterEnvironment::Register();
+rotation::testing::PostgresCluster* Cluster() {
+  return rotation::testing::PostgresClusterEnvironment::Get();
+}
 
 #if defined(__SANITIZE_ADDRESS__)
 constexpr bool kSanitized = true;
@@ -141,14 +125,14 @@ void SetDeadline(grpc::ClientContext* ctx, std::chrono::milliseconds timeout = 1
 class ReplicaTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    ASSERT_NE(cluster, nullptr);
+    ASSERT_NE(Cluster(), nullptr);
     static int n = 0;
     db_ = absl::StrCat("r", getpid(), "_", ++n);
-    ASSERT_TRUE(cluster->CreateDatabase(db_).ok());
+    ASSERT_TRUE(Cluster()->CreateDatabase(db_).ok());
   }
   std::vector<std::string> MetadataFlags() const {
-    return {"--metadata=" + cluster->Uri(db_),
-            "--metadata_password_file=" + cluster->password_file()};
+    return {"--metadata=" + Cluster()->Uri(db_),
+            "--metadata_password_file=" + Cluster()->password_file()};
   }
 
   static grpc::Status CreateEs256(Custodyd& d, const std::string& name, v1::KeyRing* out) {
@@ -271,11 +255,12 @@ TEST_F(ReplicaTest, CustodydOnPostgresKeepsRingsAcrossRestart) {
     EXPECT_EQ(VerifyJws(keys, signed_jws.jws(), &signed_kid), "");
     EXPECT_EQ(signed_kid, kid);
     d.Stop();
-    EXPECT_EQ(d.log().find(cluster->password()), std::string::npos);
+    EXPECT_EQ(d.log().find(Cluster()->password()), std::string::npos);
   }
   // The rows are in PostgreSQL, not in a file under the state directory.
   EXPECT_EQ(access((dir.path() + "/metadata.db").c_str(), F_OK), -1);
-  auto rows = cluster->Psql(db_, "SELECT name, state, kid FROM rings JOIN versions ON ring = name");
+  auto rows =
+      Cluster()->Psql(db_, "SELECT name, state, kid FROM rings JOIN versions ON ring = name");
   ASSERT_TRUE(rows.ok()) << rows.status();
   EXPECT_EQ(*rows, "op/id-token|ACTIVE|" + kid + "\n");
   Custodyd again(dir.path(), MetadataFlags());
@@ -288,26 +273,26 @@ TEST_F(ReplicaTest, CustodydOnPostgresKeepsRingsAcrossRestart) {
 
 TEST_F(ReplicaTest, PasswordOnTheCommandLineIsRefusedWithoutEchoingIt) {
   TempDir dir;
-  std::string uri = cluster->Uri(db_);
-  uri.insert(uri.find('@'), ":" + cluster->password());
+  std::string uri = Cluster()->Uri(db_);
+  uri.insert(uri.find('@'), ":" + Cluster()->password());
   CommandResult r = RunCommand({BinDir() + "/custodyd", "--state_dir=" + dir.path(),
                                 "--listen=unix:" + dir.path() + "/s.sock", "--metadata=" + uri});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("carries a password"), std::string::npos) << r.err;
-  EXPECT_EQ(r.err.find(cluster->password()), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find(Cluster()->password()), std::string::npos) << r.err;
 }
 
 TEST_F(ReplicaTest, ConninfoFileAndPasswordFromEnvironment) {
   TempDir dir;
   const std::string conninfo = dir.path() + "/metadata.conninfo";
-  WriteFileOrDie(conninfo, cluster->Conninfo(db_) + "\n");
-  Custodyd::Environment env{{"CUSTODY_METADATA_PASSWORD=" + cluster->password()}};
+  WriteFileOrDie(conninfo, Cluster()->Conninfo(db_) + "\n");
+  Custodyd::Environment env{{"CUSTODY_METADATA_PASSWORD=" + Cluster()->password()}};
   Custodyd d(dir.path(), {"--metadata=" + conninfo}, env);
   ASSERT_TRUE(d.started()) << d.log();
   v1::KeyRing ring;
   grpc::Status s = CreateEs256(d, "a/b", &ring);
   ASSERT_TRUE(s.ok()) << s.error_message();
-  EXPECT_EQ(d.log().find(cluster->password()), std::string::npos);
+  EXPECT_EQ(d.log().find(Cluster()->password()), std::string::npos);
 }
 
 // A ring created on A signs on B and C (the version found in the shared token by CKA_ID, no
@@ -575,7 +560,7 @@ TEST_F(ReplicaTest, ConcurrentLifecycleOperationsKeepEveryRingConsistent) {
           if (s.error_code() != grpc::StatusCode::OK &&
               s.error_code() != grpc::StatusCode::FAILED_PRECONDITION &&
               s.error_code() != grpc::StatusCode::ABORTED) {
-            auto row = cluster->Psql(
+            auto row = Cluster()->Psql(
                 db_, "SELECT version, state, create_time FROM versions WHERE ring = '" + ring +
                          "' AND version >= " + std::to_string(vreq.version() - 1));
             ADD_FAILURE() << "unexpected " << s.error_code() << ": " << s.error_message() << " op "
@@ -592,11 +577,11 @@ TEST_F(ReplicaTest, ConcurrentLifecycleOperationsKeepEveryRingConsistent) {
     EXPECT_GE(counts["OK"], kOpsPerRound / 4);
 
     for (const std::string& name : rings) {
-      auto rows =
-          cluster->Psql(db_,
-                        "SELECT count(*) FILTER (WHERE state = 'ACTIVE'), count(*), max(version), "
-                        "count(*) FILTER (WHERE state = 'CREATING') FROM versions WHERE ring = '" +
-                            name + "'");
+      auto rows = Cluster()->Psql(
+          db_,
+          "SELECT count(*) FILTER (WHERE state = 'ACTIVE'), count(*), max(version), "
+          "count(*) FILTER (WHERE state = 'CREATING') FROM versions WHERE ring = '" +
+              name + "'");
       ASSERT_TRUE(rows.ok()) << rows.status();
       int active = 0, count = 0, max = 0, creating = 0;
       ASSERT_EQ(std::sscanf(rows->c_str(), "%d|%d|%d|%d", &active, &count, &max, &creating), 4)
@@ -605,7 +590,7 @@ TEST_F(ReplicaTest, ConcurrentLifecycleOperationsKeepEveryRingConsistent) {
       EXPECT_EQ(count, max) << name << ": version numbers must be contiguous";
       EXPECT_EQ(creating, 0) << name;
     }
-    auto live = cluster->Psql(
+    auto live = Cluster()->Psql(
         db_, "SELECT object_id FROM versions WHERE state NOT IN ('DESTROYED') ORDER BY 1");
     ASSERT_TRUE(live.ok());
     std::set<std::string> metadata_ids;
@@ -633,14 +618,14 @@ TEST_F(ReplicaTest, ConcurrentLifecycleOperationsKeepEveryRingConsistent) {
           }
         }
       }
-      auto all = cluster->Psql(
+      auto all = Cluster()->Psql(
           db_, "SELECT ring, version, state, create_time FROM versions ORDER BY 1, 2");
       std::printf("%s\n", all.ok() ? all->c_str() : "");
       return;
     }
     // Every replica converges on the same ACTIVE version.
     for (const std::string& name : rings) {
-      auto rows = cluster->Psql(
+      auto rows = Cluster()->Psql(
           db_, "SELECT kid FROM versions WHERE state = 'ACTIVE' AND ring = '" + name + "'");
       ASSERT_TRUE(rows.ok());
       std::string kid = rows->substr(0, rows->find('\n'));
@@ -725,13 +710,13 @@ TEST_F(ReplicaTest, StalenessBoundFailsClosedAndRecovers) {
   // 1. A restart of PostgreSQL, shorter than the bound: no signing call fails.
   std::this_thread::sleep_for(300ms);
   auto restart_from = Clock::now();
-  ASSERT_TRUE(cluster->Restart("immediate").ok());
+  ASSERT_TRUE(Cluster()->Restart("immediate").ok());
   std::this_thread::sleep_for(1500ms);
   EXPECT_EQ(failures_between(restart_from, Clock::now()), 0);
 
   // 2. Stopped for longer than the bound.
   auto stopped_at = Clock::now();
-  ASSERT_TRUE(cluster->Stop("immediate").ok());
+  ASSERT_TRUE(Cluster()->Stop("immediate").ok());
   {
     grpc::ClientContext ctx;
     SetDeadline(&ctx);
@@ -786,7 +771,7 @@ TEST_F(ReplicaTest, StalenessBoundFailsClosedAndRecovers) {
 
   // 3. Back: catches up without a restart.
   auto started_at = Clock::now();
-  ASSERT_TRUE(cluster->StartServer().ok());
+  ASSERT_TRUE(Cluster()->StartServer().ok());
   std::optional<Clock::time_point> resumed;
   deadline = Clock::now() + 20s;
   while (!resumed && Clock::now() < deadline) {
@@ -889,9 +874,9 @@ TEST_F(ReplicaTest, SchedulerLeaderDiesAndAnotherTakesOver) {
   }
 
   // Activations at least a period apart.
-  auto rows = cluster->Psql(db_,
-                            "SELECT activate_time FROM versions WHERE ring = 'op/scheduled' AND "
-                            "activate_time > 0 ORDER BY activate_time");
+  auto rows = Cluster()->Psql(db_,
+                              "SELECT activate_time FROM versions WHERE ring = 'op/scheduled' AND "
+                              "activate_time > 0 ORDER BY activate_time");
   ASSERT_TRUE(rows.ok());
   std::vector<int64_t> activations;
   size_t start = 0;

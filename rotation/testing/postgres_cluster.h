@@ -13,6 +13,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "gtest/gtest.h"
 
 namespace custody::rotation::testing {
 
@@ -55,6 +56,25 @@ class PostgresCluster {
   std::string pgpass_file_;
   std::string run_as_;  // "setpriv ... " when root, else empty
   bool running_ = false;
+};
+
+// One cluster for a whole test binary: Register() at namespace scope starts it before the first
+// test and removes it after the last (a failed start fails every test); Get() is null outside.
+class PostgresClusterEnvironment : public ::testing::Environment {
+ public:
+  static ::testing::Environment* Register() {
+    return ::testing::AddGlobalTestEnvironment(new PostgresClusterEnvironment);
+  }
+  static PostgresCluster* Get() { return cluster_.get(); }
+  void SetUp() override {
+    auto started = PostgresCluster::Start();
+    ASSERT_TRUE(started.ok()) << started.status();
+    cluster_ = *std::move(started);
+  }
+  void TearDown() override { cluster_.reset(); }
+
+ private:
+  static inline std::unique_ptr<PostgresCluster> cluster_;
 };
 
 }  // namespace custody::rotation::testing

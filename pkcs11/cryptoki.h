@@ -98,7 +98,7 @@ std::string CkFunctionOf(const absl::Status& status);
 absl::Status WithCode(const absl::Status& status, absl::StatusCode code);
 
 // What a failed call says about the state behind it, and so how to recover before the one
-// retry: see Token::State::Run.
+// retry: see TokenState::Run (token_recovery.cc).
 enum class Damage {
   kNone,     // the request or the object was wrong; nothing to recover
   kHandles,  // CKR_OBJECT_HANDLE_INVALID, CKR_KEY_HANDLE_INVALID: cached object handles are stale

@@ -1,8 +1,7 @@
-// Token, the facade (pkcs11/token.h): its lifetime, health and metrics, and one line per
-// operation naming the file of its concern. token_selection.cc opens and initializes tokens,
-// token_objects.cc finds and reads key objects, token_public_keys.cc builds public keys,
-// token_generation.cc creates pairs, token_operations.cc signs, decrypts and derives, and
-// token_recovery.cc is the retry and recovery state machine every call runs through.
+// Token, the facade (pkcs11/token.h): its lifetime, health and metrics, and one forwarding line
+// per operation to the file of its concern (selection, objects, public keys, generation,
+// operations), each running through the recovery state machine of token_recovery.cc. The file
+// map is in docs/design.md.
 #include "pkcs11/token.h"
 
 #include <memory>

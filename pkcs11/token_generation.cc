@@ -91,6 +91,25 @@ absl::Status RefuseExistingId(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease,
   return absl::OkStatus();
 }
 
+// Creates pair `id` with `create` (which makes its objects on the lease and returns the KeyPair)
+// after refusing an existing id, through TokenState::RunCreating: once `create` starts, the
+// creation is never run again, a lost answer is reconciled.
+using PairCreation = std::function<absl::StatusOr<std::shared_ptr<KeyPair>>(SessionPool::Lease&)>;
+absl::StatusOr<std::shared_ptr<KeyPair>> CreatePair(TokenState& state, std::string_view id,
+                                                    const PairCreation& create) {
+  bool started = false;
+  std::shared_ptr<KeyPair> pair;
+  P11_RETURN_IF_ERROR(state.RunCreating(
+      [&](SessionPool::Lease& lease) -> absl::Status {
+        P11_RETURN_IF_ERROR(RefuseExistingId(state.fn, lease, id));
+        started = true;
+        P11_ASSIGN_OR_RETURN(pair, create(lease));
+        return absl::OkStatus();
+      },
+      started, id, pair));
+  return pair;
+}
+
 // ---- Key material ----------------------------------------------------------------------------
 
 // A key to import as Cryptoki attribute values. Private components live in Secrets, so they
@@ -279,12 +298,8 @@ absl::StatusOr<std::shared_ptr<KeyPair>> GenerateKeyPair(TokenState& state, cons
   mechanism.mechanism = rsa                              ? CKM_RSA_PKCS_KEY_PAIR_GEN
                         : spec.type == KeyType::kEd25519 ? CKM_EC_EDWARDS_KEY_PAIR_GEN
                                                          : CKM_EC_KEY_PAIR_GEN;
-  bool started = false;
-  std::shared_ptr<KeyPair> pair;
-  P11_RETURN_IF_ERROR(state.RunCreating(
-      [&](SessionPool::Lease& lease) -> absl::Status {
-        P11_RETURN_IF_ERROR(RefuseExistingId(fn, lease, id));
-        started = true;
+  return CreatePair(
+      state, id, [&](SessionPool::Lease& lease) -> absl::StatusOr<std::shared_ptr<KeyPair>> {
         CK_OBJECT_HANDLE public_key = CK_INVALID_HANDLE;
         CK_OBJECT_HANDLE private_key = CK_INVALID_HANDLE;
         std::string_view ec_params;
@@ -301,12 +316,9 @@ absl::StatusOr<std::shared_ptr<KeyPair>> GenerateKeyPair(TokenState& state, cons
         P11_RETURN_IF_ERROR(lease.Check("C_GenerateKeyPair", rv));
         KeySpec generated = spec;
         if (!rsa) generated.rsa_bits = 0;
-        pair = MakeKeyPair(id, std::string(label), generated, private_key, public_key,
+        return MakeKeyPair(id, std::string(label), generated, private_key, public_key,
                            state.module->generation());
-        return absl::OkStatus();
-      },
-      started, id, pair));
-  return pair;
+      });
 }
 
 absl::StatusOr<std::shared_ptr<KeyPair>> ImportKeyPair(TokenState& state,
@@ -338,17 +350,13 @@ absl::StatusOr<std::shared_ptr<KeyPair>> ImportKeyPair(TokenState& state,
     public_template.push_back(Attr(attribute, value));
   }
 
-  bool started = false;
-  std::shared_ptr<KeyPair> pair;
-  P11_RETURN_IF_ERROR(state.RunCreating(
-      [&](SessionPool::Lease& lease) -> absl::Status {
-        P11_RETURN_IF_ERROR(RefuseExistingId(fn, lease, id));
+  return CreatePair(
+      state, id, [&](SessionPool::Lease& lease) -> absl::StatusOr<std::shared_ptr<KeyPair>> {
         auto create = [&](const std::vector<CK_ATTRIBUTE>& base, std::string_view ec_params,
                           CK_OBJECT_HANDLE* handle) {
           std::vector<CK_ATTRIBUTE> attributes = WithEcParamsAttribute(base, ec_params);
           return fn->C_CreateObject(lease.get(), attributes.data(), attributes.size(), handle);
         };
-        started = true;
         std::string_view ec_params;
         CK_OBJECT_HANDLE private_handle = CK_INVALID_HANDLE;
         CK_RV rv = WithEcParams(
@@ -363,12 +371,9 @@ absl::StatusOr<std::shared_ptr<KeyPair>> ImportKeyPair(TokenState& state,
         CK_OBJECT_HANDLE public_handle = CK_INVALID_HANDLE;
         P11_RETURN_IF_ERROR(lease.Check("C_CreateObject(public key)",
                                         create(public_template, ec_params, &public_handle)));
-        pair = MakeKeyPair(id, std::string(label), material.spec, private_object.release(),
+        return MakeKeyPair(id, std::string(label), material.spec, private_object.release(),
                            public_handle, state.module->generation());
-        return absl::OkStatus();
-      },
-      started, id, pair));
-  return pair;
+      });
 }
 
 }  // namespace custody::pkcs11::internal

@@ -19,9 +19,9 @@
 namespace custody::server {
 namespace {
 
+using internal::ToProtoState;
 using rotation::VersionRecord;
 using rotation::VersionState;
-using internal::ToProtoState;
 
 // The uncompressed point (04||X||Y) of a validated ephemeral key, as the token's ECDH takes it.
 absl::StatusOr<std::string> EncodedPoint(const EVP_PKEY* pkey) {
@@ -36,6 +36,18 @@ absl::StatusOr<std::string> EncodedPoint(const EVP_PKEY* pkey) {
 
 }  // namespace
 
+absl::StatusOr<KeyService::Signer> KeyService::ActiveSigner(const std::string& name) const {
+  auto ring = FindRing(name);
+  if (!ring.ok()) return ring.status();
+  if ((*ring)->record.purpose != rotation::Purpose::kSign) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("ring '", name, "' is a DECRYPT ring; it does not sign"));
+  }
+  auto version = ActiveVersion(**ring);
+  if (!version.ok()) return version.status();
+  return Signer{*std::move(ring), *version};
+}
+
 absl::StatusOr<v1::SignJwsResponse> KeyService::SignJws(const v1::SignJwsRequest& request) const {
   if (absl::Status s = CheckMetadataFresh(); !s.ok()) return s;
   if (request.payload().size() > options_.max_payload_bytes) {
@@ -43,22 +55,18 @@ absl::StatusOr<v1::SignJwsResponse> KeyService::SignJws(const v1::SignJwsRequest
                                                    " bytes; the limit is ",
                                                    options_.max_payload_bytes));
   }
-  auto ring = FindRing(request.ring());
-  if (!ring.ok()) return ring.status();
-  if ((*ring)->record.purpose != rotation::Purpose::kSign) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("ring '", request.ring(), "' is a DECRYPT ring; it does not sign"));
-  }
-  auto version = ActiveVersion(**ring);
-  if (!version.ok()) return version.status();
+  auto signer = ActiveSigner(request.ring());
+  if (!signer.ok()) return signer.status();
+  const Ring& ring = *signer->ring;
+  const Version& version = *signer->version;
 
   jose::JwsHeaderParams params;
-  params.alg = (*ring)->profile.alg;
-  params.kid = (*version)->record.kid;
+  params.alg = ring.profile.alg;
+  params.kid = version.record.kid;
   params.typ = request.typ();
   params.cty = request.cty();
   if (request.embed_jwk()) {
-    auto jwk = jose::ParseJson((*version)->record.public_jwk);
+    auto jwk = jose::ParseJson(version.record.public_jwk);
     if (!jwk.ok() || !jwk->is_object()) {
       return absl::DataLossError(
           absl::StrCat("stored public JWK of ring '", request.ring(), "' is invalid"));
@@ -83,50 +91,46 @@ absl::StatusOr<v1::SignJwsResponse> KeyService::SignJws(const v1::SignJwsRequest
   auto header = jose::BuildProtectedHeader(params);
   if (!header.ok()) return header.status();
   std::string signing_input = jose::JwsSigningInput(*header, request.payload());
-  auto input = TokenSignInput((*ring)->profile, signing_input);
+  auto input = TokenSignInput(ring.profile, signing_input);
   if (!input.ok()) return input.status();
-  auto signature = token_->Sign(*(*version)->key, (*ring)->profile.scheme, *input);
+  auto signature = token_->Sign(*version.key, ring.profile.scheme, *input);
   if (!signature.ok()) return signature.status();
-  (*version)->NoteSignature();
+  version.NoteSignature();
 
   v1::SignJwsResponse out;
   out.set_jws(jose::AssembleCompactJws(signing_input, *signature));
-  out.set_kid((*version)->record.kid);
-  out.set_version((*version)->record.version);
-  out.set_alg(std::string(jose::JwsAlgName((*ring)->profile.alg)));
+  out.set_kid(version.record.kid);
+  out.set_version(version.record.version);
+  out.set_alg(std::string(jose::JwsAlgName(ring.profile.alg)));
   return out;
 }
 
 absl::StatusOr<v1::SignResponse> KeyService::Sign(const v1::SignRequest& request) const {
   if (absl::Status s = CheckMetadataFresh(); !s.ok()) return s;
-  auto ring = FindRing(request.ring());
-  if (!ring.ok()) return ring.status();
-  if ((*ring)->record.purpose != rotation::Purpose::kSign) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("ring '", request.ring(), "' is a DECRYPT ring; it does not sign"));
-  }
-  auto version = ActiveVersion(**ring);
-  if (!version.ok()) return version.status();
-  if (request.version() != 0 && request.version() != (*version)->record.version) {
+  auto signer = ActiveSigner(request.ring());
+  if (!signer.ok()) return signer.status();
+  const Ring& ring = *signer->ring;
+  const Version& version = *signer->version;
+  if (request.version() != 0 && request.version() != version.record.version) {
     return absl::FailedPreconditionError(
         absl::StrCat("version ", request.version(), " of ring '", request.ring(),
-                     "' does not sign: only the ACTIVE version (", (*version)->record.version,
+                     "' does not sign: only the ACTIVE version (", version.record.version,
                      ") does; reload the key (and its certificate)"));
   }
-  auto plan = PlanRawSign((*ring)->profile, request, options_.max_payload_bytes);
+  auto plan = PlanRawSign(ring.profile, request, options_.max_payload_bytes);
   if (!plan.ok()) return plan.status();
-  auto signature = token_->Sign(*(*version)->key, plan->scheme, plan->token_input);
+  auto signature = token_->Sign(*version.key, plan->scheme, plan->token_input);
   if (!signature.ok()) return signature.status();
-  (*version)->NoteSignature();
+  version.NoteSignature();
   if (plan->der) {
     signature = EcdsaJoseToDer(*signature);
     if (!signature.ok()) return signature.status();
   }
   v1::SignResponse out;
   out.set_signature(*signature);
-  out.set_kid((*version)->record.kid);
-  out.set_version((*version)->record.version);
-  out.set_alg(std::string(jose::JwsAlgName((*ring)->profile.alg)));
+  out.set_kid(version.record.kid);
+  out.set_version(version.record.version);
+  out.set_alg(std::string(jose::JwsAlgName(ring.profile.alg)));
   return out;
 }
 

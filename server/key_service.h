@@ -173,6 +173,14 @@ class KeyService {
                                                           const pkcs11::KeyPair& key) const;
   absl::StatusOr<std::shared_ptr<const Ring>> FindRing(const std::string& name) const;
   absl::StatusOr<const Version*> ActiveVersion(const Ring& ring) const;
+  // The ACTIVE version of SIGN ring `name`, with the snapshot that keeps it alive: what every
+  // signing call checks first (NOT_FOUND, FAILED_PRECONDITION for a DECRYPT ring or no ACTIVE
+  // version, UNAVAILABLE when its token object is missing).
+  struct Signer {
+    std::shared_ptr<const Ring> ring;
+    const Version* version = nullptr;
+  };
+  absl::StatusOr<Signer> ActiveSigner(const std::string& name) const;
   // Version `version` of `ring`, its ACTIVE version when 0; NOT_FOUND names a missing one.
   absl::StatusOr<const Version*> VersionOrActive(const Ring& ring, uint32_t version) const;
   v1::KeyRing ToProto(const Ring& ring) const;

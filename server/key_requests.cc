@@ -58,15 +58,15 @@ absl::StatusOr<v1::SignJwsResponse> KeyService::SignJws(const v1::SignJwsRequest
   auto signer = ActiveSigner(request.ring());
   if (!signer.ok()) return signer.status();
   const Ring& ring = *signer->ring;
-  const Version& version = *signer->version;
+  const Version* version = signer->version;
 
   jose::JwsHeaderParams params;
   params.alg = ring.profile.alg;
-  params.kid = version.record.kid;
+  params.kid = version->record.kid;
   params.typ = request.typ();
   params.cty = request.cty();
   if (request.embed_jwk()) {
-    auto jwk = jose::ParseJson(version.record.public_jwk);
+    auto jwk = jose::ParseJson(version->record.public_jwk);
     if (!jwk.ok() || !jwk->is_object()) {
       return absl::DataLossError(
           absl::StrCat("stored public JWK of ring '", request.ring(), "' is invalid"));
@@ -93,14 +93,14 @@ absl::StatusOr<v1::SignJwsResponse> KeyService::SignJws(const v1::SignJwsRequest
   std::string signing_input = jose::JwsSigningInput(*header, request.payload());
   auto input = TokenSignInput(ring.profile, signing_input);
   if (!input.ok()) return input.status();
-  auto signature = token_->Sign(*version.key, ring.profile.scheme, *input);
+  auto signature = token_->Sign(*version->key, ring.profile.scheme, *input);
   if (!signature.ok()) return signature.status();
-  version.NoteSignature();
+  version->NoteSignature();
 
   v1::SignJwsResponse out;
   out.set_jws(jose::AssembleCompactJws(signing_input, *signature));
-  out.set_kid(version.record.kid);
-  out.set_version(version.record.version);
+  out.set_kid(version->record.kid);
+  out.set_version(version->record.version);
   out.set_alg(std::string(jose::JwsAlgName(ring.profile.alg)));
   return out;
 }
@@ -110,26 +110,26 @@ absl::StatusOr<v1::SignResponse> KeyService::Sign(const v1::SignRequest& request
   auto signer = ActiveSigner(request.ring());
   if (!signer.ok()) return signer.status();
   const Ring& ring = *signer->ring;
-  const Version& version = *signer->version;
-  if (request.version() != 0 && request.version() != version.record.version) {
+  const Version* version = signer->version;
+  if (request.version() != 0 && request.version() != version->record.version) {
     return absl::FailedPreconditionError(
         absl::StrCat("version ", request.version(), " of ring '", request.ring(),
-                     "' does not sign: only the ACTIVE version (", version.record.version,
+                     "' does not sign: only the ACTIVE version (", version->record.version,
                      ") does; reload the key (and its certificate)"));
   }
   auto plan = PlanRawSign(ring.profile, request, options_.max_payload_bytes);
   if (!plan.ok()) return plan.status();
-  auto signature = token_->Sign(*version.key, plan->scheme, plan->token_input);
+  auto signature = token_->Sign(*version->key, plan->scheme, plan->token_input);
   if (!signature.ok()) return signature.status();
-  version.NoteSignature();
+  version->NoteSignature();
   if (plan->der) {
     signature = EcdsaJoseToDer(*signature);
     if (!signature.ok()) return signature.status();
   }
   v1::SignResponse out;
   out.set_signature(*signature);
-  out.set_kid(version.record.kid);
-  out.set_version(version.record.version);
+  out.set_kid(version->record.kid);
+  out.set_version(version->record.version);
   out.set_alg(std::string(jose::JwsAlgName(ring.profile.alg)));
   return out;
 }

@@ -1,14 +1,20 @@
-// The store loader for custody: URIs. One URI yields one object: the ring version's key (its
-// public half from custodyd's GetPublicKey, bound to the ring for signing).
+// The store loader for custody: URIs. One URI yields the ring version's key (its public half from
+// custodyd's GetPublicKey, bound to the ring and that version for signing), then the version's
+// certificate chain (leaf first) when one was set: both from the same GetPublicKey answer, so a
+// key and a certificate loaded together always belong to the same version.
 #include "openssl/store.h"
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "openssl/core_names.h"
 #include "openssl/core_object.h"
+#include "openssl/err.h"
 #include "openssl/params.h"
+#include "openssl/pem.h"
+#include "openssl/x509.h"
 #include "provider/provider.h"
 #include "provider/uri.h"
 
@@ -16,10 +22,45 @@ namespace custody::provider {
 namespace {
 
 struct StoreContext {
-  ProviderContext* provider;
+  ProviderContext* provider = nullptr;
   CustodyUri uri;
+  bool key_loaded = false;
+  std::vector<std::string> certificates;  // DER, leaf first; handed out after the key
+  size_t next_certificate = 0;
   bool done = false;
 };
+
+// PEM chain → DER certificates (custodyd checked the chain when it was set).
+std::vector<std::string> DerCertificates(const std::string& pem) {
+  std::vector<std::string> out;
+  if (pem.empty()) return out;
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new_mem_buf(pem.data(), pem.size()), BIO_free);
+  while (bio != nullptr) {
+    std::unique_ptr<X509, decltype(&X509_free)> cert(
+        PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr), X509_free);
+    if (cert == nullptr) break;
+    unsigned char* der = nullptr;
+    const int len = i2d_X509(cert.get(), &der);
+    if (len <= 0) break;
+    out.emplace_back(reinterpret_cast<const char*>(der), static_cast<size_t>(len));
+    OPENSSL_free(der);
+  }
+  ERR_clear_error();  // the end of the PEM data
+  return out;
+}
+
+int LoadCertificate(StoreContext* ctx, OSSL_CALLBACK* object_cb, void* object_cbarg) {
+  std::string& der = ctx->certificates[ctx->next_certificate++];
+  ctx->done = ctx->next_certificate >= ctx->certificates.size();
+  int object_type = OSSL_OBJECT_CERT;
+  OSSL_PARAM params[] = {
+      OSSL_PARAM_construct_int(OSSL_OBJECT_PARAM_TYPE, &object_type),
+      OSSL_PARAM_construct_utf8_string(OSSL_OBJECT_PARAM_DATA_TYPE,
+                                       const_cast<char*>("CERTIFICATE"), 0),
+      OSSL_PARAM_construct_octet_string(OSSL_OBJECT_PARAM_DATA, der.data(), der.size()),
+      OSSL_PARAM_construct_end()};
+  return object_cb(params, object_cbarg);
+}
 
 void* OpenStore(void* provctx, const char* uri) {
   auto* provider = static_cast<ProviderContext*>(provctx);
@@ -29,7 +70,10 @@ void* OpenStore(void* provctx, const char* uri) {
                     absl::StrCat("custody: INVALID_ARGUMENT: ", parsed.status().message()));
     return nullptr;
   }
-  return new StoreContext{provider, *std::move(parsed)};
+  auto* ctx = new StoreContext;
+  ctx->provider = provider;
+  ctx->uri = *std::move(parsed);
+  return ctx;
 }
 
 const OSSL_PARAM* SettableStoreParams(void*) {
@@ -44,7 +88,12 @@ int SetStoreParams(void*, const OSSL_PARAM[]) { return 1; }
 int LoadStore(void* loaderctx, OSSL_CALLBACK* object_cb, void* object_cbarg,
               OSSL_PASSPHRASE_CALLBACK*, void*) {
   auto* ctx = static_cast<StoreContext*>(loaderctx);
-  ctx->done = true;
+  if (ctx->key_loaded) {
+    if (ctx->next_certificate >= ctx->certificates.size()) return 0;
+    return LoadCertificate(ctx, object_cb, object_cbarg);
+  }
+  ctx->key_loaded = true;
+  ctx->done = true;  // unless certificates follow
   ProviderContext* provider = ctx->provider;
   auto client = provider->ClientFor(ctx->uri.address);
   if (!client.ok()) {
@@ -77,6 +126,8 @@ int LoadStore(void* loaderctx, OSSL_CALLBACK* object_cb, void* object_cbarg,
   custody_key.ring = ctx->uri.ring;
   custody_key.version = key->version();
   custody_key.alg = key->alg();
+  ctx->certificates = DerCertificates(key->certificate_chain());
+  ctx->done = ctx->certificates.empty();
 
   const CustodyKey* reference = &custody_key;
   int object_type = OSSL_OBJECT_PKEY;

@@ -46,6 +46,9 @@ class KeyService {
     // Shared stores: past this long without a successful re-read of the store, signing and
     // decryption are refused UNAVAILABLE (this replica could have missed a compromise).
     absl::Duration max_staleness = absl::Seconds(30);
+    // Signer.Sign pinned to the version ACTIVE before a rotation still signs this long after
+    // it (TLS handshakes in flight; PinnedVersionMaySign).
+    absl::Duration retired_sign_grace = absl::Seconds(30);
   };
 
   // Loads rings from `store`, resolves every version's token object once, and reconciles:

@@ -16,6 +16,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -232,6 +233,8 @@ class KeyService {
   // across token calls on purpose: admin operations are rare and must not interleave; the
   // request path never takes it.
   absl::Mutex admin_mu_;
+  // "ring#version" of due rotations already logged as waiting for a certificate.
+  std::set<std::string> awaiting_certificate_logged_ ABSL_GUARDED_BY(admin_mu_);
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<const Ring>> rings_ ABSL_GUARDED_BY(mu_);
   std::vector<v1::OrphanedObject> orphans_ ABSL_GUARDED_BY(mu_);

@@ -4,8 +4,11 @@
 // key and a certificate loaded together always belong to the same version.
 #include "openssl/store.h"
 
+#include <unistd.h>
+
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -20,6 +23,38 @@
 
 namespace custody::provider {
 namespace {
+
+// The key of a parsed URI and the version's PEM certificate chain; errors raised.
+absl::StatusOr<std::pair<CustodyKey, std::string>> LoadCustodyKey(ProviderContext* provider,
+                                                                  const CustodyUri& uri,
+                                                                  const char* func) {
+  auto fail = [&](const absl::Status& s) {
+    provider->RaiseStatus(s, func);
+    return s;
+  };
+  auto client = provider->ClientFor(uri.address);
+  if (!client.ok()) return fail(client.status());
+  auto key = (*client)->GetPublicKey(uri.ring, uri.version);
+  if (!key.ok()) return fail(key.status());
+  if (key->purpose() != custody::v1::SIGN) {
+    return fail(absl::FailedPreconditionError(absl::StrCat(
+        "ring '", uri.ring,
+        "' is a DECRYPT ring: the custody provider signs only (TLS key exchange is ECDHE)")));
+  }
+  auto pub = PublicKeyFromJwk(provider->libctx(), key->public_jwk());
+  if (!pub.ok()) return fail(pub.status());
+  CustodyKey custody_key;
+  custody_key.provider = provider;
+  custody_key.type = KeyTypeOf(pub->get());
+  custody_key.pub = *std::move(pub);
+  custody_key.client = *client;
+  custody_key.client_pid = getpid();
+  custody_key.address = uri.address;
+  custody_key.ring = uri.ring;
+  custody_key.version = key->version();
+  custody_key.alg = key->alg();
+  return std::make_pair(std::move(custody_key), key->certificate_chain());
+}
 
 struct StoreContext {
   ProviderContext* provider = nullptr;
@@ -94,50 +129,11 @@ int LoadStore(void* loaderctx, OSSL_CALLBACK* object_cb, void* object_cbarg,
   }
   ctx->key_loaded = true;
   ctx->done = true;  // unless certificates follow
-  ProviderContext* provider = ctx->provider;
-  auto client = provider->ClientFor(ctx->uri.address);
-  if (!client.ok()) {
-    provider->RaiseStatus(client.status(), "load");
-    return 0;
-  }
-  auto key = (*client)->GetPublicKey(ctx->uri.ring, ctx->uri.version);
-  if (!key.ok()) {
-    provider->RaiseStatus(key.status(), "load");
-    return 0;
-  }
-  if (key->purpose() != custody::v1::SIGN) {
-    provider->RaiseStatus(
-        absl::FailedPreconditionError(absl::StrCat(
-            "ring '", ctx->uri.ring,
-            "' is a DECRYPT ring: the custody provider signs only (TLS key exchange is ECDHE)")),
-        "load");
-    return 0;
-  }
-  auto pub = PublicKeyFromJwk(provider->libctx(), key->public_jwk());
-  if (!pub.ok()) {
-    provider->RaiseStatus(pub.status(), "load");
-    return 0;
-  }
-  CustodyKey custody_key;
-  custody_key.provider = provider;
-  custody_key.type = KeyTypeOf(pub->get());
-  custody_key.pub = *std::move(pub);
-  custody_key.client = *client;
-  custody_key.ring = ctx->uri.ring;
-  custody_key.version = key->version();
-  custody_key.alg = key->alg();
-  ctx->certificates = DerCertificates(key->certificate_chain());
+  auto key = LoadCustodyKey(ctx->provider, ctx->uri, "load");
+  if (!key.ok()) return 0;  // the reason is on the error queue
+  ctx->certificates = DerCertificates(key->second);
   ctx->done = ctx->certificates.empty();
-
-  const CustodyKey* reference = &custody_key;
-  int object_type = OSSL_OBJECT_PKEY;
-  OSSL_PARAM params[] = {
-      OSSL_PARAM_construct_int(OSSL_OBJECT_PARAM_TYPE, &object_type),
-      OSSL_PARAM_construct_utf8_string(OSSL_OBJECT_PARAM_DATA_TYPE,
-                                       const_cast<char*>(custody_key.type.c_str()), 0),
-      OSSL_PARAM_construct_octet_string(OSSL_OBJECT_PARAM_REFERENCE, &reference, sizeof(reference)),
-      OSSL_PARAM_construct_end()};
-  return object_cb(params, object_cbarg);
+  return PassKey(key->first, object_cb, object_cbarg);
 }
 
 int StoreEof(void* loaderctx) { return static_cast<StoreContext*>(loaderctx)->done ? 1 : 0; }
@@ -148,6 +144,31 @@ int CloseStore(void* loaderctx) {
 }
 
 }  // namespace
+
+absl::StatusOr<CustodyKey> LoadCustodyKey(ProviderContext* provider, const std::string& uri,
+                                          const char* func) {
+  auto parsed = ParseCustodyUri(uri);
+  if (!parsed.ok()) {
+    provider->Raise(kReasonBadUri, func,
+                    absl::StrCat("custody: INVALID_ARGUMENT: ", parsed.status().message()));
+    return parsed.status();
+  }
+  auto key = LoadCustodyKey(provider, *parsed, func);
+  if (!key.ok()) return key.status();
+  return std::move(key->first);
+}
+
+int PassKey(const CustodyKey& key, OSSL_CALLBACK* object_cb, void* object_cbarg) {
+  const CustodyKey* reference = &key;
+  int object_type = OSSL_OBJECT_PKEY;
+  OSSL_PARAM params[] = {
+      OSSL_PARAM_construct_int(OSSL_OBJECT_PARAM_TYPE, &object_type),
+      OSSL_PARAM_construct_utf8_string(OSSL_OBJECT_PARAM_DATA_TYPE,
+                                       const_cast<char*>(key.type.c_str()), 0),
+      OSSL_PARAM_construct_octet_string(OSSL_OBJECT_PARAM_REFERENCE, &reference, sizeof(reference)),
+      OSSL_PARAM_construct_end()};
+  return object_cb(params, object_cbarg);
+}
 
 const OSSL_DISPATCH kStoreFunctions[] = {
     {OSSL_FUNC_STORE_OPEN, reinterpret_cast<void (*)()>(OpenStore)},

@@ -9,6 +9,7 @@ PACKAGES=(
   libp11-kit-dev softhsm2 opensc libcurl4-openssl-dev libpq-dev postgresql-15
   python3 python3-jwcrypto clang-14 libclang-rt-14-dev
   prometheus python3-yaml mmdebstrap buildah binutils systemd
+  nginx-light libengine-pkcs11-openssl
 )
 # Node.js and npm run the npm `jose` interop tests and oidc-provider; a machine that has them (any
 # source) keeps them.

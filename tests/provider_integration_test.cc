@@ -390,7 +390,8 @@ class ProviderTlsTest : public ProviderTest {
   static Handshake Run(const std::string& server_ring, const std::string& client_ring,
                        const std::vector<std::string>& server_extra,
                        const std::vector<std::string>& client_extra,
-                       const std::string& client_prefix = "") {
+                       const std::string& client_prefix = "",
+                       const std::vector<std::string>& extra_env = {}) {
     std::vector<std::string> argv = {SourceDir() + "/tests/tools/tls_handshake.sh",
                                      dir_->path(),
                                      std::to_string(FreePort()),
@@ -411,6 +412,7 @@ class ProviderTlsTest : public ProviderTest {
     argv.insert(argv.end(), client_extra.begin(), client_extra.end());
     std::vector<std::string> env = Env();
     if (!client_prefix.empty()) env.push_back("CLIENT_PREFIX=" + client_prefix);
+    env.insert(env.end(), extra_env.begin(), extra_env.end());
     CommandResult r = RunCommand(argv, "", env);
     Handshake h;
     h.exit_code = r.exit_code;
@@ -425,11 +427,12 @@ class ProviderTlsTest : public ProviderTest {
   static void ExpectMutualHandshake(const std::string& server_ring, const std::string& client_ring,
                                     const std::vector<std::string>& server_extra,
                                     const std::vector<std::string>& client_extra,
-                                    const std::string& protocol, const std::string& peer_sig) {
+                                    const std::string& protocol, const std::string& peer_sig,
+                                    const std::vector<std::string>& extra_env = {}) {
     SCOPED_TRACE(server_ring + " <-> " + client_ring + " " + protocol + " " + peer_sig);
     const size_t server_before = SignLines(server_ring);
     const size_t client_before = SignLines(client_ring);
-    Handshake h = Run(server_ring, client_ring, server_extra, client_extra);
+    Handshake h = Run(server_ring, client_ring, server_extra, client_extra, "", extra_env);
     ASSERT_EQ(h.exit_code, 0) << "client:\n" << h.client << "\nserver:\n" << h.server;
     EXPECT_NE(h.client.find("Protocol  : " + protocol), std::string::npos) << h.client;
     EXPECT_NE(h.client.find("Verify return code: 0 (ok)"), std::string::npos) << h.client;
@@ -446,6 +449,43 @@ class ProviderTlsTest : public ProviderTest {
 
 TEST_F(ProviderTlsTest, MutualTls13WithEcdsaKeysOnBothEnds) {
   ExpectMutualHandshake("tls/ec", "clients/ec", {"-tls1_3"}, {"-tls1_3"}, "TLSv1.3", "ECDSA");
+}
+
+// OpenSSL 3.0 takes the first loaded provider's implementation of a name: with `default` listed
+// before `custody` in openssl.cnf, key generation (req -newkey, ECDHE on P-256) lands on the
+// default provider's EC key management and no property query is needed; custody keys still
+// sign through custody (their key management is custody's, chosen by the store).
+TEST_F(ProviderTlsTest, DefaultListedFirstInOpensslCnfNeedsNoPropertyQuery) {
+  const std::string conf = Path("default-first.cnf");
+  WriteFileOrDie(conf,
+                 "openssl_conf = openssl_init\n[openssl_init]\nproviders = provider_sect\n"
+                 "[provider_sect]\ndefault = default_sect\ncustody = custody_sect\n"
+                 "[default_sect]\nactivate = 1\n[custody_sect]\nmodule = " +
+                     BinDir() + "/../lib/ossl-modules/custody.so\naddr = " + daemon_->address() +
+                     "\nactivate = 1\n");
+  CommandResult r = RunCommand(
+      {"openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+       "-keyout", Path("gen.key"), "-subj", "/CN=generated", "-days", "1", "-out", Path("gen.crt")},
+      "", {"OPENSSL_CONF=" + conf});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  ExpectMutualHandshake("tls/ec", "clients/ec", {"-groups", "P-256"},
+                        {"-tls1_3", "-groups", "P-256"}, "TLSv1.3", "ECDSA",
+                        {"OPENSSL_CONF=" + conf, "TLS_PROVIDERS_FROM_CONF=1"});
+  EXPECT_NE(ReadFileOrDie(Path("client.log")).find("Server Temp Key: ECDH, prime256v1"),
+            std::string::npos);
+  // The other order without the property: key generation lands on custody and fails.
+  const std::string custody_first = Path("custody-first.cnf");
+  std::string text = ReadFileOrDie(conf);
+  text.replace(text.find("default = default_sect\ncustody = custody_sect"),
+               std::string("default = default_sect\ncustody = custody_sect").size(),
+               "custody = custody_sect\ndefault = default_sect");
+  WriteFileOrDie(custody_first, text);
+  r = RunCommand({"openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                  "-nodes", "-keyout", Path("gen2.key"), "-subj", "/CN=generated", "-days", "1",
+                  "-out", Path("gen2.crt")},
+                 "", {"OPENSSL_CONF=" + custody_first});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("operation not supported for this keytype"), std::string::npos) << r.err;
 }
 
 TEST_F(ProviderTlsTest, MutualTls13WithRsaPssServerAndEd25519Client) {

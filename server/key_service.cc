@@ -257,6 +257,11 @@ absl::Status KeyService::Load() {
       {{"path", oaep_path_.sha256_native
                     ? "native CKM_RSA_PKCS_OAEP"
                     : "fallback: CKM_RSA_X_509 in the token + constant-time OAEP decoding"}});
+  token_support_ = TokenSupport::Of(*token_);
+  for (const auto& [alg, missing] : token_support_.unserved()) {
+    Log(LogLevel::kWarning, "token.alg_unavailable",
+        {{"alg", alg}, {"missing_mechanisms", absl::StrJoin(missing, ", ")}});
+  }
 
   std::map<std::string, Ring> rings;
   for (rotation::RingRecord& r : *ring_records) {
@@ -480,6 +485,7 @@ absl::StatusOr<v1::KeyRing> KeyService::CreateKeyRing(const v1::CreateKeyRingReq
     ring.record.policy_explicit = true;
   }
   if (absl::Status s = ResolveProfile(ring); !s.ok()) return s;
+  if (absl::Status s = token_support_.CheckServes(ring.record.alg); !s.ok()) return s;
   const pkcs11::KeySpec& spec =
       ring.record.purpose == rotation::Purpose::kSign ? ring.profile.key : ring.decryption.key;
   // Normalized: the defaults chosen by the profile are what the metadata records.
@@ -703,6 +709,8 @@ v1::KeyRing KeyService::ToProto(const Ring& ring) const {
     }
   }
   out.set_require_certificate(ring.record.require_certificate);
+  for (const std::string& m : token_support_.Missing(ring.record.alg))
+    out.add_missing_mechanisms(m);
   return out;
 }
 

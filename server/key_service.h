@@ -29,6 +29,7 @@
 #include "rotation/metadata_store.h"
 #include "server/decryption_profile.h"
 #include "server/signing_profile.h"
+#include "server/token_support.h"
 
 namespace custody::server {
 
@@ -223,7 +224,8 @@ class KeyService {
   rotation::MetadataStore* const store_;
   const Options options_;
 
-  RsaOaepPath oaep_path_;  // probed once at startup
+  RsaOaepPath oaep_path_;       // probed once at startup
+  TokenSupport token_support_;  // the algorithms the token lacks mechanisms for, at startup
 
   // Serializes ring mutations (create, import) so that version numbers are assigned once. Held
   // across token calls on purpose: admin operations are rare and must not interleave; the

@@ -573,13 +573,19 @@ void KeyService::Version::NoteSignature() const {
   }
 }
 
-std::vector<VersionRecord> KeyService::PlanningRecords(const Ring& ring) {
+std::vector<VersionRecord> KeyService::PlanningRecords(const Ring& ring) const {
+  // Other replicas: one that missed the retirement's notification keeps signing with the version
+  // until its next re-read, and one that lost the store until its staleness bound, which counts
+  // from the start of its last good read (which did not see the retirement, so began before
+  // retire_time). Every replica is assumed to run with the same --max_metadata_staleness.
+  const int64_t other_replicas_ms =
+      options_.shared_store ? absl::ToInt64Milliseconds(options_.max_staleness) : 0;
   std::vector<VersionRecord> records;
   for (const Version& v : ring.versions) {
     records.push_back(v.record);
     if (v.record.state == VersionState::kRetired) {
-      records.back().retire_time =
-          std::max(v.record.retire_time, v.last_signed_ms->load(std::memory_order_relaxed));
+      records.back().retire_time = std::max(v.record.retire_time + other_replicas_ms,
+                                            v.last_signed_ms->load(std::memory_order_relaxed));
     }
   }
   return records;

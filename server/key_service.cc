@@ -236,6 +236,7 @@ absl::StatusOr<VersionRecord> KeyService::CompleteVersion(VersionRecord record,
 }
 
 absl::Status KeyService::Load() {
+  const int64_t loaded_from_ms = NowMs();  // staleness counts from the read's start
   auto ring_records = store_->LoadRings();
   if (!ring_records.ok()) return ring_records.status();
   auto version_records = store_->LoadVersions();
@@ -379,7 +380,7 @@ absl::Status KeyService::Load() {
          {"action", "reported; custody never adopts or deletes an object it has no record of"}});
   }
 
-  last_synced_ms_.store(NowMs());
+  last_synced_ms_.store(loaded_from_ms);
   absl::MutexLock lock(&mu_);
   for (auto& [name, ring] : rings) {
     if (ring.versions.empty()) continue;  // rolled back entirely

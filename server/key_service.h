@@ -200,8 +200,10 @@ class KeyService {
   absl::StatusOr<v1::RotateKeyRingResponse> RotateLocked(const std::string& name, bool force)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
   // The ring's records as the planner must see them: a RETIRED version's retire_time moved up to
-  // its last signature in this process when that came later (Version::last_signed_ms).
-  static std::vector<rotation::VersionRecord> PlanningRecords(const Ring& ring);
+  // its last signature in this process when that came later (Version::last_signed_ms), and, with
+  // a shared store, to at least retire_time + max_staleness: another replica that has not yet
+  // learned of the retirement may sign with the version until then (server/replica_sync.cc).
+  std::vector<rotation::VersionRecord> PlanningRecords(const Ring& ring) const;
   // Carries out every due transition once; returns the next due time (Unix ms, 0 = none).
   int64_t RunDueTransitions();
   void SchedulerLoop();

@@ -57,6 +57,10 @@ void KeyService::BumpGeneration(const std::string& name, uint64_t commits) {
 }
 
 absl::Status KeyService::RefreshLocked() {
+  // The snapshot holds every commit made before the read began, so staleness counts from here
+  // (not from the end of the read): the bound other replicas' retention relies on
+  // (PlanningRecords).
+  const int64_t read_start_ms = absl::ToUnixMillis(absl::Now());
   auto ring_records = store_->LoadRings();
   if (!ring_records.ok()) return ring_records.status();
   auto version_records = store_->LoadVersions();
@@ -138,7 +142,7 @@ absl::Status KeyService::RefreshLocked() {
       Log(LogLevel::kInfo, "replica.ring_removed", {{"ring", name}});
     }
   }
-  last_synced_ms_.store(absl::ToUnixMillis(absl::Now()));
+  last_synced_ms_.store(read_start_ms);
   if (changed) {
     absl::MutexLock lock(&scheduler_mu_);  // due times may have moved
     scheduler_poke_ = true;

@@ -169,6 +169,7 @@ class ReplicaTest : public ::testing::Test {
     for (int i = 0; i < n; ++i) dirs_.push_back(std::make_unique<TempDir>());
     const std::string first = dirs_[0]->path();
     std::vector<std::string> first_flags = MetadataFlags();
+    first_flags.insert(first_flags.end(), replica_flags_.begin(), replica_flags_.end());
     first_flags.push_back("--replica_id=r0");
     flags_.push_back(first_flags);
     envs_.push_back({});
@@ -176,6 +177,7 @@ class ReplicaTest : public ::testing::Test {
     ASSERT_TRUE(replicas_[0]->started()) << replicas_[0]->log();
     for (int i = 1; i < n; ++i) {
       std::vector<std::string> flags = MetadataFlags();
+      flags.insert(flags.end(), replica_flags_.begin(), replica_flags_.end());
       flags.push_back("--pkcs11_module=/usr/lib/softhsm/libsofthsm2.so");
       flags.push_back("--token_label=custody");
       flags.push_back("--pin_file=" + first + "/pin");
@@ -203,6 +205,7 @@ class ReplicaTest : public ::testing::Test {
   }
 
   std::string db_;
+  std::vector<std::string> replica_flags_;  // added to every replica StartReplicas starts
   std::vector<std::unique_ptr<TempDir>> dirs_;
   std::vector<std::unique_ptr<Custodyd>> replicas_;
   std::vector<std::vector<std::string>> flags_;
@@ -814,6 +817,9 @@ int CountLines(const std::string& log, const std::string& needle) {
 // another replica takes the lock and the rotations continue. Activations stay at least one
 // period apart (no period rotated twice) and no version is destroyed twice.
 TEST_F(ReplicaTest, SchedulerLeaderDiesAndAnotherTakesOver) {
+  // Retention counts from retire_time + the staleness bound (RetiredVersionIsKeptForTheOther
+  // ReplicasStalenessBound): a short bound, so that retired versions get destroyed in this test.
+  replica_flags_ = {"--max_metadata_staleness=2s"};
   StartReplicas(3);
   const int64_t kPeriodMs = 2000;
   v1::CreateKeyRingRequest req;
@@ -909,6 +915,81 @@ TEST_F(ReplicaTest, SchedulerLeaderDiesAndAnotherTakesOver) {
   }
   EXPECT_GE(destroyed.size(), 1u);
   for (const auto& [line, n] : destroyed) EXPECT_EQ(n, 1) << line;
+}
+
+// With several replicas, one that has not yet learned of a rotation may still sign with the
+// version just RETIRED: until the notification arrives, or, if it lost the store, until its
+// --max_metadata_staleness bound. So the leader's retention of a RETIRED version counts from
+// retire_time + max_metadata_staleness: with retain 1 s and a 4 s bound, the version stays
+// published (RETIRED) for 5 s, not 1 s.
+TEST_F(ReplicaTest, RetiredVersionIsKeptForTheOtherReplicasStalenessBound) {
+  const int64_t kStalenessMs = 4000, kRetainMs = 1000;
+  replica_flags_ = {"--max_metadata_staleness=4s"};
+  StartReplicas(2);
+  v1::CreateKeyRingRequest req;
+  req.set_name("op/retained");
+  req.set_purpose(v1::SIGN);
+  req.set_alg("ES256");
+  req.mutable_policy()->set_prepublish_ms(1000);
+  req.mutable_policy()->set_retain_ms(kRetainMs);
+  req.mutable_policy()->set_destroy_delay_ms(60000);
+  v1::KeyRing ring;
+  {
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    grpc::Status s = replica(0).admin().CreateKeyRing(&ctx, req, &ring);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  v1::RotateKeyRingRequest rotate;
+  rotate.set_ring("op/retained");
+  rotate.set_force(true);
+  v1::RotateKeyRingResponse rotated;
+  {
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    grpc::Status s = replica(1).admin().RotateKeyRing(&ctx, rotate, &rotated);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  // Version 1's retire time, as recorded.
+  int64_t retire_ms = 0;
+  for (const v1::KeyVersion& v : rotated.ring().versions()) {
+    if (v.version() == 1) retire_ms = v.retire_time_ms();
+  }
+  ASSERT_GT(retire_ms, 0) << rotated.ring().DebugString();
+  auto now_ms = [] {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(
+               std::chrono::system_clock::now().time_since_epoch())
+        .count();
+  };
+  // Watch version 1 on both replicas until it leaves RETIRED (the leader schedules its
+  // destruction, and the other replica learns of it).
+  int64_t left_retired_ms = 0;
+  while (left_retired_ms == 0 && now_ms() < retire_ms + kStalenessMs + kRetainMs + 6000) {
+    for (int i = 0; i < 2 && left_retired_ms == 0; ++i) {
+      v1::GetKeyRingRequest get;
+      get.set_name("op/retained");
+      v1::KeyRing seen;
+      grpc::ClientContext ctx;
+      SetDeadline(&ctx);
+      const int64_t asked_ms = now_ms();
+      ASSERT_TRUE(replica(i).admin().GetKeyRing(&ctx, get, &seen).ok());
+      for (const v1::KeyVersion& v : seen.versions()) {
+        if (v.version() == 1 && v.state() != v1::RETIRED) {
+          EXPECT_EQ(v.state(), v1::DESTROY_SCHEDULED);
+          left_retired_ms = asked_ms;
+        }
+      }
+    }
+    std::this_thread::sleep_for(50ms);
+  }
+  ASSERT_GT(left_retired_ms, 0) << "version 1 was never scheduled for destruction";
+  std::printf(
+      "retired version left RETIRED %lld ms after its retirement (retain %lld ms + "
+      "staleness bound %lld ms)\n",
+      static_cast<long long>(left_retired_ms - retire_ms), static_cast<long long>(kRetainMs),
+      static_cast<long long>(kStalenessMs));
+  // It was still RETIRED when asked before the bound (the answer at asked_ms said so until then).
+  EXPECT_GE(left_retired_ms - retire_ms, kRetainMs + kStalenessMs - 100);
 }
 
 // The client library with every replica's address, 8 threads signing and decrypting, a random

@@ -678,6 +678,7 @@ void KeyService::SchedulerLoop() {
     // conditional commit on the ring's generation.
     auto leader = store_->HoldLeadership();
     const bool now_leading = leader.ok() && *leader;
+    scheduler_leader_.store(now_leading);
     if (now_leading != leading) {
       leading = now_leading;
       if (options_.shared_store) {

@@ -121,6 +121,19 @@ class KeyService {
   // UNAVAILABLE "metadata unreachable for N s".
   absl::Status CheckMetadataFresh() const;
 
+  // Replica state for /metrics (server/replica_metrics.h).
+  struct ReplicaStatus {
+    bool shared_store = false;
+    int64_t last_good_read_ms = 0;  // Unix ms: start of the last successful read of the store
+    absl::Duration max_staleness;
+    bool scheduler_leader = false;  // this process runs the scheduler now
+    uint64_t refreshes = 0;         // successful re-reads of a shared store
+    uint64_t refresh_failures = 0;  // failed ones (store unreachable)
+    uint64_t rings_refreshed = 0;   // ring snapshots replaced by a re-read (others' changes)
+    uint64_t jwks_generation = 0;   // of the published key set
+  };
+  ReplicaStatus GetReplicaStatus() const;
+
  private:
   struct Version {
     rotation::VersionRecord record;
@@ -259,6 +272,10 @@ class KeyService {
   std::thread follower_;
   // Unix ms of the last successful re-read of a shared store (or of the startup load).
   std::atomic<int64_t> last_synced_ms_{0};
+  std::atomic<bool> scheduler_leader_{false};
+  std::atomic<uint64_t> refreshes_{0};
+  std::atomic<uint64_t> refresh_failures_{0};
+  std::atomic<uint64_t> rings_refreshed_{0};
 };
 
 }  // namespace custody::server

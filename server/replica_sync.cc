@@ -42,6 +42,20 @@ absl::Status KeyService::CheckMetadataFresh() const {
                    absl::ToInt64Seconds(options_.max_staleness), "s)"));
 }
 
+KeyService::ReplicaStatus KeyService::GetReplicaStatus() const {
+  ReplicaStatus out;
+  out.shared_store = options_.shared_store;
+  out.last_good_read_ms = last_synced_ms_.load();
+  out.max_staleness = options_.max_staleness;
+  out.scheduler_leader = scheduler_leader_.load();
+  out.refreshes = refreshes_.load();
+  out.refresh_failures = refresh_failures_.load();
+  out.rings_refreshed = rings_refreshed_.load();
+  absl::ReaderMutexLock lock(&mu_);
+  out.jwks_generation = jwks_generation_;
+  return out;
+}
+
 absl::Status KeyService::SyncShared() {
   if (!options_.shared_store) return absl::OkStatus();
   return RefreshLocked();
@@ -131,6 +145,7 @@ absl::Status KeyService::RefreshLocked() {
     const std::string name = ring.record.name;
     const size_t count = ring.versions.size();
     Publish(std::make_shared<const Ring>(std::move(ring)));
+    rings_refreshed_.fetch_add(1, std::memory_order_relaxed);
     changed = true;
     Log(LogLevel::kDebug, "replica.ring_refreshed",
         {{"ring", name}, {"versions", absl::StrCat(count)}});
@@ -164,6 +179,7 @@ void KeyService::FollowLoop() {
     const bool due = absl::Now() - last_refresh >= options_.refresh_interval;
     if (changed.ok() && !*changed && !due) continue;
     absl::Status s = changed.ok() ? Refresh() : changed.status();
+    (s.ok() ? refreshes_ : refresh_failures_).fetch_add(1, std::memory_order_relaxed);
     if (s.ok()) last_refresh = absl::Now();
     if (s.ok() != healthy) {
       healthy = s.ok();

@@ -30,6 +30,7 @@
 #include "rotation/testing/postgres_cluster.h"
 #include "tests/harness.h"
 #include "tests/independent_jws.h"
+#include "tests/prometheus_testing.h"
 
 namespace custody::testing {
 namespace {
@@ -170,6 +171,9 @@ class ReplicaTest : public ::testing::Test {
     const std::string first = dirs_[0]->path();
     std::vector<std::string> first_flags = MetadataFlags();
     first_flags.insert(first_flags.end(), replica_flags_.begin(), replica_flags_.end());
+    if (!metrics_ports_.empty()) {
+      first_flags.push_back(absl::StrCat("--metrics_listen=127.0.0.1:", metrics_ports_[0]));
+    }
     first_flags.push_back("--replica_id=r0");
     flags_.push_back(first_flags);
     envs_.push_back({});
@@ -178,6 +182,9 @@ class ReplicaTest : public ::testing::Test {
     for (int i = 1; i < n; ++i) {
       std::vector<std::string> flags = MetadataFlags();
       flags.insert(flags.end(), replica_flags_.begin(), replica_flags_.end());
+      if (static_cast<size_t>(i) < metrics_ports_.size()) {
+        flags.push_back(absl::StrCat("--metrics_listen=127.0.0.1:", metrics_ports_[i]));
+      }
       flags.push_back("--pkcs11_module=/usr/lib/softhsm/libsofthsm2.so");
       flags.push_back("--token_label=custody");
       flags.push_back("--pin_file=" + first + "/pin");
@@ -206,6 +213,7 @@ class ReplicaTest : public ::testing::Test {
 
   std::string db_;
   std::vector<std::string> replica_flags_;  // added to every replica StartReplicas starts
+  std::vector<int> metrics_ports_;          // replica i's --metrics_listen port, when given
   std::vector<std::unique_ptr<TempDir>> dirs_;
   std::vector<std::unique_ptr<Custodyd>> replicas_;
   std::vector<std::vector<std::string>> flags_;
@@ -990,6 +998,98 @@ TEST_F(ReplicaTest, RetiredVersionIsKeptForTheOtherReplicasStalenessBound) {
       static_cast<long long>(kStalenessMs));
   // It was still RETIRED when asked before the bound (the answer at asked_ms said so until then).
   EXPECT_GE(left_retired_ms - retire_ms, kRetainMs + kStalenessMs - 100);
+}
+
+// A sample's value on a /metrics page (a family without labels); nullopt when absent.
+std::optional<double> MetricValue(const std::string& page, const std::string& name) {
+  for (size_t start = 0, nl; (nl = page.find('\n', start)) != std::string::npos; start = nl + 1) {
+    if (page.compare(start, name.size() + 1, name + " ") == 0) {
+      return std::stod(page.substr(start + name.size() + 1, nl - start - name.size() - 1));
+    }
+  }
+  return std::nullopt;
+}
+
+// Replica state on /metrics (server/replica_metrics.h), scraped by a real Prometheus that
+// evaluates deploy/prometheus/alerts.yml: one leader among the replicas, a fresh last good read,
+// another replica's change counted; with PostgreSQL stopped the age grows, failures are counted
+// and CustodyMetadataStale fires on both replicas, then clears when the database is back (the
+// time to the first good read after the start is printed).
+TEST_F(ReplicaTest, ReplicaStateIsExportedAndTheStaleAlertFires) {
+  metrics_ports_ = {FreePort(), FreePort()};
+  replica_flags_ = {"--max_metadata_staleness=6s"};
+  StartReplicas(2);
+  TempDir prom_dir;
+  Prometheus prometheus(prom_dir.path(), metrics_ports_);
+  auto page = [&](int i) {
+    return HttpGet(
+        absl::StrCat("http://127.0.0.1:", metrics_ports_[static_cast<size_t>(i)], "/metrics"));
+  };
+  auto value = [&](int i, const std::string& name) {
+    return MetricValue(page(i), name).value_or(-1);
+  };
+  // Exactly one leader (the second replica asks every 0.5 s, and is refused).
+  double leaders = 0;
+  for (int tries = 0; tries < 50 && leaders != 1; ++tries) {
+    leaders = value(0, "custody_scheduler_leader") + value(1, "custody_scheduler_leader");
+    std::this_thread::sleep_for(100ms);
+  }
+  EXPECT_EQ(leaders, 1);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(value(i, "custody_metadata_max_staleness_seconds"), 6);
+    const double age = value(i, "custody_metadata_last_good_read_age_seconds");
+    EXPECT_GE(age, 0);
+    EXPECT_LT(age, 3);  // re-read at least every 1.5 s (a quarter of the bound)
+  }
+  const double refreshed = value(1, "custody_metadata_rings_refreshed_total");
+  const double generation = value(1, "custody_jwks_generation");
+  v1::KeyRing ring;
+  ASSERT_TRUE(CreateEs256(replica(0), "op/metrics", &ring).ok());
+  bool seen = false;
+  for (int tries = 0; tries < 50 && !seen; ++tries) {
+    seen = value(1, "custody_metadata_rings_refreshed_total") > refreshed &&
+           value(1, "custody_jwks_generation") > generation;
+    std::this_thread::sleep_for(100ms);
+  }
+  EXPECT_TRUE(seen) << page(1);
+  CommandResult lint = RunCommand({"/usr/bin/promtool", "check", "metrics"}, page(1));
+  EXPECT_EQ(lint.exit_code, 0) << lint.out << lint.err;
+  EXPECT_EQ(prometheus.QueryUntil("sum(custody_scheduler_leader)", "1"), "1") << prometheus.log();
+
+  const double failures = value(0, "custody_metadata_refresh_failures_total");
+  ASSERT_TRUE(Cluster()->Stop("fast").ok());
+  const std::string firing = prometheus.QueryUntil(
+      "count(ALERTS{alertname=\"CustodyMetadataStale\",alertstate=\"firing\"})", "2", 20000);
+  const double stale_age = value(0, "custody_metadata_last_good_read_age_seconds");
+  const double failures_after = value(0, "custody_metadata_refresh_failures_total");
+  ASSERT_TRUE(Cluster()->StartServer().ok());
+  const auto started = Clock::now();
+  EXPECT_EQ(firing, "2") << prometheus.log();
+  EXPECT_GT(stale_age, 3);
+  EXPECT_GT(failures_after, failures);
+  // Back: each replica's next good read, timed from the server's start.
+  std::vector<double> caught_up_ms(2, -1);
+  while ((caught_up_ms[0] < 0 || caught_up_ms[1] < 0) && Clock::now() < started + 20s) {
+    for (int i = 0; i < 2; ++i) {
+      if (caught_up_ms[static_cast<size_t>(i)] < 0 &&
+          value(i, "custody_metadata_last_good_read_age_seconds") <
+              MsSince(started, Clock::now()) / 1000) {
+        caught_up_ms[static_cast<size_t>(i)] = MsSince(started, Clock::now());
+      }
+    }
+    std::this_thread::sleep_for(20ms);
+  }
+  std::printf(
+      "metadata stale alert fired on both replicas (age %.1f s); after the database "
+      "started, first good read after %.0f ms and %.0f ms\n",
+      stale_age, caught_up_ms[0], caught_up_ms[1]);
+  EXPECT_GE(caught_up_ms[0], 0);
+  EXPECT_GE(caught_up_ms[1], 0);
+  EXPECT_EQ(
+      prometheus.QueryUntil(
+          "count(ALERTS{alertname=\"CustodyMetadataStale\",alertstate=\"firing\"}) or vector(0)",
+          "0", 20000),
+      "0");
 }
 
 // The client library with every replica's address, 8 threads signing and decrypting, a random

@@ -174,8 +174,10 @@ void KeyService::FollowLoop() {
       absl::MutexLock lock(&scheduler_mu_);
       if (scheduler_stop_) return;
     }
-    // Short waits, so that StopScheduler is not kept waiting.
-    auto changed = store_->WaitForChange(absl::Milliseconds(250));
+    // Short waits, so that StopScheduler is not kept waiting; shorter while the store is failing,
+    // so that the first read after it is back does not wait out a whole notification wait (a
+    // listening connection can come back before a read succeeds, e.g. during crash recovery).
+    auto changed = store_->WaitForChange(absl::Milliseconds(healthy ? 250 : 50));
     const bool due = absl::Now() - last_refresh >= options_.refresh_interval;
     if (changed.ok() && !*changed && !due) continue;
     absl::Status s = changed.ok() ? Refresh() : changed.status();

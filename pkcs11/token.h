@@ -125,6 +125,10 @@ struct TokenInfo {
   uint64_t slot_id = 0;
 };
 
+namespace internal {
+class TokenState;  // pkcs11/token_internal.h
+}  // namespace internal
+
 class Token {
  public:
   struct Options {
@@ -301,7 +305,7 @@ class Token {
                                                          bool for_decryption);
 
  private:
-  class State;
+  using State = internal::TokenState;
   explicit Token(std::unique_ptr<State> state);
   std::unique_ptr<State> state_;
 };

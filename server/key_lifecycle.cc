@@ -144,6 +144,9 @@ absl::StatusOr<std::shared_ptr<const KeyService::Ring>> KeyService::MutateRing(
 absl::StatusOr<uint32_t> KeyService::AddVersion(const std::string& name, Activation activation) {
   auto base = FindRing(name);
   if (!base.ok()) return base.status();
+  // A token without the ring's mechanisms (a replica on a lesser token than the ring's creator)
+  // would refuse the generation only after the intent took a version number: refuse first.
+  if (absl::Status s = token_support_.CheckServes((*base)->record.alg); !s.ok()) return s;
   uint32_t next = 1;
   for (const Version& v : (*base)->versions) next = std::max(next, v.record.version + 1);
   unsigned char raw_id[16];

@@ -324,6 +324,22 @@ TEST_F(P11KitTest, GetKeyRingNamesTheMechanismsThisReplicasTokenLacks) {
   EXPECT_NE(r.out.find("\"missing_mechanisms\""), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("CKM_EDDSA"), std::string::npos) << r.out;
 
+  // A rotation there is refused before it takes a version number.
+  {
+    v1::RotateKeyRingRequest rotate;
+    rotate.set_ring("p11/direct-eddsa");
+    rotate.set_force(true);
+    v1::RotateKeyRingResponse rotated;
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    s = A().admin().RotateKeyRing(&ctx, rotate, &rotated);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+    EXPECT_NE(s.error_message().find("CKM_EDDSA"), std::string::npos) << s.error_message();
+    v1::KeyRing after;
+    ASSERT_TRUE(Get(Direct(), "p11/direct-eddsa", &after).ok());
+    EXPECT_EQ(after.versions_size(), 1) << after.DebugString();
+  }
+
   // What the lacking replica answers when asked to use such a ring anyway: the token's own
   // refusal, named (GetKeyRing above said why beforehand).
   v1::SignJwsRequest req;

@@ -6,7 +6,7 @@ PACKAGES=(
   libssl-dev openssl
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   libabsl-dev libgtest-dev libgmock-dev libsqlite3-dev sqlite3 zlib1g-dev
-  libp11-kit-dev softhsm2 opensc libcurl4-openssl-dev libpq-dev postgresql-15
+  libp11-kit-dev p11-kit p11-kit-modules softhsm2 opensc libcurl4-openssl-dev libpq-dev postgresql-15
   python3 python3-jwcrypto clang-14 libclang-rt-14-dev
   prometheus python3-yaml mmdebstrap buildah binutils systemd
   nginx-light libengine-pkcs11-openssl

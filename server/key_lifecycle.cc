@@ -147,6 +147,9 @@ absl::StatusOr<std::shared_ptr<const KeyService::Ring>> KeyService::MutateRing(
 absl::StatusOr<uint32_t> KeyService::AddVersion(const std::string& name, Activation activation) {
   auto base = FindRing(name);
   if (!base.ok()) return base.status();
+  // A token without the ring's mechanisms (a replica on a lesser token than the ring's creator)
+  // would refuse the generation only after the intent took a version number: refuse first.
+  if (absl::Status s = token_support_.CheckServes((*base)->record.alg); !s.ok()) return s;
   uint32_t next = 1;
   for (const Version& v : (*base)->versions) next = std::max(next, v.record.version + 1);
   unsigned char raw_id[16];
@@ -576,13 +579,19 @@ void KeyService::Version::NoteSignature() const {
   }
 }
 
-std::vector<VersionRecord> KeyService::PlanningRecords(const Ring& ring) {
+std::vector<VersionRecord> KeyService::PlanningRecords(const Ring& ring) const {
+  // Other replicas: one that missed the retirement's notification keeps signing with the version
+  // until its next re-read, and one that lost the store until its staleness bound, which counts
+  // from the start of its last good read (which did not see the retirement, so began before
+  // retire_time). Every replica is assumed to run with the same --max_metadata_staleness.
+  const int64_t other_replicas_ms =
+      options_.shared_store ? absl::ToInt64Milliseconds(options_.max_staleness) : 0;
   std::vector<VersionRecord> records;
   for (const Version& v : ring.versions) {
     records.push_back(v.record);
     if (v.record.state == VersionState::kRetired) {
-      records.back().retire_time =
-          std::max(v.record.retire_time, v.last_signed_ms->load(std::memory_order_relaxed));
+      records.back().retire_time = std::max(v.record.retire_time + other_replicas_ms,
+                                            v.last_signed_ms->load(std::memory_order_relaxed));
     }
   }
   return records;
@@ -696,6 +705,7 @@ void KeyService::SchedulerLoop() {
     // conditional commit on the ring's generation.
     auto leader = store_->HoldLeadership();
     const bool now_leading = leader.ok() && *leader;
+    scheduler_leader_.store(now_leading);
     if (now_leading != leading) {
       leading = now_leading;
       if (options_.shared_store) {

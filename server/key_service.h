@@ -30,6 +30,7 @@
 #include "rotation/metadata_store.h"
 #include "server/decryption_profile.h"
 #include "server/signing_profile.h"
+#include "server/token_support.h"
 
 namespace custody::server {
 
@@ -124,6 +125,19 @@ class KeyService {
   // UNAVAILABLE "metadata unreachable for N s".
   absl::Status CheckMetadataFresh() const;
 
+  // Replica state for /metrics (server/replica_metrics.h).
+  struct ReplicaStatus {
+    bool shared_store = false;
+    int64_t last_good_read_ms = 0;  // Unix ms: start of the last successful read of the store
+    absl::Duration max_staleness;
+    bool scheduler_leader = false;  // this process runs the scheduler now
+    uint64_t refreshes = 0;         // successful re-reads of a shared store
+    uint64_t refresh_failures = 0;  // failed ones (store unreachable)
+    uint64_t rings_refreshed = 0;   // ring snapshots replaced by a re-read (others' changes)
+    uint64_t jwks_generation = 0;   // of the published key set
+  };
+  ReplicaStatus GetReplicaStatus() const;
+
  private:
   struct Version {
     rotation::VersionRecord record;
@@ -203,8 +217,10 @@ class KeyService {
   absl::StatusOr<v1::RotateKeyRingResponse> RotateLocked(const std::string& name, bool force)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
   // The ring's records as the planner must see them: a RETIRED version's retire_time moved up to
-  // its last signature in this process when that came later (Version::last_signed_ms).
-  static std::vector<rotation::VersionRecord> PlanningRecords(const Ring& ring);
+  // its last signature in this process when that came later (Version::last_signed_ms), and, with
+  // a shared store, to at least retire_time + max_staleness: another replica that has not yet
+  // learned of the retirement may sign with the version until then (server/replica_sync.cc).
+  std::vector<rotation::VersionRecord> PlanningRecords(const Ring& ring) const;
   // Carries out every due transition once; returns the next due time (Unix ms, 0 = none).
   int64_t RunDueTransitions();
   void SchedulerLoop();
@@ -227,7 +243,8 @@ class KeyService {
   rotation::MetadataStore* const store_;
   const Options options_;
 
-  RsaOaepPath oaep_path_;  // probed once at startup
+  RsaOaepPath oaep_path_;       // probed once at startup
+  TokenSupport token_support_;  // the algorithms the token lacks mechanisms for, at startup
 
   // Serializes ring mutations (create, import) so that version numbers are assigned once. Held
   // across token calls on purpose: admin operations are rare and must not interleave; the
@@ -261,6 +278,10 @@ class KeyService {
   std::thread follower_;
   // Unix ms of the last successful re-read of a shared store (or of the startup load).
   std::atomic<int64_t> last_synced_ms_{0};
+  std::atomic<bool> scheduler_leader_{false};
+  std::atomic<uint64_t> refreshes_{0};
+  std::atomic<uint64_t> refresh_failures_{0};
+  std::atomic<uint64_t> rings_refreshed_{0};
 };
 
 }  // namespace custody::server

@@ -148,6 +148,8 @@ v1::KeyRing KeyService::ToProto(const Ring& ring) const {
     }
   }
   out.set_require_certificate(ring.record.require_certificate);
+  for (const std::string& m : token_support_.Missing(ring.record.alg))
+    out.add_missing_mechanisms(m);
   return out;
 }
 

@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -45,6 +46,7 @@
 #include "bench/load.h"
 #include "bench/ops.h"
 #include "bench/proc_util.h"
+#include "bench/replica_set.h"
 #include "bench/report.h"
 #include "bench/scale.h"
 #include "bench/tls_files.h"
@@ -68,8 +70,12 @@ ABSL_FLAG(std::vector<std::string>, concurrency, {},
           "client threads per row, e.g. 1,4,16,64 (the default; --quick: 1,4)");
 ABSL_FLAG(std::vector<std::string>, ops, {},
           "subset of ES256,PS256-2048,PS256-3072,EdDSA,RSA-OAEP-256,ECDH-ES+A256KW (default all)");
-ABSL_FLAG(std::vector<std::string>, transports, std::vector<std::string>({"unix", "tcp"}),
-          "unix (custodyd's Unix socket) and/or tcp (TCP+mTLS on 127.0.0.1)");
+ABSL_FLAG(std::vector<std::string>, transports,
+          std::vector<std::string>({"unix", "tcp", "replicas"}),
+          "unix (custodyd's Unix socket), tcp (TCP+mTLS on 127.0.0.1), replicas (three custodyd "
+          "replicas on a throw-away PostgreSQL and the same token, behind one client-library "
+          "channel over their Unix sockets; after unix or tcp)");
+ABSL_FLAG(int, replicas, 3, "custodyd replicas of the replicas row");
 ABSL_FLAG(int, clients_per_connection, 0,
           "0 (default): one channel (one connection) per concurrency level, shared by all its "
           "client threads; N: ceil(c/N) channels, each its own connection (at most "
@@ -243,7 +249,14 @@ class Bench {
     std::vector<std::unique_ptr<client::Client>> clients;
   };
   RowResult RunRow(const std::string& transport, const Connections& connections, OpState& op,
-                   int concurrency, pid_t daemon_pid);
+                   int concurrency, const std::vector<pid_t>& daemon_pids);
+  // The replicas row: ReplicaSet behind one client-library channel, rings of their own (created
+  // through the replicas), the ceilings of the single-process run (same token, same key types).
+  absl::Status RunReplicas();
+  // Creates every op's ring through `channel`, waits for `ready` (when set), and describes each
+  // ring into `ops`.
+  absl::Status CreateRings(const std::shared_ptr<grpc::Channel>& channel, std::vector<OpState>& ops,
+                           const std::function<absl::Status()>& ready = nullptr);
   void Fail(std::string what) {
     std::fprintf(stderr, "custody-bench: FAIL: %s\n", what.c_str());
     report_->failures.push_back(std::move(what));
@@ -413,7 +426,7 @@ CeilingResult* Bench::EnsureCeiling(OpState& op, int concurrency) {
 }
 
 RowResult Bench::RunRow(const std::string& transport, const Connections& connections, OpState& op,
-                        int concurrency, pid_t daemon_pid) {
+                        int concurrency, const std::vector<pid_t>& daemon_pids) {
   RowResult row;
   row.transport = transport;
   row.op = op.spec;
@@ -427,12 +440,22 @@ RowResult Bench::RunRow(const std::string& transport, const Connections& connect
   const bool library = !clients.empty();
   const size_t n = static_cast<size_t>(concurrency);
   double cpu0 = -1, cpu1 = -1, self0 = -1, self1 = -1;
+  // The service's CPU: every custodyd process of the row (one, or each replica).
+  auto service_cpu = [&] {
+    double total = 0;
+    for (pid_t pid : daemon_pids) {
+      const double s = ProcessCpuSeconds(pid);
+      if (s < 0) return -1.0;
+      total += s;
+    }
+    return total;
+  };
   auto at_start = [&] {
-    cpu0 = ProcessCpuSeconds(daemon_pid);
+    cpu0 = service_cpu();
     self0 = ProcessCpuSeconds(getpid());
   };
   auto at_end = [&] {
-    cpu1 = ProcessCpuSeconds(daemon_pid);
+    cpu1 = service_cpu();
     self1 = ProcessCpuSeconds(getpid());
   };
   // Runs `library_op` (calls through the Clients) and records how many calls each RPC carried.
@@ -572,11 +595,133 @@ RowResult Bench::RunRow(const std::string& transport, const Connections& connect
   }
   if (cpu0 >= 0 && cpu1 >= 0) row.service_cpu_s = cpu1 - cpu0;
   if (self0 >= 0 && self1 >= 0) row.client_cpu_s = self1 - self0;
-  row.vmhwm_kb = ProcessStatusKb(daemon_pid, "VmHWM");
+  for (pid_t pid : daemon_pids) {
+    row.vmhwm_kb = std::max(row.vmhwm_kb, ProcessStatusKb(pid, "VmHWM"));
+  }
   return row;
 }
 
+absl::Status Bench::CreateRings(const std::shared_ptr<grpc::Channel>& channel,
+                                std::vector<OpState>& ops,
+                                const std::function<absl::Status()>& ready) {
+  auto admin = custody::v1::KeyAdmin::NewStub(channel);
+  auto signer = custody::v1::Signer::NewStub(channel);
+  std::fprintf(stderr, "custody-bench: creating %zu rings in the token...\n", ops.size());
+  std::vector<absl::Status> created(ops.size());
+  std::vector<std::thread> creators;
+  for (size_t i = 0; i < ops.size(); ++i) {
+    creators.emplace_back([&, i] { created[i] = CreateRing(*admin, *ops[i].spec); });
+  }
+  for (std::thread& t : creators) t.join();
+  for (size_t i = 0; i < ops.size(); ++i) {
+    if (!created[i].ok()) return created[i];
+  }
+  if (ready != nullptr) {
+    if (absl::Status s = ready(); !s.ok()) return s;
+  }
+  for (size_t i = 0; i < ops.size(); ++i) {
+    if (absl::Status s = DescribeRing(*admin, *signer, payload_, &ops[i]); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Bench::RunReplicas() {
+  if (token_ == nullptr) {
+    return absl::FailedPreconditionError(
+        "--transports: replicas runs after unix or tcp (whose custodyd makes the token)");
+  }
+  const std::string name = absl::StrCat("replicas", absl::GetFlag(FLAGS_replicas));
+  ReplicaSet::Options set_options;
+  set_options.binary = report_->custodyd;
+  set_options.dir = tmp_->path() + "/replicas";
+  set_options.replicas = std::max(1, absl::GetFlag(FLAGS_replicas));
+  set_options.module_path = absl::GetFlag(FLAGS_pkcs11_module);
+  set_options.pin_file = state_dir_ + "/pin";
+  set_options.flags = common_flags_;
+  std::fprintf(stderr, "custody-bench: starting PostgreSQL and %d custodyd replicas\n",
+               set_options.replicas);
+  auto set = ReplicaSet::Start(set_options);
+  if (!set.ok()) return set.status();
+  client::ChannelOptions channel_options;
+  channel_options.address = (*set)->addresses();
+  auto channel = client::CreateChannel(channel_options);
+  if (!channel.ok()) return channel.status();
+  // Rings of the replicas' own metadata (names as in the single-process run: another store).
+  std::vector<OpState> ops;
+  for (const OpState& op : ops_) {
+    OpState fresh;
+    fresh.spec = op.spec;
+    ops.push_back(std::move(fresh));
+  }
+  // Every replica serves every ring before they are described (through any replica) and used.
+  auto every_replica_knows = [&]() -> absl::Status {
+    for (const std::string& address :
+         std::vector<std::string>(absl::StrSplit((*set)->addresses(), ','))) {
+      client::ChannelOptions one;
+      one.address = address;
+      auto direct = client::CreateChannel(one);
+      if (!direct.ok()) return direct.status();
+      auto admin = custody::v1::KeyAdmin::NewStub(*direct);
+      for (const OpState& op : ops) {
+        grpc::Status s;
+        for (int i = 0; i < 500; ++i) {
+          custody::v1::GetKeyRingRequest req;
+          req.set_name(op.spec->ring);
+          custody::v1::KeyRing ring;
+          grpc::ClientContext ctx;
+          ctx.set_deadline(Deadline(10));
+          s = admin->GetKeyRing(&ctx, req, &ring);
+          if (s.ok()) break;
+          std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        }
+        if (!s.ok()) return absl::InternalError(GrpcError(("replica " + address).c_str(), s));
+      }
+    }
+    return absl::OkStatus();
+  };
+  if (absl::Status s = CreateRings(*channel, ops, every_replica_knows); !s.ok()) return s;
+  for (int c : concurrency_) {
+    // One channel over every replica (round-robin over the SERVING ones), as callers get it.
+    Connections connections;
+    connections.stubs.push_back(custody::v1::Signer::NewStub(*channel));
+    if (absl::GetFlag(FLAGS_client) == "library") {
+      client::ClientOptions client_options;
+      client_options.deadline = absl::Seconds(60);
+      client_options.max_rpcs_in_flight = absl::GetFlag(FLAGS_rpcs_in_flight);
+      auto client = client::Client::FromChannel(*channel, client_options);
+      if (!client.ok()) return client.status();
+      connections.clients.push_back(*std::move(client));
+    }
+    for (size_t k = 0; k < ops.size(); ++k) {
+      CeilingResult* ceiling = EnsureCeiling(ops_[k], c);
+      RowResult row = RunRow(name, connections, ops[k], c, (*set)->pids());
+      row.ceiling = ceiling;
+      std::fprintf(stderr,
+                   "[%s] %-34s c=%-3d %8.0f ops/s  p50 %7.0f us  p99 %7.0f us  ratio %.2f  "
+                   "svc %.1f us/op  c/rpc %.1f  %s\n",
+                   name.c_str(), ops[k].spec->label.c_str(), c, row.load.ops_per_s, row.load.p50_us,
+                   row.load.p99_us, row.Ratio(), row.ServiceCpuUsPerOp(), row.calls_per_rpc,
+                   row.check.c_str());
+      const std::string where = absl::StrCat(name, " ", ops[k].spec->label, " c=", c);
+      if (!row.HasNumber()) {
+        Fail(absl::StrCat(where, ": no successful operation (", row.load.first_error, ")"));
+      } else if (row.load.errors > 0) {
+        Fail(absl::StrCat(where, ": ", row.load.errors, " failed calls (", row.load.first_error,
+                          ")"));
+      }
+      if (!row.check_ok) Fail(absl::StrCat(where, ": ", row.check));
+      report_->rows.push_back(std::move(row));
+    }
+  }
+  int64_t hwm = -1;
+  for (pid_t pid : (*set)->pids()) hwm = std::max(hwm, ProcessStatusKb(pid, "VmHWM"));
+  report_->custodyd_vmhwm_kb[name + " (largest replica)"] = hwm;
+  if (absl::Status s = (*set)->Stop(); !s.ok()) Fail(absl::StrCat(name, ": ", s.ToString()));
+  return absl::OkStatus();
+}
+
 absl::Status Bench::RunTransport(const std::string& transport) {
+  if (transport == "replicas") return RunReplicas();
   CustodydOptions options = UnixOptions(report_->custodyd, state_dir_, common_flags_, log_path_);
   std::string name = "unix";
   if (transport == "tcp") {
@@ -604,19 +749,7 @@ absl::Status Bench::RunTransport(const std::string& transport) {
   if (token_ == nullptr) {
     auto channel = client::CreateChannel(options.channel);
     if (!channel.ok()) return channel.status();
-    auto admin = custody::v1::KeyAdmin::NewStub(*channel);
-    auto signer = custody::v1::Signer::NewStub(*channel);
-    std::fprintf(stderr, "custody-bench: creating %zu rings in the token...\n", ops_.size());
-    std::vector<absl::Status> created(ops_.size());
-    std::vector<std::thread> creators;
-    for (size_t i = 0; i < ops_.size(); ++i) {
-      creators.emplace_back([&, i] { created[i] = CreateRing(*admin, *ops_[i].spec); });
-    }
-    for (std::thread& t : creators) t.join();
-    for (size_t i = 0; i < ops_.size(); ++i) {
-      if (!created[i].ok()) return created[i];
-      if (absl::Status s = DescribeRing(*admin, *signer, payload_, &ops_[i]); !s.ok()) return s;
-    }
+    if (absl::Status s = CreateRings(*channel, ops_); !s.ok()) return s;
     auto pin = ReadSecretFile(state_dir_ + "/pin");
     if (!pin.ok()) return pin.status();
     pkcs11::Token::Options token_options;
@@ -654,7 +787,7 @@ absl::Status Bench::RunTransport(const std::string& transport) {
     }
     for (OpState& op : ops_) {
       CeilingResult* ceiling = EnsureCeiling(op, c);
-      RowResult row = RunRow(name, connections, op, c, pid);
+      RowResult row = RunRow(name, connections, op, c, {pid});
       row.ceiling = ceiling;
       std::fprintf(stderr,
                    "[%s] %-34s c=%-3d %8.0f ops/s  p50 %7.0f us  p99 %7.0f us  ratio %.2f  "

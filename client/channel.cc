@@ -70,6 +70,7 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateChannel(const ChannelOption
   auto target = ChannelTarget(options);
   if (!target.ok()) return target.status();
   grpc::ChannelArguments args;
+  if (options.own_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   args.SetMaxReceiveMessageSize(16 * 1024 * 1024);
   if (options.max_reconnect_backoff_ms > 0) {
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, options.max_reconnect_backoff_ms);

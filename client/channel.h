@@ -26,6 +26,10 @@ struct ChannelOptions {
   // Caps gRPC's reconnect backoff after a lost connection (its default grows to 120 s); 0 keeps
   // the default. Long-lived watchers (JwksCache) want a few seconds.
   int max_reconnect_backoff_ms = 0;
+  // A connection of this channel's own instead of one shared through gRPC's process-wide
+  // subchannel pool: a process that forked (the custody provider in nginx's workers) then
+  // connects with its own credentials rather than reusing the parent's connection.
+  bool own_connection = false;
   // The same as a list (joined to `address` when `address` is empty).
   std::vector<std::string> addresses;
 };

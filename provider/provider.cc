@@ -2,6 +2,9 @@
 // errors, JWK → public key.
 #include "provider/provider.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdarg>
 #include <cstdlib>
 #include <string>
@@ -47,6 +50,9 @@ ProviderContext::ProviderContext(const OSSL_CORE_HANDLE* handle, const OSSL_DISP
       case OSSL_FUNC_CORE_VSET_ERROR:
         vset_error_ = OSSL_FUNC_core_vset_error(f);
         break;
+      case OSSL_FUNC_BIO_READ_EX:
+        bio_read_ex_ = OSSL_FUNC_BIO_read_ex(f);
+        break;
       default:
         break;
     }
@@ -88,6 +94,15 @@ absl::StatusOr<std::shared_ptr<client::Client>> ProviderContext::ClientFor(
         "section, or CUSTODY_ADDR");
   }
   absl::MutexLock lock(&mu_);
+  if (clients_pid_ != getpid()) {
+    // A fork: the parent's clients (threads, sockets) are unusable here, and destroying them
+    // could block on threads that do not exist in this process; they are abandoned.
+    if (clients_pid_ != 0) {
+      new std::map<std::string, std::shared_ptr<client::Client>>(std::move(clients_));
+    }
+    clients_.clear();
+    clients_pid_ = getpid();
+  }
   auto it = clients_.find(address);
   if (it != clients_.end()) return it->second;
   client::ChannelOptions channel;
@@ -96,6 +111,7 @@ absl::StatusOr<std::shared_ptr<client::Client>> ProviderContext::ClientFor(
   channel.cert_file = config_.cert_file;
   channel.key_file = config_.key_file;
   channel.server_name = config_.server_name;
+  channel.own_connection = true;  // after a fork: this process's identity, not the parent's
   client::ClientOptions options;
   options.deadline = config_.deadline;
   options.max_rpcs_in_flight = 0;  // Sign is not coalesced; no helper threads needed
@@ -104,6 +120,25 @@ absl::StatusOr<std::shared_ptr<client::Client>> ProviderContext::ClientFor(
   std::shared_ptr<client::Client> shared = *std::move(c);
   clients_.emplace(address, shared);
   return shared;
+}
+
+bool ProviderContext::ReadAll(OSSL_CORE_BIO* bio, size_t max, std::string* out) const {
+  if (bio_read_ex_ == nullptr) return false;
+  out->clear();
+  char buf[512];
+  while (out->size() < max) {
+    size_t n = 0;
+    if (bio_read_ex_(bio, buf, std::min(sizeof(buf), max - out->size()), &n) != 1 || n == 0) {
+      break;
+    }
+    out->append(buf, n);
+  }
+  return true;
+}
+
+absl::StatusOr<std::shared_ptr<client::Client>> SigningClient(const CustodyKey& key) {
+  if (key.client != nullptr && key.client_pid == getpid()) return key.client;
+  return key.provider->ClientFor(key.address);
 }
 
 void ProviderContext::Raise(int reason, const char* func, const std::string& message) const {
@@ -218,6 +253,17 @@ const OSSL_ALGORITHM kSignatures[] = {
     {"ED25519:1.3.101.112", "provider=custody", kEd25519Signature, "Ed25519 through custodyd"},
     {nullptr, nullptr, nullptr, nullptr}};
 
+// Key files that hold a custody: URI instead of key material, for applications that read keys
+// with PEM_read_bio_PrivateKey and know no OSSL_STORE (nginx 1.22's ssl_certificate_key).
+const OSSL_ALGORITHM kDecoders[] = {
+    {"EC:id-ecPublicKey:1.2.840.10045.2.1", "provider=custody,input=pem", kEcDecoder,
+     "a custody: URI in a key file"},
+    {"RSA:rsaEncryption:1.2.840.113549.1.1.1", "provider=custody,input=pem", kRsaDecoder,
+     "a custody: URI in a key file"},
+    {"ED25519:1.3.101.112", "provider=custody,input=pem", kEd25519Decoder,
+     "a custody: URI in a key file"},
+    {nullptr, nullptr, nullptr, nullptr}};
+
 const OSSL_ALGORITHM* QueryOperation(void*, int operation_id, int* no_cache) {
   *no_cache = 0;
   switch (operation_id) {
@@ -227,6 +273,8 @@ const OSSL_ALGORITHM* QueryOperation(void*, int operation_id, int* no_cache) {
       return kKeyManagement;
     case OSSL_OP_SIGNATURE:
       return kSignatures;
+    case OSSL_OP_DECODER:
+      return kDecoders;
     default:
       return nullptr;
   }

@@ -7,6 +7,8 @@
 #ifndef CUSTODY_PROVIDER_PROVIDER_H_
 #define CUSTODY_PROVIDER_PROVIDER_H_
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -51,8 +53,12 @@ class ProviderContext {
   const Config& config() const { return config_; }
   // The private library context (default provider only); null if it could not be made.
   OSSL_LIB_CTX* libctx() const { return libctx_; }
-  // One Client per address (the URI's, else the configured one), created on first use.
+  // One Client per address (the URI's, else the configured one) and process, created on first
+  // use. After a fork (nginx's master loads keys, its workers sign) the child makes its own:
+  // gRPC channels do not survive fork, and the parent's are left alone (never destroyed there).
   absl::StatusOr<std::shared_ptr<client::Client>> ClientFor(const std::string& uri_address);
+  // Reads up to `max` bytes of a core BIO (decoders' input); false if the core gave no reader.
+  bool ReadAll(OSSL_CORE_BIO* bio, size_t max, std::string* out) const;
 
   // Puts "custody: CODE: message" on the application's OpenSSL error queue.
   void RaiseStatus(const absl::Status& status, const char* func) const;
@@ -63,11 +69,13 @@ class ProviderContext {
   OSSL_FUNC_core_new_error_fn* new_error_ = nullptr;
   OSSL_FUNC_core_set_error_debug_fn* set_error_debug_ = nullptr;
   OSSL_FUNC_core_vset_error_fn* vset_error_ = nullptr;
+  OSSL_FUNC_BIO_read_ex_fn* bio_read_ex_ = nullptr;
   Config config_;
   OSSL_LIB_CTX* libctx_ = nullptr;
   OSSL_PROVIDER* default_provider_ = nullptr;
   absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<client::Client>> clients_ ABSL_GUARDED_BY(mu_);
+  pid_t clients_pid_ ABSL_GUARDED_BY(mu_) = 0;  // the process clients_ belong to
 };
 
 using PkeyPtr = std::shared_ptr<EVP_PKEY>;
@@ -79,6 +87,8 @@ struct CustodyKey {
   std::string type;                        // "EC", "RSA" or "ED25519"
   PkeyPtr pub;                             // in provider->libctx()
   std::shared_ptr<client::Client> client;  // null when unbound
+  pid_t client_pid = 0;                    // the process `client` belongs to
+  std::string address;                     // the URI's addr= ("" = the configured one)
   std::string ring;
   uint32_t version = 0;  // the version loaded (the ACTIVE one when the URI named none)
   std::string alg;       // the ring's alg (ES256, PS256, RS256, EdDSA, ...)
@@ -93,6 +103,19 @@ extern const OSSL_DISPATCH kEcKeyManagement[];
 extern const OSSL_DISPATCH kRsaKeyManagement[];
 extern const OSSL_DISPATCH kEd25519KeyManagement[];
 extern const OSSL_DISPATCH kStoreFunctions[];
+extern const OSSL_DISPATCH kEcDecoder[];
+extern const OSSL_DISPATCH kRsaDecoder[];
+extern const OSSL_DISPATCH kEd25519Decoder[];
+
+// Loads the key of `uri` (custody:ring=...) as the store does: the public half from GetPublicKey,
+// bound to the ring and that version. `func` names the caller in errors.
+absl::StatusOr<CustodyKey> LoadCustodyKey(ProviderContext* provider, const std::string& uri,
+                                          const char* func);
+// The OSSL_PARAMs (object type PKEY, data type, reference to `key`) that hand a key to OpenSSL
+// from a store or decoder callback; `key` must outlive the callback.
+int PassKey(const CustodyKey& key, OSSL_CALLBACK* object_cb, void* object_cbarg);
+// The Client a key signs through in this process (see ClientFor).
+absl::StatusOr<std::shared_ptr<client::Client>> SigningClient(const CustodyKey& key);
 extern const OSSL_DISPATCH kEcdsaSignature[];
 extern const OSSL_DISPATCH kRsaSignature[];
 extern const OSSL_DISPATCH kEd25519Signature[];

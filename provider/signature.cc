@@ -233,7 +233,12 @@ int SignDigest(SignatureContext* ctx, unsigned char* sig, size_t* siglen, size_t
       return 0;
     }
   }
-  auto signature = key.client->Sign(request);
+  auto client = SigningClient(key);
+  if (!client.ok()) {
+    provider->RaiseStatus(client.status(), func);
+    return 0;
+  }
+  auto signature = (*client)->Sign(request);
   if (!signature.ok()) {
     provider->RaiseStatus(signature.status(), func);
     return 0;
@@ -317,7 +322,12 @@ int DigestSignEd25519(void* vctx, unsigned char* sig, size_t* siglen, size_t sig
   request.set_ring(ctx->key->ring);
   request.set_version(ctx->key->version);
   request.set_data(std::string(reinterpret_cast<const char*>(tbs), tbslen));
-  auto signature = ctx->key->client->Sign(request);
+  auto client = SigningClient(*ctx->key);
+  if (!client.ok()) {
+    ctx->provider->RaiseStatus(client.status(), "digest_sign");
+    return 0;
+  }
+  auto signature = (*client)->Sign(request);
   if (!signature.ok()) {
     ctx->provider->RaiseStatus(signature.status(), "digest_sign");
     return 0;

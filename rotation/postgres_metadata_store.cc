@@ -172,6 +172,28 @@ struct PostgresMetadataStore::Connection {
         .status();
   }
 
+  // A read-only query, on a fresh connection when needed. A connection that died since its last
+  // use (a server restart) is only found out by using it; a read is idempotent, so it runs once
+  // more on a new connection instead of failing the caller's refresh and waiting for the next.
+  absl::StatusOr<Result> Read(const Options& options, const std::string& sql)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    absl::StatusOr<Result> res = absl::UnavailableError("not run");
+    for (int tries = 0; tries < 2; ++tries) {
+      if (absl::Status s = Connect(options); !s.ok()) {
+        s.ErasePayload(kRetryPayload);
+        return s;
+      }
+      res = Exec(sql, {});
+      if (res.ok() || !res.status().GetPayload(kRetryPayload).has_value()) break;
+    }
+    if (!res.ok()) {
+      absl::Status s = res.status();
+      s.ErasePayload(kRetryPayload);
+      return s;
+    }
+    return res;
+  }
+
   // Runs one statement (several when `params` is empty) and maps its errors.
   absl::StatusOr<Result> Exec(const std::string& sql, const std::vector<std::string>& params)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
@@ -208,6 +230,13 @@ struct PostgresMetadataStore::Connection {
     }
     // No SQLSTATE: libpq's own error (the server closed the connection, ...).
     if (code.empty() || absl::StartsWith(code, "08") || absl::StartsWith(code, "57")) {
+      if (code.empty() || absl::StartsWith(code, "08")) {
+        // The connection is gone, though libpq may still call it CONNECTION_OK (a server
+        // restarted since its last use): drop it, so that the next Connect makes a new one
+        // instead of failing the same way again.
+        PQfinish(conn);
+        conn = nullptr;
+      }
       return Unreachable(message);
     }
     return absl::InternalError(absl::StrCat("metadata store: ", message));
@@ -539,9 +568,8 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
 absl::StatusOr<std::vector<RingRecord>> PostgresMetadataStore::LoadRings() {
   Connection& c = *conn_;
   absl::MutexLock lock(&c.mu);
-  if (absl::Status s = c.Connect(options_); !s.ok()) return s;
-  auto res =
-      c.Exec(absl::StrCat("SELECT ", kRingColumns, " FROM rings ORDER BY name COLLATE \"C\""), {});
+  auto res = c.Read(
+      options_, absl::StrCat("SELECT ", kRingColumns, " FROM rings ORDER BY name COLLATE \"C\""));
   if (!res.ok()) return res.status();
   const PGresult* r = res->get();
   std::vector<RingRecord> rings;
@@ -578,10 +606,8 @@ absl::StatusOr<std::vector<RingRecord>> PostgresMetadataStore::LoadRings() {
 absl::StatusOr<std::vector<VersionRecord>> PostgresMetadataStore::LoadVersions() {
   Connection& c = *conn_;
   absl::MutexLock lock(&c.mu);
-  if (absl::Status s = c.Connect(options_); !s.ok()) return s;
-  auto res = c.Exec(absl::StrCat("SELECT ", kVersionColumns,
-                                 " FROM versions ORDER BY ring COLLATE \"C\", version"),
-                    {});
+  auto res = c.Read(options_, absl::StrCat("SELECT ", kVersionColumns,
+                                           " FROM versions ORDER BY ring COLLATE \"C\", version"));
   if (!res.ok()) return res.status();
   const PGresult* r = res->get();
   std::vector<VersionRecord> versions;
@@ -620,7 +646,7 @@ absl::StatusOr<bool> PostgresMetadataStore::WaitForChange(absl::Duration timeout
   absl::MutexLock lock(&c.mu);
   if (c.conn == nullptr || PQstatus(c.conn) != CONNECTION_OK) {
     if (absl::Status s = c.Connect(options_); !s.ok()) {
-      absl::SleepFor(std::min(timeout, absl::Milliseconds(200)));
+      absl::SleepFor(std::min(timeout, absl::Milliseconds(100)));
       s.ErasePayload(kRetryPayload);
       return s;
     }

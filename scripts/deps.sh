@@ -6,9 +6,10 @@ PACKAGES=(
   libssl-dev openssl
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   libabsl-dev libgtest-dev libgmock-dev libsqlite3-dev sqlite3 zlib1g-dev
-  libp11-kit-dev softhsm2 opensc libcurl4-openssl-dev libpq-dev postgresql-15
+  libp11-kit-dev p11-kit p11-kit-modules softhsm2 opensc libcurl4-openssl-dev libpq-dev postgresql-15
   python3 python3-jwcrypto clang-14 libclang-rt-14-dev
   prometheus python3-yaml mmdebstrap buildah binutils systemd
+  nginx-light libengine-pkcs11-openssl
 )
 # Node.js and npm run the npm `jose` interop tests and oidc-provider; a machine that has them (any
 # source) keeps them.
@@ -21,8 +22,22 @@ if ((${#missing[@]})); then
   echo "custody: installing ${missing[*]}" >&2
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  # nginx and PostgreSQL are tools of the tests (started on loopback, as an unprivileged user),
+  # not services of this machine: a policy-rc.d keeps their packages from starting them (a
+  # system nginx would also fail to install where port 80 is taken). Ours only if none exists.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+    $SUDO chmod 755 "$policy"
+    own_policy=1
+  fi
+  rc=0
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" || rc=$?
+  [ "$own_policy" -eq 0 ] || $SUDO rm -f "$policy"
+  [ "$rc" -eq 0 ] || exit "$rc"
 fi
 # oidc-provider 9 (the end-to-end test's authorization server) needs Node.js >= 20.18; Debian 12
 # ships 18. The npm registry carries the official Linux build of Node.js as the package

@@ -273,4 +273,23 @@ std::string JwkCertificateMembers(const CertificateChain& chain) {
                       chain.sha256_thumbprint, "\"");
 }
 
+absl::Status RotationCertificateGate(const rotation::RingRecord& ring,
+                                     const rotation::VersionRecord& pending) {
+  if (!ring.require_certificate || !pending.certificate_chain.empty()) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "ring '", ring.name, "' requires a certificate and PENDING version ", pending.version,
+      " has none: custodyctl csr / certificate set first (or rotate with force)"));
+}
+
+std::string RotationWaiting(const rotation::RingRecord& ring, int64_t next_rotation_ms,
+                            const rotation::VersionRecord* pending, int64_t now_ms) {
+  if (next_rotation_ms == 0 || now_ms < next_rotation_ms || pending == nullptr) return "";
+  absl::Status gate = RotationCertificateGate(ring, *pending);
+  if (gate.ok()) return "";
+  return absl::StrCat("automatic rotation due since ",
+                      absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", absl::FromUnixMillis(next_rotation_ms),
+                                       absl::UTCTimeZone()),
+                      " waits: ", gate.message());
+}
+
 }  // namespace custody::server

@@ -13,6 +13,7 @@
 #include "absl/strings/string_view.h"
 #include "custody/v1/custody.pb.h"
 #include "openssl/evp.h"
+#include "rotation/key_ring.h"
 #include "server/raw_signature.h"
 #include "server/signing_profile.h"
 
@@ -52,6 +53,16 @@ void DescribeCertificate(absl::string_view chain_pem, int64_t prepublish_ms,
 
 // ,"x5c":[...],"x5t#S256":"..." (RFC 7517 §4.7, §4.9) for splicing into a JWK object.
 std::string JwkCertificateMembers(const CertificateChain& chain);
+
+// FAILED_PRECONDITION when `ring` requires certificates and `pending` (the version a rotation
+// would promote) has none: the reason, for `ring rotate` and for the scheduler alike.
+absl::Status RotationCertificateGate(const rotation::RingRecord& ring,
+                                     const rotation::VersionRecord& pending);
+
+// GetKeyRing's rotation_waiting: why the automatic rotation due at `next_rotation_ms` (0: none)
+// has not happened at `now_ms`, or "" (it is not due, or nothing blocks it).
+std::string RotationWaiting(const rotation::RingRecord& ring, int64_t next_rotation_ms,
+                            const rotation::VersionRecord* pending, int64_t now_ms);
 
 }  // namespace custody::server
 

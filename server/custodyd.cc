@@ -80,6 +80,9 @@ ABSL_FLAG(absl::Duration, max_metadata_staleness, absl::Seconds(30),
           "with --metadata=postgresql: how long signing and decryption continue from memory "
           "while the database cannot be read; past it they are refused and health is "
           "NOT_SERVING, since a compromise could have been missed");
+ABSL_FLAG(absl::Duration, retired_sign_grace, absl::Seconds(30),
+          "how long after a rotation a key pinned to the version that was ACTIVE (a TLS key "
+          "loaded through the custody provider) may still sign: handshakes in flight finish");
 ABSL_FLAG(std::string, replica_id, "",
           "this replica's name in its audit chain (file names and lines); default with "
           "--metadata=postgresql: the host name (give replicas on one host distinct ids)");
@@ -323,6 +326,7 @@ int Run() {
   key_options.max_payload_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_max_payload_bytes));
   key_options.shared_store = metadata->shared;
   key_options.max_staleness = absl::GetFlag(FLAGS_max_metadata_staleness);
+  key_options.retired_sign_grace = absl::GetFlag(FLAGS_retired_sign_grace);
   // A few re-reads per staleness period, so that one slow read does not fail the replica.
   key_options.refresh_interval =
       std::clamp(key_options.max_staleness / 4, absl::Milliseconds(200), absl::Seconds(5));

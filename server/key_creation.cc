@@ -214,6 +214,7 @@ absl::StatusOr<v1::KeyRing> KeyService::CreateKeyRing(const v1::CreateKeyRingReq
     ring.record.policy_explicit = true;
   }
   if (absl::Status s = ResolveProfile(ring); !s.ok()) return s;
+  if (absl::Status s = token_support_.CheckServes(ring.record.alg); !s.ok()) return s;
   const pkcs11::KeySpec& spec =
       ring.record.purpose == rotation::Purpose::kSign ? ring.profile.key : ring.decryption.key;
   // Normalized: the defaults chosen by the profile are what the metadata records.

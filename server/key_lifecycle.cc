@@ -15,6 +15,7 @@
 #include "common/log.h"
 #include "openssl/rand.h"
 #include "rotation/lifecycle.h"
+#include "server/certificates.h"
 #include "server/key_service.h"
 
 namespace custody::server {
@@ -24,6 +25,8 @@ using rotation::VersionRecord;
 using rotation::VersionState;
 
 int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
+
+constexpr int64_t kAwaitingCertificateRecheckMs = 60 * 1000;
 
 std::string FormatMs(int64_t ms) {
   return absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::FromUnixMillis(ms), absl::UTCTimeZone());
@@ -144,6 +147,9 @@ absl::StatusOr<std::shared_ptr<const KeyService::Ring>> KeyService::MutateRing(
 absl::StatusOr<uint32_t> KeyService::AddVersion(const std::string& name, Activation activation) {
   auto base = FindRing(name);
   if (!base.ok()) return base.status();
+  // A token without the ring's mechanisms (a replica on a lesser token than the ring's creator)
+  // would refuse the generation only after the intent took a version number: refuse first.
+  if (absl::Status s = token_support_.CheckServes((*base)->record.alg); !s.ok()) return s;
   uint32_t next = 1;
   for (const Version& v : (*base)->versions) next = std::max(next, v.record.version + 1);
   unsigned char raw_id[16];
@@ -370,11 +376,11 @@ absl::StatusOr<v1::RotateKeyRingResponse> KeyService::RotateLocked(const std::st
     }
   } else {
     int64_t eligible = pending->record.publish_time + (*ring)->record.policy.prepublish_ms;
-    if (!force && (*ring)->record.require_certificate &&
-        pending->record.certificate_chain.empty()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "ring '", name, "' requires a certificate and PENDING version ", pending->record.version,
-          " has none: custodyctl csr / certificate set first (or rotate with force)"));
+    if (!force) {
+      if (absl::Status gate = RotationCertificateGate((*ring)->record, pending->record);
+          !gate.ok()) {
+        return gate;
+      }
     }
     if (!force && NowMs() < eligible) {
       out.set_rotated(false);
@@ -573,13 +579,19 @@ void KeyService::Version::NoteSignature() const {
   }
 }
 
-std::vector<VersionRecord> KeyService::PlanningRecords(const Ring& ring) {
+std::vector<VersionRecord> KeyService::PlanningRecords(const Ring& ring) const {
+  // Other replicas: one that missed the retirement's notification keeps signing with the version
+  // until its next re-read, and one that lost the store until its staleness bound, which counts
+  // from the start of its last good read (which did not see the retirement, so began before
+  // retire_time). Every replica is assumed to run with the same --max_metadata_staleness.
+  const int64_t other_replicas_ms =
+      options_.shared_store ? absl::ToInt64Milliseconds(options_.max_staleness) : 0;
   std::vector<VersionRecord> records;
   for (const Version& v : ring.versions) {
     records.push_back(v.record);
     if (v.record.state == VersionState::kRetired) {
-      records.back().retire_time =
-          std::max(v.record.retire_time, v.last_signed_ms->load(std::memory_order_relaxed));
+      records.back().retire_time = std::max(v.record.retire_time + other_replicas_ms,
+                                            v.last_signed_ms->load(std::memory_order_relaxed));
     }
   }
   return records;
@@ -606,6 +618,7 @@ int64_t KeyService::RunDueTransitions() {
     if (!ring.ok()) continue;
     rotation::Plan plan = rotation::PlanRing((*ring)->record, PlanningRecords(**ring), NowMs());
     bool failed = false;
+    bool awaiting_certificate = false;
     for (const rotation::Action& action : plan.due) {
       absl::Status s;
       switch (action.kind) {
@@ -618,6 +631,23 @@ int64_t KeyService::RunDueTransitions() {
                 {{"ring", name},
                  {"missed_periods", absl::StrCat(action.missed_periods)},
                  {"action", "rotating once, not once per missed period"}});
+          }
+          if (const Version* next = (*ring)->Find(action.version); next != nullptr) {
+            // --require_certificate holds for the scheduler too: the PENDING version waits for
+            // its certificate (logged once per version; GetKeyRing's rotation_waiting says why;
+            // setting the certificate wakes the scheduler).
+            if (absl::Status gate = RotationCertificateGate((*ring)->record, next->record);
+                !gate.ok()) {
+              awaiting_certificate = true;
+              if (awaiting_certificate_logged_.insert(absl::StrCat(name, "#", action.version))
+                      .second) {
+                Log(LogLevel::kWarning, "rotation.awaiting_certificate",
+                    {{"ring", name},
+                     {"version", absl::StrCat(action.version)},
+                     {"reason", std::string(gate.message())}});
+              }
+              break;
+            }
           }
           s = Promote(name, action.version, false);
           break;
@@ -657,6 +687,9 @@ int64_t KeyService::RunDueTransitions() {
           rotation::PlanRing((*after)->record, PlanningRecords(**after), NowMs());
       int64_t due = replan.due.empty() ? replan.next_due_ms : NowMs();
       if (failed) due = NowMs() + 5000;  // back off after an error instead of spinning
+      // A rotation waiting for a certificate stays "due": look again in a minute (or when a
+      // certificate is set, which pokes the scheduler) instead of spinning.
+      if (awaiting_certificate) due = NowMs() + kAwaitingCertificateRecheckMs;
       if (due != 0 && (next_due == 0 || due < next_due)) next_due = due;
     }
   }
@@ -672,6 +705,7 @@ void KeyService::SchedulerLoop() {
     // conditional commit on the ring's generation.
     auto leader = store_->HoldLeadership();
     const bool now_leading = leader.ok() && *leader;
+    scheduler_leader_.store(now_leading);
     if (now_leading != leading) {
       leading = now_leading;
       if (options_.shared_store) {

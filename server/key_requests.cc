@@ -112,10 +112,20 @@ absl::StatusOr<v1::SignResponse> KeyService::Sign(const v1::SignRequest& request
   const Ring& ring = *signer->ring;
   const Version* version = signer->version;
   if (request.version() != 0 && request.version() != version->record.version) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("version ", request.version(), " of ring '", request.ring(),
-                     "' does not sign: only the ACTIVE version (", version->record.version,
-                     ") does; reload the key (and its certificate)"));
+    // A key loaded for the version ACTIVE before a rotation (raw_signature.h).
+    const Version* pinned = ring.Find(request.version());
+    if (absl::Status s = PinnedVersionMaySign(
+            request.ring(), request.version(), pinned == nullptr ? nullptr : &pinned->record,
+            version->record.version, internal::NowMs(), options_.retired_sign_grace);
+        !s.ok()) {
+      return s;
+    }
+    if (pinned->key == nullptr) {
+      return absl::UnavailableError(absl::StrCat("the token object of ring '", request.ring(),
+                                                 "' version ", request.version(),
+                                                 " is missing from the token"));
+    }
+    version = pinned;
   }
   auto plan = PlanRawSign(ring.profile, request, options_.max_payload_bytes);
   if (!plan.ok()) return plan.status();
@@ -155,6 +165,7 @@ absl::StatusOr<v1::PublicKey> KeyService::GetPublicKey(
   out.set_state(ToProtoState(v->record.state));
   out.set_public_jwk(v->record.public_jwk);
   out.set_purpose((*ring)->record.purpose == rotation::Purpose::kSign ? v1::SIGN : v1::DECRYPT);
+  out.set_certificate_chain(v->record.certificate_chain);
   return out;
 }
 

@@ -10,6 +10,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/log.h"
 #include "server/key_service_internal.h"
 
@@ -65,6 +66,7 @@ void KeyService::StopScheduler() {
 }
 
 absl::Status KeyService::Load() {
+  const int64_t loaded_from_ms = NowMs();  // staleness counts from the read's start
   auto ring_records = store_->LoadRings();
   if (!ring_records.ok()) return ring_records.status();
   auto version_records = store_->LoadVersions();
@@ -86,6 +88,11 @@ absl::Status KeyService::Load() {
       {{"path", oaep_path_.sha256_native
                     ? "native CKM_RSA_PKCS_OAEP"
                     : "fallback: CKM_RSA_X_509 in the token + constant-time OAEP decoding"}});
+  token_support_ = TokenSupport::Of(*token_);
+  for (const auto& [alg, missing] : token_support_.unserved()) {
+    Log(LogLevel::kWarning, "token.alg_unavailable",
+        {{"alg", alg}, {"missing_mechanisms", absl::StrJoin(missing, ", ")}});
+  }
 
   std::map<std::string, Ring> rings;
   for (rotation::RingRecord& r : *ring_records) {
@@ -203,7 +210,7 @@ absl::Status KeyService::Load() {
          {"action", "reported; custody never adopts or deletes an object it has no record of"}});
   }
 
-  last_synced_ms_.store(NowMs());
+  last_synced_ms_.store(loaded_from_ms);
   absl::MutexLock lock(&mu_);
   for (auto& [name, ring] : rings) {
     if (ring.versions.empty()) continue;  // rolled back entirely

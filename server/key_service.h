@@ -16,6 +16,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -29,6 +30,7 @@
 #include "rotation/metadata_store.h"
 #include "server/decryption_profile.h"
 #include "server/signing_profile.h"
+#include "server/token_support.h"
 
 namespace custody::server {
 
@@ -46,6 +48,9 @@ class KeyService {
     // Shared stores: past this long without a successful re-read of the store, signing and
     // decryption are refused UNAVAILABLE (this replica could have missed a compromise).
     absl::Duration max_staleness = absl::Seconds(30);
+    // Signer.Sign pinned to the version ACTIVE before a rotation still signs this long after
+    // it (TLS handshakes in flight; PinnedVersionMaySign).
+    absl::Duration retired_sign_grace = absl::Seconds(30);
   };
 
   // Loads rings from `store`, resolves every version's token object once, and reconciles:
@@ -119,6 +124,19 @@ class KeyService {
   // OK while the snapshots are fresh enough to use (always with the embedded store); else
   // UNAVAILABLE "metadata unreachable for N s".
   absl::Status CheckMetadataFresh() const;
+
+  // Replica state for /metrics (server/replica_metrics.h).
+  struct ReplicaStatus {
+    bool shared_store = false;
+    int64_t last_good_read_ms = 0;  // Unix ms: start of the last successful read of the store
+    absl::Duration max_staleness;
+    bool scheduler_leader = false;  // this process runs the scheduler now
+    uint64_t refreshes = 0;         // successful re-reads of a shared store
+    uint64_t refresh_failures = 0;  // failed ones (store unreachable)
+    uint64_t rings_refreshed = 0;   // ring snapshots replaced by a re-read (others' changes)
+    uint64_t jwks_generation = 0;   // of the published key set
+  };
+  ReplicaStatus GetReplicaStatus() const;
 
  private:
   struct Version {
@@ -207,8 +225,10 @@ class KeyService {
   absl::StatusOr<v1::RotateKeyRingResponse> RotateLocked(const std::string& name, bool force)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
   // The ring's records as the planner must see them: a RETIRED version's retire_time moved up to
-  // its last signature in this process when that came later (Version::last_signed_ms).
-  static std::vector<rotation::VersionRecord> PlanningRecords(const Ring& ring);
+  // its last signature in this process when that came later (Version::last_signed_ms), and, with
+  // a shared store, to at least retire_time + max_staleness: another replica that has not yet
+  // learned of the retirement may sign with the version until then (server/replica_sync.cc).
+  std::vector<rotation::VersionRecord> PlanningRecords(const Ring& ring) const;
   // Carries out every due transition once; returns the next due time (Unix ms, 0 = none).
   int64_t RunDueTransitions();
   void SchedulerLoop();
@@ -231,12 +251,15 @@ class KeyService {
   rotation::MetadataStore* const store_;
   const Options options_;
 
-  RsaOaepPath oaep_path_;  // probed once at startup
+  RsaOaepPath oaep_path_;       // probed once at startup
+  TokenSupport token_support_;  // the algorithms the token lacks mechanisms for, at startup
 
   // Serializes ring mutations (create, import) so that version numbers are assigned once. Held
   // across token calls on purpose: admin operations are rare and must not interleave; the
   // request path never takes it.
   absl::Mutex admin_mu_;
+  // "ring#version" of due rotations already logged as waiting for a certificate.
+  std::set<std::string> awaiting_certificate_logged_ ABSL_GUARDED_BY(admin_mu_);
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<const Ring>> rings_ ABSL_GUARDED_BY(mu_);
   std::vector<v1::OrphanedObject> orphans_ ABSL_GUARDED_BY(mu_);
@@ -263,6 +286,10 @@ class KeyService {
   std::thread follower_;
   // Unix ms of the last successful re-read of a shared store (or of the startup load).
   std::atomic<int64_t> last_synced_ms_{0};
+  std::atomic<bool> scheduler_leader_{false};
+  std::atomic<uint64_t> refreshes_{0};
+  std::atomic<uint64_t> refresh_failures_{0};
+  std::atomic<uint64_t> rings_refreshed_{0};
 };
 
 }  // namespace custody::server

@@ -109,6 +109,10 @@ v1::KeyRing KeyService::ToProto(const Ring& ring) const {
   if (ring.record.policy.rotation_period_ms > 0 && ring.active >= 0) {
     out.set_next_rotation_ms(ring.versions[static_cast<size_t>(ring.active)].record.activate_time +
                              ring.record.policy.rotation_period_ms);
+    const Version* pending = ring.NewestPending();
+    out.set_rotation_waiting(RotationWaiting(ring.record, out.next_rotation_ms(),
+                                             pending == nullptr ? nullptr : &pending->record,
+                                             internal::NowMs()));
   }
   out.set_curve(ring.record.curve);
   out.set_zip_max_bytes(static_cast<uint32_t>(ring.record.zip_max_bytes));
@@ -144,6 +148,8 @@ v1::KeyRing KeyService::ToProto(const Ring& ring) const {
     }
   }
   out.set_require_certificate(ring.record.require_certificate);
+  for (const std::string& m : token_support_.Missing(ring.record.alg))
+    out.add_missing_mechanisms(m);
   return out;
 }
 

@@ -153,6 +153,25 @@ absl::StatusOr<RawSignPlan> PlanRawSign(const SigningProfile& profile,
   return plan;
 }
 
+absl::Status PinnedVersionMaySign(absl::string_view ring, uint32_t requested,
+                                  const rotation::VersionRecord* pinned, uint32_t active_version,
+                                  int64_t now_ms, absl::Duration grace) {
+  if (pinned != nullptr && pinned->version == active_version) return absl::OkStatus();
+  if (pinned != nullptr && pinned->state == rotation::VersionState::kRetired &&
+      !pinned->compromised && pinned->retire_time > 0 &&
+      now_ms - pinned->retire_time <= absl::ToInt64Milliseconds(grace)) {
+    return absl::OkStatus();
+  }
+  return absl::FailedPreconditionError(
+      absl::StrCat("version ", requested, " of ring '", ring,
+                   "' does not sign: only the ACTIVE version (", active_version, ") does",
+                   pinned != nullptr && pinned->state == rotation::VersionState::kRetired
+                       ? absl::StrCat(", and a RETIRED one only for ",
+                                      absl::ToInt64Milliseconds(grace), " ms after its rotation")
+                       : "",
+                   "; reload the key (and its certificate)"));
+}
+
 absl::StatusOr<std::string> EcdsaJoseToDer(absl::string_view rs) {
   if (rs.empty() || rs.size() % 2 != 0) {
     return absl::InternalError("token returned an ECDSA signature of odd length");

@@ -7,10 +7,13 @@
 #include <cstddef>
 #include <string>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "custody/v1/custody.pb.h"
 #include "pkcs11/token.h"
+#include "rotation/key_ring.h"
 #include "server/signing_profile.h"
 
 namespace custody::server {
@@ -27,6 +30,17 @@ struct RawSignPlan {
 // which need allow_non_fapi, sign with it), DER encoding for a non-ECDSA ring.
 absl::StatusOr<RawSignPlan> PlanRawSign(const SigningProfile& profile,
                                         const v1::SignRequest& request, size_t max_data_bytes);
+
+// Whether a Sign request pinned to `pinned` (null: the ring has no such version) may sign when
+// the ring's ACTIVE version is `active_version`. The ACTIVE version always may; a RETIRED one
+// may for `grace` after its retire_time (a TLS handshake that chose the key and certificate of
+// the version ACTIVE before a rotation finishes with that key: its certificate names it, and
+// it is still published). Anything else (no such version too): FAILED_PRECONDITION saying to
+// reload key and certificate. A key never signs with a version other than the one it was loaded
+// for.
+absl::Status PinnedVersionMaySign(absl::string_view ring, uint32_t requested,
+                                  const rotation::VersionRecord* pinned, uint32_t active_version,
+                                  int64_t now_ms, absl::Duration grace);
 
 // r||s (each half the same length) → DER ECDSA-Sig-Value (SEC 1 / RFC 3279 §2.2.3).
 absl::StatusOr<std::string> EcdsaJoseToDer(absl::string_view rs);

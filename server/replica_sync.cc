@@ -42,6 +42,20 @@ absl::Status KeyService::CheckMetadataFresh() const {
                    absl::ToInt64Seconds(options_.max_staleness), "s)"));
 }
 
+KeyService::ReplicaStatus KeyService::GetReplicaStatus() const {
+  ReplicaStatus out;
+  out.shared_store = options_.shared_store;
+  out.last_good_read_ms = last_synced_ms_.load();
+  out.max_staleness = options_.max_staleness;
+  out.scheduler_leader = scheduler_leader_.load();
+  out.refreshes = refreshes_.load();
+  out.refresh_failures = refresh_failures_.load();
+  out.rings_refreshed = rings_refreshed_.load();
+  absl::ReaderMutexLock lock(&mu_);
+  out.jwks_generation = jwks_generation_;
+  return out;
+}
+
 absl::Status KeyService::SyncShared() {
   if (!options_.shared_store) return absl::OkStatus();
   return RefreshLocked();
@@ -57,6 +71,10 @@ void KeyService::BumpGeneration(const std::string& name, uint64_t commits) {
 }
 
 absl::Status KeyService::RefreshLocked() {
+  // The snapshot holds every commit made before the read began, so staleness counts from here
+  // (not from the end of the read): the bound other replicas' retention relies on
+  // (PlanningRecords).
+  const int64_t read_start_ms = absl::ToUnixMillis(absl::Now());
   auto ring_records = store_->LoadRings();
   if (!ring_records.ok()) return ring_records.status();
   auto version_records = store_->LoadVersions();
@@ -127,6 +145,7 @@ absl::Status KeyService::RefreshLocked() {
     const std::string name = ring.record.name;
     const size_t count = ring.versions.size();
     Publish(std::make_shared<const Ring>(std::move(ring)));
+    rings_refreshed_.fetch_add(1, std::memory_order_relaxed);
     changed = true;
     Log(LogLevel::kDebug, "replica.ring_refreshed",
         {{"ring", name}, {"versions", absl::StrCat(count)}});
@@ -138,7 +157,7 @@ absl::Status KeyService::RefreshLocked() {
       Log(LogLevel::kInfo, "replica.ring_removed", {{"ring", name}});
     }
   }
-  last_synced_ms_.store(absl::ToUnixMillis(absl::Now()));
+  last_synced_ms_.store(read_start_ms);
   if (changed) {
     absl::MutexLock lock(&scheduler_mu_);  // due times may have moved
     scheduler_poke_ = true;
@@ -155,11 +174,14 @@ void KeyService::FollowLoop() {
       absl::MutexLock lock(&scheduler_mu_);
       if (scheduler_stop_) return;
     }
-    // Short waits, so that StopScheduler is not kept waiting.
-    auto changed = store_->WaitForChange(absl::Milliseconds(250));
+    // Short waits, so that StopScheduler is not kept waiting; shorter while the store is failing,
+    // so that the first read after it is back does not wait out a whole notification wait (a
+    // listening connection can come back before a read succeeds, e.g. during crash recovery).
+    auto changed = store_->WaitForChange(absl::Milliseconds(healthy ? 250 : 50));
     const bool due = absl::Now() - last_refresh >= options_.refresh_interval;
     if (changed.ok() && !*changed && !due) continue;
     absl::Status s = changed.ok() ? Refresh() : changed.status();
+    (s.ok() ? refreshes_ : refresh_failures_).fetch_add(1, std::memory_order_relaxed);
     if (s.ok()) last_refresh = absl::Now();
     if (s.ok() != healthy) {
       healthy = s.ok();

@@ -14,6 +14,7 @@
 #include "openssl/bio.h"
 #include "openssl/pem.h"
 #include "openssl/x509.h"
+#include "server/replica_metrics.h"
 
 #ifndef CUSTODY_VERSION
 #define CUSTODY_VERSION "unknown"
@@ -210,6 +211,7 @@ std::string RenderMetrics(const MetricsSources& sources, absl::Time now) {
   if (sources.token != nullptr) WriteToken(out, *sources.token);
   if (sources.audit != nullptr) WriteAudit(out, *sources.audit);
   if (sources.keys != nullptr) WriteRings(out, *sources.keys, sources.requests, now);
+  if (sources.keys != nullptr) WriteReplicaMetrics(out, *sources.keys, now);
   if (!sources.tls_cert_file.empty()) {
     if (std::optional<double> expiry = CertificateExpiry(sources.tls_cert_file)) {
       out.Family("custody_tls_certificate_expiry_timestamp_seconds",

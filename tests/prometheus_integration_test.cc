@@ -10,7 +10,6 @@
 // HSM error alert (no `for`) must fire.
 #include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -23,14 +22,12 @@
 #include "absl/strings/str_cat.h"
 #include "client/jwe_encryption.h"
 #include "common/secret.h"
-#include "curl/curl.h"
 #include "gtest/gtest.h"
 #include "jose/json.h"
 #include "pkcs11/softhsm_testing.h"
 #include "pkcs11/token.h"
 #include "tests/harness.h"
-
-extern char** environ;
+#include "tests/prometheus_testing.h"
 
 namespace custody::testing {
 namespace {
@@ -43,70 +40,6 @@ constexpr char kUserPin[] = "prom-user-pin-1234";
 constexpr char kSoPin[] = "prom-so-pin-5678";
 constexpr int kSignCalls = 25;
 constexpr int kDecryptCalls = 7;
-
-size_t Append(char* data, size_t size, size_t n, void* out) {
-  static_cast<std::string*>(out)->append(data, size * n);
-  return size * n;
-}
-
-// GET url → body ("" on any failure; *code gets the HTTP status).
-std::string HttpGet(const std::string& url, long* code = nullptr) {
-  std::string body;
-  CURL* curl = curl_easy_init();
-  curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
-  curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, &Append);
-  curl_easy_setopt(curl, CURLOPT_WRITEDATA, &body);
-  curl_easy_setopt(curl, CURLOPT_TIMEOUT, 10L);
-  curl_easy_setopt(curl, CURLOPT_NOPROXY, "*");
-  long status = 0;
-  if (curl_easy_perform(curl) == CURLE_OK) {
-    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
-  } else {
-    body.clear();
-  }
-  if (code != nullptr) *code = status;
-  curl_easy_cleanup(curl);
-  return body;
-}
-
-std::string UrlEscape(const std::string& s) {
-  CURL* curl = curl_easy_init();
-  char* escaped = curl_easy_escape(curl, s.c_str(), static_cast<int>(s.size()));
-  std::string out(escaped);
-  curl_free(escaped);
-  curl_easy_cleanup(curl);
-  return out;
-}
-
-// A background process (no shell), SIGTERMed and reaped on destruction.
-class Process {
- public:
-  Process(const std::vector<std::string>& argv, const std::string& log) {
-    std::vector<char*> args;
-    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    posix_spawn_file_actions_adddup2(&actions, 1, 2);
-    if (posix_spawn(&pid_, args[0], &actions, nullptr, args.data(), environ) != 0) pid_ = -1;
-    posix_spawn_file_actions_destroy(&actions);
-  }
-  ~Process() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGTERM);
-    for (int i = 0; i < 100; ++i) {
-      if (waitpid(pid_, nullptr, WNOHANG) == pid_) return;
-      std::this_thread::sleep_for(100ms);
-    }
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
-  }
-  bool running() const { return pid_ > 0 && waitpid(pid_, nullptr, WNOHANG) == 0; }
-
- private:
-  pid_t pid_ = -1;
-};
 
 class PrometheusIntegrationTest : public ::testing::Test {
  protected:
@@ -136,30 +69,6 @@ class PrometheusIntegrationTest : public ::testing::Test {
     return false;
   }
 
-  // The value of an instant PromQL query with one result, polled until it equals `expected`
-  // (the next scrape brings it) or 30 s pass; returns the last value seen ("" for none).
-  std::string QueryUntil(int port, const std::string& promql, const std::string& expected) {
-    std::string last;
-    for (int i = 0; i < 150; ++i) {
-      const std::string body = HttpGet(
-          absl::StrCat("http://127.0.0.1:", port, "/api/v1/query?query=", UrlEscape(promql)));
-      auto json = jose::ParseJson(body);
-      if (json.ok()) {
-        const jose::Json* data = json->Find("data");
-        const jose::Json* result = data != nullptr ? data->Find("result") : nullptr;
-        if (result != nullptr && result->as_array().size() == 1) {
-          const jose::Json* value = result->as_array()[0].Find("value");
-          if (value != nullptr && value->as_array().size() == 2) {
-            last = value->as_array()[1].as_string();
-          }
-        }
-      }
-      if (last == expected) return last;
-      std::this_thread::sleep_for(200ms);
-    }
-    return last;
-  }
-
   TempDir dir_;
   std::unique_ptr<pkcs11::TemporarySoftHsm> softhsm_;
   std::string control_ = dir_.path() + "/fault.ctl";
@@ -182,24 +91,7 @@ TEST_F(PrometheusIntegrationTest, PromQlCountsTheCallsAndHsmErrorsCustodydServed
   ASSERT_TRUE(d.started()) << d.log();
 
   // Prometheus, scraping custodyd every second and evaluating the example alert rules.
-  const int prom_port = FreePort();
-  const std::string config = dir_.path() + "/prometheus.yml";
-  WriteFileOrDie(config, absl::StrCat("global:\n"
-                                      "  scrape_interval: 1s\n"
-                                      "  evaluation_interval: 1s\n"
-                                      "rule_files:\n"
-                                      "  - ",
-                                      SourceDir(),
-                                      "/deploy/prometheus/alerts.yml\n"
-                                      "scrape_configs:\n"
-                                      "  - job_name: custody\n"
-                                      "    static_configs:\n"
-                                      "      - targets: ['127.0.0.1:",
-                                      metrics_port, "']\n"));
-  Process prometheus({"/usr/bin/prometheus", "--config.file=" + config,
-                      "--storage.tsdb.path=" + dir_.path() + "/tsdb",
-                      absl::StrCat("--web.listen-address=127.0.0.1:", prom_port)},
-                     dir_.path() + "/prometheus.log");
+  Prometheus prometheus(dir_.path(), {metrics_port});
 
   // Known traffic: signatures, decryptions, then one signature during a device error.
   for (const auto& [name, purpose, alg] :
@@ -269,41 +161,39 @@ TEST_F(PrometheusIntegrationTest, PromQlCountsTheCallsAndHsmErrorsCustodydServed
   CommandResult lint = RunCommand({"/usr/bin/promtool", "check", "metrics"}, page);
   EXPECT_EQ(lint.exit_code, 0) << lint.out << lint.err;
 
-  ASSERT_TRUE(prometheus.running()) << ReadFileOrDie(dir_.path() + "/prometheus.log");
+  ASSERT_TRUE(prometheus.running()) << prometheus.log();
   // What Prometheus scraped.
-  EXPECT_EQ(QueryUntil(prom_port, "up{job=\"custody\"}", "1"), "1")
-      << ReadFileOrDie(dir_.path() + "/prometheus.log");
-  EXPECT_EQ(QueryUntil(prom_port, "sum(custody_requests_total{operation=\"sign\"})",
-                       absl::StrCat(kSignCalls + 1)),
+  EXPECT_EQ(prometheus.QueryUntil("up{job=\"custody\"}", "1"), "1") << prometheus.log();
+  EXPECT_EQ(prometheus.QueryUntil("sum(custody_requests_total{operation=\"sign\"})",
+                                  absl::StrCat(kSignCalls + 1)),
             absl::StrCat(kSignCalls + 1));
-  EXPECT_EQ(QueryUntil(prom_port,
-                       "sum(custody_requests_total{operation=\"sign\",ring=\"prom/sign\","
-                       "code=\"OK\"})",
-                       absl::StrCat(kSignCalls)),
-            absl::StrCat(kSignCalls));
-  EXPECT_EQ(QueryUntil(prom_port, "sum(custody_requests_total{code=\"UNAVAILABLE\"})", "1"), "1");
-  EXPECT_EQ(QueryUntil(prom_port, "sum(custody_requests_total{operation=\"decrypt\",code=\"OK\"})",
-                       absl::StrCat(kDecryptCalls)),
+  EXPECT_EQ(
+      prometheus.QueryUntil("sum(custody_requests_total{operation=\"sign\",ring=\"prom/sign\","
+                            "code=\"OK\"})",
+                            absl::StrCat(kSignCalls)),
+      absl::StrCat(kSignCalls));
+  EXPECT_EQ(prometheus.QueryUntil("sum(custody_requests_total{code=\"UNAVAILABLE\"})", "1"), "1");
+  EXPECT_EQ(prometheus.QueryUntil("sum(custody_requests_total{operation=\"decrypt\",code=\"OK\"})",
+                                  absl::StrCat(kDecryptCalls)),
+            absl::StrCat(kDecryptCalls));
+  EXPECT_EQ(prometheus.QueryUntil(
+                "custody_hsm_errors_total{function=\"C_Sign\",ckr=\"CKR_DEVICE_ERROR\"}", "2"),
+            "2");
+  EXPECT_EQ(prometheus.QueryUntil("custody_hsm_retries_total", "1"), "1");
+  EXPECT_EQ(prometheus.QueryUntil("custody_request_duration_seconds_count{operation=\"decrypt\"}",
+                                  absl::StrCat(kDecryptCalls)),
             absl::StrCat(kDecryptCalls));
   EXPECT_EQ(
-      QueryUntil(prom_port,
-                 "custody_hsm_errors_total{function=\"C_Sign\",ckr=\"CKR_DEVICE_ERROR\"}", "2"),
-      "2");
-  EXPECT_EQ(QueryUntil(prom_port, "custody_hsm_retries_total", "1"), "1");
-  EXPECT_EQ(QueryUntil(prom_port, "custody_request_duration_seconds_count{operation=\"decrypt\"}",
-                       absl::StrCat(kDecryptCalls)),
-            absl::StrCat(kDecryptCalls));
-  EXPECT_EQ(
-      QueryUntil(prom_port, "custody_ring_versions{ring=\"prom/sign\",state=\"ACTIVE\"}", "1"),
+      prometheus.QueryUntil("custody_ring_versions{ring=\"prom/sign\",state=\"ACTIVE\"}", "1"),
       "1");
-  EXPECT_EQ(QueryUntil(prom_port, "custody_health_serving", "1"), "1");
+  EXPECT_EQ(prometheus.QueryUntil("custody_health_serving", "1"), "1");
   // Every call left one audit line (two ring creations, one JWKS read, the calls above).
   const int lines = 2 + 1 + kSignCalls + kDecryptCalls + 1;
-  EXPECT_EQ(QueryUntil(prom_port, "custody_audit_lines_total", absl::StrCat(lines)),
+  EXPECT_EQ(prometheus.QueryUntil("custody_audit_lines_total", absl::StrCat(lines)),
             absl::StrCat(lines));
   // The example alert on token errors (deploy/prometheus/alerts.yml) fires from these series.
-  EXPECT_EQ(QueryUntil(prom_port,
-                       "count(ALERTS{alertname=\"CustodyHsmErrors\",alertstate=\"firing\"})", "1"),
+  EXPECT_EQ(prometheus.QueryUntil(
+                "count(ALERTS{alertname=\"CustodyHsmErrors\",alertstate=\"firing\"})", "1"),
             "1");
   d.Stop();
 }

@@ -3,6 +3,7 @@
 // by OpenSSL with the public key derived (by python3-jwcrypto) from custody's JWKS, X.509
 // certificates and CSRs, errors on OpenSSL's error queue, and mutual TLS 1.3 / 1.2 handshakes
 // between `openssl s_server` and `openssl s_client` with both ends' keys in custody.
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -10,6 +11,7 @@
 #include <chrono>
 #include <filesystem>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -41,13 +43,16 @@ class ProviderTest : public ::testing::Test {
     WriteFileOrDie(policy, R"({"version": 1, "grants": [
       {"identities": ["uid:)" + self +
                                R"("], "operations": ["sign"],
-       "rings": ["tls/**", "clients/**", "gone/**"]},
+       "rings": ["tls/**", "clients/**", "gone/**", "nginx/**"]},
       {"identities": ["uid:)" + self +
                                R"("], "operations": ["jwks", "admin.read",
        "admin.create", "admin.rotate", "admin.destroy"], "rings": ["**"]},
       {"identities": ["uid:)" + std::to_string(kNobody) +
                                R"("], "operations": ["jwks"],
-       "rings": ["**"]}]})");
+       "rings": ["**"]},
+      {"identities": ["uid:)" + std::to_string(kNobody) +
+                               R"("], "operations": ["sign"],
+       "rings": ["nginx/**"]}]})");
     chmod(policy.c_str(), 0600);
     daemon_ = new Custodyd(d + "/state", {"--policy_file=" + policy});
     ASSERT_TRUE(daemon_->started()) << daemon_->log();
@@ -63,6 +68,7 @@ class ProviderTest : public ::testing::Test {
              {"clients/ed", {"--alg=EdDSA"}},
              {"locked/ec", {"--alg=ES256"}},
              {"gone/ec", {"--alg=ES256"}},
+             {"nginx/ec", {"--alg=ES256"}},
          }) {
       std::vector<std::string> argv = {"ring", "create", ring, "--purpose=sign"};
       argv.insert(argv.end(), args.begin(), args.end());
@@ -384,7 +390,8 @@ class ProviderTlsTest : public ProviderTest {
   static Handshake Run(const std::string& server_ring, const std::string& client_ring,
                        const std::vector<std::string>& server_extra,
                        const std::vector<std::string>& client_extra,
-                       const std::string& client_prefix = "") {
+                       const std::string& client_prefix = "",
+                       const std::vector<std::string>& extra_env = {}) {
     std::vector<std::string> argv = {SourceDir() + "/tests/tools/tls_handshake.sh",
                                      dir_->path(),
                                      std::to_string(FreePort()),
@@ -405,6 +412,7 @@ class ProviderTlsTest : public ProviderTest {
     argv.insert(argv.end(), client_extra.begin(), client_extra.end());
     std::vector<std::string> env = Env();
     if (!client_prefix.empty()) env.push_back("CLIENT_PREFIX=" + client_prefix);
+    env.insert(env.end(), extra_env.begin(), extra_env.end());
     CommandResult r = RunCommand(argv, "", env);
     Handshake h;
     h.exit_code = r.exit_code;
@@ -419,11 +427,12 @@ class ProviderTlsTest : public ProviderTest {
   static void ExpectMutualHandshake(const std::string& server_ring, const std::string& client_ring,
                                     const std::vector<std::string>& server_extra,
                                     const std::vector<std::string>& client_extra,
-                                    const std::string& protocol, const std::string& peer_sig) {
+                                    const std::string& protocol, const std::string& peer_sig,
+                                    const std::vector<std::string>& extra_env = {}) {
     SCOPED_TRACE(server_ring + " <-> " + client_ring + " " + protocol + " " + peer_sig);
     const size_t server_before = SignLines(server_ring);
     const size_t client_before = SignLines(client_ring);
-    Handshake h = Run(server_ring, client_ring, server_extra, client_extra);
+    Handshake h = Run(server_ring, client_ring, server_extra, client_extra, "", extra_env);
     ASSERT_EQ(h.exit_code, 0) << "client:\n" << h.client << "\nserver:\n" << h.server;
     EXPECT_NE(h.client.find("Protocol  : " + protocol), std::string::npos) << h.client;
     EXPECT_NE(h.client.find("Verify return code: 0 (ok)"), std::string::npos) << h.client;
@@ -440,6 +449,43 @@ class ProviderTlsTest : public ProviderTest {
 
 TEST_F(ProviderTlsTest, MutualTls13WithEcdsaKeysOnBothEnds) {
   ExpectMutualHandshake("tls/ec", "clients/ec", {"-tls1_3"}, {"-tls1_3"}, "TLSv1.3", "ECDSA");
+}
+
+// OpenSSL 3.0 takes the first loaded provider's implementation of a name: with `default` listed
+// before `custody` in openssl.cnf, key generation (req -newkey, ECDHE on P-256) lands on the
+// default provider's EC key management and no property query is needed; custody keys still
+// sign through custody (their key management is custody's, chosen by the store).
+TEST_F(ProviderTlsTest, DefaultListedFirstInOpensslCnfNeedsNoPropertyQuery) {
+  const std::string conf = Path("default-first.cnf");
+  WriteFileOrDie(conf,
+                 "openssl_conf = openssl_init\n[openssl_init]\nproviders = provider_sect\n"
+                 "[provider_sect]\ndefault = default_sect\ncustody = custody_sect\n"
+                 "[default_sect]\nactivate = 1\n[custody_sect]\nmodule = " +
+                     BinDir() + "/../lib/ossl-modules/custody.so\naddr = " + daemon_->address() +
+                     "\nactivate = 1\n");
+  CommandResult r = RunCommand(
+      {"openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+       "-keyout", Path("gen.key"), "-subj", "/CN=generated", "-days", "1", "-out", Path("gen.crt")},
+      "", {"OPENSSL_CONF=" + conf});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  ExpectMutualHandshake("tls/ec", "clients/ec", {"-groups", "P-256"},
+                        {"-tls1_3", "-groups", "P-256"}, "TLSv1.3", "ECDSA",
+                        {"OPENSSL_CONF=" + conf, "TLS_PROVIDERS_FROM_CONF=1"});
+  EXPECT_NE(ReadFileOrDie(Path("client.log")).find("Server Temp Key: ECDH, prime256v1"),
+            std::string::npos);
+  // The other order without the property: key generation lands on custody and fails.
+  const std::string custody_first = Path("custody-first.cnf");
+  std::string text = ReadFileOrDie(conf);
+  text.replace(text.find("default = default_sect\ncustody = custody_sect"),
+               std::string("default = default_sect\ncustody = custody_sect").size(),
+               "custody = custody_sect\ndefault = default_sect");
+  WriteFileOrDie(custody_first, text);
+  r = RunCommand({"openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                  "-nodes", "-keyout", Path("gen2.key"), "-subj", "/CN=generated", "-days", "1",
+                  "-out", Path("gen2.crt")},
+                 "", {"OPENSSL_CONF=" + custody_first});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("operation not supported for this keytype"), std::string::npos) << r.err;
 }
 
 TEST_F(ProviderTlsTest, MutualTls13WithRsaPssServerAndEd25519Client) {
@@ -487,6 +533,109 @@ TEST_F(ProviderTlsTest, ClientWithoutTheSignGrantFailsWithThePermissionReason) {
   EXPECT_NE(h.exit_code, 0) << h.client;
   EXPECT_NE(h.client.find("custody: PERMISSION_DENIED: "), std::string::npos) << h.client;
   EXPECT_NE(h.client.find("uid:65534"), std::string::npos) << h.client;
+}
+
+// nginx 1.22 (Debian's, linked with OpenSSL 3) knows no OSSL_STORE URIs, but reads its key with
+// PEM_read_bio_PrivateKey, which runs the providers' decoders: a key file holding
+// "custody:ring=nginx/ec" loads the custody key (provider/decoder.cc). nginx runs unprivileged
+// (as nobody when the test is root), its master loads the key and its worker signs every
+// handshake over its own connection, as its own uid, which custodyd's policy authorizes.
+TEST_F(ProviderTest, NginxServesTlsWithAKeyFileNamingACustodyRing) {
+  if (access("/usr/sbin/nginx", X_OK) != 0) GTEST_SKIP() << "nginx is not installed";
+  const bool root = getuid() == 0;
+  if (root && access("/usr/bin/setpriv", X_OK) != 0) GTEST_SKIP() << "setpriv is missing";
+  const std::string dir = Path("nginx");
+  std::filesystem::create_directories(dir + "/tmp");
+  const std::string cert = dir + "/cert.pem";
+  CommandResult r =
+      OpenSsl("req", {"-x509", "-key", "custody:ring=nginx/ec", "-subj", "/CN=localhost", "-addext",
+                      "subjectAltName=DNS:localhost", "-days", "1", "-out", cert});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  WriteFileOrDie(dir + "/key.custody", "custody:ring=nginx/ec\n");
+  WriteFileOrDie(dir + "/openssl.cnf",
+                 "openssl_conf = openssl_init\n"
+                 "[openssl_init]\n"
+                 "providers = provider_sect\n"
+                 "alg_section = algorithm_sect\n"
+                 "[provider_sect]\n"
+                 "default = default_sect\n"
+                 "custody = custody_sect\n"
+                 "[default_sect]\n"
+                 "activate = 1\n"
+                 "[custody_sect]\n"
+                 "module = " +
+                     BinDir() + "/../lib/ossl-modules/custody.so\n" +
+                     "addr = " + daemon_->address() +
+                     "\n"
+                     "activate = 1\n"
+                     "[algorithm_sect]\n"
+                     "default_properties = ?provider=default\n");
+  const int port = FreePort();
+  WriteFileOrDie(dir + "/nginx.conf",
+                 "daemon off;\nmaster_process on;\nworker_processes 1;\npid " + dir +
+                     "/nginx.pid;\nerror_log " + dir + "/error.log info;\nenv OPENSSL_CONF;\n" +
+                     "events { worker_connections 64; }\nhttp {\n  access_log " + dir +
+                     "/access.log;\n  client_body_temp_path " + dir + "/tmp/body;\n" +
+                     "  proxy_temp_path " + dir + "/tmp/proxy;\n  fastcgi_temp_path " + dir +
+                     "/tmp/fastcgi;\n  uwsgi_temp_path " + dir + "/tmp/uwsgi;\n" +
+                     "  scgi_temp_path " + dir +
+                     "/tmp/scgi;\n  server {\n    listen 127.0.0.1:" + std::to_string(port) +
+                     " ssl;\n    ssl_certificate " + cert + ";\n    ssl_certificate_key " + dir +
+                     "/key.custody;\n" + "    ssl_protocols TLSv1.2 TLSv1.3;\n" +
+                     "    location / { return 200 \"served with a custody key\\n\"; }\n  }\n}\n");
+  std::vector<std::string> argv = {"timeout", "60"};
+  if (root) {
+    // Unprivileged: nobody reaches the socket (as in the permission test) and owns nginx's files.
+    ASSERT_EQ(chmod(dir_->path().c_str(), 0711), 0);
+    ASSERT_EQ(chmod((dir_->path() + "/state").c_str(), 0711), 0);
+    ASSERT_EQ(chmod((dir_->path() + "/state/custodyd.sock").c_str(), 0666), 0);
+    for (const auto& e : std::filesystem::recursive_directory_iterator(dir)) {
+      ASSERT_EQ(chown(e.path().c_str(), kNobody, kNobody), 0);
+    }
+    ASSERT_EQ(chown(dir.c_str(), kNobody, kNobody), 0);
+    argv.insert(argv.end(),
+                {"/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"});
+  }
+  argv.insert(argv.end(),
+              {"/usr/sbin/nginx", "-p", dir, "-c", dir + "/nginx.conf", "-e", dir + "/error.log"});
+  CommandResult nginx;
+  std::thread server(
+      [&] { nginx = RunCommand(argv, "", {"OPENSSL_CONF=" + dir + "/openssl.cnf"}); });
+  const size_t before = SignLines("nginx/ec");
+  std::string body;
+  for (int i = 0; i < 100; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    CommandResult c =
+        RunCommand({"openssl", "s_client", "-connect", "127.0.0.1:" + std::to_string(port),
+                    "-servername", "localhost", "-CAfile", cert, "-verify_return_error", "-quiet"},
+                   "GET / HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    if (c.out.find("served with a custody key") != std::string::npos) {
+      body = c.out;
+      break;
+    }
+  }
+  // A second handshake on a new connection.
+  CommandResult again = RunCommand(
+      {"openssl", "s_client", "-connect", "127.0.0.1:" + std::to_string(port), "-servername",
+       "localhost", "-CAfile", cert, "-verify_return_error", "-quiet", "-tls1_2"},
+      "GET / HTTP/1.0\r\nHost: localhost\r\n\r\n");
+  if (std::filesystem::exists(dir + "/nginx.pid")) {
+    kill(std::stoi(ReadFileOrDie(dir + "/nginx.pid")), SIGQUIT);
+  }
+  server.join();
+  const std::string error_log = ReadFileOrDie(dir + "/error.log");
+  EXPECT_NE(body.find("HTTP/1.1 200 OK"), std::string::npos) << body << error_log << nginx.err;
+  EXPECT_NE(again.out.find("served with a custody key"), std::string::npos)
+      << again.out << again.err << error_log;
+  // Both handshakes were custody signatures, by nginx's worker's uid.
+  EXPECT_EQ(SignLines("nginx/ec"), before + 2);
+  std::string audit;
+  for (const auto& e : std::filesystem::directory_iterator(dir_->path() + "/state/audit")) {
+    audit += ReadFileOrDie(e.path().string());
+  }
+  const std::string identity = "\"identity\":\"uid:" + std::to_string(root ? kNobody : getuid()) +
+                               "\",\"operation\":\"sign\",\"ring\":\"nginx/ec\"";
+  EXPECT_NE(audit.find(identity), std::string::npos) << audit;
 }
 
 }  // namespace

@@ -30,6 +30,7 @@
 #include "rotation/testing/postgres_cluster.h"
 #include "tests/harness.h"
 #include "tests/independent_jws.h"
+#include "tests/prometheus_testing.h"
 
 namespace custody::testing {
 namespace {
@@ -169,6 +170,10 @@ class ReplicaTest : public ::testing::Test {
     for (int i = 0; i < n; ++i) dirs_.push_back(std::make_unique<TempDir>());
     const std::string first = dirs_[0]->path();
     std::vector<std::string> first_flags = MetadataFlags();
+    first_flags.insert(first_flags.end(), replica_flags_.begin(), replica_flags_.end());
+    if (!metrics_ports_.empty()) {
+      first_flags.push_back(absl::StrCat("--metrics_listen=127.0.0.1:", metrics_ports_[0]));
+    }
     first_flags.push_back("--replica_id=r0");
     flags_.push_back(first_flags);
     envs_.push_back({});
@@ -176,6 +181,10 @@ class ReplicaTest : public ::testing::Test {
     ASSERT_TRUE(replicas_[0]->started()) << replicas_[0]->log();
     for (int i = 1; i < n; ++i) {
       std::vector<std::string> flags = MetadataFlags();
+      flags.insert(flags.end(), replica_flags_.begin(), replica_flags_.end());
+      if (static_cast<size_t>(i) < metrics_ports_.size()) {
+        flags.push_back(absl::StrCat("--metrics_listen=127.0.0.1:", metrics_ports_[i]));
+      }
       flags.push_back("--pkcs11_module=/usr/lib/softhsm/libsofthsm2.so");
       flags.push_back("--token_label=custody");
       flags.push_back("--pin_file=" + first + "/pin");
@@ -203,6 +212,8 @@ class ReplicaTest : public ::testing::Test {
   }
 
   std::string db_;
+  std::vector<std::string> replica_flags_;  // added to every replica StartReplicas starts
+  std::vector<int> metrics_ports_;          // replica i's --metrics_listen port, when given
   std::vector<std::unique_ptr<TempDir>> dirs_;
   std::vector<std::unique_ptr<Custodyd>> replicas_;
   std::vector<std::vector<std::string>> flags_;
@@ -814,6 +825,9 @@ int CountLines(const std::string& log, const std::string& needle) {
 // another replica takes the lock and the rotations continue. Activations stay at least one
 // period apart (no period rotated twice) and no version is destroyed twice.
 TEST_F(ReplicaTest, SchedulerLeaderDiesAndAnotherTakesOver) {
+  // Retention counts from retire_time + the staleness bound (RetiredVersionIsKeptForTheOther
+  // ReplicasStalenessBound): a short bound, so that retired versions get destroyed in this test.
+  replica_flags_ = {"--max_metadata_staleness=2s"};
   StartReplicas(3);
   const int64_t kPeriodMs = 2000;
   v1::CreateKeyRingRequest req;
@@ -909,6 +923,192 @@ TEST_F(ReplicaTest, SchedulerLeaderDiesAndAnotherTakesOver) {
   }
   EXPECT_GE(destroyed.size(), 1u);
   for (const auto& [line, n] : destroyed) EXPECT_EQ(n, 1) << line;
+}
+
+// With several replicas, one that has not yet learned of a rotation may still sign with the
+// version just RETIRED: until the notification arrives, or, if it lost the store, until its
+// --max_metadata_staleness bound. So the leader's retention of a RETIRED version counts from
+// retire_time + max_metadata_staleness: with retain 1 s and a 4 s bound, the version stays
+// published (RETIRED) for 5 s, not 1 s.
+TEST_F(ReplicaTest, RetiredVersionIsKeptForTheOtherReplicasStalenessBound) {
+  const int64_t kStalenessMs = 4000, kRetainMs = 1000;
+  replica_flags_ = {"--max_metadata_staleness=4s"};
+  StartReplicas(2);
+  v1::CreateKeyRingRequest req;
+  req.set_name("op/retained");
+  req.set_purpose(v1::SIGN);
+  req.set_alg("ES256");
+  req.mutable_policy()->set_prepublish_ms(1000);
+  req.mutable_policy()->set_retain_ms(kRetainMs);
+  req.mutable_policy()->set_destroy_delay_ms(60000);
+  v1::KeyRing ring;
+  {
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    grpc::Status s = replica(0).admin().CreateKeyRing(&ctx, req, &ring);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  v1::RotateKeyRingRequest rotate;
+  rotate.set_ring("op/retained");
+  rotate.set_force(true);
+  v1::RotateKeyRingResponse rotated;
+  {
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    grpc::Status s = replica(1).admin().RotateKeyRing(&ctx, rotate, &rotated);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  // Version 1's retire time, as recorded.
+  int64_t retire_ms = 0;
+  for (const v1::KeyVersion& v : rotated.ring().versions()) {
+    if (v.version() == 1) retire_ms = v.retire_time_ms();
+  }
+  ASSERT_GT(retire_ms, 0) << rotated.ring().DebugString();
+  auto now_ms = [] {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(
+               std::chrono::system_clock::now().time_since_epoch())
+        .count();
+  };
+  // Watch version 1 on both replicas until it leaves RETIRED (the leader schedules its
+  // destruction, and the other replica learns of it).
+  int64_t left_retired_ms = 0;
+  while (left_retired_ms == 0 && now_ms() < retire_ms + kStalenessMs + kRetainMs + 6000) {
+    for (int i = 0; i < 2 && left_retired_ms == 0; ++i) {
+      v1::GetKeyRingRequest get;
+      get.set_name("op/retained");
+      v1::KeyRing seen;
+      grpc::ClientContext ctx;
+      SetDeadline(&ctx);
+      const int64_t asked_ms = now_ms();
+      ASSERT_TRUE(replica(i).admin().GetKeyRing(&ctx, get, &seen).ok());
+      for (const v1::KeyVersion& v : seen.versions()) {
+        if (v.version() == 1 && v.state() != v1::RETIRED) {
+          EXPECT_EQ(v.state(), v1::DESTROY_SCHEDULED);
+          left_retired_ms = asked_ms;
+        }
+      }
+    }
+    std::this_thread::sleep_for(50ms);
+  }
+  ASSERT_GT(left_retired_ms, 0) << "version 1 was never scheduled for destruction";
+  std::printf(
+      "retired version left RETIRED %lld ms after its retirement (retain %lld ms + "
+      "staleness bound %lld ms)\n",
+      static_cast<long long>(left_retired_ms - retire_ms), static_cast<long long>(kRetainMs),
+      static_cast<long long>(kStalenessMs));
+  // It was still RETIRED when asked before the bound (the answer at asked_ms said so until then).
+  EXPECT_GE(left_retired_ms - retire_ms, kRetainMs + kStalenessMs - 100);
+}
+
+// A sample's value on a /metrics page (a family without labels); nullopt when absent.
+std::optional<double> MetricValue(const std::string& page, const std::string& name) {
+  for (size_t start = 0, nl; (nl = page.find('\n', start)) != std::string::npos; start = nl + 1) {
+    if (page.compare(start, name.size() + 1, name + " ") == 0) {
+      return std::stod(page.substr(start + name.size() + 1, nl - start - name.size() - 1));
+    }
+  }
+  return std::nullopt;
+}
+
+// Replica state on /metrics (server/replica_metrics.h), scraped by a real Prometheus that
+// evaluates deploy/prometheus/alerts.yml: one leader among the replicas, a fresh last good read,
+// another replica's change counted; with PostgreSQL stopped the age grows, failures are counted
+// and CustodyMetadataStale fires on both replicas, then clears when the database is back (the
+// time to the first good read after the start is printed).
+TEST_F(ReplicaTest, ReplicaStateIsExportedAndTheStaleAlertFires) {
+  metrics_ports_ = {FreePort(), FreePort()};
+  replica_flags_ = {"--max_metadata_staleness=6s"};
+  StartReplicas(2);
+  TempDir prom_dir;
+  Prometheus prometheus(prom_dir.path(), metrics_ports_);
+  auto page = [&](int i) {
+    return HttpGet(
+        absl::StrCat("http://127.0.0.1:", metrics_ports_[static_cast<size_t>(i)], "/metrics"));
+  };
+  auto value = [&](int i, const std::string& name) {
+    return MetricValue(page(i), name).value_or(-1);
+  };
+  // Exactly one leader (the second replica asks every 0.5 s, and is refused).
+  double leaders = 0;
+  for (int tries = 0; tries < 50 && leaders != 1; ++tries) {
+    leaders = value(0, "custody_scheduler_leader") + value(1, "custody_scheduler_leader");
+    std::this_thread::sleep_for(100ms);
+  }
+  EXPECT_EQ(leaders, 1);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(value(i, "custody_metadata_max_staleness_seconds"), 6);
+    const double age = value(i, "custody_metadata_last_good_read_age_seconds");
+    EXPECT_GE(age, 0);
+    EXPECT_LT(age, 3);  // re-read at least every 1.5 s (a quarter of the bound)
+  }
+  const double refreshed = value(1, "custody_metadata_rings_refreshed_total");
+  const double generation = value(1, "custody_jwks_generation");
+  v1::KeyRing ring;
+  ASSERT_TRUE(CreateEs256(replica(0), "op/metrics", &ring).ok());
+  bool seen = false;
+  for (int tries = 0; tries < 50 && !seen; ++tries) {
+    seen = value(1, "custody_metadata_rings_refreshed_total") > refreshed &&
+           value(1, "custody_jwks_generation") > generation;
+    std::this_thread::sleep_for(100ms);
+  }
+  EXPECT_TRUE(seen) << page(1);
+  CommandResult lint = RunCommand({"/usr/bin/promtool", "check", "metrics"}, page(1));
+  EXPECT_EQ(lint.exit_code, 0) << lint.out << lint.err;
+  EXPECT_EQ(prometheus.QueryUntil("sum(custody_scheduler_leader)", "1"), "1") << prometheus.log();
+
+  // When each replica's first good read after `since` began, relative to it (negative: the
+  // database answered before pg_ctl returned), from the age it exports; -1e9 if none in 10 s.
+  auto first_good_read_ms = [&](Clock::time_point since) {
+    std::vector<double> at(2, -1e9);
+    while ((at[0] == -1e9 || at[1] == -1e9) && Clock::now() < since + 10s) {
+      for (size_t i = 0; i < 2; ++i) {
+        if (at[i] != -1e9) continue;
+        const double age =
+            value(static_cast<int>(i), "custody_metadata_last_good_read_age_seconds");
+        const double now_ms = MsSince(since, Clock::now());
+        // A read newer than the outage (which lasted more than half a second).
+        if (age >= 0 && age < 0.5) at[i] = now_ms - age * 1000;
+      }
+      std::this_thread::sleep_for(10ms);
+    }
+    return at;
+  };
+
+  // A restart (-m immediate: crash recovery) shorter than the bound.
+  ASSERT_TRUE(Cluster()->Restart("immediate").ok());
+  const auto restarted = Clock::now();
+  std::vector<double> after_restart = first_good_read_ms(restarted);
+  std::printf(
+      "PostgreSQL restarted (-m immediate): first good read %.0f ms and %.0f ms after "
+      "pg_ctl returned\n",
+      after_restart[0], after_restart[1]);
+  EXPECT_GT(after_restart[0], -1e9);
+  EXPECT_GT(after_restart[1], -1e9);
+
+  const double failures = value(0, "custody_metadata_refresh_failures_total");
+  ASSERT_TRUE(Cluster()->Stop("fast").ok());
+  const std::string firing = prometheus.QueryUntil(
+      "count(ALERTS{alertname=\"CustodyMetadataStale\",alertstate=\"firing\"})", "2", 20000);
+  const double stale_age = value(0, "custody_metadata_last_good_read_age_seconds");
+  const double failures_after = value(0, "custody_metadata_refresh_failures_total");
+  ASSERT_TRUE(Cluster()->StartServer().ok());
+  const auto started = Clock::now();
+  EXPECT_EQ(firing, "2") << prometheus.log();
+  EXPECT_GT(stale_age, 3);
+  EXPECT_GT(failures_after, failures);
+  // Back: each replica's next good read, timed from pg_ctl start's return.
+  std::vector<double> after_start = first_good_read_ms(started);
+  std::printf(
+      "metadata stale alert fired on both replicas (age %.1f s); after the database "
+      "started, first good read %.0f ms and %.0f ms after pg_ctl returned\n",
+      stale_age, after_start[0], after_start[1]);
+  EXPECT_GT(after_start[0], -1e9);
+  EXPECT_GT(after_start[1], -1e9);
+  EXPECT_EQ(
+      prometheus.QueryUntil(
+          "count(ALERTS{alertname=\"CustodyMetadataStale\",alertstate=\"firing\"}) or vector(0)",
+          "0", 20000),
+      "0");
 }
 
 // The client library with every replica's address, 8 threads signing and decrypting, a random

@@ -13,6 +13,8 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do server_args+=("$1"); shift; done
 [ $# -gt 0 ] && shift
 client_args=("$@")
 prov=(-provider custody -provider default -propquery "?provider=default")
+# TLS_PROVIDERS_FROM_CONF=1: the providers come from $OPENSSL_CONF instead (its own order).
+[ "${TLS_PROVIDERS_FROM_CONF:-0}" = 1 ] && prov=()
 
 # -www: the server answers one HTTP request with its view of the session (including the client
 # certificate it verified) and does not read stdin.

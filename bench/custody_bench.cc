@@ -247,6 +247,8 @@ class Bench {
   struct Connections {
     std::vector<std::unique_ptr<custody::v1::Signer::Stub>> stubs;
     std::vector<std::unique_ptr<client::Client>> clients;
+    // One more connection over `channel`: its stub, and with --client=library its Client.
+    absl::Status Add(const std::shared_ptr<grpc::Channel>& channel);
   };
   RowResult RunRow(const std::string& transport, const Connections& connections, OpState& op,
                    int concurrency, const std::vector<pid_t>& daemon_pids);
@@ -277,6 +279,18 @@ std::string ReadPemOrEmpty(const std::string& path) {
   if (path.empty()) return "";
   auto text = ReadFile(path);
   return text.ok() ? *text : "";
+}
+
+absl::Status Bench::Connections::Add(const std::shared_ptr<grpc::Channel>& channel) {
+  stubs.push_back(custody::v1::Signer::NewStub(channel));
+  if (absl::GetFlag(FLAGS_client) != "library") return absl::OkStatus();
+  client::ClientOptions client_options;
+  client_options.deadline = absl::Seconds(60);
+  client_options.max_rpcs_in_flight = absl::GetFlag(FLAGS_rpcs_in_flight);
+  auto client = client::Client::FromChannel(channel, client_options);
+  if (!client.ok()) return client.status();
+  clients.push_back(*std::move(client));
+  return absl::OkStatus();
 }
 
 // Channel `index` of a row. Channel 0 is exactly what callers get from client::CreateChannel;
@@ -683,15 +697,7 @@ absl::Status Bench::RunReplicas() {
   for (int c : concurrency_) {
     // One channel over every replica (round-robin over the SERVING ones), as callers get it.
     Connections connections;
-    connections.stubs.push_back(custody::v1::Signer::NewStub(*channel));
-    if (absl::GetFlag(FLAGS_client) == "library") {
-      client::ClientOptions client_options;
-      client_options.deadline = absl::Seconds(60);
-      client_options.max_rpcs_in_flight = absl::GetFlag(FLAGS_rpcs_in_flight);
-      auto client = client::Client::FromChannel(*channel, client_options);
-      if (!client.ok()) return client.status();
-      connections.clients.push_back(*std::move(client));
-    }
+    if (absl::Status s = connections.Add(*channel); !s.ok()) return s;
     for (size_t k = 0; k < ops.size(); ++k) {
       CeilingResult* ceiling = EnsureCeiling(ops_[k], c);
       RowResult row = RunRow(name, connections, ops[k], c, (*set)->pids());
@@ -775,15 +781,7 @@ absl::Status Bench::RunTransport(const std::string& transport) {
     for (int i = 0; i < channels; ++i) {
       auto channel = MakeChannel(options.channel, i);
       if (!channel.ok()) return channel.status();
-      connections.stubs.push_back(custody::v1::Signer::NewStub(*channel));
-      if (absl::GetFlag(FLAGS_client) == "library") {
-        client::ClientOptions client_options;
-        client_options.deadline = absl::Seconds(60);
-        client_options.max_rpcs_in_flight = absl::GetFlag(FLAGS_rpcs_in_flight);
-        auto c = client::Client::FromChannel(*channel, client_options);
-        if (!c.ok()) return c.status();
-        connections.clients.push_back(*std::move(c));
-      }
+      if (absl::Status s = connections.Add(*channel); !s.ok()) return s;
     }
     for (OpState& op : ops_) {
       CeilingResult* ceiling = EnsureCeiling(op, c);

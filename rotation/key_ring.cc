@@ -1,11 +1,14 @@
 #include "rotation/key_ring.h"
 
+#include <algorithm>
 #include <array>
+#include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 
 namespace custody::rotation {
 namespace {
@@ -79,6 +82,52 @@ absl::Status ValidatePolicy(const RotationPolicy& p) {
         p.prepublish_ms, " ms): the next key could not be published long enough before it is due"));
   }
   return absl::OkStatus();
+}
+
+std::string FormatDurationMs(int64_t ms) {
+  if (ms == 0) return "0s";
+  return absl::FormatDuration(absl::Milliseconds(ms));
+}
+
+absl::Status CheckPolicyFloors(const RotationPolicy& p, const PolicyFloors& floors) {
+  struct Floor {
+    const char* field;
+    int64_t value;
+    const char* flag;
+    int64_t bound;
+  };
+  for (const Floor& f : {Floor{"destroy_delay", p.destroy_delay_ms, "min_destroy_delay",
+                               floors.min_destroy_delay_ms},
+                         Floor{"retain", p.retain_ms, "min_retain", floors.min_retain_ms}}) {
+    if (f.value < f.bound) {
+      return absl::InvalidArgumentError(absl::StrCat(f.field, " ", FormatDurationMs(f.value),
+                                                     " is below --", f.flag, "=",
+                                                     FormatDurationMs(f.bound)));
+    }
+  }
+  if (p.rotation_period_ms != 0 && p.rotation_period_ms < floors.min_rotation_period_ms) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rotation_period ", FormatDurationMs(p.rotation_period_ms),
+        " is below --min_rotation_period=", FormatDurationMs(floors.min_rotation_period_ms),
+        " (0 = manual rotation only)"));
+  }
+  return absl::OkStatus();
+}
+
+RotationPolicy RaiseToFloors(RotationPolicy p, const PolicyFloors& floors, bool* raised) {
+  const RotationPolicy before = p;
+  p.destroy_delay_ms = std::max(p.destroy_delay_ms, floors.min_destroy_delay_ms);
+  p.retain_ms = std::max(p.retain_ms, floors.min_retain_ms);
+  if (p.rotation_period_ms != 0) {
+    p.rotation_period_ms = std::max(p.rotation_period_ms, floors.min_rotation_period_ms);
+  }
+  // The raised values must still satisfy ValidatePolicy's ordering rules.
+  p.retain_ms = std::max(p.retain_ms, p.prepublish_ms);
+  if (p.rotation_period_ms != 0)
+    p.rotation_period_ms = std::max(p.rotation_period_ms, p.prepublish_ms);
+  *raised = p.destroy_delay_ms != before.destroy_delay_ms || p.retain_ms != before.retain_ms ||
+            p.rotation_period_ms != before.rotation_period_ms;
+  return p;
 }
 
 absl::Status ValidateRingName(absl::string_view name) {

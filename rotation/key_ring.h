@@ -43,6 +43,26 @@ struct RotationPolicy {
 // must be publishable long enough before it is due), at most 10 years each.
 absl::Status ValidatePolicy(const RotationPolicy& policy);
 
+// Lower bounds custodyd puts on every ring's policy (--min_destroy_delay, --min_retain,
+// --min_rotation_period), so that no policy, however it was typed, destroys a key, unpublishes
+// it or rotates sooner than the operator of the service allows. Milliseconds.
+struct PolicyFloors {
+  int64_t min_destroy_delay_ms = 24 * 60 * 60 * 1000;  // 24 h, as cloud KMSs do
+  int64_t min_retain_ms = 60 * 60 * 1000;              // 1 h (docs/lifecycle.md says why)
+  int64_t min_rotation_period_ms = 60 * 60 * 1000;     // 1 h; 0 (manual) is always allowed
+};
+
+// INVALID_ARGUMENT naming the field and the bound ("destroy_delay 0s is below
+// --min_destroy_delay=24h") for the first field below its floor.
+absl::Status CheckPolicyFloors(const RotationPolicy& policy, const PolicyFloors& floors);
+
+// `policy` with every field below its floor raised to it (rings stored before the floors
+// existed); true in *raised when something changed.
+RotationPolicy RaiseToFloors(RotationPolicy policy, const PolicyFloors& floors, bool* raised);
+
+// "0s", "500ms", "24h", "1h30m": a duration in milliseconds as an operator writes it.
+std::string FormatDurationMs(int64_t ms);
+
 absl::string_view PurposeName(Purpose purpose);  // "SIGN" | "DECRYPT"
 absl::StatusOr<Purpose> ParsePurpose(absl::string_view name);
 absl::string_view VersionStateName(VersionState state);  // "ACTIVE", ...

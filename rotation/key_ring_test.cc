@@ -49,5 +49,39 @@ TEST(VersionStateTest, NamesRoundTrip) {
   EXPECT_FALSE(ParseVersionState("BOGUS").ok());
 }
 
+TEST(PolicyFloorsTest, RefusesEachFieldBelowItsFloorNamingTheFieldAndTheFlag) {
+  const PolicyFloors floors;  // the defaults: 24 h, 1 h, 1 h
+  RotationPolicy p;           // the documented default policy passes
+  EXPECT_TRUE(CheckPolicyFloors(p, floors).ok());
+  p.destroy_delay_ms = 0;
+  absl::Status s = CheckPolicyFloors(p, floors);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.message(), "destroy_delay 0s is below --min_destroy_delay=24h");
+  p = RotationPolicy();
+  p.retain_ms = 1000;
+  p.prepublish_ms = 0;
+  EXPECT_EQ(CheckPolicyFloors(p, floors).message(), "retain 1s is below --min_retain=1h");
+  p = RotationPolicy();
+  p.rotation_period_ms = 1;
+  EXPECT_EQ(CheckPolicyFloors(p, floors).message(),
+            "rotation_period 1ms is below --min_rotation_period=1h (0 = manual rotation only)");
+  p.rotation_period_ms = 0;  // manual rotation is never below a floor
+  EXPECT_TRUE(CheckPolicyFloors(p, floors).ok());
+  // Floors lowered by the operator (as tests do with the flags) let short policies through.
+  EXPECT_TRUE(CheckPolicyFloors({0, 1000, 0, 0}, PolicyFloors{0, 0, 0}).ok());
+}
+
+TEST(PolicyFloorsTest, RaisesAStoredPolicyToTheFloorsAndKeepsItValid) {
+  bool raised = false;
+  RotationPolicy p = RaiseToFloors({2 * 3600 * 1000, 1, 0, 0}, PolicyFloors(), &raised);
+  EXPECT_TRUE(raised);
+  EXPECT_EQ(p.destroy_delay_ms, 24 * 3600 * 1000);
+  EXPECT_EQ(p.rotation_period_ms, 2 * 3600 * 1000);  // to 1 h, then to prepublish (2 h)
+  EXPECT_GE(p.retain_ms, p.prepublish_ms);
+  EXPECT_TRUE(ValidatePolicy(p).ok());
+  RaiseToFloors(RotationPolicy(), PolicyFloors(), &raised);
+  EXPECT_FALSE(raised);
+}
+
 }  // namespace
 }  // namespace custody::rotation

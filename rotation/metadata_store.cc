@@ -5,9 +5,11 @@
 #include <utility>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "common/caller_message.h"
 
 namespace custody::rotation {
 namespace {
@@ -21,6 +23,8 @@ class SqliteMetadataStore final : public MetadataStore {
   absl::Status Commit(const Mutation& mutation) override;
   absl::StatusOr<std::vector<RingRecord>> LoadRings() override;
   absl::StatusOr<std::vector<VersionRecord>> LoadVersions() override;
+  absl::Status SaveAuditAnchor(const AuditAnchor& anchor) override;
+  absl::StatusOr<AuditAnchor> LoadAuditAnchor(const std::string& chain) override;
   // Sets the connection's pragmas and applies the schema.
   absl::Status Init();
 
@@ -68,6 +72,13 @@ CREATE TABLE IF NOT EXISTS versions (
   certificate_chain TEXT NOT NULL DEFAULT '',
   PRIMARY KEY (ring, version)
 ) STRICT;
+CREATE TABLE IF NOT EXISTS audit_anchors (
+  chain TEXT PRIMARY KEY,
+  seq INTEGER NOT NULL,
+  hash TEXT NOT NULL,
+  file TEXT NOT NULL,
+  time_ms INTEGER NOT NULL
+) STRICT;
 )sql";
 
 constexpr const char* kRingColumns =
@@ -84,7 +95,16 @@ struct StmtDeleter {
 using Stmt = std::unique_ptr<sqlite3_stmt, StmtDeleter>;
 
 absl::Status SqliteError(sqlite3* db, absl::string_view what) {
-  return absl::InternalError(absl::StrCat("metadata store: ", what, ": ", sqlite3_errmsg(db)));
+  // SQLite's text is for the log; a caller learns whether to retry.
+  const int code = sqlite3_errcode(db) & 0xff;
+  const bool transient = code == SQLITE_BUSY || code == SQLITE_LOCKED || code == SQLITE_IOERR ||
+                         code == SQLITE_FULL || code == SQLITE_CANTOPEN;
+  std::string detail = absl::StrCat("metadata store: ", what, ": ", sqlite3_errmsg(db));
+  return transient ? WithCallerMessage(absl::UnavailableError(detail),
+                                       "metadata store unavailable (the details are in custodyd's "
+                                       "log)")
+                   : WithCallerMessage(absl::InternalError(detail),
+                                       "metadata store error (the details are in custodyd's log)");
 }
 
 absl::StatusOr<Stmt> Prepare(sqlite3* db, const std::string& sql) {
@@ -213,7 +233,7 @@ absl::Status SqliteMetadataStore::Exec(const char* sql) {
   if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
     std::string msg = err ? err : "unknown error";
     sqlite3_free(err);
-    return absl::InternalError(absl::StrCat("metadata store: ", msg));
+    return SqliteError(db_, msg);
   }
   return absl::OkStatus();
 }
@@ -398,6 +418,68 @@ absl::StatusOr<std::vector<VersionRecord>> SqliteMetadataStore::LoadVersions() {
   }
   if (rc != SQLITE_DONE) return SqliteError(db_, "load versions");
   return versions;
+}
+
+namespace {
+
+absl::StatusOr<MetadataStore::AuditAnchor> SelectAuditAnchor(sqlite3* db,
+                                                             const std::string& chain) {
+  auto stmt = Prepare(db, "SELECT seq, hash, file, time_ms FROM audit_anchors WHERE chain = ?");
+  if (!stmt.ok()) return stmt.status();
+  BindText(stmt->get(), 1, chain);
+  int rc = sqlite3_step(stmt->get());
+  if (rc == SQLITE_DONE) {
+    return absl::NotFoundError(absl::StrCat("no audit anchor for chain '", chain, "'"));
+  }
+  if (rc != SQLITE_ROW) return SqliteError(db, "load audit anchor");
+  MetadataStore::AuditAnchor a;
+  a.chain = chain;
+  a.seq = static_cast<uint64_t>(sqlite3_column_int64(stmt->get(), 0));
+  a.hash = ColumnText(stmt->get(), 1);
+  a.file = ColumnText(stmt->get(), 2);
+  a.time_ms = sqlite3_column_int64(stmt->get(), 3);
+  return a;
+}
+
+}  // namespace
+
+absl::Status SqliteMetadataStore::SaveAuditAnchor(const AuditAnchor& a) {
+  absl::MutexLock lock(&mu_);
+  auto stmt = Prepare(db_,
+                      "INSERT INTO audit_anchors (chain, seq, hash, file, time_ms) VALUES "
+                      "(?, ?, ?, ?, ?) ON CONFLICT(chain) DO UPDATE SET seq = excluded.seq, "
+                      "hash = excluded.hash, file = excluded.file, time_ms = excluded.time_ms");
+  if (!stmt.ok()) return stmt.status();
+  BindText(stmt->get(), 1, a.chain);
+  sqlite3_bind_int64(stmt->get(), 2, static_cast<int64_t>(a.seq));
+  BindText(stmt->get(), 3, a.hash);
+  BindText(stmt->get(), 4, a.file);
+  sqlite3_bind_int64(stmt->get(), 5, a.time_ms);
+  return StepDone(db_, stmt->get(), "save audit anchor");
+}
+
+absl::StatusOr<MetadataStore::AuditAnchor> SqliteMetadataStore::LoadAuditAnchor(
+    const std::string& chain) {
+  absl::MutexLock lock(&mu_);
+  return SelectAuditAnchor(db_, chain);
+}
+
+absl::StatusOr<MetadataStore::AuditAnchor> MetadataStore::ReadAuditAnchor(
+    const std::string& path, const std::string& chain) {
+  sqlite3* db = nullptr;
+  int rc = sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr);
+  std::unique_ptr<sqlite3, int (*)(sqlite3*)> owned(db, &sqlite3_close);
+  if (rc != SQLITE_OK) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "cannot open metadata database '", path, "': ", db ? sqlite3_errmsg(db) : "out of memory"));
+  }
+  sqlite3_busy_timeout(db, 5000);
+  auto anchor = SelectAuditAnchor(db, chain);
+  if (!anchor.ok() && !absl::IsNotFound(anchor.status()) &&
+      absl::StrContains(anchor.status().message(), "no such table")) {
+    return absl::NotFoundError("the metadata database has no audit anchors (custodyd too old)");
+  }
+  return anchor;
 }
 
 }  // namespace custody::rotation

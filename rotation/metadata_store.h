@@ -37,9 +37,14 @@ struct Mutation {
 // number of replicas). Implementations are thread-safe.
 class MetadataStore {
  public:
+  struct AuditAnchor;
   // Opens (creating if needed) the embedded SQLite database at `path` and applies the schema:
   // WAL mode with synchronous=FULL, so a change is on disk before the call returns.
   static absl::StatusOr<std::unique_ptr<MetadataStore>> Open(const std::string& path);
+  // Reads chain `chain`'s anchor from the SQLite database at `path` without writing to it
+  // (custodyctl audit verify --state_dir); NOT_FOUND when there is none.
+  static absl::StatusOr<AuditAnchor> ReadAuditAnchor(const std::string& path,
+                                                     const std::string& chain);
   virtual ~MetadataStore() = default;
   MetadataStore(const MetadataStore&) = delete;
   MetadataStore& operator=(const MetadataStore&) = delete;
@@ -74,6 +79,27 @@ class MetadataStore {
   // the processes calling it (the first to ask while none holds it) and keeps it until that
   // process's connection ends; each call re-checks that the holder's session is alive.
   virtual absl::StatusOr<bool> HoldLeadership() { return true; }
+
+  // The latest anchored head of an audit chain (server/audit_anchor.h): kept outside the chain's
+  // own files, so that a truncated, deleted or restarted chain is detected. One row per chain
+  // (`chain`: the replica id, "" for a lone custodyd), replaced by each save.
+  struct AuditAnchor {
+    std::string chain;
+    uint64_t seq = 0;     // of the anchored line
+    std::string hash;     // hex SHA-256 of that line
+    std::string file;     // the file that holds it (name only)
+    int64_t time_ms = 0;  // when it was anchored (Unix ms)
+  };
+  // Durable before it returns. UNIMPLEMENTED for a store without anchors.
+  virtual absl::Status SaveAuditAnchor(const AuditAnchor& anchor) {
+    (void)anchor;
+    return absl::UnimplementedError("this metadata store keeps no audit anchors");
+  }
+  // NOT_FOUND when the chain was never anchored.
+  virtual absl::StatusOr<AuditAnchor> LoadAuditAnchor(const std::string& chain) {
+    (void)chain;
+    return absl::UnimplementedError("this metadata store keeps no audit anchors");
+  }
 
  protected:
   MetadataStore() = default;

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
+#include "common/caller_message.h"
 
 namespace custody::rotation {
 namespace {
@@ -83,6 +84,8 @@ constexpr const char* kVersionColumns =
 // A status that Commit retries in a fresh transaction (deadlock, serialization failure, a
 // connection lost before COMMIT was sent).
 constexpr absl::string_view kRetryPayload = "custody.dev/pg-retry";
+// What a gRPC caller is told when PostgreSQL cannot be reached (the details go to the log).
+constexpr absl::string_view kUnreachableForCallers = "metadata store unreachable";
 
 struct ResultDeleter {
   void operator()(PGresult* r) const { PQclear(r); }
@@ -131,7 +134,10 @@ struct PostgresMetadataStore::Connection {
   }
 
   static absl::Status Unreachable(absl::string_view message) {
-    absl::Status s = absl::UnavailableError(absl::StrCat("metadata store unreachable: ", message));
+    // libpq's text (it may name the server's socket path or host) is for the log only.
+    absl::Status s = WithCallerMessage(
+        absl::UnavailableError(absl::StrCat("metadata store unreachable: ", message)),
+        kUnreachableForCallers);
     s.SetPayload(kRetryPayload, absl::Cord("1"));
     return s;
   }
@@ -221,7 +227,9 @@ struct PostgresMetadataStore::Connection {
     }
     if (code == "23503") return absl::NotFoundError("metadata store: ring not found");
     if (code == "40001" || code == "40P01") {
-      absl::Status s = absl::AbortedError(absl::StrCat("metadata store: ", message));
+      absl::Status s =
+          WithCallerMessage(absl::AbortedError(absl::StrCat("metadata store: ", message)),
+                            "metadata store: a concurrent change; retry");
       s.SetPayload(kRetryPayload, absl::Cord("1"));
       return s;
     }
@@ -239,7 +247,8 @@ struct PostgresMetadataStore::Connection {
       }
       return Unreachable(message);
     }
-    return absl::InternalError(absl::StrCat("metadata store: ", message));
+    return WithCallerMessage(absl::InternalError(absl::StrCat("metadata store: ", message)),
+                             "metadata store error (the details are in custodyd's log)");
   }
 };
 
@@ -549,8 +558,11 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
       result = c.Exec("COMMIT", {}).status();
       // A connection lost during COMMIT leaves the outcome unknown: never retried here.
       if (!result.ok()) {
-        result = absl::UnavailableError(absl::StrCat(
-            "metadata store: the outcome of the commit is unknown (", result.message(), ")"));
+        result = WithCallerMessage(
+            absl::UnavailableError(absl::StrCat(
+                "metadata store: the outcome of the commit is unknown (", result.message(), ")")),
+            "metadata store unreachable: the outcome of the commit is unknown; read the ring "
+            "before retrying");
       }
       break;
     }
@@ -667,8 +679,10 @@ absl::StatusOr<bool> PostgresMetadataStore::WaitForChange(absl::Duration timeout
     return any;
   };
   auto broken = [&]() {
-    absl::Status s = absl::UnavailableError(
-        absl::StrCat("metadata store unreachable: ", Trim(PQerrorMessage(c.conn))));
+    absl::Status s =
+        WithCallerMessage(absl::UnavailableError(absl::StrCat("metadata store unreachable: ",
+                                                              Trim(PQerrorMessage(c.conn)))),
+                          kUnreachableForCallers);
     PQfinish(c.conn);
     c.conn = nullptr;
     return s;

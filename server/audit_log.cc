@@ -23,6 +23,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/caller_message.h"
 #include "common/log.h"
 #include "common/sha256.h"
 #include "jose/json.h"
@@ -511,7 +512,9 @@ absl::Status AuditLog::Commit(const Batch& batch) {
     Log(LogLevel::kError, "audit_log_unavailable",
         {{"dir", options_.dir}, {"error", std::string(status.message())}});
   }
-  return absl::UnavailableError(absl::StrCat("audit log unavailable: ", status.message()));
+  return WithCallerMessage(
+      absl::UnavailableError(absl::StrCat("audit log unavailable: ", status.message())),
+      "audit log unavailable (the details are in custodyd's log)");
 }
 
 absl::Status AuditLog::Append(const AuditEvent& event) {

@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -83,6 +84,13 @@ ABSL_FLAG(absl::Duration, max_metadata_staleness, absl::Seconds(30),
 ABSL_FLAG(absl::Duration, retired_sign_grace, absl::Seconds(30),
           "how long after a rotation a key pinned to the version that was ACTIVE (a TLS key "
           "loaded through the custody provider) may still sign: handshakes in flight finish");
+ABSL_FLAG(absl::Duration, min_destroy_delay, absl::Hours(24),
+          "no ring policy may set destroy_delay below this (INVALID_ARGUMENT naming the bound)");
+ABSL_FLAG(absl::Duration, min_retain, absl::Hours(1),
+          "no ring policy may set retain below this: a retired key stays published at least "
+          "this long after its last signature (cover the longest token lifetime + JWKS cache)");
+ABSL_FLAG(absl::Duration, min_rotation_period, absl::Hours(1),
+          "no ring policy may rotate automatically more often than this (0 = manual is allowed)");
 ABSL_FLAG(std::string, replica_id, "",
           "this replica's name in its audit chain (file names and lines); default with "
           "--metadata=postgresql: the host name (give replicas on one host distinct ids)");
@@ -249,6 +257,13 @@ int Run() {
   if (!creds.ok()) return fail("startup.tls", creds.status());
   bool tls = !absl::GetFlag(FLAGS_tls_cert).empty();
   if (absl::Status s = CheckListenAddress(listen, tls); !s.ok()) return fail("startup.listen", s);
+  // Before anything else is opened: a live server on our Unix socket means this start is a
+  // mistake (a second custodyd, another state dir); say so rather than take its socket over.
+  if (absl::StartsWith(listen, "unix:") && listen.size() > 5) {
+    if (absl::Status s = ReplaceStaleSocket(listen.substr(5)); !s.ok()) {
+      return fail("startup.listen", s);
+    }
+  }
 
   const bool embedded = absl::GetFlag(FLAGS_pkcs11_module).empty();
   std::string module = embedded ? kDefaultSoftHsmModule : absl::GetFlag(FLAGS_pkcs11_module);
@@ -327,6 +342,19 @@ int Run() {
   key_options.shared_store = metadata->shared;
   key_options.max_staleness = absl::GetFlag(FLAGS_max_metadata_staleness);
   key_options.retired_sign_grace = absl::GetFlag(FLAGS_retired_sign_grace);
+  for (auto [flag, value, out] :
+       {std::tuple{"--min_destroy_delay", absl::GetFlag(FLAGS_min_destroy_delay),
+                   &key_options.floors.min_destroy_delay_ms},
+        std::tuple{"--min_retain", absl::GetFlag(FLAGS_min_retain),
+                   &key_options.floors.min_retain_ms},
+        std::tuple{"--min_rotation_period", absl::GetFlag(FLAGS_min_rotation_period),
+                   &key_options.floors.min_rotation_period_ms}}) {
+    if (value < absl::ZeroDuration()) {
+      return fail("startup.flags",
+                  absl::InvalidArgumentError(absl::StrCat(flag, " must not be negative")));
+    }
+    *out = absl::ToInt64Milliseconds(value);
+  }
   // A few re-reads per staleness period, so that one slow read does not fail the replica.
   key_options.refresh_interval =
       std::clamp(key_options.max_staleness / 4, absl::Milliseconds(200), absl::Seconds(5));
@@ -386,9 +414,10 @@ int Run() {
     if (!listener.ok()) return fail("startup.listen", listener.status());
     unix_listener = *std::move(listener);
   } else {
-    if (absl::StartsWith(listen, "unix:")) {
-      std::error_code ec;
-      std::filesystem::remove(listen.substr(5), ec);  // a stale socket from a killed run
+    if (absl::StartsWith(listen, "unix:")) {  // only a stale socket from a killed run goes
+      if (absl::Status s = ReplaceStaleSocket(listen.substr(5)); !s.ok()) {
+        return fail("startup.listen", s);
+      }
     }
     builder.AddListeningPort(listen, *creds);
   }
@@ -503,6 +532,8 @@ int Run() {
       }
       Log(LogLevel::kInfo, "custodyd.shutdown", {{"signal", absl::StrCat(sig)}});
       NotifySystemd("STOPPING=1");
+      guard.BeginShutdown();  // new calls: UNAVAILABLE "shutting down", so clients fail over
+      server->GetHealthCheckService()->SetServingStatus(false);
       (*keys)->StopScheduler();
       if (unix_listener != nullptr) unix_listener->Stop();
       server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));

@@ -6,6 +6,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/caller_message.h"
+#include "common/log.h"
 #include "openssl/crypto.h"
 
 namespace custody::server {
@@ -99,7 +101,13 @@ constexpr char kOrphansResource[] = ".orphans";
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+  if (HasCallerMessage(status)) {
+    // Driver text, server paths: the log has them, the caller gets the short message.
+    Log(LogLevel::kWarning, "call.failed",
+        {{"code", absl::StatusCodeToString(status.code())},
+         {"error", std::string(status.message())}});
+  }
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), CallerMessage(status));
 }
 
 template <typename Request, typename Result, typename ContentOf, typename Operation>

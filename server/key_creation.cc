@@ -213,6 +213,9 @@ absl::StatusOr<v1::KeyRing> KeyService::CreateKeyRing(const v1::CreateKeyRingReq
     if (absl::Status s = rotation::ValidatePolicy(ring.record.policy); !s.ok()) return s;
     ring.record.policy_explicit = true;
   }
+  if (absl::Status s = rotation::CheckPolicyFloors(ring.record.policy, options_.floors); !s.ok()) {
+    return s;
+  }
   if (absl::Status s = ResolveProfile(ring); !s.ok()) return s;
   if (absl::Status s = token_support_.CheckServes(ring.record.alg); !s.ok()) return s;
   const pkcs11::KeySpec& spec =
@@ -312,9 +315,22 @@ absl::StatusOr<v1::KeyRing> KeyService::ImportKeyVersion(
   if (absl::Status s = CheckKeyFitsRing(imported->pkey.get(), base.record, spec); !s.ok()) {
     return s;
   }
+  // The key's own thumbprint too: importing a compromised version's key again (under its
+  // thumbprint or any kid) would put it back into the JWKS.
+  auto public_jwk = jose::PublicJwkFromPkey(imported->pkey.get());
+  if (!public_jwk.ok()) return public_jwk.status();
+  auto thumbprint = jose::Rfc7638Thumbprint(*public_jwk);
+  if (!thumbprint.ok()) return thumbprint.status();
+  const std::string public_json = public_jwk->Serialize();
   uint32_t next = 1;
   for (const Version& v : base.versions) {
     next = std::max(next, v.record.version + 1);
+    const bool same_key = v.record.kid == *thumbprint || v.record.public_jwk == public_json;
+    if (same_key && v.record.compromised) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the imported key is version ", v.record.version, " of ring '", base.record.name,
+          "', which is compromised; a compromised key never returns"));
+    }
     if (!imported->kid.empty() && v.record.kid == imported->kid) {
       return absl::AlreadyExistsError(absl::StrCat(
           "ring '", base.record.name, "' already has a version with kid '", imported->kid, "'"));

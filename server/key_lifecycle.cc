@@ -42,7 +42,39 @@ absl::Status WrongState(const std::string& ring, uint32_t version, VersionState 
                                                     "' is ", VersionStateName(state), ": ", what));
 }
 
+// A compromised version never returns to service: it may only be destroyed.
+absl::Status RefuseCompromised(const std::string& ring, const VersionRecord& v,
+                               absl::string_view operation) {
+  if (!v.compromised) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("version ", v.version, " of ring '", ring, "' is compromised: it cannot be ",
+                   operation, "; a compromised version may only be destroyed"));
+}
+
 }  // namespace
+
+void KeyService::ApplyFloors(Ring& ring, bool log) const {
+  bool raised = false;
+  rotation::RotationPolicy effective =
+      rotation::RaiseToFloors(ring.record.policy, options_.floors, &raised);
+  if (!raised) return;
+  if (log) {
+    const rotation::RotationPolicy& stored = ring.record.policy;
+    Log(LogLevel::kWarning, "ring.policy_below_floor",
+        {{"ring", ring.record.name},
+         {"stored",
+          absl::StrCat("retain=", rotation::FormatDurationMs(stored.retain_ms),
+                       " destroy_delay=", rotation::FormatDurationMs(stored.destroy_delay_ms),
+                       " rotation_period=", rotation::FormatDurationMs(stored.rotation_period_ms))},
+         {"effective",
+          absl::StrCat(
+              "retain=", rotation::FormatDurationMs(effective.retain_ms),
+              " destroy_delay=", rotation::FormatDurationMs(effective.destroy_delay_ms),
+              " rotation_period=", rotation::FormatDurationMs(effective.rotation_period_ms))},
+         {"action", "running with the floors; set-policy stores a policy that meets them"}});
+  }
+  ring.record.policy = effective;
+}
 
 KeyService::Version* KeyService::Ring::Find(uint32_t version) {
   for (Version& v : versions) {
@@ -78,12 +110,13 @@ void KeyService::Ring::Reindex() {
 
 std::vector<const KeyService::Version*> KeyService::Ring::Published() const {
   std::vector<const Version*> out;
-  if (active >= 0 && versions[static_cast<size_t>(active)].key != nullptr) {
+  if (active >= 0 && versions[static_cast<size_t>(active)].key != nullptr &&
+      !versions[static_cast<size_t>(active)].record.compromised) {
     out.push_back(&versions[static_cast<size_t>(active)]);
   }
   for (const Version& v : versions) {
     if (v.record.state != VersionState::kActive && rotation::IsPublishedState(v.record.state) &&
-        v.key != nullptr) {
+        v.key != nullptr && !v.record.compromised) {
       out.push_back(&v);
     }
   }
@@ -236,8 +269,8 @@ absl::StatusOr<uint32_t> KeyService::AddVersion(const std::string& name, Activat
   return next;
 }
 
-absl::Status KeyService::Promote(const std::string& name, uint32_t version,
-                                 bool compromise_active) {
+absl::Status KeyService::Promote(const std::string& name, uint32_t version, bool compromise_active,
+                                 std::string* pending_error) {
   uint32_t old_version = 0;
   auto result = MutateRing(name, [&](Ring& ring, rotation::Mutation& m) -> absl::Status {
     Version* pending = ring.Find(version);
@@ -271,14 +304,24 @@ absl::Status KeyService::Promote(const std::string& name, uint32_t version,
        {"active_version", absl::StrCat(version)},
        {"previous_version", absl::StrCat(old_version)},
        {"previous_state", compromise_active ? "DESTROY_SCHEDULED (compromised)" : "RETIRED"}});
-  // The next key is pre-published at once, so that it has aged by the next rotation.
-  if (auto added = AddVersion(name, Activation::kPending); !added.ok()) {
-    Log(LogLevel::kError, "ring.pending_failed",
-        {{"ring", name},
-         {"error", std::string(added.status().message())},
-         {"action", "the scheduler retries"}});
-  }
+  // The next key is pre-published at once, so that it has aged by the next rotation. Its failure
+  // does not undo the committed promotion: it is reported (and the scheduler retries).
+  AddPendingAfter(name, pending_error);
   return absl::OkStatus();
+}
+
+void KeyService::AddPendingAfter(const std::string& name, std::string* pending_error) {
+  auto added = AddVersion(name, Activation::kPending);
+  if (added.ok()) return;
+  Log(LogLevel::kError, "ring.pending_failed",
+      {{"ring", name},
+       {"error", std::string(added.status().message())},
+       {"action", "the scheduler retries"}});
+  if (pending_error != nullptr) {
+    *pending_error =
+        absl::StrCat("creating the next PENDING version failed (the scheduler retries): ",
+                     added.status().message());
+  }
 }
 
 absl::Status KeyService::DestroyVersion(const std::string& name, uint32_t version) {
@@ -322,6 +365,7 @@ absl::StatusOr<v1::KeyRing> KeyService::UpdateRotationPolicy(
       request.policy().prepublish_ms(), request.policy().rotation_period_ms(),
       request.policy().retain_ms(), request.policy().destroy_delay_ms()};
   if (absl::Status s = rotation::ValidatePolicy(policy); !s.ok()) return s;
+  if (absl::Status s = rotation::CheckPolicyFloors(policy, options_.floors); !s.ok()) return s;
   absl::MutexLock admin(&admin_mu_);
   if (absl::Status s = SyncShared(); !s.ok()) return s;
   auto updated = MutateRing(request.ring(), [&](Ring& ring, rotation::Mutation& m) {
@@ -337,11 +381,9 @@ absl::StatusOr<v1::KeyRing> KeyService::UpdateRotationPolicy(
        {"rotation_period_ms", absl::StrCat(policy.rotation_period_ms)},
        {"retain_ms", absl::StrCat(policy.retain_ms)},
        {"destroy_delay_ms", absl::StrCat(policy.destroy_delay_ms)}});
-  if ((*updated)->NewestPending() == nullptr) {
-    if (auto added = AddVersion(request.ring(), Activation::kPending); !added.ok()) {
-      return added.status();
-    }
-  }
+  // The policy is committed: a failure to pre-publish the next key does not undo it (the ring
+  // shows no PENDING version; the failure is logged and the scheduler retries).
+  if ((*updated)->NewestPending() == nullptr) AddPendingAfter(request.ring(), nullptr);
   auto latest = FindRing(request.ring());
   if (!latest.ok()) return latest.status();
   return ToProto(**latest);
@@ -352,30 +394,35 @@ absl::StatusOr<v1::RotateKeyRingResponse> KeyService::RotateLocked(const std::st
   auto ring = FindRing(name);
   if (!ring.ok()) return ring.status();
   v1::RotateKeyRingResponse out;
+  std::string pending_error;
   const Version* pending = (*ring)->NewestPending();
   if (pending == nullptr) {
     if (force) {
       // No pre-published key: make a fresh one ACTIVE at once (verifiers may need a refresh).
+      // A failure here changes nothing (AddVersion rolls back); a failure of the follow-up
+      // PENDING version does not undo the committed rotation, so the answer is OK and says so.
       auto added = AddVersion(name, Activation::kReplaceActive);
       if (!added.ok()) return added.status();
-      if (auto next = AddVersion(name, Activation::kPending); !next.ok()) return next.status();
-      out.set_rotated(true);
+      AddPendingAfter(name, &pending_error);
       out.set_message(
           absl::StrCat("forced: new version ", *added, " is ACTIVE without pre-publication"));
     } else {
+      // Nothing to promote: pre-publish the next key now, and say that the ring did not rotate
+      // (and what was created), so that a script does not take it for a rotation.
       auto added = AddVersion(name, Activation::kPending);
       if (!added.ok()) return added.status();
       auto latest = FindRing(name);
       if (!latest.ok()) return latest.status();
       const Version* v = (*latest)->Find(*added);
-      int64_t eligible = v->record.publish_time + (*latest)->record.policy.prepublish_ms;
-      out.set_rotated(false);
-      out.set_eligible_time_ms(eligible);
-      out.set_message(absl::StrCat("created PENDING version ", *added, "; it can be promoted from ",
-                                   FormatMs(eligible)));
+      const int64_t eligible = v->record.publish_time + (*latest)->record.policy.prepublish_ms;
+      return absl::FailedPreconditionError(absl::StrCat(
+          "ring '", name, "' was not rotated: it had no PENDING version, so version ", *added,
+          " was created and published now; it can be promoted from ", FormatMs(eligible),
+          " (prepublish ", rotation::FormatDurationMs((*latest)->record.policy.prepublish_ms),
+          "); rotate again then, or with force"));
     }
   } else {
-    int64_t eligible = pending->record.publish_time + (*ring)->record.policy.prepublish_ms;
+    const int64_t eligible = pending->record.publish_time + (*ring)->record.policy.prepublish_ms;
     if (!force) {
       if (absl::Status gate = RotationCertificateGate((*ring)->record, pending->record);
           !gate.ok()) {
@@ -383,18 +430,21 @@ absl::StatusOr<v1::RotateKeyRingResponse> KeyService::RotateLocked(const std::st
       }
     }
     if (!force && NowMs() < eligible) {
-      out.set_rotated(false);
-      out.set_eligible_time_ms(eligible);
-      out.set_message(absl::StrCat("PENDING version ", pending->record.version,
-                                   " has not been published for prepublish yet; it can be "
-                                   "promoted from ",
-                                   FormatMs(eligible), " (or use force)"));
-    } else {
-      uint32_t promoted = pending->record.version;
-      if (absl::Status s = Promote(name, promoted, false); !s.ok()) return s;
-      out.set_rotated(true);
-      out.set_message(absl::StrCat("version ", promoted, " is ACTIVE"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("ring '", name, "' was not rotated: PENDING version ",
+                       pending->record.version, " has not been published for prepublish (",
+                       rotation::FormatDurationMs((*ring)->record.policy.prepublish_ms),
+                       ") yet; it can be promoted from ", FormatMs(eligible),
+                       "; rotate again then, or with force"));
     }
+    uint32_t promoted = pending->record.version;
+    if (absl::Status s = Promote(name, promoted, false, &pending_error); !s.ok()) return s;
+    out.set_message(absl::StrCat("version ", promoted, " is ACTIVE"));
+  }
+  out.set_rotated(true);
+  if (!pending_error.empty()) {
+    out.set_pending_error(pending_error);
+    absl::StrAppend(out.mutable_message(), "; ", pending_error);
   }
   if (force) {
     Log(LogLevel::kWarning, "ring.rotate_forced", {{"ring", name}, {"result", out.message()}});
@@ -402,6 +452,7 @@ absl::StatusOr<v1::RotateKeyRingResponse> KeyService::RotateLocked(const std::st
   auto latest = FindRing(name);
   if (!latest.ok()) return latest.status();
   *out.mutable_ring() = ToProto(**latest);
+  out.set_active_version(out.ring().active_version());
   return out;
 }
 
@@ -418,6 +469,8 @@ absl::StatusOr<v1::KeyRing> KeyService::DisableKeyVersion(const v1::KeyVersionRe
   auto ring = MutateRing(request.ring(), [&](Ring& r, rotation::Mutation& m) -> absl::Status {
     Version* v = r.Find(request.version());
     if (v == nullptr) return VersionNotFound(request.ring(), request.version());
+    if (absl::Status s = RefuseCompromised(request.ring(), v->record, "disabled"); !s.ok())
+      return s;
     if (v->record.state == VersionState::kActive) {
       return WrongState(request.ring(), request.version(), v->record.state,
                         "the ACTIVE version cannot be disabled; rotate first");
@@ -443,6 +496,7 @@ absl::StatusOr<v1::KeyRing> KeyService::EnableKeyVersion(const v1::KeyVersionReq
   auto ring = MutateRing(request.ring(), [&](Ring& r, rotation::Mutation& m) -> absl::Status {
     Version* v = r.Find(request.version());
     if (v == nullptr) return VersionNotFound(request.ring(), request.version());
+    if (absl::Status s = RefuseCompromised(request.ring(), v->record, "enabled"); !s.ok()) return s;
     if (v->record.state != VersionState::kDisabled) {
       return WrongState(request.ring(), request.version(), v->record.state,
                         "only DISABLED versions can be enabled");
@@ -506,6 +560,11 @@ absl::StatusOr<v1::KeyRing> KeyService::CancelKeyVersionDestruction(
   auto ring = MutateRing(request.ring(), [&](Ring& r, rotation::Mutation& m) -> absl::Status {
     Version* v = r.Find(request.version());
     if (v == nullptr) return VersionNotFound(request.ring(), request.version());
+    if (absl::Status s =
+            RefuseCompromised(request.ring(), v->record, "returned to service (cancel-destroy)");
+        !s.ok()) {
+      return s;
+    }
     if (v->record.state != VersionState::kDestroyScheduled) {
       return WrongState(request.ring(), request.version(), v->record.state,
                         "only a DESTROY_SCHEDULED version can be cancelled");
@@ -542,16 +601,14 @@ absl::StatusOr<v1::KeyRing> KeyService::CompromiseKeyVersion(
     // Replace it now: the pre-published key if there is one (verifiers that fetched the JWKS
     // since it was published keep working), else a fresh key. The ring is never without an
     // ACTIVE version, so the old one signs until the single commit that swaps them.
+    // A failure of the follow-up PENDING version does not undo the committed swap: the answer
+    // is the ring as committed (compromised version unpublished, new ACTIVE), the failure logged.
     const Version* pending = (*ring)->NewestPending();
     absl::Status s = pending != nullptr
-                         ? Promote(request.ring(), pending->record.version, true)
+                         ? Promote(request.ring(), pending->record.version, true, nullptr)
                          : AddVersion(request.ring(), Activation::kReplaceCompromised).status();
     if (!s.ok()) return s;
-    if (pending == nullptr) {
-      if (auto next = AddVersion(request.ring(), Activation::kPending); !next.ok()) {
-        return next.status();
-      }
-    }
+    if (pending == nullptr) AddPendingAfter(request.ring(), nullptr);
   } else {
     auto updated = MutateRing(request.ring(), [&](Ring& r, rotation::Mutation& m) {
       Version* target = r.Find(request.version());
@@ -649,7 +706,7 @@ int64_t KeyService::RunDueTransitions() {
               break;
             }
           }
-          s = Promote(name, action.version, false);
+          s = Promote(name, action.version, false, nullptr);
           break;
         case rotation::ActionKind::kScheduleDestruction:
           s = MutateRing(name, [&](Ring& r, rotation::Mutation& m) -> absl::Status {

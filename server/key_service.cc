@@ -102,6 +102,7 @@ absl::Status KeyService::Load() {
       return absl::DataLossError(
           absl::StrCat("metadata for ring '", ring.record.name, "' is invalid: ", s.message()));
     }
+    ApplyFloors(ring, /*log=*/true);
     std::string name = ring.record.name;
     rings.emplace(name, std::move(ring));
   }

@@ -51,6 +51,10 @@ class KeyService {
     // Signer.Sign pinned to the version ACTIVE before a rotation still signs this long after
     // it (TLS handshakes in flight; PinnedVersionMaySign).
     absl::Duration retired_sign_grace = absl::Seconds(30);
+    // Every policy a ring gets (CreateKeyRing, UpdateRotationPolicy) must reach these floors
+    // (INVALID_ARGUMENT naming the field and the bound); a stored ring below them (from before
+    // the floors, or from a replica with lower ones) is run with its policy raised to them.
+    rotation::PolicyFloors floors;
   };
 
   // Loads rings from `store`, resolves every version's token object once, and reconciles:
@@ -180,6 +184,8 @@ class KeyService {
   // Fills the ring's profile from its record (alg, rsa_bits, curve). INVALID_ARGUMENT with the
   // reason when they do not form a supported combination.
   static absl::Status ResolveProfile(Ring& ring);
+  // Raises a stored ring's policy to options_.floors (see Options::floors); logs it when `log`.
+  void ApplyFloors(Ring& ring, bool log) const;
   // Puts the key of `record` (CREATING, durable already) into the token: generated, or imported
   // from `import` when not null. Reads the public key back and fills kid and public_jwk.
   absl::StatusOr<Version> MaterializeVersion(const Ring& ring, rotation::VersionRecord record,
@@ -216,8 +222,13 @@ class KeyService {
   absl::StatusOr<uint32_t> AddVersion(const std::string& name, Activation activation)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
   // Promotes PENDING `version`; the ACTIVE one becomes RETIRED (or compromised). Then adds the
-  // next PENDING version. Requires admin_mu_.
-  absl::Status Promote(const std::string& name, uint32_t version, bool compromise_active)
+  // next PENDING version: its failure leaves the promotion committed, OK is returned and the
+  // reason is put in *pending_error (when not null). Requires admin_mu_.
+  absl::Status Promote(const std::string& name, uint32_t version, bool compromise_active,
+                       std::string* pending_error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
+  // Adds the ring's next PENDING version after a committed change; a failure is logged
+  // (ring.pending_failed; the scheduler retries) and described in *pending_error when not null.
+  void AddPendingAfter(const std::string& name, std::string* pending_error)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
   // DESTROY_SCHEDULED/DESTROYING → DESTROYING (durable) → token objects deleted → DESTROYED.
   absl::Status DestroyVersion(const std::string& name, uint32_t version)

@@ -88,6 +88,11 @@ absl::StatusOr<const KeyService::Version*> KeyService::ActiveVersion(const Ring&
         absl::StrCat("ring '", ring.record.name, "' has no active version"));
   }
   const Version& v = ring.versions[static_cast<size_t>(ring.active)];
+  if (v.record.compromised) {  // never so by construction; a tampered store must not sign
+    return absl::FailedPreconditionError(absl::StrCat("version ", v.record.version, " of ring '",
+                                                      ring.record.name,
+                                                      "' is compromised: it never signs"));
+  }
   if (v.key == nullptr) {
     return absl::UnavailableError(absl::StrCat("the token object of ring '", ring.record.name,
                                                "' version ", v.record.version,

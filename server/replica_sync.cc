@@ -100,6 +100,7 @@ absl::Status KeyService::RefreshLocked() {
           {{"ring", ring.record.name}, {"error", std::string(s.message())}});
       continue;
     }
+    ApplyFloors(ring, /*log=*/false);
     bool complete = true;
     for (VersionRecord& v : versions_by_ring[ring.record.name]) {
       if (v.state == VersionState::kCreating) continue;  // shown once it completes

@@ -3,6 +3,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/caller_message.h"
 #include "server/unix_listener.h"
 
 namespace custody::server {
@@ -42,8 +43,13 @@ bool RequestGuard::Allows(const std::string& identity, absl::string_view operati
   return policy != nullptr && policy->Allows(identity, operation, ring);
 }
 
+absl::Status RequestGuard::ShuttingDown() {
+  return absl::UnavailableError("custodyd is shutting down; retry on another replica");
+}
+
 absl::Status RequestGuard::Authorize(const std::string& identity, absl::string_view operation,
                                      absl::string_view ring) const {
+  if (shutting_down_.load()) return ShuttingDown();
   if (Allows(identity, operation, ring)) return absl::OkStatus();
   return absl::PermissionDeniedError(
       absl::StrCat("permission denied: '", identity, "' may not ", operation, " on '", ring, "'"));
@@ -52,6 +58,7 @@ absl::Status RequestGuard::Authorize(const std::string& identity, absl::string_v
 absl::Status RequestGuard::AuthorizeAnyRing(const std::string& identity,
                                             absl::string_view operation,
                                             absl::string_view what) const {
+  if (shutting_down_.load()) return ShuttingDown();
   std::shared_ptr<const AccessPolicy> policy = policy_->Get();
   if (policy != nullptr && policy->AllowsAnyRing(identity, operation)) return absl::OkStatus();
   return absl::PermissionDeniedError(
@@ -68,7 +75,7 @@ void SetResult(AuditEvent& event, const grpc::Status& result) {
 grpc::Status AuditFailure(const absl::Status& written) {
   return grpc::Status(
       grpc::StatusCode::UNAVAILABLE,
-      absl::StrCat("refused: the audit log cannot record it (", written.message(), ")"));
+      absl::StrCat("refused: the audit log cannot record it (", CallerMessage(written), ")"));
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #ifndef CUSTODY_SERVER_REQUEST_GUARD_H_
 #define CUSTODY_SERVER_REQUEST_GUARD_H_
 
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -55,7 +56,14 @@ class RequestGuard {
 
   bool healthy() const { return audit_->healthy(); }
 
+  // From now on every call is answered UNAVAILABLE "custodyd is shutting down" (audited), so
+  // that clients fail over to another replica rather than see CANCELLED. custodyd calls it on
+  // SIGTERM before it stops the server.
+  void BeginShutdown() { shutting_down_.store(true); }
+  static absl::Status ShuttingDown();
+
  private:
+  std::atomic<bool> shutting_down_{false};
   const PolicyStore* const policy_;
   AuditLog* const audit_;
   RequestMetrics* const metrics_;

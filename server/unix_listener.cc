@@ -36,15 +36,7 @@ absl::StatusOr<std::unique_ptr<UnixListener>> UnixListener::Listen(const std::st
                                                    sizeof(addr.sun_path) - 1, " bytes"));
   }
   std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  struct stat st {};
-  if (lstat(path.c_str(), &st) == 0) {
-    // Only a socket left by a killed run is replaced: never unlink a file someone else put there.
-    if (!S_ISSOCK(st.st_mode)) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("'", path, "' exists and is not a socket; refusing to replace it"));
-    }
-    if (unlink(path.c_str()) != 0) return Errno("cannot remove stale socket", path);
-  }
+  if (absl::Status s = ReplaceStaleSocket(path); !s.ok()) return s;
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) return Errno("socket() for", path);
   // The socket file is created with mode 0600 (umask) and widened to `mode` once bound, so that
@@ -64,7 +56,49 @@ absl::StatusOr<std::unique_ptr<UnixListener>> UnixListener::Listen(const std::st
     unlink(path.c_str());
     return s;
   }
-  return std::unique_ptr<UnixListener>(new UnixListener(path, fd, pipe_fds[0], pipe_fds[1]));
+  auto listener =
+      std::unique_ptr<UnixListener>(new UnixListener(path, fd, pipe_fds[0], pipe_fds[1]));
+  struct stat bound {};
+  if (stat(path.c_str(), &bound) == 0) {  // what Stop removes: this socket file, no other
+    listener->dev_ = bound.st_dev;
+    listener->ino_ = bound.st_ino;
+  }
+  return listener;
+}
+
+absl::Status ReplaceStaleSocket(const std::string& path) {
+  struct stat st {};
+  if (lstat(path.c_str(), &st) != 0) return absl::OkStatus();
+  // Only a socket left by a killed run is replaced: never unlink a file someone else put there,
+  // nor the socket of a server that is alive.
+  if (!S_ISSOCK(st.st_mode)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("'", path, "' exists and is not a socket; refusing to replace it"));
+  }
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path)) {
+    return absl::InvalidArgumentError(absl::StrCat("Unix socket path '", path, "' is too long"));
+  }
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (probe < 0) return Errno("socket() for", path);
+  int rc = connect(probe, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  int connect_errno = errno;
+  close(probe);
+  if (rc == 0 || connect_errno == EAGAIN) {  // EAGAIN: alive, its backlog full
+    return absl::FailedPreconditionError(
+        absl::StrCat("another custodyd is listening on ", path,
+                     "; stop it first, or give this one another --listen (or --state_dir)"));
+  }
+  if (connect_errno != ECONNREFUSED) {
+    errno = connect_errno;
+    return Errno("cannot tell whether a server listens on", path);
+  }
+  // Refused: nothing listens; a socket left by a killed run.
+  if (unlink(path.c_str()) != 0) return Errno("cannot remove stale socket", path);
+  Log(LogLevel::kWarning, "unix_listener.stale_socket_replaced", {{"path", path}});
+  return absl::OkStatus();
 }
 
 UnixListener::UnixListener(std::string path, int listen_fd, int wake_read, int wake_write)
@@ -90,7 +124,15 @@ void UnixListener::Stop() {
   if (thread_.joinable()) thread_.join();
   close(listen_fd_);
   listen_fd_ = -1;
-  unlink(path_.c_str());
+  // Remove the socket file only if it is still ours: another server may have replaced it (after
+  // this one was thought dead), and unlinking its socket would make it unreachable.
+  struct stat st {};
+  if (lstat(path_.c_str(), &st) == 0 && st.st_dev == dev_ && st.st_ino == ino_) {
+    unlink(path_.c_str());
+  } else {
+    Log(LogLevel::kWarning, "unix_listener.socket_not_removed",
+        {{"path", path_}, {"reason", "the file there is no longer this server's socket"}});
+  }
 }
 
 void UnixListener::AcceptLoop(grpc::Server* server) {

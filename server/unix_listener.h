@@ -23,8 +23,9 @@ namespace custody::server {
 
 class UnixListener {
  public:
-  // Binds and listens on `path` (a stale socket file is replaced; anything else there is
-  // refused), mode `mode` (0660: the owner and its group may connect; policy decides the rest).
+  // Binds and listens on `path` (ReplaceStaleSocket first: a live server's socket or any other
+  // file there is refused), mode `mode` (0660: the owner and its group may connect; policy
+  // decides the rest). The socket's st_dev/st_ino are recorded for Stop.
   static absl::StatusOr<std::unique_ptr<UnixListener>> Listen(const std::string& path, mode_t mode);
   ~UnixListener();
   UnixListener(const UnixListener&) = delete;
@@ -32,7 +33,8 @@ class UnixListener {
 
   // Starts the accept thread: every connection becomes a channel of `server`.
   void Serve(grpc::Server* server);
-  // Stops accepting (the thread ends and the socket file is removed); established connections
+  // Stops accepting (the thread ends and the socket file is removed if it is still the one
+  // this listener bound: same st_dev/st_ino; else left and logged); established connections
   // belong to the gRPC server from then on. Call before grpc::Server::Shutdown.
   void Stop();
 
@@ -49,7 +51,14 @@ class UnixListener {
   int wake_write_;
   std::thread thread_;
   std::atomic<uint64_t> accepted_{0};
+  dev_t dev_ = 0;  // of the socket file bound by Listen
+  ino_t ino_ = 0;
 };
+
+// Prepares `path` for a new listening socket: nothing there is fine; a socket nobody listens on
+// (connect() refused: left by a killed run) is unlinked; a socket a live server answers on is
+// FAILED_PRECONDITION "another custodyd is listening on PATH"; any other file is refused.
+absl::Status ReplaceStaleSocket(const std::string& path);
 
 // The uid that connected the socket behind a gRPC peer string "fd:N" made by UnixListener;
 // nullopt for any other peer, or when the descriptor is not a Unix socket.

@@ -31,7 +31,7 @@ class CertificateTest : public ::testing::Test {
                                R"("], "operations": ["admin.certificate"],
        "rings": ["tls/**"]}]})");
     chmod(policy.c_str(), 0600);
-    daemon_ = new Custodyd(Path("state"), {"--policy_file=" + policy});
+    daemon_ = new Custodyd(Path("state"), WithLowPolicyFloors({"--policy_file=" + policy}));
     ASSERT_TRUE(daemon_->started()) << daemon_->log();
     for (const auto& [ring, alg] :
          std::vector<std::pair<std::string, std::string>>{{"tls/es256", "--alg=ES256"},
@@ -223,7 +223,8 @@ TEST_F(CertificateTest, CertificateSetAcceptsTheChainAndTheJwksCarriesX5c) {
 
   // Durable: still there after a restart.
   delete daemon_;
-  daemon_ = new Custodyd(Path("state"), {"--policy_file=" + Path("policy.json")});
+  daemon_ =
+      new Custodyd(Path("state"), WithLowPolicyFloors({"--policy_file=" + Path("policy.json")}));
   ASSERT_TRUE(daemon_->started()) << daemon_->log();
   r = Ctl({"jwks", "tls/mtls"});
   EXPECT_NE(r.out.find("\"x5t#S256\":\"" + thumbprint + "\""), std::string::npos) << r.out;

@@ -16,6 +16,7 @@
 #include <sstream>
 #include <thread>
 
+#include "absl/time/time.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
 
@@ -253,6 +254,30 @@ std::string VerifyWithOpenSsl(const std::string& jwks, const std::string& jws) {
   CommandResult r = RunCommand(cmd);
   if (r.exit_code != 0) return "openssl " + alg + ": " + r.out + r.err;
   return "";
+}
+
+std::vector<std::string> WithLowPolicyFloors(std::vector<std::string> flags) {
+  for (const char* floor : {"--min_destroy_delay=0", "--min_retain=0", "--min_rotation_period=0"}) {
+    flags.push_back(floor);
+  }
+  return flags;
+}
+
+int64_t NotRotatedUntilMs(const grpc::Status& status) {
+  const std::string& message = status.error_message();
+  const std::string marker = "can be promoted from ";
+  size_t at = message.find(marker);
+  if (status.error_code() != grpc::StatusCode::FAILED_PRECONDITION ||
+      message.find("was not rotated") == std::string::npos || at == std::string::npos) {
+    return -1;
+  }
+  absl::Time time;
+  std::string error;
+  if (!absl::ParseTime("%Y-%m-%dT%H:%M:%E*SZ", message.substr(at + marker.size(), 24), &time,
+                       &error)) {
+    return -1;
+  }
+  return absl::ToUnixMillis(time);
 }
 
 }  // namespace custody::testing

@@ -88,6 +88,15 @@ class Custodyd {
   std::unique_ptr<custody::v1::KeyAdmin::Stub> admin_;
 };
 
+// `flags` plus the custodyd flags that lower the policy floors (--min_destroy_delay,
+// --min_retain, --min_rotation_period) to zero: for tests whose rings rotate, unpublish and
+// destroy keys within seconds. Floors are only ever lowered by these flags, never by a switch.
+std::vector<std::string> WithLowPolicyFloors(std::vector<std::string> flags = {});
+
+// From RotateKeyRing's FAILED_PRECONDITION "ring 'R' was not rotated: ... it can be promoted
+// from 2026-01-02T03:04:05.678Z ...": that time in Unix ms; -1 when `status` is not such an answer.
+int64_t NotRotatedUntilMs(const grpc::Status& status);
+
 // Verifies with python3-jwcrypto; returns "" on success, else the reason. On success *payload
 // receives the payload jwcrypto extracted.
 std::string VerifyWithJwcrypto(const std::string& jwks, const std::string& jws,

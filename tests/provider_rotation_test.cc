@@ -127,8 +127,9 @@ class ProviderRotationTest : public ::testing::Test {
   static void SetUpTestSuite() {
     if (kSanitized) return;
     dir_ = new TempDir();
-    daemon_ =
-        new Custodyd(Path("state"), {"--retired_sign_grace=" + std::to_string(kGraceMs) + "ms"});
+    daemon_ = new Custodyd(
+        Path("state"),
+        WithLowPolicyFloors({"--retired_sign_grace=" + std::to_string(kGraceMs) + "ms"}));
     ASSERT_TRUE(daemon_->started()) << daemon_->log();
     CommandResult r =
         RunCommand({"openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",

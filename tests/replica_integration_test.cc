@@ -132,8 +132,9 @@ class ReplicaTest : public ::testing::Test {
     ASSERT_TRUE(Cluster()->CreateDatabase(db_).ok());
   }
   std::vector<std::string> MetadataFlags() const {
-    return {"--metadata=" + Cluster()->Uri(db_),
-            "--metadata_password_file=" + Cluster()->password_file()};
+    // The tests' rings rotate and retire within seconds: the policy floors are lowered.
+    return WithLowPolicyFloors({"--metadata=" + Cluster()->Uri(db_),
+                                "--metadata_password_file=" + Cluster()->password_file()});
   }
 
   static grpc::Status CreateEs256(Custodyd& d, const std::string& name, v1::KeyRing* out) {

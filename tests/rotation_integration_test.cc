@@ -536,7 +536,7 @@ void RecordUse(std::map<std::string, KidUse>& uses, const std::string& kid, Cloc
 
 TEST(RotationSoakTest, TokensVerifyAndJwesDecryptAcrossFiftyRotationsWithCachingClients) {
   TempDir dir;
-  Custodyd d(dir.path() + "/state");
+  Custodyd d(dir.path() + "/state", WithLowPolicyFloors());
   ASSERT_TRUE(d.started()) << d.log();
   const v1::RotationPolicy policy =
       Policy(kSoakPrepublishMs, kSoakPeriodMs, kSoakRetainMs, kSoakDestroyDelayMs);
@@ -833,7 +833,7 @@ TEST(RotationSoakTest, TokensVerifyAndJwesDecryptAcrossFiftyRotationsWithCaching
 class RotationOpsTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    daemon_ = std::make_unique<Custodyd>(state());
+    daemon_ = std::make_unique<Custodyd>(state(), WithLowPolicyFloors());
     ASSERT_TRUE(daemon_->started()) << daemon_->log();
   }
   std::string state() const { return dir_.path() + "/state"; }
@@ -985,17 +985,18 @@ TEST_F(RotationOpsTest, RotateWaitsUntilThePendingVersionWasPublishedForPrepubli
   const v1::KeyVersion v1_version = *FindVersion(ring, 1);
   const v1::KeyVersion pending = *OnlyInState(ring, v1::PENDING);
 
+  // Too early: FAILED_PRECONDITION saying when it can be, and nothing changes.
   v1::RotateKeyRingResponse early;
   grpc::Status s = Rotate(d(), "op/rotate", false, &early);
-  ASSERT_TRUE(s.ok()) << s.error_message();
-  EXPECT_FALSE(early.rotated());
-  EXPECT_NEAR(early.eligible_time_ms(), pending.publish_time_ms() + 1000, 5);
-  EXPECT_GT(early.eligible_time_ms(), UnixMs()) << "the test was too slow to see it ineligible";
-  EXPECT_EQ(early.ring().active_version(), 1u);
+  ASSERT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+  const int64_t eligible = NotRotatedUntilMs(s);
+  EXPECT_NEAR(eligible, pending.publish_time_ms() + 1000, 5) << s.error_message();
+  EXPECT_GT(eligible, UnixMs()) << "the test was too slow to see it ineligible";
+  EXPECT_EQ(Ring(d(), "op/rotate").active_version(), 1u);
   EXPECT_EQ(StateOf(Ring(d(), "op/rotate"), pending.version()), v1::PENDING);
 
   // Past the eligible time, the same call rotates.
-  int64_t wait = early.eligible_time_ms() + 100 - UnixMs();
+  int64_t wait = eligible + 100 - UnixMs();
   if (wait > 0) std::this_thread::sleep_for(Ms(wait));
   v1::RotateKeyRingResponse rotated;
   s = Rotate(d(), "op/rotate", false, &rotated);
@@ -1010,7 +1011,9 @@ TEST_F(RotationOpsTest, RotateWaitsUntilThePendingVersionWasPublishedForPrepubli
   const v1::KeyVersion next = *OnlyInState(r, v1::PENDING);
   EXPECT_GT(next.version(), pending.version());
   EXPECT_GT(FindVersion(r, 1)->retire_time_ms(), 0);
-  EXPECT_GE(FindVersion(r, pending.version())->activate_time_ms(), early.eligible_time_ms());
+  EXPECT_GE(FindVersion(r, pending.version())->activate_time_ms(), eligible);
+  EXPECT_EQ(rotated.active_version(), pending.version());
+  EXPECT_EQ(rotated.pending_error(), "");
 
   // The new ACTIVE signs; all three are published.
   std::string signing_kid;
@@ -1023,9 +1026,9 @@ TEST_F(RotationOpsTest, RotateWaitsUntilThePendingVersionWasPublishedForPrepubli
 
   // The fresh PENDING is too young in turn.
   v1::RotateKeyRingResponse again;
-  ASSERT_TRUE(Rotate(d(), "op/rotate", false, &again).ok());
-  EXPECT_FALSE(again.rotated());
-  EXPECT_NEAR(again.eligible_time_ms(), next.publish_time_ms() + 1000, 5);
+  s = Rotate(d(), "op/rotate", false, &again);
+  ASSERT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+  EXPECT_NEAR(NotRotatedUntilMs(s), next.publish_time_ms() + 1000, 5) << s.error_message();
 }
 
 TEST_F(RotationOpsTest, ForcedRotationPromotesAtOnceOrMakesAFreshKeyActive) {
@@ -1059,15 +1062,19 @@ TEST_F(RotationOpsTest, ForcedRotationPromotesAtOnceOrMakesAFreshKeyActive) {
 
   // And without force on a ring with no PENDING version: one is created, nothing promoted.
   Create("op/unforced-bare", v1::SIGN, nullptr);
+  // The answer is FAILED_PRECONDITION naming the version it created and when it can be promoted.
   v1::RotateKeyRingResponse unforced;
   s = Rotate(d(), "op/unforced-bare", false, &unforced);
-  ASSERT_TRUE(s.ok()) << s.error_message();
-  EXPECT_FALSE(unforced.rotated());
-  EXPECT_EQ(unforced.ring().active_version(), 1u);
-  ASSERT_EQ(CountState(unforced.ring(), v1::PENDING), 1) << Describe(unforced.ring());
-  EXPECT_NEAR(unforced.eligible_time_ms(),
-              OnlyInState(unforced.ring(), v1::PENDING)->publish_time_ms() + 3600000, 5)
-      << "default prepublish: 1 h";
+  ASSERT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+  const v1::KeyRing after = Ring(d(), "op/unforced-bare");
+  EXPECT_EQ(after.active_version(), 1u);
+  ASSERT_EQ(CountState(after, v1::PENDING), 1) << Describe(after);
+  const v1::KeyVersion& created = *OnlyInState(after, v1::PENDING);
+  EXPECT_NE(s.error_message().find("version " + std::to_string(created.version()) + " was created"),
+            std::string::npos)
+      << s.error_message();
+  EXPECT_NEAR(NotRotatedUntilMs(s), created.publish_time_ms() + 3600000, 5)
+      << "default prepublish: 1 h; " << s.error_message();
 }
 
 TEST_F(RotationOpsTest, ActiveVersionCannotBeDisabledOrScheduledForDestruction) {
@@ -1414,7 +1421,7 @@ TEST(RotationCatchUpTest, RestartAfterMissedPeriodsRotatesOnceAndLogsTheCatchUp)
   TempDir dir;
   const std::string state = dir.path() + "/state";
   const v1::RotationPolicy policy = Policy(500, 1000, 5000, 60000);
-  auto d = std::make_unique<Custodyd>(state);
+  auto d = std::make_unique<Custodyd>(state, WithLowPolicyFloors());
   ASSERT_TRUE(d->started()) << d->log();
   v1::KeyRing ring;
   grpc::Status s = CreateRing(*d, "op/catch-up", v1::SIGN, &policy, &ring);
@@ -1433,7 +1440,7 @@ TEST(RotationCatchUpTest, RestartAfterMissedPeriodsRotatesOnceAndLogsTheCatchUp)
   std::this_thread::sleep_for(3500ms);  // three and a half periods missed
 
   int64_t spawned = UnixMs();
-  d = std::make_unique<Custodyd>(state);
+  d = std::make_unique<Custodyd>(state, WithLowPolicyFloors());
   ASSERT_TRUE(d->started()) << d->log();
   int64_t serving = UnixMs();
   // Observe for 400 ms: past the catch-up, before any next period could come due.
@@ -1812,7 +1819,7 @@ void RunRotationCrashTest(const CrashStore& store, int default_iterations) {
   std::set<std::string> reported;
   Clock::time_point start = Clock::now();
   if (store.seed_rings) {
-    Custodyd seed(state, store.flags);
+    Custodyd seed(state, WithLowPolicyFloors(store.flags));
     ASSERT_TRUE(seed.started()) << LogTail(seed);
     for (const auto& [name, purpose] :
          {std::pair{"crash/seed-sign", v1::SIGN}, {"crash/seed-dec", v1::DECRYPT}}) {
@@ -1824,7 +1831,7 @@ void RunRotationCrashTest(const CrashStore& store, int default_iterations) {
   }
   v1::ListKeyRingsResponse snapshot;
   for (int it = 0; it <= iterations; ++it) {
-    auto d = std::make_unique<Custodyd>(state, store.flags);
+    auto d = std::make_unique<Custodyd>(state, WithLowPolicyFloors(store.flags));
     ASSERT_TRUE(d->started()) << "custodyd did not start after kill " << it << " (seed " << seed
                               << "); its log ends:\n"
                               << LogTail(*d);

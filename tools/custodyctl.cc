@@ -396,7 +396,17 @@ class Ctl {
     custody::v1::RotateKeyRingResponse resp;
     auto ctx = Context();
     grpc::Status s = admin_->RotateKeyRing(ctx.get(), req, &resp);
-    return s.ok() ? PrintJson(resp) : Failed(s);
+    // Not rotated yet is FAILED_PRECONDITION saying when it can be: exit 1 with that message.
+    if (!s.ok()) return Failed(s);
+    int rc = PrintJson(resp);
+    if (!resp.rotated()) {  // a custodyd from before that answered OK without rotating
+      std::cerr << "custodyctl: not rotated: " << resp.message() << "\n";
+      return 1;
+    }
+    // The rotation is committed (do not repeat it); only the next PENDING version is missing.
+    if (!resp.pending_error().empty())
+      std::cerr << "custodyctl: rotated, but " << resp.pending_error() << "\n";
+    return rc;
   }
 
   int VersionOp(const std::string& op, const std::string& name, const std::string& number,

@@ -71,6 +71,16 @@ CREATE UNIQUE INDEX versions_one_active ON versions (ring) WHERE state = 'ACTIVE
 ALTER TABLE rings ADD COLUMN require_certificate boolean NOT NULL DEFAULT false;
 ALTER TABLE versions ADD COLUMN certificate_chain text NOT NULL DEFAULT '';
 )sql",
+    // 3: the audit chains' anchored heads, one row per replica (server/audit_anchor.h).
+    R"sql(
+CREATE TABLE audit_anchors (
+  chain text PRIMARY KEY,
+  seq bigint NOT NULL,
+  hash text NOT NULL,
+  file text NOT NULL,
+  time_ms bigint NOT NULL
+);
+)sql",
 };
 
 constexpr const char* kRingColumns =
@@ -722,6 +732,42 @@ absl::StatusOr<bool> PostgresMetadataStore::HoldLeadership() {
   }
   leading_ = Boolean(r->get(), 0, 0);
   return leading_;
+}
+
+absl::Status PostgresMetadataStore::SaveAuditAnchor(const AuditAnchor& a) {
+  Connection& c = *conn_;
+  absl::MutexLock lock(&c.mu);
+  if (absl::Status s = c.Connect(options_); !s.ok()) return s;
+  return c
+      .Exec(
+          "INSERT INTO audit_anchors (chain, seq, hash, file, time_ms) VALUES ($1, $2::bigint, "
+          "$3, $4, $5::bigint) ON CONFLICT (chain) DO UPDATE SET seq = excluded.seq, hash = "
+          "excluded.hash, file = excluded.file, time_ms = excluded.time_ms",
+          {a.chain, absl::StrCat(a.seq), a.hash, a.file, absl::StrCat(a.time_ms)})
+      .status();
+}
+
+absl::StatusOr<MetadataStore::AuditAnchor> PostgresMetadataStore::LoadAuditAnchor(
+    const std::string& chain) {
+  Connection& c = *conn_;
+  absl::MutexLock lock(&c.mu);
+  if (absl::Status s = c.Connect(options_); !s.ok()) return s;
+  auto r = c.Exec("SELECT seq, hash, file, time_ms FROM audit_anchors WHERE chain = $1", {chain});
+  if (!r.ok()) return r.status();
+  if (PQntuples(r->get()) == 0) {
+    return absl::NotFoundError(absl::StrCat("no audit anchor for chain '", chain, "'"));
+  }
+  AuditAnchor a;
+  a.chain = chain;
+  auto seq = Int(r->get(), 0, 0);
+  auto time_ms = Int(r->get(), 0, 3);
+  if (!seq.ok()) return seq.status();
+  if (!time_ms.ok()) return time_ms.status();
+  a.seq = static_cast<uint64_t>(*seq);
+  a.hash = Text(r->get(), 0, 1);
+  a.file = Text(r->get(), 0, 2);
+  a.time_ms = *time_ms;
+  return a;
 }
 
 }  // namespace custody::rotation

@@ -53,6 +53,8 @@ class PostgresMetadataStore : public MetadataStore {
   absl::Status Commit(const Mutation& mutation) override;
   absl::StatusOr<std::vector<RingRecord>> LoadRings() override;
   absl::StatusOr<std::vector<VersionRecord>> LoadVersions() override;
+  absl::Status SaveAuditAnchor(const AuditAnchor& anchor) override;
+  absl::StatusOr<AuditAnchor> LoadAuditAnchor(const std::string& chain) override;
   // LISTEN custody_metadata on a second connection. True on a notification, and after
   // (re)connecting that connection (notifications may have been missed meanwhile).
   absl::StatusOr<bool> WaitForChange(absl::Duration timeout) override;

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <map>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -378,7 +379,42 @@ absl::StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(Options options) {
   log->seq_ = tail->seq;
   log->last_hash_ = tail->hash;
   if (absl::Status s = log->ReopenCurrent(); !s.ok()) return s;
+  {
+    absl::MutexLock lock(&log->head_mu_);
+    log->head_ = {log->seq_, log->last_hash_, FileName(log->index_, log->options_.replica_id)};
+  }
   return log;
+}
+
+AuditLog::Head AuditLog::head() const {
+  absl::MutexLock lock(&head_mu_);
+  return head_;
+}
+
+absl::Status AuditLog::Probe() {
+  AuditEvent probe;
+  probe.identity = "custodyd";
+  probe.operation = "audit.probe";
+  probe.result = "OK";
+  probe.detail = "the audit log is re-tested after a failure";
+  return Append(probe);
+}
+
+absl::Status AuditLog::CheckStillLinked(const std::string& path) const {
+  struct stat open_file {};
+  struct stat named {};
+  if (::fstat(fd_, &open_file) != 0) return ErrnoError(absl::StrCat("stat ", path));
+  if (open_file.st_nlink == 0 || ::stat(path.c_str(), &named) != 0) {
+    return absl::DataLossError(
+        absl::StrCat(path,
+                     " was deleted while custodyd wrote it; restore it or start a new "
+                     "chain (custodyd --audit_new_chain) after checking what happened"));
+  }
+  if (named.st_ino != open_file.st_ino || named.st_dev != open_file.st_dev) {
+    return absl::DataLossError(
+        absl::StrCat(path, " was replaced by another file while custodyd wrote it"));
+  }
+  return absl::OkStatus();
 }
 
 std::string AuditLog::FilePath(uint64_t index) const {
@@ -479,10 +515,14 @@ absl::Status AuditLog::WriteLines(const Batch& batch) {
   const std::string path = FilePath(index_);
   if (absl::Status s = WriteAll(fd_, buf, path); !s.ok()) return s;
   if (absl::Status s = Sync(fd_, path); !s.ok()) return s;
+  // One fstat and one stat per group commit: lines written to a deleted file are not durable.
+  if (absl::Status s = CheckStillLinked(path); !s.ok()) return s;
   good_size_ = size + buf.size();
   seq_ = seq;
   last_hash_ = std::move(prev);
   dirty_ = false;
+  absl::MutexLock lock(&head_mu_);
+  head_ = {seq_, last_hash_, FileName(index_, options_.replica_id)};
   return absl::OkStatus();
 }
 
@@ -571,12 +611,23 @@ AuditLog::Stats AuditLog::stats() const {
 
 namespace {
 
-// VerifyAuditFiles, and when `replica` is given, every line must carry that replica id.
+std::string ShortHash(absl::string_view hash) { return std::string(hash.substr(0, 16)); }
+
+// VerifyAuditFiles, and when `replica` is given, every line must carry that replica id; checked
+// against `anchors` (AuditAnchors) when given. `result` (may be null) gets the figures.
 absl::Status VerifyChain(const std::vector<std::string>& files, uint64_t* lines,
-                         std::string* last_hash, const std::string* replica) {
+                         std::string* last_hash, const std::string* replica,
+                         const AuditAnchors* anchors = nullptr,
+                         AuditChainResult* result = nullptr) {
   if (files.empty()) return absl::InvalidArgumentError("no audit files given");
+  const AuditChainPoint* start =
+      anchors != nullptr && anchors->start.has_value() ? &*anchors->start : nullptr;
+  const AuditChainPoint* end =
+      anchors != nullptr && anchors->end.has_value() ? &*anchors->end : nullptr;
   uint64_t count = 0;
   uint64_t expected_seq = 1;
+  uint64_t first_seq = 0;
+  bool start_seen = false, end_seen = false;
   std::string prev(kAnchor);
   for (const std::string& file : files) {
     std::unique_ptr<std::FILE, int (*)(std::FILE*)> f(std::fopen(file.c_str(), "rb"), &std::fclose);
@@ -604,9 +655,23 @@ absl::Status VerifyChain(const std::vector<std::string>& files, uint64_t* lines,
                                 *replica, "'"));
       }
       if (count == 0) {
-        if (parsed->seq != 1 || parsed->prev != kAnchor) {
+        first_seq = parsed->seq;
+        const bool chain_start = parsed->seq == 1 && parsed->prev == kAnchor;
+        const bool continues_start =
+            start != nullptr && parsed->seq == start->seq + 1 && parsed->prev == start->hash;
+        const bool holds_start = start != nullptr && parsed->seq <= start->seq;
+        if (continues_start) start_seen = true;
+        if (!chain_start && !continues_start && !holds_start) {
+          if (start != nullptr) {
+            return bad(absl::StrCat("first line (seq ", parsed->seq,
+                                    ") neither starts the chain nor continues from the start "
+                                    "anchor (seq ",
+                                    start->seq, ")"));
+          }
           return bad(absl::StrCat("first line not anchored (seq ", parsed->seq,
-                                  "; a chain starts at seq 1 with prev of 64 zeros)"));
+                                  "; a chain starts at seq 1 with prev of 64 zeros; when earlier "
+                                  "files were archived, pass --start=SEQ:HASH of their last line "
+                                  "or of an anchor)"));
         }
       } else {
         if (parsed->seq != expected_seq) {
@@ -618,13 +683,38 @@ absl::Status VerifyChain(const std::vector<std::string>& files, uint64_t* lines,
         }
       }
       prev = Sha256Hex(line);
+      for (const auto& [point, seen, what] :
+           {std::tuple{start, &start_seen, "start"}, std::tuple{end, &end_seen, "end"}}) {
+        if (point == nullptr || point->seq != parsed->seq) continue;
+        if (point->hash != prev) {
+          return bad(absl::StrCat("line seq ", parsed->seq, " has hash ", ShortHash(prev),
+                                  "..., the ", what, " anchor says ", ShortHash(point->hash),
+                                  "...: the chain was rewritten"));
+        }
+        *seen = true;
+      }
       expected_seq = parsed->seq + 1;
       ++count;
     }
     if (std::ferror(f.get())) return ErrnoError(absl::StrCat("read ", file));
   }
+  const uint64_t last_seq = count == 0 ? 0 : expected_seq - 1;
+  if (start != nullptr && !start_seen && first_seq != 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the files end (seq ", last_seq, ") before the start anchor at seq ", start->seq));
+  }
+  if (end != nullptr && end->seq > last_seq) {
+    return absl::InvalidArgumentError(absl::StrCat("truncated: anchor at seq ", end->seq,
+                                                   ", file ends at ", last_seq, " (", files.back(),
+                                                   ")"));
+  }
   if (lines != nullptr) *lines = count;
   if (last_hash != nullptr) *last_hash = prev;
+  if (result != nullptr) {
+    result->first_seq = first_seq;
+    result->last_seq = last_seq;
+    result->end_anchored = end_seen;
+  }
   return absl::OkStatus();
 }
 
@@ -646,8 +736,23 @@ std::string AuditFileReplica(const std::string& path) {
   return FileIndex(name, replica) > 0 ? replica : "";
 }
 
+absl::StatusOr<AuditChainPoint> ParseAuditChainPoint(absl::string_view text) {
+  const size_t colon = text.find(':');
+  AuditChainPoint point;
+  if (colon == absl::string_view::npos || !absl::SimpleAtoi(text.substr(0, colon), &point.seq) ||
+      point.seq == 0 || text.size() - colon - 1 != kHexHashBytes ||
+      !IsLowerHex(text.substr(colon + 1))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", text.substr(0, 100),
+                     "' is not SEQ:HASH (a line number >= 1, a colon, "
+                     "64 lowercase hex digits), e.g. from the audit.anchor log line"));
+  }
+  point.hash = std::string(text.substr(colon + 1));
+  return point;
+}
+
 absl::StatusOr<std::vector<AuditChainResult>> VerifyAuditChains(
-    const std::vector<std::string>& files) {
+    const std::vector<std::string>& files, const std::map<std::string, AuditAnchors>& anchors) {
   if (files.empty()) return absl::InvalidArgumentError("no audit files given");
   std::vector<std::string> order;
   std::map<std::string, std::vector<std::string>> groups;
@@ -663,8 +768,10 @@ absl::StatusOr<std::vector<AuditChainResult>> VerifyAuditChains(
     r.files = groups[replica].size();
     // A single process's files (no replica in the name) are checked as before; a replica's
     // lines must all name it.
+    auto anchor = anchors.find(replica);
     absl::Status s =
-        VerifyChain(groups[replica], &r.lines, &r.last_hash, replica.empty() ? nullptr : &replica);
+        VerifyChain(groups[replica], &r.lines, &r.last_hash, replica.empty() ? nullptr : &replica,
+                    anchor == anchors.end() ? nullptr : &anchor->second, &r);
     if (!s.ok()) {
       if (replica.empty()) return s;
       return absl::Status(s.code(), absl::StrCat("replica ", replica, ": ", s.message()));

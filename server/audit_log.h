@@ -11,8 +11,10 @@
 // - hash is the SHA-256 of this line's bytes before ,"hash": — so an edited line fails its own
 //   check and the verifier names the edited line itself, not its successor.
 // What it proves: edits, deletions, insertions and reorderings inside the files are detected,
-// unless the attacker rewrites every later line (no key is involved). To also pin the tail, ship
-// the last hash elsewhere now and then (`custodyctl audit verify` prints it).
+// unless the attacker rewrites every later line (no key is involved). The tail is pinned from
+// outside: custodyd anchors the head (seq, hash, file) in the metadata store and as an
+// "audit.anchor" log line every --audit_anchor_lines lines or --audit_anchor_interval and at
+// shutdown (server/audit_anchor.h), and `custodyctl audit verify` checks files against it.
 //
 // Strings are stored as valid UTF-8 (invalid bytes become U+FFFD) and capped in length (detail
 // 4096 bytes, others 1024), so a line stays below 16 KiB. Never put payloads, plaintexts or key
@@ -25,13 +27,16 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "metrics/histogram.h"
@@ -98,6 +103,21 @@ class AuditLog {
   // False after a failed Append, true again after a successful one.
   bool healthy() const { return healthy_.load(); }
 
+  // Re-tests the log after a failure on its own (health calls it on a timer, so that service
+  // returns when the disk does, without waiting for a caller): appends one line (operation
+  // "audit.probe"). OK and healthy() true again when it was written.
+  absl::Status Probe();
+
+  // The chain's head: the last acknowledged line (seq 0 and the 64-zero anchor before the
+  // first), and the file that holds it (name only). Thread-safe.
+  struct Head {
+    uint64_t seq = 0;
+    std::string hash;
+    std::string file;
+  };
+  Head head() const;
+  const std::string& dir() const { return options_.dir; }
+
   Stats stats() const;
   // Duration of each fsync (log files and directory), failed ones included.
   const metrics::Histogram& fsync_seconds() const { return fsync_seconds_; }
@@ -135,6 +155,13 @@ class AuditLog {
   uint64_t seq_ = 0;        // seq of the last acknowledged line
   std::string last_hash_;   // hex SHA-256 of the last acknowledged line (or the anchor)
 
+  // Before a batch is acknowledged: the current file must still be linked under its name (a
+  // deleted or replaced file would take acknowledged lines with it). DATA_LOSS otherwise.
+  absl::Status CheckStillLinked(const std::string& path) const;
+
+  mutable absl::Mutex head_mu_;
+  Head head_ ABSL_GUARDED_BY(head_mu_);
+
   std::atomic<bool> healthy_{true};
   std::atomic<uint64_t> lines_{0}, batches_{0}, fsyncs_{0}, failures_{0};
   metrics::Histogram fsync_seconds_{metrics::Histogram::LatencyBounds()};
@@ -147,6 +174,26 @@ class AuditLog {
 // An I/O status when a file cannot be read.
 absl::Status VerifyAuditFiles(const std::vector<std::string>& files, uint64_t* lines = nullptr,
                               std::string* last_hash = nullptr);
+
+// A point of a chain known from outside its files: the line with `seq` has SHA-256 `hash` (an
+// anchor custodyd saved in the metadata store or logged as "audit.anchor", or the last line of
+// an archived file).
+struct AuditChainPoint {
+  uint64_t seq = 0;
+  std::string hash;
+};
+// Parses "SEQ:HASH" (HASH: 64 lowercase hex). INVALID_ARGUMENT naming the form otherwise.
+absl::StatusOr<AuditChainPoint> ParseAuditChainPoint(absl::string_view text);
+// What a chain's files are checked against, besides their own links:
+// - start: the files' earlier part was archived; the first line need not be seq 1 if it
+//   continues from `start` (seq start+1 with prev = start.hash) or the files hold line
+//   start.seq with that hash.
+// - end: the latest anchor; the files must reach it ("truncated: anchor at seq 812, file ends
+//   at 790") and hold that line with that hash.
+struct AuditAnchors {
+  std::optional<AuditChainPoint> start;
+  std::optional<AuditChainPoint> end;
+};
 
 // The replica id a file name carries (audit-REPLICA-NNNNNN.jsonl), "" for audit-NNNNNN.jsonl or
 // any other name.
@@ -162,9 +209,14 @@ struct AuditChainResult {
   size_t files = 0;
   uint64_t lines = 0;
   std::string last_hash;
+  uint64_t first_seq = 0;
+  uint64_t last_seq = 0;
+  bool end_anchored = false;  // anchors.end was given and the files hold it
 };
+// `anchors` by replica id ("" for a lone custodyd's chain); chains without an entry are checked
+// on their own links only.
 absl::StatusOr<std::vector<AuditChainResult>> VerifyAuditChains(
-    const std::vector<std::string>& files);
+    const std::vector<std::string>& files, const std::map<std::string, AuditAnchors>& anchors = {});
 
 }  // namespace custody::server
 

@@ -594,5 +594,123 @@ TEST(AuditLogTest, EachReplicaHasItsOwnChainAndAllVerifyTogether) {
   }
 }
 
+TEST(AuditLogTest, ADeletedFileFailsClosedAndStaysUnhealthy) {
+  TempDir tmp;
+  auto log = MustOpen({.dir = tmp.dir()});
+  ASSERT_NE(log, nullptr);
+  ASSERT_TRUE(log->Append(Event("1")).ok());
+  EXPECT_EQ(log->head().seq, 1u);
+  ASSERT_EQ(::unlink(tmp.File(1).c_str()), 0);
+  absl::Status s = log->Append(Event("into the deleted inode"));
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_NE(s.message().find("was deleted"), std::string::npos) << s;
+  EXPECT_FALSE(log->healthy());
+  // The probe cannot repair it (the acknowledged line is gone): fail closed until an operator
+  // acts.
+  EXPECT_FALSE(log->Probe().ok());
+  EXPECT_FALSE(log->healthy());
+  EXPECT_EQ(log->head().seq, 1u);
+}
+
+TEST(AuditLogTest, AReplacedFileFailsClosed) {
+  TempDir tmp;
+  auto log = MustOpen({.dir = tmp.dir()});
+  ASSERT_NE(log, nullptr);
+  ASSERT_TRUE(log->Append(Event("1")).ok());
+  const std::vector<std::string> lines = ReadLines(tmp.File(1));
+  ASSERT_EQ(::unlink(tmp.File(1).c_str()), 0);
+  WriteLines(tmp.File(1), lines);  // same content, another inode
+  absl::Status s = log->Append(Event("2"));
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_FALSE(log->healthy());
+}
+
+TEST(AuditLogTest, ProbeRestoresHealthOnceTheDiskWorksWithoutACaller) {
+  TempDir tmp;
+  std::atomic<bool> disk_full{false};
+  AuditLog::Options options{.dir = tmp.dir()};
+  options.write_fn = [&](int fd, const void* data, size_t size) -> ssize_t {
+    if (!disk_full.load()) return ::write(fd, data, size);
+    errno = ENOSPC;
+    return -1;
+  };
+  auto log = MustOpen(options);
+  ASSERT_NE(log, nullptr);
+  ASSERT_TRUE(log->Append(Event("1")).ok());
+  disk_full = true;
+  EXPECT_FALSE(log->Append(Event("lost")).ok());
+  EXPECT_FALSE(log->Probe().ok());
+  EXPECT_FALSE(log->healthy());
+  disk_full = false;
+  EXPECT_TRUE(log->Probe().ok());
+  EXPECT_TRUE(log->healthy());
+  const std::vector<std::string> lines = ReadLines(tmp.File(1));
+  ASSERT_EQ(lines.size(), 2u);
+  EXPECT_EQ(MustParseJson(lines[1]).Find("operation")->as_string(), "audit.probe");
+  EXPECT_TRUE(VerifyAuditFiles({tmp.File(1)}).ok());
+}
+
+TEST(AuditLogTest, VerifyAgainstAnAnchorDetectsATruncatedTail) {
+  TempDir tmp;
+  auto log = MustOpen({.dir = tmp.dir()});
+  ASSERT_NE(log, nullptr);
+  for (int i = 1; i <= 8; ++i) ASSERT_TRUE(log->Append(Event(absl::StrCat(i))).ok());
+  const AuditLog::Head head = log->head();
+  ASSERT_EQ(head.seq, 8u);
+  EXPECT_EQ(head.file, "audit-000001.jsonl");
+  log.reset();
+  std::map<std::string, AuditAnchors> anchors;
+  anchors[""].end = AuditChainPoint{head.seq, head.hash};
+  auto ok = VerifyAuditChains({tmp.File(1)}, anchors);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_TRUE(ok->front().end_anchored);
+  // Cutting lines off the end keeps every remaining link valid: only the anchor tells.
+  std::vector<std::string> lines = ReadLines(tmp.File(1));
+  lines.resize(5);
+  WriteLines(tmp.File(1), lines);
+  EXPECT_TRUE(VerifyAuditFiles({tmp.File(1)}).ok());
+  auto cut = VerifyAuditChains({tmp.File(1)}, anchors);
+  ASSERT_FALSE(cut.ok());
+  EXPECT_EQ(cut.status().message(),
+            absl::StrCat("truncated: anchor at seq 8, file ends at 5 (", tmp.File(1), ")"));
+  // A different line at the anchored seq: rewritten.
+  anchors[""].end = AuditChainPoint{4, std::string(64, 'a')};
+  auto rewritten = VerifyAuditChains({tmp.File(1)}, anchors);
+  ASSERT_FALSE(rewritten.ok());
+  EXPECT_NE(rewritten.status().message().find("the chain was rewritten"), std::string::npos)
+      << rewritten.status();
+}
+
+TEST(AuditLogTest, FilesWhoseFirstPartWasArchivedVerifyFromAStartAnchor) {
+  TempDir tmp;
+  auto log = MustOpen({.dir = tmp.dir(), .max_file_bytes = 1500});
+  ASSERT_NE(log, nullptr);
+  for (int i = 1; i <= 12; ++i) ASSERT_TRUE(log->Append(Event(absl::StrCat(i))).ok());
+  log.reset();
+  ASSERT_TRUE(std::filesystem::exists(tmp.File(3)));
+  // The first file is archived; what is kept starts mid-chain.
+  uint64_t archived_lines = 0;
+  std::string archived_last;
+  ASSERT_TRUE(VerifyAuditFiles({tmp.File(1)}, &archived_lines, &archived_last).ok());
+  std::vector<std::string> rest;
+  for (int i = 2; std::filesystem::exists(tmp.File(i)); ++i) rest.push_back(tmp.File(i));
+  auto alone = VerifyAuditChains(rest);
+  ASSERT_FALSE(alone.ok());
+  EXPECT_NE(alone.status().message().find("first line not anchored"), std::string::npos);
+  std::map<std::string, AuditAnchors> anchors;
+  auto point = ParseAuditChainPoint(absl::StrCat(archived_lines, ":", archived_last));
+  ASSERT_TRUE(point.ok()) << point.status();
+  anchors[""].start = *point;
+  auto from = VerifyAuditChains(rest, anchors);
+  ASSERT_TRUE(from.ok()) << from.status();
+  EXPECT_EQ(from->front().first_seq, archived_lines + 1);
+  EXPECT_EQ(from->front().last_seq, 12u);
+  // A start anchor that does not match the kept files is refused.
+  anchors[""].start = AuditChainPoint{archived_lines, std::string(64, 'b')};
+  EXPECT_FALSE(VerifyAuditChains(rest, anchors).ok());
+  EXPECT_FALSE(ParseAuditChainPoint("12").ok());
+  EXPECT_FALSE(ParseAuditChainPoint("0:" + archived_last).ok());
+}
+
 }  // namespace
 }  // namespace custody::server

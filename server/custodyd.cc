@@ -34,6 +34,7 @@
 #include "metrics/http_server.h"
 #include "pkcs11/token.h"
 #include "rotation/metadata_store.h"
+#include "server/audit_anchor.h"
 #include "server/embedded_token.h"
 #include "server/grpc_services.h"
 #include "server/key_service.h"
@@ -91,6 +92,18 @@ ABSL_FLAG(absl::Duration, min_retain, absl::Hours(1),
           "this long after its last signature (cover the longest token lifetime + JWKS cache)");
 ABSL_FLAG(absl::Duration, min_rotation_period, absl::Hours(1),
           "no ring policy may rotate automatically more often than this (0 = manual is allowed)");
+ABSL_FLAG(int64_t, audit_max_file_bytes, 64 << 20,
+          "an audit file is closed and the next begun past this size (older files can then be "
+          "archived; see docs/access-control-and-audit.md)");
+ABSL_FLAG(int64_t, audit_anchor_lines, 1000,
+          "anchor the audit chain's head (seq, hash) in the metadata store and as an "
+          "audit.anchor log line at least every this many lines");
+ABSL_FLAG(absl::Duration, audit_anchor_interval, absl::Seconds(60),
+          "... and at least this often while lines are written (and at shutdown)");
+ABSL_FLAG(bool, audit_new_chain, false,
+          "start even though the audit chain ends before (or differs from) the anchor in the "
+          "metadata store: its files were truncated, deleted or replaced. Logged; only after "
+          "checking what happened");
 ABSL_FLAG(std::string, replica_id, "",
           "this replica's name in its audit chain (file names and lines); default with "
           "--metadata=postgresql: the host name (give replicas on one host distinct ids)");
@@ -328,8 +341,20 @@ int Run() {
                                      "--replica_id: at most 64 characters of [A-Za-z0-9._-]"));
   }
   audit_options.replica_id = replica_id;
+  audit_options.max_file_bytes =
+      static_cast<uint64_t>(std::max<int64_t>(4096, absl::GetFlag(FLAGS_audit_max_file_bytes)));
   auto audit = AuditLog::Open(audit_options);
   if (!audit.ok()) return fail("startup.audit", audit.status());
+  AuditAnchoring::Options anchor_options;
+  anchor_options.chain = replica_id;
+  anchor_options.every_lines =
+      static_cast<uint64_t>(std::max<int64_t>(1, absl::GetFlag(FLAGS_audit_anchor_lines)));
+  anchor_options.every = absl::GetFlag(FLAGS_audit_anchor_interval);
+  AuditAnchoring anchoring(audit->get(), store, anchor_options);
+  if (absl::Status s = anchoring.CheckAtStartup(absl::GetFlag(FLAGS_audit_new_chain)); !s.ok()) {
+    return fail("startup.audit", s);
+  }
+  anchoring.Tick(/*force=*/true);
   RequestMetrics::Options request_metrics_options;
   request_metrics_options.ring_label = absl::GetFlag(FLAGS_metrics_ring_label);
   request_metrics_options.max_rings =
@@ -460,7 +485,7 @@ int Run() {
   std::thread health([&] {
     bool serving = true;
     std::string cause;
-    auto last_probe = absl::Now(), last_metrics = absl::Now();
+    auto last_probe = absl::Now(), last_metrics = absl::Now(), last_audit_probe = absl::Now();
     const absl::Duration metrics_every = absl::Seconds(absl::GetFlag(FLAGS_metrics_log_seconds));
     while (!stopping.load()) {
       bool token_ok = (*token)->Healthy();
@@ -469,6 +494,13 @@ int Run() {
         last_probe = absl::Now();
       }
       bool audit_ok = guard.healthy();
+      // After a failure the audit log is re-tested on its own, once a second, so that service
+      // returns when the disk does (not only when a caller's line happens to succeed).
+      if (!audit_ok && absl::Now() - last_audit_probe > absl::Seconds(1)) {
+        last_audit_probe = absl::Now();
+        audit_ok = (*audit)->Probe().ok();
+      }
+      anchoring.Tick(/*force=*/false);
       bool metadata_ok = (*keys)->CheckMetadataFresh().ok();
       bool healthy = token_ok && audit_ok && metadata_ok;
       if (healthy != serving) {
@@ -544,6 +576,7 @@ int Run() {
   waiter.join();
   stopping = true;
   health.join();
+  anchoring.Tick(/*force=*/true);  // the head at shutdown
   if (metrics_server != nullptr) metrics_server->Stop();
   return 0;
 }

@@ -830,6 +830,54 @@ std::vector<std::string> CheckAckedFacts(const v1::ListKeyRingsResponse& list,
   return errors;
 }
 
+// Issue 22: a forced rotation of a ring without a PENDING version makes a fresh key ACTIVE, then
+// pre-publishes the next one. When only that follow-up generation fails, the rotation is
+// committed: the answer is OK with the new ACTIVE version and the failed follow-up, so that an
+// operator does not retry and rotate twice (today: an error, although version 2 signs).
+TEST(LifecycleAnswerTest, ForcedRotationWhoseFollowUpPendingFailsReportsTheCommittedRotation) {
+  FaultyCustodyd custodyd("forced-follow-up");
+  JwsKeys keys;
+  ASSERT_NO_FATAL_FAILURE(StartWithRings(custodyd, {{"op/forced", "ES256"}}, &keys));
+  Custodyd& d = custodyd.d();
+  // The first C_GenerateKeyPair (the new ACTIVE key) goes through; the next ones (the PENDING
+  // key, and the token layer's retry after its repair) fail.
+  ASSERT_FALSE(
+      custodyd.control().Apply({"inject_ex C_GenerateKeyPair CKR_DEVICE_ERROR 4 1 0"}).empty());
+  v1::RotateKeyRingRequest req;
+  req.set_ring("op/forced");
+  req.set_force(true);
+  v1::RotateKeyRingResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, Ms(60000));
+  grpc::Status s = d.admin().RotateKeyRing(&ctx, req, &resp);
+  ASSERT_TRUE(s.ok()) << s.error_message() << "\n" << LogTail(d.log());
+  EXPECT_TRUE(resp.rotated());
+  EXPECT_EQ(resp.active_version(), 2u);
+  EXPECT_NE(resp.pending_error().find("creating the next PENDING version failed"),
+            std::string::npos)
+      << resp.pending_error();
+  EXPECT_NE(resp.pending_error().find("CKR_DEVICE_ERROR"), std::string::npos)
+      << resp.pending_error();
+  ASSERT_FALSE(custodyd.control().Apply({"reset"}).empty());
+  // What the answer says is what is committed: v2 ACTIVE and signing, v1 RETIRED, no PENDING.
+  EXPECT_EQ(resp.ring().active_version(), 2u);
+  int pending = 0;
+  for (const v1::KeyVersion& v : resp.ring().versions()) {
+    if (v.version() == 1) EXPECT_EQ(v.state(), v1::RETIRED);
+    pending += v.state() == v1::PENDING;
+  }
+  EXPECT_EQ(pending, 0);
+  v1::SignJwsRequest sign;
+  sign.set_ring("op/forced");
+  sign.set_payload("{}");
+  v1::SignJwsResponse signed_with;
+  grpc::ClientContext sign_ctx;
+  SetDeadline(&sign_ctx, Ms(10000));
+  ASSERT_TRUE(d.signer().SignJws(&sign_ctx, sign, &signed_with).ok());
+  EXPECT_EQ(signed_with.version(), 2u);
+  EXPECT_NE(d.log().find("ring.pending_failed"), std::string::npos);
+}
+
 TEST(RestartUnderLoadTest, SigkillWhileSigningAndChangingKeysLosesNoAcknowledgedChange) {
   // 100 kills take about 70 s on two loaded cores; under ASan each start is several times slower,
   // so fewer by default there (CUSTODY_RESTART_ITERATIONS=N sets the count).

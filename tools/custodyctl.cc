@@ -28,6 +28,7 @@
 #include <iostream>
 #include <iterator>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,7 @@
 #include "google/protobuf/util/json_util.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "openssl/crypto.h"
+#include "rotation/metadata_store.h"
 #include "server/audit_log.h"
 
 namespace {
@@ -67,6 +69,7 @@ constexpr char kUsage[] =
     "  certificate set NAME VERSION --chain_file=F   (PEM chain, leaf first)\n"
     "  import NAME --jwk_file=F | --pem_file=F   (a private key, as a new PENDING version)\n"
     "  audit verify FILE...   (audit log files, oldest first, one chain per replica; local)\n"
+    "               [--anchor=SEQ:HASH | --state_dir=DIR] [--start=SEQ:HASH]\n"
     "  health   (grpc.health.v1: prints SERVING and exits 0, else exits 1; for probes)\n"
     "  ring create also takes --curve=P-256|P-384|P-521 --zip_max_bytes=N and the\n"
     "                         set-policy flags\n"
@@ -102,8 +105,36 @@ int Failed(const grpc::Status& status) {
 // to detect a truncated tail later), or {"ok":false,"error":"FILE:LINE: reason"} and exit 1.
 // Replicas' files (audit-REPLICA-NNNNNN.jsonl) are checked as one chain per replica:
 // {"ok":true,"chains":[{"replica":R,"files":F,"lines":N,"last_hash":H},...]}.
-int AuditVerify(const std::vector<std::string>& files) {
-  auto chains = custody::server::VerifyAuditChains(files);
+// --anchor=SEQ:HASH (the latest "audit.anchor" log line) or --state_dir=DIR (the anchors in
+// DIR/metadata.db) check that the files reach the anchor: "truncated: anchor at seq 812, file
+// ends at 790". --start=SEQ:HASH verifies files whose earlier part was archived.
+int AuditVerify(const std::vector<std::string>& files, const Args& args) {
+  std::map<std::string, custody::server::AuditAnchors> anchors;
+  std::set<std::string> chains_given;
+  for (const std::string& f : files) chains_given.insert(custody::server::AuditFileReplica(f));
+  for (const char* flag : {"anchor", "start"}) {
+    if (!args.Has(flag)) continue;
+    if (chains_given.size() != 1) {
+      return Usage(absl::StrCat("--", flag, " applies to one chain; give one replica's files"));
+    }
+    auto point = custody::server::ParseAuditChainPoint(args.Flag(flag));
+    if (!point.ok()) return Usage(absl::StrCat("--", flag, ": ", point.status().message()));
+    auto& a = anchors[*chains_given.begin()];
+    (std::string(flag) == "anchor" ? a.end : a.start) = *point;
+  }
+  if (args.Has("state_dir") && !args.Has("anchor")) {
+    for (const std::string& chain : chains_given) {
+      auto stored = custody::rotation::MetadataStore::ReadAuditAnchor(
+          args.Flag("state_dir") + "/metadata.db", chain);
+      if (absl::IsNotFound(stored.status())) continue;
+      if (!stored.ok()) {
+        std::cerr << "custodyctl: " << stored.status().message() << "\n";
+        return 1;
+      }
+      anchors[chain].end = custody::server::AuditChainPoint{stored->seq, stored->hash};
+    }
+  }
+  auto chains = custody::server::VerifyAuditChains(files, anchors);
   std::string out;
   if (!chains.ok()) {
     out = "{\"ok\":false,\"error\":";
@@ -111,7 +142,9 @@ int AuditVerify(const std::vector<std::string>& files) {
     out += "}";
   } else if (chains->size() == 1 && chains->front().replica.empty()) {
     out = absl::StrCat("{\"ok\":true,\"lines\":", chains->front().lines, ",\"last_hash\":\"",
-                       chains->front().last_hash, "\"}");
+                       chains->front().last_hash, "\",\"first_seq\":", chains->front().first_seq,
+                       ",\"last_seq\":", chains->front().last_seq,
+                       ",\"anchored\":", chains->front().end_anchored ? "true" : "false", "}");
   } else {
     out = "{\"ok\":true,\"chains\":[";
     for (size_t i = 0; i < chains->size(); ++i) {
@@ -120,7 +153,8 @@ int AuditVerify(const std::vector<std::string>& files) {
       out += "{\"replica\":";
       custody::AppendJsonString(out, c.replica);
       absl::StrAppend(&out, ",\"files\":", c.files, ",\"lines\":", c.lines, ",\"last_hash\":\"",
-                      c.last_hash, "\"}");
+                      c.last_hash, "\",\"last_seq\":", c.last_seq,
+                      ",\"anchored\":", c.end_anchored ? "true" : "false", "}");
     }
     out += "]}";
   }
@@ -165,7 +199,7 @@ class Ctl {
     const auto& p = args.positional;
     if (p.empty()) return Usage("no command");
     if (p[0] == "audit") {
-      if (p.size() >= 3 && p[1] == "verify") return AuditVerify({p.begin() + 2, p.end()});
+      if (p.size() >= 3 && p[1] == "verify") return AuditVerify({p.begin() + 2, p.end()}, args);
       return Usage("audit verify needs one or more files, oldest first");
     }
     if (p[0] == "ring" && p.size() >= 2) {

@@ -92,6 +92,9 @@ ABSL_FLAG(absl::Duration, min_retain, absl::Hours(1),
           "this long after its last signature (cover the longest token lifetime + JWKS cache)");
 ABSL_FLAG(absl::Duration, min_rotation_period, absl::Hours(1),
           "no ring policy may rotate automatically more often than this (0 = manual is allowed)");
+ABSL_FLAG(absl::Duration, drain_grace, absl::Milliseconds(500),
+          "after SIGTERM, how long new calls are answered UNAVAILABLE \"shutting down\" before the "
+          "server stops taking them (in-flight calls then get 10 s to finish)");
 ABSL_FLAG(int64_t, audit_max_file_bytes, 64 << 20,
           "an audit file is closed and the next begun past this size (older files can then be "
           "archived; see docs/access-control-and-audit.md)");
@@ -567,6 +570,10 @@ int Run() {
       guard.BeginShutdown();  // new calls: UNAVAILABLE "shutting down", so clients fail over
       server->GetHealthCheckService()->SetServingStatus(false);
       (*keys)->StopScheduler();
+      // For a moment every new call is answered at once (UNAVAILABLE) while the server still
+      // takes them: the handler threads stay free, so no call waits unserved when the server
+      // stops (gRPC cancels those: CANCELLED, which clients do not fail over on).
+      absl::SleepFor(absl::GetFlag(FLAGS_drain_grace));
       if (unix_listener != nullptr) unix_listener->Stop();
       server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
       return;

@@ -863,7 +863,9 @@ TEST(LifecycleAnswerTest, ForcedRotationWhoseFollowUpPendingFailsReportsTheCommi
   EXPECT_EQ(resp.ring().active_version(), 2u);
   int pending = 0;
   for (const v1::KeyVersion& v : resp.ring().versions()) {
-    if (v.version() == 1) EXPECT_EQ(v.state(), v1::RETIRED);
+    if (v.version() == 1) {
+      EXPECT_EQ(v.state(), v1::RETIRED);
+    }
     pending += v.state() == v1::PENDING;
   }
   EXPECT_EQ(pending, 0);

@@ -411,10 +411,18 @@ TEST_F(ReplicaTest, PropagationTimeOfJwksChanges) {
   v1::RotateKeyRingResponse prepared;
   grpc::ClientContext pctx;
   SetDeadline(&pctx);
-  ASSERT_TRUE(replica(0).admin().RotateKeyRing(&pctx, prepare, &prepared).ok());
+  // No PENDING version yet: the unforced rotation creates one and says it did not rotate.
+  grpc::Status prepared_status = replica(0).admin().RotateKeyRing(&pctx, prepare, &prepared);
+  ASSERT_GT(NotRotatedUntilMs(prepared_status), 0) << prepared_status.error_message();
+  v1::GetKeyRingRequest get;
+  get.set_name("op/jwks");
+  v1::KeyRing prepared_ring;
+  grpc::ClientContext gctx;
+  SetDeadline(&gctx);
+  ASSERT_TRUE(replica(0).admin().GetKeyRing(&gctx, get, &prepared_ring).ok());
   uint32_t pending = 0;
   std::string pending_kid;
-  for (const v1::KeyVersion& v : prepared.ring().versions()) {
+  for (const v1::KeyVersion& v : prepared_ring.versions()) {
     if (v.state() == v1::PENDING) {
       pending = v.version();
       pending_kid = v.kid();

@@ -706,7 +706,7 @@ v1::RotationPolicy RandomPolicy(std::mt19937& rng) {
   if (rng() % 2) p.set_prepublish_ms(pick(0, 400));
   if (rng() % 3 == 0) p.set_rotation_period_ms(pick(800, 2500));
   if (rng() % 4 != 0) p.set_retain_ms(pick(300, 1500));
-  if (rng() % 4 != 0) p.set_destroy_delay_ms(pick(200, 1200));
+  if (rng() % 4 != 0) p.set_destroy_delay_ms(pick(200, 4000));
   p.set_retain_ms(std::max(p.retain_ms(), p.prepublish_ms()));
   if (p.rotation_period_ms() != 0) {
     p.set_rotation_period_ms(std::max(p.rotation_period_ms(), p.prepublish_ms()));
@@ -837,6 +837,19 @@ TEST(RandomizedLifecycleTest, NoKeyLeavesEarlyIsDestroyedEarlyOrComesBackComprom
       const auto& vs = rings[name].last.versions();
       version = vs[static_cast<int>(rng() % static_cast<uint32_t>(vs.size()))].version();
     }
+    // Versions in the states an operation applies to, when there are any (a random one else):
+    // the sequences that matter (compromise, cancel-destroy, enable) need the right states.
+    auto pick = [&](std::initializer_list<v1::KeyVersionState> states) {
+      std::vector<uint32_t> fit;
+      if (exists) {
+        for (const v1::KeyVersion& v : rings[name].last.versions()) {
+          for (v1::KeyVersionState st : states) {
+            if (v.state() == st) fit.push_back(v.version());
+          }
+        }
+      }
+      return fit.empty() || rng() % 5 == 0 ? version : fit[rng() % fit.size()];
+    };
     const uint32_t dice = rng() % 100;
     std::string op;
     grpc::Status s;
@@ -868,25 +881,37 @@ TEST(RandomizedLifecycleTest, NoKeyLeavesEarlyIsDestroyedEarlyOrComesBackComprom
       if (s.ok() && !resp.rotated()) fail(step, "rotate answered OK without rotating");
     } else if (dice < 52) {
       op = "disable";
+      version = pick({v1::PENDING, v1::RETIRED, v1::DESTROY_SCHEDULED});
       s = VersionOp(*d, Op::kDisable, name, version);
       if (s.ok()) removed_by_operator(name, version);
     } else if (dice < 60) {
       op = "enable";
+      version = pick({v1::DISABLED, v1::DESTROY_SCHEDULED});
       s = VersionOp(*d, Op::kEnable, name, version);
     } else if (dice < 68) {
       op = "schedule-destroy";
+      version = pick({v1::PENDING, v1::RETIRED, v1::DISABLED});
       s = VersionOp(*d, Op::kSchedule, name, version);
       if (s.ok()) removed_by_operator(name, version);
     } else if (dice < 76) {
       op = "cancel-destroy";
+      version = pick({v1::DESTROY_SCHEDULED});
       s = VersionOp(*d, Op::kCancel, name, version);
     } else if (dice < 82) {
       op = "compromise";
+      version = pick({v1::ACTIVE, v1::PENDING, v1::RETIRED, v1::DISABLED});
       s = VersionOp(*d, Op::kCompromise, name, version);
       if (s.ok()) {
         removed_by_operator(name, version);
         const v1::KeyVersion* v = Version(rings[name].last, version);
         if (v != nullptr) kids[v->kid()].compromised = true;
+        // The mistake of issue 22, at once: cancel the destruction, then enable.
+        if (rng() % 2 == 0) {
+          ++ops[VersionOp(*d, Op::kCancel, name, version).ok() ? "cancel-compromised"
+                                                               : "cancel-compromised/refused"];
+          ++ops[VersionOp(*d, Op::kEnable, name, version).ok() ? "enable-compromised"
+                                                               : "enable-compromised/refused"];
+        }
       }
     } else if (dice < 88) {
       op = "set-policy";

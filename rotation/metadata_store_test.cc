@@ -181,5 +181,30 @@ TEST(MetadataStoreMigrationTest, AddsCertificateColumnsToAnOlderDatabase) {
   std::filesystem::remove_all(dir);
 }
 
+TEST_F(MetadataStoreTest, AuditAnchorsAreKeptPerChainAndReadWithoutWriting) {
+  {
+    auto store = MetadataStore::Open(path_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    EXPECT_EQ((*store)->LoadAuditAnchor("").status().code(), absl::StatusCode::kNotFound);
+    MetadataStore::AuditAnchor a{"", 12, std::string(64, 'a'), "audit-000001.jsonl", 1};
+    ASSERT_TRUE((*store)->SaveAuditAnchor(a).ok());
+    a.seq = 40;  // replaced, not added
+    a.hash = std::string(64, 'b');
+    ASSERT_TRUE((*store)->SaveAuditAnchor(a).ok());
+    ASSERT_TRUE((*store)->SaveAuditAnchor({"r1", 3, std::string(64, 'c'), "f", 2}).ok());
+  }
+  auto lone = MetadataStore::ReadAuditAnchor(path_, "");
+  ASSERT_TRUE(lone.ok()) << lone.status();
+  EXPECT_EQ(lone->seq, 40u);
+  EXPECT_EQ(lone->hash, std::string(64, 'b'));
+  EXPECT_EQ(lone->file, "audit-000001.jsonl");
+  auto r1 = MetadataStore::ReadAuditAnchor(path_, "r1");
+  ASSERT_TRUE(r1.ok()) << r1.status();
+  EXPECT_EQ(r1->seq, 3u);
+  EXPECT_EQ(MetadataStore::ReadAuditAnchor(path_, "r2").status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_FALSE(MetadataStore::ReadAuditAnchor(path_ + ".missing", "").ok());
+}
+
 }  // namespace
 }  // namespace custody::rotation

@@ -230,6 +230,10 @@ def main():
                   "PVC not defined")
     policy = volume_under(flags.get("policy_file", "/nonexistent"))
     check(policy is not None and "configMap" in policy[0], "policy not from the ConfigMap")
+    # custodyd opens the policy with O_NOFOLLOW: a ConfigMap directory mount is a ..data symlink.
+    check(policy is not None and policy[1].get("subPath")
+          and policy[1]["mountPath"] == flags.get("policy_file"),
+          "policy: mount the ConfigMap key with subPath as this file (no symlink)")
 
 
 if __name__ == "__main__":

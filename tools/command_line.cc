@@ -37,8 +37,12 @@ std::string Closest(absl::string_view name, const std::vector<std::string>& cand
   size_t best_distance = std::numeric_limits<size_t>::max();
   for (const std::string& c : candidates) {
     size_t d = FlagDistance(name, c);
-    // A prefix ("--rotation" for "--rotation_period") is as good as one typo.
-    if (name.size() >= 3 && absl::StartsWith(c, name)) d = std::min<size_t>(d, 1);
+    // A prefix ("--rotation" for "--rotation_period") or a longer word ("--address" for
+    // "--addr") is as good as one typo.
+    if ((name.size() >= 3 && absl::StartsWith(c, name)) ||
+        (c.size() >= 3 && absl::StartsWith(name, c))) {
+      d = std::min<size_t>(d, 1);
+    }
     if (d < best_distance) {
       best_distance = d;
       best = c;

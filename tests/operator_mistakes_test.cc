@@ -102,8 +102,11 @@ TEST_F(OperatorMistakesTest, MisspelledFlagsChangeNothingAndNameTheFlagMeant) {
        2,
        "unknown flag --froce for 'ring rotate'; did you mean --force?",
        unchanged},
-      {"sign --tpy=JWT", {"sign", "op/p", "--tpy=JWT"}, 2,
-       "unknown flag --tpy for 'sign'; did you mean --typ?", unchanged},
+      {"sign --tpy=JWT",
+       {"sign", "op/p", "--tpy=JWT"},
+       2,
+       "unknown flag --tpy for 'sign'; did you mean --typ?",
+       unchanged},
       {"a flag of another command",
        {"ring", "create", "op/f", "--alg=ES256", "--force"},
        2,
@@ -114,8 +117,11 @@ TEST_F(OperatorMistakesTest, MisspelledFlagsChangeNothingAndNameTheFlagMeant) {
        2,
        "did you mean --addr?",
        {}},
-      {"a misspelled command", {"ring", "rotat", "op/p"}, 2,
-       "unknown command 'ring rotat'; did you mean 'ring rotate'?", unchanged},
+      {"a misspelled command",
+       {"ring", "rotat", "op/p"},
+       2,
+       "unknown command 'ring rotat'; did you mean 'ring rotate'?",
+       unchanged},
   });
 }
 
@@ -123,37 +129,61 @@ TEST_F(OperatorMistakesTest, MissingValuesAndExtraArgumentsAreUsageErrors) {
   const std::string before = Ring("op/p");
   auto unchanged = [before] { EXPECT_EQ(Ring("op/p"), before); };
   Run({
-      {"--typ without a value", {"sign", "op/p", "--typ"}, 2,
-       "flag --typ for 'sign' needs a value; write --typ=TYP", unchanged},
+      {"--typ without a value",
+       {"sign", "op/p", "--typ"},
+       2,
+       "flag --typ for 'sign' needs a value; write --typ=TYP",
+       unchanged},
       {"--typ JWT (space, not =)",
        {"sign", "op/p", "--typ", "JWT"},
        2,
        "write --typ=JWT (one argument, with '=')",
        unchanged},
-      {"ring get with two names", {"ring", "get", "op/p", "op/q"}, 2,
-       "extra argument 'op/q' for 'ring get'", {}},
-      {"ring rotate with a version", {"ring", "rotate", "op/p", "2"}, 2,
-       "extra argument '2' for 'ring rotate'", unchanged},
-      {"version disable without the version", {"version", "disable", "op/p"}, 2,
-       "'version disable' needs VERSION", unchanged},
+      {"ring get with two names",
+       {"ring", "get", "op/p", "op/q"},
+       2,
+       "extra argument 'op/q' for 'ring get'",
+       {}},
+      {"ring rotate with a version",
+       {"ring", "rotate", "op/p", "2"},
+       2,
+       "extra argument '2' for 'ring rotate'",
+       unchanged},
+      {"version disable without the version",
+       {"version", "disable", "op/p"},
+       2,
+       "'version disable' needs VERSION",
+       unchanged},
       {"a duration without a unit",
        {"ring", "set-policy", "op/p", "--retain=86400"},
        2,
        "flag --retain='86400' for 'ring set-policy': not a duration",
        unchanged},
-      {"set-policy without any field", {"ring", "set-policy", "op/p"}, 2,
-       "ring set-policy needs at least one of --prepublish", unchanged},
-      {"--force=yes", {"ring", "rotate", "op/p", "--force=yes"}, 2,
-       "--force is a boolean: give it bare, =true or =false", unchanged},
+      {"set-policy without any field",
+       {"ring", "set-policy", "op/p"},
+       2,
+       "ring set-policy needs at least one of --prepublish",
+       unchanged},
+      {"--force=yes",
+       {"ring", "rotate", "op/p", "--force=yes"},
+       2,
+       "--force is a boolean: give it bare, =true or =false",
+       unchanged},
       {"the same flag twice",
        {"ring", "set-policy", "op/p", "--retain=48h", "--retain=2d"},
        2,
        "flag --retain given twice",
        unchanged},
-      {"a single-dash flag", {"ring", "rotate", "op/p", "-f"}, 2,
-       "unknown flag -f: flags are --name=value", unchanged},
-      {"ring create without --alg", {"ring", "create", "op/noalg"}, 2,
-       "ring create needs --alg=ALG", [] { EXPECT_EQ(Ring("op/noalg"), ""); }},
+      {"a single-dash flag",
+       {"ring", "rotate", "op/p", "-f"},
+       2,
+       "unknown flag -f: flags are --name=value",
+       unchanged},
+      {"ring create without --alg",
+       {"ring", "create", "op/noalg"},
+       2,
+       "ring create needs --alg=ALG",
+       [] { EXPECT_EQ(Ring("op/noalg"), ""); }},
   });
 }
 
@@ -258,8 +288,11 @@ TEST_F(OperatorMistakesTest, PolicyCheckAndExplainOffline) {
   const std::string good = "--policy_file=" + Path("good.json");
   Run(
       {
-          {"policy check of a good file", {"policy", "check", Path("good.json")}, 0,
-           "\"ok\":true", {}},
+          {"policy check of a good file",
+           {"policy", "check", Path("good.json")},
+           0,
+           "\"ok\":true",
+           {}},
           {"\"identities\": [\"root\"]",
            {"policy", "check", Path("root.json")},
            1,
@@ -270,8 +303,11 @@ TEST_F(OperatorMistakesTest, PolicyCheckAndExplainOffline) {
            1,
            "is writable by group or others; run chmod go-w on it",
            {}},
-          {"explain: allowed", {"policy", "explain", "uid:4242", "sign", "op/id", good}, 0,
-           "grants[0] allows it: identity grants[0].identities[0] 'uid:4242'", {}},
+          {"explain: allowed",
+           {"policy", "explain", "uid:4242", "sign", "op/id", good},
+           0,
+           "grants[0] allows it: identity grants[0].identities[0] 'uid:4242'",
+           {}},
           {"explain: the ring pattern does not reach",
            {"policy", "explain", "uid:4242", "sign", "op/a/b", good},
            1,
@@ -373,6 +409,50 @@ TEST_F(PolicyFileTest, SighupKeepsThePolicyInForceAndLogsWhy) {
   EXPECT_TRUE(wait_for_log("is a FIFO, not a regular file")) << d.log();
   EXPECT_EQ(ctl({"sign", "op/s"}).exit_code, 0);
   d.Stop();  // SIGTERM must still be heard: fails the test if custodyd does not exit cleanly
+}
+
+// TLS without --client_ca: callers present no certificate and are "anonymous". A grant to "*"
+// (every authenticated caller) must not reach them; a grant naming "anonymous" does.
+TEST(AnonymousCallerTest, WildcardGrantsDoNotReachCallersWithoutCredentials) {
+  TempDir dir;
+  CommandResult pki =
+      RunCommand({"/usr/bin/python3", SourceDir() + "/tests/tools/make_certs.py", dir.path()});
+  ASSERT_EQ(pki.exit_code, 0) << pki.err;
+  const std::string state = dir.path() + "/state";
+  std::filesystem::create_directories(state);
+  std::filesystem::permissions(state, std::filesystem::perms::owner_all);
+  const std::string policy = state + "/policy.json";
+  WriteFileOrDie(policy, R"({"version": 1, "grants": [
+    {"identities": ["*"], "operations": ["sign", "jwks"], "rings": ["**"]},
+    {"identities": ["anonymous"], "operations": ["admin.create"], "rings": ["anon/*"]}
+  ]})");
+  chmod(policy.c_str(), 0600);
+  client::ChannelOptions tls;
+  tls.address = "127.0.0.1:" + std::to_string(FreePort());
+  tls.ca_file = dir.path() + "/ca.pem";
+  Custodyd d(
+      state,
+      {"--tls_cert=" + dir.path() + "/server.pem", "--tls_key=" + dir.path() + "/server.key"}, tls);
+  ASSERT_TRUE(d.started()) << d.log();
+  auto ctl = [&](std::vector<std::string> args) {
+    args.insert(args.begin(),
+                {BinDir() + "/custodyctl", "--addr=" + tls.address, "--ca=" + tls.ca_file});
+    return RunCommand(args, "{}");
+  };
+  CommandResult create = ctl({"ring", "create", "anon/r", "--alg=ES256"});
+  ASSERT_EQ(create.exit_code, 0) << create.err;
+  CommandResult sign = ctl({"sign", "anon/r"});
+  EXPECT_EQ(sign.exit_code, 1);
+  EXPECT_NE(sign.err.find("PERMISSION_DENIED: permission denied: 'anonymous' may not sign"),
+            std::string::npos)
+      << sign.err;
+  CommandResult jwks = ctl({"jwks", "anon/r"});
+  EXPECT_EQ(jwks.exit_code, 1) << jwks.out;
+  // And the offline explanation says why.
+  CommandResult why = RunCommand({BinDir() + "/custodyctl", "policy", "explain", "anonymous",
+                                  "sign", "anon/r", "--policy_file=" + policy});
+  EXPECT_EQ(why.exit_code, 1);
+  EXPECT_NE(why.out.find("'*' is every authenticated caller"), std::string::npos) << why.out;
 }
 
 }  // namespace

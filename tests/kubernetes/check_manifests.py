@@ -210,7 +210,8 @@ def main():
     conninfo = volume_under(flags.get("metadata", "/nonexistent"))
     check(conninfo is not None and "configMap" in conninfo[0], "conninfo not from the ConfigMap")
     if conninfo is not None and "configMap" in conninfo[0]:
-        key = os.path.relpath(flags["metadata"], conninfo[1]["mountPath"])
+        key = conninfo[1].get("subPath") or os.path.relpath(flags["metadata"],
+                                                             conninfo[1]["mountPath"])
         (cm,) = [d for d in by_kind["ConfigMap"]
                  if d["metadata"]["name"] == conninfo[0]["configMap"]["name"]]
         text = cm.get("data", {}).get(key, "")

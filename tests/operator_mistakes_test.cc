@@ -187,6 +187,41 @@ TEST_F(OperatorMistakesTest, MissingValuesAndExtraArgumentsAreUsageErrors) {
   });
 }
 
+TEST_F(OperatorMistakesTest, OtherMistakesOfANewOperator) {
+  const std::string before = Ring("op/p");
+  auto unchanged = [before] { EXPECT_EQ(Ring("op/p"), before); };
+  // Run() puts --addr=... first; these rows need the command line exactly as typed.
+  CommandResult spaced = RunCommand(
+      {BinDir() + "/custodyctl", "--addr", daemon_->address(), "ring", "rotate", "op/p"});
+  EXPECT_EQ(spaced.exit_code, 2);
+  EXPECT_NE(spaced.err.find("flag --addr needs a value; write --addr=" + daemon_->address()),
+            std::string::npos)
+      << spaced.err;
+  unchanged();
+  Run({
+      {"a version written v1",
+       {"version", "destroy", "op/p", "v1"},
+       2,
+       "VERSION 'v1': a version number such as 1",
+       unchanged},
+      {"an algorithm in lower case",
+       {"ring", "create", "op/lower", "--alg=es256"},
+       1,
+       "INVALID_ARGUMENT: unsupported signing alg 'es256': use PS256, ES256",
+       [] { EXPECT_EQ(Ring("op/lower"), ""); }},
+      {"a retain shorter than the default prepublish",
+       {"ring", "create", "op/short", "--alg=ES256", "--retain=30m"},
+       1,
+       "retain (1800000 ms) is shorter than prepublish (3600000 ms)",
+       [] { EXPECT_EQ(Ring("op/short"), ""); }},
+      {"--purpose=signing",
+       {"ring", "create", "op/purpose", "--alg=ES256", "--purpose=signing"},
+       2,
+       "--purpose must be sign or decrypt",
+       [] { EXPECT_EQ(Ring("op/purpose"), ""); }},
+  });
+}
+
 TEST_F(OperatorMistakesTest, BooleansMeanWhatTheySay) {
   Run({
       {"--require_certificate=false",

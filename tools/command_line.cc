@@ -297,7 +297,21 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<CommandSpec>& com
     return UsageError("no command; custodyctl --help lists them");
   }
   absl::StatusOr<const CommandSpec*> command = ResolveCommand(commands, &operands);
-  if (!command.ok()) return command.status();
+  if (!command.ok()) {
+    // "--addr unix:/x ring list": the value taken for a command.
+    for (const FlagToken& token : tokens) {
+      if (token.value.has_value() || token.next != operands.front()) continue;
+      const FlagSpec* flag = FindFlag(connection_flags, token.name);
+      for (const CommandSpec& c : commands) {
+        if (flag == nullptr) flag = FindFlag(c.flags, token.name);
+      }
+      if (flag != nullptr && flag->kind != FlagKind::kBool) {
+        return UsageError(absl::StrCat("flag --", flag->name, " needs a value; write --",
+                                       flag->name, "=", token.next, " (one argument, with '=')"));
+      }
+    }
+    return command.status();
+  }
   const CommandSpec& spec = **command;
   line.parsed.command = &spec;
   if (help) {

@@ -71,6 +71,8 @@ TEST(CommandLineTest, MissingValuesAndBadValuesAreRefused) {
   EXPECT_EQ(Error({"ring", "create", "--rsa_bits", "4096", "r"}),
             "flag --rsa_bits for 'ring create' needs a value; write --rsa_bits=4096 (one "
             "argument, with '=')");
+  EXPECT_EQ(Error({"--addr", "unix:/s", "ring", "rotate", "r"}),
+            "flag --addr needs a value; write --addr=unix:/s (one argument, with '=')");
   EXPECT_EQ(Error({"ring", "create", "r", "--rsa_bits="}),
             "flag --rsa_bits for 'ring create' needs a value; write --rsa_bits=N");
   EXPECT_EQ(Error({"ring", "create", "r", "--rsa_bits=-1"}),

@@ -179,6 +179,15 @@ int Usage(const std::string& why) {
   return 2;
 }
 
+bool ParseVersion(const std::string& number, uint32_t* version) {
+  return absl::SimpleAtoi(number, version) && *version > 0;
+}
+
+int VersionUsage(const std::string& number) {
+  return Usage(
+      absl::StrCat("VERSION '", number, "': a version number such as 1 (ring get lists them)"));
+}
+
 int Failed(const grpc::Status& status) {
   // gRPC's code numbers are Abseil's (both follow google.rpc.Code), and so are the names.
   std::string code = absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code()));
@@ -439,7 +448,7 @@ class Ctl {
     custody::v1::SetCertificateRequest req;
     req.set_ring(name);
     uint32_t version = 0;
-    if (!absl::SimpleAtoi(number, &version) || version == 0) return Usage("VERSION: a number");
+    if (!ParseVersion(number, &version)) return VersionUsage(number);
     req.set_version(version);
     if (!args.Has("chain_file")) return Usage("certificate set needs --chain_file=PEM");
     if (!ReadAll(args.Flag("chain_file"), req.mutable_chain_pem()) || req.chain_pem().empty()) {
@@ -465,7 +474,7 @@ class Ctl {
   int VersionOp(const std::string& op, const std::string& name, const std::string& number,
                 const Args& args) {
     uint32_t version = 0;
-    if (!absl::SimpleAtoi(number, &version) || version == 0) return Usage("VERSION: a number");
+    if (!ParseVersion(number, &version)) return VersionUsage(number);
     custody::v1::KeyRing ring;
     auto ctx = Context();
     grpc::Status s;

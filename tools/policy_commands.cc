@@ -54,6 +54,9 @@ int PolicyExplain(const std::string& file, const std::string& identity,
   if (!policy.ok()) {
     std::cout << "{\"allowed\":false,\"file\":" << JsonString(file)
               << ",\"error\":" << JsonString(policy.status().message()) << "}\n";
+    std::cerr << "custodyctl: policy explain reads a policy file offline (--policy_file=FILE, "
+                 "default .state/policy.json); it could not load "
+              << file << "\n";
     return 1;
   }
   AccessPolicy::Explanation e = policy->Explain(identity, operation, ring);

@@ -16,6 +16,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/regular_file.h"
 #include "common/sha256.h"
 #include "jose/json.h"
@@ -139,14 +140,20 @@ class AccessPolicyParser {
     if (grants == nullptr) return Error("grants", "missing");
     if (!grants->is_array()) return Error("grants", "must be an array");
 
+    // Every grant is checked, so that one run names every wrong grant (its first problem each).
     AccessPolicy policy;
+    std::vector<std::string> problems;
     const Json::Array& items = grants->as_array();
     for (size_t i = 0; i < items.size(); ++i) {
       absl::StatusOr<AccessPolicy::Grant> grant =
           ParseGrant(items[i], absl::StrCat("grants[", i, "]"));
-      if (!grant.ok()) return grant.status();
+      if (!grant.ok()) {
+        problems.emplace_back(grant.status().message());
+        continue;
+      }
       policy.grants_.push_back(*std::move(grant));
     }
+    if (!problems.empty()) return absl::InvalidArgumentError(absl::StrJoin(problems, "; "));
     return policy;
   }
 

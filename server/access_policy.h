@@ -54,8 +54,9 @@ class AccessPolicy {
   // A policy that allows nothing.
   AccessPolicy() = default;
 
-  // INVALID_ARGUMENT "PATH: reason" with the JSON path of the first problem, e.g.
-  // "grants[1].operations[0]: unknown operation 'sing'", "grants[0].rule: unknown member".
+  // INVALID_ARGUMENT "PATH: reason" with the JSON path of the problem, e.g.
+  // "grants[1].operations[0]: unknown operation 'sing'", "grants[0].rule: unknown member"; the
+  // first problem of every wrong grant, joined by "; ".
   static absl::StatusOr<AccessPolicy> Parse(absl::string_view json);
 
   // Reads and parses `path`, which must be a regular file (opened with O_NOFOLLOW|O_NONBLOCK: a

@@ -119,6 +119,19 @@ TEST(AccessPolicyTest, WildcardIdentityIsAnyAuthenticatedCaller) {
   EXPECT_FALSE(policy.AllowsAnyRing("", "jwks"));
 }
 
+TEST(AccessPolicyTest, NamesEveryWrongGrant) {
+  absl::StatusOr<AccessPolicy> policy = AccessPolicy::Parse(
+      R"({"version":1,"grants":[{"identities":["root"],"operations":["sign"],"rings":["**"]},)"
+      R"({"identities":["uid:1"],"operations":["sign"],"rings":["**"]},)"
+      R"({"identities":["uid:1"],"operations":["sing"],"rings":["**"]}]})");
+  ASSERT_FALSE(policy.ok());
+  EXPECT_EQ(policy.status().message(),
+            "grants[0].identities[0]: identity 'root' can never match a caller: use uid:N (a "
+            "Unix-socket caller), a certificate's URI SAN (spiffe://...), dns:NAME (its DNS SAN), "
+            "unix, * (every authenticated caller) or anonymous; grants[2].operations[0]: unknown "
+            "operation 'sing'");
+}
+
 TEST(AccessPolicyTest, WildcardNeverMatchesAnonymousWhichMustBeNamed) {
   AccessPolicy star =
       MustParse(R"({"version":1,"grants":[{"identities":["*"],"operations":["jwks"],)"

@@ -4,6 +4,7 @@
 // commands, `custodyctl COMMAND --help` the flags of one. Exit 0 ok, 1 the call failed, 2 usage.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -241,6 +242,10 @@ int PrintJson(const google::protobuf::Message& message) {
 }
 
 bool ReadAll(const std::string& path, std::string* out) {
+  // An operator who forgot the file or the pipe would otherwise wait on a silent terminal.
+  if (path.empty() && isatty(STDIN_FILENO)) {
+    std::cerr << "custodyctl: reading from the terminal; end with Ctrl-D (or give a file flag)\n";
+  }
   std::FILE* f = path.empty() ? stdin : std::fopen(path.c_str(), "rb");
   if (f == nullptr) return false;
   char buf[8192];

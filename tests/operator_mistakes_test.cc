@@ -3,6 +3,7 @@
 // the state afterwards (read back with `custodyctl ring get`), so that a typo never changes a
 // key, a policy or a grant silently. Policy-file mistakes are made at startup, on SIGHUP and
 // offline with `custodyctl policy check/explain`.
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -368,9 +369,13 @@ TEST_F(OperatorMistakesTest, PolicyCheckAndExplainOffline) {
 class PolicyFileTest : public ::testing::Test {
  protected:
   std::string Path(const std::string& name) const { return dir_.path() + "/" + name; }
-  // custodyd that must exit by itself (bounded by timeout(1): 124 would mean it hung).
+  // custodyd that must exit by itself (bounded by timeout(1): 124 or 137 would mean it hung).
   CommandResult StartExpectingExit(const std::vector<std::string>& extra) {
-    std::vector<std::string> argv = {"timeout", "60", BinDir() + "/custodyd",
+    std::vector<std::string> argv = {"timeout",
+                                     "-k",
+                                     "5",
+                                     "30",
+                                     BinDir() + "/custodyd",
                                      "--state_dir=" + Path("state"),
                                      "--listen=unix:" + Path("state") + "/custodyd.sock"};
     argv.insert(argv.end(), extra.begin(), extra.end());
@@ -441,7 +446,14 @@ TEST_F(PolicyFileTest, SighupKeepsThePolicyInForceAndLogsWhy) {
   std::filesystem::remove(policy);
   ASSERT_EQ(mkfifo(policy.c_str(), 0600), 0);
   d.Signal(SIGHUP);
-  EXPECT_TRUE(wait_for_log("is a FIFO, not a regular file")) << d.log();
+  const bool refused = wait_for_log("is a FIFO, not a regular file");
+  EXPECT_TRUE(refused) << d.log();
+  if (!refused) {
+    // The signal thread is stuck in open(): a writer's arrival releases it, so that the failure
+    // is reported instead of a hang in Stop().
+    int fd = open(policy.c_str(), O_WRONLY | O_NONBLOCK);
+    if (fd >= 0) close(fd);
+  }
   EXPECT_EQ(ctl({"sign", "op/s"}).exit_code, 0);
   d.Stop();  // SIGTERM must still be heard: fails the test if custodyd does not exit cleanly
 }

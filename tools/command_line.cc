@@ -134,6 +134,9 @@ absl::Status UnknownFlag(const std::vector<CommandSpec>& commands, const Command
   }
   std::string message = absl::StrCat("unknown flag ", token.text.substr(0, token.text.find('=')),
                                      " for '", command.name, "'");
+  if (token.name == "version" && !token.value.has_value()) {
+    return UsageError(absl::StrCat(message, "; custodyctl --version (alone) prints the build"));
+  }
   if (std::string close = Closest(token.name, known); !close.empty()) {
     return UsageError(absl::StrCat(message, "; did you mean --", close, "?"));
   }

@@ -133,6 +133,9 @@ TEST(CommandLineTest, HelpAndVersion) {
   EXPECT_NE(help.find("  --rsa_bits=N "), std::string::npos) << help;
   EXPECT_NE(help.find("  --require_certificate "), std::string::npos) << help;
   EXPECT_EQ(help.find("--force"), std::string::npos) << help;
+  EXPECT_EQ(Error({"ring", "rotate", "r", "--version"}),
+            "unknown flag --version for 'ring rotate'; custodyctl --version (alone) prints the "
+            "build");
   absl::StatusOr<CommandLine> version = Parse({"--version"});
   ASSERT_TRUE(version.ok());
   EXPECT_EQ(version->action, CommandLine::Action::kVersion);

@@ -353,13 +353,18 @@ absl::StatusOr<AccessPolicy> AccessPolicy::Check(const std::string& path,
   return policy;
 }
 
+// Whether the policy identity `id` names the caller `identity`.
+bool AccessPolicy::IdentityNames(absl::string_view id, absl::string_view identity) {
+  if (id == identity) return true;
+  // "*": every authenticated caller; a caller without credentials must be named "anonymous".
+  if (id == "*" && identity != "anonymous") return true;
+  // "unix": any caller on custodyd's Unix socket, whatever its uid.
+  return id == "unix" && absl::StartsWith(identity, "uid:");
+}
+
 bool AccessPolicy::IdentityMatches(const Grant& grant, absl::string_view identity) const {
   for (const std::string& id : grant.identities) {
-    if (id == identity) return true;
-    // "*": every authenticated caller; a caller without credentials must be named "anonymous".
-    if (id == "*" && identity != "anonymous") return true;
-    // "unix": any caller on custodyd's Unix socket, whatever its uid.
-    if (id == "unix" && absl::StartsWith(identity, "uid:")) return true;
+    if (IdentityNames(id, identity)) return true;
   }
   return false;
 }
@@ -429,8 +434,7 @@ AccessPolicy::Explanation AccessPolicy::Explain(absl::string_view identity,
     std::string who;
     for (size_t i = 0; i < grant.identities.size() && who.empty(); ++i) {
       const std::string& id = grant.identities[i];
-      if (id == identity || (id == "unix" && absl::StartsWith(identity, "uid:")) ||
-          (id == "*" && identity != "anonymous")) {
+      if (IdentityNames(id, identity)) {
         who = absl::StrCat(name, ".identities[", i, "] ", Quote(id));
       }
     }

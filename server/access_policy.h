@@ -109,6 +109,7 @@ class AccessPolicy {
   };
 
   bool IdentityMatches(const Grant& grant, absl::string_view identity) const;
+  static bool IdentityNames(absl::string_view id, absl::string_view identity);
   static bool RingMatches(const Pattern& pattern, absl::string_view ring);
   friend class AccessPolicyParser;
 

@@ -233,11 +233,11 @@ absl::StatusOr<Secret> ReadPin(const std::string& state_dir, bool embedded) {
   return pin;
 }
 
-// custodyd's own flags (those defined in this file), sorted, with their defaults.
+// custodyd's own flags (all but Abseil's --flagfile and friends), sorted, with their defaults.
 void PrintHelp() {
   std::vector<absl::CommandLineFlag*> flags;
   for (const auto& [name, flag] : absl::GetAllFlags()) {
-    if (absl::EndsWith(flag->Filename(), "custodyd.cc")) flags.push_back(flag);
+    if (!absl::StrContains(flag->Filename(), "absl/")) flags.push_back(flag);
   }
   std::sort(flags.begin(), flags.end(),
             [](const absl::CommandLineFlag* a, const absl::CommandLineFlag* b) {

@@ -3,9 +3,11 @@
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdlib.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -36,6 +38,20 @@ constexpr char kOpencryptokiSoPin[] = "87654321";
 constexpr char kSoPin[] = "custodySO";
 
 bool Exists(const std::string& path) { return access(path.c_str(), F_OK) == 0; }
+
+// Whether something accepts TCP connections on 127.0.0.1:port.
+bool Listening(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(port));
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  const bool connected =
+      connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0;
+  close(fd);
+  return connected;
+}
 
 // Polls `ready` every 50 ms for up to `timeout`.
 template <typename F>
@@ -260,9 +276,10 @@ bool HsmModule::SetUpTpm2() {
   const std::string store = dir_ + "/tpm2-pkcs11";
   mkdir(state.c_str(), 0700);
   mkdir(store.c_str(), 0700);
-  // The TPM: swtpm on loopback (its command and control ports).
+  // The TPM: swtpm on loopback (its command port, and the control port next to it, where the
+  // swtpm TCTI looks for it).
   const int port = FreePort();
-  const int ctrl = FreePort();
+  const int ctrl = port + 1;
   logs_.push_back(dir_ + "/swtpm.log");
   daemons_.push_back(std::make_unique<Daemon>(
       std::vector<std::string>{
@@ -271,6 +288,9 @@ bool HsmModule::SetUpTpm2() {
           absl::StrCat("type=tcp,port=", ctrl, ",bindaddr=127.0.0.1"), "--flags",
           "not-need-init,startup-clear"},
       logs_.back()));
+  if (!WaitFor([&] { return Listening(port) && Listening(ctrl); }, 10s)) {
+    return Fail("swtpm did not start");
+  }
   // The resource manager, on a private D-Bus session bus (a Unix socket in `dir`).
   const std::string bus = dir_ + "/bus";
   logs_.push_back(dir_ + "/dbus.log");
@@ -298,8 +318,14 @@ bool HsmModule::SetUpTpm2() {
           15s)) {
     return Fail("tpm2_ptool init: " + init.out + init.err);
   }
-  std::string e = InitTokenInSlot(module_path_, "", 0, kSoPin, token_label_, pin_);
-  return e.empty() || Fail("tpm2-pkcs11 token: " + e);
+  // The token with tpm2_ptool addtoken, not C_InitToken: addtoken tests whether the TPM's PSS
+  // signatures carry the salt length PKCS#11 asks for and records "pss-sigs-good"; a token made
+  // by C_InitToken lacks that record and tpm2-pkcs11 then lists no RSA-PSS mechanism at all.
+  // (The tool takes the PINs on its command line: test values here.)
+  CommandResult add =
+      RunCommand({"/usr/bin/tpm2_ptool", "addtoken", "--pid=1", std::string("--sopin=") + kSoPin,
+                  "--userpin=" + pin_, "--label=" + token_label_, "--path=" + store});
+  return add.exit_code == 0 || Fail("tpm2_ptool addtoken: " + add.out + add.err);
 }
 
 bool HsmModule::SetUpOpencryptoki() {

@@ -120,19 +120,56 @@ Daemon::~Daemon() {
 
 bool Daemon::running() const { return pid_ > 0 && waitpid(pid_, nullptr, WNOHANG) == 0; }
 
+namespace {
+
+// The module loaded and C_Initialize'd in this process until destruction (C_Finalize; the
+// library stays mapped, as pkcs11/cryptoki.cc does: modules leave callbacks behind).
+class RawModule {
+ public:
+  RawModule(const std::string& path, const std::string& init_args) {
+    void* library = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (library == nullptr) {
+      error_ = absl::StrCat("dlopen: ", dlerror());
+      return;
+    }
+    auto get = reinterpret_cast<CK_C_GetFunctionList>(dlsym(library, "C_GetFunctionList"));
+    if (get == nullptr || get(&fn_) != CKR_OK) {
+      error_ = "no C_GetFunctionList";
+      fn_ = nullptr;
+      return;
+    }
+    CK_C_INITIALIZE_ARGS args{};
+    args.flags = CKF_OS_LOCKING_OK;
+    if (!init_args.empty()) args.pReserved = const_cast<char*>(init_args.c_str());
+    if (CK_RV rv = fn_->C_Initialize(&args); rv != CKR_OK) {
+      error_ = absl::StrCat("C_Initialize: ", pkcs11::CkrName(rv));
+      fn_ = nullptr;
+    }
+  }
+  ~RawModule() {
+    if (fn_ != nullptr) fn_->C_Finalize(nullptr);
+  }
+  CK_FUNCTION_LIST* fn() const { return fn_; }
+  const std::string& error() const { return error_; }
+
+ private:
+  CK_FUNCTION_LIST* fn_ = nullptr;
+  std::string error_;
+};
+
+CK_UTF8CHAR* PinBytes(const std::string& p) {
+  return reinterpret_cast<CK_UTF8CHAR*>(const_cast<char*>(p.data()));
+}
+
+}  // namespace
+
 std::string InitTokenInSlot(const std::string& module_path, const std::string& init_args,
                             size_t slot_index, const std::string& so_pin, const std::string& label,
                             const std::string& user_pin) {
-  void* library = dlopen(module_path.c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (library == nullptr) return absl::StrCat("dlopen: ", dlerror());
-  auto get = reinterpret_cast<CK_C_GetFunctionList>(dlsym(library, "C_GetFunctionList"));
-  CK_FUNCTION_LIST* fn = nullptr;
-  if (get == nullptr || get(&fn) != CKR_OK) return "no C_GetFunctionList";
-  CK_C_INITIALIZE_ARGS args{};
-  args.flags = CKF_OS_LOCKING_OK;
-  if (!init_args.empty()) args.pReserved = const_cast<char*>(init_args.c_str());
-  CK_RV rv = fn->C_Initialize(&args);
-  if (rv != CKR_OK) return absl::StrCat("C_Initialize: ", pkcs11::CkrName(rv));
+  RawModule module(module_path, init_args);
+  if (module.fn() == nullptr) return module.error();
+  CK_FUNCTION_LIST* fn = module.fn();
+  CK_RV rv = CKR_OK;
   std::string error;
   auto fail = [&](const char* call, CK_RV r) {
     error = absl::StrCat(call, ": ", pkcs11::CkrName(r));
@@ -143,9 +180,7 @@ std::string InitTokenInSlot(const std::string& module_path, const std::string& i
   unsigned char padded[32];
   std::memset(padded, ' ', sizeof(padded));
   std::memcpy(padded, label.data(), std::min(label.size(), sizeof(padded)));
-  auto pin = [](const std::string& p) {
-    return reinterpret_cast<CK_UTF8CHAR*>(const_cast<char*>(p.data()));
-  };
+  auto pin = PinBytes;
   if ((rv = fn->C_GetSlotList(CK_TRUE, slots, &count)) != CKR_OK) {
     fail("C_GetSlotList", rv);
   } else if (slot_index >= count) {
@@ -176,9 +211,61 @@ std::string InitTokenInSlot(const std::string& module_path, const std::string& i
     }
     if (session != CK_INVALID_HANDLE) fn->C_CloseSession(session);
   }
-  fn->C_Finalize(nullptr);
-  // The library stays mapped (as pkcs11/cryptoki.cc does): modules leave callbacks behind.
   return error;
+}
+
+std::string PublicKeyUsages(const HsmModule& hsm, std::map<std::string, std::string>* usages) {
+  RawModule module(hsm.module_path(), hsm.init_args());
+  if (module.fn() == nullptr) return module.error();
+  CK_FUNCTION_LIST* fn = module.fn();
+  CK_SLOT_ID slots[16];
+  CK_ULONG count = 16;
+  CK_RV rv = fn->C_GetSlotList(CK_TRUE, slots, &count);
+  if (rv != CKR_OK) return absl::StrCat("C_GetSlotList: ", pkcs11::CkrName(rv));
+  unsigned char padded[32];
+  std::memset(padded, ' ', sizeof(padded));
+  std::memcpy(padded, hsm.token_label().data(), std::min(hsm.token_label().size(), sizeof(padded)));
+  for (CK_ULONG i = 0; i < count; ++i) {
+    CK_TOKEN_INFO info{};
+    if (fn->C_GetTokenInfo(slots[i], &info) != CKR_OK ||
+        std::memcmp(info.label, padded, sizeof(padded)) != 0) {
+      continue;
+    }
+    CK_SESSION_HANDLE session = CK_INVALID_HANDLE;
+    if ((rv = fn->C_OpenSession(slots[i], CKF_SERIAL_SESSION, nullptr, nullptr, &session)) !=
+        CKR_OK) {
+      return absl::StrCat("C_OpenSession: ", pkcs11::CkrName(rv));
+    }
+    fn->C_Login(session, CKU_USER, PinBytes(hsm.pin()), hsm.pin().size());
+    CK_OBJECT_CLASS public_class = CKO_PUBLIC_KEY;
+    CK_ATTRIBUTE find[] = {{CKA_CLASS, &public_class, sizeof(public_class)}};
+    CK_OBJECT_HANDLE objects[256];
+    CK_ULONG found = 0;
+    fn->C_FindObjectsInit(session, find, 1);
+    fn->C_FindObjects(session, objects, 256, &found);
+    fn->C_FindObjectsFinal(session);
+    for (CK_ULONG o = 0; o < found; ++o) {
+      char label[128] = {};
+      CK_BBOOL wrap = CK_FALSE, encrypt = CK_FALSE, verify = CK_FALSE;
+      CK_ATTRIBUTE read[] = {{CKA_LABEL, label, sizeof(label) - 1},
+                             {CKA_WRAP, &wrap, sizeof(wrap)},
+                             {CKA_ENCRYPT, &encrypt, sizeof(encrypt)},
+                             {CKA_VERIFY, &verify, sizeof(verify)}};
+      // Attributes a module does not keep read as CKR_ATTRIBUTE_TYPE_INVALID: FALSE then.
+      fn->C_GetAttributeValue(session, objects[o], read, 4);
+      const std::string name(label, read[0].ulValueLen == CK_UNAVAILABLE_INFORMATION
+                                        ? 0
+                                        : std::min<size_t>(read[0].ulValueLen, 127));
+      if (name.rfind("custody/", 0) != 0) continue;
+      (*usages)[name] =
+          absl::StrCat(wrap == CK_TRUE ? "wrap " : "", encrypt == CK_TRUE ? "encrypt " : "",
+                       verify == CK_TRUE ? "verify" : "");
+    }
+    fn->C_Logout(session);
+    fn->C_CloseSession(session);
+    return "";
+  }
+  return "no token labelled " + hsm.token_label();
 }
 
 std::unique_ptr<HsmModule> HsmModule::Start(HsmKind kind, const std::string& dir) {

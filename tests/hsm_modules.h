@@ -14,6 +14,7 @@
 
 #include <sys/types.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -94,6 +95,11 @@ class HsmModule {
 std::string InitTokenInSlot(const std::string& module_path, const std::string& init_args,
                             size_t slot_index, const std::string& so_pin, const std::string& label,
                             const std::string& user_pin);
+
+// The usage flags (CKA_WRAP, CKA_ENCRYPT, CKA_VERIFY: "wrap encrypt verify", "" for none) of
+// every public key custody made in `hsm`'s token (CKA_LABEL "custody/..."), by label, read with
+// the module loaded in this process. "" on success, else the failing call.
+std::string PublicKeyUsages(const HsmModule& hsm, std::map<std::string, std::string>* usages);
 
 }  // namespace custody::testing
 

@@ -11,6 +11,7 @@
 // table of docs/hsm-compatibility.md).
 //
 // opencryptoki's token is one per machine: ctest runs this binary under RESOURCE_LOCK.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -254,15 +255,62 @@ class HsmConformanceTest : public ::testing::TestWithParam<HsmKind> {
   }
 };
 
+// custodyd started with `flags` must fail at once; what it said (stderr), or "" when it started.
+std::string FailedStart(const std::string& state_dir, const std::vector<std::string>& flags,
+                        const std::vector<std::string>& env) {
+  std::vector<std::string> argv = {BinDir() + "/custodyd", "--state_dir=" + state_dir,
+                                   "--listen=unix:" + state_dir + "/custodyd.sock"};
+  argv.insert(argv.end(), flags.begin(), flags.end());
+  CommandResult r = RunCommand(argv, "", env);
+  return r.exit_code == 0 ? "" : r.err;
+}
+
+// The ordinary mistakes of an operator setting the module up, each answered with what to do.
+void ExpectStartupHints(const HsmModule& hsm, const std::string& dir) {
+  std::vector<std::string> flags = hsm.CustodydFlags();
+  // A label typo: the labels seen.
+  std::vector<std::string> typo = flags;
+  typo.push_back("--token_label=custodi");
+  std::string said = FailedStart(dir + "/typo", typo, hsm.env());
+  EXPECT_NE(said.find("match token='custodi'"), std::string::npos) << said;
+  EXPECT_NE(said.find("tokens seen: "), std::string::npos) << said;
+  EXPECT_NE(said.find("'" + hsm.token_label() + "' (slot "), std::string::npos) << said;
+  if (!hsm.init_args().empty()) {
+    // The init string forgotten: the module refuses C_Initialize, and the error says how.
+    std::vector<std::string> bare;
+    for (const std::string& f : flags) {
+      if (f.rfind("--pkcs11_init_args", 0) != 0) bare.push_back(f);
+    }
+    said = FailedStart(dir + "/no-init-args", bare, hsm.env());
+    EXPECT_NE(said.find("C_Initialize: CKR_ARGUMENTS_BAD"), std::string::npos) << said;
+    EXPECT_NE(said.find("--pkcs11_init_args"), std::string::npos) << said;
+  }
+}
+
 TEST_P(HsmConformanceTest, EveryAlgorithmWorksOrIsRefusedWithTheModulesReason) {
   const HsmKind kind = GetParam();
   const std::string module_name = HsmName(kind);
   const auto started = std::chrono::steady_clock::now();
   TempDir dir;
+  if (kind == HsmKind::kOpencryptoki &&
+      RunCommand({"/usr/bin/pgrep", "-x", "pkcsslotd"}).exit_code == 1) {
+    // Before its daemon runs: opencryptoki answers CKR_HOST_MEMORY, custodyd says what to start.
+    const std::string pin = dir.path() + "/early-pin";
+    WriteFileOrDie(pin, "custody1");
+    chmod(pin.c_str(), 0600);
+    const std::string said =
+        FailedStart(dir.path() + "/no-daemon",
+                    {"--pkcs11_module=/usr/lib/x86_64-linux-gnu/pkcs11/libopencryptoki.so",
+                     "--token_label=custody", "--pin_file=" + pin},
+                    {});
+    EXPECT_NE(said.find("C_Initialize: CKR_HOST_MEMORY"), std::string::npos) << said;
+    EXPECT_NE(said.find("pkcsslotd"), std::string::npos) << said;
+  }
   std::unique_ptr<HsmModule> hsm = HsmModule::Start(kind, dir.path());
   if (hsm->unavailable()) GTEST_SKIP() << module_name << ": " << hsm->error();
   ASSERT_TRUE(hsm->error().empty()) << hsm->error() << "\n" << hsm->Logs();
   const auto set_up = std::chrono::steady_clock::now() - started;
+  ExpectStartupHints(*hsm, dir.path());
   const std::string state = dir.path() + "/state";
   auto custodyd = std::make_unique<Custodyd>(state, Flags(*hsm), Custodyd::Environment{hsm->env()});
   ASSERT_TRUE(custodyd->started()) << custodyd->log() << "\n" << hsm->Logs();
@@ -309,10 +357,17 @@ TEST_P(HsmConformanceTest, EveryAlgorithmWorksOrIsRefusedWithTheModulesReason) {
     }
     MatrixRows().push_back({module_name, CellName(c), result});
   }
-  // The module's own diagnostics, if it wrote any, are JSON lines naming it.
+  // The module's own diagnostics, if it wrote any, are JSON lines naming it (tpm2-pkcs11 writes
+  // "ERROR: ..." lines when it fails the P-521 signature).
   for (absl::string_view line : absl::StrSplit(custodyd->log(), '\n')) {
     if (line.empty()) continue;
     EXPECT_EQ(line.front(), '{') << "not a JSON log line: " << line;
+  }
+  if (kind == HsmKind::kTpm2) {
+    EXPECT_NE(custodyd->log().find(absl::StrCat("\"event\":\"module.stderr\",\"module\":\"",
+                                                hsm->module_path(), "\",\"line\":\"ERROR:")),
+              std::string::npos)
+        << custodyd->log();
   }
 
   // 2. Restart: every working ring serves again with the same key.

@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "p11-kit/pkcs11.h"
 #include "pkcs11/token.h"
 #include "tests/harness.h"
@@ -257,9 +258,11 @@ std::string PublicKeyUsages(const HsmModule& hsm, std::map<std::string, std::str
                                         ? 0
                                         : std::min<size_t>(read[0].ulValueLen, 127));
       if (name.rfind("custody/", 0) != 0) continue;
-      (*usages)[name] =
-          absl::StrCat(wrap == CK_TRUE ? "wrap " : "", encrypt == CK_TRUE ? "encrypt " : "",
-                       verify == CK_TRUE ? "verify" : "");
+      std::vector<std::string> flags;
+      if (wrap == CK_TRUE) flags.push_back("wrap");
+      if (encrypt == CK_TRUE) flags.push_back("encrypt");
+      if (verify == CK_TRUE) flags.push_back("verify");
+      (*usages)[name] = absl::StrJoin(flags, " ");
     }
     fn->C_Logout(session);
     fn->C_CloseSession(session);

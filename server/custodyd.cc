@@ -235,6 +235,9 @@ absl::StatusOr<Secret> ReadPin(const std::string& state_dir, bool embedded) {
 }
 
 int Run() {
+  // The first line, before anything that can block (reading files a FIFO could stand in for,
+  // C_Initialize, the metadata store): a custodyd that never gets further is never silent.
+  Log(LogLevel::kInfo, "custodyd.starting", {{"pid", absl::StrCat(getpid())}});
   // Core dumps would carry PINs and plaintexts: off unless an operator re-enables them.
   struct rlimit no_core {
     0, 0

@@ -5,7 +5,6 @@
 #include <grp.h>
 #include <netinet/in.h>
 #include <signal.h>
-#include <spawn.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -21,8 +20,6 @@
 #include "p11-kit/pkcs11.h"
 #include "pkcs11/token.h"
 #include "tests/harness.h"
-
-extern char** environ;
 
 namespace custody::testing {
 namespace {
@@ -89,37 +86,6 @@ std::string HsmName(HsmKind kind) {
   }
   return "?";
 }
-
-Daemon::Daemon(const std::vector<std::string>& argv, const std::string& log,
-               const std::vector<std::string>& extra_env) {
-  std::vector<char*> args;
-  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-  args.push_back(nullptr);
-  std::vector<std::string> env_storage = extra_env;
-  std::vector<char*> env;
-  for (std::string& e : env_storage) env.push_back(e.data());
-  for (char** e = environ; *e != nullptr; ++e) env.push_back(*e);
-  env.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
-  posix_spawn_file_actions_adddup2(&actions, 1, 2);
-  if (posix_spawn(&pid_, args[0], &actions, nullptr, args.data(), env.data()) != 0) pid_ = -1;
-  posix_spawn_file_actions_destroy(&actions);
-}
-
-Daemon::~Daemon() {
-  if (pid_ <= 0) return;
-  kill(pid_, SIGTERM);
-  for (int i = 0; i < 100; ++i) {
-    if (waitpid(pid_, nullptr, WNOHANG) == pid_) return;
-    std::this_thread::sleep_for(50ms);
-  }
-  kill(pid_, SIGKILL);
-  waitpid(pid_, nullptr, 0);
-}
-
-bool Daemon::running() const { return pid_ > 0 && waitpid(pid_, nullptr, WNOHANG) == 0; }
 
 namespace {
 
@@ -297,7 +263,25 @@ std::unique_ptr<HsmModule> HsmModule::Start(HsmKind kind, const std::string& dir
 }
 
 HsmModule::~HsmModule() {
-  while (!daemons_.empty()) daemons_.pop_back();
+  while (!daemons_.empty()) {
+    daemons_.back().Stop();
+    daemons_.pop_back();
+  }
+}
+
+bool HsmModule::StartDaemon(const std::vector<std::string>& argv, const std::string& log,
+                            const std::vector<std::string>& env) {
+  logs_.push_back(log);
+  ChildOptions options;
+  options.argv = argv;
+  options.env = env;
+  options.stdout_path = log;
+  options.stderr_path = log;
+  options.append = true;
+  absl::StatusOr<ChildProcess> child = ChildProcess::Start(options);
+  if (!child.ok()) return Fail(std::string(child.status().message()));
+  daemons_.push_back(*std::move(child));
+  return true;
 }
 
 std::vector<std::string> HsmModule::CustodydFlags() const {
@@ -370,31 +354,29 @@ bool HsmModule::SetUpTpm2() {
   // swtpm TCTI looks for it).
   const int port = FreePort();
   const int ctrl = port + 1;
-  logs_.push_back(dir_ + "/swtpm.log");
-  daemons_.push_back(std::make_unique<Daemon>(
-      std::vector<std::string>{
-          "/usr/bin/swtpm", "socket", "--tpm2", "--tpmstate", "dir=" + state, "--server",
-          absl::StrCat("type=tcp,port=", port, ",bindaddr=127.0.0.1"), "--ctrl",
-          absl::StrCat("type=tcp,port=", ctrl, ",bindaddr=127.0.0.1"), "--flags",
-          "not-need-init,startup-clear"},
-      logs_.back()));
+  if (!StartDaemon({"/usr/bin/swtpm", "socket", "--tpm2", "--tpmstate", "dir=" + state, "--server",
+                    absl::StrCat("type=tcp,port=", port, ",bindaddr=127.0.0.1"), "--ctrl",
+                    absl::StrCat("type=tcp,port=", ctrl, ",bindaddr=127.0.0.1"), "--flags",
+                    "not-need-init,startup-clear"},
+                   dir_ + "/swtpm.log")) {
+    return false;
+  }
   if (!WaitFor([&] { return Listening(port) && Listening(ctrl); }, 10s)) {
     return Fail("swtpm did not start");
   }
   // The resource manager, on a private D-Bus session bus (a Unix socket in `dir`).
   const std::string bus = dir_ + "/bus";
-  logs_.push_back(dir_ + "/dbus.log");
-  daemons_.push_back(
-      std::make_unique<Daemon>(std::vector<std::string>{"/usr/bin/dbus-daemon", "--session",
-                                                        "--nofork", "--address=unix:path=" + bus},
-                               logs_.back()));
+  if (!StartDaemon({"/usr/bin/dbus-daemon", "--session", "--nofork", "--address=unix:path=" + bus},
+                   dir_ + "/dbus.log")) {
+    return false;
+  }
   if (!WaitFor([&] { return Exists(bus); }, 10s)) return Fail("dbus-daemon did not start");
   SetEnv("DBUS_SESSION_BUS_ADDRESS", "unix:path=" + bus);
-  logs_.push_back(dir_ + "/tpm2-abrmd.log");
-  daemons_.push_back(std::make_unique<Daemon>(
-      std::vector<std::string>{"/usr/sbin/tpm2-abrmd", "--session", "--allow-root", "--flush-all",
-                               absl::StrCat("--tcti=swtpm:host=127.0.0.1,port=", port)},
-      logs_.back()));
+  if (!StartDaemon({"/usr/sbin/tpm2-abrmd", "--session", "--allow-root", "--flush-all",
+                    absl::StrCat("--tcti=swtpm:host=127.0.0.1,port=", port)},
+                   dir_ + "/tpm2-abrmd.log")) {
+    return false;
+  }
   SetEnv("TPM2_PKCS11_TCTI", "tabrmd:bus_type=session");
   SetEnv("TPM2TOOLS_TCTI", "tabrmd:bus_type=session");
   SetEnv("TPM2_PKCS11_STORE", store);
@@ -429,9 +411,7 @@ bool HsmModule::SetUpOpencryptoki() {
   if (struct group* g = getgrnam("pkcs11"); g != nullptr) {
     if (chown("/run/opencryptoki", 0, g->gr_gid) != 0) return Fail("chown /run/opencryptoki");
   }
-  logs_.push_back(dir_ + "/pkcsslotd.log");
-  daemons_.push_back(std::make_unique<Daemon>(std::vector<std::string>{"/usr/sbin/pkcsslotd", "-f"},
-                                              logs_.back()));
+  if (!StartDaemon({"/usr/sbin/pkcsslotd", "-f"}, dir_ + "/pkcsslotd.log")) return false;
   // The one software token of the machine, wiped and labelled for this test (its SO PIN stays
   // the package's default). C_Initialize fails until pkcsslotd is up.
   std::string e;
@@ -455,11 +435,11 @@ bool HsmModule::SetUpP11Kit() {
   std::string e = InitTokenInSlot(kSoftHsm, "", 0, kSoPin, token_label_, pin_);
   if (!e.empty()) return Fail("SoftHSM2 token behind p11-kit: " + e);
   const std::string socket = dir_ + "/p11-kit.sock";
-  logs_.push_back(dir_ + "/p11-kit-server.log");
-  daemons_.push_back(std::make_unique<Daemon>(
-      std::vector<std::string>{"/usr/bin/p11-kit", "server", "-f", "--provider", kSoftHsm, "-n",
-                               socket, "pkcs11:token=" + token_label_},
-      logs_.back(), std::vector<std::string>{"SOFTHSM2_CONF=" + conf}));
+  if (!StartDaemon({"/usr/bin/p11-kit", "server", "-f", "--provider", kSoftHsm, "-n", socket,
+                    "pkcs11:token=" + token_label_},
+                   dir_ + "/p11-kit-server.log", {"SOFTHSM2_CONF=" + conf})) {
+    return false;
+  }
   if (!WaitFor([&] { return Exists(socket); }, 10s)) return Fail("p11-kit server did not start");
   SetEnv("P11_KIT_SERVER_ADDRESS", "unix:path=" + socket);
   return true;

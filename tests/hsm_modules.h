@@ -5,10 +5,11 @@
 // that bus), opencryptoki's software token (pkcsslotd, one per machine) and p11-kit's RPC client
 // in front of a `p11-kit server` exporting a SoftHSM2 token (a network-HSM stand-in).
 //
-// Every daemon is started here with posix_spawn (in the foreground) and ended by its PID when
-// the HsmModule goes. The module's environment (SOFTHSM2_CONF, TPM2_PKCS11_*, D-Bus address,
-// P11_KIT_SERVER_ADDRESS) is in env() for custodyd, and is set in this process too so that the
-// test can load the module itself (to read key attributes back).
+// Every daemon is started here with posix_spawn (common/testing/child_process.h, in the
+// foreground) and ended by its PID when the HsmModule goes. The module's environment
+// (SOFTHSM2_CONF, TPM2_PKCS11_*, D-Bus address, P11_KIT_SERVER_ADDRESS) is in env() for custodyd,
+// and is set in this process too so that the test can load the module itself (to read key
+// attributes back).
 #ifndef CUSTODY_TESTS_HSM_MODULES_H_
 #define CUSTODY_TESTS_HSM_MODULES_H_
 
@@ -19,27 +20,13 @@
 #include <string>
 #include <vector>
 
+#include "common/testing/child_process.h"
+
 namespace custody::testing {
 
 enum class HsmKind { kSoftHsm2, kNssSoftokn, kTpm2, kOpencryptoki, kP11KitClient };
 
 std::string HsmName(HsmKind kind);  // "softhsm2", "nss-softokn", ...
-
-// A process in the foreground of its own (no shell), stdout and stderr to `log`; SIGTERMed by
-// PID and reaped on destruction (SIGKILLed after 5 s).
-class Daemon {
- public:
-  Daemon(const std::vector<std::string>& argv, const std::string& log,
-         const std::vector<std::string>& extra_env = {});
-  ~Daemon();
-  Daemon(const Daemon&) = delete;
-  Daemon& operator=(const Daemon&) = delete;
-  bool running() const;
-  pid_t pid() const { return pid_; }
-
- private:
-  pid_t pid_ = -1;
-};
 
 class HsmModule {
  public:
@@ -72,6 +59,9 @@ class HsmModule {
   bool SetUpOpencryptoki();
   bool SetUpP11Kit();
   bool Fail(std::string why);
+  // Starts a daemon in the foreground (posix_spawn), stdout and stderr appended to `log`.
+  bool StartDaemon(const std::vector<std::string>& argv, const std::string& log,
+                   const std::vector<std::string>& env = {});
   void SetEnv(const std::string& name, const std::string& value);
 
   HsmKind kind_;
@@ -85,7 +75,7 @@ class HsmModule {
   std::string init_args_;
   std::vector<std::string> env_;
   std::vector<std::string> logs_;
-  std::vector<std::unique_ptr<Daemon>> daemons_;  // ended in reverse order of start
+  std::vector<ChildProcess> daemons_;  // stopped by PID, in reverse order of start
 };
 
 // Initializes the token in slot `slot_index` of the module's slot list (C_InitToken with

@@ -275,6 +275,11 @@ void ExpectStartupHints(const HsmModule& hsm, const std::string& dir) {
   EXPECT_NE(said.find("match token='custodi'"), std::string::npos) << said;
   EXPECT_NE(said.find("tokens seen: "), std::string::npos) << said;
   EXPECT_NE(said.find("'" + hsm.token_label() + "' (slot "), std::string::npos) << said;
+  if (hsm.kind() == HsmKind::kSoftHsm2) {
+    // SoftHSM2 always offers a free slot: an uninitialized token, named with how to set it up.
+    EXPECT_NE(said.find("not initialized yet: slot "), std::string::npos) << said;
+    EXPECT_NE(said.find("initialize the token with its module's tool"), std::string::npos) << said;
+  }
   if (!hsm.init_args().empty()) {
     // The init string forgotten: the module refuses C_Initialize, and the error says how.
     std::vector<std::string> bare;

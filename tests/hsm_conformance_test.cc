@@ -369,6 +369,11 @@ TEST_P(HsmConformanceTest, EveryAlgorithmWorksOrIsRefusedWithTheModulesReason) {
     EXPECT_EQ(line.front(), '{') << "not a JSON log line: " << line;
   }
   if (kind == HsmKind::kTpm2) {
+    // It refuses session keys (CKA_TOKEN=FALSE): the OAEP probe ran with token objects, and the
+    // RSA-OAEP-256 ring decrypts with OAEP in the token (its row above says so).
+    EXPECT_NE(custodyd->log().find("pkcs11.oaep_probe_with_token_objects"), std::string::npos);
+    EXPECT_NE(custodyd->log().find("\"event\":\"token.rsa_oaep_sha256\",\"path\":\"native"),
+              std::string::npos);
     EXPECT_NE(custodyd->log().find(absl::StrCat("\"event\":\"module.stderr\",\"module\":\"",
                                                 hsm->module_path(), "\",\"line\":\"ERROR:")),
               std::string::npos)

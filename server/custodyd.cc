@@ -27,6 +27,7 @@
 #include "absl/time/time.h"
 #include "common/log.h"
 #include "common/secret.h"
+#include "common/stderr_capture.h"
 #include "common/version.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
@@ -51,6 +52,10 @@ ABSL_FLAG(std::string, state_dir, ".state", "state directory: metadata database,
 ABSL_FLAG(std::string, pkcs11_module, "",
           "PKCS#11 module of a real HSM; empty = the embedded SoftHSM2 token under --state_dir");
 ABSL_FLAG(std::string, token_label, "", "token label or RFC 7512 PKCS#11 URI (pkcs11:token=...)");
+ABSL_FLAG(std::string, pkcs11_init_args, "",
+          "the module's initialization string, passed as C_Initialize pReserved (NSS softokn: "
+          "\"configdir='sql:DIR' certPrefix='' keyPrefix='' secmod='secmod.db' flags=\"); "
+          "see docs/hsm-compatibility.md");
 ABSL_FLAG(std::string, pin_file, "", "file holding the user PIN (mode 0600 or 0400)");
 ABSL_FLAG(std::string, pin_env, "CUSTODY_PIN",
           "environment variable holding the user PIN when --pin_file is not given");
@@ -299,8 +304,14 @@ int Run() {
   auto pin = ReadPin(state_dir, embedded);
   if (!pin.ok()) return fail("startup.pin", pin.status());
 
+  // The module's own diagnostics become JSON lines naming it (before it is loaded: modules
+  // write during C_Initialize).
+  if (absl::Status s = CaptureStderr(module); !s.ok()) {
+    Log(LogLevel::kWarning, "startup.stderr_capture", {{"error", std::string(s.message())}});
+  }
   pkcs11::Token::Options token_options;
   token_options.module_path = module;
+  token_options.init_args = absl::GetFlag(FLAGS_pkcs11_init_args);
   token_options.selector = *selector;
   token_options.pin = *std::move(pin);
   token_options.max_sessions = static_cast<size_t>(std::max(1, absl::GetFlag(FLAGS_max_sessions)));

@@ -99,13 +99,23 @@ ABSL_FLAG(bool, scale, false,
           "every key, restart time (slow: creates 3 keys per ring)");
 ABSL_FLAG(int, scale_rings, 1000, "rings for --scale");
 ABSL_FLAG(std::string, pkcs11_module, custody::server::kDefaultSoftHsmModule,
-          "SoftHSM2 module that custodyd's embedded token uses");
+          "PKCS#11 module: with --token_label, of the token custodyd and the direct ceiling use; "
+          "without, the SoftHSM2 module of custodyd's embedded token");
+ABSL_FLAG(std::string, token_label, "",
+          "measure on this token of --pkcs11_module (label or PKCS#11 URI) instead of an "
+          "embedded SoftHSM2 token; the bench's keys stay in it (a token for benchmarking)");
+ABSL_FLAG(std::string, pin_file, "", "the user PIN of --token_label's token (a file)");
+ABSL_FLAG(std::string, pkcs11_init_args, "",
+          "the module's initialization string (C_Initialize pReserved), as custodyd takes it");
 ABSL_FLAG(std::vector<std::string>, custodyd_flags, {},
           "extra custodyd flags, comma-separated, e.g. --custodyd_flags=--audit_dir=/dev/shm/a "
           "to see what the audit log's fsync costs (not a configuration to run)");
 
 namespace custody::bench {
 namespace {
+
+// --token_label: the operator's token instead of custodyd's embedded SoftHSM2 one.
+bool ExternalToken() { return !absl::GetFlag(FLAGS_token_label).empty(); }
 
 // Everything one measured op needs, prepared once and shared by the ceilings and both transports.
 struct OpState {
@@ -338,6 +348,18 @@ absl::Status Bench::Setup() {
                log_path_.c_str());
 
   common_flags_ = {absl::StrCat("--max_sessions=", report_->max_sessions)};
+  if (ExternalToken()) {
+    // custodyd on the operator's token, exactly as it would be started for it.
+    if (absl::GetFlag(FLAGS_pin_file).empty()) {
+      return absl::InvalidArgumentError("--token_label needs --pin_file (the token's user PIN)");
+    }
+    common_flags_.push_back("--pkcs11_module=" + absl::GetFlag(FLAGS_pkcs11_module));
+    common_flags_.push_back("--token_label=" + absl::GetFlag(FLAGS_token_label));
+    common_flags_.push_back("--pin_file=" + absl::GetFlag(FLAGS_pin_file));
+    if (!absl::GetFlag(FLAGS_pkcs11_init_args).empty()) {
+      common_flags_.push_back("--pkcs11_init_args=" + absl::GetFlag(FLAGS_pkcs11_init_args));
+    }
+  }
   // custodyd with an access policy (--policy_file) denies mTLS callers by default: grant the
   // bench's client certificate (any authenticated caller) everything on every ring.
   auto help = CaptureCommandOutput({report_->custodyd, "--helpfull"});
@@ -365,8 +387,9 @@ absl::Status Bench::Setup() {
   if (!tls.ok()) return tls.status();
   tls_ = *tls;
 
-  // The token lives under the state directory: this process opens it with the same config.
-  setenv("SOFTHSM2_CONF", (state_dir_ + "/softhsm2.conf").c_str(), 1);
+  // The embedded token lives under the state directory: this process opens it with the same
+  // config.
+  if (!ExternalToken()) setenv("SOFTHSM2_CONF", (state_dir_ + "/softhsm2.conf").c_str(), 1);
 
   std::vector<std::string> selected = absl::GetFlag(FLAGS_ops);
   for (const OpSpec& spec : AllOps()) {
@@ -649,8 +672,10 @@ absl::Status Bench::RunReplicas() {
   set_options.binary = report_->custodyd;
   set_options.dir = tmp_->path() + "/replicas";
   set_options.replicas = std::max(1, absl::GetFlag(FLAGS_replicas));
-  set_options.module_path = absl::GetFlag(FLAGS_pkcs11_module);
-  set_options.pin_file = state_dir_ + "/pin";
+  if (!ExternalToken()) {  // else common_flags_ name the token
+    set_options.module_path = absl::GetFlag(FLAGS_pkcs11_module);
+    set_options.pin_file = state_dir_ + "/pin";
+  }
   set_options.flags = common_flags_;
   std::fprintf(stderr, "custody-bench: starting PostgreSQL and %d custodyd replicas\n",
                set_options.replicas);
@@ -756,11 +781,19 @@ absl::Status Bench::RunTransport(const std::string& transport) {
     auto channel = client::CreateChannel(options.channel);
     if (!channel.ok()) return channel.status();
     if (absl::Status s = CreateRings(*channel, ops_); !s.ok()) return s;
-    auto pin = ReadSecretFile(state_dir_ + "/pin");
+    auto pin =
+        ReadSecretFile(ExternalToken() ? absl::GetFlag(FLAGS_pin_file) : state_dir_ + "/pin");
     if (!pin.ok()) return pin.status();
     pkcs11::Token::Options token_options;
     token_options.module_path = absl::GetFlag(FLAGS_pkcs11_module);
-    token_options.selector.label = server::kEmbeddedTokenLabel;
+    token_options.init_args = absl::GetFlag(FLAGS_pkcs11_init_args);
+    if (ExternalToken()) {
+      auto selector = pkcs11::ParseTokenSelector(absl::GetFlag(FLAGS_token_label));
+      if (!selector.ok()) return selector.status();
+      token_options.selector = *selector;
+    } else {
+      token_options.selector.label = server::kEmbeddedTokenLabel;
+    }
     token_options.pin = *std::move(pin);
     token_options.max_sessions = static_cast<size_t>(report_->max_sessions);
     auto token = pkcs11::Token::Open(std::move(token_options));

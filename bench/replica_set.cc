@@ -23,12 +23,15 @@ absl::StatusOr<std::unique_ptr<ReplicaSet>> ReplicaSet::Start(const Options& opt
     o.channel.address = o.listen;
     o.log_path = o.state_dir + "/custodyd.log";
     o.extra_flags = options.flags;
-    for (const std::string& flag :
-         {"--metadata=" + set->cluster_->Uri("bench"),
-          "--metadata_password_file=" + set->cluster_->password_file(),
-          "--pkcs11_module=" + options.module_path, std::string("--token_label=custody"),
-          "--pin_file=" + options.pin_file, absl::StrCat("--replica_id=r", i)}) {
+    for (const std::string& flag : {"--metadata=" + set->cluster_->Uri("bench"),
+                                    "--metadata_password_file=" + set->cluster_->password_file(),
+                                    absl::StrCat("--replica_id=r", i)}) {
       o.extra_flags.push_back(flag);
+    }
+    if (!options.module_path.empty()) {
+      o.extra_flags.push_back("--pkcs11_module=" + options.module_path);
+      o.extra_flags.push_back("--token_label=custody");
+      o.extra_flags.push_back("--pin_file=" + options.pin_file);
     }
     auto replica = CustodydProcess::Start(o);
     if (!replica.ok()) return replica.status();

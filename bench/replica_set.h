@@ -28,8 +28,10 @@ class ReplicaSet {
     std::string binary;  // custodyd
     std::string dir;     // replicas' state directories and logs go under it
     int replicas = 3;
-    std::string module_path;         // the SoftHSM2 module
-    std::string pin_file;            // the token's user PIN file
+    // The SoftHSM2 module and the PIN file of the bench's embedded token "custody"; empty when
+    // `flags` name the token (custody-bench --token_label).
+    std::string module_path;
+    std::string pin_file;
     std::vector<std::string> flags;  // common custodyd flags
   };
   // Starts the cluster, then the replicas one after the other (each until SERVING).

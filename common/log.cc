@@ -1,7 +1,9 @@
 #include "common/log.h"
 
+#include <unistd.h>
+
 #include <atomic>
-#include <cstdio>
+#include <cerrno>
 
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
@@ -12,6 +14,7 @@ namespace custody {
 namespace {
 
 std::atomic<LogLevel> g_level{LogLevel::kInfo};
+std::atomic<int> g_fd{STDERR_FILENO};
 absl::Mutex g_mu;
 
 const char* LevelName(LogLevel level) {
@@ -31,6 +34,8 @@ const char* LevelName(LogLevel level) {
 }  // namespace
 
 void SetLogLevel(LogLevel level) { g_level.store(level); }
+
+void SetLogFd(int fd) { g_fd.store(fd); }
 
 void AppendJsonString(std::string& out, absl::string_view s) {
   static constexpr char kHex[] = "0123456789abcdef";
@@ -91,8 +96,13 @@ void Log(LogLevel level, absl::string_view event, std::initializer_list<LogField
   }
   line += "}\n";
   absl::MutexLock lock(&g_mu);
-  std::fwrite(line.data(), 1, line.size(), stderr);
-  std::fflush(stderr);
+  const int fd = g_fd.load();
+  for (size_t written = 0; written < line.size();) {
+    const ssize_t n = write(fd, line.data() + written, line.size() - written);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;  // nowhere to log to: nothing better to do
+    written += static_cast<size_t>(n);
+  }
 }
 
 }  // namespace custody

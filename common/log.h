@@ -23,6 +23,10 @@ void Log(LogLevel level, absl::string_view event, std::initializer_list<LogField
 // Messages below `level` are dropped. Default kInfo.
 void SetLogLevel(LogLevel level);
 
+// Where Log writes its lines: file descriptor 2 (stderr) by default; CaptureStderr
+// (common/stderr_capture.h) moves it to a duplicate of the original stderr.
+void SetLogFd(int fd);
+
 // Appends `s` to `out` as a JSON string literal (with quotes), escaping per RFC 8259.
 void AppendJsonString(std::string& out, absl::string_view s);
 

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "pkcs11/token.h"
 
 namespace custody::pkcs11 {
@@ -41,8 +42,25 @@ std::vector<std::vector<std::string>> RequiredMechanisms(const KeyUse& use);
 
 // The needs of `use` that `token` does not meet, in RequiredMechanisms' order, each as
 // "CKM_X" or "CKM_A or CKM_B"; empty when the token serves `use`. The OAEP SHA-256 need counts
-// as met by CKM_RSA_PKCS_OAEP only when Token::OaepSupported(kSha256) says so.
+// as met by CKM_RSA_PKCS_OAEP only when Token::OaepSupported(kSha256) says so. A generation
+// mechanism whose key-size range (C_GetMechanismInfo) excludes the spec's size is missing as
+// "CKM_X for N-bit keys (the token generates A to B)".
 std::vector<std::string> MissingMechanisms(Token& token, const KeyUse& use);
+
+// "" when the token's reported key-size range for generating `spec` includes its size (RSA
+// modulus bits, EC field bits), or when the token reports no range (or one in units that cannot
+// be bits); otherwise the need as MissingMechanisms names it.
+std::string UnservedKeySize(const Token& token, const KeySpec& spec);
+
+// Whether `token` can run `use` on `key`, a pair just created for it: signs a test digest and
+// verifies the signature with OpenSSL against the token's public key, or encrypts a test value
+// with OpenSSL and decrypts it in the token (RSA-OAEP with SHA-256 through raw RSA when the
+// token refuses OAEP with SHA-256, as custodyd does), or derives with an ephemeral peer and
+// compares with OpenSSL's ECDH. FAILED_PRECONDITION naming the failing call when the token
+// created a key it cannot use (e.g. tpm2-pkcs11 1.9 on P-521: C_SignInit CKR_HOST_MEMORY);
+// UNAVAILABLE/RESOURCE_EXHAUSTED as the token's calls return them when the device or pool
+// failed (the key may well work).
+absl::Status SelfTest(Token& token, const KeyPair& key, const KeyUse& use);
 
 }  // namespace custody::pkcs11
 

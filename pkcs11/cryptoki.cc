@@ -37,11 +37,37 @@ std::map<std::string, LoadedModule>& Registry() ABSL_EXCLUSIVE_LOCKS_REQUIRED(re
   return *registry;
 }
 
-CK_RV InitializeForThreads(CK_FUNCTION_LIST* fn) {
+CK_RV InitializeForThreads(CK_FUNCTION_LIST* fn, const std::string& init_args) {
   // CKF_OS_LOCKING_OK: the pool calls into the module from many threads at once.
   CK_C_INITIALIZE_ARGS args{};
   args.flags = CKF_OS_LOCKING_OK;
+  // The module reads the string during C_Initialize only (it is NUL-terminated by std::string).
+  if (!init_args.empty()) args.pReserved = const_cast<char*>(init_args.c_str());
   return fn->C_Initialize(&args);
+}
+
+// What an operator should look at when C_Initialize fails with `rv`.
+std::string InitializeHint(const std::string& path, CK_RV rv) {
+  switch (rv) {
+    case CKR_ARGUMENTS_BAD:
+      return absl::StrCat(
+          " (the module '", path,
+          "' refused its initialization arguments: modules such as NSS softokn need a "
+          "module-specific string, given with --pkcs11_init_args, e.g. \"configdir='sql:DIR' "
+          "certPrefix='' keyPrefix='' secmod='secmod.db' flags=\")");
+    case CKR_HOST_MEMORY:
+    case CKR_GENERAL_ERROR:
+    case CKR_FUNCTION_FAILED:
+    case CKR_DEVICE_ERROR:
+      return absl::StrCat(
+          " (the module '", path,
+          "' could not reach what stands behind it: is its daemon or device up? opencryptoki "
+          "needs pkcsslotd running (it answers CKR_HOST_MEMORY without it); tpm2-pkcs11 needs "
+          "its TPM and resource manager (TPM2_PKCS11_TCTI); a network HSM needs its client "
+          "configuration and server; the module's own output is in the log)");
+    default:
+      return "";
+  }
 }
 
 constexpr char kCkrPayload[] = "type.custody/pkcs11.CK_RV";
@@ -57,9 +83,11 @@ struct Module::Shared {
   absl::Mutex gate;
   std::atomic<uint64_t> generation{1};
   bool finalize_on_last ABSL_GUARDED_BY(registry_mu) = false;  // false: someone else's module
+  std::string init_args;  // set by the Load that initializes, before anyone else sees it
 };
 
-absl::StatusOr<std::unique_ptr<Module>> Module::Load(const std::string& path) {
+absl::StatusOr<std::unique_ptr<Module>> Module::Load(const std::string& path,
+                                                     const std::string& init_args) {
   absl::MutexLock lock(&registry_mu);
   LoadedModule& entry = Registry()[path];
   if (entry.library == nullptr) {
@@ -93,13 +121,15 @@ absl::StatusOr<std::unique_ptr<Module>> Module::Load(const std::string& path) {
     entry.shared = std::make_shared<Shared>(fn);
   }
   if (entry.references == 0) {
-    CK_RV rv = InitializeForThreads(entry.shared->fn);
+    entry.shared->init_args = init_args;
+    CK_RV rv = InitializeForThreads(entry.shared->fn, entry.shared->init_args);
     if (rv == CKR_CRYPTOKI_ALREADY_INITIALIZED) {
       entry.shared->finalize_on_last = false;  // not ours to finalize
     } else if (rv == CKR_OK) {
       entry.shared->finalize_on_last = true;
     } else {
-      return CkError("C_Initialize", rv);
+      absl::Status failed = CkError("C_Initialize", rv);
+      return WithMessage(failed, absl::StrCat(failed.message(), InitializeHint(path, rv)));
     }
   }
   ++entry.references;
@@ -138,7 +168,7 @@ absl::StatusOr<bool> Module::Reinitialize(uint64_t seen) {
   shared_->fn->C_Finalize(nullptr);
   // Every handle issued so far is void from here on, whether C_Initialize succeeds or not.
   shared_->generation.fetch_add(1, std::memory_order_acq_rel);
-  CK_RV rv = InitializeForThreads(shared_->fn);
+  CK_RV rv = InitializeForThreads(shared_->fn, shared_->init_args);
   if (rv != CKR_OK && rv != CKR_CRYPTOKI_ALREADY_INITIALIZED) return CkError("C_Initialize", rv);
   return true;
 }
@@ -164,6 +194,13 @@ std::optional<CK_RV> CkrOf(const absl::Status& status) {
 
 absl::Status WithCode(const absl::Status& status, absl::StatusCode code) {
   absl::Status out(code, status.message());
+  status.ForEachPayload(
+      [&](absl::string_view type, const absl::Cord& value) { out.SetPayload(type, value); });
+  return out;
+}
+
+absl::Status WithMessage(const absl::Status& status, std::string_view message) {
+  absl::Status out(status.code(), AsAbsl(message));
   status.ForEachPayload(
       [&](absl::string_view type, const absl::Cord& value) { out.SetPayload(type, value); });
   return out;

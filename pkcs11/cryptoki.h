@@ -50,9 +50,16 @@ namespace custody::pkcs11 {
 // Thread-safety: Load, Reinitialize and destruction are thread-safe. fn() is immutable.
 class Module {
  public:
-  // dlopen(RTLD_NOW | RTLD_LOCAL) + C_GetFunctionList + C_Initialize(CKF_OS_LOCKING_OK).
-  // FAILED_PRECONDITION when the library cannot be loaded or has no C_GetFunctionList.
-  static absl::StatusOr<std::unique_ptr<Module>> Load(const std::string& path);
+  // dlopen(RTLD_NOW | RTLD_LOCAL) + C_GetFunctionList + C_Initialize(CKF_OS_LOCKING_OK), with
+  // `init_args` (when not empty) as CK_C_INITIALIZE_ARGS.pReserved, NUL-terminated: the
+  // module-specific initialization string some modules need (NSS softokn:
+  // "configdir='sql:DIR' certPrefix='' keyPrefix='' secmod='secmod.db' flags="). The first
+  // Load of a path decides its arguments; a re-initialization uses them again.
+  // FAILED_PRECONDITION when the library cannot be loaded or has no C_GetFunctionList; a failed
+  // C_Initialize names the CKR with a hint at the usual cause (missing init arguments, a
+  // module daemon or device that is not running).
+  static absl::StatusOr<std::unique_ptr<Module>> Load(const std::string& path,
+                                                      const std::string& init_args = "");
 
   ~Module();
   Module(const Module&) = delete;
@@ -96,6 +103,9 @@ std::string CkFunctionOf(const absl::Status& status);
 
 // `status` with its message and payloads but code `code`.
 absl::Status WithCode(const absl::Status& status, absl::StatusCode code);
+
+// `status` with its code and payloads but message `message`.
+absl::Status WithMessage(const absl::Status& status, std::string_view message);
 
 // What a failed call says about the state behind it, and so how to recover before the one
 // retry: see TokenState::Run (token_recovery.cc).

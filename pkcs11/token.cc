@@ -17,8 +17,9 @@ absl::StatusOr<std::unique_ptr<Token>> Token::Open(Options options) {
 }
 
 absl::Status Token::InitializeToken(const std::string& module_path, std::string_view label,
-                                    const Secret& so_pin, const Secret& user_pin) {
-  return internal::InitializeToken(module_path, label, so_pin, user_pin);
+                                    const Secret& so_pin, const Secret& user_pin,
+                                    const std::string& init_args) {
+  return internal::InitializeToken(module_path, label, so_pin, user_pin, init_args);
 }
 
 Token::Token(std::unique_ptr<State> state) : state_(std::move(state)) {}
@@ -73,6 +74,13 @@ absl::Status Token::Probe() {
 
 bool Token::HasMechanism(std::string_view mechanism_name) const {
   return state_->mechanisms.contains(mechanism_name);
+}
+
+std::optional<std::pair<uint64_t, uint64_t>> Token::KeySizeRange(
+    std::string_view mechanism_name) const {
+  auto it = state_->key_sizes.find(mechanism_name);
+  if (it == state_->key_sizes.end()) return std::nullopt;
+  return it->second;
 }
 
 // ---- Key objects (token_objects.cc, token_public_keys.cc) ----------------------------------

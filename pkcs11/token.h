@@ -34,6 +34,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -133,6 +134,10 @@ class Token {
  public:
   struct Options {
     std::string module_path;  // e.g. /usr/lib/softhsm/libsofthsm2.so
+    // The module's initialization string, passed as C_Initialize's pReserved (see Module::Load
+    // in cryptoki.h); empty for modules that take none. NSS softokn needs
+    // "configdir='sql:DIR' certPrefix='' keyPrefix='' secmod='secmod.db' flags=".
+    std::string init_args;
     TokenSelector selector;
     Secret pin;               // user PIN; read from a file or the environment by the caller
     size_t max_sessions = 8;  // logged-in sessions in the pool
@@ -177,17 +182,25 @@ class Token {
 
   // Loads the module (dlopen + C_GetFunctionList), C_Initialize with CKF_OS_LOCKING_OK, finds
   // exactly one token matching the selector (FAILED_PRECONDITION naming the candidates when
-  // zero or several match), opens one session and logs in as CKU_USER. Further sessions are
-  // opened lazily up to max_sessions. A wrong PIN is PERMISSION_DENIED. Note that PKCS#11 login
-  // is per application: while another Token in this process holds a logged-in session on the
-  // same token, the module answers CKR_USER_ALREADY_LOGGED_IN without checking the PIN.
+  // zero or several match, and the slots whose token is not initialized yet), opens one session and
+  // logs in as CKU_USER. Further sessions are opened lazily up to max_sessions. A wrong PIN is
+  // PERMISSION_DENIED. Note that PKCS#11 login is per application: while another Token in this
+  // process holds a logged-in session on the same token, the module answers
+  // CKR_USER_ALREADY_LOGGED_IN without checking the PIN.
   static absl::StatusOr<std::unique_ptr<Token>> Open(Options options);
 
   // Initializes a token with `label` in the module's first slot that has no initialized token
   // (SoftHSM2's free slot), sets the SO PIN and the user PIN through C_InitToken/C_InitPIN, so
   // PINs never pass through argv. ALREADY_EXISTS when a token with `label` already exists.
   static absl::Status InitializeToken(const std::string& module_path, std::string_view label,
-                                      const Secret& so_pin, const Secret& user_pin);
+                                      const Secret& so_pin, const Secret& user_pin,
+                                      const std::string& init_args = "");
+
+  // The key sizes the token reports for a key-pair generation mechanism
+  // ("CKM_RSA_PKCS_KEY_PAIR_GEN": modulus bits; "CKM_EC_KEY_PAIR_GEN": field bits), read with
+  // C_GetMechanismInfo at Open; nullopt when the token lists no such mechanism or reports no usable
+  // range.
+  std::optional<std::pair<uint64_t, uint64_t>> KeySizeRange(std::string_view mechanism_name) const;
 
   ~Token();
   Token(const Token&) = delete;

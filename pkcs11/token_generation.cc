@@ -4,10 +4,12 @@
 // may have created something: TokenState::RunCreating reconciles instead.
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "openssl/core_names.h"
 #include "openssl/ec.h"
@@ -40,18 +42,18 @@ std::vector<CK_ATTRIBUTE> PrivateKeyTemplate(std::string_view id, std::string_vi
   };
 }
 
-// Its public key: CKA_VERIFY, or for an RSA decryption key CKA_ENCRYPT.
-std::vector<CK_ATTRIBUTE> PublicKeyTemplate(std::string_view id, std::string_view label, bool rsa,
-                                            bool for_decryption) {
-  std::vector<CK_ATTRIBUTE> attributes = {
-      BoolAttr(CKA_TOKEN, true),
-      BoolAttr(CKA_PRIVATE, false),
-      BoolAttr(CKA_VERIFY, !for_decryption),
-      Attr(CKA_ID, id),
-      Attr(CKA_LABEL, label),
+// Its public key: only what custody needs of it (it is never used in the token: signatures are
+// verified and encryptions made by the relying parties, from the JWKS), so no usage flag is
+// asked for. CKA_WRAP is stated FALSE because some modules default it to TRUE (opencryptoki
+// 3.8). CKA_VERIFY and CKA_ENCRYPT are left to the module rather than set FALSE: tpm2-pkcs11 1.9
+// derives them from the private key's usages (the public CKA_VERIFY from the private CKA_DECRYPT,
+// CKA_ENCRYPT from CKA_SIGN) and fails C_GenerateKeyPair with CKR_GENERAL_ERROR ("User specified
+// and TPM specified attr mismatch: 0x10a") on any stated value that differs from its own.
+std::vector<CK_ATTRIBUTE> PublicKeyTemplate(std::string_view id, std::string_view label) {
+  return {
+      BoolAttr(CKA_TOKEN, true), BoolAttr(CKA_PRIVATE, false), BoolAttr(CKA_WRAP, false),
+      Attr(CKA_ID, id),          Attr(CKA_LABEL, label),
   };
-  if (rsa) attributes.push_back(BoolAttr(CKA_ENCRYPT, for_decryption));
-  return attributes;
 }
 
 // Runs `call` with the type's CKA_EC_PARAMS (empty for RSA) and returns its CK_RV. Modules differ
@@ -108,6 +110,39 @@ absl::StatusOr<std::shared_ptr<KeyPair>> CreatePair(TokenState& state, std::stri
       },
       started, id, pair));
   return pair;
+}
+
+// A creation the token refused for what was asked (the template, the mechanism, the size or
+// curve): retrying cannot change the answer, so it is FAILED_PRECONDITION, not the UNAVAILABLE
+// of a device or session error. CKR_GENERAL_ERROR counts here because modules answer a template
+// they do not accept with it (tpm2-pkcs11 1.9: "attr mismatch"); a failing device answers
+// CKR_DEVICE_ERROR and stays retryable.
+absl::Status AsRefusal(absl::Status status) {
+  const std::optional<CK_RV> rv = CkrOf(status);
+  if (!rv.has_value()) return status;
+  switch (*rv) {
+    case CKR_TEMPLATE_INCOMPLETE:
+    case CKR_TEMPLATE_INCONSISTENT:
+    case CKR_ATTRIBUTE_TYPE_INVALID:
+    case CKR_ATTRIBUTE_VALUE_INVALID:
+    case CKR_ATTRIBUTE_READ_ONLY:
+    case CKR_KEY_SIZE_RANGE:
+    case CKR_MECHANISM_INVALID:
+    case CKR_MECHANISM_PARAM_INVALID:
+    case CKR_CURVE_NOT_SUPPORTED:
+    case CKR_DOMAIN_PARAMS_INVALID:
+    case CKR_GENERAL_ERROR:
+      break;
+    default:
+      return status;
+  }
+  absl::Status refused = absl::FailedPreconditionError(absl::StrCat(
+      status.message(),
+      ": the token refuses to create this key (template, mechanism, size or curve); retrying "
+      "will not change that (the module's own output in the log may say more)"));
+  status.ForEachPayload(
+      [&](absl::string_view type, const absl::Cord& value) { refused.SetPayload(type, value); });
+  return refused;
 }
 
 // ---- Key material ----------------------------------------------------------------------------
@@ -287,7 +322,7 @@ absl::StatusOr<std::shared_ptr<KeyPair>> GenerateKeyPair(TokenState& state, cons
   const CK_ULONG modulus_bits = static_cast<CK_ULONG>(spec.rsa_bits);
   static constexpr unsigned char kF4[] = {0x01, 0x00, 0x01};
 
-  std::vector<CK_ATTRIBUTE> public_template = PublicKeyTemplate(id, label, rsa, for_decryption);
+  std::vector<CK_ATTRIBUTE> public_template = PublicKeyTemplate(id, label);
   if (rsa) {
     public_template.push_back(Attr(CKA_MODULUS_BITS, &modulus_bits, sizeof(modulus_bits)));
     public_template.push_back(Attr(CKA_PUBLIC_EXPONENT, kF4, sizeof(kF4)));
@@ -298,7 +333,7 @@ absl::StatusOr<std::shared_ptr<KeyPair>> GenerateKeyPair(TokenState& state, cons
   mechanism.mechanism = rsa                              ? CKM_RSA_PKCS_KEY_PAIR_GEN
                         : spec.type == KeyType::kEd25519 ? CKM_EC_EDWARDS_KEY_PAIR_GEN
                                                          : CKM_EC_KEY_PAIR_GEN;
-  return CreatePair(
+  absl::StatusOr<std::shared_ptr<KeyPair>> pair = CreatePair(
       state, id, [&](SessionPool::Lease& lease) -> absl::StatusOr<std::shared_ptr<KeyPair>> {
         CK_OBJECT_HANDLE public_key = CK_INVALID_HANDLE;
         CK_OBJECT_HANDLE private_key = CK_INVALID_HANDLE;
@@ -319,6 +354,8 @@ absl::StatusOr<std::shared_ptr<KeyPair>> GenerateKeyPair(TokenState& state, cons
         return MakeKeyPair(id, std::string(label), generated, private_key, public_key,
                            state.module->generation());
       });
+  if (!pair.ok()) return AsRefusal(pair.status());
+  return pair;
 }
 
 absl::StatusOr<std::shared_ptr<KeyPair>> ImportKeyPair(TokenState& state,
@@ -343,14 +380,14 @@ absl::StatusOr<std::shared_ptr<KeyPair>> ImportKeyPair(TokenState& state,
   for (const auto& [attribute, value] : material.private_values) {
     private_template.push_back(Attr(attribute, value.view().data(), value.size()));
   }
-  std::vector<CK_ATTRIBUTE> public_template = PublicKeyTemplate(id, label, rsa, for_decryption);
+  std::vector<CK_ATTRIBUTE> public_template = PublicKeyTemplate(id, label);
   public_template.push_back(Attr(CKA_CLASS, &public_class, sizeof(public_class)));
   public_template.push_back(Attr(CKA_KEY_TYPE, &material.key_type, sizeof(material.key_type)));
   for (const auto& [attribute, value] : material.public_values) {
     public_template.push_back(Attr(attribute, value));
   }
 
-  return CreatePair(
+  absl::StatusOr<std::shared_ptr<KeyPair>> pair = CreatePair(
       state, id, [&](SessionPool::Lease& lease) -> absl::StatusOr<std::shared_ptr<KeyPair>> {
         auto create = [&](const std::vector<CK_ATTRIBUTE>& base, std::string_view ec_params,
                           CK_OBJECT_HANDLE* handle) {
@@ -374,6 +411,8 @@ absl::StatusOr<std::shared_ptr<KeyPair>> ImportKeyPair(TokenState& state,
         return MakeKeyPair(id, std::string(label), material.spec, private_object.release(),
                            public_handle, state.module->generation());
       });
+  if (!pair.ok()) return AsRefusal(pair.status());
+  return pair;
 }
 
 }  // namespace custody::pkcs11::internal

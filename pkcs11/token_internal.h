@@ -140,6 +140,11 @@ using SecretBignumPtr = std::unique_ptr<BIGNUM, FreeWith<BN_clear_free>>;
 
 absl::StatusOr<EvpPkeyPtr> RsaPublicKey(std::string_view modulus, std::string_view exponent);
 
+// OpenSSL's RSA-OAEP encryption of `message` under `pkey` with `hash` for OAEP and MGF1
+// (token_operations.cc): the probe's and the self-test's ciphertexts.
+absl::StatusOr<std::string> OpenSslOaepEncrypt(EVP_PKEY* pkey, OaepHash hash,
+                                               std::string_view message);
+
 // ---- Slots (token_selection.cc) ------------------------------------------------------------
 
 struct SlotToken {
@@ -164,6 +169,8 @@ class TokenState {
   CK_FUNCTION_LIST* fn = nullptr;
   TokenInfo info;
   std::set<std::string, std::less<>> mechanisms;
+  // Key-pair generation mechanism name -> (ulMinKeySize, ulMaxKeySize), see Token::KeySizeRange.
+  std::map<std::string, std::pair<uint64_t, uint64_t>, std::less<>> key_sizes;
   std::unique_ptr<SessionPool> pool;
 
   // OaepSupported answers, indexed by OaepHash; empty until probed.
@@ -268,7 +275,8 @@ class TokenState {
 // token_selection.cc
 absl::StatusOr<std::unique_ptr<TokenState>> OpenToken(Token::Options options);
 absl::Status InitializeToken(const std::string& module_path, std::string_view label,
-                             const Secret& so_pin, const Secret& user_pin);
+                             const Secret& so_pin, const Secret& user_pin,
+                             const std::string& init_args);
 
 // token_objects.cc
 absl::StatusOr<std::shared_ptr<KeyPair>> FindKeyPair(TokenState& state, std::string_view id);

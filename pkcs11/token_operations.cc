@@ -110,6 +110,8 @@ absl::StatusOr<Secret> DecryptOaep(CK_FUNCTION_LIST* fn, SessionPool::Lease& lea
   return RunDecrypt(fn, lease, modulus_bytes, ciphertext);
 }
 
+}  // namespace
+
 absl::StatusOr<std::string> OpenSslOaepEncrypt(EVP_PKEY* pkey, OaepHash hash,
                                                std::string_view message) {
   EvpPkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_pkey(nullptr, pkey, nullptr));
@@ -132,20 +134,29 @@ absl::StatusOr<std::string> OpenSslOaepEncrypt(EVP_PKEY* pkey, OaepHash hash,
   return ciphertext;
 }
 
+namespace {
+
 // Whether the token decrypts, with CKM_RSA_PKCS_OAEP and `hash`, what OpenSSL encrypted under a
-// throwaway session key pair. An error (not a "no") when the probe itself could not run.
-absl::StatusOr<bool> ProbeOaep(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease, OaepHash hash) {
+// throwaway key pair: session objects, or with `token_objects` token objects (for modules that
+// refuse session keys, such as tpm2-pkcs11), destroyed after either way. No usage is asked of
+// the public key (OpenSSL encrypts): tpm2-pkcs11 refuses public usages that differ from the
+// ones it derives. An error (not a "no") when the probe itself could not run.
+absl::StatusOr<bool> ProbeOaep(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease, OaepHash hash,
+                               bool token_objects) {
   static constexpr unsigned char kF4[] = {0x01, 0x00, 0x01};
+  static constexpr char kProbeLabel[] = "custody-oaep-probe";
   const CK_ULONG modulus_bits = 2048;
   CK_ATTRIBUTE public_template[] = {
-      BoolAttr(CKA_TOKEN, false),
-      BoolAttr(CKA_ENCRYPT, true),
+      BoolAttr(CKA_TOKEN, token_objects),
+      BoolAttr(CKA_PRIVATE, false),
+      Attr(CKA_LABEL, kProbeLabel),
       Attr(CKA_MODULUS_BITS, &modulus_bits, sizeof(modulus_bits)),
       Attr(CKA_PUBLIC_EXPONENT, kF4, sizeof(kF4)),
   };
   CK_ATTRIBUTE private_template[] = {
-      BoolAttr(CKA_TOKEN, false),       BoolAttr(CKA_PRIVATE, true), BoolAttr(CKA_SENSITIVE, true),
-      BoolAttr(CKA_EXTRACTABLE, false), BoolAttr(CKA_DECRYPT, true),
+      BoolAttr(CKA_TOKEN, token_objects), BoolAttr(CKA_PRIVATE, true),
+      BoolAttr(CKA_SENSITIVE, true),      BoolAttr(CKA_EXTRACTABLE, false),
+      BoolAttr(CKA_DECRYPT, true),        Attr(CKA_LABEL, kProbeLabel),
   };
   CK_MECHANISM mechanism{CKM_RSA_PKCS_KEY_PAIR_GEN, nullptr, 0};
   CK_OBJECT_HANDLE public_handle = CK_INVALID_HANDLE;
@@ -366,10 +377,18 @@ bool OaepSupported(TokenState& state, OaepHash hash) {
   absl::StatusOr<bool> supported = false;
   if (state.mechanisms.contains("CKM_RSA_PKCS_OAEP")) {
     bool answer = false;
-    absl::Status probed = state.Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
-      P11_ASSIGN_OR_RETURN(answer, ProbeOaep(state.fn, lease, hash));
-      return absl::OkStatus();
-    });
+    auto probe = [&](bool token_objects) {
+      return state.Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
+        P11_ASSIGN_OR_RETURN(answer, ProbeOaep(state.fn, lease, hash, token_objects));
+        return absl::OkStatus();
+      });
+    };
+    absl::Status probed = probe(/*token_objects=*/false);
+    if (!probed.ok() && CkFunctionOf(probed) == "C_GenerateKeyPair") {
+      Log(LogLevel::kInfo, "pkcs11.oaep_probe_with_token_objects",
+          {{"hash", OaepHashName(hash)}, {"session_keys", std::string(probed.message())}});
+      probed = probe(/*token_objects=*/true);
+    }
     if (probed.ok()) {
       supported = answer;
     } else {

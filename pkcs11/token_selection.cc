@@ -100,7 +100,7 @@ absl::StatusOr<std::vector<SlotToken>> ListTokens(CK_FUNCTION_LIST* fn) {
 
 absl::StatusOr<std::unique_ptr<TokenState>> OpenToken(Token::Options options) {
   auto state = std::make_unique<TokenState>();
-  P11_ASSIGN_OR_RETURN(state->module, Module::Load(options.module_path));
+  P11_ASSIGN_OR_RETURN(state->module, Module::Load(options.module_path, options.init_args));
   CK_FUNCTION_LIST* fn = state->module->fn();
   state->fn = fn;
   // Another Token on the same module may re-initialize it meanwhile.
@@ -113,8 +113,12 @@ absl::StatusOr<std::unique_ptr<TokenState>> OpenToken(Token::Options options) {
   P11_ASSIGN_OR_RETURN(std::vector<SlotToken> tokens, ListTokens(fn));
   std::vector<const SlotToken*> matches;
   std::vector<std::string> seen;
+  std::vector<std::string> uninitialized;
   for (const SlotToken& token : tokens) {
-    if (!token.initialized) continue;
+    if (!token.initialized) {
+      uninitialized.push_back(absl::StrCat("slot ", token.slot, " ('", token.label, "')"));
+      continue;
+    }
     seen.push_back(absl::StrCat("'", token.label, "' (slot ", token.slot, ")"));
     if (Matches(options.selector, token)) matches.push_back(&token);
   }
@@ -122,7 +126,13 @@ absl::StatusOr<std::unique_ptr<TokenState>> OpenToken(Token::Options options) {
     return absl::FailedPreconditionError(absl::StrCat(
         matches.empty() ? "no" : absl::StrCat(matches.size()), " initialized token(s) in '",
         options.module_path, "' match ", DescribeSelector(options.selector),
-        "; tokens seen: ", seen.empty() ? "none" : absl::StrJoin(seen, ", ")));
+        "; tokens seen: ", seen.empty() ? "none" : absl::StrJoin(seen, ", "),
+        uninitialized.empty()
+            ? ""
+            : absl::StrCat("; not initialized yet: ", absl::StrJoin(uninitialized, ", "),
+                           " (initialize the token with its module's tool, e.g. pkcsconf -I, "
+                           "tpm2_ptool addtoken, or pkcs11-tool --init-token, then set the "
+                           "user PIN)")));
   }
   const SlotToken& token = *matches.front();
   state->info = TokenInfo{
@@ -146,7 +156,19 @@ absl::StatusOr<std::unique_ptr<TokenState>> OpenToken(Token::Options options) {
   rv = fn->C_GetMechanismList(token.slot, mechanisms.data(), &count);
   if (rv != CKR_OK) return CkError("C_GetMechanismList", rv);
   mechanisms.resize(count);
-  for (CK_MECHANISM_TYPE mechanism : mechanisms) state->mechanisms.insert(CkmName(mechanism));
+  for (CK_MECHANISM_TYPE mechanism : mechanisms) {
+    state->mechanisms.insert(CkmName(mechanism));
+    if (mechanism != CKM_RSA_PKCS_KEY_PAIR_GEN && mechanism != CKM_EC_KEY_PAIR_GEN) continue;
+    // The sizes it will generate, so that a ring it cannot hold is refused at creation. A token
+    // that does not answer, or answers an empty range, is taken at its mechanism list's word.
+    CK_MECHANISM_INFO mechanism_info{};
+    if (fn->C_GetMechanismInfo(token.slot, mechanism, &mechanism_info) == CKR_OK &&
+        mechanism_info.ulMaxKeySize > 0 &&
+        mechanism_info.ulMinKeySize <= mechanism_info.ulMaxKeySize) {
+      state->key_sizes[CkmName(mechanism)] = {mechanism_info.ulMinKeySize,
+                                              mechanism_info.ulMaxKeySize};
+    }
+  }
 
   state->reinit_backoff_initial = std::max(options.reinit_backoff, absl::ZeroDuration());
   state->reinit_backoff_max = std::max(options.reinit_backoff_max, state->reinit_backoff_initial);
@@ -166,11 +188,12 @@ absl::StatusOr<std::unique_ptr<TokenState>> OpenToken(Token::Options options) {
 }
 
 absl::Status InitializeToken(const std::string& module_path, std::string_view label,
-                             const Secret& so_pin, const Secret& user_pin) {
+                             const Secret& so_pin, const Secret& user_pin,
+                             const std::string& init_args) {
   if (label.empty() || label.size() > kLabelSize) {
     return absl::InvalidArgumentError("token label must be 1 to 32 bytes");
   }
-  P11_ASSIGN_OR_RETURN(std::unique_ptr<Module> module, Module::Load(module_path));
+  P11_ASSIGN_OR_RETURN(std::unique_ptr<Module> module, Module::Load(module_path, init_args));
   CK_FUNCTION_LIST* fn = module->fn();
 
   P11_ASSIGN_OR_RETURN(std::vector<SlotToken> tokens, ListTokens(fn));

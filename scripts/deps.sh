@@ -10,6 +10,15 @@ PACKAGES=(
   python3 python3-jwcrypto clang-14 libclang-rt-14-dev
   prometheus python3-yaml mmdebstrap buildah binutils systemd
   nginx-light libengine-pkcs11-openssl
+  # The conformance matrix's other PKCS#11 implementations (tests/hsm_conformance_test.cc), each
+  # started by the test itself (the policy-rc.d below keeps their packages from starting any):
+  # NSS softokn and certutil,
+  libnss3 libnss3-tools
+  # tpm2-pkcs11 on a software TPM behind the tpm2-abrmd resource manager on a private D-Bus,
+  libtpm2-pkcs11-1 libtpm2-pkcs11-tools swtpm swtpm-tools tpm2-tools tpm2-abrmd
+  libtss2-tcti-tabrmd0 dbus
+  # and opencryptoki's software token (pkcsslotd).
+  opencryptoki
 )
 # Node.js and npm run the npm `jose` interop tests and oidc-provider; a machine that has them (any
 # source) keeps them.

@@ -7,14 +7,17 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <string>
 #include <thread>
 #include <tuple>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -25,6 +28,8 @@
 #include "absl/time/time.h"
 #include "common/log.h"
 #include "common/secret.h"
+#include "common/stderr_capture.h"
+#include "common/version.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -49,6 +54,10 @@ ABSL_FLAG(std::string, state_dir, ".state", "state directory: metadata database,
 ABSL_FLAG(std::string, pkcs11_module, "",
           "PKCS#11 module of a real HSM; empty = the embedded SoftHSM2 token under --state_dir");
 ABSL_FLAG(std::string, token_label, "", "token label or RFC 7512 PKCS#11 URI (pkcs11:token=...)");
+ABSL_FLAG(std::string, pkcs11_init_args, "",
+          "the module's initialization string, passed as C_Initialize pReserved (NSS softokn: "
+          "\"configdir='sql:DIR' certPrefix='' keyPrefix='' secmod='secmod.db' flags=\"); "
+          "see docs/hsm-compatibility.md");
 ABSL_FLAG(std::string, pin_file, "", "file holding the user PIN (mode 0600 or 0400)");
 ABSL_FLAG(std::string, pin_env, "CUSTODY_PIN",
           "environment variable holding the user PIN when --pin_file is not given");
@@ -253,6 +262,28 @@ absl::StatusOr<Secret> ReadPin(const std::string& state_dir, bool embedded) {
   return pin;
 }
 
+// custodyd's own flags (all but Abseil's --flagfile and friends), sorted, with their defaults.
+void PrintHelp() {
+  std::vector<absl::CommandLineFlag*> flags;
+  for (const auto& [name, flag] : absl::GetAllFlags()) {
+    if (!absl::StrContains(flag->Filename(), "absl/")) flags.push_back(flag);
+  }
+  std::sort(flags.begin(), flags.end(),
+            [](const absl::CommandLineFlag* a, const absl::CommandLineFlag* b) {
+              return a->Name() < b->Name();
+            });
+  std::string out = absl::StrCat(
+      "usage: custodyd --state_dir=DIR [--listen=unix:PATH|HOST:PORT] [--flag=value ...]\n"
+      "  the custody service; docs/operating.md. custodyd --version prints the build.\n"
+      "flags:\n");
+  for (const absl::CommandLineFlag* flag : flags) {
+    absl::StrAppend(&out, "  --", flag->Name(), "  ", flag->Help(),
+                    " (default: ", flag->DefaultValue().empty() ? "\"\"" : flag->DefaultValue(),
+                    ")\n");
+  }
+  std::fputs(out.c_str(), stdout);
+}
+
 int Run() {
   // The first line, before anything that can block (reading files a FIFO could stand in for,
   // C_Initialize, the metadata store): a custodyd that never gets further is never silent.
@@ -304,8 +335,14 @@ int Run() {
   auto pin = ReadPin(state_dir, embedded);
   if (!pin.ok()) return fail("startup.pin", pin.status());
 
+  // The module's own diagnostics become JSON lines naming it (before it is loaded: modules
+  // write during C_Initialize).
+  if (absl::Status s = CaptureStderr(module); !s.ok()) {
+    Log(LogLevel::kWarning, "startup.stderr_capture", {{"error", std::string(s.message())}});
+  }
   pkcs11::Token::Options token_options;
   token_options.module_path = module;
+  token_options.init_args = absl::GetFlag(FLAGS_pkcs11_init_args);
   token_options.selector = *selector;
   token_options.pin = *std::move(pin);
   token_options.max_sessions = static_cast<size_t>(std::max(1, absl::GetFlag(FLAGS_max_sessions)));
@@ -474,6 +511,7 @@ int Run() {
   NotifySystemd(absl::StrCat("READY=1\nMAINPID=", getpid()));  // Type=notify units
   Log(LogLevel::kInfo, "custodyd.ready",
       {{"listen", listen},
+       {"build", VersionLine("custodyd")},
        {"tls", tls ? "true" : "false"},
        {"module", info.module_path},
        {"token", info.label},
@@ -611,6 +649,19 @@ int main(int argc, char** argv) {
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 #endif
   absl::SetProgramUsageMessage("custodyd --state_dir=DIR [--listen=unix:PATH|HOST:PORT] ...");
+  // --help and --version answer on stdout and exit 0 (Abseil's own --help exits 1 and lists
+  // every library's flags under the source file that defines them).
+  for (int i = 1; i < argc; ++i) {
+    const absl::string_view arg = argv[i];
+    if (arg == "--help" || arg == "-help" || arg == "-h" || arg == "--helpfull") {
+      custody::server::PrintHelp();
+      return 0;
+    }
+    if (arg == "--version" || arg == "-version") {
+      std::printf("%s\n", custody::VersionLine("custodyd").c_str());
+      return 0;
+    }
+  }
   absl::ParseCommandLine(argc, argv);
   if (absl::GetFlag(FLAGS_verbose)) custody::SetLogLevel(custody::LogLevel::kDebug);
   return custody::server::Run();

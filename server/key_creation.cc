@@ -14,8 +14,10 @@
 #include "jose/private_key.h"
 #include "openssl/core_names.h"
 #include "openssl/rand.h"
+#include "pkcs11/capabilities.h"
 #include "server/key_service.h"
 #include "server/key_service_internal.h"
+#include "server/token_support.h"
 
 namespace custody::server {
 namespace {
@@ -155,6 +157,17 @@ absl::StatusOr<KeyService::Version> KeyService::MaterializeVersion(const Ring& r
   auto key = import != nullptr ? token_->ImportKeyPair(import, id, record.object_label, decrypt)
                                : token_->GenerateKeyPair(spec, id, record.object_label, decrypt);
   if (!key.ok()) return key.status();
+  // A key the token created but cannot use (tpm2-pkcs11 1.9 makes P-521 keys it cannot sign
+  // with) is never published: the caller rolls the version back.
+  if (absl::Status tested = pkcs11::SelfTest(
+          *token_, **key, decrypt ? KeyUseOf(ring.decryption) : KeyUseOf(ring.profile));
+      !tested.ok()) {
+    Log(LogLevel::kError, "version.self_test_failed",
+        {{"ring", record.ring},
+         {"version", absl::StrCat(record.version)},
+         {"error", std::string(tested.message())}});
+    return tested;
+  }
   auto completed = CompleteVersion(std::move(record), **key);
   if (!completed.ok()) return completed.status();
   return Version{*std::move(completed), *std::move(key), false};
@@ -220,6 +233,12 @@ absl::StatusOr<v1::KeyRing> KeyService::CreateKeyRing(const v1::CreateKeyRingReq
   if (absl::Status s = token_support_.CheckServes(ring.record.alg); !s.ok()) return s;
   const pkcs11::KeySpec& spec =
       ring.record.purpose == rotation::Purpose::kSign ? ring.profile.key : ring.decryption.key;
+  if (std::string size = pkcs11::UnservedKeySize(*token_, spec);
+      !size.empty() && !request.has_import_key()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the token '", token_->info().label, "' does not offer ", size, ", which ",
+                     ring.record.alg, " with these keys needs (use another key size or token)"));
+  }
   // Normalized: the defaults chosen by the profile are what the metadata records.
   ring.record.rsa_bits = spec.type == pkcs11::KeyType::kRsa ? spec.rsa_bits : 0;
   if (ring.record.purpose == rotation::Purpose::kDecrypt) ring.record.curve = ring.decryption.curve;

@@ -9,6 +9,27 @@
 
 namespace custody::server {
 
+pkcs11::KeyUse KeyUseOf(const SigningProfile& profile) {
+  pkcs11::KeyUse use;
+  use.spec = profile.key;
+  use.operation = pkcs11::KeyUse::Operation::kSign;
+  use.scheme = profile.scheme;
+  return use;
+}
+
+pkcs11::KeyUse KeyUseOf(const DecryptionProfile& profile) {
+  pkcs11::KeyUse use;
+  use.spec = profile.key;
+  if (jose::IsEcdh(profile.alg)) {
+    use.operation = pkcs11::KeyUse::Operation::kDeriveEcdh;
+  } else {
+    use.operation = pkcs11::KeyUse::Operation::kDecryptRsaOaep;
+    use.oaep_hash =
+        profile.alg == jose::JweAlg::kRsaOaep ? pkcs11::OaepHash::kSha1 : pkcs11::OaepHash::kSha256;
+  }
+  return use;
+}
+
 TokenSupport TokenSupport::Of(pkcs11::Token& token) {
   TokenSupport out;
   out.token_label_ = token.info().label;
@@ -19,27 +40,12 @@ TokenSupport TokenSupport::Of(pkcs11::Token& token) {
   };
   for (const char* alg : {"PS256", "ES256", "ES384", "ES512", "EdDSA", "RS256"}) {
     auto profile = ResolveSigningProfile(alg, 0, /*allow_non_fapi=*/true);
-    if (!profile.ok()) continue;
-    pkcs11::KeyUse use;
-    use.spec = profile->key;
-    use.operation = pkcs11::KeyUse::Operation::kSign;
-    use.scheme = profile->scheme;
-    note(alg, use);
+    if (profile.ok()) note(alg, KeyUseOf(*profile));
   }
   for (const char* alg : {"RSA-OAEP-256", "RSA-OAEP", "ECDH-ES", "ECDH-ES+A128KW", "ECDH-ES+A192KW",
                           "ECDH-ES+A256KW"}) {
     auto profile = ResolveDecryptionProfile(alg, 0, "");
-    if (!profile.ok()) continue;
-    pkcs11::KeyUse use;
-    use.spec = profile->key;
-    if (jose::IsEcdh(profile->alg)) {
-      use.operation = pkcs11::KeyUse::Operation::kDeriveEcdh;
-    } else {
-      use.operation = pkcs11::KeyUse::Operation::kDecryptRsaOaep;
-      use.oaep_hash = profile->alg == jose::JweAlg::kRsaOaep ? pkcs11::OaepHash::kSha1
-                                                             : pkcs11::OaepHash::kSha256;
-    }
-    note(alg, use);
+    if (profile.ok()) note(alg, KeyUseOf(*profile));
   }
   return out;
 }

@@ -10,9 +10,16 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "pkcs11/capabilities.h"
 #include "pkcs11/token.h"
+#include "server/decryption_profile.h"
+#include "server/signing_profile.h"
 
 namespace custody::server {
+
+// What a ring of `profile` asks of the token: its key and the one operation run with it.
+pkcs11::KeyUse KeyUseOf(const SigningProfile& profile);
+pkcs11::KeyUse KeyUseOf(const DecryptionProfile& profile);
 
 class TokenSupport {
  public:

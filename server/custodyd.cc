@@ -36,6 +36,7 @@
 #include "server/embedded_token.h"
 #include "server/grpc_services.h"
 #include "server/key_service.h"
+#include "server/malformed_requests.h"
 #include "server/metadata_backend.h"
 #include "server/request_guard.h"
 #include "server/service_metrics.h"
@@ -104,6 +105,17 @@ ABSL_FLAG(
 ABSL_FLAG(
     int, metrics_max_rings, 100,
     "rings that get a metrics label of their own; further rings are counted as ring=\"_other\"");
+
+// Bounded work per caller (docs/operating.md "Limits"): every figure here was measured against
+// the attacks of issue 28 (docs/performance.md).
+ABSL_FLAG(int64_t, max_jwks_reply_bytes, 4 * 1024 * 1024,
+          "largest GetJwks/WatchJwks reply; a larger key set is RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_watch_streams, 256, "concurrent WatchJwks streams, server-wide");
+ABSL_FLAG(int, max_watch_streams_per_caller, 16,
+          "concurrent WatchJwks streams per caller identity");
+ABSL_FLAG(int, max_threads, 512,
+          "gRPC server threads (grpc::ResourceQuota); must exceed --max_watch_streams");
+ABSL_FLAG(int, max_concurrent_streams, 128, "concurrent calls per connection (HTTP/2)");
 
 namespace custody::server {
 namespace {
@@ -342,7 +354,23 @@ int Run() {
   runner_options.parallel_after =
       absl::Microseconds(std::max<int64_t>(0, absl::GetFlag(FLAGS_batch_parallel_after_us)));
   BatchRunner batch_runner(runner_options);
-  SignerService signer(keys->get(), &guard, max_batch_items, &batch_runner);
+  SignerService::JwksLimits jwks_limits;
+  jwks_limits.max_reply_bytes =
+      static_cast<size_t>(std::max<int64_t>(1024, absl::GetFlag(FLAGS_max_jwks_reply_bytes)));
+  jwks_limits.max_watch_streams = absl::GetFlag(FLAGS_max_watch_streams);
+  jwks_limits.max_watch_streams_per_caller = absl::GetFlag(FLAGS_max_watch_streams_per_caller);
+  const int max_threads = absl::GetFlag(FLAGS_max_threads);
+  // Watchers hold a thread each: the rest of the quota is what every other call has.
+  if (jwks_limits.max_watch_streams < 1 || jwks_limits.max_watch_streams_per_caller < 1 ||
+      max_threads < jwks_limits.max_watch_streams + 32) {
+    return fail("startup.flags",
+                absl::InvalidArgumentError(absl::StrCat(
+                    "--max_watch_streams and --max_watch_streams_per_caller must be >= 1 and "
+                    "--max_threads (",
+                    max_threads, ") at least --max_watch_streams + 32 (",
+                    jwks_limits.max_watch_streams + 32, ")")));
+  }
+  SignerService signer(keys->get(), &guard, max_batch_items, &batch_runner, jwks_limits);
   KeyAdminService admin(keys->get(), &guard);
   std::atomic<bool> serving_now{true};
   std::unique_ptr<metrics::HttpServer> metrics_server;
@@ -376,6 +404,7 @@ int Run() {
          {"tls", tls ? "true" : "false"}});
   }
   grpc::EnableDefaultHealthCheckService(true);
+  AuditMalformedRequests(&guard);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   // A Unix socket without TLS is custodyd's own listener, so that a handler learns the caller's
@@ -395,6 +424,13 @@ int Run() {
   builder.RegisterService(&signer);
   builder.RegisterService(&admin);
   builder.SetMaxReceiveMessageSize(4 * 1024 * 1024);
+  // Threads are bounded (a call beyond is RESOURCE_EXHAUSTED at once, never a thread more), and
+  // so are one connection's concurrent calls.
+  grpc::ResourceQuota quota("custodyd");
+  quota.SetMaxThreads(max_threads);
+  builder.SetResourceQuota(quota);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
+                             std::max(1, absl::GetFlag(FLAGS_max_concurrent_streams)));
   if (int n = absl::GetFlag(FLAGS_grpc_cqs); n > 0) {
     builder.SetSyncServerOption(grpc::ServerBuilder::NUM_CQS, n);
   }

@@ -101,7 +101,9 @@ class KeyService {
   // Attaches a checked X.509 chain to a PENDING, ACTIVE or RETIRED version (durable first).
   absl::StatusOr<v1::KeyRing> SetCertificate(const v1::SetCertificateRequest& request);
   struct Jwks {
-    std::string json;
+    // Immutable and shared: every caller and watcher of one ring set in one generation holds the
+    // same string, built once.
+    std::shared_ptr<const std::string> json;
     std::string etag;             // base64url of the first 16 bytes of SHA-256(json)
     int64_t max_age_seconds = 0;  // half the smallest prepublish of the rings
     uint64_t generation = 0;      // of the published key set, for WaitForJwksChange
@@ -111,6 +113,8 @@ class KeyService {
   // Blocks until the published key set of any ring changes after `generation`, or `deadline`.
   // Returns the current generation.
   uint64_t WaitForJwksChange(uint64_t generation, absl::Time deadline) const;
+  // The current generation of the published key set.
+  uint64_t JwksGeneration() const;
   // Decrypts a compact JWE with a decrypting version of the ring (by kid, else each in turn,
   // ACTIVE first). Parse errors name the part; every later failure is INVALID_ARGUMENT
   // "decryption failed".
@@ -271,7 +275,7 @@ class KeyService {
   // verifier's refresh, every watcher's wake-up) are served without rebuilding it. Bounded;
   // emptied when the generation moves on.
   struct CachedJwks {
-    std::string json;
+    std::shared_ptr<const std::string> json;
     std::string etag;
   };
   mutable absl::Mutex jwks_cache_mu_;

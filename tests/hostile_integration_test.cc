@@ -1,0 +1,271 @@
+// Hostile callers (issue 28): a local account with the default grant trying to make custodyd do
+// unbounded work or hold unbounded resources. Each test runs the attack against the real custodyd
+// over its real Unix socket and checks, besides the refusal naming its limit, that a normal
+// caller's signing still succeeds while the attack runs; the figures (RSS, threads, fds, the
+// normal caller's latency) are printed for docs/performance.md.
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "gtest/gtest.h"
+#include "tests/harness.h"
+
+namespace custody::testing {
+namespace {
+
+// A field of /proc/PID/status ("Threads", "VmRSS", "VmHWM"), as a number (kB for sizes).
+long ProcStatus(pid_t pid, const std::string& field) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(field + ":", 0) == 0) return std::atol(line.c_str() + field.size() + 1);
+  }
+  return -1;
+}
+
+long OpenFds(pid_t pid) {
+  long n = 0;
+  for ([[maybe_unused]] const auto& e :
+       std::filesystem::directory_iterator(absl::StrCat("/proc/", pid, "/fd"))) {
+    ++n;
+  }
+  return n;
+}
+
+grpc::Status CreateEs256Ring(custody::v1::KeyAdmin::Stub& admin, const std::string& name) {
+  custody::v1::CreateKeyRingRequest req;
+  req.set_name(name);
+  req.set_purpose(custody::v1::SIGN);
+  req.set_alg("ES256");
+  custody::v1::KeyRing ring;
+  grpc::ClientContext ctx;
+  return admin.CreateKeyRing(&ctx, req, &ring);
+}
+
+// A normal caller: `n` SignJws calls one after another on a channel of its own; the latency
+// percentile `p` (0..1) in ms, or -1 when any call failed (its status in *failure).
+double SignLatencyMs(const std::string& address, const std::string& ring, int n, double p,
+                     std::string* failure) {
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  auto stub = custody::v1::Signer::NewStub(channel);
+  std::vector<double> ms;
+  for (int i = 0; i < n; ++i) {
+    custody::v1::SignJwsRequest req;
+    req.set_ring(ring);
+    req.set_payload("{\"sub\":\"alice\"}");
+    custody::v1::SignJwsResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    auto t0 = std::chrono::steady_clock::now();
+    grpc::Status s = stub->SignJws(&ctx, req, &resp);
+    ms.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    if (!s.ok()) {
+      *failure = absl::StrCat("sign ", i, ": ", s.error_code(), " ", s.error_message());
+      return -1;
+    }
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[static_cast<size_t>(p * (ms.size() - 1))];
+}
+
+TEST(HostileJwksTest, DuplicateNamesAreFoldedAndDistinctNamesCapped) {
+  TempDir dir;
+  Custodyd d(dir.path());
+  ASSERT_TRUE(d.started()) << d.log();
+  ASSERT_TRUE(CreateEs256Ring(d.admin(), "op/ps").ok());
+  const long rss_before = ProcStatus(d.pid(), "VmRSS");
+
+  // 550,000 copies of one name (3.85 MB in): one ring's key set out, not 550,000 copies of it.
+  custody::v1::GetJwksRequest req;
+  for (int i = 0; i < 550000; ++i) req.add_rings("op/ps");
+  custody::v1::GetJwksResponse resp;
+  grpc::ClientContext ctx;
+  const auto t0 = std::chrono::steady_clock::now();
+  grpc::Status s = d.signer().GetJwks(&ctx, req, &resp);
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  ASSERT_TRUE(s.ok()) << s.error_code() << " " << s.error_message();
+  EXPECT_LT(resp.jwks().size(), 1024u) << "one ES256 key";
+  EXPECT_EQ(std::count(resp.jwks().begin(), resp.jwks().end(), '{'), 2) << resp.jwks();
+  const long rss_after = ProcStatus(d.pid(), "VmRSS");
+  std::cout << "GetJwks x550000 duplicates: reply " << resp.jwks().size() << " bytes in " << ms
+            << " ms; custodyd RSS " << rss_before << " -> " << rss_after << " kB\n";
+
+  // 300 distinct names: refused, naming the limit; the audit line does not list them all.
+  custody::v1::GetJwksRequest many;
+  for (int i = 0; i < 300; ++i) many.add_rings(absl::StrCat("op/r", i));
+  grpc::ClientContext ctx2;
+  s = d.signer().GetJwks(&ctx2, many, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("more than 256 distinct ring names"), std::string::npos)
+      << s.error_message();
+
+  // Every audit line stays short: the 550,000 names are summarized.
+  std::string audit;
+  for (const auto& e : std::filesystem::directory_iterator(dir.path() + "/audit")) {
+    audit += ReadFileOrDie(e.path());
+  }
+  for (absl::string_view line : absl::StrSplit(audit, '\n', absl::SkipEmpty())) {
+    EXPECT_LT(line.size(), 2048u) << line.substr(0, 200);
+  }
+  EXPECT_NE(audit.find("\"ring\":\"op/ps,...(550000 names)\""), std::string::npos);
+  EXPECT_NE(audit.find("more than 256 distinct ring names"), std::string::npos);
+}
+
+TEST(HostileJwksTest, ReplyLargerThanTheLimitIsResourceExhausted) {
+  TempDir dir;
+  Custodyd d(dir.path(), {"--max_jwks_reply_bytes=1024"});
+  ASSERT_TRUE(d.started()) << d.log();
+  custody::v1::GetJwksRequest req;
+  for (int i = 0; i < 8; ++i) {
+    const std::string name = absl::StrCat("op/k", i);
+    ASSERT_TRUE(CreateEs256Ring(d.admin(), name).ok());
+    req.add_rings(name);
+  }
+  custody::v1::GetJwksResponse resp;
+  grpc::ClientContext ctx;
+  grpc::Status s = d.signer().GetJwks(&ctx, req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(s.error_message().find("--max_jwks_reply_bytes"), std::string::npos)
+      << s.error_message();
+  // Fewer rings per call fit.
+  custody::v1::GetJwksRequest one;
+  one.add_rings("op/k0");
+  grpc::ClientContext ctx2;
+  EXPECT_TRUE(d.signer().GetJwks(&ctx2, one, &resp).ok());
+}
+
+// `n` WatchJwks streams over `channels` connections, opened at once (async); counts the streams
+// that got their first key set and the refusals, and keeps the open ones open until destroyed.
+class WatchFlood {
+ public:
+  WatchFlood(const std::string& address, int n, int channels) : calls_(static_cast<size_t>(n)) {
+    for (int c = 0; c < channels; ++c) {
+      grpc::ChannelArguments args;
+      args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+      args.SetInt("custody.test.channel", c);  // distinct args: a connection each
+      stubs_.push_back(custody::v1::Signer::NewStub(
+          grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args)));
+    }
+    custody::v1::WatchJwksRequest req;
+    req.add_rings("op/ps");
+    for (size_t i = 0; i < calls_.size(); ++i) {
+      Stream& st = calls_[i];
+      st.ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+      st.reader = stubs_[i % stubs_.size()]->PrepareAsyncWatchJwks(&st.ctx, req, &cq_);
+      st.reader->StartCall(Tag(i, 0));
+    }
+    // Each stream: started → first Read → (a message: open) or (no message: Finish → refused).
+    size_t settled = 0;
+    const auto deadline = std::chrono::system_clock::now() + std::chrono::seconds(90);
+    while (settled < calls_.size()) {
+      void* tag;
+      bool ok;
+      if (cq_.AsyncNext(&tag, &ok, deadline) != grpc::CompletionQueue::GOT_EVENT) break;
+      size_t i = reinterpret_cast<uintptr_t>(tag) / 4;
+      int phase = static_cast<int>(reinterpret_cast<uintptr_t>(tag) % 4);
+      Stream& st = calls_[i];
+      if (phase == 0) {
+        st.reader->Read(&st.message, Tag(i, 1));
+      } else if (phase == 1) {
+        if (ok) {
+          ++open;
+          ++settled;
+        } else {
+          st.reader->Finish(&st.status, Tag(i, 2));
+        }
+      } else if (phase == 2) {
+        ++settled;
+        if (st.status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+          ++refused;
+          last_refusal = st.status.error_message();
+        } else {
+          ++other;
+          last_other = absl::StrCat(st.status.error_code(), " ", st.status.error_message());
+        }
+      }
+    }
+  }
+  ~WatchFlood() {
+    for (Stream& st : calls_) st.ctx.TryCancel();
+    cq_.Shutdown();
+    void* tag;
+    bool ok;
+    while (cq_.Next(&tag, &ok)) {
+    }
+  }
+  int open = 0, refused = 0, other = 0;
+  std::string last_refusal, last_other;
+
+ private:
+  struct Stream {
+    grpc::ClientContext ctx;
+    std::unique_ptr<grpc::ClientAsyncReader<custody::v1::GetJwksResponse>> reader;
+    custody::v1::GetJwksResponse message;
+    grpc::Status status;
+  };
+  static void* Tag(size_t i, int phase) { return reinterpret_cast<void*>(i * 4 + phase); }
+  std::vector<std::unique_ptr<custody::v1::Signer::Stub>> stubs_;
+  grpc::CompletionQueue cq_;
+  std::vector<Stream> calls_;
+};
+
+TEST(HostileJwksTest, WatchStreamsArePerCallerCapped) {
+  TempDir dir;
+  Custodyd d(dir.path());
+  ASSERT_TRUE(d.started()) << d.log();
+  ASSERT_TRUE(CreateEs256Ring(d.admin(), "op/ps").ok());
+  WatchFlood flood(d.address(), 100, 4);
+  EXPECT_EQ(flood.open, 16) << "--max_watch_streams_per_caller's default";
+  EXPECT_EQ(flood.refused, 84) << flood.last_other;
+  EXPECT_NE(flood.last_refusal.find("the limit per caller is 16 (--max_watch_streams_per_caller)"),
+            std::string::npos)
+      << flood.last_refusal;
+}
+
+TEST(HostileJwksTest, TwoThousandWatchStreamsDoNotStarveSigning) {
+  TempDir dir;
+  // One attacking identity with the per-caller cap lifted: the server-wide cap and the thread
+  // quota are what must hold.
+  Custodyd d(dir.path(), {"--max_watch_streams_per_caller=100000"});
+  ASSERT_TRUE(d.started()) << d.log();
+  ASSERT_TRUE(CreateEs256Ring(d.admin(), "op/ps").ok());
+  std::string failure;
+  const double p99_before = SignLatencyMs(d.address(), "op/ps", 200, 0.99, &failure);
+  ASSERT_GE(p99_before, 0) << failure;
+  const long threads_before = ProcStatus(d.pid(), "Threads");
+
+  WatchFlood flood(d.address(), 2000, 25);
+  const long threads = ProcStatus(d.pid(), "Threads");
+  const long rss = ProcStatus(d.pid(), "VmRSS");
+  const long fds = OpenFds(d.pid());
+  const double p99 = SignLatencyMs(d.address(), "op/ps", 200, 0.99, &failure);
+  std::cout << "2000 WatchJwks: open " << flood.open << ", refused " << flood.refused << ", other "
+            << flood.other << "; custodyd threads " << threads_before << " -> " << threads
+            << ", RSS " << rss << " kB, fds " << fds << "; normal SignJws p99 " << p99_before
+            << " ms before, " << p99 << " ms during\n";
+  EXPECT_EQ(flood.open, 256) << "--max_watch_streams's default";
+  EXPECT_EQ(flood.refused, 2000 - 256) << flood.last_other;
+  EXPECT_NE(flood.last_refusal.find("the server's limit is 256 (--max_watch_streams)"),
+            std::string::npos)
+      << flood.last_refusal;
+  // --max_threads (512) bounds gRPC's threads; custodyd's own add a few dozen.
+  EXPECT_LT(threads, 512 + 64);
+  ASSERT_GE(p99, 0) << "a normal caller's sign failed during the flood: " << failure;
+  EXPECT_LT(p99, 1000) << "ms";
+}
+
+}  // namespace
+}  // namespace custody::testing

@@ -20,10 +20,10 @@ class MalformedRequestAuditor final : public grpc::Server::GlobalCallbacks {
     AuditEvent event;
     event.identity = CallerIdentity(*context);
     event.operation = kOpMalformed;
-    event.detail = malformed->type + ": " + malformed->message;
-    // The caller already has its INVALID_ARGUMENT; this is the record of it.
+    // The caller already has its INVALID_ARGUMENT; this is the record of it, with the type.
     (void)guard_->Record(std::move(event),
-                         grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, malformed->message),
+                         grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                      malformed->type + ": " + malformed->message),
                          absl::Now());
   }
 

@@ -16,6 +16,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "google/protobuf/descriptor.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
 #include "tests/harness.h"
 
@@ -265,6 +267,160 @@ TEST(HostileJwksTest, TwoThousandWatchStreamsDoNotStarveSigning) {
   EXPECT_LT(threads, 512 + 64);
   ASSERT_GE(p99, 0) << "a normal caller's sign failed during the flood: " << failure;
   EXPECT_LT(p99, 1000) << "ms";
+}
+
+// Sends `wire` (a hand-made protobuf encoding, so that it can hold what a protobuf library would
+// not write) as the request of `method` ("/custody.v1.Signer/SignJws").
+grpc::Status CallRaw(const std::shared_ptr<grpc::Channel>& channel, const std::string& method,
+                     const std::string& wire) {
+  grpc::GenericStub stub(channel);
+  grpc::CompletionQueue cq;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  grpc::Slice slice(wire);
+  grpc::ByteBuffer request(&slice, 1);
+  auto call = stub.PrepareUnaryCall(&ctx, method, request, &cq);
+  call->StartCall();
+  grpc::ByteBuffer response;
+  grpc::Status status;
+  call->Finish(&response, &status, reinterpret_cast<void*>(1));
+  void* tag;
+  bool ok;
+  cq.Next(&tag, &ok);
+  return status;
+}
+
+// A length-delimited field: tag (field << 3 | 2), varint length, bytes.
+std::string Field(int number, const std::string& value) {
+  std::string out(1, static_cast<char>(number << 3 | 2));
+  size_t n = value.size();
+  do {
+    out += static_cast<char>((n & 0x7F) | (n > 0x7F ? 0x80 : 0));
+    n >>= 7;
+  } while (n != 0);
+  return out + value;
+}
+
+// A request type missing from strict_requests.h would be parsed by gRPC's generic traits again
+// (INTERNAL with an empty message, not audited): every RPC's request type must be listed.
+TEST(StrictRequestsTest, EveryRpcRequestTypeIsParsedStrictly) {
+  const std::vector<std::string>& strict = custody::v1::StrictRequestTypes();
+  for (const char* name : {"custody.v1.Signer", "custody.v1.KeyAdmin"}) {
+    const google::protobuf::ServiceDescriptor* service =
+        google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(name);
+    ASSERT_NE(service, nullptr) << name;
+    for (int i = 0; i < service->method_count(); ++i) {
+      const std::string& type = service->method(i)->input_type()->name();
+      EXPECT_NE(std::find(strict.begin(), strict.end(), type), strict.end())
+          << service->method(i)->full_name() << ": add " << type
+          << " to proto/custody/v1/strict_requests.h and .cc";
+    }
+  }
+}
+
+class MalformedInputTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    d_ = std::make_unique<Custodyd>(dir_.path());
+    ASSERT_TRUE(d_->started()) << d_->log();
+    ASSERT_TRUE(CreateEs256Ring(d_->admin(), "op/ps").ok());
+  }
+  std::string Audit() const {
+    std::string audit;
+    for (const auto& e : std::filesystem::directory_iterator(dir_.path() + "/audit")) {
+      audit += ReadFileOrDie(e.path());
+    }
+    return audit;
+  }
+  // custodyd's log is JSON lines only: nothing such as "[libprotobuf ERROR ...]".
+  void ExpectOnlyJsonLog() const {
+    for (absl::string_view line : absl::StrSplit(d_->log(), '\n', absl::SkipEmpty())) {
+      EXPECT_EQ(line.front(), '{') << line;
+    }
+  }
+  TempDir dir_;
+  std::unique_ptr<Custodyd> d_;
+};
+
+TEST_F(MalformedInputTest, InvalidUtf8IsInvalidArgumentNamingTheFieldAndAudited) {
+  // SignJwsRequest{ring: "op/\xff", payload: "{}"}
+  grpc::Status s =
+      CallRaw(d_->channel(), "/custody.v1.Signer/SignJws", Field(1, "op/\xff") + Field(2, "{}"));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_EQ(s.error_message(), "field 'ring' is not valid UTF-8");
+  // SignJwsBatchRequest{requests: [{ring: "op/ps"}, {ring: "op/ps", typ: "J\xc0\xafT"}]}
+  s = CallRaw(d_->channel(), "/custody.v1.Signer/SignJwsBatch",
+              Field(1, Field(1, "op/ps")) + Field(1, Field(1, "op/ps") + Field(3, "J\xc0\xafT")));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_EQ(s.error_message(), "field 'requests[1].typ' is not valid UTF-8");
+  // An admin request, and bytes that are no message at all.
+  s = CallRaw(d_->channel(), "/custody.v1.KeyAdmin/GetKeyRing", Field(1, "\xed\xa0\x80"));
+  EXPECT_EQ(s.error_message(), "field 'name' is not valid UTF-8");
+  s = CallRaw(d_->channel(), "/custody.v1.Signer/GetJwks", "\x0a\xff\xff\xff");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(s.error_message(), "the request is not a valid custody.v1.GetJwksRequest message");
+
+  // A well-formed call still works, and every refusal left its audit line.
+  custody::v1::SignJwsRequest ok;
+  ok.set_ring("op/ps");
+  ok.set_payload("{}");
+  custody::v1::SignJwsResponse resp;
+  grpc::ClientContext ctx;
+  EXPECT_TRUE(d_->signer().SignJws(&ctx, ok, &resp).ok());
+  const std::string audit = Audit();
+  for (const char* detail :
+       {"custody.v1.SignJwsRequest: field 'ring' is not valid UTF-8",
+        "custody.v1.SignJwsBatchRequest: field 'requests[1].typ' is not valid UTF-8",
+        "custody.v1.GetKeyRingRequest: field 'name' is not valid UTF-8",
+        "custody.v1.GetJwksRequest: the request is not a valid custody.v1.GetJwksRequest "
+        "message"}) {
+    EXPECT_NE(audit.find(absl::StrCat("\"operation\":\"malformed\"")), std::string::npos);
+    EXPECT_NE(audit.find(detail), std::string::npos) << detail << "\n" << audit;
+  }
+  ExpectOnlyJsonLog();
+}
+
+TEST_F(MalformedInputTest, OverLongStringsAreRefusedAndNeverEchoedWhole) {
+  auto sign = [&](const std::string& ring, const std::string& typ) {
+    custody::v1::SignJwsRequest req;
+    req.set_ring(ring);
+    req.set_typ(typ);
+    req.set_payload("{}");
+    custody::v1::SignJwsResponse resp;
+    grpc::ClientContext ctx;
+    return d_->signer().SignJws(&ctx, req, &resp);
+  };
+  grpc::Status s = sign("op/ps", std::string(5000, 'J'));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(s.error_message(), "field 'typ' is 5000 bytes long; the limit is 256");
+  EXPECT_TRUE(sign("op/ps", std::string(256, 'J')).ok()) << "at the limit";
+
+  // A ring name of 9,000 bytes (past every string limit) and one of 500 (past the ring name
+  // limit): refused without the name in the message or the audit line.
+  const std::string huge = "op/" + std::string(8997, 'a');
+  s = sign(huge, "");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(s.error_message(), "field 'ring' is 9000 bytes long; the limit is 1024");
+  const std::string long_name = "op/" + std::string(497, 'b');
+  s = sign(long_name, "");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(s.error_message(), "ring name is 500 bytes long; the limit is 200");
+  custody::v1::GetJwksRequest jwks;
+  jwks.add_rings(long_name);
+  custody::v1::GetJwksResponse resp;
+  grpc::ClientContext ctx;
+  s = d_->signer().GetJwks(&ctx, jwks, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_LT(s.error_message().size(), 200u) << s.error_message();
+  EXPECT_NE(s.error_message().find("(500 bytes)"), std::string::npos) << s.error_message();
+
+  const std::string audit = Audit();
+  EXPECT_EQ(audit.find(std::string(300, 'a')), std::string::npos);
+  EXPECT_EQ(audit.find(std::string(300, 'b')), std::string::npos);
+  EXPECT_EQ(audit.find(std::string(300, 'J')), std::string::npos);
+  EXPECT_NE(audit.find("\"ring\":\"op/" + std::string(61, 'b') + "...(500 bytes)\""),
+            std::string::npos);
+  ExpectOnlyJsonLog();
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 // caller's signing still succeeds while the attack runs; the figures (RSS, threads, fds, the
 // normal caller's latency) are printed for docs/performance.md.
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -12,10 +13,13 @@
 #include <fstream>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "google/protobuf/descriptor.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
@@ -299,6 +303,87 @@ std::string Field(int number, const std::string& value) {
     n >>= 7;
   } while (n != 0);
   return out + value;
+}
+
+// The stalling caller: opens `n` connections to the socket (half send the HTTP/2 preface, half
+// nothing), then watches them for `seconds`; prints "opened, closed at once (< 0.5 s), closed
+// later, slowest close in s, still open".
+constexpr char kStaller[] = R"(
+import socket, sys, time, selectors
+path, n, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+socks, opened_at, errors = [], {}, 0
+for i in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        if i % 2 == 0: s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    except OSError:
+        errors += 1; s.close(); continue
+    socks.append(s); opened_at[s.fileno()] = time.monotonic()
+at_once = later = 0; slowest = 0.0
+end = time.monotonic() + seconds
+sel = selectors.DefaultSelector()
+for s in socks: sel.register(s, selectors.EVENT_READ)
+while socks and time.monotonic() < end:
+    for key, _ in sel.select(0.2):
+        s = key.fileobj
+        try: data = s.recv(65536)
+        except OSError: data = b""
+        if data: continue
+        took = time.monotonic() - opened_at[s.fileno()]
+        if took < 0.5: at_once += 1
+        else: later += 1; slowest = max(slowest, took)
+        sel.unregister(s); socks.remove(s); s.close()
+print(len(opened_at), at_once, later, round(slowest, 2), len(socks), errors)
+)";
+
+TEST(HostileConnectionsTest, StalledConnectionsAreCappedPerUidAndClosedWhenIdle) {
+  if (getuid() != 0 || access("/usr/bin/setpriv", X_OK) != 0) {
+    GTEST_SKIP() << "needs root and setpriv: the stalling caller is another uid (nobody)";
+  }
+  TempDir dir;
+  const std::string state = dir.path() + "/state";
+  // custodyd under the descriptor limit of a default shell (ulimit -n 1024), inherited from
+  // this process for the start only.
+  rlimit saved{};
+  ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &saved), 0);
+  rlimit low = saved;
+  low.rlim_cur = 1024;
+  ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &low), 0);
+  Custodyd d(state, {"--connection_idle_timeout=3s"});
+  ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &saved), 0);
+  ASSERT_TRUE(d.started()) << d.log();
+  ASSERT_TRUE(CreateEs256Ring(d.admin(), "op/ps").ok());
+  ASSERT_EQ(chmod(dir.path().c_str(), 0711), 0);
+  ASSERT_EQ(chmod(state.c_str(), 0711), 0);
+  ASSERT_EQ(chmod((state + "/custodyd.sock").c_str(), 0666), 0);
+
+  CommandResult attack;
+  std::thread staller([&] {
+    attack =
+        RunCommand({"/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                    "/usr/bin/python3", "-c", kStaller, state + "/custodyd.sock", "1100", "12"});
+  });
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  const long fds = OpenFds(d.pid());
+  std::string failure;
+  const double p99 = SignLatencyMs(d.address(), "op/ps", 100, 0.99, &failure);
+  staller.join();
+  ASSERT_EQ(attack.exit_code, 0) << attack.err;
+  std::vector<std::string> f = absl::StrSplit(absl::StripAsciiWhitespace(attack.out), ' ');
+  ASSERT_EQ(f.size(), 6u) << attack.out;
+  std::cout << "1100 stalled connections from uid 65534 under ulimit -n 1024: opened " << f[0]
+            << ", closed at once " << f[1] << ", closed later " << f[2] << " (slowest " << f[3]
+            << " s), still open " << f[4] << "; custodyd fds " << fds
+            << "; a normal caller's SignJws p99 " << p99 << " ms\n";
+  ASSERT_GE(p99, 0) << "a normal caller's sign failed during the attack: " << failure;
+  EXPECT_EQ(f[1], "972") << "beyond --max_connections_per_uid's 128: closed at once";
+  EXPECT_EQ(f[2], "128") << "the 128 within the cap: closed once idle";
+  EXPECT_LT(std::stod(f[3]), 3 + 3.0) << "--connection_idle_timeout=3s";
+  EXPECT_EQ(f[4], "0") << "none left open";
+  EXPECT_LT(fds, 1024 - 64);
+  EXPECT_EQ(d.log().find("Too many open files"), std::string::npos);
+  EXPECT_NE(d.log().find("unix_listener.refused"), std::string::npos);
 }
 
 // A request type missing from strict_requests.h would be parsed by gRPC's generic traits again

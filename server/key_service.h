@@ -145,8 +145,10 @@ class KeyService {
  private:
   struct Version {
     rotation::VersionRecord record;
-    std::shared_ptr<pkcs11::KeyPair> key;  // null when the object is missing
+    std::shared_ptr<pkcs11::KeyPair> key;  // null when the object is missing or untrusted
     bool object_missing = false;
+    // The metadata's public key is not the token object's: out of service (key null).
+    bool key_mismatch = false;
     // Unix ms of this process's latest signature with the version, shared by every snapshot's
     // copy. A call that took the ACTIVE version before a rotation was published signs after the
     // recorded retire_time (by the commit's fsync and the call's own time); retention runs from
@@ -191,6 +193,13 @@ class KeyService {
   // Destroys the token object of a version whose creation failed and deletes its intent; when
   // that fails too, the CREATING row stays for the next start to reconcile.
   void RollBackVersion(const rotation::VersionRecord& record);
+  // OK when `record`'s public_jwk is exactly the public key of `key` as the token holds it (what
+  // the JWKS would publish); FAILED_PRECONDITION otherwise; UNAVAILABLE for token trouble.
+  absl::Status VerifyAgainstToken(const rotation::VersionRecord& record,
+                                  const pkcs11::KeyPair& key) const;
+  // Takes `version` out of service when the token does not vouch for its public key (logged as
+  // `event`); token trouble is returned.
+  absl::Status VouchForVersion(Version& version, const char* event) const;
   absl::StatusOr<rotation::VersionRecord> CompleteVersion(rotation::VersionRecord record,
                                                           const pkcs11::KeyPair& key) const;
   absl::StatusOr<std::shared_ptr<const Ring>> FindRing(const std::string& name) const;

@@ -88,6 +88,12 @@ absl::StatusOr<const KeyService::Version*> KeyService::ActiveVersion(const Ring&
         absl::StrCat("ring '", ring.record.name, "' has no active version"));
   }
   const Version& v = ring.versions[static_cast<size_t>(ring.active)];
+  if (v.key_mismatch) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "ring '", ring.record.name, "' version ", v.record.version,
+        " is out of service: its metadata does not match its token object (see the log's "
+        "reconcile.public_key_mismatch); rotate the ring"));
+  }
   if (v.key == nullptr) {
     return absl::UnavailableError(absl::StrCat("the token object of ring '", ring.record.name,
                                                "' version ", v.record.version,
@@ -142,6 +148,7 @@ v1::KeyRing KeyService::ToProto(const Ring& ring) const {
     pv->set_token_object_id(v.record.object_id);
     pv->set_public_jwk(v.record.public_jwk);
     pv->set_object_missing(v.object_missing);
+    pv->set_public_key_mismatch(v.key_mismatch);
     if (!v.record.certificate_chain.empty()) {
       DescribeCertificate(v.record.certificate_chain, ring.record.policy.prepublish_ms,
                           pv->mutable_certificate());

@@ -386,6 +386,74 @@ TEST(HostileConnectionsTest, StalledConnectionsAreCappedPerUidAndClosedWhenIdle)
   EXPECT_NE(d.log().find("unix_listener.refused"), std::string::npos);
 }
 
+custody::v1::KeyRing GetRing(Custodyd& d, const std::string& name) {
+  custody::v1::GetKeyRingRequest req;
+  req.set_name(name);
+  custody::v1::KeyRing ring;
+  grpc::ClientContext ctx;
+  EXPECT_TRUE(d.admin().GetKeyRing(&ctx, req, &ring).ok());
+  return ring;
+}
+
+// Write access to metadata.db is not enough to publish a key: with custodyd stopped, op/a's
+// version is given op/b's public key and kid (an attacker's key would do the same); at the
+// restart the token's object for op/a says otherwise, and the version is out of service.
+TEST(TamperedMetadataTest, SwappedPublicKeyIsRefusedAtLoadAndAlerted) {
+  TempDir dir;
+  const std::string state = dir.path() + "/state";
+  const int metrics_port = FreePort();
+  const std::vector<std::string> flags = {
+      absl::StrCat("--metrics_listen=127.0.0.1:", metrics_port)};
+  std::string kid_b;
+  {
+    Custodyd d(state, flags);
+    ASSERT_TRUE(d.started()) << d.log();
+    ASSERT_TRUE(CreateEs256Ring(d.admin(), "op/a").ok());
+    ASSERT_TRUE(CreateEs256Ring(d.admin(), "op/b").ok());
+    kid_b = GetRing(d, "op/b").versions(0).kid();
+    d.Stop();
+  }
+  CommandResult edit = RunCommand(
+      {"sqlite3", state + "/metadata.db",
+       "UPDATE versions SET public_jwk = (SELECT public_jwk FROM versions WHERE ring = 'op/b'), "
+       "kid = (SELECT kid FROM versions WHERE ring = 'op/b') WHERE ring = 'op/a';"});
+  ASSERT_EQ(edit.exit_code, 0) << edit.err;
+
+  Custodyd d(state, flags);
+  ASSERT_TRUE(d.started()) << d.log();
+  // Not published under op/a, not used to sign, shown as such, logged.
+  custody::v1::GetJwksRequest req;
+  req.add_rings("op/a");
+  custody::v1::GetJwksResponse jwks;
+  grpc::ClientContext ctx;
+  ASSERT_TRUE(d.signer().GetJwks(&ctx, req, &jwks).ok());
+  EXPECT_EQ(jwks.jwks(), "{\"keys\":[]}");
+  custody::v1::SignJwsRequest sign;
+  sign.set_ring("op/a");
+  sign.set_payload("{}");
+  custody::v1::SignJwsResponse signed_jws;
+  grpc::ClientContext ctx2;
+  grpc::Status s = d.signer().SignJws(&ctx2, sign, &signed_jws);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+  EXPECT_NE(s.error_message().find("does not match its token object"), std::string::npos)
+      << s.error_message();
+  EXPECT_TRUE(GetRing(d, "op/a").versions(0).public_key_mismatch());
+  EXPECT_FALSE(GetRing(d, "op/b").versions(0).public_key_mismatch());
+  EXPECT_NE(d.log().find("reconcile.public_key_mismatch"), std::string::npos) << d.log();
+  // op/b is untouched: published once, in the whole set too.
+  custody::v1::GetJwksResponse all;
+  grpc::ClientContext ctx3;
+  ASSERT_TRUE(d.signer().GetJwks(&ctx3, custody::v1::GetJwksRequest(), &all).ok());
+  size_t first = all.jwks().find(kid_b);
+  EXPECT_NE(first, std::string::npos);
+  EXPECT_EQ(all.jwks().find(kid_b, first + 1), std::string::npos) << all.jwks();
+  // The gauge the CustodyKeyMetadataTampered alert follows.
+  CommandResult metrics =
+      RunCommand({"curl", "-s", absl::StrCat("http://127.0.0.1:", metrics_port, "/metrics")});
+  EXPECT_NE(metrics.out.find("\ncustody_key_versions_untrusted 1\n"), std::string::npos)
+      << metrics.out;
+}
+
 // A request type missing from strict_requests.h would be parsed by gRPC's generic traits again
 // (INTERNAL with an empty message, not audited): every RPC's request type must be listed.
 TEST(StrictRequestsTest, EveryRpcRequestTypeIsParsedStrictly) {

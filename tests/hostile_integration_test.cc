@@ -47,6 +47,15 @@ long OpenFds(pid_t pid) {
   return n;
 }
 
+// Every audit file of the custodyd on `state_dir`, concatenated.
+std::string ReadAudit(const std::string& state_dir) {
+  std::string audit;
+  for (const auto& e : std::filesystem::directory_iterator(state_dir + "/audit")) {
+    audit += ReadFileOrDie(e.path());
+  }
+  return audit;
+}
+
 grpc::Status CreateEs256Ring(custody::v1::KeyAdmin::Stub& admin, const std::string& name) {
   custody::v1::CreateKeyRingRequest req;
   req.set_name(name);
@@ -119,10 +128,7 @@ TEST(HostileJwksTest, DuplicateNamesAreFoldedAndDistinctNamesCapped) {
       << s.error_message();
 
   // Every audit line stays short: the 550,000 names are summarized.
-  std::string audit;
-  for (const auto& e : std::filesystem::directory_iterator(dir.path() + "/audit")) {
-    audit += ReadFileOrDie(e.path());
-  }
+  const std::string audit = ReadAudit(dir.path());
   for (absl::string_view line : absl::StrSplit(audit, '\n', absl::SkipEmpty())) {
     EXPECT_LT(line.size(), 2048u) << line.substr(0, 200);
   }
@@ -478,13 +484,7 @@ class MalformedInputTest : public ::testing::Test {
     ASSERT_TRUE(d_->started()) << d_->log();
     ASSERT_TRUE(CreateEs256Ring(d_->admin(), "op/ps").ok());
   }
-  std::string Audit() const {
-    std::string audit;
-    for (const auto& e : std::filesystem::directory_iterator(dir_.path() + "/audit")) {
-      audit += ReadFileOrDie(e.path());
-    }
-    return audit;
-  }
+  std::string Audit() const { return ReadAudit(dir_.path()); }
   // custodyd's log is JSON lines only: nothing such as "[libprotobuf ERROR ...]".
   void ExpectOnlyJsonLog() const {
     for (absl::string_view line : absl::StrSplit(d_->log(), '\n', absl::SkipEmpty())) {

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <climits>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -41,6 +42,7 @@
 #include "server/embedded_token.h"
 #include "server/grpc_services.h"
 #include "server/key_service.h"
+#include "server/malformed_requests.h"
 #include "server/metadata_backend.h"
 #include "server/request_guard.h"
 #include "server/service_metrics.h"
@@ -113,6 +115,29 @@ ABSL_FLAG(
 ABSL_FLAG(
     int, metrics_max_rings, 100,
     "rings that get a metrics label of their own; further rings are counted as ring=\"_other\"");
+
+// Bounded work per caller (docs/operating.md "Limits"): every figure here was measured against
+// the attacks of issue 28 (docs/performance.md).
+ABSL_FLAG(int64_t, max_jwks_reply_bytes, 4 * 1024 * 1024,
+          "largest GetJwks/WatchJwks reply; a larger key set is RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_watch_streams, 256, "concurrent WatchJwks streams, server-wide");
+ABSL_FLAG(int, max_watch_streams_per_caller, 16,
+          "concurrent WatchJwks streams per caller identity");
+ABSL_FLAG(int, max_threads, 512,
+          "gRPC server threads (grpc::ResourceQuota); must exceed --max_watch_streams");
+ABSL_FLAG(int, max_concurrent_streams, 128, "concurrent calls per connection (HTTP/2)");
+ABSL_FLAG(int, max_connections, 1024,
+          "Unix-socket connections open at once (at most the descriptor limit - 128)");
+ABSL_FLAG(int, max_connections_per_uid, 128, "Unix-socket connections open at once per uid");
+ABSL_FLAG(absl::Duration, connection_idle_timeout, absl::Minutes(5),
+          "a connection with no call for this long is closed (also one that never sent the "
+          "HTTP/2 preface)");
+ABSL_FLAG(absl::Duration, max_connection_age, absl::Hours(1),
+          "a connection is asked to reconnect (GOAWAY) after this long; 0: never");
+ABSL_FLAG(absl::Duration, keepalive_time, absl::Minutes(1),
+          "custodyd pings each connection this often; one that does not answer within "
+          "--keepalive_timeout is closed");
+ABSL_FLAG(absl::Duration, keepalive_timeout, absl::Seconds(20), "see --keepalive_time");
 
 namespace custody::server {
 namespace {
@@ -382,7 +407,23 @@ int Run() {
   runner_options.parallel_after =
       absl::Microseconds(std::max<int64_t>(0, absl::GetFlag(FLAGS_batch_parallel_after_us)));
   BatchRunner batch_runner(runner_options);
-  SignerService signer(keys->get(), &guard, max_batch_items, &batch_runner);
+  SignerService::JwksLimits jwks_limits;
+  jwks_limits.max_reply_bytes =
+      static_cast<size_t>(std::max<int64_t>(1024, absl::GetFlag(FLAGS_max_jwks_reply_bytes)));
+  jwks_limits.max_watch_streams = absl::GetFlag(FLAGS_max_watch_streams);
+  jwks_limits.max_watch_streams_per_caller = absl::GetFlag(FLAGS_max_watch_streams_per_caller);
+  const int max_threads = absl::GetFlag(FLAGS_max_threads);
+  // Watchers hold a thread each: the rest of the quota is what every other call has.
+  if (jwks_limits.max_watch_streams < 1 || jwks_limits.max_watch_streams_per_caller < 1 ||
+      max_threads < jwks_limits.max_watch_streams + 32) {
+    return fail("startup.flags",
+                absl::InvalidArgumentError(absl::StrCat(
+                    "--max_watch_streams and --max_watch_streams_per_caller must be >= 1 and "
+                    "--max_threads (",
+                    max_threads, ") at least --max_watch_streams + 32 (",
+                    jwks_limits.max_watch_streams + 32, ")")));
+  }
+  SignerService signer(keys->get(), &guard, max_batch_items, &batch_runner, jwks_limits);
   KeyAdminService admin(keys->get(), &guard);
   std::atomic<bool> serving_now{true};
   std::unique_ptr<metrics::HttpServer> metrics_server;
@@ -415,7 +456,29 @@ int Run() {
          {"port", absl::StrCat(metrics_server->port())},
          {"tls", tls ? "true" : "false"}});
   }
+  // Each connection is a descriptor: the cap stays below the descriptor limit, with 128 left for
+  // the token, the store, the audit log and the metrics server.
+  UnixListener::Limits unix_limits;
+  {
+    rlimit nofile{};
+    getrlimit(RLIMIT_NOFILE, &nofile);
+    const int64_t room =
+        nofile.rlim_cur == RLIM_INFINITY ? INT_MAX : static_cast<int64_t>(nofile.rlim_cur) - 128;
+    unix_limits.max_connections =
+        static_cast<int>(std::min<int64_t>(absl::GetFlag(FLAGS_max_connections), room));
+    unix_limits.max_connections_per_uid =
+        std::min(unix_limits.max_connections, absl::GetFlag(FLAGS_max_connections_per_uid));
+    if (unix_limits.max_connections < 16 || unix_limits.max_connections_per_uid < 1) {
+      return fail("startup.flags",
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "room for ", unix_limits.max_connections,
+                      " connections: --max_connections and --max_connections_per_uid must be >= 1 "
+                      "and the descriptor limit (",
+                      nofile.rlim_cur, ") at least 144; raise LimitNOFILE / ulimit -n")));
+    }
+  }
   grpc::EnableDefaultHealthCheckService(true);
+  AuditMalformedRequests(&guard);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   // A Unix socket without TLS is custodyd's own listener, so that a handler learns the caller's
@@ -435,6 +498,30 @@ int Run() {
   builder.RegisterService(&signer);
   builder.RegisterService(&admin);
   builder.SetMaxReceiveMessageSize(4 * 1024 * 1024);
+  // Threads are bounded (a call beyond is RESOURCE_EXHAUSTED at once, never a thread more), and
+  // so are one connection's concurrent calls.
+  grpc::ResourceQuota quota("custodyd");
+  quota.SetMaxThreads(max_threads);
+  builder.SetResourceQuota(quota);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
+                             std::max(1, absl::GetFlag(FLAGS_max_concurrent_streams)));
+  // Connections end: idle ones (no call; gRPC starts counting when the connection is set up, so
+  // a peer that never sends the HTTP/2 preface is closed too), old ones (GOAWAY, then a grace for
+  // the calls in flight), and ones whose peer stops answering pings.
+  auto millis = [](absl::Duration d) {
+    return static_cast<int>(std::clamp<int64_t>(absl::ToInt64Milliseconds(d), 1, INT_MAX));
+  };
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS,
+                             millis(absl::GetFlag(FLAGS_connection_idle_timeout)));
+  if (absl::Duration age = absl::GetFlag(FLAGS_max_connection_age); age > absl::ZeroDuration()) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, millis(age));
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, millis(absl::Minutes(1)));
+  }
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
+                             millis(absl::GetFlag(FLAGS_keepalive_time)));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+                             millis(absl::GetFlag(FLAGS_keepalive_timeout)));
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   if (int n = absl::GetFlag(FLAGS_grpc_cqs); n > 0) {
     builder.SetSyncServerOption(grpc::ServerBuilder::NUM_CQS, n);
   }
@@ -449,7 +536,7 @@ int Run() {
     return fail("startup.listen",
                 absl::UnavailableError(absl::StrCat("cannot listen on '", listen, "'")));
   }
-  if (unix_listener != nullptr) unix_listener->Serve(server.get());
+  if (unix_listener != nullptr) unix_listener->Serve(server.get(), unix_limits);
   const pkcs11::TokenInfo& info = (*token)->info();
   NotifySystemd(absl::StrCat("READY=1\nMAINPID=", getpid()));  // Type=notify units
   Log(LogLevel::kInfo, "custodyd.ready",
@@ -461,6 +548,8 @@ int Run() {
        {"token_serial", info.serial},
        {"rsa_x509_mechanism", (*token)->HasMechanism("CKM_RSA_X_509") ? "present" : "absent"},
        {"replica_id", replica_id},
+       {"max_connections", absl::StrCat(unix_limits.max_connections)},
+       {"max_threads", absl::StrCat(max_threads)},
        {"policy", policy_path},
        {"audit_dir", audit_dir}});
 

@@ -127,12 +127,14 @@ void WriteRings(ExpositionWriter& out, const KeyService& keys, RequestMetrics* r
     std::optional<double> active_age;     // the oldest
   };
   std::map<std::string, Aggregate> rings;  // by label value
+  int untrusted = 0;
   for (const v1::KeyRing& ring : listed->rings()) {
     std::string label;
     if (by_ring) label = requests != nullptr ? requests->RingLabel(ring.name()) : ring.name();
     Aggregate& a = rings[label];
     for (const v1::KeyVersion& v : ring.versions()) {
       ++a.versions[v.state()];
+      untrusted += v.public_key_mismatch() ? 1 : 0;
       if (v.state() == v1::ACTIVE && v.activate_time_ms() > 0) {
         const double age = static_cast<double>(now_ms - v.activate_time_ms()) / 1000;
         a.active_age = std::max(a.active_age.value_or(age), age);
@@ -176,6 +178,10 @@ void WriteRings(ExpositionWriter& out, const KeyService& keys, RequestMetrics* r
   for (const auto& [label, a] : rings) {
     if (a.active_age) out.Sample("custody_ring_active_age_seconds", labels(label), *a.active_age);
   }
+  Scalar(out, "custody_key_versions_untrusted",
+         "Key versions out of service because their metadata's public key does not match "
+         "their token object: the metadata was changed outside custody.",
+         MetricType::kGauge, untrusted);
   Scalar(out, "custody_orphaned_token_objects",
          "custody-labelled token objects that no metadata names (see ListKeyRings).",
          MetricType::kGauge, listed->orphaned_objects_size());

@@ -1221,5 +1221,52 @@ TEST_F(ReplicaTest, ClientFailsOverWhileReplicasAreKilled) {
   EXPECT_GT(decrypted_ok.load(), kKills * 10);
 }
 
+// Write access to the PostgreSQL database is not enough to publish a key: op/a's version is given
+// op/b's public key with psql (the ring's generation bumped and a notification sent, as a
+// replica's own commit does); both replicas check the changed row against the shared token and
+// take the version out of service, and a restarted replica refuses it at load.
+TEST_F(ReplicaTest, PublicKeyChangedInTheDatabaseIsRefusedByEveryReplica) {
+  StartReplicas(2);
+  v1::KeyRing a, b;
+  ASSERT_TRUE(CreateEs256(replica(0), "op/a", &a).ok());
+  ASSERT_TRUE(CreateEs256(replica(0), "op/b", &b).ok());
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(SignWhenReady(replica(i), "op/a", "", 5s).has_value()) << replica(i).log();
+  }
+  auto edited = Cluster()->Psql(
+      db_,
+      "UPDATE versions SET public_jwk = (SELECT public_jwk FROM versions WHERE ring = 'op/b') "
+      "WHERE ring = 'op/a'; UPDATE rings SET generation = generation + 1 WHERE name = 'op/a'; "
+      "SELECT pg_notify('custody_metadata', 'op/a');");
+  ASSERT_TRUE(edited.ok()) << edited.status();
+
+  auto refused = [&](Custodyd& d) {
+    v1::GetJwksRequest req;
+    req.add_rings("op/a");
+    v1::GetJwksResponse resp;
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    if (!d.signer().GetJwks(&ctx, req, &resp).ok() || resp.jwks() != "{\"keys\":[]}") return false;
+    v1::SignJwsResponse signed_jws;
+    grpc::Status s = Sign(d, "op/a", "p", &signed_jws);
+    return s.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
+           s.error_message().find("does not match its token object") != std::string::npos;
+  };
+  for (int i = 0; i < 2; ++i) {
+    auto deadline = Clock::now() + 10s;
+    while (!refused(replica(i)) && Clock::now() < deadline) std::this_thread::sleep_for(20ms);
+    EXPECT_TRUE(refused(replica(i))) << "replica " << i << "\n" << replica(i).log();
+    EXPECT_NE(replica(i).log().find("replica.public_key_mismatch"), std::string::npos);
+    // op/b's key is published once, under op/b only.
+    const std::string jwks = Jwks(replica(i));
+    const std::string kid_b = b.versions(0).kid();
+    EXPECT_EQ(jwks.find(kid_b), jwks.rfind(kid_b)) << jwks;
+  }
+  Restart(1);
+  ASSERT_TRUE(replica(1).started()) << replica(1).log();
+  EXPECT_TRUE(refused(replica(1)));
+  EXPECT_NE(replica(1).log().find("reconcile.public_key_mismatch"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace custody::testing

@@ -10,6 +10,8 @@ PACKAGES=(
   python3 python3-jwcrypto clang-14 libclang-rt-14-dev
   prometheus python3-yaml mmdebstrap buildah binutils systemd
   nginx-light libengine-pkcs11-openssl
+  # the HTTP side (/metrics, the public JWKS): GNU libmicrohttpd, TLS through GnuTLS
+  libmicrohttpd-dev libgnutls28-dev
 )
 # Node.js and npm run the npm `jose` interop tests and oidc-provider; a machine that has them (any
 # source) keeps them.

@@ -10,8 +10,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <string>
+#include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
@@ -102,6 +104,13 @@ inline std::string Exchange(int port, const std::string& request, int timeout_ms
   std::string reply = ReadResponse(fd, timeout_ms, request.rfind("HEAD ", 0) == 0);
   close(fd);
   return reply;
+}
+
+// The 99th percentile (nearest rank: the smallest value at least 99% of `v` do not exceed).
+inline double P99(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[(v.size() * 99 + 99) / 100 - 1];
 }
 
 }  // namespace custody::metrics::testing

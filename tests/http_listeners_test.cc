@@ -38,6 +38,7 @@ namespace v1 = custody::v1;
 using metrics::testing::ClosedByPeer;
 using metrics::testing::ConnectLoopback;
 using metrics::testing::Exchange;
+using metrics::testing::P99;
 using metrics::testing::SendAll;
 using Clock = std::chrono::steady_clock;
 
@@ -229,11 +230,6 @@ double TimedGet(int port, const std::string& path) {
       Exchange(port, absl::StrCat("GET ", path, " HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"), 5000);
   const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
   return absl::StartsWith(reply, "HTTP/1.1 200") ? ms : -1;
-}
-
-double P99(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[std::min(v.size() - 1, v.size() * 99 / 100)];
 }
 
 TEST_F(HttpListenersTest, SlowClientsHoldNeitherMetricsNorJwks) {

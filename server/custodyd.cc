@@ -105,13 +105,18 @@ ABSL_FLAG(std::string, metrics_client_ca, "",
 ABSL_FLAG(std::string, jwks_listen, "",
           "HOST:PORT serving the public JWKS of the --jwks_publish rings over HTTP "
           "(GET /rings/NAME/jwks.json and --jwks_alias paths); empty = off. Loopback only, "
-          "unless --tls_cert/--tls_key are set: then served over TLS with them");
+          "unless served over TLS (--jwks_tls_cert/--jwks_tls_key, else --tls_cert/--tls_key)");
 ABSL_FLAG(std::vector<std::string>, jwks_publish, {},
           "rings whose public JWKS --jwks_listen serves (comma-separated); no other ring is "
           "reachable there");
+ABSL_FLAG(std::string, jwks_tls_cert, "",
+          "PEM certificate chain for --jwks_listen (the name clients fetch the JWKS by); with "
+          "--jwks_tls_key, TLS on any address. Default: --tls_cert/--tls_key when set");
+ABSL_FLAG(std::string, jwks_tls_key, "", "PEM private key of --jwks_tls_cert");
 ABSL_FLAG(std::vector<std::string>, jwks_alias, {},
-          "PATH=RING entries (comma-separated) serving a published ring's JWKS at another path "
-          "too, e.g. /.well-known/jwks.json=op/id-token");
+          "PATH=RING[+RING...] entries (comma-separated) serving published rings' keys as one "
+          "JWKS at another path, e.g. /.well-known/jwks.json=op/id-token or "
+          "/clients/acme/jwks.json=clients/acme/sign+clients/acme/enc");
 ABSL_FLAG(
     bool, metrics_ring_label, true,
     "label per-call and per-ring metrics with the ring name (bounded by --metrics_max_rings)");
@@ -373,15 +378,20 @@ int Run() {
   std::atomic<bool> serving_now{true};
   // The HTTP listeners (metrics, JWKS): like the gRPC port, in clear only on loopback; with
   // --tls_cert/--tls_key, TLS with custodyd's certificate.
-  auto start_http = [&](absl::string_view flag, const std::string& addr,
-                        const std::string& client_ca,
+  auto start_http = [&](absl::string_view flag, const std::string& addr, std::string cert,
+                        std::string key, const std::string& client_ca,
                         auto handler) -> absl::StatusOr<std::unique_ptr<metrics::HttpServer>> {
-    if (absl::Status s = CheckListenAddress(addr, tls, flag); !s.ok()) return s;
+    if (cert.empty() && key.empty() && tls) {
+      cert = absl::GetFlag(FLAGS_tls_cert);
+      key = absl::GetFlag(FLAGS_tls_key);
+    }
+    const bool https = !cert.empty() || !key.empty();
+    if (absl::Status s = CheckListenAddress(addr, https, flag); !s.ok()) return s;
     metrics::HttpServer::Options options;
     options.address = addr;
-    if (tls) {
-      options.tls_cert = absl::GetFlag(FLAGS_tls_cert);
-      options.tls_key = absl::GetFlag(FLAGS_tls_key);
+    if (https) {
+      options.tls_cert = cert;
+      options.tls_key = key;
       options.client_ca = client_ca;
     }
     auto started = metrics::HttpServer::Start(options, std::move(handler));
@@ -392,7 +402,7 @@ int Run() {
     Log(LogLevel::kInfo, absl::StrCat(flag.substr(2, flag.find('_') - 2), ".listening"),
         {{"address", addr},
          {"port", absl::StrCat((*started)->port())},
-         {"tls", tls ? "true" : "false"}});
+         {"tls", https ? "true" : "false"}});
     return started;
   };
   std::unique_ptr<metrics::HttpServer> metrics_server;
@@ -405,7 +415,7 @@ int Run() {
     sources.serving = [&serving_now] { return serving_now.load(); };
     sources.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
     auto started = start_http(
-        "--metrics_listen", addr, absl::GetFlag(FLAGS_metrics_client_ca),
+        "--metrics_listen", addr, "", "", absl::GetFlag(FLAGS_metrics_client_ca),
         metrics::HttpServer::Render([sources] { return RenderMetrics(sources, absl::Now()); }));
     if (!started.ok()) return fail("startup.metrics", started.status());
     metrics_server = *std::move(started);
@@ -436,8 +446,9 @@ int Run() {
               {{"ring", ring}, {"hint", "404 until a ring of this name is created"}});
         }
       }
-      auto started =
-          start_http("--jwks_listen", addr, "", JwksHandler(keys->get(), *std::move(publication)));
+      auto started = start_http("--jwks_listen", addr, absl::GetFlag(FLAGS_jwks_tls_cert),
+                                absl::GetFlag(FLAGS_jwks_tls_key), "",
+                                JwksHandler(keys->get(), *std::move(publication)));
       if (!started.ok()) return fail("startup.jwks", started.status());
       jwks_server = *std::move(started);
     }

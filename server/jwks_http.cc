@@ -41,7 +41,7 @@ absl::StatusOr<JwksPublication> ParseJwksPublication(const std::vector<std::stri
                        "' is not PATH=RING (e.g. /.well-known/jwks.json=op/id-token)"));
     }
     std::string path = alias.substr(0, eq);
-    std::string ring = alias.substr(eq + 1);
+    std::vector<std::string> rings = absl::StrSplit(alias.substr(eq + 1), '+');
     if (!absl::StartsWith(path, "/") || absl::StrContains(path, "?") ||
         absl::StrContains(path, "#")) {
       return absl::InvalidArgumentError(absl::StrCat("--jwks_alias: the path of '", alias,
@@ -52,12 +52,14 @@ absl::StatusOr<JwksPublication> ParseJwksPublication(const std::vector<std::stri
                                                      "' is under /rings/, where each published "
                                                      "ring already has its path"));
     }
-    if (out.rings.count(ring) == 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--jwks_alias: '", alias, "' names ring '", ring,
-                       "', which --jwks_publish does not list; add it there to publish it"));
+    for (const std::string& ring : rings) {
+      if (out.rings.count(ring) == 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--jwks_alias: '", alias, "' names ring '", ring,
+                         "', which --jwks_publish does not list; add it there to publish it"));
+      }
     }
-    if (!out.aliases.emplace(std::move(path), std::move(ring)).second) {
+    if (!out.aliases.emplace(std::move(path), std::move(rings)).second) {
       return absl::InvalidArgumentError(
           absl::StrCat("--jwks_alias: the path of '", alias, "' is given twice"));
     }
@@ -81,13 +83,13 @@ bool IfNoneMatchHits(absl::string_view if_none_match, absl::string_view etag) {
 metrics::HttpServer::Handler JwksHandler(const KeyService* keys, JwksPublication publication) {
   return [keys, publication = std::move(publication)](const metrics::HttpRequest& request) {
     using metrics::HttpResponse;
-    std::string ring;
+    std::vector<std::string> rings;
     if (auto alias = publication.aliases.find(request.path); alias != publication.aliases.end()) {
-      ring = alias->second;
+      rings = alias->second;
     } else if (absl::string_view path = request.path;
                absl::ConsumePrefix(&path, kRingPrefix) && absl::ConsumeSuffix(&path, kRingSuffix) &&
                publication.rings.count(std::string(path)) != 0) {
-      ring = std::string(path);
+      rings.emplace_back(path);
     } else {
       HttpResponse r = HttpResponse::Text(404, "not found\n");
       AddCors(r);
@@ -106,7 +108,7 @@ metrics::HttpServer::Handler JwksHandler(const KeyService* keys, JwksPublication
       r.headers.emplace_back("Allow", "GET, HEAD, OPTIONS");
       return r;
     }
-    auto jwks = keys->GetJwks({ring});
+    auto jwks = keys->GetJwks(rings);
     if (!jwks.ok()) {
       // A published ring that does not exist (yet, or any more) is not found like any other
       // path; anything else (a replica past its staleness) is the server's state.

@@ -26,14 +26,16 @@
 namespace custody::server {
 
 struct JwksPublication {
-  std::set<std::string> rings;                 // served at /rings/NAME/jwks.json
-  std::map<std::string, std::string> aliases;  // path → one of `rings`
+  std::set<std::string> rings;  // served at /rings/NAME/jwks.json
+  // path → published rings whose keys it serves as one set (a client's signing and encryption
+  // rings at its jwks_uri), with GetJwks's etag of that selection
+  std::map<std::string, std::vector<std::string>> aliases;
 };
 
-// From --jwks_publish (ring names) and --jwks_alias (PATH=RING entries). INVALID_ARGUMENT, naming
-// the entry and what to do, for a malformed ring name or alias, an alias path that does not start
-// with '/' or that shadows a /rings/ path, the same path twice, or an alias to a ring that is not
-// published.
+// From --jwks_publish (ring names) and --jwks_alias (PATH=RING[+RING...] entries).
+// INVALID_ARGUMENT, naming the entry and what to do, for a malformed ring name or alias, an alias
+// path that does not start with '/' or that shadows a /rings/ path, the same path twice, or an
+// alias to a ring that is not published (each named).
 absl::StatusOr<JwksPublication> ParseJwksPublication(const std::vector<std::string>& publish,
                                                      const std::vector<std::string>& aliases);
 

@@ -18,6 +18,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 #include <thread>
 #include <vector>
@@ -173,6 +174,55 @@ TEST_F(HttpListenersTest, JwksListenerServesPublishedRingsWithEtagsAndNothingEls
   EXPECT_TRUE(absl::StartsWith(
       Exchange(port, "GET /rings/pub/sign/jwks.json HTTP/1.1\nHost: x\n\n", 3000), "HTTP/1.1 200"));
   EXPECT_LT(Clock::now() - t0, std::chrono::seconds(2));
+}
+
+// The authorization server's jwks_uri behind a reverse proxy, as docs/deploy.md shows it: nginx
+// terminates the public side and forwards one path to custodyd on loopback; ETag, Cache-Control,
+// CORS and 304s pass through, and the proxy reaches nothing else of custodyd.
+TEST_F(HttpListenersTest, JwksBehindNginxAsTheAuthorizationServersJwksUri) {
+  if (access("/usr/sbin/nginx", X_OK) != 0) GTEST_SKIP() << "nginx is not installed";
+  const int jwks_port = FreePort();
+  Custodyd d(dir_.path() + "/state",
+             {absl::StrCat("--jwks_listen=127.0.0.1:", jwks_port), "--jwks_publish=op/id-token",
+              "--jwks_alias=/.well-known/jwks.json=op/id-token"});
+  ASSERT_TRUE(d.started()) << d.log();
+  CreateRing(d, "op/id-token", v1::SIGN, "PS256");
+  const std::string dir = dir_.path() + "/nginx";
+  std::filesystem::create_directories(dir + "/tmp");
+  const int port = FreePort();
+  // One process (no master/worker split, so no user switch): the test's own user.
+  WriteFileOrDie(
+      dir + "/nginx.conf",
+      absl::StrCat("daemon off;\nmaster_process off;\npid ", dir, "/nginx.pid;\nerror_log ", dir,
+                   "/error.log info;\nevents { worker_connections 64; }\nhttp {\n  access_log ",
+                   dir, "/access.log;\n  client_body_temp_path ", dir, "/tmp/body;\n",
+                   "  proxy_temp_path ", dir, "/tmp/proxy;\n  fastcgi_temp_path ", dir,
+                   "/tmp/fastcgi;\n  uwsgi_temp_path ", dir, "/tmp/uwsgi;\n  scgi_temp_path ", dir,
+                   "/tmp/scgi;\n  server {\n    listen 127.0.0.1:", port, ";\n",
+                   "    location = /.well-known/jwks.json {\n      proxy_pass http://127.0.0.1:",
+                   jwks_port, ";\n      proxy_set_header Host $host;\n    }\n  }\n}\n"));
+  BackgroundProcess nginx(
+      {"/usr/sbin/nginx", "-p", dir, "-c", dir + "/nginx.conf", "-e", dir + "/error.log"},
+      dir + "/nginx.out");
+  const std::string url = absl::StrCat("http://127.0.0.1:", port, "/.well-known/jwks.json");
+  CurlReply r;
+  for (auto until = Clock::now() + std::chrono::seconds(10); Clock::now() < until;) {
+    CommandResult probe = RunCommand({"curl", "-s", "-o", "/dev/null", url});
+    if (probe.exit_code == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  r = Curl({url});
+  const v1::GetJwksResponse expected = GetJwks(d, "op/id-token");
+  ASSERT_EQ(r.status, 200) << r.headers << ReadFileOrDie(dir + "/error.log");
+  EXPECT_EQ(r.body, expected.jwks());
+  EXPECT_EQ(Header(r, "etag"), absl::StrCat("\"", expected.etag(), "\""));
+  EXPECT_EQ(Header(r, "cache-control"),
+            absl::StrCat("public, max-age=", expected.max_age_seconds()));
+  EXPECT_EQ(Header(r, "access-control-allow-origin"), "*");
+  CurlReply again = Curl({"-H", absl::StrCat("If-None-Match: \"", expected.etag(), "\""), url});
+  EXPECT_EQ(again.status, 304) << again.headers;
+  EXPECT_EQ(Curl({absl::StrCat("http://127.0.0.1:", port, "/rings/op/id-token/jwks.json")}).status,
+            404);
 }
 
 TEST_F(HttpListenersTest, OperatorMistakesAreRefusedWithWhatToDo) {

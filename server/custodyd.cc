@@ -426,6 +426,13 @@ int Run() {
         ParseJwksPublication(absl::GetFlag(FLAGS_jwks_publish), absl::GetFlag(FLAGS_jwks_alias));
     if (!publication.ok()) return fail("startup.jwks", publication.status());
     const std::string addr = absl::GetFlag(FLAGS_jwks_listen);
+    if (addr.empty() && !(absl::GetFlag(FLAGS_jwks_tls_cert).empty() &&
+                          absl::GetFlag(FLAGS_jwks_tls_key).empty())) {
+      return fail("startup.jwks",
+                  absl::InvalidArgumentError(
+                      "--jwks_tls_cert/--jwks_tls_key without --jwks_listen: say "
+                      "where to serve the key sets (e.g. --jwks_listen=0.0.0.0:8444)"));
+    }
     if (addr.empty() && !publication->rings.empty()) {
       return fail("startup.jwks", absl::InvalidArgumentError(
                                       "--jwks_publish without --jwks_listen: say where to serve "

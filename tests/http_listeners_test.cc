@@ -259,16 +259,19 @@ TEST_F(HttpListenersTest, OperatorMistakesAreRefusedWithWhatToDo) {
   }
 }
 
-int CountThreads(pid_t pid) {
+// A number field of /proc/PID/status ("Threads", "VmRSS" in kB).
+int StatusField(pid_t pid, const std::string& field) {
   std::string status = ReadFileOrDie(absl::StrCat("/proc/", pid, "/status"));
-  size_t at = status.find("Threads:");
+  size_t at = status.find(field + ":");
   int n = 0;
   if (at != std::string::npos) {
-    (void)absl::SimpleAtoi(
-        absl::StripAsciiWhitespace(status.substr(at + 8, status.find('\n', at) - at - 8)), &n);
+    at += field.size() + 1;
+    std::string value(absl::StripAsciiWhitespace(status.substr(at, status.find('\n', at) - at)));
+    (void)absl::SimpleAtoi(value.substr(0, value.find(' ')), &n);
   }
   return n;
 }
+int CountThreads(pid_t pid) { return StatusField(pid, "Threads"); }
 
 int CountFds(pid_t pid) {
   int n = 0;
@@ -303,6 +306,7 @@ TEST_F(HttpListenersTest, SlowClientsHoldNeitherMetricsNorJwks) {
   ASSERT_EQ(prometheus.QueryUntil("up{job=\"custody\"}", "1"), "1") << prometheus.log();
   const int threads_before = CountThreads(d.pid());
   const int fds_before = CountFds(d.pid());
+  const int rss_before_kb = StatusField(d.pid(), "VmRSS");
 
   // 200 slow clients, 100 per listener: half requests, tricklers (a byte every 500 ms of a
   // header line that never ends) and idle connections.
@@ -352,12 +356,13 @@ TEST_F(HttpListenersTest, SlowClientsHoldNeitherMetricsNorJwks) {
   });
   // Meanwhile: a scrape and a JWKS GET every 50 ms, each on a new connection.
   std::vector<double> scrape_ms, jwks_ms;
-  int threads_during = 0, fds_during = 0;
+  int threads_during = 0, fds_during = 0, rss_during_kb = 0;
   while (Clock::now() - start < std::chrono::milliseconds(4500)) {
     scrape_ms.push_back(TimedGet(metrics_port, "/metrics"));
     jwks_ms.push_back(TimedGet(jwks_port, "/rings/op/id-token/jwks.json"));
     threads_during = std::max(threads_during, CountThreads(d.pid()));
     fds_during = std::max(fds_during, CountFds(d.pid()));
+    rss_during_kb = std::max(rss_during_kb, StatusField(d.pid(), "VmRSS"));
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   watch.join();
@@ -382,13 +387,16 @@ TEST_F(HttpListenersTest, SlowClientsHoldNeitherMetricsNorJwks) {
   EXPECT_EQ(threads_during, threads_before);
   EXPECT_LE(fds_during, fds_before + 200 + 10);
   EXPECT_LE(fds_after, fds_before + 5);
+  // A hanging connection costs its buffers (16 KiB at most), not a thread's stack.
+  EXPECT_LE(rss_during_kb, rss_before_kb + 200 * 16 + 4096);
   std::printf(
       "slow clients: 200; scrape p99 %.1f ms (max %.1f, n=%zu), JWKS GET p99 %.1f ms (max %.1f, "
       "n=%zu); cut off after %.0f ms at the latest; custodyd threads %d -> %d, fds %d -> %d -> "
-      "%d\n",
+      "%d, RSS %d -> %d kB\n",
       P99(scrape_ms), *std::max_element(scrape_ms.begin(), scrape_ms.end()), scrape_ms.size(),
       P99(jwks_ms), *std::max_element(jwks_ms.begin(), jwks_ms.end()), jwks_ms.size(), latest_cut,
-      threads_before, threads_during, fds_before, fds_during, fds_after);
+      threads_before, threads_during, fds_before, fds_during, fds_after, rss_before_kb,
+      rss_during_kb);
 
   // Prometheus, scraping every second, saw every scrape of the last 10 s succeed.
   EXPECT_EQ(prometheus.QueryUntil("min_over_time(up{job=\"custody\"}[10s])", "1", 5000), "1");

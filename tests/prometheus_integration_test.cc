@@ -190,10 +190,10 @@ TEST_F(PrometheusIntegrationTest, PromQlCountsTheCallsAndHsmErrorsCustodydServed
                 "custody_hsm_operation_duration_seconds_bucket{operation=\"sign\",le=\"+Inf\"}",
                 hsm_signs),
             hsm_signs);
-  EXPECT_EQ(prometheus.QueryUntil(
-                "custody_hsm_operation_duration_seconds_bucket{operation=\"sign\",le=\"10\"}",
-                hsm_signs),
-            hsm_signs);
+  EXPECT_EQ(
+      prometheus.QueryUntil(
+          "custody_hsm_operation_duration_seconds_bucket{operation=\"sign\",le=\"10\"}", hsm_signs),
+      hsm_signs);
   const std::string p99 = prometheus.QueryUntil(
       "histogram_quantile(0.99, custody_hsm_operation_duration_seconds_bucket{operation=\"sign\"})",
       "", 0);

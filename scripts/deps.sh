@@ -19,6 +19,8 @@ PACKAGES=(
   libtss2-tcti-tabrmd0 dbus
   # and opencryptoki's software token (pkcsslotd).
   opencryptoki
+  # the HTTP side (/metrics, the public JWKS): GNU libmicrohttpd, TLS through GnuTLS
+  libmicrohttpd-dev libgnutls28-dev
 )
 # Node.js and npm run the npm `jose` interop tests and oidc-provider; a machine that has them (any
 # source) keeps them.

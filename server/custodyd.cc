@@ -1,4 +1,6 @@
 // custodyd: the custody gRPC service. See README.md for flags and the embedded default.
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -41,6 +43,7 @@
 #include "rotation/metadata_store.h"
 #include "server/embedded_token.h"
 #include "server/grpc_services.h"
+#include "server/jwks_http.h"
 #include "server/key_service.h"
 #include "server/malformed_requests.h"
 #include "server/metadata_backend.h"
@@ -109,6 +112,21 @@ ABSL_FLAG(std::string, metrics_listen, "",
           "Loopback only, unless --tls_cert/--tls_key are set: then served over TLS with them");
 ABSL_FLAG(std::string, metrics_client_ca, "",
           "with TLS: CA bundle (PEM) the scraper's client certificate must chain to");
+ABSL_FLAG(std::string, jwks_listen, "",
+          "HOST:PORT serving the public JWKS of the --jwks_publish rings over HTTP "
+          "(GET /rings/NAME/jwks.json and --jwks_alias paths); empty = off. Loopback only, "
+          "unless served over TLS (--jwks_tls_cert/--jwks_tls_key, else --tls_cert/--tls_key)");
+ABSL_FLAG(std::vector<std::string>, jwks_publish, {},
+          "rings whose public JWKS --jwks_listen serves (comma-separated); no other ring is "
+          "reachable there");
+ABSL_FLAG(std::string, jwks_tls_cert, "",
+          "PEM certificate chain for --jwks_listen (the name clients fetch the JWKS by); with "
+          "--jwks_tls_key, TLS on any address. Default: --tls_cert/--tls_key when set");
+ABSL_FLAG(std::string, jwks_tls_key, "", "PEM private key of --jwks_tls_cert");
+ABSL_FLAG(std::vector<std::string>, jwks_alias, {},
+          "PATH=RING[+RING...] entries (comma-separated) serving published rings' keys as one "
+          "JWKS at another path, e.g. /.well-known/jwks.json=op/id-token or "
+          "/clients/acme/jwks.json=clients/acme/sign+clients/acme/enc");
 ABSL_FLAG(
     bool, metrics_ring_label, true,
     "label per-call and per-ring metrics with the ring name (bounded by --metrics_max_rings)");
@@ -153,29 +171,41 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   return out;
 }
 
+// 127.0.0.0/8, ::1 or "localhost"; a name such as "127.example.com" is not loopback.
 bool IsLoopbackHost(absl::string_view host) {
-  return host == "127.0.0.1" || host == "localhost" || host == "[::1]" || host == "::1" ||
-         absl::StartsWith(host, "127.");
+  if (host == "localhost") return true;
+  std::string literal(host);
+  if (literal.size() >= 2 && literal.front() == '[' && literal.back() == ']') {
+    literal = literal.substr(1, literal.size() - 2);
+  }
+  in_addr v4{};
+  if (inet_pton(AF_INET, literal.c_str(), &v4) == 1) return (ntohl(v4.s_addr) >> 24) == 127;
+  in6_addr v6{};
+  return inet_pton(AF_INET6, literal.c_str(), &v6) == 1 && IN6_IS_ADDR_LOOPBACK(&v6);
 }
 
 // Refuses a non-loopback TCP listener without TLS: keys must not be reachable in clear.
-absl::Status CheckListenAddress(const std::string& addr, bool tls) {
+absl::Status CheckListenAddress(const std::string& addr, bool tls,
+                                absl::string_view flag = "--listen") {
   if (absl::StartsWith(addr, "unix:")) {
+    if (flag != "--listen") {
+      return absl::InvalidArgumentError(absl::StrCat(flag, "='", addr, "': HOST:PORT only"));
+    }
     if (addr.size() <= 5) return absl::InvalidArgumentError("--listen=unix: needs a path");
     return absl::OkStatus();
   }
   size_t colon = addr.rfind(':');
   if (colon == std::string::npos || colon == 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--listen='", addr, "' is neither unix:PATH nor HOST:PORT"));
+        absl::StrCat(flag, "='", addr, "' is neither unix:PATH nor HOST:PORT"));
   }
   int port = 0;
   if (!absl::SimpleAtoi(addr.substr(colon + 1), &port) || port < 0 || port > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat("--listen='", addr, "' has no valid port"));
+    return absl::InvalidArgumentError(absl::StrCat(flag, "='", addr, "' has no valid port"));
   }
   if (!tls && !IsLoopbackHost(addr.substr(0, colon))) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "refusing to listen on '", addr,
+        flag, ": refusing to listen on '", addr,
         "' without TLS: only loopback or a Unix socket may be used in clear; pass --tls_cert, "
         "--tls_key and --client_ca"));
   }
@@ -426,20 +456,37 @@ int Run() {
   SignerService signer(keys->get(), &guard, max_batch_items, &batch_runner, jwks_limits);
   KeyAdminService admin(keys->get(), &guard);
   std::atomic<bool> serving_now{true};
+  // The HTTP listeners (metrics, JWKS): like the gRPC port, in clear only on loopback; with
+  // --tls_cert/--tls_key, TLS with custodyd's certificate.
+  auto start_http = [&](absl::string_view flag, const std::string& addr, std::string cert,
+                        std::string key, const std::string& client_ca,
+                        auto handler) -> absl::StatusOr<std::unique_ptr<metrics::HttpServer>> {
+    if (cert.empty() && key.empty() && tls) {
+      cert = absl::GetFlag(FLAGS_tls_cert);
+      key = absl::GetFlag(FLAGS_tls_key);
+    }
+    const bool https = !cert.empty() || !key.empty();
+    if (absl::Status s = CheckListenAddress(addr, https, flag); !s.ok()) return s;
+    metrics::HttpServer::Options options;
+    options.address = addr;
+    if (https) {
+      options.tls_cert = cert;
+      options.tls_key = key;
+      options.client_ca = client_ca;
+    }
+    auto started = metrics::HttpServer::Start(options, std::move(handler));
+    if (!started.ok()) {
+      return absl::Status(started.status().code(),
+                          absl::StrCat(flag, ": ", started.status().message()));
+    }
+    Log(LogLevel::kInfo, absl::StrCat(flag.substr(2, flag.find('_') - 2), ".listening"),
+        {{"address", addr},
+         {"port", absl::StrCat((*started)->port())},
+         {"tls", https ? "true" : "false"}});
+    return started;
+  };
   std::unique_ptr<metrics::HttpServer> metrics_server;
   if (const std::string addr = absl::GetFlag(FLAGS_metrics_listen); !addr.empty()) {
-    // Like the gRPC port: in clear only on loopback.
-    if (absl::StartsWith(addr, "unix:")) {
-      return fail("startup.metrics", absl::InvalidArgumentError("--metrics_listen is HOST:PORT"));
-    }
-    if (absl::Status s = CheckListenAddress(addr, tls); !s.ok()) return fail("startup.metrics", s);
-    metrics::HttpServer::Options metrics_options;
-    metrics_options.address = addr;
-    if (tls) {
-      metrics_options.tls_cert = absl::GetFlag(FLAGS_tls_cert);
-      metrics_options.tls_key = absl::GetFlag(FLAGS_tls_key);
-      metrics_options.client_ca = absl::GetFlag(FLAGS_metrics_client_ca);
-    }
     MetricsSources sources;
     sources.requests = &request_metrics;
     sources.token = token->get();
@@ -447,14 +494,51 @@ int Run() {
     sources.keys = keys->get();
     sources.serving = [&serving_now] { return serving_now.load(); };
     sources.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
-    auto started = metrics::HttpServer::Start(
-        metrics_options, [sources] { return RenderMetrics(sources, absl::Now()); });
+    auto started = start_http(
+        "--metrics_listen", addr, "", "", absl::GetFlag(FLAGS_metrics_client_ca),
+        metrics::HttpServer::Render([sources] { return RenderMetrics(sources, absl::Now()); }));
     if (!started.ok()) return fail("startup.metrics", started.status());
     metrics_server = *std::move(started);
-    Log(LogLevel::kInfo, "metrics.listening",
-        {{"address", addr},
-         {"port", absl::StrCat(metrics_server->port())},
-         {"tls", tls ? "true" : "false"}});
+  }
+  std::unique_ptr<metrics::HttpServer> jwks_server;
+  {
+    auto publication =
+        ParseJwksPublication(absl::GetFlag(FLAGS_jwks_publish), absl::GetFlag(FLAGS_jwks_alias));
+    if (!publication.ok()) return fail("startup.jwks", publication.status());
+    const std::string addr = absl::GetFlag(FLAGS_jwks_listen);
+    if (addr.empty() && !(absl::GetFlag(FLAGS_jwks_tls_cert).empty() &&
+                          absl::GetFlag(FLAGS_jwks_tls_key).empty())) {
+      return fail("startup.jwks",
+                  absl::InvalidArgumentError(
+                      "--jwks_tls_cert/--jwks_tls_key without --jwks_listen: say "
+                      "where to serve the key sets (e.g. --jwks_listen=0.0.0.0:8444)"));
+    }
+    if (addr.empty() && !publication->rings.empty()) {
+      return fail("startup.jwks", absl::InvalidArgumentError(
+                                      "--jwks_publish without --jwks_listen: say where to serve "
+                                      "the key sets (e.g. --jwks_listen=127.0.0.1:8080)"));
+    }
+    if (!addr.empty()) {
+      if (publication->rings.empty()) {
+        Log(LogLevel::kWarning, "jwks.nothing_published",
+            {{"hint",
+              "--jwks_listen serves only the rings --jwks_publish lists; every path is "
+              "404 until one is listed"}});
+      }
+      const std::vector<std::string> existing = (*keys)->RingNames();
+      for (const std::string& ring : publication->rings) {
+        if (std::find(existing.begin(), existing.end(), ring) == existing.end()) {
+          // Not an error: the ring may be created later (it is served from then on).
+          Log(LogLevel::kWarning, "jwks.unknown_ring",
+              {{"ring", ring}, {"hint", "404 until a ring of this name is created"}});
+        }
+      }
+      auto started = start_http("--jwks_listen", addr, absl::GetFlag(FLAGS_jwks_tls_cert),
+                                absl::GetFlag(FLAGS_jwks_tls_key), "",
+                                JwksHandler(keys->get(), *std::move(publication)));
+      if (!started.ok()) return fail("startup.jwks", started.status());
+      jwks_server = *std::move(started);
+    }
   }
   // Each connection is a descriptor: the cap stays below the descriptor limit, with 128 left for
   // the token, the store, the audit log and the metrics server.
@@ -644,6 +728,7 @@ int Run() {
   stopping = true;
   health.join();
   if (metrics_server != nullptr) metrics_server->Stop();
+  if (jwks_server != nullptr) jwks_server->Stop();
   return 0;
 }
 

@@ -56,13 +56,17 @@ void WriteToken(ExpositionWriter& out, const pkcs11::Token& token) {
                static_cast<double>(op.latency->count));
   }
   out.Family("custody_hsm_operation_duration_seconds",
-             "Time of the token's private-key operations as custodyd sees them, by operation.",
-             MetricType::kSummary);
+             "Time of the token's private-key operations as custodyd sees them (pool wait and "
+             "retry included), by operation.",
+             MetricType::kHistogram);
+  std::vector<double> bounds;
+  for (uint64_t micros : pkcs11::Token::kLatencyBoundsMicros) bounds.push_back(micros / 1e6);
   for (const Op& op : ops) {
-    out.Sample("custody_hsm_operation_duration_seconds_sum", {{"operation", op.name}},
-               static_cast<double>(op.latency->total_micros) / 1e6);
-    out.Sample("custody_hsm_operation_duration_seconds_count", {{"operation", op.name}},
-               static_cast<double>(op.latency->count));
+    std::vector<uint64_t> cumulative;
+    uint64_t running = 0;
+    for (uint64_t n : op.latency->buckets) cumulative.push_back(running += n);
+    out.Histogram("custody_hsm_operation_duration_seconds", {{"operation", op.name}}, bounds,
+                  cumulative, static_cast<double>(op.latency->total_micros) / 1e6);
   }
   Scalar(out, "custody_hsm_retries_total", "Token operations run a second time after a recovery.",
          MetricType::kCounter, static_cast<double>(m.retries));

@@ -242,9 +242,19 @@ grpc::Status SignerService::WatchJwks(grpc::ServerContext* context,
   if (grpc::Status s = call.Finish(grpc::Status::OK); !s.ok()) return s;
   std::string last_sent;
   while (!context->IsCancelled() && !keys_->draining()) {
-    auto jwks = rings->empty()
-                    ? absl::StatusOr<KeyService::Jwks>(KeyService::Jwks{"{\"keys\":[]}", "", 0, 0})
-                    : keys_->GetJwks(*rings);
+    // "Every ring" means every ring now: one created after the watch began is followed too.
+    // The generation is read before the ring names, so a ring created in between ends the wait
+    // below at once.
+    uint64_t listed_at = 0;
+    if (request->rings().empty()) {
+      listed_at = keys_->WaitForJwksChange(0, absl::InfinitePast());
+      rings = JwksRings(call.identity(), request->rings());
+      if (!rings.ok()) return ToGrpcStatus(rings.status());
+    }
+    auto jwks =
+        rings->empty()
+            ? absl::StatusOr<KeyService::Jwks>(KeyService::Jwks{"{\"keys\":[]}", "", 0, listed_at})
+            : keys_->GetJwks(*rings);
     if (!jwks.ok()) return ToGrpcStatus(jwks.status());
     // A change elsewhere wakes every watcher; only a change of these rings' keys is sent.
     if (jwks->json != last_sent) {
@@ -256,7 +266,8 @@ grpc::Status SignerService::WatchJwks(grpc::ServerContext* context,
       last_sent = std::move(jwks->json);
     }
     // Bounded waits so that cancellation and shutdown are noticed within a second.
-    keys_->WaitForJwksChange(jwks->generation, absl::Now() + absl::Seconds(1));
+    keys_->WaitForJwksChange(listed_at != 0 ? listed_at : jwks->generation,
+                             absl::Now() + absl::Seconds(1));
   }
   return grpc::Status::OK;
 }

@@ -38,6 +38,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 #include "client/channel.h"
+#include "client/client.h"
 #include "common/log.h"
 #include "custody/v1/custody.grpc.pb.h"
 #include "google/protobuf/util/json_util.h"
@@ -159,6 +160,7 @@ class Ctl {
       : admin_(custody::v1::KeyAdmin::NewStub(channel)),
         signer_(custody::v1::Signer::NewStub(channel)),
         health_(grpc::health::v1::Health::NewStub(channel)),
+        client_(IdempotentCalls(channel, timeout_ms)),
         timeout_ms_(timeout_ms) {}
 
   int Run(const Args& args) {
@@ -197,6 +199,22 @@ class Ctl {
     if (!status.ok()) return Failed(status);
     std::cout << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status()) << "\n";
     return resp.status() == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
+  }
+
+  // The client library's retry policy for idempotent calls (sign, decrypt, reads): UNAVAILABLE
+  // is retried, on another replica when --addr lists several, until --timeout_ms. Lifecycle
+  // calls go once (Context()).
+  static std::unique_ptr<custody::client::Client> IdempotentCalls(
+      std::shared_ptr<grpc::Channel> channel, int timeout_ms) {
+    custody::client::ClientOptions options;
+    options.deadline = absl::Milliseconds(timeout_ms > 0 ? timeout_ms : 1);
+    options.max_rpcs_in_flight = 0;
+    return *custody::client::Client::FromChannel(std::move(channel), options);
+  }
+  template <typename Rpc>
+  grpc::Status Idempotent(Rpc rpc) const {
+    absl::Status s = client_->CallIdempotent(rpc);
+    return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
   }
 
   std::unique_ptr<grpc::ClientContext> Context() const {
@@ -259,8 +277,8 @@ class Ctl {
     custody::v1::GetKeyRingRequest req;
     req.set_name(name);
     custody::v1::KeyRing ring;
-    auto ctx = Context();
-    grpc::Status s = admin_->GetKeyRing(ctx.get(), req, &ring);
+    grpc::Status s =
+        Idempotent([&](grpc::ClientContext& ctx) { return admin_->GetKeyRing(&ctx, req, &ring); });
     return s.ok() ? PrintJson(ring) : Failed(s);
   }
 
@@ -268,8 +286,8 @@ class Ctl {
     custody::v1::ListKeyRingsRequest req;
     req.set_prefix(prefix);
     custody::v1::ListKeyRingsResponse resp;
-    auto ctx = Context();
-    grpc::Status s = admin_->ListKeyRings(ctx.get(), req, &resp);
+    grpc::Status s = Idempotent(
+        [&](grpc::ClientContext& ctx) { return admin_->ListKeyRings(&ctx, req, &resp); });
     return s.ok() ? PrintJson(resp) : Failed(s);
   }
 
@@ -284,8 +302,8 @@ class Ctl {
       return 2;
     }
     custody::v1::SignJwsResponse resp;
-    auto ctx = Context();
-    grpc::Status s = signer_->SignJws(ctx.get(), req, &resp);
+    grpc::Status s =
+        Idempotent([&](grpc::ClientContext& ctx) { return signer_->SignJws(&ctx, req, &resp); });
     if (!s.ok()) return Failed(s);
     std::cout << resp.jws() << "\n";
     return 0;
@@ -445,8 +463,8 @@ class Ctl {
     custody::v1::GetJwksRequest req;
     for (const auto& r : rings) req.add_rings(r);
     custody::v1::GetJwksResponse resp;
-    auto ctx = Context();
-    grpc::Status s = signer_->GetJwks(ctx.get(), req, &resp);
+    grpc::Status s =
+        Idempotent([&](grpc::ClientContext& ctx) { return signer_->GetJwks(&ctx, req, &resp); });
     if (!s.ok()) return Failed(s);
     std::cout << resp.jwks() << "\n";
     return 0;
@@ -497,8 +515,8 @@ class Ctl {
     }
     req.set_jwe(jwe);
     custody::v1::DecryptJweResponse resp;
-    auto ctx = Context();
-    grpc::Status s = signer_->DecryptJwe(ctx.get(), req, &resp);
+    grpc::Status s =
+        Idempotent([&](grpc::ClientContext& ctx) { return signer_->DecryptJwe(&ctx, req, &resp); });
     if (!s.ok()) return Failed(s);
     std::cout.write(resp.plaintext().data(), static_cast<std::streamsize>(resp.plaintext().size()));
     std::cout.flush();
@@ -509,6 +527,7 @@ class Ctl {
   std::unique_ptr<custody::v1::KeyAdmin::Stub> admin_;
   std::unique_ptr<custody::v1::Signer::Stub> signer_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+  std::unique_ptr<custody::client::Client> client_;
   int timeout_ms_;
 };
 

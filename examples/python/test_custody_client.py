@@ -106,6 +106,7 @@ class CustodyClientTest(unittest.TestCase):
                 signed = self.client.sign_jws(self.ring, json.dumps(claims), typ="JWT")
                 results.append((self.verify(signed.jws, jwks)[1], claims))
                 self.client.get_jwks([self.ring])
+                self.assertEqual(self.client.get_key_ring(self.ring).name, self.ring)
             except custody_client.CustodyError as e:
                 failures.append(f"call {n}: {e}")
         self.assertEqual(failures, [])

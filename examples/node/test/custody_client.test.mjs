@@ -93,6 +93,7 @@ test('fails over when a replica is killed', { skip: !env.CUSTODY_KILL_PID },
         const signed = await client.signJws(ring, JSON.stringify(claims), { typ: 'JWT' });
         assert.deepEqual((await verify(signed.jws, jwks)).payload, claims);
         await client.getJwks([ring]);
+        assert.equal((await client.getKeyRing(ring)).name, ring);
         ++verified;
       } catch (e) {
         failures.push(`call ${n}: ${e.message}`);

@@ -34,10 +34,11 @@ PACKAGES=(libsofthsm2)  # the embedded default's token (custodyd dlopens it)
 # types) are copied from the build, under their sonames, into the multiarch library directory.
 OWN_LIBS=$(mktemp -d)
 trap 'rm -rf "$OWN_LIBS"' EXIT
+OWN=()
 LIBDIR=/usr/lib/$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo x86_64-linux-gnu)
 for lib in $(for b in "${BINS[@]}"; do ldd "$b" | awk '/=> \//{print $3}'; done | sort -u); do
   case "$lib" in
-    "$BUILD_DIR"/*) cp -L "$lib" "$OWN_LIBS/$(basename "$lib")" ;;
+    "$BUILD_DIR"/*) cp -L "$lib" "$OWN_LIBS/$(basename "$lib")" && OWN+=("$OWN_LIBS/$(basename "$lib")") ;;
     *) PACKAGES+=("$(owner "$lib")") ;;
   esac
 done
@@ -59,7 +60,7 @@ mmdebstrap --quiet --variant=extract --include="$(IFS=,; echo "${PACKAGES[*]}")"
   --extract-hook='mkdir -p "$1/usr/bin" "$1/etc" "$1/var/lib/custody" "$1/tmp" "$1/run"' \
   --extract-hook="copy-in ${BINS[*]} /usr/bin" \
   --extract-hook="mkdir -p \"\$1$LIBDIR\"" \
-  --extract-hook="copy-in $OWN_LIBS/* $LIBDIR" \
+  --extract-hook="copy-in ${OWN[*]} $LIBDIR" \
   --extract-hook='strip --strip-unneeded "$1/usr/bin/custodyd" "$1/usr/bin/custodyctl"' \
   --extract-hook='printf "root:x:0:0:root:/root:/usr/sbin/nologin\ncustody:x:10001:10001:custody:/var/lib/custody:/usr/sbin/nologin\n" > "$1/etc/passwd"' \
   --extract-hook='printf "root:x:0:\ncustody:x:10001:\n" > "$1/etc/group"' \

@@ -10,6 +10,8 @@ PACKAGES=(
   python3 python3-jwcrypto clang-14 libclang-rt-14-dev
   prometheus python3-yaml mmdebstrap buildah binutils systemd
   nginx-light libengine-pkcs11-openssl
+  python3-grpcio python3-grpc-tools  # examples/python: the Python client, stubs made at test time
+  python3-protobuf  # tests/proto/check_compat.py: the custody.v1 descriptor-set comparison
 )
 # Node.js and npm run the npm `jose` interop tests and oidc-provider; a machine that has them (any
 # source) keeps them.

@@ -19,19 +19,10 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
+#include "common/testing/child_process.h"
 
 namespace custody::bench {
 namespace {
-
-// argv as the char* array execvp wants; built before fork so the child only calls
-// async-signal-safe functions.
-std::vector<char*> ExecArgs(const std::vector<std::string>& argv) {
-  std::vector<char*> args;
-  args.reserve(argv.size() + 1);
-  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-  args.push_back(nullptr);
-  return args;
-}
 
 int WaitExitCode(pid_t pid) {
   int status = 0;
@@ -61,25 +52,10 @@ TempDir::~TempDir() {
 }
 
 absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, const std::string& log_path) {
-  if (argv.empty()) return absl::InvalidArgumentError("empty command");
-  std::vector<char*> args = ExecArgs(argv);
-  int log = open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-  if (log < 0) return absl::InternalError(absl::StrCat("open ", log_path, ": ", strerror(errno)));
-  pid_t pid = fork();
-  if (pid < 0) {
-    close(log);
-    return absl::InternalError(absl::StrCat("fork: ", std::strerror(errno)));
-  }
-  if (pid == 0) {
-    int null = open("/dev/null", O_RDONLY);
-    if (null >= 0) dup2(null, 0);
-    dup2(log, 1);
-    dup2(log, 2);
-    execvp(args[0], args.data());
-    _exit(127);
-  }
-  close(log);
-  return pid;
+  absl::StatusOr<testing::ChildProcess> child = testing::ChildProcess::Start(
+      {.argv = argv, .stdout_path = log_path, .stderr_path = log_path, .append = true});
+  if (!child.ok()) return child.status();
+  return child->Release();  // the caller reaps it
 }
 
 absl::Status RunCommand(const std::vector<std::string>& argv, const std::string& log_path) {
@@ -96,29 +72,17 @@ absl::Status RunCommand(const std::vector<std::string>& argv, const std::string&
 }
 
 absl::StatusOr<std::string> CaptureCommandOutput(const std::vector<std::string>& argv) {
-  if (argv.empty()) return absl::InvalidArgumentError("empty command");
-  std::vector<char*> args = ExecArgs(argv);
   int fds[2];
   if (pipe2(fds, O_CLOEXEC) != 0) {
     return absl::InternalError(absl::StrCat("pipe: ", std::strerror(errno)));
   }
-  pid_t pid = fork();
-  if (pid < 0) {
-    close(fds[0]);
-    close(fds[1]);
-    return absl::InternalError(absl::StrCat("fork: ", std::strerror(errno)));
-  }
-  if (pid == 0) {
-    int null = open("/dev/null", O_RDWR);
-    if (null >= 0) {
-      dup2(null, 0);
-      dup2(null, 2);
-    }
-    dup2(fds[1], 1);
-    execvp(args[0], args.data());
-    _exit(127);
-  }
+  absl::StatusOr<testing::ChildProcess> child =
+      testing::ChildProcess::Start({.argv = argv, .stderr_path = "/dev/null", .stdout_fd = fds[1]});
   close(fds[1]);
+  if (!child.ok()) {
+    close(fds[0]);
+    return child.status();
+  }
   std::string out;
   char buf[4096];
   for (;;) {
@@ -130,7 +94,7 @@ absl::StatusOr<std::string> CaptureCommandOutput(const std::vector<std::string>&
     }
   }
   close(fds[0]);
-  WaitExitCode(pid);
+  child->Wait();
   return out;
 }
 

@@ -1,5 +1,6 @@
-// Process plumbing for custody-bench: temporary directories, fork/exec without a shell, and
-// what /proc says about a process (CPU seconds, VmHWM/VmRSS).
+// Process plumbing for custody-bench: temporary directories, child processes without a shell
+// (common/testing/child_process.h: posix_spawn, never a hand-written fork), and what /proc says
+// about a process (CPU seconds, VmHWM/VmRSS).
 #ifndef CUSTODY_BENCH_PROC_UTIL_H_
 #define CUSTODY_BENCH_PROC_UTIL_H_
 

@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/regular_file.h"
 #include "openssl/crypto.h"
 
 namespace custody {
@@ -37,31 +38,21 @@ void Secret::Wipe() {
 }
 
 absl::StatusOr<Secret> ReadSecretFile(const std::string& path) {
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-  if (fd < 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("cannot open secret file '", path, "': ", std::strerror(errno)));
-  }
-  struct stat st {};
-  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    close(fd);
-    return absl::FailedPreconditionError(
-        absl::StrCat("secret file '", path, "' is not a regular file"));
-  }
+  absl::StatusOr<RegularFile> file = RegularFile::Open(path, "secret file");
+  if (!file.ok()) return file.status();
+  const int fd = file->fd();
+  const struct stat& st = file->stat();
   // Kubernetes presents a Secret to a non-root container as a root-owned file whose group is
   // the pod's fsGroup, mode 0440: root can read anything anyway, and the group is the service's
   // own, so that is accepted as well (group read only, nothing for others).
   const bool root_owned_for_our_group =
       st.st_uid == 0 && st.st_gid == getegid() && (st.st_mode & 037) == 0;
   if ((st.st_mode & 077) != 0 && !root_owned_for_our_group) {
-    close(fd);
-    return absl::FailedPreconditionError(absl::StrCat(
-        "secret file '", path, "' has mode ", absl::Dec(st.st_mode & 0777), " (octal ",
-        (st.st_mode >> 6) & 7, (st.st_mode >> 3) & 7, st.st_mode & 7,
-        "): it must be 0600 or 0400, readable by its owner only; run chmod 600 on it"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("secret file '", path, "' has mode ", OctalMode(st.st_mode & 0777),
+                     ": it must be 0600 or 0400, readable by its owner only; run chmod 600 on it"));
   }
   if (st.st_uid != geteuid() && !root_owned_for_our_group) {
-    close(fd);
     return absl::FailedPreconditionError(
         absl::StrCat("secret file '", path, "' is not owned by the user running custody"));
   }
@@ -74,21 +65,18 @@ absl::StatusOr<Secret> ReadSecretFile(const std::string& path) {
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
       OPENSSL_cleanse(chunk, sizeof(chunk));
-      close(fd);
       return absl::FailedPreconditionError(
           absl::StrCat("cannot read secret file '", path, "': ", std::strerror(errno)));
     }
     if (n == 0) break;
     if (buf.size() + static_cast<size_t>(n) > 4096) {
       OPENSSL_cleanse(chunk, sizeof(chunk));
-      close(fd);
       return absl::FailedPreconditionError(
           absl::StrCat("secret file '", path, "' is larger than 4096 bytes"));
     }
     buf.append(chunk, static_cast<size_t>(n));
   }
   OPENSSL_cleanse(chunk, sizeof(chunk));
-  close(fd);
   if (!buf.empty() && buf.back() == '\n') buf.pop_back();
   if (!buf.empty() && buf.back() == '\r') buf.pop_back();
   if (buf.empty()) {

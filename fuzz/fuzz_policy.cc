@@ -33,12 +33,17 @@ bool ReferenceMatch(std::string_view p, std::string_view s) {
 }
 
 void CheckInvariants(const AccessPolicy& policy) {
-  static const char* const kIdentities[] = {"uid:1000", "spiffe://bank.example/as", "*", "a"};
+  static const char* const kIdentities[] = {"uid:1000", "spiffe://bank.example/as", "*", "a",
+                                            "anonymous"};
   static const char* const kOperations[] = {"sign",          "decrypt",      "jwks",
                                             "admin.read",    "admin.rotate", "admin.create",
                                             "admin.destroy", "admin.import", "bogus"};
   static const char* const kRings[] = {"op/id-token", "clients/acme/jwt", "a", "r",
                                        "a/b/c/d/e/f/g/sig"};
+  bool names_anonymous = false;
+  for (const std::string& warning : policy.Warnings()) {
+    if (warning.find("names anonymous") != std::string::npos) names_anonymous = true;
+  }
   for (const char* op : kOperations) {
     if (policy.AllowsAnyRing("", op)) std::abort();
     for (const char* id : kIdentities) {
@@ -46,6 +51,8 @@ void CheckInvariants(const AccessPolicy& policy) {
       for (const char* ring : kRings) {
         if (policy.Allows(id, op, ring) && !any) std::abort();
         if (policy.Allows("", op, ring)) std::abort();
+        // Only a grant naming "anonymous" reaches a caller without credentials ("*" never does).
+        if (policy.Allows("anonymous", op, ring) && !names_anonymous) std::abort();
       }
     }
   }

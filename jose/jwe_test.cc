@@ -1,6 +1,5 @@
 #include "jose/jwe.h"
 
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -12,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/testing/child_process.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "jose/base64url.h"
@@ -298,22 +298,9 @@ std::string ReadFile(const std::string& path) {
 int RunPython(const TempDir& dir, std::string_view script, const std::vector<std::string>& args) {
   const std::string script_path = dir.File("script.py");
   WriteFile(script_path, script);
-  const pid_t pid = fork();
-  if (pid == 0) {
-    std::vector<char*> argv;
-    std::string python = "/usr/bin/python3";
-    argv.push_back(python.data());
-    std::string sp = script_path;
-    argv.push_back(sp.data());
-    std::vector<std::string> copies = args;
-    for (std::string& a : copies) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    execv(argv[0], argv.data());
-    _exit(127);
-  }
-  int status = 0;
-  if (pid < 0 || waitpid(pid, &status, 0) != pid) return -1;
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  std::vector<std::string> argv = {"/usr/bin/python3", script_path};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return custody::testing::RunChild({.argv = argv});
 }
 
 // Input: a JSON list of {"jwk": {...}, "header": {...}, "plaintext": b64url}. Output: a JSON list

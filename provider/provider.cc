@@ -144,7 +144,9 @@ absl::StatusOr<std::shared_ptr<client::Client>> SigningClient(const CustodyKey& 
 void ProviderContext::Raise(int reason, const char* func, const std::string& message) const {
   if (new_error_ == nullptr || vset_error_ == nullptr) return;
   new_error_(handle_);
-  if (set_error_debug_ != nullptr) set_error_debug_(handle_, __FILE__, __LINE__, func);
+  // The file's name only: OpenSSL prints it in every error line, and __FILE__ would carry the
+  // build machine's source path.
+  if (set_error_debug_ != nullptr) set_error_debug_(handle_, __FILE_NAME__, __LINE__, func);
   // vset_error takes a va_list; build one through a variadic helper.
   struct Va {
     static void Set(OSSL_FUNC_core_vset_error_fn* fn, const OSSL_CORE_HANDLE* h, int r,

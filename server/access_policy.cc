@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <string>
@@ -11,9 +12,12 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/regular_file.h"
 #include "common/sha256.h"
 #include "jose/json.h"
 
@@ -55,29 +59,37 @@ bool IsRingPatternChar(char c) {
          c == '/' || c == '*';
 }
 
-// Reads a policy file: a regular file of at most kMaxBytes, not writable by group or others
-// (whoever can write the policy can grant themselves every key).
-absl::StatusOr<std::string> ReadPolicyFile(const std::string& path) {
+// Reads a policy file: a regular file of at most kMaxBytes (no symlink, FIFO or device: see
+// common/regular_file.h), owned by the user custodyd runs as or by root, not writable by group
+// or others (whoever can write the policy can grant themselves every key). With `warnings`
+// (custodyctl policy check, run by an operator who may not be the service user) a file owned by
+// someone else is reported there instead of refused.
+absl::StatusOr<std::string> ReadPolicyFile(const std::string& path,
+                                           std::vector<std::string>* warnings) {
   const std::string what = absl::StrCat("policy file '", path, "'");
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return absl::ErrnoToStatus(errno, what);
-  struct FdCloser {
-    int fd;
-    ~FdCloser() { ::close(fd); }
-  } closer{fd};
-  struct stat st;
-  if (::fstat(fd, &st) != 0) return absl::ErrnoToStatus(errno, what);
-  if (!S_ISREG(st.st_mode)) {
-    return absl::FailedPreconditionError(absl::StrCat(what, " is not a regular file"));
-  }
+  absl::StatusOr<RegularFile> file = RegularFile::Open(path, "policy file");
+  if (!file.ok()) return file.status();
+  const struct stat& st = file->stat();
   if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(what, " is writable by group or others; run chmod go-w on it"));
+    return absl::FailedPreconditionError(absl::StrCat(what, " has mode ",
+                                                      OctalMode(st.st_mode & 07777),
+                                                      ": it is writable by group or others; run "
+                                                      "chmod go-w on it"));
+  }
+  if (st.st_uid != geteuid() && st.st_uid != 0) {
+    std::string owner = absl::StrCat(what, " is owned by uid ", st.st_uid);
+    if (warnings == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(owner, ", neither the user custodyd runs as (uid ", geteuid(),
+                       ") nor root; chown it to one of them"));
+    }
+    warnings->push_back(absl::StrCat(owner, ": custodyd loads it only when it runs as uid ",
+                                     st.st_uid, " (or when root owns the file)"));
   }
   std::string content;
   char buf[16384];
   for (;;) {
-    ssize_t n = ::read(fd, buf, sizeof(buf));
+    ssize_t n = ::read(file->fd(), buf, sizeof(buf));
     if (n < 0) {
       if (errno == EINTR) continue;
       return absl::ErrnoToStatus(errno, what);
@@ -128,14 +140,20 @@ class AccessPolicyParser {
     if (grants == nullptr) return Error("grants", "missing");
     if (!grants->is_array()) return Error("grants", "must be an array");
 
+    // Every grant is checked, so that one run names every wrong grant (its first problem each).
     AccessPolicy policy;
+    std::vector<std::string> problems;
     const Json::Array& items = grants->as_array();
     for (size_t i = 0; i < items.size(); ++i) {
       absl::StatusOr<AccessPolicy::Grant> grant =
           ParseGrant(items[i], absl::StrCat("grants[", i, "]"));
-      if (!grant.ok()) return grant.status();
+      if (!grant.ok()) {
+        problems.emplace_back(grant.status().message());
+        continue;
+      }
       policy.grants_.push_back(*std::move(grant));
     }
+    if (!problems.empty()) return absl::InvalidArgumentError(absl::StrJoin(problems, "; "));
     return policy;
   }
 
@@ -158,26 +176,70 @@ class AccessPolicyParser {
     return out;
   }
 
+  // An identity a caller can have (request_guard.h CallerIdentity): uid:N, dns:NAME, a URI
+  // (a certificate's URI SAN, e.g. spiffe://bank.example/as), unix, anonymous; or * (every
+  // caller except anonymous). Anything else could never match a caller, so it is refused
+  // rather than loaded as a grant to nobody.
   static absl::Status CheckIdentity(const std::string& id, const std::string& path) {
     if (id.empty()) return Error(path, "identity is empty");
     if (id.size() > kMaxIdentityBytes) {
       return Error(path, absl::StrCat("identity is longer than ", kMaxIdentityBytes, " bytes"));
     }
     for (unsigned char c : id) {
-      if (c < 0x20 || c == 0x7f) return Error(path, "identity contains a control character");
+      if (c <= 0x20 || c == 0x7f) {
+        return Error(
+            path, absl::StrCat("identity ", Quote(id), " contains a space or a control character"));
+      }
     }
-    if (id != "*" && id.find('*') != std::string::npos) {
+    if (id == "*" || id == "unix" || id == "anonymous") return absl::OkStatus();
+    if (id.find('*') != std::string::npos) {
       return Error(path, absl::StrCat("identity ", Quote(id),
                                       ": '*' is only valid alone (any authenticated caller)"));
     }
-    if (absl::StartsWith(id, "uid:")) {
+    const size_t colon = id.find(':');
+    const std::string scheme = colon == std::string::npos ? "" : id.substr(0, colon);
+    const std::string lower_scheme = absl::AsciiStrToLower(scheme);
+    if (scheme == "uid") {
       uint32_t uid = 0;
       if (!absl::SimpleAtoi(id.substr(4), &uid) || id.size() > 14 ||
           id.find_first_not_of("0123456789", 4) != std::string::npos) {
         return Error(path, absl::StrCat("identity ", Quote(id), ": uid:N needs a decimal uid"));
       }
+      return absl::OkStatus();
     }
-    return absl::OkStatus();
+    if (scheme == "dns") {
+      const std::string name = id.substr(4);
+      if (name.empty() || name.size() > 253 ||
+          name.find_first_not_of(
+              "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_") !=
+              std::string::npos ||
+          name.front() == '.' || name.back() == '.' || name.find("..") != std::string::npos) {
+        return Error(path, absl::StrCat("identity ", Quote(id),
+                                        ": dns:NAME needs a DNS name (a certificate's DNS SAN)"));
+      }
+      return absl::OkStatus();
+    }
+    if (lower_scheme == "uid" || lower_scheme == "dns") {
+      return Error(path, absl::StrCat("identity ", Quote(id), ": write ", lower_scheme,
+                                      id.substr(colon), " (lower case)"));
+    }
+    if (IsUriScheme(scheme) && colon + 1 < id.size()) return absl::OkStatus();
+    return Error(path,
+                 absl::StrCat("identity ", Quote(id),
+                              " can never match a caller: use uid:N (a Unix-socket caller), a "
+                              "certificate's URI SAN (spiffe://...), dns:NAME (its DNS SAN), "
+                              "unix, * (every authenticated caller) or anonymous"));
+  }
+
+  // RFC 3986: ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
+  static bool IsUriScheme(const std::string& scheme) {
+    if (scheme.empty() || !absl::ascii_isalpha(static_cast<unsigned char>(scheme[0]))) return false;
+    for (char c : scheme) {
+      if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '+' && c != '-' && c != '.') {
+        return false;
+      }
+    }
+    return true;
   }
 
   static absl::StatusOr<AccessPolicy::Pattern> CompileRing(const std::string& pattern,
@@ -267,6 +329,7 @@ class AccessPolicyParser {
       if (!compiled.ok()) return compiled.status();
       grant.rings.push_back(*std::move(compiled));
     }
+    grant.ring_patterns = *std::move(patterns);
     return grant;
   }
 };
@@ -276,7 +339,12 @@ absl::StatusOr<AccessPolicy> AccessPolicy::Parse(absl::string_view json) {
 }
 
 absl::StatusOr<AccessPolicy> AccessPolicy::Load(const std::string& path) {
-  absl::StatusOr<std::string> content = ReadPolicyFile(path);
+  return Check(path, nullptr);
+}
+
+absl::StatusOr<AccessPolicy> AccessPolicy::Check(const std::string& path,
+                                                 std::vector<std::string>* warnings) {
+  absl::StatusOr<std::string> content = ReadPolicyFile(path, warnings);
   if (!content.ok()) return content.status();
   absl::StatusOr<AccessPolicy> policy = Parse(*content);
   if (!policy.ok()) {
@@ -285,11 +353,18 @@ absl::StatusOr<AccessPolicy> AccessPolicy::Load(const std::string& path) {
   return policy;
 }
 
+// Whether the policy identity `id` names the caller `identity`.
+bool AccessPolicy::IdentityNames(absl::string_view id, absl::string_view identity) {
+  if (id == identity) return true;
+  // "*": every authenticated caller; a caller without credentials must be named "anonymous".
+  if (id == "*" && identity != "anonymous") return true;
+  // "unix": any caller on custodyd's Unix socket, whatever its uid.
+  return id == "unix" && absl::StartsWith(identity, "uid:");
+}
+
 bool AccessPolicy::IdentityMatches(const Grant& grant, absl::string_view identity) const {
   for (const std::string& id : grant.identities) {
-    if (id == "*" || id == identity) return true;
-    // "unix": any caller on custodyd's Unix socket, whatever its uid.
-    if (id == "unix" && absl::StartsWith(identity, "uid:")) return true;
+    if (IdentityNames(id, identity)) return true;
   }
   return false;
 }
@@ -344,6 +419,90 @@ bool AccessPolicy::AllowsAnyRing(absl::string_view identity, absl::string_view o
   return false;
 }
 
+AccessPolicy::Explanation AccessPolicy::Explain(absl::string_view identity,
+                                                absl::string_view operation,
+                                                absl::string_view ring) const {
+  Explanation out;
+  const int bit = OperationBit(operation);
+  if (identity.empty() || bit < 0 || ring.empty() || ring.size() > kMaxRingBytes) {
+    out.notes.push_back("denied: an empty identity, an unknown operation or no ring name");
+    return out;
+  }
+  for (size_t g = 0; g < grants_.size(); ++g) {
+    const Grant& grant = grants_[g];
+    const std::string name = absl::StrCat("grants[", g, "]");
+    std::string who;
+    for (size_t i = 0; i < grant.identities.size() && who.empty(); ++i) {
+      const std::string& id = grant.identities[i];
+      if (IdentityNames(id, identity)) {
+        who = absl::StrCat(name, ".identities[", i, "] ", Quote(id));
+      }
+    }
+    const bool op = (grant.operations & (1u << bit)) != 0;
+    std::string where;
+    for (size_t i = 0; i < grant.rings.size() && where.empty(); ++i) {
+      if (RingMatches(grant.rings[i], ring)) {
+        where = absl::StrCat(name, ".rings[", i, "] ", Quote(grant.ring_patterns[i]));
+      }
+    }
+    if (!who.empty() && op && !where.empty()) {
+      out.allowed = true;
+      out.grant = name;
+      out.notes.push_back(absl::StrCat(name, " allows it: identity ", who, ", operation '",
+                                       operation, "', ring pattern ", where));
+      return out;
+    }
+    // Grants that fit two of the three are what an operator probably meant.
+    if (static_cast<int>(!who.empty()) + static_cast<int>(op) + static_cast<int>(!where.empty()) <
+        2) {
+      continue;
+    }
+    if (who.empty()) {
+      bool star = std::find(grant.identities.begin(), grant.identities.end(), "*") !=
+                  grant.identities.end();
+      out.notes.push_back(absl::StrCat(
+          name, " grants '", operation, "' on ", where, " but not to ", Quote(identity),
+          star && identity == "anonymous"
+              ? " ('*' is every authenticated caller; name \"anonymous\" to grant callers "
+                "without credentials)"
+              : ""));
+    } else if (!op) {
+      out.notes.push_back(absl::StrCat(name, " names ", who, " and ", where,
+                                       " but not the operation '", operation, "'"));
+    } else {
+      out.notes.push_back(absl::StrCat(name, " grants '", operation, "' to ", who,
+                                       " but none of its ring patterns matches ", Quote(ring)));
+    }
+  }
+  out.notes.insert(out.notes.begin(), absl::StrCat("denied: no grant gives '", operation, "' on ",
+                                                   Quote(ring), " to ", Quote(identity)));
+  return out;
+}
+
+std::vector<std::string> AccessPolicy::Warnings() const {
+  std::vector<std::string> out;
+  for (size_t g = 0; g < grants_.size(); ++g) {
+    const Grant& grant = grants_[g];
+    for (const std::string& id : grant.identities) {
+      if (id == "*" && (grant.operations & ~(1u << OperationBit("jwks"))) != 0) {
+        out.push_back(absl::StrCat("grants[", g,
+                                   "] gives more than jwks to '*', every authenticated caller"));
+      }
+      if (id == "anonymous") {
+        out.push_back(
+            absl::StrCat("grants[", g, "] names anonymous: callers that present no credentials"));
+      }
+    }
+  }
+  return out;
+}
+
+bool AccessPolicy::IsOperation(absl::string_view name) { return OperationBit(name) >= 0; }
+
+std::vector<std::string> AccessPolicy::Operations() {
+  return std::vector<std::string>(kOperations.begin(), kOperations.end());
+}
+
 PolicyStore::PolicyStore() : policy_(std::make_shared<const AccessPolicy>()) {}
 
 absl::Status PolicyStore::LoadFrom(const std::string& path) {
@@ -359,7 +518,7 @@ absl::Status PolicyStore::ReloadIfChanged() {
 }
 
 absl::Status PolicyStore::LoadLocked(bool only_if_changed) {
-  absl::StatusOr<std::string> content = ReadPolicyFile(path_);
+  absl::StatusOr<std::string> content = ReadPolicyFile(path_, nullptr);
   if (!content.ok()) return content.status();
   std::string digest = Sha256(*content);
   if (only_if_changed && digest == loaded_sha256_) return absl::OkStatus();

@@ -16,11 +16,13 @@
 // - "version": must be 1.
 // - "grants": an array (may be empty: everything is denied). Each grant has exactly the three
 //   members below, each a non-empty array of strings.
-// - "identities": exact identity strings as the server derives them from the peer ("spiffe://..."
-//   from a URI SAN, "dns:NAME", "uid:N" for Unix-socket callers, N decimal), "unix" = any
-//   caller on custodyd's Unix socket whatever its uid, or "*" alone = any authenticated caller
-//   (never the empty identity). No other wildcards: "spiffe://bank/*" is refused rather than
-//   read literally.
+// - "identities": exact identity strings as the server derives them from the peer (a URI such
+//   as "spiffe://..." from a URI SAN, "dns:NAME", "uid:N" for Unix-socket callers, N decimal),
+//   "unix" = any caller on custodyd's Unix socket whatever its uid, "*" alone = any
+//   authenticated caller (never "anonymous", never the empty identity), or "anonymous" = a
+//   caller that presented no credentials (TLS without a client certificate), which only a grant
+//   naming it reaches. Anything else (e.g. "root", "UID:0", "dns:") could never match a caller
+//   and is refused. No other wildcards: "spiffe://bank/*" is refused rather than read literally.
 // - "operations": sign, decrypt, jwks, admin.read, admin.rotate, admin.create, admin.destroy,
 //   admin.import, admin.certificate (CSRs and certificates of ring versions).
 // - "rings": patterns over ring names. "*" matches any run of characters within one path
@@ -52,15 +54,38 @@ class AccessPolicy {
   // A policy that allows nothing.
   AccessPolicy() = default;
 
-  // INVALID_ARGUMENT "PATH: reason" with the JSON path of the first problem, e.g.
-  // "grants[1].operations[0]: unknown operation 'sing'", "grants[0].rule: unknown member".
+  // INVALID_ARGUMENT "PATH: reason" with the JSON path of the problem, e.g.
+  // "grants[1].operations[0]: unknown operation 'sing'", "grants[0].rule: unknown member"; the
+  // first problem of every wrong grant, joined by "; ".
   static absl::StatusOr<AccessPolicy> Parse(absl::string_view json);
 
-  // Reads and parses `path`, which must be a regular file not writable by group or others
-  // (whoever can write the policy can grant themselves every key): FAILED_PRECONDITION otherwise.
-  // NOT_FOUND / PERMISSION_DENIED / ... for I/O errors, INVALID_ARGUMENT for a bad policy;
-  // messages name the path.
+  // Reads and parses `path`, which must be a regular file (opened with O_NOFOLLOW|O_NONBLOCK: a
+  // symlink, FIFO or device is refused at once), owned by the user custodyd runs as or by root,
+  // and not writable by group or others (whoever can write the policy can grant themselves
+  // every key): FAILED_PRECONDITION otherwise, and for I/O errors; INVALID_ARGUMENT for a bad
+  // policy; messages name the path.
   static absl::StatusOr<AccessPolicy> Load(const std::string& path);
+
+  // Load for an operator checking a file offline (custodyctl policy check): the same rules,
+  // except that a file owned by another user is reported in `warnings` rather than refused.
+  static absl::StatusOr<AccessPolicy> Check(const std::string& path,
+                                            std::vector<std::string>* warnings);
+
+  // Why `identity` may or may not run `operation` on `ring`: the grant that allows it, or the
+  // grants that fit two of the three and what they lack.
+  struct Explanation {
+    bool allowed = false;
+    std::string grant;               // "grants[N]" when allowed
+    std::vector<std::string> notes;  // human-readable, first the verdict
+  };
+  Explanation Explain(absl::string_view identity, absl::string_view operation,
+                      absl::string_view ring) const;
+
+  // Grants that are valid but wide: more than jwks to "*", anything to "anonymous".
+  std::vector<std::string> Warnings() const;
+
+  static bool IsOperation(absl::string_view name);
+  static std::vector<std::string> Operations();
 
   // Whether `identity` may run `operation` on `ring`. False for an empty identity, an unknown
   // operation, or no matching grant.
@@ -80,9 +105,11 @@ class AccessPolicy {
     std::vector<std::string> identities;  // exact identities; "*" kept as is
     uint32_t operations = 0;              // bit set of Operation
     std::vector<Pattern> rings;
+    std::vector<std::string> ring_patterns;  // as written, for Explain
   };
 
   bool IdentityMatches(const Grant& grant, absl::string_view identity) const;
+  static bool IdentityNames(absl::string_view id, absl::string_view identity);
   static bool RingMatches(const Pattern& pattern, absl::string_view ring);
   friend class AccessPolicyParser;
 

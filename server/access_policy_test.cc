@@ -30,11 +30,11 @@ AccessPolicy MustParse(const std::string& json) {
   return policy.ok() ? *std::move(policy) : AccessPolicy();
 }
 
-// One grant to "id" for "sign" on `pattern`.
+// One grant to "uid:1" for "sign" on `pattern`.
 AccessPolicy OnePattern(const std::string& pattern) {
   return MustParse(
-      R"({"version":1,"grants":[{"identities":["id"],"operations":["sign"],"rings":[")" + pattern +
-      R"("]}]})");
+      R"({"version":1,"grants":[{"identities":["uid:1"],"operations":["sign"],"rings":[")" +
+      pattern + R"("]}]})");
 }
 
 TEST(AccessPolicyTest, DocumentedExampleGrantsWhatItSays) {
@@ -60,53 +60,53 @@ TEST(AccessPolicyTest, DeniesByDefault) {
 
 TEST(AccessPolicyTest, SingleStarStaysWithinOneSegment) {
   AccessPolicy policy = OnePattern("op/*");
-  EXPECT_TRUE(policy.Allows("id", "sign", "op/id-token"));
-  EXPECT_TRUE(policy.Allows("id", "sign", "op/x"));
-  EXPECT_FALSE(policy.Allows("id", "sign", "op/a/b"));
-  EXPECT_FALSE(policy.Allows("id", "sign", "op"));
-  EXPECT_FALSE(policy.Allows("id", "sign", "opx/a"));
-  EXPECT_FALSE(policy.Allows("id", "sign", "x/op/a"));
+  EXPECT_TRUE(policy.Allows("uid:1", "sign", "op/id-token"));
+  EXPECT_TRUE(policy.Allows("uid:1", "sign", "op/x"));
+  EXPECT_FALSE(policy.Allows("uid:1", "sign", "op/a/b"));
+  EXPECT_FALSE(policy.Allows("uid:1", "sign", "op"));
+  EXPECT_FALSE(policy.Allows("uid:1", "sign", "opx/a"));
+  EXPECT_FALSE(policy.Allows("uid:1", "sign", "x/op/a"));
 
   AccessPolicy infix = OnePattern("clients/*/jwt-*");
-  EXPECT_TRUE(infix.Allows("id", "sign", "clients/acme/jwt-1"));
-  EXPECT_TRUE(infix.Allows("id", "sign", "clients/acme/jwt-"));
-  EXPECT_FALSE(infix.Allows("id", "sign", "clients/a/b/jwt-1"));
-  EXPECT_FALSE(infix.Allows("id", "sign", "clients/acme/jwt-1/x"));
+  EXPECT_TRUE(infix.Allows("uid:1", "sign", "clients/acme/jwt-1"));
+  EXPECT_TRUE(infix.Allows("uid:1", "sign", "clients/acme/jwt-"));
+  EXPECT_FALSE(infix.Allows("uid:1", "sign", "clients/a/b/jwt-1"));
+  EXPECT_FALSE(infix.Allows("uid:1", "sign", "clients/acme/jwt-1/x"));
 }
 
 TEST(AccessPolicyTest, DoubleStarCrossesSegments) {
   AccessPolicy policy = OnePattern("clients/**");
-  EXPECT_TRUE(policy.Allows("id", "sign", "clients/acme"));
-  EXPECT_TRUE(policy.Allows("id", "sign", "clients/acme/private-key-jwt"));
-  EXPECT_FALSE(policy.Allows("id", "sign", "clients"));
-  EXPECT_FALSE(policy.Allows("id", "sign", "op/clients/acme"));
+  EXPECT_TRUE(policy.Allows("uid:1", "sign", "clients/acme"));
+  EXPECT_TRUE(policy.Allows("uid:1", "sign", "clients/acme/private-key-jwt"));
+  EXPECT_FALSE(policy.Allows("uid:1", "sign", "clients"));
+  EXPECT_FALSE(policy.Allows("uid:1", "sign", "op/clients/acme"));
 
   AccessPolicy suffix = OnePattern("**/sig");
-  EXPECT_TRUE(suffix.Allows("id", "sign", "a/sig"));
-  EXPECT_TRUE(suffix.Allows("id", "sign", "a/b/c/sig"));
-  EXPECT_FALSE(suffix.Allows("id", "sign", "sig"));
-  EXPECT_FALSE(suffix.Allows("id", "sign", "a/sig2"));
+  EXPECT_TRUE(suffix.Allows("uid:1", "sign", "a/sig"));
+  EXPECT_TRUE(suffix.Allows("uid:1", "sign", "a/b/c/sig"));
+  EXPECT_FALSE(suffix.Allows("uid:1", "sign", "sig"));
+  EXPECT_FALSE(suffix.Allows("uid:1", "sign", "a/sig2"));
 
   AccessPolicy all = OnePattern("**");
-  EXPECT_TRUE(all.Allows("id", "sign", "a"));
-  EXPECT_TRUE(all.Allows("id", "sign", "a/b/c/d/e/f/g/h"));
+  EXPECT_TRUE(all.Allows("uid:1", "sign", "a"));
+  EXPECT_TRUE(all.Allows("uid:1", "sign", "a/b/c/d/e/f/g/h"));
 }
 
 TEST(AccessPolicyTest, LiteralPatternMatchesExactly) {
   AccessPolicy policy = OnePattern("op/id.v1_x-y");
-  EXPECT_TRUE(policy.Allows("id", "sign", "op/id.v1_x-y"));
-  EXPECT_FALSE(policy.Allows("id", "sign", "op/id.v1_x-yz"));
-  EXPECT_FALSE(policy.Allows("id", "sign", "op/id.v1_x-"));
-  EXPECT_FALSE(policy.Allows("id", "sign", ""));
+  EXPECT_TRUE(policy.Allows("uid:1", "sign", "op/id.v1_x-y"));
+  EXPECT_FALSE(policy.Allows("uid:1", "sign", "op/id.v1_x-yz"));
+  EXPECT_FALSE(policy.Allows("uid:1", "sign", "op/id.v1_x-"));
+  EXPECT_FALSE(policy.Allows("uid:1", "sign", ""));
 }
 
 TEST(AccessPolicyTest, ManyStarsDoNotBlowUp) {
   // Backtracking matchers take exponential time here; the answer is still false.
   AccessPolicy policy = OnePattern("**a**a**a**a**a**a**a**a**a**a**b");
   std::string ring(200, 'a');
-  EXPECT_FALSE(policy.Allows("id", "sign", ring));
+  EXPECT_FALSE(policy.Allows("uid:1", "sign", ring));
   ring.back() = 'b';
-  EXPECT_TRUE(policy.Allows("id", "sign", ring));
+  EXPECT_TRUE(policy.Allows("uid:1", "sign", ring));
 }
 
 TEST(AccessPolicyTest, WildcardIdentityIsAnyAuthenticatedCaller) {
@@ -117,6 +117,70 @@ TEST(AccessPolicyTest, WildcardIdentityIsAnyAuthenticatedCaller) {
   EXPECT_TRUE(policy.Allows("spiffe://x/y", "jwks", "op/id"));
   EXPECT_FALSE(policy.Allows("", "jwks", "op/id"));
   EXPECT_FALSE(policy.AllowsAnyRing("", "jwks"));
+}
+
+TEST(AccessPolicyTest, NamesEveryWrongGrant) {
+  absl::StatusOr<AccessPolicy> policy = AccessPolicy::Parse(
+      R"({"version":1,"grants":[{"identities":["root"],"operations":["sign"],"rings":["**"]},)"
+      R"({"identities":["uid:1"],"operations":["sign"],"rings":["**"]},)"
+      R"({"identities":["uid:1"],"operations":["sing"],"rings":["**"]}]})");
+  ASSERT_FALSE(policy.ok());
+  EXPECT_EQ(policy.status().message(),
+            "grants[0].identities[0]: identity 'root' can never match a caller: use uid:N (a "
+            "Unix-socket caller), a certificate's URI SAN (spiffe://...), dns:NAME (its DNS SAN), "
+            "unix, * (every authenticated caller) or anonymous; grants[2].operations[0]: unknown "
+            "operation 'sing'");
+}
+
+TEST(AccessPolicyTest, WildcardNeverMatchesAnonymousWhichMustBeNamed) {
+  AccessPolicy star =
+      MustParse(R"({"version":1,"grants":[{"identities":["*"],"operations":["jwks"],)"
+                R"("rings":["**"]}]})");
+  EXPECT_FALSE(star.Allows("anonymous", "jwks", "op/id"));
+  EXPECT_FALSE(star.AllowsAnyRing("anonymous", "jwks"));
+  EXPECT_TRUE(star.Allows("unix", "jwks", "op/id"));
+  AccessPolicy named =
+      MustParse(R"({"version":1,"grants":[{"identities":["anonymous"],"operations":["jwks"],)"
+                R"("rings":["**"]}]})");
+  EXPECT_TRUE(named.Allows("anonymous", "jwks", "op/id"));
+  EXPECT_FALSE(named.Allows("uid:1", "jwks", "op/id"));
+  EXPECT_EQ(named.Warnings().size(), 1u);
+}
+
+TEST(AccessPolicyTest, AcceptsEveryIdentityFormACallerCanHave) {
+  EXPECT_TRUE(AccessPolicy::Parse(R"({"version":1,"grants":[{"identities":["uid:0","unix","*",)"
+                                  R"("anonymous","dns:as.bank.example","spiffe://bank/as",)"
+                                  R"("urn:example:as","https://as.example/"],)"
+                                  R"("operations":["jwks"],"rings":["**"]}]})")
+                  .ok());
+}
+
+TEST(AccessPolicyTest, ExplainNamesTheGrantOrWhatTheNearestGrantsLack) {
+  AccessPolicy policy = MustParse(kDocumentedPolicy);
+  AccessPolicy::Explanation yes = policy.Explain("uid:1000", "sign", "op/id-token");
+  EXPECT_TRUE(yes.allowed);
+  EXPECT_EQ(yes.grant, "grants[0]");
+  ASSERT_FALSE(yes.notes.empty());
+  EXPECT_NE(yes.notes[0].find("grants[0].identities[2] 'uid:1000'"), std::string::npos)
+      << yes.notes[0];
+  EXPECT_NE(yes.notes[0].find("grants[0].rings[0] 'op/*'"), std::string::npos) << yes.notes[0];
+
+  AccessPolicy::Explanation no = policy.Explain("uid:1000", "sign", "op/a/b");
+  EXPECT_FALSE(no.allowed);
+  // The verdict, then grants[0] (right caller and operation) and grants[1] ('*' on every ring,
+  // but only jwks).
+  ASSERT_EQ(no.notes.size(), 3u);
+  EXPECT_NE(no.notes[2].find("grants[1] names grants[1].identities[0] '*'"), std::string::npos)
+      << no.notes[2];
+  EXPECT_NE(no.notes[2].find("but not the operation 'sign'"), std::string::npos) << no.notes[2];
+  EXPECT_NE(no.notes[0].find("denied"), std::string::npos);
+  EXPECT_NE(no.notes[1].find("none of its ring patterns matches 'op/a/b'"), std::string::npos)
+      << no.notes[1];
+
+  AccessPolicy::Explanation anon = policy.Explain("anonymous", "jwks", "op/x");
+  EXPECT_FALSE(anon.allowed);
+  ASSERT_EQ(anon.notes.size(), 3u);
+  EXPECT_NE(anon.notes[2].find("name \"anonymous\""), std::string::npos) << anon.notes[2];
 }
 
 TEST(AccessPolicyTest, IdentitiesMatchExactly) {
@@ -159,12 +223,12 @@ TEST(AccessPolicyTest, AllowsAnyRingGatesListOperations) {
 
 TEST(AccessPolicyTest, AcceptsEveryDocumentedOperation) {
   AccessPolicy policy = MustParse(
-      R"({"version":1,"grants":[{"identities":["a"],"operations":["sign","decrypt","jwks",)"
+      R"({"version":1,"grants":[{"identities":["uid:1"],"operations":["sign","decrypt","jwks",)"
       R"("admin.read","admin.rotate","admin.create","admin.destroy","admin.import"],)"
       R"("rings":["r"]}]})");
   for (const char* op : {"sign", "decrypt", "jwks", "admin.read", "admin.rotate", "admin.create",
                          "admin.destroy", "admin.import"}) {
-    EXPECT_TRUE(policy.Allows("a", op, "r")) << op;
+    EXPECT_TRUE(policy.Allows("uid:1", op, "r")) << op;
   }
 }
 
@@ -173,23 +237,23 @@ TEST(AccessPolicyTest, RejectsInvalidPoliciesNamingThePath) {
     std::string json;
     std::string message;  // expected prefix of the error message
   };
-  const std::string ok_grant = R"({"identities":["a"],"operations":["sign"],"rings":["r"]})";
+  const std::string ok_grant = R"({"identities":["uid:1"],"operations":["sign"],"rings":["r"]})";
   auto with_grant = [&](const std::string& grant) {
     return R"({"version":1,"grants":[)" + ok_grant + "," + grant + "]}";
   };
   const std::vector<Case> cases = {
-      {with_grant(R"({"identities":["a"],"operations":["sing"],"rings":["r"]})"),
+      {with_grant(R"({"identities":["uid:1"],"operations":["sing"],"rings":["r"]})"),
        "grants[1].operations[0]: unknown operation 'sing'"},
-      {with_grant(R"({"identities":["a"],"operations":["sign","Admin.read"],"rings":["r"]})"),
+      {with_grant(R"({"identities":["uid:1"],"operations":["sign","Admin.read"],"rings":["r"]})"),
        "grants[1].operations[1]: unknown operation 'Admin.read'"},
-      {with_grant(R"({"identities":["a"],"operations":["sign"],"ring":["r"]})"),
+      {with_grant(R"({"identities":["uid:1"],"operations":["sign"],"ring":["r"]})"),
        "grants[1].ring: unknown member"},
-      {with_grant(R"({"identities":["a"],"operations":["sign"]})"), "grants[1].rings: missing"},
+      {with_grant(R"({"identities":["uid:1"],"operations":["sign"]})"), "grants[1].rings: missing"},
       {with_grant(R"({"identities":[],"operations":["sign"],"rings":["r"]})"),
        "grants[1].identities: must not be empty"},
-      {with_grant(R"({"identities":"a","operations":["sign"],"rings":["r"]})"),
+      {with_grant(R"({"identities":"uid:1","operations":["sign"],"rings":["r"]})"),
        "grants[1].identities: must be an array of strings"},
-      {with_grant(R"({"identities":["a",7],"operations":["sign"],"rings":["r"]})"),
+      {with_grant(R"({"identities":["uid:1",7],"operations":["sign"],"rings":["r"]})"),
        "grants[1].identities[1]: must be a string"},
       {with_grant(R"({"identities":[""],"operations":["sign"],"rings":["r"]})"),
        "grants[1].identities[0]: identity is empty"},
@@ -202,17 +266,29 @@ TEST(AccessPolicyTest, RejectsInvalidPoliciesNamingThePath) {
        "grants[1].identities[0]: identity 'uid:': uid:N needs a decimal uid"},
       {with_grant(R"({"identities":["uid:+1"],"operations":["sign"],"rings":["r"]})"),
        "grants[1].identities[0]: identity 'uid:+1': uid:N needs a decimal uid"},
-      {with_grant(R"({"identities":["a"],"operations":["sign"],"rings":["r",""]})"),
+      {with_grant(R"({"identities":["root"],"operations":["sign"],"rings":["r"]})"),
+       "grants[1].identities[0]: identity 'root' can never match a caller: use uid:N"},
+      {with_grant(R"({"identities":["uid:1","alice"],"operations":["sign"],"rings":["r"]})"),
+       "grants[1].identities[1]: identity 'alice' can never match a caller"},
+      {with_grant(R"({"identities":["UID:1000"],"operations":["sign"],"rings":["r"]})"),
+       "grants[1].identities[0]: identity 'UID:1000': write uid:1000 (lower case)"},
+      {with_grant(R"({"identities":["dns:"],"operations":["sign"],"rings":["r"]})"),
+       "grants[1].identities[0]: identity 'dns:': dns:NAME needs a DNS name"},
+      {with_grant(R"({"identities":["dns:a b"],"operations":["sign"],"rings":["r"]})"),
+       "grants[1].identities[0]: identity 'dns:a b' contains a space"},
+      {with_grant(R"({"identities":["spiffe:"],"operations":["sign"],"rings":["r"]})"),
+       "grants[1].identities[0]: identity 'spiffe:' can never match a caller"},
+      {with_grant(R"({"identities":["uid:1"],"operations":["sign"],"rings":["r",""]})"),
        "grants[1].rings[1]: ring pattern is empty"},
-      {with_grant(R"({"identities":["a"],"operations":["sign"],"rings":["Op/*"]})"),
+      {with_grant(R"({"identities":["uid:1"],"operations":["sign"],"rings":["Op/*"]})"),
        "grants[1].rings[0]: ring pattern 'Op/*' may contain only"},
-      {with_grant(R"({"identities":["a"],"operations":["sign"],"rings":["op/ x"]})"),
+      {with_grant(R"({"identities":["uid:1"],"operations":["sign"],"rings":["op/ x"]})"),
        "grants[1].rings[0]: ring pattern 'op/ x' may contain only"},
-      {with_grant(R"({"identities":["a"],"operations":["sign"],"rings":["op/***"]})"),
+      {with_grant(R"({"identities":["uid:1"],"operations":["sign"],"rings":["op/***"]})"),
        "grants[1].rings[0]: ring pattern 'op/***' contains '***'"},
-      {with_grant(R"({"identities":["a"],"operations":["sign"],"rings":["op//x"]})"),
+      {with_grant(R"({"identities":["uid:1"],"operations":["sign"],"rings":["op//x"]})"),
        "grants[1].rings[0]: ring pattern 'op//x' has an empty segment"},
-      {with_grant(R"({"identities":["a"],"operations":["sign"],"rings":["/op"]})"),
+      {with_grant(R"({"identities":["uid:1"],"operations":["sign"],"rings":["/op"]})"),
        "grants[1].rings[0]: ring pattern '/op' has an empty segment"},
       {with_grant("[]"), "grants[1]: must be an object"},
       {R"({"version":1,"grants":[],"extra":true})", "extra: unknown member"},
@@ -264,8 +340,9 @@ void WriteFile(const std::string& path, const std::string& content, mode_t mode 
 TEST(AccessPolicyTest, LoadNamesTheFileAndTheProblem) {
   TempDir dir;
   const std::string path = dir.File("policy.json");
-  WriteFile(path,
-            R"({"version":1,"grants":[{"identities":["a"],"operations":["x"],"rings":["r"]}]})");
+  WriteFile(
+      path,
+      R"({"version":1,"grants":[{"identities":["uid:1"],"operations":["x"],"rings":["r"]}]})");
   absl::StatusOr<AccessPolicy> policy = AccessPolicy::Load(path);
   ASSERT_FALSE(policy.ok());
   EXPECT_EQ(policy.status().code(), absl::StatusCode::kInvalidArgument);
@@ -285,6 +362,49 @@ TEST(AccessPolicyTest, LoadRefusesGroupWritableFile) {
   EXPECT_EQ(policy.status().code(), absl::StatusCode::kFailedPrecondition);
   ::chmod(path.c_str(), 0644);
   EXPECT_TRUE(AccessPolicy::Load(path).ok());
+}
+
+TEST(AccessPolicyTest, LoadRefusesSymlinkFifoAndDeviceAtOnce) {
+  TempDir dir;
+  const std::string path = dir.File("policy.json");
+  WriteFile(path, kDocumentedPolicy, 0600);
+  const std::string link = dir.File("link.json");
+  ASSERT_EQ(::symlink(path.c_str(), link.c_str()), 0);
+  absl::StatusOr<AccessPolicy> linked = AccessPolicy::Load(link);
+  ASSERT_FALSE(linked.ok());
+  EXPECT_EQ(linked.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(linked.status().message().find("is a symbolic link"), std::string::npos)
+      << linked.status();
+
+  // Without O_NONBLOCK, opening a FIFO nobody writes to blocks forever.
+  const std::string fifo = dir.File("fifo.json");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  absl::StatusOr<AccessPolicy> piped = AccessPolicy::Load(fifo);
+  ASSERT_FALSE(piped.ok());
+  EXPECT_NE(piped.status().message().find("is a FIFO, not a regular file"), std::string::npos)
+      << piped.status();
+
+  absl::StatusOr<AccessPolicy> device = AccessPolicy::Load("/dev/zero");
+  ASSERT_FALSE(device.ok());
+  EXPECT_NE(device.status().message().find("is a device"), std::string::npos) << device.status();
+}
+
+TEST(AccessPolicyTest, LoadRefusesAForeignOwnerThatCheckReports) {
+  TempDir dir;
+  const std::string path = dir.File("policy.json");
+  WriteFile(path, kDocumentedPolicy, 0600);
+  // Only root can give a file away; elsewhere the case cannot be set up.
+  if (::chown(path.c_str(), 65534, 65534) != 0) GTEST_SKIP() << "chown needs root";
+  absl::StatusOr<AccessPolicy> loaded = AccessPolicy::Load(path);
+  ASSERT_FALSE(loaded.ok());
+  EXPECT_EQ(loaded.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(loaded.status().message().find("is owned by uid 65534, neither the user custodyd runs"),
+            std::string::npos)
+      << loaded.status();
+  std::vector<std::string> warnings;
+  EXPECT_TRUE(AccessPolicy::Check(path, &warnings).ok());
+  ASSERT_EQ(warnings.size(), 1u);
+  EXPECT_NE(warnings[0].find("owned by uid 65534"), std::string::npos) << warnings[0];
 }
 
 TEST(PolicyStoreTest, DeniesEverythingBeforeTheFirstLoad) {
@@ -350,9 +470,9 @@ TEST(PolicyStoreTest, FailedInitialLoadDeniesAndLaterReloadPicksTheFileUp) {
 TEST(PolicyStoreTest, ReadersSeeWholePoliciesDuringReloads) {
   TempDir dir;
   const std::string path = dir.File("policy.json");
-  const std::string a = R"({"version":1,"grants":[{"identities":["u"],"operations":["sign"],)"
+  const std::string a = R"({"version":1,"grants":[{"identities":["uid:1"],"operations":["sign"],)"
                         R"("rings":["a/*"]}]})";
-  const std::string b = R"({"version":1,"grants":[{"identities":["u"],"operations":["sign"],)"
+  const std::string b = R"({"version":1,"grants":[{"identities":["uid:1"],"operations":["sign"],)"
                         R"("rings":["b/*"]}]})";
   WriteFile(path, a);
   PolicyStore store;
@@ -365,7 +485,7 @@ TEST(PolicyStoreTest, ReadersSeeWholePoliciesDuringReloads) {
       while (!stop.load()) {
         std::shared_ptr<const AccessPolicy> p = store.Get();
         // Exactly one of the two policies is in force at any time.
-        if (p->Allows("u", "sign", "a/x") == p->Allows("u", "sign", "b/x")) ++torn;
+        if (p->Allows("uid:1", "sign", "a/x") == p->Allows("uid:1", "sign", "b/x")) ++torn;
       }
     });
   }

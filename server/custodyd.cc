@@ -7,13 +7,16 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -24,6 +27,7 @@
 #include "absl/time/time.h"
 #include "common/log.h"
 #include "common/secret.h"
+#include "common/version.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -229,7 +233,32 @@ absl::StatusOr<Secret> ReadPin(const std::string& state_dir, bool embedded) {
   return pin;
 }
 
+// custodyd's own flags (all but Abseil's --flagfile and friends), sorted, with their defaults.
+void PrintHelp() {
+  std::vector<absl::CommandLineFlag*> flags;
+  for (const auto& [name, flag] : absl::GetAllFlags()) {
+    if (!absl::StrContains(flag->Filename(), "absl/")) flags.push_back(flag);
+  }
+  std::sort(flags.begin(), flags.end(),
+            [](const absl::CommandLineFlag* a, const absl::CommandLineFlag* b) {
+              return a->Name() < b->Name();
+            });
+  std::string out = absl::StrCat(
+      "usage: custodyd --state_dir=DIR [--listen=unix:PATH|HOST:PORT] [--flag=value ...]\n"
+      "  the custody service; docs/operating.md. custodyd --version prints the build.\n"
+      "flags:\n");
+  for (const absl::CommandLineFlag* flag : flags) {
+    absl::StrAppend(&out, "  --", flag->Name(), "  ", flag->Help(),
+                    " (default: ", flag->DefaultValue().empty() ? "\"\"" : flag->DefaultValue(),
+                    ")\n");
+  }
+  std::fputs(out.c_str(), stdout);
+}
+
 int Run() {
+  // The first line, before anything that can block (reading files a FIFO could stand in for,
+  // C_Initialize, the metadata store): a custodyd that never gets further is never silent.
+  Log(LogLevel::kInfo, "custodyd.starting", {{"pid", absl::StrCat(getpid())}});
   // Core dumps would carry PINs and plaintexts: off unless an operator re-enables them.
   struct rlimit no_core {
     0, 0
@@ -414,6 +443,7 @@ int Run() {
   NotifySystemd(absl::StrCat("READY=1\nMAINPID=", getpid()));  // Type=notify units
   Log(LogLevel::kInfo, "custodyd.ready",
       {{"listen", listen},
+       {"build", VersionLine("custodyd")},
        {"tls", tls ? "true" : "false"},
        {"module", info.module_path},
        {"token", info.label},
@@ -537,6 +567,19 @@ int main(int argc, char** argv) {
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 #endif
   absl::SetProgramUsageMessage("custodyd --state_dir=DIR [--listen=unix:PATH|HOST:PORT] ...");
+  // --help and --version answer on stdout and exit 0 (Abseil's own --help exits 1 and lists
+  // every library's flags under the source file that defines them).
+  for (int i = 1; i < argc; ++i) {
+    const absl::string_view arg = argv[i];
+    if (arg == "--help" || arg == "-help" || arg == "-h" || arg == "--helpfull") {
+      custody::server::PrintHelp();
+      return 0;
+    }
+    if (arg == "--version" || arg == "-version") {
+      std::printf("%s\n", custody::VersionLine("custodyd").c_str());
+      return 0;
+    }
+  }
   absl::ParseCommandLine(argc, argv);
   if (absl::GetFlag(FLAGS_verbose)) custody::SetLogLevel(custody::LogLevel::kDebug);
   return custody::server::Run();

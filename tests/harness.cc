@@ -13,9 +13,11 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <sstream>
 #include <thread>
 
+#include "common/testing/child_process.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
 
@@ -52,30 +54,18 @@ std::string SourceDir() { return CUSTODY_SOURCE_DIR; }
 CommandResult RunCommand(const std::vector<std::string>& argv, const std::string& input,
                          const std::vector<std::string>& env) {
   TempDir io;
-  std::string in_path = io.path() + "/in", out_path = io.path() + "/out",
-              err_path = io.path() + "/err";
-  WriteFileOrDie(in_path, input);
-  pid_t pid = fork();
-  if (pid == 0) {
-    int in = open(in_path.c_str(), O_RDONLY);
-    int out = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    int err = open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    dup2(in, 0);
-    dup2(out, 1);
-    dup2(err, 2);
-    for (const std::string& e : env) putenv(strdup(e.c_str()));
-    std::vector<char*> args;
-    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    execvp(args[0], args.data());
-    _exit(127);
-  }
-  int status = 0;
-  waitpid(pid, &status, 0);
+  ChildOptions options;
+  options.argv = argv;
+  options.env = env;
+  options.stdin_path = io.path() + "/in";
+  options.stdout_path = io.path() + "/out";
+  options.stderr_path = io.path() + "/err";
+  WriteFileOrDie(options.stdin_path, input);
   CommandResult r;
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  r.out = ReadFileOrDie(out_path);
-  r.err = ReadFileOrDie(err_path);
+  r.exit_code = RunChild(options);
+  r.out = ReadFileOrDie(options.stdout_path);
+  r.err = ReadFileOrDie(options.stderr_path);
+  if (r.exit_code < 0) r.exit_code = 127;  // could not start, as a shell would say
   return r;
 }
 
@@ -119,21 +109,18 @@ void Custodyd::Start(std::vector<std::string> extra) {
   std::filesystem::create_directories(state_dir_);
   std::filesystem::permissions(state_dir_, std::filesystem::perms::owner_all);
   std::string log_path = state_dir_ + "/custodyd.log";
-  pid_ = fork();
-  if (pid_ == 0) {
-    int log = open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
-    dup2(log, 2);
-    dup2(log, 1);
-    std::vector<std::string> argv = {BinDir() + "/custodyd", "--state_dir=" + state_dir_,
-                                     "--listen=" + address()};
-    argv.insert(argv.end(), extra.begin(), extra.end());
-    for (const std::string& variable : environment_) putenv(strdup(variable.c_str()));
-    std::vector<char*> args;
-    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    execv(args[0], args.data());
-    _exit(127);
+  ChildOptions options;
+  options.argv = {BinDir() + "/custodyd", "--state_dir=" + state_dir_, "--listen=" + address()};
+  options.argv.insert(options.argv.end(), extra.begin(), extra.end());
+  options.env = environment_;
+  options.stdout_path = options.stderr_path = log_path;
+  options.append = true;
+  absl::StatusOr<ChildProcess> child = ChildProcess::Start(options);
+  if (!child.ok()) {
+    std::cerr << child.status().message() << "\n";
+    return;
   }
+  pid_ = child->Release();  // reaped by Stop/Kill/the destructor, as before
   // Probe with a fresh channel each time, and only once the socket exists: a channel that
   // failed to connect waits out gRPC's reconnect backoff, which would time the test, not custodyd.
   std::string socket_path = state_dir_ + "/custodyd.sock";
@@ -169,6 +156,9 @@ void Custodyd::Start(std::vector<std::string> extra) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
+  // Still not serving: say where the process is (a test binary's name means it never reached
+  // exec; a wait channel names the wait), for the test's failure message.
+  std::cerr << "custodyd did not answer health within 30 s: " << DescribeProcess(pid_) << "\n";
 }
 
 Custodyd::~Custodyd() {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "client/channel.h"
+#include "common/testing/child_process.h"
 #include "custody/v1/custody.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 

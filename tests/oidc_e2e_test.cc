@@ -80,35 +80,14 @@ class OidcProvider {
                                      std::string("--client_id=") + kClientId,
                                      std::string("--redirect_uri=") + kRedirectUri,
                                      "--client_jwks_file=" + client_jwks_file};
-    pid_ = fork();
-    if (pid_ == 0) {
-      FILE* out = std::freopen(out_path_.c_str(), "w", stdout);
-      FILE* err = std::freopen(err_path_.c_str(), "w", stderr);
-      if (out == nullptr || err == nullptr) _exit(126);
-      std::vector<char*> args;
-      for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-      args.push_back(nullptr);
-      execvp(args[0], args.data());
-      _exit(127);
-    }
-  }
-  ~OidcProvider() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGTERM);
-    for (auto deadline = Clock::now() + 5s; Clock::now() < deadline;) {
-      if (waitpid(pid_, nullptr, WNOHANG) == pid_) return;
-      std::this_thread::sleep_for(20ms);
-    }
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
+    absl::StatusOr<ChildProcess> child =
+        ChildProcess::Start({.argv = argv, .stdout_path = out_path_, .stderr_path = err_path_});
+    if (child.ok()) process_ = *std::move(child);
   }
 
-  void Signal(int sig) { kill(pid_, sig); }
+  void Signal(int sig) { process_.Signal(sig); }
   // True once the process has exited (reaped here; the destructor then has nothing to do).
-  bool exited() const {
-    if (pid_ > 0 && waitpid(pid_, nullptr, WNOHANG) == pid_) pid_ = -1;
-    return pid_ <= 0;
-  }
+  bool exited() const { return !process_.Running(); }
 
   // Every complete event line written so far.
   std::vector<jose::Json> Events() const {
@@ -141,7 +120,7 @@ class OidcProvider {
 
  private:
   std::string out_path_, err_path_;
-  mutable pid_t pid_ = -1;
+  mutable ChildProcess process_;  // SIGTERM, then SIGKILL after 5 s, when the test ends
 };
 
 grpc::Status CreateRing(Custodyd& d, v1::CreateKeyRingRequest req) {

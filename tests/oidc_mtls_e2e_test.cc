@@ -44,28 +44,9 @@ class MtlsProvider {
       : out_(dir + "/provider.out"), err_(dir + "/provider.err") {
     std::vector<std::string> argv = {"node", SourceDir() + "/tests/js/oidc_mtls_provider.mjs"};
     argv.insert(argv.end(), args.begin(), args.end());
-    pid_ = fork();
-    if (pid_ == 0) {
-      if (std::freopen(out_.c_str(), "w", stdout) == nullptr ||
-          std::freopen(err_.c_str(), "w", stderr) == nullptr) {
-        _exit(126);
-      }
-      std::vector<char*> a;
-      for (const std::string& s : argv) a.push_back(const_cast<char*>(s.c_str()));
-      a.push_back(nullptr);
-      execvp(a[0], a.data());
-      _exit(127);
-    }
-  }
-  ~MtlsProvider() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGTERM);
-    for (auto until = Clock::now() + 5s; Clock::now() < until;) {
-      if (waitpid(pid_, nullptr, WNOHANG) == pid_) return;
-      std::this_thread::sleep_for(20ms);
-    }
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
+    absl::StatusOr<ChildProcess> child =
+        ChildProcess::Start({.argv = argv, .stdout_path = out_, .stderr_path = err_});
+    if (child.ok()) process_ = *std::move(child);
   }
   // The issuer from the "ready" line, "" if it did not come within 30 s.
   std::string WaitReady() {
@@ -77,10 +58,7 @@ class MtlsProvider {
         const size_t start = p + key.size();
         return out.substr(start, out.find('"', start) - start);
       }
-      if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
-        pid_ = -1;
-        return "";
-      }
+      if (!process_.Running()) return "";
       std::this_thread::sleep_for(50ms);
     }
     return "";
@@ -89,7 +67,7 @@ class MtlsProvider {
 
  private:
   std::string out_, err_;
-  pid_t pid_ = -1;
+  ChildProcess process_;  // SIGTERM, then SIGKILL after 5 s, when the test ends
 };
 
 class OidcMtlsE2eTest : public ::testing::Test {

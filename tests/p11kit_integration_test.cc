@@ -62,25 +62,18 @@ class P11KitServer {
  public:
   P11KitServer(const std::string& softhsm2_conf, std::string socket_path, std::string log_path)
       : socket_path_(std::move(socket_path)), log_path_(std::move(log_path)) {
-    pid_ = fork();
-    if (pid_ == 0) {
-      int log = open(log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
-      dup2(log, 1);
-      dup2(log, 2);
-      setenv("SOFTHSM2_CONF", softhsm2_conf.c_str(), 1);
-      execlp("p11-kit", "p11-kit", "server", "-f", "--provider", kSoftHsm, "-n",
-             socket_path_.c_str(), "pkcs11:token=custody", static_cast<char*>(nullptr));
-      _exit(127);
-    }
+    absl::StatusOr<ChildProcess> child =
+        ChildProcess::Start({.argv = {"p11-kit", "server", "-f", "--provider", kSoftHsm, "-n",
+                                      socket_path_, "pkcs11:token=custody"},
+                             .env = {"SOFTHSM2_CONF=" + softhsm2_conf},
+                             .stdout_path = log_path_,
+                             .stderr_path = log_path_,
+                             .append = true});
+    if (!child.ok()) return;
+    server_ = *std::move(child);
     for (int i = 0; i < 1000 && access(socket_path_.c_str(), F_OK) != 0; ++i) {
       std::this_thread::sleep_for(10ms);
     }
-  }
-  ~P11KitServer() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGTERM);
-    int status = 0;
-    waitpid(pid_, &status, 0);
   }
   bool started() const { return access(socket_path_.c_str(), F_OK) == 0; }
   std::string address() const { return "unix:path=" + socket_path_; }
@@ -89,7 +82,7 @@ class P11KitServer {
  private:
   std::string socket_path_;
   std::string log_path_;
-  pid_t pid_ = -1;
+  ChildProcess server_;  // SIGTERM when the test ends
 };
 
 // Encrypts `plaintext` to `kid` of `jwks` with python3-jwcrypto (A256GCM).

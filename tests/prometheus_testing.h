@@ -4,11 +4,12 @@
 #ifndef CUSTODY_TESTS_PROMETHEUS_TESTING_H_
 #define CUSTODY_TESTS_PROMETHEUS_TESTING_H_
 
-#include <sys/types.h>
-
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
+
+#include "common/testing/child_process.h"
 
 namespace custody::testing {
 
@@ -20,13 +21,13 @@ std::string HttpGet(const std::string& url, long* code = nullptr);
 class BackgroundProcess {
  public:
   BackgroundProcess(const std::vector<std::string>& argv, const std::string& log);
-  ~BackgroundProcess();
+  ~BackgroundProcess() { process_.Stop(std::chrono::seconds(10)); }
   BackgroundProcess(const BackgroundProcess&) = delete;
   BackgroundProcess& operator=(const BackgroundProcess&) = delete;
-  bool running() const;
+  bool running() const { return process_.Running(); }
 
  private:
-  pid_t pid_ = -1;
+  mutable ChildProcess process_;
 };
 
 // Prometheus with its state under `dir`, scraping every second the /metrics of each

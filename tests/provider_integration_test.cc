@@ -287,6 +287,9 @@ TEST_F(ProviderTest, FailuresAreClearErrorsOnTheOpenSslErrorQueue) {
     CommandResult r = OpenSsl("pkey", {"-in", c.uri, "-pubout"});
     EXPECT_NE(r.exit_code, 0) << c.uri;
     EXPECT_NE(r.err.find(c.reason), std::string::npos) << c.uri << ": " << r.err;
+    // The error line names the provider's source file, never a path of the build machine.
+    EXPECT_NE(r.err.find(":provider.cc:"), std::string::npos) << r.err;
+    EXPECT_EQ(r.err.find("/provider.cc"), std::string::npos) << r.err;
   }
   // Signing refused by policy or by the ring, with custodyd's reason.
   CommandResult r = OpenSsl("dgst", {"-sha256", "-sign", "custody:ring=locked/ec", data_});

@@ -1,28 +1,10 @@
-// custodyctl: the operators' command line for custodyd. Output is JSON, except a compact JWS.
-//
-//   custodyctl [--addr=ADDR] ring create NAME --purpose=sign --alg=ES256|PS256|EdDSA|RS256
-//              [--rsa_bits=N] [--allow_non_fapi]
-//   custodyctl ring get NAME | ring list [--prefix=P]
-//   custodyctl sign NAME [--typ=JWT] [--cty=C] [--header_json=JSON] [--payload_file=F]
-//   custodyctl jwks [NAME...] [--watch]        (--watch: one line per change of the key set)
-//   custodyctl ring set-policy NAME [--prepublish=D] [--rotation_period=D] [--retain=D]
-//              [--destroy_delay=D]              (D: 90d, 12h, 30m, 10s, 500ms; 0 = off/none)
-//   custodyctl ring rotate NAME [--force]
-//   custodyctl version disable|enable|destroy|cancel-destroy NAME VERSION
-//   custodyctl version compromise NAME VERSION [--reason=TEXT]
-//   custodyctl decrypt NAME [--jwe_file=F]          (stdin when no file; raw plaintext out)
-//   custodyctl import NAME --jwk_file=F | --pem_file=F
-//   custodyctl csr NAME [--version=N] --subject=/CN=... [--san=dns:NAME,uri:URI,...]
-//   custodyctl certificate set NAME VERSION --chain_file=F   (PEM, leaf first)
-//   ring create also takes --require_certificate (rotate without --force needs a certificate).
-//   custodyctl audit verify FILE...   (local: checks audit log files in order; no server)
-//   ring create also takes --curve=P-256|P-384|P-521, --zip_max_bytes=N (DECRYPT rings) and
-//   --import_jwk_file=F | --import_pem_file=F (the first version imported, not generated).
-//
-// Flags may appear anywhere. ADDR defaults to $CUSTODY_ADDR, else unix:.state/custodyd.sock.
-// TLS: --ca=PEM [--cert=PEM --key=PEM] [--server_name=NAME]. Exit 0 ok, 1 call failed, 2 usage.
+// custodyctl: the operators' command line for custodyd. Output is JSON, except a compact JWS,
+// a CSR and plaintexts. The commands and their flags are the table below (Commands()); anything
+// else is refused with exit status 2 (tools/command_line.h). `custodyctl --help` lists the
+// commands, `custodyctl COMMAND --help` the flags of one. Exit 0 ok, 1 the call failed, 2 usage.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -33,62 +15,179 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "absl/time/time.h"
 #include "client/channel.h"
 #include "client/client.h"
 #include "common/log.h"
+#include "common/version.h"
 #include "custody/v1/custody.grpc.pb.h"
 #include "google/protobuf/util/json_util.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "openssl/crypto.h"
+#include "rotation/key_ring.h"
 #include "server/audit_log.h"
+#include "tools/command_line.h"
+#include "tools/policy_commands.h"
 
 namespace {
 
-constexpr char kUsage[] =
-    "usage: custodyctl [--addr=ADDR] COMMAND\n"
-    "  ring create NAME --purpose=sign|decrypt --alg=ALG [--rsa_bits=N]\n"
-    "      sign: ES256|ES384|ES512|PS256|EdDSA|RS256; decrypt: "
-    "RSA-OAEP-256|RSA-OAEP|ECDH-ES[+A128KW|...]\n"
-    "                   [--allow_non_fapi]\n"
-    "  ring get NAME\n"
-    "  ring list [--prefix=P]\n"
-    "  sign NAME [--typ=JWT] [--cty=C] [--header_json=JSON] [--payload_file=F]  (stdin if no F)\n"
-    "  jwks [NAME...] [--watch]\n"
-    "  ring set-policy NAME [--prepublish=D] [--rotation_period=D] [--retain=D]\n"
-    "                       [--destroy_delay=D]   (D: 90d 12h 30m 10s 500ms)\n"
-    "  ring rotate NAME [--force]\n"
-    "  version disable|enable|destroy|cancel-destroy NAME VERSION\n"
-    "  version compromise NAME VERSION [--reason=TEXT]\n"
-    "  decrypt NAME [--jwe_file=F]   (stdin if no F; prints the raw plaintext)\n"
-    "  csr NAME [--version=N] --subject=/CN=... [--san=dns:NAME,uri:URI,...]   (PEM out)\n"
-    "  certificate set NAME VERSION --chain_file=F   (PEM chain, leaf first)\n"
-    "  import NAME --jwk_file=F | --pem_file=F   (a private key, as a new PENDING version)\n"
-    "  audit verify FILE...   (audit log files, oldest first, one chain per replica; local)\n"
-    "  health   (grpc.health.v1: prints SERVING and exits 0, else exits 1; for probes)\n"
-    "  ring create also takes --curve=P-256|P-384|P-521 --zip_max_bytes=N and the\n"
-    "                         set-policy flags\n"
-    "                         --import_jwk_file=F | --import_pem_file=F\n"
-    "flags: --addr=unix:PATH|HOST:PORT --ca=PEM --cert=PEM --key=PEM --server_name=N "
-    "--timeout_ms=N\n";
+using custody::tools::CommandSpec;
+using custody::tools::FlagKind;
+using custody::tools::FlagSpec;
+using Args = custody::tools::ParsedCommand;
 
-struct Args {
-  std::vector<std::string> positional;
-  std::map<std::string, std::string> flags;
+std::vector<FlagSpec> PolicyFlags() {
+  return {{"prepublish", FlagKind::kDuration, "D",
+           "publish a new version this long before it signs (default 1h)"},
+          {"rotation_period", FlagKind::kDuration, "D",
+           "rotate automatically this often (default 0: manual only)"},
+          {"retain", FlagKind::kDuration, "D",
+           "keep a retired version published this long after its last signature (default 24h)"},
+          {"destroy_delay", FlagKind::kDuration, "D",
+           "waiting period before a scheduled destruction, cancellable (default 7d)"}};
+}
 
-  std::string Flag(const std::string& name, const std::string& fallback = "") const {
-    auto it = flags.find(name);
-    return it == flags.end() ? fallback : it->second;
-  }
-  bool Has(const std::string& name) const { return flags.count(name) > 0; }
-};
+std::vector<FlagSpec> ConnectionFlags() {
+  return {{"addr", FlagKind::kString, "ADDR[,ADDR...]",
+           "unix:PATH or HOST:PORT; several replicas as a comma-separated list (default "
+           "$CUSTODY_ADDR, else unix:.state/custodyd.sock)"},
+          {"ca", FlagKind::kString, "PEM", "CA bundle the server certificate chains to (TLS)"},
+          {"cert", FlagKind::kString, "PEM", "client certificate chain (mTLS)"},
+          {"key", FlagKind::kString, "PEM", "client private key (mTLS)"},
+          {"server_name", FlagKind::kString, "NAME", "TLS name expected in the server certificate"},
+          {"timeout_ms", FlagKind::kNumber, "N", "deadline of each call (default 30000)"}};
+}
+
+const std::vector<CommandSpec>& Commands() {
+  static const std::vector<CommandSpec>* commands = [] {
+    auto* c = new std::vector<CommandSpec>;
+    std::vector<FlagSpec> create = {
+        {"purpose", FlagKind::kString, "sign|decrypt", "what the ring's keys do (default sign)"},
+        {"alg", FlagKind::kString, "ALG",
+         "sign: ES256|ES384|ES512|PS256|EdDSA|RS256; decrypt: RSA-OAEP-256|RSA-OAEP|ECDH-ES"
+         "[+A128KW|+A192KW|+A256KW] (required)"},
+        {"rsa_bits", FlagKind::kNumber, "N", "RSA modulus: 2048 (default), 3072 or 4096"},
+        {"curve", FlagKind::kString, "P-256|P-384|P-521", "ECDH-ES* rings (default P-256)"},
+        {"zip_max_bytes", FlagKind::kNumber, "N",
+         "decrypt rings: accept JWE \"zip\":\"DEF\" up to N decompressed bytes"},
+        {"allow_non_fapi", FlagKind::kBool, "", "allow RS256 (outside FAPI)"},
+        {"require_certificate", FlagKind::kBool, "",
+         "rotate without --force only to a version that has a certificate"},
+        {"import_jwk_file", FlagKind::kString, "FILE", "the first version's key, a private JWK"},
+        {"import_pem_file", FlagKind::kString, "FILE", "the first version's key, PKCS#8 PEM"}};
+    for (FlagSpec& f : PolicyFlags()) create.push_back(f);
+    c->push_back({"ring create",
+                  {"NAME"},
+                  create,
+                  true,
+                  "create a key ring; its policy starts from the defaults and each policy flag "
+                  "overrides its own field"});
+    c->push_back({"ring get", {"NAME"}, {}, true, "show a ring, its versions and policy (JSON)"});
+    c->push_back({"ring list",
+                  {},
+                  {{"prefix", FlagKind::kString, "P", "only rings whose name starts with P"}},
+                  true,
+                  "list the rings the caller may read"});
+    c->push_back({"ring set-policy",
+                  {"NAME"},
+                  PolicyFlags(),
+                  true,
+                  "change the named policy fields only (at least one); the others keep their "
+                  "values"});
+    c->push_back({"ring rotate",
+                  {"NAME"},
+                  {{"force", FlagKind::kBool, "",
+                    "promote at once, even before the PENDING version's prepublish"}},
+                  true,
+                  "promote the PENDING version when it has been published long enough"});
+    for (const char* op : {"disable", "enable", "destroy", "cancel-destroy"}) {
+      c->push_back({absl::StrCat("version ", op),
+                    {"NAME", "VERSION"},
+                    {},
+                    true,
+                    absl::StrCat(op, " a key version")});
+    }
+    c->push_back({"version compromise",
+                  {"NAME", "VERSION"},
+                  {{"reason", FlagKind::kString, "TEXT", "why (audited)"}},
+                  true,
+                  "unpublish a version at once, schedule its destruction and rotate"});
+    c->push_back({"sign",
+                  {"NAME"},
+                  {{"typ", FlagKind::kString, "TYP", "JWS header typ, e.g. JWT"},
+                   {"cty", FlagKind::kString, "CTY", "JWS header cty"},
+                   {"header_json", FlagKind::kString, "JSON", "further protected header members"},
+                   {"payload_file", FlagKind::kString, "FILE", "the payload (default stdin)"}},
+                  true,
+                  "sign a payload; prints the compact JWS"});
+    c->push_back({"jwks",
+                  {"[NAME...]"},
+                  {{"watch", FlagKind::kBool, "", "print one line per change of the key set"}},
+                  true,
+                  "print the published JWKS of the rings (all readable rings when none named)"});
+    c->push_back({"decrypt",
+                  {"NAME"},
+                  {{"jwe_file", FlagKind::kString, "FILE", "the compact JWE (default stdin)"}},
+                  true,
+                  "decrypt a JWE; prints the raw plaintext"});
+    c->push_back({"import",
+                  {"NAME"},
+                  {{"jwk_file", FlagKind::kString, "FILE", "a private JWK"},
+                   {"pem_file", FlagKind::kString, "FILE", "a PKCS#8 PEM private key"}},
+                  true,
+                  "import your own key as a new PENDING version (exactly one key file)"});
+    c->push_back({"csr",
+                  {"NAME"},
+                  {{"version", FlagKind::kNumber, "N", "the version (default the ACTIVE one)"},
+                   {"subject", FlagKind::kString, "/CN=...", "the subject (required)"},
+                   {"san", FlagKind::kString, "dns:NAME,uri:URI,...", "subject alternative names"}},
+                  true,
+                  "a PKCS#10 request signed in custodyd by the version's key (PEM)"});
+    c->push_back({"certificate set",
+                  {"NAME", "VERSION"},
+                  {{"chain_file", FlagKind::kString, "FILE", "PEM chain, leaf first (required)"}},
+                  true,
+                  "attach an X.509 chain to a published version"});
+    c->push_back({"health", {}, {}, true, "grpc.health.v1: prints SERVING and exits 0, else 1"});
+    c->push_back({"audit verify",
+                  {"FILE..."},
+                  {},
+                  false,
+                  "check the hash chain of audit log files, oldest first, one chain per "
+                  "replica"});
+    c->push_back({"policy check",
+                  {"FILE"},
+                  {},
+                  false,
+                  "validate an access policy file as custodyd would load it; exit 1 with the "
+                  "reasons"});
+    c->push_back({"policy explain",
+                  {"IDENTITY", "OPERATION", "RING"},
+                  {{"policy_file", FlagKind::kString, "FILE",
+                    "the policy to ask (default .state/policy.json)"}},
+                  false,
+                  "which grant of a policy file allows IDENTITY to run OPERATION on RING, or why "
+                  "none does; exit 0 allowed, 1 denied"});
+    return c;
+  }();
+  return *commands;
+}
 
 int Usage(const std::string& why) {
-  std::cerr << "custodyctl: " << why << "\n" << kUsage;
+  std::cerr << "custodyctl: " << why << "\n";
   return 2;
+}
+
+bool ParseVersion(const std::string& number, uint32_t* version) {
+  return absl::SimpleAtoi(number, version) && *version > 0;
+}
+
+int VersionUsage(const std::string& number) {
+  return Usage(
+      absl::StrCat("VERSION '", number, "': a version number such as 1 (ring get lists them)"));
 }
 
 int Failed(const grpc::Status& status) {
@@ -144,6 +243,10 @@ int PrintJson(const google::protobuf::Message& message) {
 }
 
 bool ReadAll(const std::string& path, std::string* out) {
+  // An operator who forgot the file or the pipe would otherwise wait on a silent terminal.
+  if (path.empty() && isatty(STDIN_FILENO)) {
+    std::cerr << "custodyctl: reading from the terminal; end with Ctrl-D (or give a file flag)\n";
+  }
   std::FILE* f = path.empty() ? stdin : std::fopen(path.c_str(), "rb");
   if (f == nullptr) return false;
   char buf[8192];
@@ -164,30 +267,24 @@ class Ctl {
         timeout_ms_(timeout_ms) {}
 
   int Run(const Args& args) {
-    const auto& p = args.positional;
-    if (p.empty()) return Usage("no command");
-    if (p[0] == "audit") {
-      if (p.size() >= 3 && p[1] == "verify") return AuditVerify({p.begin() + 2, p.end()});
-      return Usage("audit verify needs one or more files, oldest first");
+    const std::string& command = args.command->name;
+    const auto& p = args.operands;
+    if (command == "ring create") return RingCreate(p[0], args);
+    if (command == "ring get") return RingGet(p[0]);
+    if (command == "ring list") return RingList(args.Flag("prefix"));
+    if (command == "ring set-policy") return SetPolicy(p[0], args);
+    if (command == "ring rotate") return Rotate(p[0], args.Bool("force"));
+    if (absl::StartsWith(command, "version ")) {
+      return VersionOp(command.substr(8), p[0], p[1], args);
     }
-    if (p[0] == "ring" && p.size() >= 2) {
-      if (p[1] == "create" && p.size() == 3) return RingCreate(p[2], args);
-      if (p[1] == "get" && p.size() == 3) return RingGet(p[2]);
-      if (p[1] == "list" && p.size() == 2) return RingList(args.Flag("prefix"));
-      if (p[1] == "set-policy" && p.size() == 3) return SetPolicy(p[2], args);
-      if (p[1] == "rotate" && p.size() == 3) return Rotate(p[2], args.Has("force"));
-    }
-    if (p[0] == "version" && p.size() == 4) return VersionOp(p[1], p[2], p[3], args);
-    if (p[0] == "sign" && p.size() == 2) return Sign(p[1], args);
-    if (p[0] == "jwks") return Jwks({p.begin() + 1, p.end()}, args.Has("watch"));
-    if (p[0] == "decrypt" && p.size() == 2) return Decrypt(p[1], args);
-    if (p[0] == "import" && p.size() == 2) return Import(p[1], args);
-    if (p[0] == "csr" && p.size() == 2) return Csr(p[1], args);
-    if (p[0] == "certificate" && p.size() == 4 && p[1] == "set") {
-      return CertificateSet(p[2], p[3], args);
-    }
-    if (p[0] == "health" && p.size() == 1) return Health();
-    return Usage(absl::StrCat("unknown command '", p[0], p.size() > 1 ? " " + p[1] : "", "'"));
+    if (command == "sign") return Sign(p[0], args);
+    if (command == "jwks") return Jwks(p, args.Bool("watch"));
+    if (command == "decrypt") return Decrypt(p[0], args);
+    if (command == "import") return Import(p[0], args);
+    if (command == "csr") return Csr(p[0], args);
+    if (command == "certificate set") return CertificateSet(p[0], p[1], args);
+    if (command == "health") return Health();
+    return Usage(absl::StrCat("'", command, "' is not implemented"));
   }
 
  private:
@@ -234,22 +331,13 @@ class Ctl {
     } else {
       return Usage("--purpose must be sign or decrypt");
     }
-    if (!args.Has("alg")) return Usage("--alg is required");
+    if (!args.Has("alg"))
+      return Usage("ring create needs --alg=ALG (custodyctl ring create --help)");
     req.set_alg(args.Flag("alg"));
-    if (args.Has("rsa_bits")) {
-      uint32_t bits = 0;
-      if (!absl::SimpleAtoi(args.Flag("rsa_bits"), &bits)) return Usage("--rsa_bits: a number");
-      req.set_rsa_bits(bits);
-    }
+    req.set_rsa_bits(args.Number("rsa_bits"));
     req.set_curve(args.Flag("curve"));
-    req.set_require_certificate(args.Has("require_certificate"));
-    if (args.Has("zip_max_bytes")) {
-      uint32_t zip = 0;
-      if (!absl::SimpleAtoi(args.Flag("zip_max_bytes"), &zip)) {
-        return Usage("--zip_max_bytes: a number");
-      }
-      req.set_zip_max_bytes(zip);
-    }
+    req.set_require_certificate(args.Bool("require_certificate"));
+    req.set_zip_max_bytes(args.Number("zip_max_bytes"));
     if (args.Has("import_jwk_file") || args.Has("import_pem_file")) {
       if (int rc = ReadKeyMaterial(args.Flag("import_jwk_file"), args.Flag("import_pem_file"),
                                    req.mutable_import_key());
@@ -257,14 +345,10 @@ class Ctl {
         return rc;
       }
     }
-    if (HasPolicyFlags(args)) {
-      if (int rc = PolicyFromFlags(args, custody::v1::RotationPolicy(), req.mutable_policy());
-          rc != 0) {
-        return rc;
-      }
-    }
-    std::string non_fapi = args.Flag("allow_non_fapi", "false");
-    req.set_allow_non_fapi(args.Has("allow_non_fapi") && non_fapi != "false" && non_fapi != "0");
+    // A policy flag overrides its own field of the documented default policy; without any the
+    // request carries none and the ring keeps the server's defaults (not explicit).
+    if (HasPolicyFlags(args)) PolicyFromFlags(args, DefaultPolicy(), req.mutable_policy());
+    req.set_allow_non_fapi(args.Bool("allow_non_fapi"));
     custody::v1::KeyRing ring;
     auto ctx = Context();
     grpc::Status s = admin_->CreateKeyRing(ctx.get(), req, &ring);
@@ -310,46 +394,42 @@ class Ctl {
   }
 
   static bool HasPolicyFlags(const Args& args) {
-    return args.Has("prepublish") || args.Has("rotation_period") || args.Has("retain") ||
-           args.Has("destroy_delay");
-  }
-
-  // "90d", "12h", "30m", "10s", "500ms", "0" → milliseconds; -1 when unparsable.
-  static int64_t ParseDurationMs(const std::string& text) {
-    if (text == "0") return 0;
-    if (text.size() > 1 && text.back() == 'd') {
-      int64_t days = 0;
-      return absl::SimpleAtoi(text.substr(0, text.size() - 1), &days) && days >= 0
-                 ? days * 24 * 3600 * 1000
-                 : -1;
+    for (const FlagSpec& f : PolicyFlags()) {
+      if (args.Has(f.name)) return true;
     }
-    absl::Duration d;
-    if (!absl::ParseDuration(text, &d) || d < absl::ZeroDuration()) return -1;
-    return absl::ToInt64Milliseconds(d);
+    return false;
   }
 
-  // Fills `out` from `base` overridden by the flags given.
-  static int PolicyFromFlags(const Args& args, const custody::v1::RotationPolicy& base,
-                             custody::v1::RotationPolicy* out) {
+  // The policy a ring gets without one (docs/lifecycle.md; rotation::RotationPolicy's defaults).
+  static custody::v1::RotationPolicy DefaultPolicy() {
+    const custody::rotation::RotationPolicy defaults;
+    custody::v1::RotationPolicy policy;
+    policy.set_prepublish_ms(defaults.prepublish_ms);
+    policy.set_rotation_period_ms(defaults.rotation_period_ms);
+    policy.set_retain_ms(defaults.retain_ms);
+    policy.set_destroy_delay_ms(defaults.destroy_delay_ms);
+    return policy;
+  }
+
+  // Fills `out` from `base` overridden by the flags given (already checked to be durations).
+  static void PolicyFromFlags(const Args& args, const custody::v1::RotationPolicy& base,
+                              custody::v1::RotationPolicy* out) {
     *out = base;
-    struct Field {
-      const char* flag;
-      void (custody::v1::RotationPolicy::*set)(int64_t);
-    };
-    for (const Field& f :
-         {Field{"prepublish", &custody::v1::RotationPolicy::set_prepublish_ms},
-          Field{"rotation_period", &custody::v1::RotationPolicy::set_rotation_period_ms},
-          Field{"retain", &custody::v1::RotationPolicy::set_retain_ms},
-          Field{"destroy_delay", &custody::v1::RotationPolicy::set_destroy_delay_ms}}) {
-      if (!args.Has(f.flag)) continue;
-      int64_t ms = ParseDurationMs(args.Flag(f.flag));
-      if (ms < 0) return Usage(absl::StrCat("--", f.flag, ": a duration such as 90d, 12h, 500ms"));
-      (out->*f.set)(ms);
+    if (args.Has("prepublish")) out->set_prepublish_ms(args.DurationMs("prepublish"));
+    if (args.Has("rotation_period")) {
+      out->set_rotation_period_ms(args.DurationMs("rotation_period"));
     }
-    return 0;
+    if (args.Has("retain")) out->set_retain_ms(args.DurationMs("retain"));
+    if (args.Has("destroy_delay")) out->set_destroy_delay_ms(args.DurationMs("destroy_delay"));
   }
 
+  // Reads the ring's policy and changes only the fields named by flags.
   int SetPolicy(const std::string& name, const Args& args) {
+    if (!HasPolicyFlags(args)) {
+      return Usage(
+          "ring set-policy needs at least one of --prepublish, --rotation_period, --retain, "
+          "--destroy_delay");
+    }
     custody::v1::GetKeyRingRequest get;
     get.set_name(name);
     custody::v1::KeyRing ring;
@@ -358,7 +438,7 @@ class Ctl {
     if (!s.ok()) return Failed(s);
     custody::v1::UpdateRotationPolicyRequest req;
     req.set_ring(name);
-    if (int rc = PolicyFromFlags(args, ring.policy(), req.mutable_policy()); rc != 0) return rc;
+    PolicyFromFlags(args, ring.policy(), req.mutable_policy());
     auto ctx = Context();
     s = admin_->UpdateRotationPolicy(ctx.get(), req, &ring);
     return s.ok() ? PrintJson(ring) : Failed(s);
@@ -369,11 +449,8 @@ class Ctl {
     custody::v1::CreateCertificateRequestRequest req;
     req.set_ring(name);
     if (args.Has("version")) {
-      uint32_t version = 0;
-      if (!absl::SimpleAtoi(args.Flag("version"), &version) || version == 0) {
-        return Usage("--version: a number");
-      }
-      req.set_version(version);
+      if (args.Number("version") == 0) return Usage("--version: a version number from 1");
+      req.set_version(args.Number("version"));
     }
     if (!args.Has("subject")) return Usage("csr needs --subject=/CN=...");
     req.set_subject(args.Flag("subject"));
@@ -394,7 +471,7 @@ class Ctl {
     custody::v1::SetCertificateRequest req;
     req.set_ring(name);
     uint32_t version = 0;
-    if (!absl::SimpleAtoi(number, &version) || version == 0) return Usage("VERSION: a number");
+    if (!ParseVersion(number, &version)) return VersionUsage(number);
     req.set_version(version);
     if (!args.Has("chain_file")) return Usage("certificate set needs --chain_file=PEM");
     if (!ReadAll(args.Flag("chain_file"), req.mutable_chain_pem()) || req.chain_pem().empty()) {
@@ -420,7 +497,7 @@ class Ctl {
   int VersionOp(const std::string& op, const std::string& name, const std::string& number,
                 const Args& args) {
     uint32_t version = 0;
-    if (!absl::SimpleAtoi(number, &version) || version == 0) return Usage("VERSION: a number");
+    if (!ParseVersion(number, &version)) return VersionUsage(number);
     custody::v1::KeyRing ring;
     auto ctx = Context();
     grpc::Status s;
@@ -534,20 +611,26 @@ class Ctl {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Args args;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a == "--help" || a == "-h") {
-      std::cout << kUsage;
-      return 0;
-    }
-    if (a.rfind("--", 0) == 0) {
-      size_t eq = a.find('=');
-      args.flags[a.substr(2, eq == std::string::npos ? std::string::npos : eq - 2)] =
-          eq == std::string::npos ? "true" : a.substr(eq + 1);
-    } else {
-      args.positional.push_back(a);
-    }
+  auto line = custody::tools::ParseCommandLine(Commands(), ConnectionFlags(),
+                                               std::vector<std::string>(argv + 1, argv + argc));
+  if (!line.ok()) return Usage(std::string(line.status().message()));
+  if (line->action == custody::tools::CommandLine::Action::kVersion) {
+    std::cout << custody::VersionLine("custodyctl") << "\n";
+    return 0;
+  }
+  if (line->action == custody::tools::CommandLine::Action::kHelp) {
+    const CommandSpec* command = line->parsed.command;
+    std::cout << (command == nullptr ? custody::tools::GeneralHelp(Commands(), ConnectionFlags())
+                                     : custody::tools::CommandHelp(*command, ConnectionFlags()));
+    return 0;
+  }
+  const Args& args = line->parsed;
+  const std::string& command = args.command->name;
+  if (command == "audit verify") return AuditVerify(args.operands);
+  if (command == "policy check") return custody::tools::PolicyCheck(args.operands[0]);
+  if (command == "policy explain") {
+    return custody::tools::PolicyExplain(args.Flag("policy_file", ".state/policy.json"),
+                                         args.operands[0], args.operands[1], args.operands[2]);
   }
   custody::client::ChannelOptions options;
   const char* env_addr = std::getenv("CUSTODY_ADDR");
@@ -556,10 +639,8 @@ int main(int argc, char** argv) {
   options.cert_file = args.Flag("cert");
   options.key_file = args.Flag("key");
   options.server_name = args.Flag("server_name");
-  int timeout_ms = 30000;
-  if (args.Has("timeout_ms") && !absl::SimpleAtoi(args.Flag("timeout_ms"), &timeout_ms)) {
-    return Usage("--timeout_ms: a number");
-  }
+  const int timeout_ms =
+      static_cast<int>(std::min<uint32_t>(args.Number("timeout_ms", 30000), 24u * 3600 * 1000));
   auto channel = custody::client::CreateChannel(options);
   if (!channel.ok()) return Usage(std::string(channel.status().message()));
   return Ctl(*channel, timeout_ms).Run(args);

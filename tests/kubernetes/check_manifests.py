@@ -210,7 +210,8 @@ def main():
     conninfo = volume_under(flags.get("metadata", "/nonexistent"))
     check(conninfo is not None and "configMap" in conninfo[0], "conninfo not from the ConfigMap")
     if conninfo is not None and "configMap" in conninfo[0]:
-        key = os.path.relpath(flags["metadata"], conninfo[1]["mountPath"])
+        key = conninfo[1].get("subPath") or os.path.relpath(flags["metadata"],
+                                                             conninfo[1]["mountPath"])
         (cm,) = [d for d in by_kind["ConfigMap"]
                  if d["metadata"]["name"] == conninfo[0]["configMap"]["name"]]
         text = cm.get("data", {}).get(key, "")
@@ -230,6 +231,10 @@ def main():
                   "PVC not defined")
     policy = volume_under(flags.get("policy_file", "/nonexistent"))
     check(policy is not None and "configMap" in policy[0], "policy not from the ConfigMap")
+    # custodyd opens the policy with O_NOFOLLOW: a ConfigMap directory mount is a ..data symlink.
+    check(policy is not None and policy[1].get("subPath")
+          and policy[1]["mountPath"] == flags.get("policy_file"),
+          "policy: mount the ConfigMap key with subPath as this file (no symlink)")
 
 
 if __name__ == "__main__":

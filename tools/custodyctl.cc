@@ -259,11 +259,12 @@ bool ReadAll(const std::string& path, std::string* out) {
 
 class Ctl {
  public:
-  Ctl(std::shared_ptr<grpc::Channel> channel, int timeout_ms)
+  // `replicas`: --addr names several replicas (a list, or a dns:/// name).
+  Ctl(std::shared_ptr<grpc::Channel> channel, int timeout_ms, bool replicas)
       : admin_(custody::v1::KeyAdmin::NewStub(channel)),
         signer_(custody::v1::Signer::NewStub(channel)),
         health_(grpc::health::v1::Health::NewStub(channel)),
-        client_(IdempotentCalls(channel, timeout_ms)),
+        client_(IdempotentCalls(channel, timeout_ms, replicas)),
         timeout_ms_(timeout_ms) {}
 
   int Run(const Args& args) {
@@ -298,13 +299,15 @@ class Ctl {
     return resp.status() == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
   }
 
-  // The client library's retry policy for idempotent calls (sign, decrypt, reads): UNAVAILABLE
-  // is retried, on another replica when --addr lists several, until --timeout_ms. Lifecycle
-  // calls go once (Context()).
+  // The client library's retry policy for idempotent calls (sign, decrypt, reads): with several
+  // replicas, UNAVAILABLE is retried on another one until --timeout_ms; with one address the
+  // call goes once, so that a custodyd that is down (or a mistyped --addr) is reported at once.
+  // Lifecycle calls always go once (Context()).
   static std::unique_ptr<custody::client::Client> IdempotentCalls(
-      std::shared_ptr<grpc::Channel> channel, int timeout_ms) {
+      std::shared_ptr<grpc::Channel> channel, int timeout_ms, bool replicas) {
     custody::client::ClientOptions options;
     options.deadline = absl::Milliseconds(timeout_ms > 0 ? timeout_ms : 1);
+    options.max_attempts = replicas ? 0 : 1;
     options.max_rpcs_in_flight = 0;
     return *custody::client::Client::FromChannel(std::move(channel), options);
   }
@@ -643,5 +646,6 @@ int main(int argc, char** argv) {
       static_cast<int>(std::min<uint32_t>(args.Number("timeout_ms", 30000), 24u * 3600 * 1000));
   auto channel = custody::client::CreateChannel(options);
   if (!channel.ok()) return Usage(std::string(channel.status().message()));
-  return Ctl(*channel, timeout_ms).Run(args);
+  auto target = custody::client::ChannelTarget(options);
+  return Ctl(*channel, timeout_ms, target.ok() && target->second).Run(args);
 }

@@ -1,5 +1,7 @@
 #include "server/grpc_services.h"
 
+#include <algorithm>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -329,6 +331,10 @@ grpc::Status SignerService::WatchJwks(grpc::ServerContext* context,
   // (KeyService's cache); a watcher only holds a reference to the last one it sent.
   std::shared_ptr<const std::string> last_sent;
   absl::StatusOr<KeyService::Jwks> jwks = std::move(first);
+  // "Every ring" (no names) means every ring now: the list is read again after each change, so a
+  // ring created after the watch began is followed too. listed_at is the generation read before
+  // the list (0 for the first list, whose generation is unknown: it is read again at once).
+  uint64_t listed_at = request->rings().empty() ? 0 : std::numeric_limits<uint64_t>::max();
   for (;;) {
     if (!jwks.ok()) return ToGrpcStatus(jwks.status());
     // A change elsewhere wakes every watcher; only a change of these rings' keys is sent.
@@ -342,10 +348,16 @@ grpc::Status SignerService::WatchJwks(grpc::ServerContext* context,
     }
     // Bounded waits so that cancellation and shutdown are noticed within a second; the set is
     // looked at again only when the generation moved.
-    uint64_t generation = jwks->generation;
-    while (generation == jwks->generation) {
+    const uint64_t seen = std::min(listed_at, jwks->generation);
+    uint64_t generation = seen;
+    while (generation == seen) {
       if (context->IsCancelled() || keys_->draining()) return grpc::Status::OK;
-      generation = keys_->WaitForJwksChange(generation, absl::Now() + absl::Seconds(1));
+      generation = keys_->WaitForJwksChange(seen, absl::Now() + absl::Seconds(1));
+    }
+    if (request->rings().empty()) {
+      listed_at = keys_->JwksGeneration();
+      rings = JwksRings(call.identity(), *asked);
+      if (!rings.ok()) return ToGrpcStatus(rings.status());
     }
     jwks = BoundedJwks(*rings);
   }

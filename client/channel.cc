@@ -34,6 +34,9 @@ bool IsIpv4HostPort(absl::string_view a) {
 constexpr char kReplicaServiceConfig[] =
     R"({"loadBalancingConfig":[{"round_robin":{}}],"healthCheckConfig":{"serviceName":""}})";
 
+// The minimum time a connection attempt is given (gRPC's own default as well).
+constexpr int kConnectTimeoutMs = 20000;
+
 }  // namespace
 
 absl::StatusOr<std::pair<std::string, bool>> ChannelTarget(const ChannelOptions& options) {
@@ -84,9 +87,15 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateChannel(const ChannelOption
     if (options.max_reconnect_backoff_ms <= 0) {
       args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
       args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-      args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
     }
   }
+  // GRPC_ARG_MIN_RECONNECT_BACKOFF_MS is also gRPC's minimum connect timeout: a connection
+  // attempt is given max(next backoff, now + this) before it counts as failed. Set low (it was
+  // 100 ms), a replica that is slow to send its HTTP/2 SETTINGS (paused, or starved of CPU) is
+  // put in TRANSIENT_FAILURE while it is coming up, and a call fails UNAVAILABLE long before
+  // its deadline. At kConnectTimeoutMs, longer than any call's deadline here, the call's own
+  // deadline is what ends a wait for a connection.
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, kConnectTimeoutMs);
   if (options.ca_file.empty()) {
     return grpc::CreateCustomChannel(target->first, grpc::InsecureChannelCredentials(), args);
   }

@@ -85,7 +85,9 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ChannelOptions& ch
 absl::StatusOr<std::unique_ptr<Client>> Client::FromChannel(std::shared_ptr<grpc::Channel> channel,
                                                             const Options& options) {
   if (channel == nullptr) return absl::InvalidArgumentError("null channel");
-  if (options.max_attempts < 1) return absl::InvalidArgumentError("max_attempts must be >= 1");
+  if (options.max_attempts < 0) {
+    return absl::InvalidArgumentError("max_attempts must be >= 0 (0: until the deadline)");
+  }
   if (options.deadline <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("deadline must be positive");
   }
@@ -103,15 +105,24 @@ absl::Status Client::Retry(Rpc rpc, absl::Time deadline) const {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(deadline));
     status = ToAbslStatus(rpc(ctx));
-    if (status.code() != absl::StatusCode::kUnavailable || attempt >= options_.max_attempts) {
+    if (status.code() != absl::StatusCode::kUnavailable ||
+        (options_.max_attempts > 0 && attempt >= options_.max_attempts)) {
       break;
     }
-    absl::Duration sleep = std::min(backoff, options_.max_backoff) * Jitter();
-    if (absl::Now() + sleep >= deadline) break;
-    absl::SleepFor(sleep);
+    // Until the deadline: the last backoff is shortened to leave the next attempt half of
+    // what remains (an attempt that finds no replica ready fails at once; one that finds a
+    // replica coming up waits for it until the deadline).
+    const absl::Duration left = deadline - absl::Now();
+    if (left <= absl::Milliseconds(1)) break;
+    absl::SleepFor(std::min(std::min(backoff, options_.max_backoff) * Jitter(), left / 2));
     backoff *= 2;
   }
   return status;
+}
+
+absl::Status Client::CallIdempotent(
+    const std::function<grpc::Status(grpc::ClientContext&)>& rpc) const {
+  return Retry(rpc);
 }
 
 absl::StatusOr<SignedJws> Client::SignJws(absl::string_view ring, absl::string_view payload,

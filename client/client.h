@@ -6,6 +6,7 @@
 #define CUSTODY_CLIENT_CLIENT_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -24,12 +25,16 @@ namespace custody::client {
 struct ClientOptions {
   // Overall deadline of one call, covering every attempt and the backoff between them.
   absl::Duration deadline = absl::Seconds(5);
-  // Attempts per call (>= 1). Only UNAVAILABLE is retried.
-  int max_attempts = 3;
+  // Attempts per call: 0 (the default) retries until the deadline; n >= 1 makes at most n.
+  // Only UNAVAILABLE is retried, and only by the calls of this class, which are all idempotent
+  // (signing, decryption, reads): a retry goes to another replica when the channel has several
+  // (round robin over the SERVING ones). Lifecycle calls (KeyAdmin) are never retried.
+  int max_attempts = 0;
   // Backoff before attempt n+1 is initial_backoff * 2^(n-1), capped at max_backoff, each
-  // multiplied by a random factor in [0.8, 1.2].
+  // multiplied by a random factor in [0.8, 1.2]; the last one is cut short so that one more
+  // attempt fits before the deadline.
   absl::Duration initial_backoff = absl::Milliseconds(50);
-  absl::Duration max_backoff = absl::Seconds(2);
+  absl::Duration max_backoff = absl::Seconds(1);
   // SignJws (and DecryptJwe) calls made concurrently on one Client share RPCs
   // (client/coalescer.h): at most `max_rpcs_in_flight` SignJws/SignJwsBatch RPCs are
   // outstanding (as many again for decryption), and calls that arrive while they are all busy go
@@ -84,7 +89,7 @@ class Client {
   using Options = ClientOptions;
 
   // Creates the channel (lazily connected: an unreachable server shows up as UNAVAILABLE on the
-  // first call, not here). INVALID_ARGUMENT for bad options (empty address, max_attempts < 1),
+  // first call, not here). INVALID_ARGUMENT for bad options (empty address, max_attempts < 0),
   // FAILED_PRECONDITION for unreadable PEM files.
   static absl::StatusOr<std::unique_ptr<Client>> Connect(const ChannelOptions& channel_options,
                                                          const Options& options = {});
@@ -125,13 +130,18 @@ class Client {
   CoalescingStats decrypt_coalescing_stats() const;
   // For streaming calls (JwksCache) and callers that need another RPC.
   custody::v1::Signer::Stub& signer() const { return *signer_; }
+
+  // Runs an idempotent RPC of the caller's own (e.g. KeyAdmin.GetKeyRing) with this client's
+  // deadline and retry policy: `rpc(ctx)` is called with a fresh context per attempt. Never for
+  // a lifecycle call: its first attempt may have committed.
+  absl::Status CallIdempotent(const std::function<grpc::Status(grpc::ClientContext&)>& rpc) const;
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
 
  private:
   Client(std::shared_ptr<grpc::Channel> channel, const Options& options);
 
   // Runs `rpc(ctx)` until it returns anything but UNAVAILABLE, max_attempts is reached or the
-  // overall deadline would pass during the next backoff.
+  // overall deadline has passed.
   template <typename Rpc>
   absl::Status Retry(Rpc rpc) const {
     return Retry(rpc, absl::Now() + options_.deadline);

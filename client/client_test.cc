@@ -221,7 +221,7 @@ TEST(ClientRetryTest, UnavailableIsRetriedWithBackoff) {
   EXPECT_EQ((*once)->GetJwks().status().code(), absl::StatusCode::kUnavailable);
   EXPECT_LT(absl::Now() - start, absl::Milliseconds(80));
 
-  o.max_attempts = 0;
+  o.max_attempts = -1;
   EXPECT_EQ(Client::Connect(At("unix:/x"), o).status().code(), absl::StatusCode::kInvalidArgument);
 }
 

@@ -1,28 +1,60 @@
-// A minimal HTTP/1.1 server for Prometheus scrapes: GET /metrics answers 200 with the text a
-// callback renders (Content-Type: the 0.0.4 exposition format); other paths 404, other methods
-// 405, a malformed or oversized request 400. One connection at a time on one thread, each
-// closed after its reply (Connection: close), with 5 s read/write timeouts, so a stuck client
-// delays the next scrape by at most that. Enough for a scraper or two; not a web server.
+// custody's HTTP side (/metrics, the public JWKS) on GNU libmicrohttpd: an event-driven server
+// (epoll, a pool of `threads` threads), so that connections are served concurrently and a slow
+// client holds neither a thread nor anyone else's request. Why libmicrohttpd rather than
+// CivetWeb is in docs/design.md.
 //
-// TLS (optional): certificate chain and key as PEM files, re-read for every connection (a
-// rotated certificate is served from the next scrape on); with a client CA every client must
-// present a certificate chaining to it (mTLS). TLS 1.2 or newer.
+// What a client gets:
+// - a deadline for the whole request: from the connection's opening (or the end of its previous
+//   reply, with keep-alive) until its reply is sent, `request_deadline`, headers and TLS
+//   handshake included; past it the connection is shut down, however slowly it trickles;
+// - at most `max_connections` open connections; the excess is accepted and closed at once
+//   (refused, not queued);
+// - HTTP/1.1 keep-alive; HEAD answered as GET without the body; a malformed request 400, an
+//   oversized one 431 or 414, without waiting for more bytes.
+//
+// TLS (optional, GnuTLS inside libmicrohttpd): certificate chain and key as PEM files, checked
+// again at every handshake and re-read when they change (a rotated certificate is served from
+// the next connection on); with a client CA, a request whose client certificate does not chain
+// to it gets 403. TLS 1.2 or newer.
 //
 // Whether an address may be used in clear is the caller's policy (custodyd allows loopback
-// only). Thread-safe: Stop may be called from any thread; the destructor stops.
+// only). Thread-safe: handlers run concurrently on the server's threads; Stop may be called from
+// any thread; the destructor stops.
 #ifndef CUSTODY_METRICS_HTTP_SERVER_H_
 #define CUSTODY_METRICS_HTTP_SERVER_H_
 
-#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
-#include <thread>
+#include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 
 namespace custody::metrics {
+
+struct HttpRequest {
+  std::string method;         // "GET", "HEAD", ...
+  std::string path;           // without the query
+  std::string if_none_match;  // the If-None-Match header, when present
+};
+
+struct HttpResponse {
+  int status = 200;
+  std::string content_type = "text/plain";
+  std::string body;
+  std::vector<std::pair<std::string, std::string>> headers;  // extra headers
+
+  static HttpResponse Text(int status, std::string body, std::string content_type = "text/plain") {
+    HttpResponse r;
+    r.status = status;
+    r.body = std::move(body);
+    r.content_type = std::move(content_type);
+    return r;
+  }
+};
 
 class HttpServer {
  public:
@@ -32,11 +64,18 @@ class HttpServer {
     std::string tls_cert;   // PEM chain; TLS when set (tls_key required)
     std::string tls_key;    // PEM private key
     std::string client_ca;  // PEM CA bundle; when set, clients must present a certificate
+    absl::Duration request_deadline = absl::Seconds(5);
+    int max_connections = 512;
+    int threads = 2;
   };
+  using Handler = std::function<HttpResponse(const HttpRequest&)>;
   using Render = std::function<std::string()>;
 
-  // Binds and starts serving. INVALID_ARGUMENT for a malformed address, UNAVAILABLE when it
-  // cannot bind, FAILED_PRECONDITION when the TLS files cannot be loaded.
+  // Binds and starts serving. INVALID_ARGUMENT for a malformed address or option, UNAVAILABLE
+  // when it cannot bind, FAILED_PRECONDITION when the TLS files cannot be loaded.
+  static absl::StatusOr<std::unique_ptr<HttpServer>> Start(Options options, Handler handler);
+  // The Prometheus endpoint: GET/HEAD /metrics answers the text `render` returns (Content-Type
+  // of the 0.0.4 exposition format), other paths 404, other methods 405.
   static absl::StatusOr<std::unique_ptr<HttpServer>> Start(Options options, Render render);
   ~HttpServer();
   HttpServer(const HttpServer&) = delete;
@@ -44,23 +83,24 @@ class HttpServer {
 
   // The bound port.
   int port() const { return port_; }
-  // Stops accepting and joins the serving thread (a connection in progress is finished first).
+  // Stops accepting, closes every connection and joins the server's threads.
   void Stop();
-  // Requests answered so far (any status).
-  uint64_t requests() const { return requests_.load(std::memory_order_relaxed); }
+  // Requests answered by the handler so far (any status).
+  uint64_t requests() const;
+  // Connections shut down because they passed the request deadline.
+  uint64_t deadline_cutoffs() const;
+  // Connections closed at once because max_connections were open.
+  uint64_t refused_connections() const;
+  // Connections open now.
+  size_t open_connections() const;
+
+  struct State;  // libmicrohttpd's daemon and what its callbacks share (http_server.cc)
 
  private:
-  HttpServer(Options options, Render render, int fd, int port);
-  void Loop();
-  void Serve(int fd);
+  HttpServer(int port, std::unique_ptr<State> state);
 
-  const Options options_;
-  const Render render_;
-  int listen_fd_;
-  int wake_[2] = {-1, -1};
   int port_;
-  std::atomic<uint64_t> requests_{0};
-  std::thread thread_;
+  std::unique_ptr<State> state_;
 };
 
 }  // namespace custody::metrics

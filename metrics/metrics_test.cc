@@ -3,9 +3,12 @@
 // custodyd's own page is checked by a real Prometheus in tests/prometheus_integration_test.cc.
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -20,6 +23,7 @@
 #include "metrics/exposition.h"
 #include "metrics/histogram.h"
 #include "metrics/http_server.h"
+#include "metrics/http_test_client.h"
 #include "openssl/ssl.h"
 
 namespace custody::metrics {
@@ -114,25 +118,12 @@ TEST(HistogramTest, ConcurrentObservationsAreAllCounted) {
   EXPECT_NEAR(s.sum, 4 * (10000 / 7 * 0.021 + 0.001 * (0 + 1 + 2 + 3)), 1e-6);
 }
 
-// A raw HTTP exchange with the server on 127.0.0.1:port.
-std::string Exchange(int port, const std::string& request) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    close(fd);
-    return "connect failed";
-  }
-  (void)!write(fd, request.data(), request.size());
-  std::string reply;
-  char buf[4096];
-  ssize_t n;
-  while ((n = read(fd, buf, sizeof(buf))) > 0) reply.append(buf, static_cast<size_t>(n));
-  close(fd);
-  return reply;
-}
+using testing::ClosedByPeer;
+using testing::ConnectLoopback;
+using testing::Exchange;
+using testing::P99;
+using testing::ReadResponse;
+using testing::SendAll;
 
 HttpServer::Options At(const std::string& address) {
   HttpServer::Options options;
@@ -163,14 +154,163 @@ TEST(HttpServerTest, ServesMetricsAndRefusesTheRest) {
 
   EXPECT_TRUE(absl::StartsWith(Exchange(port, "GET / HTTP/1.1\r\n\r\n"), "HTTP/1.1 404"));
   EXPECT_TRUE(absl::StartsWith(Exchange(port, "POST /metrics HTTP/1.1\r\n\r\n"), "HTTP/1.1 405"));
-  EXPECT_TRUE(absl::StartsWith(Exchange(port, "garbage\r\n\r\n"), "HTTP/1.1 400"));
-  // Oversized and never-ending headers: refused, and the server keeps serving.
-  EXPECT_TRUE(absl::StartsWith(
-      Exchange(port, "GET /metrics HTTP/1.1\r\nX: " + std::string(20000, 'a')), "HTTP/1.1 400"));
-  EXPECT_TRUE(absl::StartsWith(Exchange(port, "GET /metrics HTTP/1.1\r\n\r\n"), "HTTP/1.1 200 OK"));
-  EXPECT_EQ(renders, 4);  // GET x3 and HEAD
+  EXPECT_EQ(renders, 3);  // GET x2 and HEAD
   (*server)->Stop();
   EXPECT_EQ(Exchange(port, "GET /metrics HTTP/1.1\r\n\r\n"), "connect failed");
+}
+
+// Each bad request is answered at once (the old server waited 5 s for LF-only lines and for
+// more header bytes), and the server keeps serving.
+TEST(HttpServerTest, AnswersBadRequestsPromptly) {
+  auto server = HttpServer::Start(At("127.0.0.1:0"), [] { return std::string("custody_up 1\n"); });
+  ASSERT_TRUE(server.ok()) << server.status();
+  const int port = (*server)->port();
+  auto timed = [&](const std::string& request, double* ms) {
+    auto t0 = std::chrono::steady_clock::now();
+    std::string reply = Exchange(port, request, 3000);
+    *ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    return reply;
+  };
+  double ms = 0;
+  // Oversized headers, one long header or many: 431 without waiting for the end.
+  std::string huge = timed("GET /metrics HTTP/1.1\r\nX: " + std::string(20000, 'a'), &ms);
+  EXPECT_TRUE(absl::StartsWith(huge, "HTTP/1.1 431")) << huge;
+  EXPECT_LT(ms, 500);
+  std::string many = "GET /metrics HTTP/1.1\r\n";
+  for (int i = 0; i < 2000; ++i) absl::StrAppend(&many, "X-", i, ": y\r\n");
+  EXPECT_TRUE(absl::StartsWith(timed(many + "\r\n", &ms), "HTTP/1.1 431"));
+  EXPECT_LT(ms, 500);
+  EXPECT_TRUE(absl::StartsWith(timed("GET /" + std::string(20000, 'a') + " HTTP/1.1\r\n\r\n", &ms),
+                               "HTTP/1.1 414"));
+  EXPECT_LT(ms, 500);
+  // A malformed request line or header: 400.
+  EXPECT_TRUE(absl::StartsWith(timed("garbage garbage\r\n\r\n", &ms), "HTTP/1.1 400"));
+  EXPECT_LT(ms, 500);
+  EXPECT_TRUE(absl::StartsWith(
+      timed("GET /metrics HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", &ms), "HTTP/1.1 400"));
+  EXPECT_LT(ms, 500);
+  // A one-word line is not HTTP at all: libmicrohttpd closes the connection at once, no reply.
+  EXPECT_EQ(timed("garbage\r\n\r\n", &ms), "");
+  EXPECT_LT(ms, 500);
+  // LF-only line ends (RFC 9112 section 2.2 lets a server accept them): answered at once.
+  std::string lf = timed("GET /metrics HTTP/1.1\nHost: x\n\n", &ms);
+  EXPECT_TRUE(absl::StartsWith(lf, "HTTP/1.1 200 OK")) << lf;
+  EXPECT_LT(ms, 500);
+  EXPECT_TRUE(absl::StartsWith(Exchange(port, "GET /metrics HTTP/1.1\r\n\r\n"), "HTTP/1.1 200 OK"));
+}
+
+TEST(HttpServerTest, KeepsTheConnectionAliveForTheNextRequest) {
+  auto server = HttpServer::Start(At("127.0.0.1:0"), [] { return std::string("custody_up 1\n"); });
+  ASSERT_TRUE(server.ok()) << server.status();
+  int fd = ConnectLoopback((*server)->port());
+  ASSERT_GE(fd, 0);
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(SendAll(fd, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"));
+    std::string reply = ReadResponse(fd, 2000);
+    EXPECT_TRUE(absl::StartsWith(reply, "HTTP/1.1 200 OK")) << i << ": " << reply;
+    EXPECT_TRUE(absl::EndsWith(reply, "custody_up 1\n")) << i;
+  }
+  close(fd);
+  EXPECT_EQ((*server)->requests(), 3u);
+}
+
+// The deadline covers the whole request: a client trickling a byte every 100 ms (each read
+// succeeds, so a per-read timeout never fires) is cut off once the deadline passes, as are an
+// idle connection, an idle keep-alive connection and a client that never reads its reply.
+TEST(HttpServerTest, CutsOffEachSlowClientAtTheRequestDeadline) {
+  HttpServer::Options options = At("127.0.0.1:0");
+  options.request_deadline = absl::Milliseconds(800);
+  auto server = HttpServer::Start(options, [] { return std::string(1 << 22, 'x'); });
+  ASSERT_TRUE(server.ok()) << server.status();
+  const int port = (*server)->port();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto elapsed_ms = [&] {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  };
+  int trickler = ConnectLoopback(port);
+  int idle = ConnectLoopback(port);
+  int keep_alive = ConnectLoopback(port);
+  int non_reader = ConnectLoopback(port);
+  ASSERT_TRUE(trickler >= 0 && idle >= 0 && keep_alive >= 0 && non_reader >= 0);
+  int buffer = 4096;
+  setsockopt(non_reader, SOL_SOCKET, SO_RCVBUF, &buffer, sizeof(buffer));
+  ASSERT_TRUE(SendAll(keep_alive, "GET /x HTTP/1.1\r\n\r\n"));        // 404, then idles
+  ASSERT_TRUE(SendAll(non_reader, "GET /metrics HTTP/1.1\r\n\r\n"));  // 4 MiB, never read
+  // A header line that never ends, one byte at a time.
+  const std::string trickle = "GET /metrics HTTP/1.1\r\nX-Slow: " + std::string(100, 'a');
+  size_t sent = 0;
+  while (elapsed_ms() < 3000 && sent < trickle.size() &&
+         send(trickler, &trickle[sent], 1, MSG_NOSIGNAL) == 1) {
+    ++sent;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  const double trickler_cut = elapsed_ms();
+  EXPECT_LT(trickler_cut, 800 + 400) << "bytes sent: " << sent;
+  EXPECT_GE(trickler_cut, 700);
+  for (int fd : {idle, keep_alive, non_reader}) {
+    EXPECT_TRUE(ClosedByPeer(fd, 1200 - static_cast<int>(elapsed_ms())))
+        << (fd == idle         ? "idle"
+            : fd == keep_alive ? "keep-alive"
+                               : "non-reader")
+        << " at " << elapsed_ms() << " ms";
+  }
+  EXPECT_LT(elapsed_ms(), 1300);
+  for (int fd : {trickler, idle, keep_alive, non_reader}) close(fd);
+  EXPECT_GE((*server)->deadline_cutoffs(), 4u);
+}
+
+// Past max_connections a connection is accepted and closed at once, not queued; a slot that
+// frees up is used again.
+TEST(HttpServerTest, RefusesConnectionsPastTheCap) {
+  HttpServer::Options options = At("127.0.0.1:0");
+  options.max_connections = 8;
+  options.threads = 1;
+  auto server = HttpServer::Start(options, [] { return std::string("custody_up 1\n"); });
+  ASSERT_TRUE(server.ok()) << server.status();
+  const int port = (*server)->port();
+  std::vector<int> held;
+  for (int i = 0; i < 8; ++i) held.push_back(ConnectLoopback(port));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ((*server)->open_connections(), 8u);
+  int excess = ConnectLoopback(port);
+  ASSERT_GE(excess, 0);  // the kernel completes the handshake; the server then closes it
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_TRUE(ClosedByPeer(excess, 1000));
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(500));
+  close(excess);
+  close(held.back());
+  held.pop_back();
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_TRUE(
+      absl::StartsWith(Exchange(port, "GET /metrics HTTP/1.1\r\n\r\n", 2000), "HTTP/1.1 200 OK"));
+  for (int fd : held) close(fd);
+}
+
+// 200 clients that sent half a request hold nothing: a scrape meanwhile is answered at once
+// (the old one-connection server held it for as long as they hung), on two threads.
+TEST(HttpServerTest, AnswersAtOnceWhileManyClientsHang) {
+  auto server = HttpServer::Start(At("127.0.0.1:0"), [] { return std::string("custody_up 1\n"); });
+  ASSERT_TRUE(server.ok()) << server.status();
+  const int port = (*server)->port();
+  std::vector<int> hanging;
+  for (int i = 0; i < 200; ++i) {
+    int fd = ConnectLoopback(port);
+    ASSERT_GE(fd, 0);
+    SendAll(fd, "GET /metrics HTTP/1.1\r\nHo");
+    hanging.push_back(fd);
+  }
+  std::vector<double> ms;
+  for (int i = 0; i < 50; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    std::string reply = Exchange(port, "GET /metrics HTTP/1.1\r\n\r\n", 2000);
+    ms.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    EXPECT_TRUE(absl::StartsWith(reply, "HTTP/1.1 200 OK"));
+  }
+  std::sort(ms.begin(), ms.end());
+  EXPECT_LT(P99(ms), 100) << "max " << ms.back() << " ms";
+  EXPECT_GE((*server)->open_connections(), 200u);
+  for (int fd : hanging) close(fd);
 }
 
 TEST(HttpServerTest, RefusesBadAddresses) {
@@ -185,65 +325,147 @@ TEST(HttpServerTest, RefusesBadAddresses) {
   EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable);
 }
 
-TEST(HttpServerTest, ServesOverTlsWithAClientCertificate) {
-  const std::filesystem::path dir =
-      std::filesystem::temp_directory_path() / absl::StrCat("metrics_tls_", getpid());
-  std::filesystem::create_directories(dir);
-  const std::string d = dir.string();
-  // A self-signed server certificate, and one for the client (which is its own CA here).
-  const std::string make =
-      absl::StrCat("cd ", d,
-                   " && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
-                   "-keyout server.key -out server.pem -days 1 -subj /CN=127.0.0.1 "
-                   "-addext subjectAltName=IP:127.0.0.1 2>/dev/null"
-                   " && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
-                   "-keyout client.key -out client.pem -days 1 -subj /CN=scraper 2>/dev/null");
+// A self-signed EC certificate for `cn` (IP SAN 127.0.0.1) as DIR/NAME.pem and DIR/NAME.key.
+void MakeCertificate(const std::string& dir, const std::string& name, const std::string& cn) {
+  const std::string make = absl::StrCat(
+      "cd ", dir,
+      " && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ", name,
+      ".key -out ", name, ".pem -days 1 -subj /CN=", cn,
+      " -addext subjectAltName=IP:127.0.0.1 2>/dev/null");
   ASSERT_EQ(std::system(make.c_str()), 0);
+}
+
+// GET /metrics over TLS, trusting `ca` (and presenting the client certificate when given); the
+// reply, and in *peer_cn the server certificate's CN.
+std::string TlsFetch(int port, const std::string& ca, const std::string& client_cert = "",
+                     const std::string& client_key = "", std::string* peer_cn = nullptr) {
+  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+  SSL_CTX_load_verify_locations(ctx, ca.c_str(), nullptr);
+  SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nullptr);
+  if (!client_cert.empty()) {
+    SSL_CTX_use_certificate_file(ctx, client_cert.c_str(), SSL_FILETYPE_PEM);
+    SSL_CTX_use_PrivateKey_file(ctx, client_key.c_str(), SSL_FILETYPE_PEM);
+  }
+  int fd = ConnectLoopback(port);
+  std::string reply;
+  if (fd >= 0) {
+    // As any HTTP client does (curl, Go's net/http): else the request record waits on Nagle.
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    SSL* ssl = SSL_new(ctx);
+    SSL_set_fd(ssl, fd);
+    if (SSL_connect(ssl) == 1) {
+      if (peer_cn != nullptr) {
+        X509* peer = SSL_get1_peer_certificate(ssl);
+        char cn[256] = {};
+        X509_NAME_get_text_by_NID(X509_get_subject_name(peer), NID_commonName, cn, sizeof(cn));
+        *peer_cn = cn;
+        X509_free(peer);
+      }
+      const std::string req = "GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n";
+      size_t wrote = 0;
+      SSL_write_ex(ssl, req.data(), req.size(), &wrote);
+      char buf[4096];
+      size_t got = 0;
+      while (SSL_read_ex(ssl, buf, sizeof(buf), &got) == 1) reply.append(buf, got);
+    }
+    SSL_free(ssl);
+    close(fd);
+  }
+  SSL_CTX_free(ctx);
+  return reply;
+}
+
+class HttpServerTlsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::filesystem::create_directories(dir_);
+    MakeCertificate(dir_, "server", "127.0.0.1");
+    MakeCertificate(dir_, "client", "scraper");  // its own CA here
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  const std::string dir_ =
+      (std::filesystem::temp_directory_path() / absl::StrCat("metrics_tls_", getpid())).string();
+};
+
+TEST_F(HttpServerTlsTest, ServesOverTlsWithAClientCertificate) {
   HttpServer::Options options;
   options.address = "127.0.0.1:0";
-  options.tls_cert = d + "/server.pem";
-  options.tls_key = d + "/server.key";
-  options.client_ca = d + "/client.pem";
+  options.tls_cert = dir_ + "/server.pem";
+  options.tls_key = dir_ + "/server.key";
+  options.client_ca = dir_ + "/client.pem";
   auto server = HttpServer::Start(options, [] { return std::string("custody_up 1\n"); });
   ASSERT_TRUE(server.ok()) << server.status();
-
-  auto fetch = [&](bool with_client_cert) -> std::string {
-    SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
-    SSL_CTX_load_verify_locations(ctx, options.tls_cert.c_str(), nullptr);
-    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nullptr);
-    if (with_client_cert) {
-      SSL_CTX_use_certificate_file(ctx, (d + "/client.pem").c_str(), SSL_FILETYPE_PEM);
-      SSL_CTX_use_PrivateKey_file(ctx, (d + "/client.key").c_str(), SSL_FILETYPE_PEM);
-    }
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(static_cast<uint16_t>((*server)->port()));
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    std::string reply;
-    if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-      SSL* ssl = SSL_new(ctx);
-      SSL_set_fd(ssl, fd);
-      if (SSL_connect(ssl) == 1) {
-        const std::string req = "GET /metrics HTTP/1.1\r\n\r\n";
-        size_t wrote = 0;
-        SSL_write_ex(ssl, req.data(), req.size(), &wrote);
-        char buf[4096];
-        size_t got = 0;
-        while (SSL_read_ex(ssl, buf, sizeof(buf), &got) == 1) reply.append(buf, got);
-      }
-      SSL_free(ssl);
-    }
-    close(fd);
-    SSL_CTX_free(ctx);
-    return reply;
-  };
-  std::string with = fetch(true);
+  const int port = (*server)->port();
+  std::string with = TlsFetch(port, options.tls_cert, dir_ + "/client.pem", dir_ + "/client.key");
   EXPECT_TRUE(absl::StartsWith(with, "HTTP/1.1 200 OK")) << with;
   EXPECT_TRUE(absl::EndsWith(with, "custody_up 1\n"));
-  // Without a client certificate the handshake (TLS 1.3: the first read) fails: no metrics.
-  EXPECT_FALSE(absl::StrContains(fetch(false), "custody_up"));
-  std::filesystem::remove_all(dir);
+  // Without a client certificate, or with one the CA did not issue: 403, no metrics.
+  std::string without = TlsFetch(port, options.tls_cert);
+  EXPECT_TRUE(absl::StartsWith(without, "HTTP/1.1 403")) << without;
+  EXPECT_FALSE(absl::StrContains(without, "custody_up"));
+  std::string other = TlsFetch(port, options.tls_cert, options.tls_cert, options.tls_key);
+  EXPECT_FALSE(absl::StrContains(other, "custody_up")) << other;
+  // A key that is not the certificate's, a missing file: refused at startup.
+  options.tls_key = dir_ + "/client.key";
+  EXPECT_EQ(HttpServer::Start(options, [] { return std::string(); }).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  options.tls_key = dir_ + "/missing.key";
+  EXPECT_EQ(HttpServer::Start(options, [] { return std::string(); }).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+// 100 clients that open a TLS connection and never finish the handshake (nothing sent, or half
+// a ClientHello) hold no thread: a scrape meanwhile completes its handshake and answers at once,
+// and each stalled one is cut off at the request deadline. A rotated certificate is served from
+// the next connection on.
+TEST_F(HttpServerTlsTest, StalledHandshakesHoldNothingAndARotatedCertificateIsServed) {
+  HttpServer::Options options;
+  options.address = "127.0.0.1:0";
+  options.tls_cert = dir_ + "/server.pem";
+  options.tls_key = dir_ + "/server.key";
+  options.request_deadline = absl::Seconds(3);
+  auto server = HttpServer::Start(options, [] { return std::string("custody_up 1\n"); });
+  ASSERT_TRUE(server.ok()) << server.status();
+  const int port = (*server)->port();
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<int> stalled;
+  for (int i = 0; i < 100; ++i) {
+    int fd = ConnectLoopback(port);
+    ASSERT_GE(fd, 0);
+    // A TLS record header announcing a 512-byte ClientHello, and 5 of its bytes.
+    if (i % 2 == 0) SendAll(fd, std::string("\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03", 10));
+    stalled.push_back(fd);
+  }
+  std::vector<double> ms;
+  for (int i = 0; i < 100; ++i) {
+    auto t = std::chrono::steady_clock::now();
+    std::string cn;
+    EXPECT_TRUE(absl::EndsWith(TlsFetch(port, options.tls_cert, "", "", &cn), "custody_up 1\n"));
+    ms.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count());
+    EXPECT_EQ(cn, "127.0.0.1");
+  }
+  // ...all while the stalled ones were still open.
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(2900));
+  std::sort(ms.begin(), ms.end());
+  EXPECT_LT(P99(ms), 100) << "max " << ms.back() << " ms, min " << ms.front();
+  for (int fd : stalled) {
+    const int left = 3500 - static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                 std::chrono::steady_clock::now() - t0)
+                                                 .count());
+    EXPECT_TRUE(ClosedByPeer(fd, std::max(left, 0)));
+    close(fd);
+  }
+  EXPECT_GE((*server)->deadline_cutoffs(), 100u);
+
+  // The certificate rotates on disk (a new pair written, then renamed into place).
+  MakeCertificate(dir_, "rotated", "rotated.example");
+  std::filesystem::rename(dir_ + "/rotated.key", dir_ + "/server.key");
+  std::filesystem::rename(dir_ + "/rotated.pem", dir_ + "/server.pem");
+  std::string cn;
+  EXPECT_TRUE(absl::EndsWith(TlsFetch(port, dir_ + "/server.pem", "", "", &cn), "custody_up 1\n"));
+  EXPECT_EQ(cn, "rotated.example");
 }
 
 }  // namespace

@@ -542,6 +542,16 @@ TEST_F(RecoveryTest, SaturatedPoolRejectsAtOnceInsteadOfQueueing) {
   EXPECT_GE(metrics.pool_waits, 1u);
   EXPECT_EQ(metrics.pool_timeouts, 0u);
   EXPECT_GE(metrics.sign.max_micros, 200000u);
+  // The histogram: every signature in one bucket, the 200 ms ones in (100 ms, 250 ms] or above.
+  uint64_t in_buckets = 0, slow = 0;
+  for (size_t i = 0; i < metrics.sign.buckets.size(); ++i) {
+    in_buckets += metrics.sign.buckets[i];
+    if (i == metrics.sign.buckets.size() - 1 || Token::kLatencyBoundsMicros[i] > 200000) {
+      slow += metrics.sign.buckets[i];
+    }
+  }
+  EXPECT_EQ(in_buckets, metrics.sign.count);
+  EXPECT_GE(slow, static_cast<uint64_t>(signed_count));
   faults_.delay_ms("C_Sign", 0);
   EXPECT_TRUE(token_->DestroyKeyPair("pressure-1").ok());
 }

@@ -27,6 +27,7 @@
 #ifndef CUSTODY_PKCS11_TOKEN_H_
 #define CUSTODY_PKCS11_TOKEN_H_
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <map>
@@ -150,10 +151,19 @@ class Token {
     absl::Duration reinit_backoff_max = absl::Seconds(2);
   };
 
+  // Upper bounds of the latency buckets, in microseconds: 100 µs .. 10 s (the bounds of
+  // metrics::Histogram::LatencyBounds, so that the HSM's histogram and the request histogram can
+  // be read side by side).
+  static constexpr std::array<uint64_t, 16> kLatencyBoundsMicros = {
+      100,   250,    500,    1000,   2500,    5000,    10000,   25000,
+      50000, 100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000};
   struct Latency {
     uint64_t count = 0;
     uint64_t total_micros = 0;
     uint64_t max_micros = 0;
+    // Calls per bucket (not cumulative): buckets[i] took at most kLatencyBoundsMicros[i] and more
+    // than the bound before; the last counts those over 10 s.
+    std::array<uint64_t, kLatencyBoundsMicros.size() + 1> buckets{};
   };
 
   // Counters since Open.

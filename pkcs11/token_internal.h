@@ -47,7 +47,7 @@ inline CK_ATTRIBUTE BoolAttr(CK_ATTRIBUTE_TYPE type, bool value) {
   return Attr(type, value ? &kTrue : &kFalse, sizeof(CK_BBOOL));
 }
 
-// 'hex-escaped id' for messages and logs.
+// The id in hex (as KeyVersion.token_object_id shows it), for messages and logs.
 std::string PrintableId(std::string_view id);
 
 // Every object matching `match` (an empty template matches all).

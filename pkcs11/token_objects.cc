@@ -15,7 +15,9 @@
 namespace custody::pkcs11::internal {
 
 std::string PrintableId(std::string_view id) {
-  return absl::StrCat("'", absl::CHexEscape(AsAbsl(id)), "'");
+  // Hex, as custody shows CKA_ID everywhere else (KeyVersion.token_object_id): an escaped byte
+  // string is neither what pkcs11-tool prints nor safe to paste.
+  return absl::BytesToHexString(AsAbsl(id));
 }
 
 absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> FindObjects(CK_FUNCTION_LIST* fn,

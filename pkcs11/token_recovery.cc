@@ -81,6 +81,9 @@ void TokenState::RecordLatency(Timed what, absl::Duration elapsed) {
   ++latency_of.count;
   latency_of.total_micros += micros;
   latency_of.max_micros = std::max(latency_of.max_micros, micros);
+  const auto& bounds = Token::kLatencyBoundsMicros;
+  ++latency_of.buckets[static_cast<size_t>(std::lower_bound(bounds.begin(), bounds.end(), micros) -
+                                           bounds.begin())];
 }
 
 Damage TokenState::DamageOfStatus(const absl::Status& status) {

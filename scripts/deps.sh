@@ -19,6 +19,10 @@ PACKAGES=(
   libtss2-tcti-tabrmd0 dbus
   # and opencryptoki's software token (pkcsslotd).
   opencryptoki
+  # the HTTP side (/metrics, the public JWKS): GNU libmicrohttpd, TLS through GnuTLS
+  libmicrohttpd-dev libgnutls28-dev
+  python3-grpcio python3-grpc-tools  # examples/python: the Python client, stubs made at test time
+  python3-protobuf  # tests/proto/check_compat.py: the custody.v1 descriptor-set comparison
 )
 # Node.js and npm run the npm `jose` interop tests and oidc-provider; a machine that has them (any
 # source) keeps them.

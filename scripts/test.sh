@@ -7,6 +7,8 @@ scripts/deps.sh
 # npm packages (tests/js, pinned by package-lock.json): `jose`, an independent JOSE implementation
 # the interop tests use, and oidc-provider, the authorization server of the end-to-end test.
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+# examples/node's own dependencies (@grpc/grpc-js, @grpc/proto-loader; jose for its test).
+(cd examples/node && npm ci --no-audit --no-fund --loglevel=error)
 if [ "${CUSTODY_SANITIZE:-0}" = 1 ]; then
   export BUILD_DIR=build-asan
   # Full unwinding: SoftHSM2 and libcrypto have no frame pointers, and a truncated stack would

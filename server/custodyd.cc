@@ -1,4 +1,6 @@
 // custodyd: the custody gRPC service. See README.md for flags and the embedded default.
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -7,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <climits>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -42,7 +45,9 @@
 #include "server/audit_anchor.h"
 #include "server/embedded_token.h"
 #include "server/grpc_services.h"
+#include "server/jwks_http.h"
 #include "server/key_service.h"
+#include "server/malformed_requests.h"
 #include "server/metadata_backend.h"
 #include "server/request_guard.h"
 #include "server/service_metrics.h"
@@ -131,12 +136,50 @@ ABSL_FLAG(std::string, metrics_listen, "",
           "Loopback only, unless --tls_cert/--tls_key are set: then served over TLS with them");
 ABSL_FLAG(std::string, metrics_client_ca, "",
           "with TLS: CA bundle (PEM) the scraper's client certificate must chain to");
+ABSL_FLAG(std::string, jwks_listen, "",
+          "HOST:PORT serving the public JWKS of the --jwks_publish rings over HTTP "
+          "(GET /rings/NAME/jwks.json and --jwks_alias paths); empty = off. Loopback only, "
+          "unless served over TLS (--jwks_tls_cert/--jwks_tls_key, else --tls_cert/--tls_key)");
+ABSL_FLAG(std::vector<std::string>, jwks_publish, {},
+          "rings whose public JWKS --jwks_listen serves (comma-separated); no other ring is "
+          "reachable there");
+ABSL_FLAG(std::string, jwks_tls_cert, "",
+          "PEM certificate chain for --jwks_listen (the name clients fetch the JWKS by); with "
+          "--jwks_tls_key, TLS on any address. Default: --tls_cert/--tls_key when set");
+ABSL_FLAG(std::string, jwks_tls_key, "", "PEM private key of --jwks_tls_cert");
+ABSL_FLAG(std::vector<std::string>, jwks_alias, {},
+          "PATH=RING[+RING...] entries (comma-separated) serving published rings' keys as one "
+          "JWKS at another path, e.g. /.well-known/jwks.json=op/id-token or "
+          "/clients/acme/jwks.json=clients/acme/sign+clients/acme/enc");
 ABSL_FLAG(
     bool, metrics_ring_label, true,
     "label per-call and per-ring metrics with the ring name (bounded by --metrics_max_rings)");
 ABSL_FLAG(
     int, metrics_max_rings, 100,
     "rings that get a metrics label of their own; further rings are counted as ring=\"_other\"");
+
+// Bounded work per caller (docs/operating.md "Limits"): every figure here was measured against
+// the attacks of issue 28 (docs/performance.md).
+ABSL_FLAG(int64_t, max_jwks_reply_bytes, 4 * 1024 * 1024,
+          "largest GetJwks/WatchJwks reply; a larger key set is RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_watch_streams, 256, "concurrent WatchJwks streams, server-wide");
+ABSL_FLAG(int, max_watch_streams_per_caller, 16,
+          "concurrent WatchJwks streams per caller identity");
+ABSL_FLAG(int, max_threads, 512,
+          "gRPC server threads (grpc::ResourceQuota); must exceed --max_watch_streams");
+ABSL_FLAG(int, max_concurrent_streams, 128, "concurrent calls per connection (HTTP/2)");
+ABSL_FLAG(int, max_connections, 1024,
+          "Unix-socket connections open at once (at most the descriptor limit - 128)");
+ABSL_FLAG(int, max_connections_per_uid, 128, "Unix-socket connections open at once per uid");
+ABSL_FLAG(absl::Duration, connection_idle_timeout, absl::Minutes(5),
+          "a connection with no call for this long is closed (also one that never sent the "
+          "HTTP/2 preface)");
+ABSL_FLAG(absl::Duration, max_connection_age, absl::Hours(1),
+          "a connection is asked to reconnect (GOAWAY) after this long; 0: never");
+ABSL_FLAG(absl::Duration, keepalive_time, absl::Minutes(1),
+          "custodyd pings each connection this often; one that does not answer within "
+          "--keepalive_timeout is closed");
+ABSL_FLAG(absl::Duration, keepalive_timeout, absl::Seconds(20), "see --keepalive_time");
 
 namespace custody::server {
 namespace {
@@ -152,29 +195,41 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   return out;
 }
 
+// 127.0.0.0/8, ::1 or "localhost"; a name such as "127.example.com" is not loopback.
 bool IsLoopbackHost(absl::string_view host) {
-  return host == "127.0.0.1" || host == "localhost" || host == "[::1]" || host == "::1" ||
-         absl::StartsWith(host, "127.");
+  if (host == "localhost") return true;
+  std::string literal(host);
+  if (literal.size() >= 2 && literal.front() == '[' && literal.back() == ']') {
+    literal = literal.substr(1, literal.size() - 2);
+  }
+  in_addr v4{};
+  if (inet_pton(AF_INET, literal.c_str(), &v4) == 1) return (ntohl(v4.s_addr) >> 24) == 127;
+  in6_addr v6{};
+  return inet_pton(AF_INET6, literal.c_str(), &v6) == 1 && IN6_IS_ADDR_LOOPBACK(&v6);
 }
 
 // Refuses a non-loopback TCP listener without TLS: keys must not be reachable in clear.
-absl::Status CheckListenAddress(const std::string& addr, bool tls) {
+absl::Status CheckListenAddress(const std::string& addr, bool tls,
+                                absl::string_view flag = "--listen") {
   if (absl::StartsWith(addr, "unix:")) {
+    if (flag != "--listen") {
+      return absl::InvalidArgumentError(absl::StrCat(flag, "='", addr, "': HOST:PORT only"));
+    }
     if (addr.size() <= 5) return absl::InvalidArgumentError("--listen=unix: needs a path");
     return absl::OkStatus();
   }
   size_t colon = addr.rfind(':');
   if (colon == std::string::npos || colon == 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--listen='", addr, "' is neither unix:PATH nor HOST:PORT"));
+        absl::StrCat(flag, "='", addr, "' is neither unix:PATH nor HOST:PORT"));
   }
   int port = 0;
   if (!absl::SimpleAtoi(addr.substr(colon + 1), &port) || port < 0 || port > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat("--listen='", addr, "' has no valid port"));
+    return absl::InvalidArgumentError(absl::StrCat(flag, "='", addr, "' has no valid port"));
   }
   if (!tls && !IsLoopbackHost(addr.substr(0, colon))) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "refusing to listen on '", addr,
+        flag, ": refusing to listen on '", addr,
         "' without TLS: only loopback or a Unix socket may be used in clear; pass --tls_cert, "
         "--tls_key and --client_ca"));
   }
@@ -438,23 +493,56 @@ int Run() {
   runner_options.parallel_after =
       absl::Microseconds(std::max<int64_t>(0, absl::GetFlag(FLAGS_batch_parallel_after_us)));
   BatchRunner batch_runner(runner_options);
-  SignerService signer(keys->get(), &guard, max_batch_items, &batch_runner);
+  SignerService::JwksLimits jwks_limits;
+  jwks_limits.max_reply_bytes =
+      static_cast<size_t>(std::max<int64_t>(1024, absl::GetFlag(FLAGS_max_jwks_reply_bytes)));
+  jwks_limits.max_watch_streams = absl::GetFlag(FLAGS_max_watch_streams);
+  jwks_limits.max_watch_streams_per_caller = absl::GetFlag(FLAGS_max_watch_streams_per_caller);
+  const int max_threads = absl::GetFlag(FLAGS_max_threads);
+  // Watchers hold a thread each: the rest of the quota is what every other call has.
+  if (jwks_limits.max_watch_streams < 1 || jwks_limits.max_watch_streams_per_caller < 1 ||
+      max_threads < jwks_limits.max_watch_streams + 32) {
+    return fail("startup.flags",
+                absl::InvalidArgumentError(absl::StrCat(
+                    "--max_watch_streams and --max_watch_streams_per_caller must be >= 1 and "
+                    "--max_threads (",
+                    max_threads, ") at least --max_watch_streams + 32 (",
+                    jwks_limits.max_watch_streams + 32, ")")));
+  }
+  SignerService signer(keys->get(), &guard, max_batch_items, &batch_runner, jwks_limits);
   KeyAdminService admin(keys->get(), &guard);
   std::atomic<bool> serving_now{true};
+  // The HTTP listeners (metrics, JWKS): like the gRPC port, in clear only on loopback; with
+  // --tls_cert/--tls_key, TLS with custodyd's certificate.
+  auto start_http = [&](absl::string_view flag, const std::string& addr, std::string cert,
+                        std::string key, const std::string& client_ca,
+                        auto handler) -> absl::StatusOr<std::unique_ptr<metrics::HttpServer>> {
+    if (cert.empty() && key.empty() && tls) {
+      cert = absl::GetFlag(FLAGS_tls_cert);
+      key = absl::GetFlag(FLAGS_tls_key);
+    }
+    const bool https = !cert.empty() || !key.empty();
+    if (absl::Status s = CheckListenAddress(addr, https, flag); !s.ok()) return s;
+    metrics::HttpServer::Options options;
+    options.address = addr;
+    if (https) {
+      options.tls_cert = cert;
+      options.tls_key = key;
+      options.client_ca = client_ca;
+    }
+    auto started = metrics::HttpServer::Start(options, std::move(handler));
+    if (!started.ok()) {
+      return absl::Status(started.status().code(),
+                          absl::StrCat(flag, ": ", started.status().message()));
+    }
+    Log(LogLevel::kInfo, absl::StrCat(flag.substr(2, flag.find('_') - 2), ".listening"),
+        {{"address", addr},
+         {"port", absl::StrCat((*started)->port())},
+         {"tls", https ? "true" : "false"}});
+    return started;
+  };
   std::unique_ptr<metrics::HttpServer> metrics_server;
   if (const std::string addr = absl::GetFlag(FLAGS_metrics_listen); !addr.empty()) {
-    // Like the gRPC port: in clear only on loopback.
-    if (absl::StartsWith(addr, "unix:")) {
-      return fail("startup.metrics", absl::InvalidArgumentError("--metrics_listen is HOST:PORT"));
-    }
-    if (absl::Status s = CheckListenAddress(addr, tls); !s.ok()) return fail("startup.metrics", s);
-    metrics::HttpServer::Options metrics_options;
-    metrics_options.address = addr;
-    if (tls) {
-      metrics_options.tls_cert = absl::GetFlag(FLAGS_tls_cert);
-      metrics_options.tls_key = absl::GetFlag(FLAGS_tls_key);
-      metrics_options.client_ca = absl::GetFlag(FLAGS_metrics_client_ca);
-    }
     MetricsSources sources;
     sources.requests = &request_metrics;
     sources.token = token->get();
@@ -462,16 +550,75 @@ int Run() {
     sources.keys = keys->get();
     sources.serving = [&serving_now] { return serving_now.load(); };
     sources.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
-    auto started = metrics::HttpServer::Start(
-        metrics_options, [sources] { return RenderMetrics(sources, absl::Now()); });
+    auto started = start_http(
+        "--metrics_listen", addr, "", "", absl::GetFlag(FLAGS_metrics_client_ca),
+        metrics::HttpServer::Render([sources] { return RenderMetrics(sources, absl::Now()); }));
     if (!started.ok()) return fail("startup.metrics", started.status());
     metrics_server = *std::move(started);
-    Log(LogLevel::kInfo, "metrics.listening",
-        {{"address", addr},
-         {"port", absl::StrCat(metrics_server->port())},
-         {"tls", tls ? "true" : "false"}});
+  }
+  std::unique_ptr<metrics::HttpServer> jwks_server;
+  {
+    auto publication =
+        ParseJwksPublication(absl::GetFlag(FLAGS_jwks_publish), absl::GetFlag(FLAGS_jwks_alias));
+    if (!publication.ok()) return fail("startup.jwks", publication.status());
+    const std::string addr = absl::GetFlag(FLAGS_jwks_listen);
+    if (addr.empty() && !(absl::GetFlag(FLAGS_jwks_tls_cert).empty() &&
+                          absl::GetFlag(FLAGS_jwks_tls_key).empty())) {
+      return fail("startup.jwks",
+                  absl::InvalidArgumentError(
+                      "--jwks_tls_cert/--jwks_tls_key without --jwks_listen: say "
+                      "where to serve the key sets (e.g. --jwks_listen=0.0.0.0:8444)"));
+    }
+    if (addr.empty() && !publication->rings.empty()) {
+      return fail("startup.jwks", absl::InvalidArgumentError(
+                                      "--jwks_publish without --jwks_listen: say where to serve "
+                                      "the key sets (e.g. --jwks_listen=127.0.0.1:8080)"));
+    }
+    if (!addr.empty()) {
+      if (publication->rings.empty()) {
+        Log(LogLevel::kWarning, "jwks.nothing_published",
+            {{"hint",
+              "--jwks_listen serves only the rings --jwks_publish lists; every path is "
+              "404 until one is listed"}});
+      }
+      const std::vector<std::string> existing = (*keys)->RingNames();
+      for (const std::string& ring : publication->rings) {
+        if (std::find(existing.begin(), existing.end(), ring) == existing.end()) {
+          // Not an error: the ring may be created later (it is served from then on).
+          Log(LogLevel::kWarning, "jwks.unknown_ring",
+              {{"ring", ring}, {"hint", "404 until a ring of this name is created"}});
+        }
+      }
+      auto started = start_http("--jwks_listen", addr, absl::GetFlag(FLAGS_jwks_tls_cert),
+                                absl::GetFlag(FLAGS_jwks_tls_key), "",
+                                JwksHandler(keys->get(), *std::move(publication)));
+      if (!started.ok()) return fail("startup.jwks", started.status());
+      jwks_server = *std::move(started);
+    }
+  }
+  // Each connection is a descriptor: the cap stays below the descriptor limit, with 128 left for
+  // the token, the store, the audit log and the metrics server.
+  UnixListener::Limits unix_limits;
+  {
+    rlimit nofile{};
+    getrlimit(RLIMIT_NOFILE, &nofile);
+    const int64_t room =
+        nofile.rlim_cur == RLIM_INFINITY ? INT_MAX : static_cast<int64_t>(nofile.rlim_cur) - 128;
+    unix_limits.max_connections =
+        static_cast<int>(std::min<int64_t>(absl::GetFlag(FLAGS_max_connections), room));
+    unix_limits.max_connections_per_uid =
+        std::min(unix_limits.max_connections, absl::GetFlag(FLAGS_max_connections_per_uid));
+    if (unix_limits.max_connections < 16 || unix_limits.max_connections_per_uid < 1) {
+      return fail("startup.flags",
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "room for ", unix_limits.max_connections,
+                      " connections: --max_connections and --max_connections_per_uid must be >= 1 "
+                      "and the descriptor limit (",
+                      nofile.rlim_cur, ") at least 144; raise LimitNOFILE / ulimit -n")));
+    }
   }
   grpc::EnableDefaultHealthCheckService(true);
+  AuditMalformedRequests(&guard);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   // A Unix socket without TLS is custodyd's own listener, so that a handler learns the caller's
@@ -492,6 +639,30 @@ int Run() {
   builder.RegisterService(&signer);
   builder.RegisterService(&admin);
   builder.SetMaxReceiveMessageSize(4 * 1024 * 1024);
+  // Threads are bounded (a call beyond is RESOURCE_EXHAUSTED at once, never a thread more), and
+  // so are one connection's concurrent calls.
+  grpc::ResourceQuota quota("custodyd");
+  quota.SetMaxThreads(max_threads);
+  builder.SetResourceQuota(quota);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
+                             std::max(1, absl::GetFlag(FLAGS_max_concurrent_streams)));
+  // Connections end: idle ones (no call; gRPC starts counting when the connection is set up, so
+  // a peer that never sends the HTTP/2 preface is closed too), old ones (GOAWAY, then a grace for
+  // the calls in flight), and ones whose peer stops answering pings.
+  auto millis = [](absl::Duration d) {
+    return static_cast<int>(std::clamp<int64_t>(absl::ToInt64Milliseconds(d), 1, INT_MAX));
+  };
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS,
+                             millis(absl::GetFlag(FLAGS_connection_idle_timeout)));
+  if (absl::Duration age = absl::GetFlag(FLAGS_max_connection_age); age > absl::ZeroDuration()) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, millis(age));
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, millis(absl::Minutes(1)));
+  }
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
+                             millis(absl::GetFlag(FLAGS_keepalive_time)));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+                             millis(absl::GetFlag(FLAGS_keepalive_timeout)));
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   if (int n = absl::GetFlag(FLAGS_grpc_cqs); n > 0) {
     builder.SetSyncServerOption(grpc::ServerBuilder::NUM_CQS, n);
   }
@@ -506,7 +677,7 @@ int Run() {
     return fail("startup.listen",
                 absl::UnavailableError(absl::StrCat("cannot listen on '", listen, "'")));
   }
-  if (unix_listener != nullptr) unix_listener->Serve(server.get());
+  if (unix_listener != nullptr) unix_listener->Serve(server.get(), unix_limits);
   const pkcs11::TokenInfo& info = (*token)->info();
   NotifySystemd(absl::StrCat("READY=1\nMAINPID=", getpid()));  // Type=notify units
   Log(LogLevel::kInfo, "custodyd.ready",
@@ -518,6 +689,8 @@ int Run() {
        {"token_serial", info.serial},
        {"rsa_x509_mechanism", (*token)->HasMechanism("CKM_RSA_X_509") ? "present" : "absent"},
        {"replica_id", replica_id},
+       {"max_connections", absl::StrCat(unix_limits.max_connections)},
+       {"max_threads", absl::StrCat(max_threads)},
        {"policy", policy_path},
        {"audit_dir", audit_dir}});
 
@@ -626,6 +799,7 @@ int Run() {
   health.join();
   anchoring.Tick(/*force=*/true);  // the head at shutdown
   if (metrics_server != nullptr) metrics_server->Stop();
+  if (jwks_server != nullptr) jwks_server->Stop();
   return 0;
 }
 

@@ -1,9 +1,12 @@
 #include "server/grpc_services.h"
 
+#include <algorithm>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/caller_message.h"
@@ -32,6 +35,23 @@ void Annotate(AuditEvent& e, const v1::DecryptJweResponse& r) {
   e.version = r.version();
 }
 
+// rotation::ValidateRingName's limit. A longer caller-set name is refused before anything else
+// looks at it, and never echoed whole (BoundedForMessage).
+constexpr size_t kMaxRingNameBytes = 200;
+
+// Names a jwks call may list after duplicates are removed.
+constexpr size_t kMaxJwksRings = 256;
+
+// A caller-set name as it may appear in an audit line or an error message: whole within the ring
+// name limit, else its first 64 bytes (cut on a UTF-8 boundary) and its length, so that a long
+// name can swell neither a reply's metadata nor the audit log.
+std::string BoundedForMessage(absl::string_view s) {
+  if (s.size() <= kMaxRingNameBytes) return std::string(s);
+  size_t cut = 64;
+  while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) --cut;
+  return absl::StrCat(s.substr(0, cut), "...(", s.size(), " bytes)");
+}
+
 // One RPC's authorization and audit: identify, authorize, run, record. The shape every
 // handler below shares.
 class Call {
@@ -41,7 +61,7 @@ class Call {
       : guard_(guard) {
     event_.identity = CallerIdentity(context);
     event_.operation = std::string(operation);
-    event_.ring = std::string(ring);
+    SetRing(ring);
   }
   // One item of a batch RPC, whose caller is already identified.
   Call(RequestGuard* guard, const std::string& identity, absl::string_view operation,
@@ -49,11 +69,12 @@ class Call {
       : guard_(guard) {
     event_.identity = identity;
     event_.operation = std::string(operation);
-    event_.ring = std::string(ring);
+    SetRing(ring);
   }
   const std::string& identity() const { return event_.identity; }
   AuditEvent& event() { return event_; }
   absl::Status Authorize() const {
+    if (!ring_error_.ok()) return ring_error_;
     return guard_->Authorize(event_.identity, event_.operation, event_.ring);
   }
   grpc::Status Finish(const grpc::Status& result) {
@@ -78,8 +99,17 @@ class Call {
   }
 
  private:
+  void SetRing(absl::string_view ring) {
+    event_.ring = BoundedForMessage(ring);
+    if (ring.size() > kMaxRingNameBytes) {
+      ring_error_ = absl::InvalidArgumentError(absl::StrCat(
+          "ring name is ", ring.size(), " bytes long; the limit is ", kMaxRingNameBytes));
+    }
+  }
+
   RequestGuard* const guard_;
   AuditEvent event_;
+  absl::Status ring_error_;                 // a ring name too long to look at
   const absl::Time started_ = absl::Now();  // for the latency metric
 };
 
@@ -205,8 +235,29 @@ grpc::Status SignerService::DecryptJwe(grpc::ServerContext* context,
   return call.Run(response, [&] { return keys_->DecryptJwe(*request); });
 }
 
+absl::StatusOr<std::vector<std::string>> SignerService::JwksSelection(
+    const google::protobuf::RepeatedPtrField<std::string>& asked) {
+  std::vector<std::string> names;
+  absl::flat_hash_set<absl::string_view> seen;
+  for (const std::string& name : asked) {
+    if (name.size() > kMaxRingNameBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ring name '", BoundedForMessage(name), "' is ", name.size(),
+                       " bytes long; the limit is ", kMaxRingNameBytes));
+    }
+    if (!seen.insert(name).second) continue;
+    if (names.size() == kMaxJwksRings) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "more than ", kMaxJwksRings, " distinct ring names in one request (", asked.size(),
+          " given); ask for at most ", kMaxJwksRings, " per call, or none for every ring"));
+    }
+    names.push_back(name);
+  }
+  return names;
+}
+
 absl::StatusOr<std::vector<std::string>> SignerService::JwksRings(
-    const std::string& identity, const google::protobuf::RepeatedPtrField<std::string>& asked) {
+    const std::string& identity, const std::vector<std::string>& asked) {
   std::vector<std::string> rings;
   if (asked.empty()) {
     for (const std::string& name : keys_->RingNames()) {
@@ -221,19 +272,46 @@ absl::StatusOr<std::vector<std::string>> SignerService::JwksRings(
   return rings;
 }
 
+absl::StatusOr<KeyService::Jwks> SignerService::BoundedJwks(
+    const std::vector<std::string>& rings) const {
+  // An empty selection after filtering is an empty set, not "every ring".
+  if (rings.empty()) {
+    static const auto* const kEmpty = new std::shared_ptr<const std::string>(
+        std::make_shared<const std::string>("{\"keys\":[]}"));
+    return KeyService::Jwks{*kEmpty, "", 0, keys_->JwksGeneration()};
+  }
+  absl::StatusOr<KeyService::Jwks> jwks = keys_->GetJwks(rings);
+  if (jwks.ok() && jwks->json->size() > max_jwks_reply_bytes_) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the JWKS of these ", rings.size(), " rings is ", jwks->json->size(),
+                     " bytes; the reply limit is ", max_jwks_reply_bytes_,
+                     " (--max_jwks_reply_bytes): ask for fewer rings per call"));
+  }
+  return jwks;
+}
+
+// The ring field of a jwks call's audit line: the names asked (bounded).
+std::string SignerService::JwksAuditRings(
+    const google::protobuf::RepeatedPtrField<std::string>& asked) {
+  if (asked.size() <= 8) {
+    std::vector<std::string> shown;
+    for (const std::string& name : asked) shown.push_back(BoundedForMessage(name));
+    return absl::StrJoin(shown, ",");
+  }
+  return absl::StrCat(BoundedForMessage(asked.Get(0)), ",...(", asked.size(), " names)");
+}
+
 grpc::Status SignerService::GetJwks(grpc::ServerContext* context, const v1::GetJwksRequest* request,
                                     v1::GetJwksResponse* response) {
-  Call call(guard_, *context, kOpJwks, absl::StrJoin(request->rings(), ","));
-  auto rings = JwksRings(call.identity(), request->rings());
+  Call call(guard_, *context, kOpJwks, "");
+  call.event().ring = JwksAuditRings(request->rings());
+  auto asked = JwksSelection(request->rings());
+  if (!asked.ok()) return call.Finish(ToGrpcStatus(asked.status()));
+  auto rings = JwksRings(call.identity(), *asked);
   if (!rings.ok()) return call.Finish(ToGrpcStatus(rings.status()));
-  // An empty selection after filtering is an empty set, not "every ring".
-  if (rings->empty()) {
-    response->set_jwks("{\"keys\":[]}");
-    return call.Finish(grpc::Status::OK);
-  }
-  auto jwks = keys_->GetJwks(*rings);
+  auto jwks = BoundedJwks(*rings);
   if (!jwks.ok()) return call.Finish(ToGrpcStatus(jwks.status()));
-  response->set_jwks(std::move(jwks->json));
+  response->set_jwks(*jwks->json);
   response->set_etag(std::move(jwks->etag));
   response->set_max_age_seconds(jwks->max_age_seconds);
   return call.Finish(grpc::Status::OK);
@@ -242,31 +320,55 @@ grpc::Status SignerService::GetJwks(grpc::ServerContext* context, const v1::GetJ
 grpc::Status SignerService::WatchJwks(grpc::ServerContext* context,
                                       const v1::WatchJwksRequest* request,
                                       grpc::ServerWriter<v1::GetJwksResponse>* writer) {
-  Call call(guard_, *context, kOpJwks, absl::StrJoin(request->rings(), ","));
+  Call call(guard_, *context, kOpJwks, "");
+  call.event().ring = JwksAuditRings(request->rings());
   call.event().detail = "watch";
-  auto rings = JwksRings(call.identity(), request->rings());
+  auto asked = JwksSelection(request->rings());
+  if (!asked.ok()) return call.Finish(ToGrpcStatus(asked.status()));
+  auto rings = JwksRings(call.identity(), *asked);
   if (!rings.ok()) return call.Finish(ToGrpcStatus(rings.status()));
+  // Each watcher holds a server thread for as long as it watches: bounded server-wide and per
+  // caller, refused at once beyond (and the refusal audited like any other).
+  absl::StatusOr<StreamQuota::Slot> slot = watch_quota_.Acquire(call.identity());
+  if (!slot.ok()) return call.Finish(ToGrpcStatus(slot.status()));
+  auto first = BoundedJwks(*rings);
+  if (!first.ok()) return call.Finish(ToGrpcStatus(first.status()));
   // The subscription is what is audited; pushes are the same public keys, re-sent.
   if (grpc::Status s = call.Finish(grpc::Status::OK); !s.ok()) return s;
-  std::string last_sent;
-  while (!context->IsCancelled() && !keys_->draining()) {
-    auto jwks = rings->empty()
-                    ? absl::StatusOr<KeyService::Jwks>(KeyService::Jwks{"{\"keys\":[]}", "", 0, 0})
-                    : keys_->GetJwks(*rings);
+  // The key set is built once per generation and shared by every watcher of the same rings
+  // (KeyService's cache); a watcher only holds a reference to the last one it sent.
+  std::shared_ptr<const std::string> last_sent;
+  absl::StatusOr<KeyService::Jwks> jwks = std::move(first);
+  // "Every ring" (no names) means every ring now: the list is read again after each change, so a
+  // ring created after the watch began is followed too. listed_at is the generation read before
+  // the list (0 for the first list, whose generation is unknown: it is read again at once).
+  uint64_t listed_at = request->rings().empty() ? 0 : std::numeric_limits<uint64_t>::max();
+  for (;;) {
     if (!jwks.ok()) return ToGrpcStatus(jwks.status());
     // A change elsewhere wakes every watcher; only a change of these rings' keys is sent.
-    if (jwks->json != last_sent) {
+    if (last_sent == nullptr || *jwks->json != *last_sent) {
       v1::GetJwksResponse message;
-      message.set_jwks(jwks->json);
+      message.set_jwks(*jwks->json);
       message.set_etag(jwks->etag);
       message.set_max_age_seconds(jwks->max_age_seconds);
       if (!writer->Write(message)) return grpc::Status::OK;  // the watcher went away
-      last_sent = std::move(jwks->json);
+      last_sent = jwks->json;
     }
-    // Bounded waits so that cancellation and shutdown are noticed within a second.
-    keys_->WaitForJwksChange(jwks->generation, absl::Now() + absl::Seconds(1));
+    // Bounded waits so that cancellation and shutdown are noticed within a second; the set is
+    // looked at again only when the generation moved.
+    const uint64_t seen = std::min(listed_at, jwks->generation);
+    uint64_t generation = seen;
+    while (generation == seen) {
+      if (context->IsCancelled() || keys_->draining()) return grpc::Status::OK;
+      generation = keys_->WaitForJwksChange(seen, absl::Now() + absl::Seconds(1));
+    }
+    if (request->rings().empty()) {
+      listed_at = keys_->JwksGeneration();
+      rings = JwksRings(call.identity(), *asked);
+      if (!rings.ok()) return ToGrpcStatus(rings.status());
+    }
+    jwks = BoundedJwks(*rings);
   }
-  return grpc::Status::OK;
 }
 
 grpc::Status KeyAdminService::CreateKeyRing(grpc::ServerContext* context,

@@ -9,6 +9,7 @@
 #include "server/batch_runner.h"
 #include "server/key_service.h"
 #include "server/request_guard.h"
+#include "server/stream_quota.h"
 
 namespace custody::server {
 
@@ -27,15 +28,33 @@ inline constexpr char kOpAdminRotate[] = "admin.rotate";
 inline constexpr char kOpAdminDestroy[] = "admin.destroy";
 inline constexpr char kOpAdminCertificate[] = "admin.certificate";
 
+// What one caller can make GetJwks and WatchJwks cost (docs/api.md "Limits").
+struct JwksLimits {
+  // A reply larger than this is RESOURCE_EXHAUSTED (the client's default receive limit).
+  size_t max_reply_bytes = 4 * 1024 * 1024;
+  // Concurrent WatchJwks streams, server-wide and per caller identity; each holds a thread.
+  int max_watch_streams = 256;
+  int max_watch_streams_per_caller = 16;
+};
+
 class SignerService final : public v1::Signer::Service {
  public:
   // Batch RPCs with more than this many items are refused (INVALID_ARGUMENT).
   static constexpr int kDefaultMaxBatchItems = 64;
 
+  using JwksLimits = server::JwksLimits;
+
   // `runner` (may be null: items run in order on the handler thread) must outlive the service.
   SignerService(const KeyService* keys, RequestGuard* guard,
-                int max_batch_items = kDefaultMaxBatchItems, BatchRunner* runner = nullptr)
-      : keys_(keys), guard_(guard), max_batch_items_(max_batch_items), runner_(runner) {}
+                int max_batch_items = kDefaultMaxBatchItems, BatchRunner* runner = nullptr,
+                JwksLimits jwks_limits = JwksLimits{})
+      : keys_(keys),
+        guard_(guard),
+        max_batch_items_(max_batch_items),
+        runner_(runner),
+        max_jwks_reply_bytes_(jwks_limits.max_reply_bytes),
+        watch_quota_("WatchJwks", jwks_limits.max_watch_streams,
+                     jwks_limits.max_watch_streams_per_caller) {}
   grpc::Status SignJws(grpc::ServerContext* context, const v1::SignJwsRequest* request,
                        v1::SignJwsResponse* response) override;
   // Each item as a SignJws of its own (authorized, signed, one audit line), on this thread or,
@@ -55,7 +74,8 @@ class SignerService final : public v1::Signer::Service {
   grpc::Status DecryptJweBatch(grpc::ServerContext* context,
                                const v1::DecryptJweBatchRequest* request,
                                v1::DecryptJweBatchResponse* response) override;
-  // Holds one server thread per watcher; the JWKS is re-sent when the published set changes.
+  // Holds one server thread per watcher (bounded by JwksLimits); the JWKS is re-sent when the
+  // published set changes.
   grpc::Status WatchJwks(grpc::ServerContext* context, const v1::WatchJwksRequest* request,
                          grpc::ServerWriter<v1::GetJwksResponse>* writer) override;
 
@@ -68,15 +88,25 @@ class SignerService final : public v1::Signer::Service {
                         const google::protobuf::RepeatedPtrField<Request>& items,
                         google::protobuf::RepeatedPtrField<Result>* results, ContentOf content_of,
                         Operation run);
+  // The names a jwks call asks for, duplicates removed; INVALID_ARGUMENT for a name longer than
+  // a ring name can be or more than 256 distinct names.
+  static absl::StatusOr<std::vector<std::string>> JwksSelection(
+      const google::protobuf::RepeatedPtrField<std::string>& asked);
+  // The bounded ring field of a jwks call's audit line.
+  static std::string JwksAuditRings(const google::protobuf::RepeatedPtrField<std::string>& asked);
   // The rings a jwks call covers: the asked ones (each must be granted), or every ring the
   // caller may read when none is asked.
-  absl::StatusOr<std::vector<std::string>> JwksRings(
-      const std::string& identity, const google::protobuf::RepeatedPtrField<std::string>& asked);
+  absl::StatusOr<std::vector<std::string>> JwksRings(const std::string& identity,
+                                                     const std::vector<std::string>& asked);
+  // The (shared) JWKS of `rings`; RESOURCE_EXHAUSTED when larger than max_jwks_reply_bytes_.
+  absl::StatusOr<KeyService::Jwks> BoundedJwks(const std::vector<std::string>& rings) const;
 
   const KeyService* const keys_;
   RequestGuard* const guard_;
   const int max_batch_items_;
   BatchRunner* const runner_;
+  const size_t max_jwks_reply_bytes_;
+  StreamQuota watch_quota_;
 };
 
 class KeyAdminService final : public v1::KeyAdmin::Service {

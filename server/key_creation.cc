@@ -148,6 +148,42 @@ absl::StatusOr<VersionRecord> KeyService::CompleteVersion(VersionRecord record,
   return record;
 }
 
+absl::Status KeyService::VerifyAgainstToken(const VersionRecord& record,
+                                            const pkcs11::KeyPair& key) const {
+  VersionRecord from_token = record;
+  from_token.kid.clear();  // recomputed from the token's key
+  auto completed = CompleteVersion(std::move(from_token), key);
+  if (!completed.ok()) {
+    if (absl::IsUnavailable(completed.status())) return completed.status();
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the token object's public key cannot be read: ", completed.status().message()));
+  }
+  if (completed->public_jwk != record.public_jwk) {
+    return absl::FailedPreconditionError(
+        "the stored public_jwk is not the public key of the token object it names");
+  }
+  // The kid is not checked: an imported JWK keeps its own kid, which the token cannot confirm,
+  // and a changed kid publishes no other key (the JWK beside it is the token's).
+  return absl::OkStatus();
+}
+
+absl::Status KeyService::VouchForVersion(Version& version, const char* event) const {
+  if (version.key == nullptr) return absl::OkStatus();
+  absl::Status vouched = VerifyAgainstToken(version.record, *version.key);
+  if (vouched.ok() || absl::IsUnavailable(vouched)) return vouched;
+  version.key = nullptr;
+  version.key_mismatch = true;
+  Log(LogLevel::kError, event,
+      {{"ring", version.record.ring},
+       {"version", absl::StrCat(version.record.version)},
+       {"kid", version.record.kid},
+       {"object_id", version.record.object_id},
+       {"error", std::string(vouched.message())},
+       {"action",
+        "out of service (not published, not used): the metadata was changed outside custody"}});
+  return absl::OkStatus();
+}
+
 absl::StatusOr<KeyService::Version> KeyService::MaterializeVersion(const Ring& ring,
                                                                    VersionRecord record,
                                                                    const EVP_PKEY* import) {

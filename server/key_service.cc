@@ -179,6 +179,11 @@ absl::Status KeyService::Load() {
                                   : token_->FindKeyPair(raw_id);  // says what is wrong with it
       if (key.ok()) {
         version.key = *std::move(key);
+        // The token vouches for the public key the metadata would publish, or the version is
+        // out of service.
+        if (absl::Status s = VouchForVersion(version, "reconcile.public_key_mismatch"); !s.ok()) {
+          return s;
+        }
       } else if (absl::IsNotFound(key.status())) {
         version.object_missing = true;
         Log(LogLevel::kError, "reconcile.object_missing",

@@ -105,7 +105,9 @@ class KeyService {
   // Attaches a checked X.509 chain to a PENDING, ACTIVE or RETIRED version (durable first).
   absl::StatusOr<v1::KeyRing> SetCertificate(const v1::SetCertificateRequest& request);
   struct Jwks {
-    std::string json;
+    // Immutable and shared: every caller and watcher of one ring set in one generation holds the
+    // same string, built once.
+    std::shared_ptr<const std::string> json;
     std::string etag;             // base64url of the first 16 bytes of SHA-256(json)
     int64_t max_age_seconds = 0;  // half the smallest prepublish of the rings
     uint64_t generation = 0;      // of the published key set, for WaitForJwksChange
@@ -115,6 +117,8 @@ class KeyService {
   // Blocks until the published key set of any ring changes after `generation`, or `deadline`.
   // Returns the current generation.
   uint64_t WaitForJwksChange(uint64_t generation, absl::Time deadline) const;
+  // The current generation of the published key set.
+  uint64_t JwksGeneration() const;
   // Decrypts a compact JWE with a decrypting version of the ring (by kid, else each in turn,
   // ACTIVE first). Parse errors name the part; every later failure is INVALID_ARGUMENT
   // "decryption failed".
@@ -145,8 +149,10 @@ class KeyService {
  private:
   struct Version {
     rotation::VersionRecord record;
-    std::shared_ptr<pkcs11::KeyPair> key;  // null when the object is missing
+    std::shared_ptr<pkcs11::KeyPair> key;  // null when the object is missing or untrusted
     bool object_missing = false;
+    // The metadata's public key is not the token object's: out of service (key null).
+    bool key_mismatch = false;
     // Unix ms of this process's latest signature with the version, shared by every snapshot's
     // copy. A call that took the ACTIVE version before a rotation was published signs after the
     // recorded retire_time (by the commit's fsync and the call's own time); retention runs from
@@ -193,6 +199,13 @@ class KeyService {
   // Destroys the token object of a version whose creation failed and deletes its intent; when
   // that fails too, the CREATING row stays for the next start to reconcile.
   void RollBackVersion(const rotation::VersionRecord& record);
+  // OK when `record`'s public_jwk is exactly the public key of `key` as the token holds it (what
+  // the JWKS would publish); FAILED_PRECONDITION otherwise; UNAVAILABLE for token trouble.
+  absl::Status VerifyAgainstToken(const rotation::VersionRecord& record,
+                                  const pkcs11::KeyPair& key) const;
+  // Takes `version` out of service when the token does not vouch for its public key (logged as
+  // `event`); token trouble is returned.
+  absl::Status VouchForVersion(Version& version, const char* event) const;
   absl::StatusOr<rotation::VersionRecord> CompleteVersion(rotation::VersionRecord record,
                                                           const pkcs11::KeyPair& key) const;
   absl::StatusOr<std::shared_ptr<const Ring>> FindRing(const std::string& name) const;
@@ -282,7 +295,7 @@ class KeyService {
   // verifier's refresh, every watcher's wake-up) are served without rebuilding it. Bounded;
   // emptied when the generation moves on.
   struct CachedJwks {
-    std::string json;
+    std::shared_ptr<const std::string> json;
     std::string etag;
   };
   mutable absl::Mutex jwks_cache_mu_;

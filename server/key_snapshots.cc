@@ -93,6 +93,12 @@ absl::StatusOr<const KeyService::Version*> KeyService::ActiveVersion(const Ring&
                                                       ring.record.name,
                                                       "' is compromised: it never signs"));
   }
+  if (v.key_mismatch) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "ring '", ring.record.name, "' version ", v.record.version,
+        " is out of service: its metadata does not match its token object (see the log's "
+        "reconcile.public_key_mismatch); rotate the ring"));
+  }
   if (v.key == nullptr) {
     return absl::UnavailableError(absl::StrCat("the token object of ring '", ring.record.name,
                                                "' version ", v.record.version,
@@ -147,6 +153,7 @@ v1::KeyRing KeyService::ToProto(const Ring& ring) const {
     pv->set_token_object_id(v.record.object_id);
     pv->set_public_jwk(v.record.public_jwk);
     pv->set_object_missing(v.object_missing);
+    pv->set_public_key_mismatch(v.key_mismatch);
     if (!v.record.certificate_chain.empty()) {
       DescribeCertificate(v.record.certificate_chain, ring.record.policy.prepublish_ms,
                           pv->mutable_certificate());
@@ -219,7 +226,7 @@ absl::StatusOr<KeyService::Jwks> KeyService::GetJwks(const std::vector<std::stri
   }
   // Each stored public JWK is a serialized object of key members only (CompleteVersion): kid, use
   // and alg are spliced in before its closing brace rather than parsed and re-serialized.
-  out.json = "{\"keys\":[";
+  std::string json = "{\"keys\":[";
   bool first = true;
   for (const auto& ring : rings) {
     const char* use = ring->record.purpose == rotation::Purpose::kSign ? "sig" : "enc";
@@ -229,25 +236,26 @@ absl::StatusOr<KeyService::Jwks> KeyService::GetJwks(const std::vector<std::stri
         return absl::DataLossError(absl::StrCat("stored public JWK of ring '", ring->record.name,
                                                 "' version ", v->record.version, " is invalid"));
       }
-      if (!first) out.json += ',';
+      if (!first) json += ',';
       first = false;
-      out.json.append(jwk, 0, jwk.size() - 1);
-      out.json += jwk.size() > 2 ? ",\"kid\":" : "\"kid\":";
-      AppendJsonString(out.json, v->record.kid);
-      absl::StrAppend(&out.json, ",\"use\":\"", use, "\",\"alg\":");
-      AppendJsonString(out.json, ring->record.alg);
+      json.append(jwk, 0, jwk.size() - 1);
+      json += jwk.size() > 2 ? ",\"kid\":" : "\"kid\":";
+      AppendJsonString(json, v->record.kid);
+      absl::StrAppend(&json, ",\"use\":\"", use, "\",\"alg\":");
+      AppendJsonString(json, ring->record.alg);
       if (!v->record.certificate_chain.empty()) {
         // Checked when it was set; a chain that no longer parses is left out, not fatal.
         auto chain = ParseCertificateChain(v->record.certificate_chain);
-        if (chain.ok()) out.json += JwkCertificateMembers(*chain);
+        if (chain.ok()) json += JwkCertificateMembers(*chain);
       }
-      out.json += '}';
+      json += '}';
     }
   }
-  out.json += "]}";
-  const std::string digest = Sha256(out.json);
+  json += "]}";
+  const std::string digest = Sha256(json);
   if (digest.empty()) return absl::InternalError("SHA-256 failed");
   out.etag = jose::Base64UrlEncode(digest.substr(0, 16));
+  out.json = std::make_shared<const std::string>(std::move(json));
   {
     absl::MutexLock lock(&jwks_cache_mu_);
     if (jwks_cache_generation_ < out.generation) {
@@ -260,6 +268,11 @@ absl::StatusOr<KeyService::Jwks> KeyService::GetJwks(const std::vector<std::stri
     }
   }
   return out;
+}
+
+uint64_t KeyService::JwksGeneration() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return jwks_generation_;
 }
 
 uint64_t KeyService::WaitForJwksChange(uint64_t generation, absl::Time deadline) const {

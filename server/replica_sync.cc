@@ -118,10 +118,25 @@ absl::Status KeyService::RefreshLocked() {
         if (known != nullptr) {
           version.key = known->key;
           version.last_signed_ms = known->last_signed_ms;  // this process's signatures
-        } else {
+        }
+        // A key already vouched for with the same public key and kid is not read again; a
+        // changed row, or a version new to this replica, is checked against the token.
+        const bool vouched = known != nullptr &&
+                             known->record.public_jwk == version.record.public_jwk &&
+                             known->record.kid == version.record.kid;
+        if (known != nullptr && !vouched) {
+          if (absl::Status s = VouchForVersion(version, "replica.public_key_mismatch"); !s.ok()) {
+            version.key = nullptr;  // not vouched for: not used until the next try
+            complete = false;
+          }
+        } else if (known == nullptr) {
           auto key = token_->FindKeyPair(absl::HexStringToBytes(version.record.object_id));
           if (key.ok()) {
             version.key = *std::move(key);
+            if (absl::Status s = VouchForVersion(version, "replica.public_key_mismatch"); !s.ok()) {
+              version.key = nullptr;  // not vouched for: not used until the next try
+              complete = false;
+            }
           } else if (absl::IsNotFound(key.status())) {
             version.object_missing = true;
             Log(LogLevel::kError, "replica.object_missing",

@@ -56,13 +56,17 @@ void WriteToken(ExpositionWriter& out, const pkcs11::Token& token) {
                static_cast<double>(op.latency->count));
   }
   out.Family("custody_hsm_operation_duration_seconds",
-             "Time of the token's private-key operations as custodyd sees them, by operation.",
-             MetricType::kSummary);
+             "Time of the token's private-key operations as custodyd sees them (pool wait and "
+             "retry included), by operation.",
+             MetricType::kHistogram);
+  std::vector<double> bounds;
+  for (uint64_t micros : pkcs11::Token::kLatencyBoundsMicros) bounds.push_back(micros / 1e6);
   for (const Op& op : ops) {
-    out.Sample("custody_hsm_operation_duration_seconds_sum", {{"operation", op.name}},
-               static_cast<double>(op.latency->total_micros) / 1e6);
-    out.Sample("custody_hsm_operation_duration_seconds_count", {{"operation", op.name}},
-               static_cast<double>(op.latency->count));
+    std::vector<uint64_t> cumulative;
+    uint64_t running = 0;
+    for (uint64_t n : op.latency->buckets) cumulative.push_back(running += n);
+    out.Histogram("custody_hsm_operation_duration_seconds", {{"operation", op.name}}, bounds,
+                  cumulative, static_cast<double>(op.latency->total_micros) / 1e6);
   }
   Scalar(out, "custody_hsm_retries_total", "Token operations run a second time after a recovery.",
          MetricType::kCounter, static_cast<double>(m.retries));
@@ -127,12 +131,14 @@ void WriteRings(ExpositionWriter& out, const KeyService& keys, RequestMetrics* r
     std::optional<double> active_age;     // the oldest
   };
   std::map<std::string, Aggregate> rings;  // by label value
+  int untrusted = 0;
   for (const v1::KeyRing& ring : listed->rings()) {
     std::string label;
     if (by_ring) label = requests != nullptr ? requests->RingLabel(ring.name()) : ring.name();
     Aggregate& a = rings[label];
     for (const v1::KeyVersion& v : ring.versions()) {
       ++a.versions[v.state()];
+      untrusted += v.public_key_mismatch() ? 1 : 0;
       if (v.state() == v1::ACTIVE && v.activate_time_ms() > 0) {
         const double age = static_cast<double>(now_ms - v.activate_time_ms()) / 1000;
         a.active_age = std::max(a.active_age.value_or(age), age);
@@ -176,6 +182,10 @@ void WriteRings(ExpositionWriter& out, const KeyService& keys, RequestMetrics* r
   for (const auto& [label, a] : rings) {
     if (a.active_age) out.Sample("custody_ring_active_age_seconds", labels(label), *a.active_age);
   }
+  Scalar(out, "custody_key_versions_untrusted",
+         "Key versions out of service because their metadata's public key does not match "
+         "their token object: the metadata was changed outside custody.",
+         MetricType::kGauge, untrusted);
   Scalar(out, "custody_orphaned_token_objects",
          "custody-labelled token objects that no metadata names (see ListKeyRings).",
          MetricType::kGauge, listed->orphaned_objects_size());

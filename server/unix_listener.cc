@@ -14,6 +14,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "absl/time/clock.h"
 #include "common/log.h"
 #include "grpcpp/server_posix.h"
 
@@ -113,8 +114,33 @@ UnixListener::~UnixListener() {
   close(wake_write_);
 }
 
-void UnixListener::Serve(grpc::Server* server) {
-  thread_ = std::thread([this, server] { AcceptLoop(server); });
+void UnixListener::Serve(grpc::Server* server, Limits limits) {
+  thread_ = std::thread([this, server, limits] { AcceptLoop(server, limits); });
+}
+
+void UnixListener::Prune() {
+  size_t kept = 0;
+  for (const Connection& c : connections_) {
+    struct stat st {};
+    if (fstat(c.fd, &st) == 0 && st.st_dev == c.dev && st.st_ino == c.ino) {
+      connections_[kept++] = c;
+    } else if (--per_uid_[c.uid] <= 0) {
+      per_uid_.erase(c.uid);
+    }
+  }
+  connections_.resize(kept);
+  open_.store(static_cast<int>(kept));
+}
+
+bool UnixListener::WithinLimits(uid_t uid, const Limits& limits) {
+  auto within = [&] {
+    auto it = per_uid_.find(uid);
+    return connections_.size() < static_cast<size_t>(limits.max_connections) &&
+           (it == per_uid_.end() || it->second < limits.max_connections_per_uid);
+  };
+  if (within()) return true;
+  Prune();
+  return within();
 }
 
 void UnixListener::Stop() {
@@ -135,13 +161,21 @@ void UnixListener::Stop() {
   }
 }
 
-void UnixListener::AcceptLoop(grpc::Server* server) {
+void UnixListener::AcceptLoop(grpc::Server* server, Limits limits) {
+  absl::Time last_refusal_log = absl::InfinitePast();
+  uint64_t refused_since_log = 0;
   for (;;) {
     pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_read_, POLLIN, 0}};
-    if (poll(fds, 2, -1) < 0) {
+    // Wakes every 5 s to forget the connections gRPC closed (for open_connections()).
+    int ready = poll(fds, 2, 5000);
+    if (ready < 0) {
       if (errno == EINTR) continue;
       Log(LogLevel::kError, "unix_listener.poll", {{"error", std::strerror(errno)}});
       return;
+    }
+    if (ready == 0) {
+      Prune();
+      continue;
     }
     if (fds[1].revents != 0) return;
     if (fds[0].revents == 0) continue;
@@ -157,6 +191,34 @@ void UnixListener::AcceptLoop(grpc::Server* server) {
       if (poll(&wake, 1, 100) > 0) return;
       continue;
     }
+    ucred cred{};
+    socklen_t len = sizeof(cred);
+    struct stat st {};
+    if (getsockopt(conn, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || fstat(conn, &st) != 0) {
+      close(conn);
+      continue;
+    }
+    if (!WithinLimits(cred.uid, limits)) {
+      // Closed at once: the caller sees the connection end and may retry; logged at most once
+      // a second with the count, so a flood cannot flood the log.
+      close(conn);
+      refused_.fetch_add(1);
+      ++refused_since_log;
+      if (absl::Now() - last_refusal_log >= absl::Seconds(1)) {
+        last_refusal_log = absl::Now();
+        Log(LogLevel::kWarning, "unix_listener.refused",
+            {{"uid", absl::StrCat(cred.uid)},
+             {"refused", absl::StrCat(refused_since_log)},
+             {"open", absl::StrCat(connections_.size())},
+             {"max_connections", absl::StrCat(limits.max_connections)},
+             {"max_connections_per_uid", absl::StrCat(limits.max_connections_per_uid)}});
+        refused_since_log = 0;
+      }
+      continue;
+    }
+    connections_.push_back(Connection{conn, st.st_dev, st.st_ino, cred.uid});
+    ++per_uid_[cred.uid];
+    open_.store(static_cast<int>(connections_.size()));
     accepted_.fetch_add(1);
     // From here the descriptor is gRPC's: it closes it when the connection ends. It stays open
     // while any call on the connection is alive (the call holds the transport), so the peer

@@ -10,10 +10,12 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -21,8 +23,17 @@
 
 namespace custody::server {
 
+// Connections open at once: beyond either cap a new connection is accepted and closed at once
+// (logged, counted), so that the backlog never holds the callers who are within their share.
+struct UnixListenerLimits {
+  int max_connections = 1024;
+  int max_connections_per_uid = 128;
+};
+
 class UnixListener {
  public:
+  using Limits = UnixListenerLimits;
+
   // Binds and listens on `path` (ReplaceStaleSocket first: a live server's socket or any other
   // file there is refused), mode `mode` (0660: the owner and its group may connect; policy
   // decides the rest). The socket's st_dev/st_ino are recorded for Stop.
@@ -31,8 +42,8 @@ class UnixListener {
   UnixListener(const UnixListener&) = delete;
   UnixListener& operator=(const UnixListener&) = delete;
 
-  // Starts the accept thread: every connection becomes a channel of `server`.
-  void Serve(grpc::Server* server);
+  // Starts the accept thread: every connection within `limits` becomes a channel of `server`.
+  void Serve(grpc::Server* server, Limits limits = Limits{});
   // Stops accepting (the thread ends and the socket file is removed if it is still the one
   // this listener bound: same st_dev/st_ino; else left and logged); established connections
   // belong to the gRPC server from then on. Call before grpc::Server::Shutdown.
@@ -40,10 +51,26 @@ class UnixListener {
 
   const std::string& path() const { return path_; }
   uint64_t accepted() const { return accepted_.load(); }
+  uint64_t refused() const { return refused_.load(); }
+  // Connections open at the accept thread's last look.
+  int open_connections() const { return open_.load(); }
 
  private:
+  // A connection handed to gRPC. gRPC closes the descriptor when the connection ends without
+  // telling us, so a connection counts as open while its descriptor still names the same socket
+  // (device and inode: a reused descriptor number names another).
+  struct Connection {
+    int fd;
+    dev_t dev;
+    ino_t ino;
+    uid_t uid;
+  };
   UnixListener(std::string path, int listen_fd, int wake_read, int wake_write);
-  void AcceptLoop(grpc::Server* server);
+  void AcceptLoop(grpc::Server* server, Limits limits);
+  // Drops the connections gRPC has closed since the last look.
+  void Prune();
+  // Whether `uid` may open one more connection (pruning first when a cap looks reached).
+  bool WithinLimits(uid_t uid, const Limits& limits);
 
   std::string path_;
   int listen_fd_;
@@ -51,6 +78,10 @@ class UnixListener {
   int wake_write_;
   std::thread thread_;
   std::atomic<uint64_t> accepted_{0};
+  std::atomic<uint64_t> refused_{0};
+  std::atomic<int> open_{0};
+  std::vector<Connection> connections_;  // the accept thread's alone
+  std::map<uid_t, int> per_uid_;         // the accept thread's alone
   dev_t dev_ = 0;  // of the socket file bound by Listen
   ino_t ino_ = 0;
 };

@@ -72,7 +72,10 @@ bool ServedKid(const jose::Json& event, const std::string& kid) {
 // a file that Events() parses.
 class OidcProvider {
  public:
-  OidcProvider(const std::string& dir, const std::string& client_jwks_file)
+  // With `client_jwks_uri`, the client's jwks_uri is that URL, its https certificate trusted
+  // through `extra_ca` (NODE_EXTRA_CA_CERTS).
+  OidcProvider(const std::string& dir, const std::string& client_jwks_file,
+               const std::string& client_jwks_uri = "", const std::string& extra_ca = "")
       : out_path_(dir + "/provider.out"), err_path_(dir + "/provider.err") {
     std::vector<std::string> argv = {"node",
                                      SourceDir() + "/tests/js/oidc_provider.mjs",
@@ -80,8 +83,12 @@ class OidcProvider {
                                      std::string("--client_id=") + kClientId,
                                      std::string("--redirect_uri=") + kRedirectUri,
                                      "--client_jwks_file=" + client_jwks_file};
+    if (!client_jwks_uri.empty()) argv.push_back("--client_jwks_uri=" + client_jwks_uri);
     absl::StatusOr<ChildProcess> child =
-        ChildProcess::Start({.argv = argv, .stdout_path = out_path_, .stderr_path = err_path_});
+        ChildProcess::Start({.argv = argv,
+                             .env = {"NODE_EXTRA_CA_CERTS=" + extra_ca},
+                             .stdout_path = out_path_,
+                             .stderr_path = err_path_});
     if (child.ok()) process_ = *std::move(child);
   }
 
@@ -236,7 +243,23 @@ class OidcE2eTest : public ::testing::Test {
     ASSERT_TRUE(
         std::filesystem::exists(SourceDir() + "/tests/js/node_modules/oidc-provider/package.json"))
         << "oidc-provider is not installed: run `npm ci` in tests/js (scripts/test.sh does)";
-    custodyd_ = std::make_unique<Custodyd>(dir_.path() + "/state", WithLowPolicyFloors());
+    std::vector<std::string> flags;
+    if (jwks_from_custody_) {
+      // custodyd serves the client's jwks_uri itself, over TLS with a certificate for 127.0.0.1.
+      CommandResult cert = RunCommand(
+          {"openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+           "-nodes", "-keyout", dir_.path() + "/jwks.key", "-out", jwks_ca_, "-days", "1", "-subj",
+           "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"});
+      ASSERT_EQ(cert.exit_code, 0) << cert.err;
+      const int port = FreePort();
+      jwks_uri_ = "https://127.0.0.1:" + std::to_string(port) + "/clients/fapi/jwks.json";
+      flags = {"--jwks_listen=127.0.0.1:" + std::to_string(port),
+               std::string("--jwks_publish=") + kSigningRing + "," + kDecryptionRing,
+               std::string("--jwks_alias=/clients/fapi/jwks.json=") + kSigningRing + "+" +
+                   kDecryptionRing,
+               "--jwks_tls_cert=" + jwks_ca_, "--jwks_tls_key=" + dir_.path() + "/jwks.key"};
+    }
+    custodyd_ = std::make_unique<Custodyd>(dir_.path() + "/state", WithLowPolicyFloors(flags));
     ASSERT_TRUE(custodyd_->started()) << custodyd_->log();
 
     // The client's keys: one ES256 signing ring (client assertions, request objects, DPoP) with
@@ -257,20 +280,56 @@ class OidcE2eTest : public ::testing::Test {
     ASSERT_TRUE(CreateRing(*custodyd_, decrypt).ok());
 
     PublishClientJwks(*custodyd_, jwks_path_);
-    provider_ = std::make_unique<OidcProvider>(dir_.path(), jwks_path_);
+    provider_ = std::make_unique<OidcProvider>(dir_.path(), jwks_path_, jwks_uri_, jwks_ca_);
     std::optional<jose::Json> ready = provider_->WaitFor("ready", 0, 30s);
     ASSERT_TRUE(ready.has_value()) << provider_->Log();
     issuer_ = Str(*ready, "issuer");
   }
 
+  // Flows 1 and 2: the client's keys before and after its signing ring rotates.
+  void FlowsAcrossSigningKeyRotation();
+
   TempDir dir_;
   const std::string jwks_path_ = dir_.path() + "/client-jwks.json";
+  bool jwks_from_custody_ = false;  // the client's jwks_uri is custodyd's --jwks_listen
+  const std::string jwks_ca_ = dir_.path() + "/jwks.pem";
+  std::string jwks_uri_;
   std::unique_ptr<Custodyd> custodyd_;
   std::unique_ptr<OidcProvider> provider_;
   std::string issuer_;
 };
 
 TEST_F(OidcE2eTest, FapiFlowWithCustodyKeysCompletesBeforeAndAfterSigningKeyRotation) {
+  FlowsAcrossSigningKeyRotation();
+}
+
+// The client's jwks_uri is custodyd's own JWKS listener (--jwks_listen over TLS, an alias serving
+// both client rings as one set): no file, no server of the client's; the provider fetches it over
+// https before the rotation and again after, and verifies the private_key_jwt assertions (and
+// request objects, DPoP proofs) with what it fetched.
+class OidcCustodyJwksUriTest : public OidcE2eTest {
+ protected:
+  OidcCustodyJwksUriTest() { jwks_from_custody_ = true; }
+};
+
+TEST_F(OidcCustodyJwksUriTest, ProviderVerifiesClientAssertionsWithKeysFromCustodysJwksListener) {
+  FlowsAcrossSigningKeyRotation();
+  if (HasFatalFailure()) return;
+  std::vector<jose::Json> events = provider_->Events();
+  int fetched = 0;
+  for (const jose::Json& e : events) {
+    if (Str(e, "event") == "client_jwks.fetch") {
+      EXPECT_EQ(Str(e, "url"), jwks_uri_);
+      ++fetched;
+    }
+    if (Str(e, "event") == "client_jwks.served") {
+      EXPECT_EQ(e.Find("status")->Serialize(), "200") << e.Serialize();
+    }
+  }
+  EXPECT_GE(fetched, 2) << provider_->Log();
+}
+
+void OidcE2eTest::FlowsAcrossSigningKeyRotation() {
   const auto started = Clock::now();
   Custodyd& d = *custodyd_;
   OidcProvider& op = *provider_;

@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "client/jwe_encryption.h"
 #include "common/secret.h"
@@ -180,6 +181,24 @@ TEST_F(PrometheusIntegrationTest, PromQlCountsTheCallsAndHsmErrorsCustodydServed
                 "custody_hsm_errors_total{function=\"C_Sign\",ckr=\"CKR_DEVICE_ERROR\"}", "2"),
             "2");
   EXPECT_EQ(prometheus.QueryUntil("custody_hsm_retries_total", "1"), "1");
+  // The HSM's operation durations are a histogram: every sign call is in the +Inf bucket, none
+  // took over 10 s, and a quantile can be asked of it.
+  const std::string hsm_signs =
+      prometheus.QueryUntil("custody_hsm_operations_total{operation=\"sign\"}", "", 0);
+  EXPECT_FALSE(hsm_signs.empty());
+  EXPECT_EQ(prometheus.QueryUntil(
+                "custody_hsm_operation_duration_seconds_bucket{operation=\"sign\",le=\"+Inf\"}",
+                hsm_signs),
+            hsm_signs);
+  EXPECT_EQ(
+      prometheus.QueryUntil(
+          "custody_hsm_operation_duration_seconds_bucket{operation=\"sign\",le=\"10\"}", hsm_signs),
+      hsm_signs);
+  const std::string p99 = prometheus.QueryUntil(
+      "histogram_quantile(0.99, custody_hsm_operation_duration_seconds_bucket{operation=\"sign\"})",
+      "", 0);
+  double p99_seconds = 0;
+  EXPECT_TRUE(absl::SimpleAtod(p99, &p99_seconds) && p99_seconds > 0 && p99_seconds <= 10) << p99;
   EXPECT_EQ(prometheus.QueryUntil("custody_request_duration_seconds_count{operation=\"decrypt\"}",
                                   absl::StrCat(kDecryptCalls)),
             absl::StrCat(kDecryptCalls));

@@ -175,6 +175,10 @@ class ReplicaTest : public ::testing::Test {
     if (!metrics_ports_.empty()) {
       first_flags.push_back(absl::StrCat("--metrics_listen=127.0.0.1:", metrics_ports_[0]));
     }
+    if (!jwks_ports_.empty()) {
+      first_flags.push_back(absl::StrCat("--jwks_listen=127.0.0.1:", jwks_ports_[0]));
+      first_flags.push_back("--jwks_publish=" + jwks_published_);
+    }
     first_flags.push_back("--replica_id=r0");
     flags_.push_back(first_flags);
     envs_.push_back({});
@@ -185,6 +189,10 @@ class ReplicaTest : public ::testing::Test {
       flags.insert(flags.end(), replica_flags_.begin(), replica_flags_.end());
       if (static_cast<size_t>(i) < metrics_ports_.size()) {
         flags.push_back(absl::StrCat("--metrics_listen=127.0.0.1:", metrics_ports_[i]));
+      }
+      if (static_cast<size_t>(i) < jwks_ports_.size()) {
+        flags.push_back(absl::StrCat("--jwks_listen=127.0.0.1:", jwks_ports_[i]));
+        flags.push_back("--jwks_publish=" + jwks_published_);
       }
       flags.push_back("--pkcs11_module=/usr/lib/softhsm/libsofthsm2.so");
       flags.push_back("--token_label=custody");
@@ -215,6 +223,8 @@ class ReplicaTest : public ::testing::Test {
   std::string db_;
   std::vector<std::string> replica_flags_;  // added to every replica StartReplicas starts
   std::vector<int> metrics_ports_;          // replica i's --metrics_listen port, when given
+  std::vector<int> jwks_ports_;             // replica i's --jwks_listen port, when given
+  std::string jwks_published_;              // their --jwks_publish
   std::vector<std::unique_ptr<TempDir>> dirs_;
   std::vector<std::unique_ptr<Custodyd>> replicas_;
   std::vector<std::vector<std::string>> flags_;
@@ -467,6 +477,63 @@ TEST_F(ReplicaTest, PropagationTimeOfJwksChanges) {
   RecordProperty("propagation_p50_ms", static_cast<int>(p50));
   RecordProperty("propagation_p99_ms", static_cast<int>(p99));
   EXPECT_LT(p99, 1000);
+}
+
+// The public JWKS listener follows the other replicas' changes as WatchJwks does: a ring created
+// and rotated on replica 0 is served by replica 1's --jwks_listen, with replica 1's GetJwks etag,
+// from the moment replica 1 has the change.
+TEST_F(ReplicaTest, JwksListenerServesAnotherReplicasRotation) {
+  jwks_ports_ = {FreePort(), FreePort()};
+  jwks_published_ = "op/published";
+  StartReplicas(2);
+  const std::string url =
+      absl::StrCat("http://127.0.0.1:", jwks_ports_[1], "/rings/op/published/jwks.json");
+  long code = 0;
+  HttpGet(url, &code);
+  EXPECT_EQ(code, 404);  // published but not created yet
+  v1::KeyRing ring;
+  ASSERT_TRUE(CreateEs256(replica(0), "op/published", &ring).ok());
+  ASSERT_TRUE(CreateEs256(replica(0), "op/unpublished", &ring).ok());
+  auto served_until = [&](const std::function<bool(const std::string&)>& done) {
+    std::string body;
+    for (auto deadline = Clock::now() + 10s; Clock::now() < deadline;) {
+      body = HttpGet(url, &code);
+      if (code == 200 && done(body)) break;
+      std::this_thread::sleep_for(20ms);
+    }
+    return body;
+  };
+  std::string first = served_until([](const std::string&) { return true; });
+  ASSERT_EQ(code, 200) << first;
+  v1::RotateKeyRingRequest req;
+  req.set_ring("op/published");
+  req.set_force(true);
+  v1::RotateKeyRingResponse rotated;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  const auto sent = Clock::now();  // the commit's notification may arrive before the reply
+  ASSERT_TRUE(replica(0).admin().RotateKeyRing(&ctx, req, &rotated).ok());
+  std::string after = served_until([&](const std::string& body) { return body != first; });
+  const double ms = MsSince(sent, Clock::now());
+  ASSERT_NE(after, first) << "replica 1's listener never served the rotation";
+  // What replica 1 serves over HTTP is what its GetJwks says.
+  v1::GetJwksRequest get;
+  get.add_rings("op/published");
+  v1::GetJwksResponse expected;
+  grpc::ClientContext gctx;
+  SetDeadline(&gctx);
+  ASSERT_TRUE(replica(1).signer().GetJwks(&gctx, get, &expected).ok());
+  EXPECT_EQ(after, expected.jwks());
+  for (const v1::KeyVersion& v : rotated.ring().versions()) {
+    if (v.state() == v1::ACTIVE) {
+      EXPECT_NE(after.find(v.kid()), std::string::npos) << after;
+    }
+  }
+  HttpGet(absl::StrCat("http://127.0.0.1:", jwks_ports_[1], "/rings/op/unpublished/jwks.json"),
+          &code);
+  EXPECT_EQ(code, 404);
+  std::printf("rotation sent to replica 0: served by replica 1's JWKS listener %.0f ms later\n",
+              ms);
 }
 
 // The CKA_IDs (hex) of the private keys in the shared token labelled custody/..., as pkcs11-tool
@@ -1228,6 +1295,53 @@ TEST_F(ReplicaTest, ClientFailsOverWhileReplicasAreKilled) {
   }
   EXPECT_GT(signed_ok.load(), kKills * 10);
   EXPECT_GT(decrypted_ok.load(), kKills * 10);
+}
+
+// Write access to the PostgreSQL database is not enough to publish a key: op/a's version is given
+// op/b's public key with psql (the ring's generation bumped and a notification sent, as a
+// replica's own commit does); both replicas check the changed row against the shared token and
+// take the version out of service, and a restarted replica refuses it at load.
+TEST_F(ReplicaTest, PublicKeyChangedInTheDatabaseIsRefusedByEveryReplica) {
+  StartReplicas(2);
+  v1::KeyRing a, b;
+  ASSERT_TRUE(CreateEs256(replica(0), "op/a", &a).ok());
+  ASSERT_TRUE(CreateEs256(replica(0), "op/b", &b).ok());
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(SignWhenReady(replica(i), "op/a", "", 5s).has_value()) << replica(i).log();
+  }
+  auto edited = Cluster()->Psql(
+      db_,
+      "UPDATE versions SET public_jwk = (SELECT public_jwk FROM versions WHERE ring = 'op/b') "
+      "WHERE ring = 'op/a'; UPDATE rings SET generation = generation + 1 WHERE name = 'op/a'; "
+      "SELECT pg_notify('custody_metadata', 'op/a');");
+  ASSERT_TRUE(edited.ok()) << edited.status();
+
+  auto refused = [&](Custodyd& d) {
+    v1::GetJwksRequest req;
+    req.add_rings("op/a");
+    v1::GetJwksResponse resp;
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    if (!d.signer().GetJwks(&ctx, req, &resp).ok() || resp.jwks() != "{\"keys\":[]}") return false;
+    v1::SignJwsResponse signed_jws;
+    grpc::Status s = Sign(d, "op/a", "p", &signed_jws);
+    return s.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
+           s.error_message().find("does not match its token object") != std::string::npos;
+  };
+  for (int i = 0; i < 2; ++i) {
+    auto deadline = Clock::now() + 10s;
+    while (!refused(replica(i)) && Clock::now() < deadline) std::this_thread::sleep_for(20ms);
+    EXPECT_TRUE(refused(replica(i))) << "replica " << i << "\n" << replica(i).log();
+    EXPECT_NE(replica(i).log().find("replica.public_key_mismatch"), std::string::npos);
+    // op/b's key is published once, under op/b only.
+    const std::string jwks = Jwks(replica(i));
+    const std::string kid_b = b.versions(0).kid();
+    EXPECT_EQ(jwks.find(kid_b), jwks.rfind(kid_b)) << jwks;
+  }
+  Restart(1);
+  ASSERT_TRUE(replica(1).started()) << replica(1).log();
+  EXPECT_TRUE(refused(replica(1)));
+  EXPECT_NE(replica(1).log().find("reconcile.public_key_mismatch"), std::string::npos);
 }
 
 }  // namespace

@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "client/channel.h"
+#include "client/client.h"
 #include "common/log.h"
 #include "common/version.h"
 #include "custody/v1/custody.grpc.pb.h"
@@ -296,10 +297,12 @@ bool ReadAll(const std::string& path, std::string* out) {
 
 class Ctl {
  public:
-  Ctl(std::shared_ptr<grpc::Channel> channel, int timeout_ms)
+  // `replicas`: --addr names several replicas (a list, or a dns:/// name).
+  Ctl(std::shared_ptr<grpc::Channel> channel, int timeout_ms, bool replicas)
       : admin_(custody::v1::KeyAdmin::NewStub(channel)),
         signer_(custody::v1::Signer::NewStub(channel)),
         health_(grpc::health::v1::Health::NewStub(channel)),
+        client_(IdempotentCalls(channel, timeout_ms, replicas)),
         timeout_ms_(timeout_ms) {}
 
   int Run(const Args& args) {
@@ -332,6 +335,24 @@ class Ctl {
     if (!status.ok()) return Failed(status);
     std::cout << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status()) << "\n";
     return resp.status() == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
+  }
+
+  // The client library's retry policy for idempotent calls (sign, decrypt, reads): with several
+  // replicas, UNAVAILABLE is retried on another one until --timeout_ms; with one address the
+  // call goes once, so that a custodyd that is down (or a mistyped --addr) is reported at once.
+  // Lifecycle calls always go once (Context()).
+  static std::unique_ptr<custody::client::Client> IdempotentCalls(
+      std::shared_ptr<grpc::Channel> channel, int timeout_ms, bool replicas) {
+    custody::client::ClientOptions options;
+    options.deadline = absl::Milliseconds(timeout_ms > 0 ? timeout_ms : 1);
+    options.max_attempts = replicas ? 0 : 1;
+    options.max_rpcs_in_flight = 0;
+    return *custody::client::Client::FromChannel(std::move(channel), options);
+  }
+  template <typename Rpc>
+  grpc::Status Idempotent(Rpc rpc) const {
+    absl::Status s = client_->CallIdempotent(rpc);
+    return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
   }
 
   std::unique_ptr<grpc::ClientContext> Context() const {
@@ -381,8 +402,8 @@ class Ctl {
     custody::v1::GetKeyRingRequest req;
     req.set_name(name);
     custody::v1::KeyRing ring;
-    auto ctx = Context();
-    grpc::Status s = admin_->GetKeyRing(ctx.get(), req, &ring);
+    grpc::Status s =
+        Idempotent([&](grpc::ClientContext& ctx) { return admin_->GetKeyRing(&ctx, req, &ring); });
     return s.ok() ? PrintJson(ring) : Failed(s);
   }
 
@@ -390,8 +411,8 @@ class Ctl {
     custody::v1::ListKeyRingsRequest req;
     req.set_prefix(prefix);
     custody::v1::ListKeyRingsResponse resp;
-    auto ctx = Context();
-    grpc::Status s = admin_->ListKeyRings(ctx.get(), req, &resp);
+    grpc::Status s = Idempotent(
+        [&](grpc::ClientContext& ctx) { return admin_->ListKeyRings(&ctx, req, &resp); });
     return s.ok() ? PrintJson(resp) : Failed(s);
   }
 
@@ -406,8 +427,8 @@ class Ctl {
       return 2;
     }
     custody::v1::SignJwsResponse resp;
-    auto ctx = Context();
-    grpc::Status s = signer_->SignJws(ctx.get(), req, &resp);
+    grpc::Status s =
+        Idempotent([&](grpc::ClientContext& ctx) { return signer_->SignJws(&ctx, req, &resp); });
     if (!s.ok()) return Failed(s);
     std::cout << resp.jws() << "\n";
     return 0;
@@ -570,8 +591,8 @@ class Ctl {
     custody::v1::GetJwksRequest req;
     for (const auto& r : rings) req.add_rings(r);
     custody::v1::GetJwksResponse resp;
-    auto ctx = Context();
-    grpc::Status s = signer_->GetJwks(ctx.get(), req, &resp);
+    grpc::Status s =
+        Idempotent([&](grpc::ClientContext& ctx) { return signer_->GetJwks(&ctx, req, &resp); });
     if (!s.ok()) return Failed(s);
     std::cout << resp.jwks() << "\n";
     return 0;
@@ -622,8 +643,8 @@ class Ctl {
     }
     req.set_jwe(jwe);
     custody::v1::DecryptJweResponse resp;
-    auto ctx = Context();
-    grpc::Status s = signer_->DecryptJwe(ctx.get(), req, &resp);
+    grpc::Status s =
+        Idempotent([&](grpc::ClientContext& ctx) { return signer_->DecryptJwe(&ctx, req, &resp); });
     if (!s.ok()) return Failed(s);
     std::cout.write(resp.plaintext().data(), static_cast<std::streamsize>(resp.plaintext().size()));
     std::cout.flush();
@@ -634,6 +655,7 @@ class Ctl {
   std::unique_ptr<custody::v1::KeyAdmin::Stub> admin_;
   std::unique_ptr<custody::v1::Signer::Stub> signer_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+  std::unique_ptr<custody::client::Client> client_;
   int timeout_ms_;
 };
 
@@ -672,5 +694,6 @@ int main(int argc, char** argv) {
       static_cast<int>(std::min<uint32_t>(args.Number("timeout_ms", 30000), 24u * 3600 * 1000));
   auto channel = custody::client::CreateChannel(options);
   if (!channel.ok()) return Usage(std::string(channel.status().message()));
-  return Ctl(*channel, timeout_ms).Run(args);
+  auto target = custody::client::ChannelTarget(options);
+  return Ctl(*channel, timeout_ms, target.ok() && target->second).Run(args);
 }

@@ -30,8 +30,17 @@ owner() {
   return 1
 }
 PACKAGES=(libsofthsm2)  # the embedded default's token (custodyd dlopens it)
+# custody's own shared libraries (libcustody_proto: the one registration of custody.v1's protobuf
+# types) are copied from the build, under their sonames, into the multiarch library directory.
+OWN_LIBS=$(mktemp -d)
+trap 'rm -rf "$OWN_LIBS"' EXIT
+OWN=()
+LIBDIR=/usr/lib/$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo x86_64-linux-gnu)
 for lib in $(for b in "${BINS[@]}"; do ldd "$b" | awk '/=> \//{print $3}'; done | sort -u); do
-  PACKAGES+=("$(owner "$lib")")
+  case "$lib" in
+    "$BUILD_DIR"/*) cp -L "$lib" "$OWN_LIBS/$(basename "$lib")" && OWN+=("$OWN_LIBS/$(basename "$lib")") ;;
+    *) PACKAGES+=("$(owner "$lib")") ;;
+  esac
 done
 PACKAGES=($(printf '%s\n' "${PACKAGES[@]}" | sort -u))
 
@@ -50,6 +59,8 @@ mmdebstrap --quiet --variant=extract --include="$(IFS=,; echo "${PACKAGES[*]}")"
   --aptopt='Acquire::Check-Valid-Until "false"' \
   --extract-hook='mkdir -p "$1/usr/bin" "$1/etc" "$1/var/lib/custody" "$1/tmp" "$1/run"' \
   --extract-hook="copy-in ${BINS[*]} /usr/bin" \
+  --extract-hook="mkdir -p \"\$1$LIBDIR\"" \
+  --extract-hook="copy-in ${OWN[*]} $LIBDIR" \
   --extract-hook='strip --strip-unneeded "$1/usr/bin/custodyd" "$1/usr/bin/custodyctl"' \
   --extract-hook='printf "root:x:0:0:root:/root:/usr/sbin/nologin\ncustody:x:10001:10001:custody:/var/lib/custody:/usr/sbin/nologin\n" > "$1/etc/passwd"' \
   --extract-hook='printf "root:x:0:\ncustody:x:10001:\n" > "$1/etc/group"' \

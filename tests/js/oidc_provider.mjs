@@ -2,7 +2,7 @@
 // authorization server for custody's end-to-end test (tests/oidc_e2e_test.cc).
 //
 //   node oidc_provider.mjs --client_jwks_file=PATH [--port=0] [--client_id=custody-fapi-client]
-//       [--redirect_uri=https://client.example/cb]
+//       [--redirect_uri=https://client.example/cb] [--client_jwks_uri=URL]
 //
 // Two HTTP servers on 127.0.0.1:
 // - the authorization server (issuer http://127.0.0.1:PORT), FAPI 2.0 Security Profile: PAR
@@ -12,7 +12,9 @@
 //   interactions are approved automatically (login "alice", consent to what was asked);
 // - the client's web host, serving the client's JWKS at /jwks from --client_jwks_file (re-read
 //   at every request, so the test publishes rotations by rewriting the file). The provider
-//   learns the client's keys only by fetching this jwks_uri.
+//   learns the client's keys only by fetching this jwks_uri. With --client_jwks_uri the client is
+//   registered with that jwks_uri instead (custodyd's --jwks_listen; https is trusted through
+//   NODE_EXTRA_CA_CERTS), and the file is not served.
 //
 // stdout: one JSON object per line: {"event":"ready",...} once both servers listen, then the
 // provider's events (successes with the kids of the client's artifacts, every error with its
@@ -33,6 +35,7 @@ const { values: args } = parseArgs({
     client_id: { type: 'string', default: 'custody-fapi-client' },
     redirect_uri: { type: 'string', default: 'https://client.example/cb' },
     client_jwks_file: { type: 'string' },
+    client_jwks_uri: { type: 'string' },
   },
 });
 if (!args.client_jwks_file) {
@@ -68,7 +71,7 @@ const clientHost = createServer((req, res) => {
     res.writeHead(500).end();
   }
 });
-const clientJwksUri = `http://127.0.0.1:${await listen(clientHost, 0)}/jwks`;
+const clientJwksUri = args.client_jwks_uri ?? `http://127.0.0.1:${await listen(clientHost, 0)}/jwks`;
 
 let provider;
 let handleProviderRequest;
@@ -142,7 +145,24 @@ provider = new Provider(issuer, {
   fetch: (url, options) => {
     if (url !== clientJwksUri) throw new Error(`refusing to fetch ${url}`);
     log({ event: 'client_jwks.fetch', url });
-    return globalThis.fetch(url, { ...options, dispatcher: undefined });
+    const response = globalThis.fetch(url, { ...options, dispatcher: undefined });
+    if (!args.client_jwks_uri) return response;
+    // Served by custodyd rather than the file host: reported the same way, from the response.
+    return response.then(async (res) => {
+      try {
+        const body = await res.clone().json();
+        log({
+          event: 'client_jwks.served', status: res.status, etag: res.headers.get('etag'),
+          kids: body.keys.map((k) => k.kid),
+        });
+      } catch (err) {
+        log({ event: 'client_jwks.failed', status: res.status, error: String(err) });
+      }
+      return res;
+    }, (err) => {
+      log({ event: 'client_jwks.failed', error: String(err?.cause ?? err) });
+      throw err;
+    });
   },
 });
 

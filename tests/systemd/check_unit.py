@@ -27,6 +27,12 @@ def main():
     text = open(unit).read()
     assert re.search(r"^Type=notify$", text, re.M), "Type=notify"
     assert re.search(r"^ExecReload=/bin/kill -HUP \$MAINPID$", text, re.M), "ExecReload SIGHUP"
+    # Bounded resources: room for custodyd's default --max_connections (1024) plus the 128
+    # descriptors it keeps for itself, and for its --max_threads (512) plus its own threads.
+    nofile = re.search(r"^LimitNOFILE=(\d+)$", text, re.M)
+    assert nofile and int(nofile.group(1)) >= 1024 + 128, "LimitNOFILE >= 1152"
+    tasks = re.search(r"^TasksMax=(\d+)$", text, re.M)
+    assert tasks and int(tasks.group(1)) >= 512 + 64, "TasksMax >= 576"
     with tempfile.TemporaryDirectory() as tmp:
         copy = os.path.join(tmp, "custodyd.service")
         with open(copy, "w") as f:

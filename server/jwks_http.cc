@@ -124,7 +124,7 @@ metrics::HttpServer::Handler JwksHandler(const KeyService* keys, JwksPublication
     if (!request.if_none_match.empty() && IfNoneMatchHits(request.if_none_match, jwks->etag)) {
       r = HttpResponse::Text(304, "");
     } else {
-      r = HttpResponse::Text(200, std::move(jwks->json), "application/jwk-set+json");
+      r = HttpResponse::Text(200, *jwks->json, "application/jwk-set+json");
     }
     r.headers.emplace_back("ETag", etag);
     r.headers.emplace_back("Cache-Control",

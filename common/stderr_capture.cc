@@ -37,7 +37,7 @@ void LogLine(const std::string& source, std::string line) {
   Log(LogLevel::kWarning, "module.stderr", {{"module", source}, {"line", std::move(line)}});
 }
 
-void ReadLines(int fd, std::string source) {
+[[maybe_unused]] void ReadLines(int fd, std::string source) {
   std::string pending;
   char buffer[4096];
   for (;;) {
@@ -60,7 +60,7 @@ void ReadLines(int fd, std::string source) {
   close(fd);
 }
 
-[[noreturn]] void RestoreStderrAndTerminate() {
+[[noreturn, maybe_unused]] void RestoreStderrAndTerminate() {
   const int original = g_original_stderr.load();
   if (original >= 0) dup2(original, STDERR_FILENO);
   if (g_previous_terminate != nullptr) g_previous_terminate();

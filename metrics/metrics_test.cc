@@ -428,6 +428,17 @@ TEST_F(HttpServerTlsTest, StalledHandshakesHoldNothingAndARotatedCertificateIsSe
   auto server = HttpServer::Start(options, [] { return std::string("custody_up 1\n"); });
   ASSERT_TRUE(server.ok()) << server.status();
   const int port = (*server)->port();
+  // A scrape's own cost on this build (an ASan build's TLS handshake takes ~50 ms, not ~2): the
+  // bound below is 100 ms or three times this, whichever is larger.
+  std::vector<double> alone;
+  for (int i = 0; i < 10; ++i) {
+    auto t = std::chrono::steady_clock::now();
+    EXPECT_TRUE(absl::EndsWith(TlsFetch(port, options.tls_cert), "custody_up 1\n"));
+    alone.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count());
+  }
+  std::sort(alone.begin(), alone.end());
+  const double bound_ms = std::max(100.0, 3 * alone.back());
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<int> stalled;
   for (int i = 0; i < 100; ++i) {
@@ -437,8 +448,10 @@ TEST_F(HttpServerTlsTest, StalledHandshakesHoldNothingAndARotatedCertificateIsSe
     if (i % 2 == 0) SendAll(fd, std::string("\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03", 10));
     stalled.push_back(fd);
   }
+  // Scrapes while the stalled ones are still open (they are cut at 3 s): up to 100, for 2.5 s.
   std::vector<double> ms;
-  for (int i = 0; i < 100; ++i) {
+  while (ms.size() < 100 &&
+         std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(2500)) {
     auto t = std::chrono::steady_clock::now();
     std::string cn;
     EXPECT_TRUE(absl::EndsWith(TlsFetch(port, options.tls_cert, "", "", &cn), "custody_up 1\n"));
@@ -446,10 +459,10 @@ TEST_F(HttpServerTlsTest, StalledHandshakesHoldNothingAndARotatedCertificateIsSe
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count());
     EXPECT_EQ(cn, "127.0.0.1");
   }
-  // ...all while the stalled ones were still open.
-  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(2900));
+  ASSERT_GE(ms.size(), 5u) << "too few scrapes while the handshakes stalled";
   std::sort(ms.begin(), ms.end());
-  EXPECT_LT(P99(ms), 100) << "max " << ms.back() << " ms, min " << ms.front();
+  EXPECT_LT(P99(ms), bound_ms) << ms.size() << " scrapes, max " << ms.back() << " ms, min "
+                               << ms.front() << "; alone at most " << alone.back() << " ms";
   for (int fd : stalled) {
     const int left = 3500 - static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(
                                                  std::chrono::steady_clock::now() - t0)

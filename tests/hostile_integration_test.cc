@@ -312,7 +312,8 @@ std::string Field(int number, const std::string& value) {
 }
 
 // The stalling caller: opens `n` connections to the socket (half send the HTTP/2 preface, half
-// nothing), then watches them for `seconds`; prints "opened, closed at once (< 0.5 s), closed
+// nothing), then watches them for `seconds`; prints "opened, closed at once (< 2.5 s: half the
+// test's idle timeout: an ASan build refuses them more slowly than 0.5 s), closed
 // later, slowest close in s, still open".
 constexpr char kStaller[] = R"(
 import socket, sys, time, selectors
@@ -337,7 +338,7 @@ while socks and time.monotonic() < end:
         except OSError: data = b""
         if data: continue
         took = time.monotonic() - opened_at[s.fileno()]
-        if took < 0.5: at_once += 1
+        if took < 2.5: at_once += 1
         else: later += 1; slowest = max(slowest, took)
         sel.unregister(s); socks.remove(s); s.close()
 print(len(opened_at), at_once, later, round(slowest, 2), len(socks), errors)
@@ -356,7 +357,7 @@ TEST(HostileConnectionsTest, StalledConnectionsAreCappedPerUidAndClosedWhenIdle)
   rlimit low = saved;
   low.rlim_cur = 1024;
   ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &low), 0);
-  Custodyd d(state, {"--connection_idle_timeout=3s"});
+  Custodyd d(state, {"--connection_idle_timeout=5s"});
   ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &saved), 0);
   ASSERT_TRUE(d.started()) << d.log();
   ASSERT_TRUE(CreateEs256Ring(d.admin(), "op/ps").ok());
@@ -385,7 +386,7 @@ TEST(HostileConnectionsTest, StalledConnectionsAreCappedPerUidAndClosedWhenIdle)
   ASSERT_GE(p99, 0) << "a normal caller's sign failed during the attack: " << failure;
   EXPECT_EQ(f[1], "972") << "beyond --max_connections_per_uid's 128: closed at once";
   EXPECT_EQ(f[2], "128") << "the 128 within the cap: closed once idle";
-  EXPECT_LT(std::stod(f[3]), 3 + 3.0) << "--connection_idle_timeout=3s";
+  EXPECT_LT(std::stod(f[3]), 5 + 4.0) << "--connection_idle_timeout=5s (ASan: up to 7.4 s seen)";
   EXPECT_EQ(f[4], "0") << "none left open";
   EXPECT_LT(fds, 1024 - 64);
   EXPECT_EQ(d.log().find("Too many open files"), std::string::npos);

@@ -82,7 +82,7 @@ class UnixListener {
   std::atomic<int> open_{0};
   std::vector<Connection> connections_;  // the accept thread's alone
   std::map<uid_t, int> per_uid_;         // the accept thread's alone
-  dev_t dev_ = 0;  // of the socket file bound by Listen
+  dev_t dev_ = 0;                        // of the socket file bound by Listen
   ino_t ino_ = 0;
 };
 

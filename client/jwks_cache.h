@@ -26,9 +26,9 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "custody/client/client.h"
-#include "grpcpp/grpcpp.h"
 #include "custody/jose/json.h"
 #include "custody/jose/jwk.h"
+#include "grpcpp/grpcpp.h"
 
 namespace custody::client {
 

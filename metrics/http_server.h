@@ -9,7 +9,9 @@
 //   handshake included; past it the connection is shut down, however slowly it trickles;
 // - at most `max_connections` open connections; the excess is accepted and closed at once
 //   (refused, not queued);
-// - HTTP/1.1 keep-alive; HEAD answered as GET without the body; a malformed request 400, an
+// - HTTP/1.1 keep-alive; HEAD answered as GET without the body; a malformed request 400 with
+//   `Connection: close` (CRLF line ends only, no NUL or bare CR, single spaces in the request
+//   line; see docs/design.md for the two cases libmicrohttpd closes without a reply), an
 //   oversized one 431 or 414, without waiting for more bytes.
 //
 // TLS (optional, GnuTLS inside libmicrohttpd): certificate chain and key as PEM files, checked

@@ -151,6 +151,13 @@ ABSL_FLAG(std::vector<std::string>, jwks_alias, {},
           "PATH=RING[+RING...] entries (comma-separated) serving published rings' keys as one "
           "JWKS at another path, e.g. /.well-known/jwks.json=op/id-token or "
           "/clients/acme/jwks.json=clients/acme/sign+clients/acme/enc");
+ABSL_FLAG(absl::Duration, http_request_deadline, absl::Seconds(5),
+          "--metrics_listen and --jwks_listen: time a client has from opening a connection (or "
+          "its previous reply) to its reply, headers and TLS handshake included; past it the "
+          "connection is reset. 100ms to 5m");
+ABSL_FLAG(int, http_max_connections, 512,
+          "--metrics_listen and --jwks_listen: connections open at once per listener; the next "
+          "is closed at once. 1 to the descriptor limit - 128");
 ABSL_FLAG(
     bool, metrics_ring_label, true,
     "label per-call and per-ring metrics with the ring name (bounded by --metrics_max_rings)");
@@ -358,6 +365,36 @@ int Run() {
     Log(LogLevel::kError, event, {{"error", std::string(s.message())}});
     return 1;
   };
+  // The HTTP listeners' bounds, checked before anything is opened (a listener's connections are
+  // descriptors: the same room as the Unix-socket cap).
+  metrics::HttpServer::Options http_bounds;
+  {
+    http_bounds.request_deadline = absl::GetFlag(FLAGS_http_request_deadline);
+    http_bounds.max_connections = absl::GetFlag(FLAGS_http_max_connections);
+    rlimit nofile{};
+    getrlimit(RLIMIT_NOFILE, &nofile);
+    const int64_t room =
+        nofile.rlim_cur == RLIM_INFINITY ? INT_MAX : static_cast<int64_t>(nofile.rlim_cur) - 128;
+    if (http_bounds.request_deadline < absl::Milliseconds(100) ||
+        http_bounds.request_deadline > absl::Minutes(5)) {
+      return fail(
+          "startup.flags",
+          absl::InvalidArgumentError(absl::StrCat(
+              "--http_request_deadline=", absl::FormatDuration(http_bounds.request_deadline),
+              ": give 100ms to 5m (how long a client may take to send a request, TLS "
+              "handshake included; default 5s). Shorter cuts off honest clients on a slow "
+              "link, longer lets slow ones hold connections")));
+    }
+    if (http_bounds.max_connections < 1 || http_bounds.max_connections > room) {
+      return fail("startup.flags",
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "--http_max_connections=", http_bounds.max_connections, ": give 1 to ",
+                      std::max<int64_t>(room, 0),
+                      " (connections open at once per HTTP listener; default 512; at most the "
+                      "descriptor limit ",
+                      nofile.rlim_cur, " - 128: raise LimitNOFILE / ulimit -n for more)")));
+    }
+  }
   auto creds = MakeCredentials();
   if (!creds.ok()) return fail("startup.tls", creds.status());
   bool tls = !absl::GetFlag(FLAGS_tls_cert).empty();
@@ -523,7 +560,7 @@ int Run() {
     }
     const bool https = !cert.empty() || !key.empty();
     if (absl::Status s = CheckListenAddress(addr, https, flag); !s.ok()) return s;
-    metrics::HttpServer::Options options;
+    metrics::HttpServer::Options options = http_bounds;
     options.address = addr;
     if (https) {
       options.tls_cert = cert;
@@ -538,7 +575,9 @@ int Run() {
     Log(LogLevel::kInfo, absl::StrCat(flag.substr(2, flag.find('_') - 2), ".listening"),
         {{"address", addr},
          {"port", absl::StrCat((*started)->port())},
-         {"tls", https ? "true" : "false"}});
+         {"tls", https ? "true" : "false"},
+         {"request_deadline", absl::FormatDuration(options.request_deadline)},
+         {"max_connections", absl::StrCat(options.max_connections)}});
     return started;
   };
   std::unique_ptr<metrics::HttpServer> metrics_server;

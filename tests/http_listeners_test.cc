@@ -255,6 +255,14 @@ TEST_F(HttpListenersTest, OperatorMistakesAreRefusedWithWhatToDo) {
            {{"--jwks_listen=127.0.0.1:" + port, "--jwks_publish=a/b",
              "--jwks_alias=/rings/x/jwks.json=a/b"},
             "under /rings/"},
+           {{"--metrics_listen=127.0.0.1:" + port, "--http_request_deadline=0s"},
+            "--http_request_deadline=0: give 100ms to 5m"},
+           {{"--http_request_deadline=-5s"}, "--http_request_deadline=-5s: give 100ms to 5m"},
+           {{"--http_request_deadline=5000h"}, "give 100ms to 5m"},
+           {{"--jwks_listen=127.0.0.1:" + port, "--http_max_connections=0"},
+            "--http_max_connections=0: give 1 to"},
+           {{"--http_max_connections=-1"}, "raise LimitNOFILE"},
+           {{"--http_max_connections=100000000"}, "--http_max_connections=100000000: give 1 to"},
        }) {
     std::vector<std::string> argv = {BinDir() + "/custodyd", "--state_dir=" + dir_.path() + "/s",
                                      "--listen=unix:" + dir_.path() + "/s.sock"};
@@ -295,6 +303,49 @@ double TimedGet(int port, const std::string& path) {
       Exchange(port, absl::StrCat("GET ", path, " HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"), 5000);
   const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
   return absl::StartsWith(reply, "HTTP/1.1 200") ? ms : -1;
+}
+
+// --http_request_deadline and --http_max_connections apply to both listeners: a half request
+// is cut at the deadline (1 s here, not 5 s), and past the cap (3) the next connection is closed
+// at once while a connection's slot, once freed, serves again.
+TEST_F(HttpListenersTest, DeadlineAndConnectionCapFlagsApplyToBothListeners) {
+  const int metrics_port = FreePort();
+  const int jwks_port = FreePort();
+  Custodyd d(dir_.path() + "/state",
+             {absl::StrCat("--metrics_listen=127.0.0.1:", metrics_port),
+              absl::StrCat("--jwks_listen=127.0.0.1:", jwks_port), "--jwks_publish=op/id-token",
+              "--http_request_deadline=1s", "--http_max_connections=3"});
+  ASSERT_TRUE(d.started()) << d.log();
+  EXPECT_TRUE(absl::StrContains(d.log(), "\"request_deadline\":\"1s\",\"max_connections\":\"3\""))
+      << d.log();
+  CreateRing(d, "op/id-token", v1::SIGN, "ES256");
+  for (int port : {metrics_port, jwks_port}) {
+    const std::string path = port == metrics_port ? "/metrics" : "/rings/op/id-token/jwks.json";
+    const auto t0 = Clock::now();
+    std::vector<int> held;
+    for (int i = 0; i < 3; ++i) {
+      held.push_back(ConnectLoopback(port));
+      SendAll(held.back(), absl::StrCat("GET ", path, " HTTP/1.1\r\nX-Half: "));
+    }
+    // The fourth is past the cap: closed at once, without a reply. (After the three are
+    // registered: they are counted when libmicrohttpd reports them started.)
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    const int over = ConnectLoopback(port);
+    const auto t_over = Clock::now();
+    EXPECT_TRUE(ClosedByPeer(over, 500)) << port;
+    EXPECT_LT(Clock::now() - t_over, std::chrono::milliseconds(500)) << port;
+    close(over);
+    // The held ones are cut at the 1 s deadline.
+    for (int fd : held) {
+      EXPECT_TRUE(ClosedByPeer(fd, 2000)) << port;
+      close(fd);
+    }
+    const double cut_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    EXPECT_GE(cut_ms, 900) << port;
+    EXPECT_LT(cut_ms, 1600) << port;
+    // Their slots are free again.
+    EXPECT_GE(TimedGet(port, path), 0) << port;
+  }
 }
 
 TEST_F(HttpListenersTest, SlowClientsHoldNeitherMetricsNorJwks) {

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -190,7 +191,8 @@ struct HttpServer::State {
   // flight may still use the one it was handed (rotations are rare; each is a few KB).
   absl::Mutex tls_mu;
   std::vector<std::unique_ptr<TlsCredentials>> tls_generations ABSL_GUARDED_BY(tls_mu);
-  std::string tls_stamp ABSL_GUARDED_BY(tls_mu);
+  std::string tls_stamp ABSL_GUARDED_BY(tls_mu);         // of the pair served
+  std::string tls_failed_stamp ABSL_GUARDED_BY(tls_mu);  // of the last pair that did not load
 
   // The request deadline: each open connection and when its current request began.
   struct Connection {
@@ -206,20 +208,41 @@ struct HttpServer::State {
   uint64_t refused ABSL_GUARDED_BY(mu) = 0;
   std::thread reaper;
 
+  std::string TlsStamp() const {
+    return absl::StrCat(FileStamp(options.tls_cert), "|", FileStamp(options.tls_key));
+  }
+
+  // Loads the files (whose version is `stamp`) as the pair served from now on, or says why not.
+  absl::Status LoadTls(const std::string& stamp) ABSL_EXCLUSIVE_LOCKS_REQUIRED(tls_mu) {
+    auto loaded = TlsCredentials::Load(options.tls_cert, options.tls_key);
+    if (!loaded.ok()) {
+      tls_failed_stamp = stamp;
+      return loaded.status();
+    }
+    tls_generations.push_back(*std::move(loaded));
+    tls_stamp = stamp;
+    tls_failed_stamp.clear();
+    return absl::OkStatus();
+  }
+
   // The current credentials, re-read first when the files changed. Null when none load.
   TlsCredentials* CurrentTls() {
-    absl::MutexLock lock(&tls_mu);
-    std::string stamp = absl::StrCat(FileStamp(options.tls_cert), "|", FileStamp(options.tls_key));
-    if (stamp != tls_stamp) {
-      // A half-written rotation (new certificate, old key) fails to load: keep the last good
-      // pair and try again at the next handshake.
-      auto loaded = TlsCredentials::Load(options.tls_cert, options.tls_key);
-      if (loaded.ok()) {
-        tls_generations.push_back(*std::move(loaded));
-        tls_stamp = stamp;
+    std::optional<absl::Status> reloaded;
+    TlsCredentials* current = nullptr;
+    {
+      absl::MutexLock lock(&tls_mu);
+      const std::string stamp = TlsStamp();
+      // A half-written rotation (new certificate, old key) fails to load: the last good pair
+      // is kept, and the files are tried again once they change again.
+      if (stamp != tls_stamp && stamp != tls_failed_stamp) {
+        const bool first = tls_generations.empty();
+        absl::Status s = LoadTls(stamp);
+        if (!first) reloaded = std::move(s);
       }
+      if (!tls_generations.empty()) current = tls_generations.back().get();
     }
-    return tls_generations.empty() ? nullptr : tls_generations.back().get();
+    if (reloaded.has_value() && options.on_tls_reload) options.on_tls_reload(*reloaded);
+    return current;
   }
 
   void Reap() {
@@ -600,6 +623,18 @@ void HttpServer::Stop() {
   }
   state_->wake.SignalAll();
   state_->reaper.join();
+}
+
+bool HttpServer::serves_tls() const { return !state_->options.tls_cert.empty(); }
+const std::string& HttpServer::tls_cert() const { return state_->options.tls_cert; }
+const std::string& HttpServer::tls_key() const { return state_->options.tls_key; }
+
+absl::Status HttpServer::ReloadTls() {
+  if (!serves_tls()) return absl::FailedPreconditionError("this listener does not serve TLS");
+  absl::MutexLock lock(&state_->tls_mu);
+  const std::string stamp = state_->TlsStamp();
+  if (stamp == state_->tls_stamp) return absl::OkStatus();  // the files served, unchanged
+  return state_->LoadTls(stamp);
 }
 
 uint64_t HttpServer::requests() const { return state_->requests.load(std::memory_order_relaxed); }

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <limits>
 #include <string>
 #include <thread>
@@ -19,6 +20,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "gtest/gtest.h"
 #include "metrics/exposition.h"
 #include "metrics/histogram.h"
@@ -544,6 +546,87 @@ TEST_F(HttpServerTlsTest, StalledHandshakesHoldNothingAndARotatedCertificateIsSe
   std::string cn;
   EXPECT_TRUE(absl::EndsWith(TlsFetch(port, dir_ + "/server.pem", "", "", &cn), "custody_up 1\n"));
   EXPECT_EQ(cn, "rotated.example");
+}
+
+// A reload that fails (a file that is not PEM, a missing file, a key that is not the new
+// certificate's) is reported once per version of the files and the previous pair keeps being
+// served; ReloadTls says the same; a good pair is served from the next connection on.
+TEST_F(HttpServerTlsTest, AFailedCertificateReloadIsReportedAndTheOldOneKeepsServing) {
+  absl::Mutex mu;
+  std::vector<absl::Status> reports;
+  HttpServer::Options options;
+  options.address = "127.0.0.1:0";
+  options.tls_cert = dir_ + "/server.pem";
+  options.tls_key = dir_ + "/server.key";
+  options.on_tls_reload = [&](const absl::Status& s) {
+    absl::MutexLock lock(&mu);
+    reports.push_back(s);
+  };
+  auto server = HttpServer::Start(options, [] { return std::string("custody_up 1\n"); });
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->serves_tls());
+  const int port = (*server)->port();
+  const std::string original = dir_ + "/original.pem";
+  std::filesystem::copy_file(options.tls_cert, original);
+  auto served_cn = [&] {
+    std::string cn;
+    const std::string reply = TlsFetch(port, original, "", "", &cn);
+    return absl::EndsWith(reply, "custody_up 1\n") ? cn : "no reply";
+  };
+  auto last_report = [&] {
+    absl::MutexLock lock(&mu);
+    return reports.empty() ? absl::OkStatus() : reports.back();
+  };
+  auto report_count = [&] {
+    absl::MutexLock lock(&mu);
+    return reports.size();
+  };
+  EXPECT_EQ(served_cn(), "127.0.0.1");
+  EXPECT_EQ(report_count(), 0u);  // the load at startup is Start's result, not a reload
+
+  // The certificate file replaced by something that is not PEM.
+  {
+    std::ofstream(dir_ + "/garbage.pem") << "not a certificate\n";
+    std::filesystem::rename(dir_ + "/garbage.pem", options.tls_cert);
+  }
+  EXPECT_EQ(served_cn(), "127.0.0.1");
+  EXPECT_EQ(served_cn(), "127.0.0.1");
+  ASSERT_EQ(report_count(), 1u);  // once for this version of the files, not per handshake
+  EXPECT_EQ(last_report().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(absl::StrContains(last_report().message(), "certificate chain")) << last_report();
+  absl::Status again = (*server)->ReloadTls();
+  EXPECT_EQ(again.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(absl::StrContains(again.message(), "certificate chain")) << again;
+  EXPECT_EQ(served_cn(), "127.0.0.1");
+
+  // Missing.
+  std::filesystem::remove(options.tls_cert);
+  EXPECT_EQ(served_cn(), "127.0.0.1");
+  ASSERT_EQ(report_count(), 2u);
+  EXPECT_TRUE(absl::StrContains(last_report().message(), "cannot read")) << last_report();
+
+  // A new certificate beside the old key (a rotation half done).
+  MakeCertificate(dir_, "rotated", "rotated.example");
+  std::filesystem::copy_file(dir_ + "/rotated.pem", options.tls_cert);
+  EXPECT_EQ(served_cn(), "127.0.0.1");
+  ASSERT_EQ(report_count(), 3u);
+  EXPECT_TRUE(absl::StrContains(last_report().message(), "is not the key of the certificate"))
+      << last_report();
+
+  // The rotation completed, and asked for: served from the next connection on.
+  std::filesystem::rename(dir_ + "/rotated.key", options.tls_key);
+  EXPECT_TRUE((*server)->ReloadTls().ok());
+  EXPECT_TRUE((*server)->ReloadTls().ok());  // unchanged: nothing to do
+  std::string cn;
+  EXPECT_TRUE(absl::EndsWith(TlsFetch(port, options.tls_cert, "", "", &cn), "custody_up 1\n"));
+  EXPECT_EQ(cn, "rotated.example");
+  EXPECT_EQ(report_count(), 3u);
+
+  // A server without TLS has nothing to reload.
+  auto clear = HttpServer::Start(At("127.0.0.1:0"), [] { return std::string(); });
+  ASSERT_TRUE(clear.ok());
+  EXPECT_FALSE((*clear)->serves_tls());
+  EXPECT_EQ((*clear)->ReloadTls().code(), absl::StatusCode::kFailedPrecondition);
 }
 
 }  // namespace

@@ -202,6 +202,27 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   return out;
 }
 
+// An HTTP listener's certificate re-read (its files changed, or SIGHUP): `metrics.tls_reload` or
+// `jwks.tls_reload`, an error when the new files did not load and the previous pair is still
+// served.
+void LogTlsReload(absl::string_view flag, const std::string& cert, const std::string& key,
+                  absl::string_view trigger, const absl::Status& s) {
+  const absl::string_view listener = flag.substr(2, flag.find('_') - 2);
+  if (s.ok()) {
+    Log(LogLevel::kInfo, absl::StrCat(listener, ".tls_reload"),
+        {{"cert", cert}, {"key", key}, {"trigger", std::string(trigger)}, {"result", "ok"}});
+    return;
+  }
+  Log(LogLevel::kError, absl::StrCat(listener, ".tls_reload"),
+      {{"cert", cert},
+       {"key", key},
+       {"trigger", std::string(trigger)},
+       {"result", std::string(s.message())},
+       {"hint", absl::StrCat("the previous certificate is still served on ", flag,
+                             "; fix the files (write both, then rename them into place), then "
+                             "send SIGHUP or let the next connection re-read them")}});
+}
+
 // 127.0.0.0/8, ::1 or "localhost"; a name such as "127.example.com" is not loopback.
 bool IsLoopbackHost(absl::string_view host) {
   if (host == "localhost") return true;
@@ -566,6 +587,9 @@ int Run() {
       options.tls_cert = cert;
       options.tls_key = key;
       options.client_ca = client_ca;
+      options.on_tls_reload = [flag = std::string(flag), cert, key](const absl::Status& s) {
+        LogTlsReload(flag, cert, key, "files changed", s);
+      };
     }
     auto started = metrics::HttpServer::Start(options, std::move(handler));
     if (!started.ok()) {
@@ -800,7 +824,8 @@ int Run() {
   });
 
   // SIGTERM/SIGINT: stop accepting, let in-flight calls finish (bounded), then exit.
-  // SIGHUP: reload the access policy (a bad file keeps the old policy, and says why).
+  // SIGHUP: reload the access policy and the HTTP listeners' TLS files (a bad file keeps the old
+  // one in use, and says why).
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
@@ -813,6 +838,12 @@ int Run() {
       if (sig == SIGHUP) {
         NotifySystemd("RELOADING=1");
         absl::Status s = policy.LoadFrom(policy_path);
+        for (auto [flag, http] : {std::pair{"--metrics_listen", metrics_server.get()},
+                                  std::pair{"--jwks_listen", jwks_server.get()}}) {
+          if (http != nullptr && http->serves_tls()) {
+            LogTlsReload(flag, http->tls_cert(), http->tls_key(), "SIGHUP", http->ReloadTls());
+          }
+        }
         NotifySystemd("READY=1");
         Log(s.ok() ? LogLevel::kInfo : LogLevel::kError, "policy.reloaded",
             {{"path", policy_path}, {"result", s.ok() ? "ok" : std::string(s.message())}});

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <string>
@@ -303,6 +304,116 @@ double TimedGet(int port, const std::string& path) {
       Exchange(port, absl::StrCat("GET ", path, " HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"), 5000);
   const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
   return absl::StartsWith(reply, "HTTP/1.1 200") ? ms : -1;
+}
+
+// A self-signed P-256 certificate for 127.0.0.1 (NAME.pem, NAME.key in dir), with the OpenSSL CLI.
+void MakeCertificate(const std::string& dir, const std::string& name, const std::string& cn) {
+  CommandResult r =
+      RunCommand({"openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                  "-nodes", "-keyout", dir + "/" + name + ".key", "-out", dir + "/" + name + ".pem",
+                  "-days", "1", "-subj", "/CN=" + cn, "-addext", "subjectAltName=IP:127.0.0.1"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+}
+
+// The log lines of `event`, in order.
+std::vector<std::string> LogLines(const Custodyd& d, const std::string& event) {
+  std::vector<std::string> lines;
+  for (absl::string_view line : absl::StrSplit(d.log(), '\n')) {
+    if (absl::StrContains(line, absl::StrCat("\"event\":\"", event, "\""))) {
+      lines.emplace_back(line);
+    }
+  }
+  return lines;
+}
+
+// LogLines of `event` once there are at least `n` (or after 5 s).
+std::vector<std::string> AwaitLogLines(const Custodyd& d, const std::string& event, size_t n) {
+  std::vector<std::string> lines;
+  for (auto until = Clock::now() + std::chrono::seconds(5);
+       (lines = LogLines(d, event)).size() < n && Clock::now() < until;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return lines;
+}
+
+// The JWKS listener over TLS, as docs/deploy.md runs it for a client's jwks_uri: a malformed
+// request gets its 400 over TLS too; a certificate reload that fails (SIGHUP with the file not
+// PEM, or missing; or the files changing to a broken pair) is logged as a `jwks.tls_reload`
+// error naming the file and the previous certificate keeps being served; a good one is served
+// after SIGHUP.
+TEST_F(HttpListenersTest, JwksOverTlsKeepsItsCertificateWhenAReloadFails) {
+  const std::string tls = dir_.path() + "/tls";
+  std::filesystem::create_directories(tls);
+  MakeCertificate(tls, "jwks", "first.example");
+  std::filesystem::copy_file(tls + "/jwks.pem", tls + "/first.pem");
+  const int port = FreePort();
+  Custodyd d(dir_.path() + "/state",
+             {absl::StrCat("--jwks_listen=127.0.0.1:", port), "--jwks_publish=op/id-token",
+              "--jwks_tls_cert=" + tls + "/jwks.pem", "--jwks_tls_key=" + tls + "/jwks.key"});
+  ASSERT_TRUE(d.started()) << d.log();
+  CreateRing(d, "op/id-token", v1::SIGN, "ES256");
+  const std::string url = absl::StrCat("https://127.0.0.1:", port, "/rings/op/id-token/jwks.json");
+  // The certificate served is the one `ca` names (curl verifies the chain against it alone).
+  auto served_by = [&](const std::string& ca) { return Curl({"--cacert", ca, url}).status; };
+  ASSERT_EQ(served_by(tls + "/first.pem"), 200);
+
+  // Malformed requests over TLS: 400 at once, and the connection closed (s_client ends then).
+  for (const metrics::testing::MalformedRequest& bad :
+       metrics::testing::MalformedRequests("/rings/op/id-token/jwks.json")) {
+    const auto t0 = Clock::now();
+    CommandResult r = RunCommand({"timeout", "5", "openssl", "s_client", "-quiet", "-connect",
+                                  absl::StrCat("127.0.0.1:", port), "-CAfile", tls + "/first.pem"},
+                                 bad.bytes);
+    EXPECT_TRUE(absl::StartsWith(r.out, "HTTP/1.1 400")) << bad.what << ": " << r.out << r.err;
+    EXPECT_TRUE(absl::StrContains(r.out, "\r\nConnection: close\r\n")) << bad.what;
+    EXPECT_LT(Clock::now() - t0, std::chrono::milliseconds(1500)) << bad.what;
+  }
+
+  // SIGHUP with the certificate file not PEM.
+  WriteFileOrDie(tls + "/new.pem", "not a certificate\n");
+  std::filesystem::rename(tls + "/new.pem", tls + "/jwks.pem");
+  d.Signal(SIGHUP);
+  std::vector<std::string> reloads = AwaitLogLines(d, "jwks.tls_reload", 1);
+  ASSERT_EQ(reloads.size(), 1u) << d.log();
+  EXPECT_TRUE(absl::StrContains(reloads[0], "\"level\":\"error\"")) << reloads[0];
+  EXPECT_TRUE(absl::StrContains(reloads[0], "\"trigger\":\"SIGHUP\"")) << reloads[0];
+  EXPECT_TRUE(absl::StrContains(reloads[0], "certificate chain")) << reloads[0];
+  EXPECT_TRUE(absl::StrContains(reloads[0], "the previous certificate is still served"));
+  EXPECT_EQ(served_by(tls + "/first.pem"), 200);
+  EXPECT_EQ(served_by(tls + "/first.pem"), 200);
+  // Both connections saw the same broken files: no line of their own.
+  EXPECT_EQ(LogLines(d, "jwks.tls_reload").size(), 1u) << d.log();
+
+  // Missing, then SIGHUP.
+  std::filesystem::remove(tls + "/jwks.pem");
+  d.Signal(SIGHUP);
+  reloads = AwaitLogLines(d, "jwks.tls_reload", 2);
+  ASSERT_EQ(reloads.size(), 2u) << d.log();
+  EXPECT_TRUE(absl::StrContains(reloads[1], "\"level\":\"error\"")) << reloads[1];
+  EXPECT_TRUE(absl::StrContains(reloads[1], "cannot read '" + tls + "/jwks.pem'")) << reloads[1];
+  EXPECT_EQ(served_by(tls + "/first.pem"), 200);
+
+  // Without SIGHUP: a new certificate beside the old key, seen by the next connection.
+  MakeCertificate(tls, "second", "second.example");
+  std::filesystem::copy_file(tls + "/second.pem", tls + "/jwks.pem");
+  EXPECT_EQ(served_by(tls + "/first.pem"), 200);
+  reloads = LogLines(d, "jwks.tls_reload");
+  ASSERT_EQ(reloads.size(), 3u) << d.log();
+  EXPECT_TRUE(absl::StrContains(reloads[2], "\"trigger\":\"files changed\"")) << reloads[2];
+  EXPECT_TRUE(absl::StrContains(reloads[2], "is not the key of the certificate")) << reloads[2];
+
+  // The rotation completed, then SIGHUP: the new certificate is served, and said so.
+  std::filesystem::rename(tls + "/second.key", tls + "/jwks.key");
+  d.Signal(SIGHUP);
+  reloads = AwaitLogLines(d, "jwks.tls_reload", 4);
+  ASSERT_EQ(reloads.size(), 4u) << d.log();
+  EXPECT_TRUE(absl::StrContains(reloads[3], "\"level\":\"info\"")) << reloads[3];
+  EXPECT_TRUE(absl::StrContains(reloads[3], "\"result\":\"ok\"")) << reloads[3];
+  EXPECT_EQ(served_by(tls + "/second.pem"), 200);
+  EXPECT_NE(RunCommand({"curl", "-sS", "-o", "/dev/null", "--max-time", "5", "--cacert",
+                        tls + "/first.pem", url})
+                .exit_code,
+            0);
 }
 
 // --http_request_deadline and --http_max_connections apply to both listeners: a half request

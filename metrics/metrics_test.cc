@@ -4,10 +4,12 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -220,6 +222,29 @@ TEST(HttpServerTest, AnswersBadRequestsPromptly) {
     SendAll(fd, "GET /metrics HTTP/1.1\nHost: x\n\n");
     EXPECT_TRUE(absl::StartsWith(ReadResponse(fd, 2000), "HTTP/1.1 400"));
     close(fd);
+  }
+  // Pipelined in one write: each head is checked where it lies in the buffer.
+  {
+    const int fd = ConnectLoopback(port);
+    SendAll(fd,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+            "GET /metrics HTTP/1.1\nHost: x\n\n");
+    std::string all;  // until the server closes, after the 400
+    char buf[8192];
+    for (pollfd p{fd, POLLIN, 0}; poll(&p, 1, 2000) > 0;) {
+      const ssize_t n = read(fd, buf, sizeof(buf));
+      if (n <= 0) break;
+      all.append(buf, static_cast<size_t>(n));
+    }
+    close(fd);
+    std::vector<std::string> statuses;
+    for (size_t at = all.find("HTTP/1.1 "); at != std::string::npos;
+         at = all.find("HTTP/1.1 ", at + 1)) {
+      if (std::isdigit(static_cast<unsigned char>(all[at + 9]))) {  // a status line, not the body
+        statuses.push_back(all.substr(at + 9, 3));
+      }
+    }
+    EXPECT_EQ(statuses, (std::vector<std::string>{"200", "200", "400"})) << all;
   }
   // Limits of libmicrohttpd 0.9.75 (docs/design.md), asserted as they are: a one-word request
   // line is closed at once with no status line; a request line that begins with a NUL is taken

@@ -306,6 +306,23 @@ double TimedGet(int port, const std::string& path) {
   return absl::StartsWith(reply, "HTTP/1.1 200") ? ms : -1;
 }
 
+// custodyd's /metrics answers the same malformed requests with a prompt 400 as the JWKS listener.
+TEST_F(HttpListenersTest, MetricsListenerAnswersMalformedRequestsWith400) {
+  const int port = FreePort();
+  Custodyd d(dir_.path() + "/state", {absl::StrCat("--metrics_listen=127.0.0.1:", port)});
+  ASSERT_TRUE(d.started()) << d.log();
+  for (const metrics::testing::MalformedRequest& bad :
+       metrics::testing::MalformedRequests("/metrics")) {
+    const auto t0 = Clock::now();
+    const std::string reply = Exchange(port, bad.bytes, 3000);
+    EXPECT_TRUE(absl::StartsWith(reply, "HTTP/1.1 400")) << bad.what << ": " << reply;
+    EXPECT_TRUE(absl::StrContains(reply, "\r\nConnection: close\r\n")) << bad.what;
+    EXPECT_FALSE(absl::StrContains(reply, "custody_")) << bad.what;
+    EXPECT_LT(Clock::now() - t0, std::chrono::milliseconds(500)) << bad.what;
+  }
+  EXPECT_GE(TimedGet(port, "/metrics"), 0);
+}
+
 // A self-signed P-256 certificate for 127.0.0.1 (NAME.pem, NAME.key in dir), with the OpenSSL CLI.
 void MakeCertificate(const std::string& dir, const std::string& name, const std::string& cn) {
   CommandResult r =

@@ -26,6 +26,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -343,6 +344,31 @@ absl::StatusOr<Secret> ReadPin(const std::string& state_dir, bool embedded) {
                      " (PINs are never taken from the command line)"));
   }
   return pin;
+}
+
+// A duration flag given a bare number (`--http_request_deadline=5`): Abseil says only "Illegal
+// value"; this says which unit to add. Empty when every duration flag has one.
+std::string DurationWithoutUnit(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    absl::string_view arg = argv[i];
+    if (!absl::ConsumePrefix(&arg, "--") && !absl::ConsumePrefix(&arg, "-")) continue;
+    const size_t eq = arg.find('=');
+    const absl::string_view name = arg.substr(0, eq);
+    const absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+    if (flag == nullptr || !flag->IsOfType<absl::Duration>()) continue;
+    std::string value;
+    if (eq != absl::string_view::npos) {
+      value = std::string(arg.substr(eq + 1));
+    } else if (i + 1 < argc) {
+      value = argv[i + 1];
+    }
+    double number = 0;
+    if (absl::SimpleAtod(value, &number) && value != "0" && value != "inf" && value != "-inf") {
+      return absl::StrCat("--", name, "=", value, ": a duration needs its unit, e.g. --", name, "=",
+                          value, "s (or ms, m, h); the default is ", flag->DefaultValue());
+    }
+  }
+  return "";
 }
 
 // custodyd's own flags (all but Abseil's --flagfile and friends), sorted, with their defaults.
@@ -905,6 +931,10 @@ int main(int argc, char** argv) {
       std::printf("%s\n", custody::VersionLine("custodyd").c_str());
       return 0;
     }
+  }
+  if (const std::string error = custody::server::DurationWithoutUnit(argc, argv); !error.empty()) {
+    custody::Log(custody::LogLevel::kError, "startup.flags", {{"error", error}});
+    return 1;
   }
   absl::ParseCommandLine(argc, argv);
   if (absl::GetFlag(FLAGS_verbose)) custody::SetLogLevel(custody::LogLevel::kDebug);

@@ -260,6 +260,10 @@ TEST_F(HttpListenersTest, OperatorMistakesAreRefusedWithWhatToDo) {
             "--http_request_deadline=0: give 100ms to 5m"},
            {{"--http_request_deadline=-5s"}, "--http_request_deadline=-5s: give 100ms to 5m"},
            {{"--http_request_deadline=5000h"}, "give 100ms to 5m"},
+           {{"--http_request_deadline=5"},
+            "--http_request_deadline=5: a duration needs its unit, e.g. "
+            "--http_request_deadline=5s"},
+           {{"--drain_grace", "2"}, "--drain_grace=2: a duration needs its unit"},
            {{"--jwks_listen=127.0.0.1:" + port, "--http_max_connections=0"},
             "--http_max_connections=0: give 1 to"},
            {{"--http_max_connections=-1"}, "raise LimitNOFILE"},

@@ -358,14 +358,15 @@ char target_clean, target_malformed, head_checked;
 // libmicrohttpd 0.9.75 parses leniently where RFC 9112 lets a server refuse: a bare LF ends a
 // line ("TODO: Add MHD option to disallow", connection.c get_next_header_line), a NUL in the
 // request target, the method or a field value silently ends that string, several spaces may
-// separate the request line's parts and a space may sit in the target. It has no option to refuse
-// them (MHD_OPTION_STRICT_FOR_CLIENT checks only spaces in the target and the Host header). So
-// the head is checked here, from the bytes 0.9.75 leaves in its read buffer, which the strings
-// it hands over point into: it parses in place, overwriting each line's CR and LF with NULs, the
-// space after the method and the one before the version with a NUL, and each field's colon with
-// a NUL. In a well-formed head every line therefore ends in two NULs where its CRLF was; a bare
-// LF leaves one. Another libmicrohttpd release may lay the buffer out otherwise: the check is
-// made only on the release it was written for (docs/design.md).
+// separate the request line's parts and a space may sit in the target. It has no option to
+// refuse them (MHD_OPTION_STRICT_FOR_CLIENT checks only a space in the target, the Host header
+// and, at -1, whitespace before a colon). So the head is checked here, from the bytes 0.9.75
+// leaves in its read buffer, which the strings it hands over point into: it parses in place,
+// overwriting each line's CR and LF with NULs, the space after the method and the one before
+// the version with a NUL, and each field's colon with a NUL. In a well-formed head every line
+// therefore ends in two NULs where its CRLF was; a bare LF leaves one. Another libmicrohttpd
+// release may lay the buffer out otherwise: the check is made only on the release it was
+// written for (docs/design.md).
 bool StrictParsingApplies() {
   static const bool applies = std::strcmp(MHD_get_version(), "0.9.75") == 0;
   return applies;

@@ -246,6 +246,25 @@ TEST(HttpServerTest, AnswersBadRequestsPromptly) {
     }
     EXPECT_EQ(statuses, (std::vector<std::string>{"200", "200", "400"})) << all;
   }
+  // A large well-formed head (8 KB) arriving in 100-byte pieces, the read buffer growing
+  // meanwhile: still one contiguous head, answered 200.
+  {
+    std::string big = "GET /metrics HTTP/1.1\r\nHost: x\r\n";
+    for (int i = 0; i < 100; ++i)
+      absl::StrAppend(&big, "X-Header-", i, ": ", std::string(66, 'v'), "\r\n");
+    big += "\r\n";
+    ASSERT_GT(big.size(), 8000u);
+    const int fd = ConnectLoopback(port);
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    for (size_t at = 0; at < big.size(); at += 100) {
+      SendAll(fd, absl::string_view(big).substr(at, 100));
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    std::string reply = ReadResponse(fd, 2000);
+    EXPECT_TRUE(absl::StartsWith(reply, "HTTP/1.1 200 OK")) << reply;
+    close(fd);
+  }
   // Limits of libmicrohttpd 0.9.75 (docs/design.md), asserted as they are: a one-word request
   // line is closed at once with no status line; a request line that begins with a NUL is taken
   // for an empty line, and the connection waits for the request deadline (1 s here).

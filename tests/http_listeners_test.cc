@@ -8,7 +8,11 @@
 //   slow client is cut off by the 5 s request deadline, custodyd's threads and descriptors stay
 //   bounded, and a real Prometheus scraping every second misses no scrape;
 // - the operator's mistakes: an alias to an unpublished ring, publishing without a listener, a
-//   non-loopback address in clear, a host name that only starts with "127.".
+//   non-loopback address in clear, a host name that only starts with "127.", a bad
+//   --http_request_deadline or --http_max_connections (which both listeners then take);
+// - TLS on both listeners: malformed requests get their 400 over TLS too, and a certificate
+//   renewal that fails (SIGHUP with a file not PEM, missing, or a certificate beside the old key)
+//   is logged and the old certificate keeps being served.
 #include <dirent.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -357,6 +361,31 @@ std::vector<std::string> AwaitLogLines(const Custodyd& d, const std::string& eve
   return lines;
 }
 
+// Sends SIGHUP and returns the `n`th line of `event` (counting from 1) once it is logged.
+std::string SighupAndAwait(Custodyd& d, const std::string& event, size_t n) {
+  d.Signal(SIGHUP);
+  const std::vector<std::string> lines = AwaitLogLines(d, event, n);
+  EXPECT_EQ(lines.size(), n) << d.log();
+  return lines.size() >= n ? lines[n - 1] : "";
+}
+
+// Each malformed request for `path`, sent over TLS with the OpenSSL CLI (trusting `ca`): 400 at
+// once with Connection: close, and the connection closed (s_client ends then).
+void ExpectMalformedRequestsRefusedOverTls(int port, const std::string& ca,
+                                           const std::string& path) {
+  for (const metrics::testing::MalformedRequest& bad : metrics::testing::MalformedRequests(path)) {
+    const auto t0 = Clock::now();
+    CommandResult r = RunCommand({"timeout", "5", "openssl", "s_client", "-quiet", "-connect",
+                                  absl::StrCat("127.0.0.1:", port), "-CAfile", ca},
+                                 bad.bytes);
+    EXPECT_TRUE(absl::StartsWith(r.out, "HTTP/1.1 400")) << bad.what << ": " << r.out << r.err;
+    EXPECT_TRUE(absl::StrContains(r.out, "\r\nConnection: close\r\n")) << bad.what;
+    EXPECT_FALSE(absl::StrContains(r.out, "custody_")) << bad.what;
+    EXPECT_FALSE(absl::StrContains(r.out, "\"keys\"")) << bad.what;
+    EXPECT_LT(Clock::now() - t0, std::chrono::milliseconds(1500)) << bad.what;
+  }
+}
+
 // The JWKS listener over TLS, as docs/deploy.md runs it for a client's jwks_uri: a malformed
 // request gets its 400 over TLS too; a certificate reload that fails (SIGHUP with the file not
 // PEM, or missing; or the files changing to a broken pair) is logged as a `jwks.tls_reload`
@@ -378,28 +407,16 @@ TEST_F(HttpListenersTest, JwksOverTlsKeepsItsCertificateWhenAReloadFails) {
   auto served_by = [&](const std::string& ca) { return Curl({"--cacert", ca, url}).status; };
   ASSERT_EQ(served_by(tls + "/first.pem"), 200);
 
-  // Malformed requests over TLS: 400 at once, and the connection closed (s_client ends then).
-  for (const metrics::testing::MalformedRequest& bad :
-       metrics::testing::MalformedRequests("/rings/op/id-token/jwks.json")) {
-    const auto t0 = Clock::now();
-    CommandResult r = RunCommand({"timeout", "5", "openssl", "s_client", "-quiet", "-connect",
-                                  absl::StrCat("127.0.0.1:", port), "-CAfile", tls + "/first.pem"},
-                                 bad.bytes);
-    EXPECT_TRUE(absl::StartsWith(r.out, "HTTP/1.1 400")) << bad.what << ": " << r.out << r.err;
-    EXPECT_TRUE(absl::StrContains(r.out, "\r\nConnection: close\r\n")) << bad.what;
-    EXPECT_LT(Clock::now() - t0, std::chrono::milliseconds(1500)) << bad.what;
-  }
+  ExpectMalformedRequestsRefusedOverTls(port, tls + "/first.pem", "/rings/op/id-token/jwks.json");
 
   // SIGHUP with the certificate file not PEM.
   WriteFileOrDie(tls + "/new.pem", "not a certificate\n");
   std::filesystem::rename(tls + "/new.pem", tls + "/jwks.pem");
-  d.Signal(SIGHUP);
-  std::vector<std::string> reloads = AwaitLogLines(d, "jwks.tls_reload", 1);
-  ASSERT_EQ(reloads.size(), 1u) << d.log();
-  EXPECT_TRUE(absl::StrContains(reloads[0], "\"level\":\"error\"")) << reloads[0];
-  EXPECT_TRUE(absl::StrContains(reloads[0], "\"trigger\":\"SIGHUP\"")) << reloads[0];
-  EXPECT_TRUE(absl::StrContains(reloads[0], "certificate chain")) << reloads[0];
-  EXPECT_TRUE(absl::StrContains(reloads[0], "the previous certificate is still served"));
+  std::string line = SighupAndAwait(d, "jwks.tls_reload", 1);
+  EXPECT_TRUE(absl::StrContains(line, "\"level\":\"error\"")) << line;
+  EXPECT_TRUE(absl::StrContains(line, "\"trigger\":\"SIGHUP\"")) << line;
+  EXPECT_TRUE(absl::StrContains(line, "certificate chain")) << line;
+  EXPECT_TRUE(absl::StrContains(line, "the previous certificate is still served"));
   EXPECT_EQ(served_by(tls + "/first.pem"), 200);
   EXPECT_EQ(served_by(tls + "/first.pem"), 200);
   // Both connections saw the same broken files: no line of their own.
@@ -407,34 +424,83 @@ TEST_F(HttpListenersTest, JwksOverTlsKeepsItsCertificateWhenAReloadFails) {
 
   // Missing, then SIGHUP.
   std::filesystem::remove(tls + "/jwks.pem");
-  d.Signal(SIGHUP);
-  reloads = AwaitLogLines(d, "jwks.tls_reload", 2);
-  ASSERT_EQ(reloads.size(), 2u) << d.log();
-  EXPECT_TRUE(absl::StrContains(reloads[1], "\"level\":\"error\"")) << reloads[1];
-  EXPECT_TRUE(absl::StrContains(reloads[1], "cannot read '" + tls + "/jwks.pem'")) << reloads[1];
+  line = SighupAndAwait(d, "jwks.tls_reload", 2);
+  EXPECT_TRUE(absl::StrContains(line, "\"level\":\"error\"")) << line;
+  EXPECT_TRUE(absl::StrContains(line, "cannot read '" + tls + "/jwks.pem'")) << line;
   EXPECT_EQ(served_by(tls + "/first.pem"), 200);
 
   // Without SIGHUP: a new certificate beside the old key, seen by the next connection.
   MakeCertificate(tls, "second", "second.example");
   std::filesystem::copy_file(tls + "/second.pem", tls + "/jwks.pem");
   EXPECT_EQ(served_by(tls + "/first.pem"), 200);
-  reloads = LogLines(d, "jwks.tls_reload");
+  const std::vector<std::string> reloads = LogLines(d, "jwks.tls_reload");
   ASSERT_EQ(reloads.size(), 3u) << d.log();
   EXPECT_TRUE(absl::StrContains(reloads[2], "\"trigger\":\"files changed\"")) << reloads[2];
   EXPECT_TRUE(absl::StrContains(reloads[2], "is not the key of the certificate")) << reloads[2];
 
   // The rotation completed, then SIGHUP: the new certificate is served, and said so.
   std::filesystem::rename(tls + "/second.key", tls + "/jwks.key");
-  d.Signal(SIGHUP);
-  reloads = AwaitLogLines(d, "jwks.tls_reload", 4);
-  ASSERT_EQ(reloads.size(), 4u) << d.log();
-  EXPECT_TRUE(absl::StrContains(reloads[3], "\"level\":\"info\"")) << reloads[3];
-  EXPECT_TRUE(absl::StrContains(reloads[3], "\"result\":\"ok\"")) << reloads[3];
+  line = SighupAndAwait(d, "jwks.tls_reload", 4);
+  EXPECT_TRUE(absl::StrContains(line, "\"level\":\"info\"")) << line;
+  EXPECT_TRUE(absl::StrContains(line, "\"result\":\"ok\"")) << line;
   EXPECT_EQ(served_by(tls + "/second.pem"), 200);
   EXPECT_NE(RunCommand({"curl", "-sS", "-o", "/dev/null", "--max-time", "5", "--cacert",
                         tls + "/first.pem", url})
                 .exit_code,
             0);
+}
+
+// The CN of the certificate the TLS listener on `port` serves (verified against `ca`), or "".
+std::string ServedCommonName(int port, const std::string& ca) {
+  CommandResult r = RunCommand({"curl", "-sS", "-v", "-o", "/dev/null", "--max-time", "5",
+                                "--cacert", ca, absl::StrCat("https://127.0.0.1:", port, "/")});
+  const size_t at = r.err.find("subject: CN=");
+  if (r.exit_code != 0 || at == std::string::npos) return "";
+  return r.err.substr(at + 12, r.err.find_first_of("\r\n;,", at) - at - 12);
+}
+
+// /metrics over TLS with custodyd's own certificate (--tls_cert/--tls_key), as in the Kubernetes
+// setup: a malformed request gets its 400 over TLS; a renewal that leaves the new certificate
+// beside the old key fails on SIGHUP as `metrics.tls_reload` and the old certificate keeps being
+// served; the completed renewal is served after the next SIGHUP.
+TEST_F(HttpListenersTest, MetricsOverTlsKeepsItsCertificateWhenAReloadFails) {
+  const std::string pki = dir_.path() + "/pki";
+  std::filesystem::create_directories(pki);
+  CommandResult made =
+      RunCommand({"/usr/bin/python3", SourceDir() + "/tests/tools/make_certs.py", pki});
+  ASSERT_EQ(made.exit_code, 0) << made.err;
+  std::filesystem::copy_file(pki + "/server.pem", pki + "/tls.pem");
+  std::filesystem::copy_file(pki + "/server.key", pki + "/tls.key");
+  client::ChannelOptions grpc_tls;
+  grpc_tls.address = absl::StrCat("127.0.0.1:", FreePort());
+  grpc_tls.ca_file = pki + "/ca.pem";
+  const int port = FreePort();
+  Custodyd d(dir_.path() + "/state",
+             {"--tls_cert=" + pki + "/tls.pem", "--tls_key=" + pki + "/tls.key",
+              absl::StrCat("--metrics_listen=127.0.0.1:", port)},
+             grpc_tls);
+  ASSERT_TRUE(d.started()) << d.log();
+  EXPECT_EQ(ServedCommonName(port, pki + "/ca.pem"), "custodyd");
+  ExpectMalformedRequestsRefusedOverTls(port, pki + "/ca.pem", "/metrics");
+
+  // Half a renewal: the new certificate, the old key.
+  std::filesystem::copy_file(pki + "/server-rotated.pem", pki + "/new.pem");
+  std::filesystem::rename(pki + "/new.pem", pki + "/tls.pem");
+  std::string line = SighupAndAwait(d, "metrics.tls_reload", 1);
+  EXPECT_TRUE(absl::StrContains(line, "\"level\":\"error\"")) << line;
+  EXPECT_TRUE(absl::StrContains(line, "is not the key of the certificate")) << line;
+  EXPECT_EQ(ServedCommonName(port, pki + "/ca.pem"), "custodyd");
+  EXPECT_EQ(
+      Curl({"--cacert", pki + "/ca.pem", absl::StrCat("https://127.0.0.1:", port, "/metrics")})
+          .status,
+      200);
+
+  // Completed.
+  std::filesystem::copy_file(pki + "/server-rotated.key", pki + "/new.key");
+  std::filesystem::rename(pki + "/new.key", pki + "/tls.key");
+  line = SighupAndAwait(d, "metrics.tls_reload", 2);
+  EXPECT_TRUE(absl::StrContains(line, "\"result\":\"ok\"")) << line;
+  EXPECT_EQ(ServedCommonName(port, pki + "/ca.pem"), "custodyd-rotated");
 }
 
 // --http_request_deadline and --http_max_connections apply to both listeners: a half request

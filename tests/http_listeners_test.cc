@@ -504,17 +504,19 @@ TEST_F(HttpListenersTest, MetricsOverTlsKeepsItsCertificateWhenAReloadFails) {
 }
 
 // --http_request_deadline and --http_max_connections apply to both listeners: a half request
-// is cut at the deadline (1 s here, not 5 s), and past the cap (3) the next connection is closed
-// at once while a connection's slot, once freed, serves again.
+// is cut at the deadline (3 s here, not the default 5 s), and past the cap (3) the next connection
+// is closed long before that deadline, while a connection's slot, once freed, serves again. The
+// margins are wide on purpose (CI runs this beside other tests on two cores): what is shown is
+// "refused, not queued until the deadline" and "cut at 3 s, not 5 s".
 TEST_F(HttpListenersTest, DeadlineAndConnectionCapFlagsApplyToBothListeners) {
   const int metrics_port = FreePort();
   const int jwks_port = FreePort();
   Custodyd d(dir_.path() + "/state",
              {absl::StrCat("--metrics_listen=127.0.0.1:", metrics_port),
               absl::StrCat("--jwks_listen=127.0.0.1:", jwks_port), "--jwks_publish=op/id-token",
-              "--http_request_deadline=1s", "--http_max_connections=3"});
+              "--http_request_deadline=3s", "--http_max_connections=3"});
   ASSERT_TRUE(d.started()) << d.log();
-  EXPECT_TRUE(absl::StrContains(d.log(), "\"request_deadline\":\"1s\",\"max_connections\":\"3\""))
+  EXPECT_TRUE(absl::StrContains(d.log(), "\"request_deadline\":\"3s\",\"max_connections\":\"3\""))
       << d.log();
   CreateRing(d, "op/id-token", v1::SIGN, "ES256");
   for (int port : {metrics_port, jwks_port}) {
@@ -525,24 +527,31 @@ TEST_F(HttpListenersTest, DeadlineAndConnectionCapFlagsApplyToBothListeners) {
       held.push_back(ConnectLoopback(port));
       SendAll(held.back(), absl::StrCat("GET ", path, " HTTP/1.1\r\nX-Half: "));
     }
-    // The fourth is past the cap: closed at once, without a reply. (After the three are
-    // registered: they are counted when libmicrohttpd reports them started.)
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    // The fourth is past the cap: closed without a reply, long before the held ones' deadline.
+    // (After the three are registered: they are counted when libmicrohttpd reports them started.)
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
     const int over = ConnectLoopback(port);
     const auto t_over = Clock::now();
-    EXPECT_TRUE(ClosedByPeer(over, 500)) << port;
-    EXPECT_LT(Clock::now() - t_over, std::chrono::milliseconds(500)) << port;
+    EXPECT_TRUE(ClosedByPeer(over, 1500)) << port;
+    EXPECT_LT(Clock::now() - t_over, std::chrono::milliseconds(1500)) << port;
     close(over);
-    // The held ones are cut at the 1 s deadline.
+    // The held ones are cut at the 3 s deadline.
     for (int fd : held) {
-      EXPECT_TRUE(ClosedByPeer(fd, 2000)) << port;
+      EXPECT_TRUE(ClosedByPeer(fd, 6000)) << port;
       close(fd);
     }
     const double cut_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-    EXPECT_GE(cut_ms, 900) << port;
-    EXPECT_LT(cut_ms, 1600) << port;
-    // Their slots are free again.
-    EXPECT_GE(TimedGet(port, path), 0) << port;
+    EXPECT_GE(cut_ms, 2900) << port;
+    EXPECT_LT(cut_ms, 4800) << port << ": the default deadline (5 s), not the flag's 3 s?";
+    // Their slots are free again, once libmicrohttpd has cleaned the cut connections up (its
+    // thread does that after the close; under load it can take a moment).
+    double served_ms = -1;
+    for (const auto until = Clock::now() + std::chrono::seconds(3);
+         served_ms < 0 && Clock::now() < until;) {
+      served_ms = TimedGet(port, path);
+      if (served_ms < 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    EXPECT_GE(served_ms, 0) << port << ": no slot freed 3 s after the held connections were cut";
   }
 }
 

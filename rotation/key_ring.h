@@ -1,7 +1,7 @@
 // Key rings and key versions as stored in the metadata store, and the ring-name syntax.
 //
 // A key ring is a named sequence of key versions with one purpose and one algorithm. Versions
-// move through the lifecycle states of shared/DESIGN.md; CREATING marks a version whose key
+// move through the lifecycle states of docs/lifecycle.md; CREATING marks a version whose key
 // generation in the token has not been confirmed yet (the crash window of ring creation).
 #ifndef CUSTODY_ROTATION_KEY_RING_H_
 #define CUSTODY_ROTATION_KEY_RING_H_

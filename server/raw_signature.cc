@@ -3,8 +3,7 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
-#include "openssl/bn.h"
-#include "openssl/ec.h"
+#include "jose/jws.h"
 #include "openssl/evp.h"
 
 namespace custody::server {
@@ -173,25 +172,14 @@ absl::Status PinnedVersionMaySign(absl::string_view ring, uint32_t requested,
 }
 
 absl::StatusOr<std::string> EcdsaJoseToDer(absl::string_view rs) {
-  if (rs.empty() || rs.size() % 2 != 0) {
-    return absl::InternalError("token returned an ECDSA signature of odd length");
+  // One encoder (jose/); a signature the token returned that it cannot encode is the token's
+  // fault, not the caller's: INTERNAL.
+  absl::StatusOr<std::string> der = jose::EcdsaRawToDer(std::string_view(rs.data(), rs.size()));
+  if (!der.ok()) {
+    return absl::InternalError(absl::StrCat(
+        "the token returned an ECDSA signature custody cannot encode: ", der.status().message()));
   }
-  const size_t half = rs.size() / 2;
-  const auto* bytes = reinterpret_cast<const unsigned char*>(rs.data());
-  std::unique_ptr<ECDSA_SIG, decltype(&ECDSA_SIG_free)> sig(ECDSA_SIG_new(), ECDSA_SIG_free);
-  BIGNUM* r = BN_bin2bn(bytes, half, nullptr);
-  BIGNUM* s = BN_bin2bn(bytes + half, half, nullptr);
-  if (sig == nullptr || r == nullptr || s == nullptr || ECDSA_SIG_set0(sig.get(), r, s) != 1) {
-    BN_free(r);
-    BN_free(s);
-    return absl::InternalError("ECDSA_SIG_set0 failed");
-  }
-  unsigned char* der = nullptr;
-  const int len = i2d_ECDSA_SIG(sig.get(), &der);
-  if (len <= 0) return absl::InternalError("i2d_ECDSA_SIG failed");
-  std::string out(reinterpret_cast<const char*>(der), len);
-  OPENSSL_free(der);
-  return out;
+  return der;
 }
 
 }  // namespace custody::server

@@ -42,7 +42,8 @@ absl::Status PinnedVersionMaySign(absl::string_view ring, uint32_t requested,
                                   const rotation::VersionRecord* pinned, uint32_t active_version,
                                   int64_t now_ms, absl::Duration grace);
 
-// r||s (each half the same length) → DER ECDSA-Sig-Value (SEC 1 / RFC 3279 §2.2.3).
+// r||s (each half the same length) from the token → DER ECDSA-Sig-Value (SEC 1 / RFC 3279
+// §2.2.3), through jose::EcdsaRawToDer; INTERNAL when the token's output cannot be encoded.
 absl::StatusOr<std::string> EcdsaJoseToDer(absl::string_view rs);
 
 }  // namespace custody::server

@@ -30,7 +30,7 @@
 #include "openssl/crypto.h"
 #include "rotation/key_ring.h"
 #include "rotation/metadata_store.h"
-#include "server/audit_log.h"
+#include "server/audit_verify.h"
 #include "tools/command_line.h"
 #include "tools/policy_commands.h"
 

@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "jose/base64url.h"
+#include "jose/curves.h"
 #include "jose/jwe_internal.h"
 #include "jose/openssl_handles.h"
 #include "openssl/core_names.h"
@@ -165,25 +166,6 @@ constexpr std::array<RefusedAlg, 12> kRefusedAlgs = {{
     {"A256GCMKW", kSymmetricWrapReason},
     {"none", "a JWE must be encrypted to a key"},
 }};
-
-struct EcCurve {
-  absl::string_view jwk_name;
-  const char* openssl_name;
-  size_t field_bytes;
-};
-
-constexpr std::array<EcCurve, 3> kCurves = {{
-    {"P-256", "prime256v1", 32},
-    {"P-384", "secp384r1", 48},
-    {"P-521", "secp521r1", 66},
-}};
-
-const EcCurve* CurveByJwkName(absl::string_view name) {
-  for (const EcCurve& c : kCurves) {
-    if (c.jwk_name == name) return &c;
-  }
-  return nullptr;
-}
 
 absl::StatusOr<std::string> DecodePart(absl::string_view b64, absl::string_view part,
                                        size_t max_bytes) {
@@ -374,7 +356,7 @@ absl::StatusOr<ParsedJwe> ParseCompactJwe(absl::string_view compact, const JweLi
 }
 
 absl::StatusOr<PkeyPtr> ValidateEpk(const Json& epk, absl::string_view expected_crv) {
-  const EcCurve* curve = CurveByJwkName(expected_crv);
+  const EcCurve* curve = CurveByJwkName(std::string_view(expected_crv.data(), expected_crv.size()));
   if (curve == nullptr) {
     return absl::InvalidArgumentError(
         absl::StrCat("epk: the key's curve \"", expected_crv, "\" is not supported"));

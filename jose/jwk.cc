@@ -8,6 +8,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "jose/base64url.h"
+#include "jose/curves.h"
 #include "jose/openssl_handles.h"
 #include "openssl/core_names.h"
 #include "openssl/err.h"
@@ -20,33 +21,6 @@ using internal::MdPtr;
 using internal::ParamBldPtr;
 using internal::ParamsPtr;
 using internal::PkeyCtxPtr;
-
-struct EcCurve {
-  std::string_view jwk_name;
-  std::string_view openssl_name;
-  size_t field_bytes;
-};
-
-constexpr std::array<EcCurve, 3> kCurves = {{
-    {"P-256", "prime256v1", 32},
-    {"P-384", "secp384r1", 48},
-    {"P-521", "secp521r1", 66},
-}};
-
-const EcCurve* CurveByJwkName(std::string_view name) {
-  for (const EcCurve& c : kCurves) {
-    if (c.jwk_name == name) return &c;
-  }
-  return nullptr;
-}
-
-const EcCurve* CurveByOpensslName(std::string_view name) {
-  for (const EcCurve& c : kCurves) {
-    if (c.openssl_name == name) return &c;
-  }
-  // OpenSSL reports the NIST aliases for some providers.
-  return CurveByJwkName(name);
-}
 
 absl::Status OpensslError(absl::string_view what) {
   const unsigned long err = ERR_get_error();
@@ -193,13 +167,13 @@ absl::StatusOr<PkeyPtr> PkeyFromParams(const char* type, OSSL_PARAM_BLD* bld) {
 // from the curve's name, which cost ~20 µs per key (an ECDH JWE's epk is one key per call).
 // Null where OpenSSL cannot make them.
 const EVP_PKEY* CurveParameters(const EcCurve& curve) {
-  static const std::array<EVP_PKEY*, kCurves.size()>* const params = [] {
-    auto* made = new std::array<EVP_PKEY*, kCurves.size()>{};
-    for (size_t i = 0; i < kCurves.size(); ++i) {
+  static const std::array<EVP_PKEY*, 3>* const params = [] {
+    auto* made = new std::array<EVP_PKEY*, 3>{};
+    for (size_t i = 0; i < EcCurves().size(); ++i) {
       PkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr));
       OSSL_PARAM p[] = {
           OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME,
-                                           const_cast<char*>(kCurves[i].openssl_name.data()), 0),
+                                           const_cast<char*>(EcCurves()[i].openssl_name.data()), 0),
           OSSL_PARAM_construct_end()};
       EVP_PKEY* key = nullptr;
       if (ctx != nullptr && EVP_PKEY_paramgen_init(ctx.get()) == 1 &&
@@ -209,7 +183,7 @@ const EVP_PKEY* CurveParameters(const EcCurve& curve) {
     }
     return made;
   }();
-  return (*params)[static_cast<size_t>(&curve - kCurves.data())];
+  return (*params)[static_cast<size_t>(&curve - EcCurves().data())];
 }
 
 absl::StatusOr<PkeyPtr> EcPkey(const Json& jwk) {

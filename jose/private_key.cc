@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/secret.h"
 #include "jose/base64url.h"
+#include "jose/curves.h"
 #include "openssl/bio.h"
 #include "openssl/bn.h"
 #include "openssl/core_names.h"
@@ -106,14 +107,12 @@ absl::StatusOr<PkeyPtr> RsaFromJwk(const Json& jwk) {
 absl::StatusOr<PkeyPtr> EcFromJwk(const Json& jwk) {
   const Json* crv = jwk.Find("crv");
   std::string crv_name = crv != nullptr && crv->is_string() ? crv->as_string() : "";
-  const char* group = crv_name == "P-256"   ? "P-256"
-                      : crv_name == "P-384" ? "P-384"
-                      : crv_name == "P-521" ? "P-521"
-                                            : nullptr;
-  size_t field = crv_name == "P-256" ? 32 : crv_name == "P-384" ? 48 : 66;
-  if (group == nullptr) {
+  const EcCurve* curve = CurveByJwkName(crv_name);
+  if (curve == nullptr) {
     return absl::InvalidArgumentError("private JWK: crv must be P-256, P-384 or P-521");
   }
+  const char* group = curve->openssl_name.data();
+  const size_t field = curve->field_bytes;
   auto x = Member(jwk, "x");
   if (!x.ok()) return x.status();
   auto y = Member(jwk, "y");

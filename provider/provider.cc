@@ -12,6 +12,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "jose/base64url.h"
+#include "jose/curves.h"
 #include "jose/json.h"
 #include "openssl/core_names.h"
 #include "openssl/param_build.h"
@@ -186,8 +187,9 @@ absl::StatusOr<PkeyPtr> PublicKeyFromJwk(OSSL_LIB_CTX* libctx, const std::string
   std::unique_ptr<BIGNUM, decltype(&BN_free)> n(nullptr, BN_free), e(nullptr, BN_free);
   if (kty == "EC") {
     const std::string crv = member("crv");
-    group = crv == "P-256" ? "P-256" : crv == "P-384" ? "P-384" : crv == "P-521" ? "P-521" : "";
-    if (group.empty()) return absl::DataLossError(absl::StrCat("unsupported curve '", crv, "'"));
+    const jose::EcCurve* curve = jose::CurveByJwkName(crv);
+    if (curve == nullptr) return absl::DataLossError(absl::StrCat("unsupported curve '", crv, "'"));
+    group = std::string(curve->openssl_name);
     auto x = decoded("x");
     auto y = decoded("y");
     if (!x.ok()) return x.status();

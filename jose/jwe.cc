@@ -20,6 +20,7 @@
 #include "jose/curves.h"
 #include "jose/jwe_internal.h"
 #include "jose/openssl_handles.h"
+#include "jose/openssl_internal.h"
 #include "openssl/core_names.h"
 #include "openssl/err.h"
 #include "openssl/rand.h"
@@ -45,14 +46,6 @@ namespace internal {
 absl::Status DecryptionFailed() {
   ERR_clear_error();
   return absl::InvalidArgumentError(kDecryptionFailed);
-}
-
-absl::Status OpensslError(absl::string_view what) {
-  const unsigned long err = ERR_get_error();
-  ERR_clear_error();
-  char buf[256] = {0};
-  if (err != 0) ERR_error_string_n(err, buf, sizeof(buf));
-  return absl::InvalidArgumentError(absl::StrCat(what, err != 0 ? ": " : "", buf));
 }
 
 void AppendBigEndian32(std::string& out, uint32_t v) {

@@ -14,6 +14,7 @@
 #include "common/secret.h"
 #include "jose/jwe.h"
 #include "jose/jwk.h"
+#include "jose/openssl_internal.h"
 #include "openssl/evp.h"
 
 namespace custody::jose::internal {
@@ -32,9 +33,6 @@ const EncInfo& EncInfoFor(JweEnc enc);
 
 // The uniform decryption error (INVALID_ARGUMENT "decryption failed"), OpenSSL's queue cleared.
 absl::Status DecryptionFailed();
-// INVALID_ARGUMENT "`what`: <OpenSSL's first queued error>", the queue cleared. Encryption side
-// only: decryption reports DecryptionFailed().
-absl::Status OpensslError(absl::string_view what);
 inline const unsigned char* Bytes(absl::string_view s) {
   return reinterpret_cast<const unsigned char*>(s.data());
 }

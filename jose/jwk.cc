@@ -10,6 +10,7 @@
 #include "jose/base64url.h"
 #include "jose/curves.h"
 #include "jose/openssl_handles.h"
+#include "jose/openssl_internal.h"
 #include "openssl/core_names.h"
 #include "openssl/err.h"
 
@@ -18,17 +19,10 @@ namespace {
 
 using internal::BnPtr;
 using internal::MdPtr;
+using internal::OpensslError;
 using internal::ParamBldPtr;
 using internal::ParamsPtr;
 using internal::PkeyCtxPtr;
-
-absl::Status OpensslError(absl::string_view what) {
-  const unsigned long err = ERR_get_error();
-  ERR_clear_error();
-  char buf[256] = {0};
-  if (err != 0) ERR_error_string_n(err, buf, sizeof(buf));
-  return absl::InvalidArgumentError(absl::StrCat(what, err != 0 ? ": " : "", buf));
-}
 
 absl::StatusOr<std::string> GetBn(const EVP_PKEY* pkey, const char* name, size_t pad_to) {
   BIGNUM* raw = nullptr;

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "pkcs11/token_internal.h"
 
@@ -12,6 +13,11 @@ namespace custody::pkcs11::internal {
 namespace {
 
 constexpr CK_OBJECT_CLASS kSecretKey = CKO_SECRET_KEY;
+
+bool IsGoneOrUnwritten(const absl::Status& status) {
+  return absl::StrContains(status.message(), "CKR_OBJECT_HANDLE_INVALID") ||
+         absl::StrContains(status.message(), "CKR_ATTRIBUTE_VALUE_INVALID");
+}
 
 }  // namespace
 
@@ -26,8 +32,16 @@ absl::StatusOr<std::vector<std::string>> FindSecretKeyIds(TokenState& state,
         FindObjects(fn, lease,
                     {Attr(CKA_CLASS, &kSecretKey, sizeof(kSecretKey)), Attr(CKA_LABEL, label)}));
     for (CK_OBJECT_HANDLE handle : found) {
-      P11_ASSIGN_OR_RETURN(std::string id, GetBytes(fn, lease, handle, CKA_ID));
-      ids.push_back(std::move(id));
+      // Another process may destroy its key between the search and this read, or be writing it
+      // (SoftHSM2 answers CKR_ATTRIBUTE_VALUE_INVALID then): neither is a key to use.
+      CK_ATTRIBUTE size{CKA_ID, nullptr, 0};
+      CK_RV rv = fn->C_GetAttributeValue(lease.get(), handle, &size, 1);
+      if (rv == CKR_OBJECT_HANDLE_INVALID || rv == CKR_ATTRIBUTE_VALUE_INVALID) continue;
+      P11_RETURN_IF_ERROR(lease.Check("C_GetAttributeValue", rv));
+      auto id = GetBytes(fn, lease, handle, CKA_ID);
+      if (!id.ok() && IsGoneOrUnwritten(id.status())) continue;
+      P11_RETURN_IF_ERROR(id.status());
+      ids.push_back(*std::move(id));
     }
     return absl::OkStatus();
   }));

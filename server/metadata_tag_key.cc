@@ -72,10 +72,11 @@ std::string DerSignature(absl::string_view raw) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<MetadataTagKey>> MetadataTagKey::Open(pkcs11::Token* token) {
+absl::StatusOr<std::unique_ptr<MetadataTagKey>> MetadataTagKey::Open(pkcs11::Token* token,
+                                                                     bool allow_hmac) {
   auto key = std::unique_ptr<MetadataTagKey>(new MetadataTagKey(token));
-  const bool can_hmac =
-      token->HasMechanism("CKM_GENERIC_SECRET_KEY_GEN") && token->HasMechanism("CKM_SHA256_HMAC");
+  const bool can_hmac = allow_hmac && token->HasMechanism("CKM_GENERIC_SECRET_KEY_GEN") &&
+                        token->HasMechanism("CKM_SHA256_HMAC");
   const bool can_ecdsa =
       token->HasMechanism("CKM_EC_KEY_PAIR_GEN") && token->HasMechanism("CKM_ECDSA");
   // Whichever kind exists is used (a token may have gained HMAC since the key was made).
@@ -94,6 +95,10 @@ absl::StatusOr<std::unique_ptr<MetadataTagKey>> MetadataTagKey::Open(pkcs11::Tok
   };
   for (int attempt = 0;; ++attempt) {
     auto ids = find();
+    for (int retry = 0; !ids.ok() && retry < 3; ++retry) {
+      absl::SleepFor(absl::Milliseconds(50));
+      ids = find();
+    }
     if (!ids.ok()) return ids.status();
     if (!ids->empty()) {
       key->id_ = ids->front();  // the lowest CKA_ID, as every replica picks
@@ -114,11 +119,31 @@ absl::StatusOr<std::unique_ptr<MetadataTagKey>> MetadataTagKey::Open(pkcs11::Tok
         key->hmac_ ? token->GenerateHmacKey(*id, kLabel)
                    : token->GenerateKeyPair({pkcs11::KeyType::kEcP256, 0}, *id, kLabel).status();
     if (!made.ok()) {
-      return absl::Status(made.code(),
-                          absl::StrCat("generating the metadata tag key: ", made.message()));
+      // Tokens may refuse a generation while another process writes one (SoftHSM2:
+      // CKR_GENERAL_ERROR, CKR_TEMPLATE_INCONSISTENT): look again, then try once more.
+      if (attempt == 4) {
+        return absl::Status(made.code(),
+                            absl::StrCat("generating the metadata tag key: ", made.message()));
+      }
+      token->DestroyKeyPair(*id).IgnoreError();
+      Log(LogLevel::kWarning, "metadata.tag_key_retry", {{"error", std::string(made.message())}});
+      absl::SleepFor(absl::Milliseconds(20 + (id->front() & 0x7f)));
+      continue;
     }
     auto after = find();
-    if (!after.ok()) return after.status();
+    for (int retry = 0; !after.ok() && retry < 3; ++retry) {
+      absl::SleepFor(absl::Milliseconds(50));
+      after = find();
+    }
+    if (!after.ok()) {
+      // SoftHSM2 may fail a read of an object another process is writing or deleting.
+      token->DestroyKeyPair(*id).IgnoreError();
+      if (attempt == 4) return after.status();
+      Log(LogLevel::kWarning, "metadata.tag_key_retry",
+          {{"error", std::string(after.status().message())}});
+      absl::SleepFor(absl::Milliseconds(20 + (id->front() & 0x7f)));
+      continue;
+    }
     if (after->size() == 1 && after->front() == *id) {
       key->id_ = *id;
       key->generated_ = true;

@@ -35,8 +35,10 @@ class MetadataTagKey final : public rotation::RecordTagger {
   static constexpr char kLabel[] = "custody-metadata-tag";
 
   // FAILED_PRECONDITION when the token can make neither kind of key; UNAVAILABLE for token
-  // trouble. `token` must outlive the key.
-  static absl::StatusOr<std::unique_ptr<MetadataTagKey>> Open(pkcs11::Token* token);
+  // trouble. `token` must outlive the key. `allow_hmac` false: never HMAC (tests of the ECDSA path
+  // on a token that has HMAC).
+  static absl::StatusOr<std::unique_ptr<MetadataTagKey>> Open(pkcs11::Token* token,
+                                                              bool allow_hmac = true);
 
   // True when this process generated the key (no tag key existed: the first start with tags).
   // Records without a tag are then from before tags and may be adopted once; once the key

@@ -1394,5 +1394,40 @@ TEST_F(ReplicaTest, RowsEditedWithPsqlAreRefusedByEveryReplica) {
   EXPECT_FALSE(ring.versions(0).object_missing());  // refused, not destroyed
 }
 
+// Rows from before tags (migration 4 gives them an empty tag) on a token without a tag key: the
+// replica whose start generates the key tags them once; the other finds the key and serves them.
+TEST_F(ReplicaTest, StateFromBeforeTagsIsAdoptedOnceByTheReplicaThatMakesTheKey) {
+  StartReplicas(2);
+  v1::KeyRing ring;
+  ASSERT_TRUE(CreateEs256(replica(0), "op/old", &ring).ok());
+  const std::string kid = ring.versions(0).kid();
+  replica(0).Kill();
+  replica(1).Kill();
+  ASSERT_TRUE(Cluster()->Psql(db_, "UPDATE rings SET tag = ''; UPDATE versions SET tag = ''").ok());
+  const std::string token_dir = dirs_[0]->path();
+  CommandResult deleted = RunCommand({"pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so",
+                                      "--login", "--pin", "env:CUSTODY_TEST_PIN", "--delete-object",
+                                      "--type", "secrkey", "--label", "custody-metadata-tag"},
+                                     "",
+                                     {"SOFTHSM2_CONF=" + token_dir + "/softhsm2.conf",
+                                      "CUSTODY_TEST_PIN=" + ReadFileOrDie(token_dir + "/pin")});
+  ASSERT_EQ(deleted.exit_code, 0) << deleted.out << deleted.err;
+  Restart(0);
+  ASSERT_TRUE(replica(0).started()) << replica(0).log();
+  EXPECT_NE(replica(0).log().find(
+                "\"event\":\"metadata.tags_adopted\",\"rings\":\"1\",\"versions\":\"1\""),
+            std::string::npos)
+      << replica(0).log();
+  Restart(1);
+  ASSERT_TRUE(replica(1).started()) << replica(1).log();
+  EXPECT_EQ(replica(1).log().find("metadata.tags_adopted"), std::string::npos);
+  EXPECT_EQ(replica(1).log().find("metadata.tag_mismatch"), std::string::npos) << replica(1).log();
+  for (int i = 0; i < 2; ++i) {
+    auto signed_jws = SignWhenReady(replica(i), "op/old", "", 5s);
+    ASSERT_TRUE(signed_jws.has_value()) << replica(i).log();
+    EXPECT_EQ(signed_jws->kid(), kid);
+  }
+}
+
 }  // namespace
 }  // namespace custody::testing

@@ -477,6 +477,7 @@ RowResult Bench::RunRow(const std::string& transport, const Connections& connect
   const bool library = !clients.empty();
   const size_t n = static_cast<size_t>(concurrency);
   double cpu0 = -1, cpu1 = -1, self0 = -1, self1 = -1;
+  int64_t switches0 = -1, switches1 = -1;
   // The service's CPU: every custodyd process of the row (one, or each replica).
   auto service_cpu = [&] {
     double total = 0;
@@ -487,12 +488,24 @@ RowResult Bench::RunRow(const std::string& transport, const Connections& connect
     }
     return total;
   };
+  // Every custodyd's context switches: each hand-off between threads a call costs.
+  auto service_switches = [&] {
+    int64_t total = 0;
+    for (pid_t pid : daemon_pids) {
+      const int64_t n = ProcessContextSwitches(pid);
+      if (n < 0) return int64_t{-1};
+      total += n;
+    }
+    return total;
+  };
   auto at_start = [&] {
+    switches0 = service_switches();
     cpu0 = service_cpu();
     self0 = ProcessCpuSeconds(getpid());
   };
   auto at_end = [&] {
     cpu1 = service_cpu();
+    switches1 = service_switches();
     self1 = ProcessCpuSeconds(getpid());
   };
   // Runs `library_op` (calls through the Clients) and records how many calls each RPC carried.
@@ -631,6 +644,7 @@ RowResult Bench::RunRow(const std::string& transport, const Connections& connect
     }
   }
   if (cpu0 >= 0 && cpu1 >= 0) row.service_cpu_s = cpu1 - cpu0;
+  if (switches0 >= 0 && switches1 >= switches0) row.service_switches = switches1 - switches0;
   if (self0 >= 0 && self1 >= 0) row.client_cpu_s = self1 - self0;
   for (pid_t pid : daemon_pids) {
     row.vmhwm_kb = std::max(row.vmhwm_kb, ProcessStatusKb(pid, "VmHWM"));
@@ -775,6 +789,18 @@ absl::Status Bench::RunTransport(const std::string& transport) {
   auto daemon = CustodydProcess::Start(options);
   if (!daemon.ok()) return daemon.status();
   const pid_t pid = (*daemon)->pid();
+  if (report_->fdatasync_p50_us < 0) {
+    // The flush every acknowledged call waits for, on the file system custodyd writes its audit
+    // to, measured now: the floor of one caller's latency (report: "One caller").
+    std::string audit_dir = state_dir_ + "/audit";
+    for (const std::string& flag : options.extra_flags) {
+      if (absl::StartsWith(flag, "--audit_dir="))
+        audit_dir = flag.substr(std::string_view("--audit_dir=").size());
+    }
+    auto p50 = FdatasyncP50Us(audit_dir, 200);
+    if (!p50.ok()) return p50.status();
+    report_->fdatasync_p50_us = *p50;
+  }
 
   // First run: the rings, their keys and the token handle of this process.
   if (token_ == nullptr) {

@@ -9,11 +9,15 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -162,6 +166,55 @@ int64_t ProcessStatusKb(pid_t pid, std::string_view field) {
     return -1;
   }
   return -1;
+}
+
+int64_t ProcessContextSwitches(pid_t pid) {
+  std::error_code ec;
+  std::filesystem::directory_iterator it(absl::StrCat("/proc/", pid, "/task"), ec);
+  if (ec) return -1;
+  int64_t total = 0;
+  for (const auto& task : it) {
+    auto status = ReadFile(task.path().string() + "/status");
+    if (!status.ok()) continue;  // the thread exited meanwhile
+    for (absl::string_view line : absl::StrSplit(*status, '\n')) {
+      if (!absl::StartsWith(line, "voluntary_ctxt_switches:") &&
+          !absl::StartsWith(line, "nonvoluntary_ctxt_switches:")) {
+        continue;
+      }
+      int64_t n = 0;
+      if (absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(line.find(':') + 1)), &n)) {
+        total += n;
+      }
+    }
+  }
+  return total;
+}
+
+absl::StatusOr<double> FdatasyncP50Us(const std::string& dir, int n) {
+  const std::string path = dir + "/.custody-bench-fdatasync";
+  int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    return absl::InternalError(absl::StrCat("open '", path, "': ", std::strerror(errno)));
+  }
+  const std::string line(299, 'x');
+  std::vector<double> us;
+  us.reserve(static_cast<size_t>(n));
+  absl::Status status;
+  for (int i = 0; i < n && status.ok(); ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    if (write(fd, (line + "\n").data(), line.size() + 1) != static_cast<ssize_t>(line.size() + 1) ||
+        fdatasync(fd) != 0) {
+      status = absl::InternalError(
+          absl::StrCat("append+fdatasync '", path, "': ", std::strerror(errno)));
+    }
+    us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
+                     .count());
+  }
+  close(fd);
+  unlink(path.c_str());
+  if (!status.ok()) return status;
+  std::sort(us.begin(), us.end());
+  return us[us.size() / 2];
 }
 
 double ThreadCpuSeconds() {

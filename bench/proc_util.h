@@ -50,6 +50,13 @@ absl::Status WriteFile(const std::string& path, std::string_view content, mode_t
 double ProcessCpuSeconds(pid_t pid);
 // A "kB" field of /proc/PID/status ("VmHWM", "VmRSS"); -1 on error.
 int64_t ProcessStatusKb(pid_t pid, std::string_view field);
+// Context switches (voluntary + involuntary) of every thread of `pid`, summed over
+// /proc/PID/task/*/status; -1 on error. Threads that exited are not counted, so read it around a
+// window in which the process keeps its threads (a row of load).
+int64_t ProcessContextSwitches(pid_t pid);
+// The p50, in microseconds, of `n` durable small appends (300 bytes, then fdatasync) to a fresh
+// file in `dir`: what one audit line's flush costs on that file system at this moment.
+absl::StatusOr<double> FdatasyncP50Us(const std::string& dir, int n);
 // CPU (user+system) the calling thread has used, from getrusage(RUSAGE_THREAD), in seconds.
 double ThreadCpuSeconds();
 

@@ -38,9 +38,10 @@ struct RowResult {
   std::string client = "stub";
   double calls_per_rpc = -1;  // calls per RPC the library sent (-1: stub)
   LoadResult load;
-  double service_cpu_s = -1;  // custodyd utime+stime during the row
-  double client_cpu_s = -1;   // the bench process's (the callers') utime+stime during the row
-  int64_t vmhwm_kb = -1;      // custodyd VmHWM right after the row
+  double service_cpu_s = -1;      // custodyd utime+stime during the row
+  double client_cpu_s = -1;       // the bench process's (the callers') utime+stime during the row
+  int64_t service_switches = -1;  // custodyd's context switches (all threads) during the row
+  int64_t vmhwm_kb = -1;          // custodyd VmHWM right after the row
   const CeilingResult* ceiling = nullptr;
   bool check_ok = false;
   std::string check;  // what was checked, or why it failed
@@ -49,6 +50,7 @@ struct RowResult {
   double Ratio() const;              // custodyd ops/s / direct Cryptoki ops/s; -1 if unknown
   double ServiceCpuUsPerOp() const;  // -1 if unknown
   double ClientCpuUsPerOp() const;   // -1 if unknown
+  double SwitchesPerOp() const;      // custodyd context switches per op; -1 if unknown
   // custodyd CPU per op minus the bench's CPU per direct token op (same op and threads), in
   // microseconds. Only meaningful when HasOverhead().
   double OverheadUs() const;
@@ -86,6 +88,9 @@ struct Report {
   int payload_bytes = 0;
   int cores = 0;
   std::string loadavg;  // /proc/loadavg at start, to judge how busy the machine was
+  // p50 of a 300-byte append + fdatasync on the audit directory's file system, measured in the
+  // same run (-1 if not measured): the one flush an acknowledged call must wait for.
+  double fdatasync_p50_us = -1;
   std::map<std::pair<std::string, int>, CeilingResult> ceilings;  // (op id, concurrency)
   std::vector<RowResult> rows;
   std::map<std::string, int64_t> custodyd_vmhwm_kb;  // per transport run

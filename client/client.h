@@ -15,8 +15,8 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
-#include "client/channel.h"
-#include "client/coalescer.h"
+#include "custody/client/channel.h"
+#include "custody/client/coalescer.h"
 #include "custody/v1/custody.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 

@@ -13,9 +13,9 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
-#include "client/client.h"
-#include "client/jwe_encryption.h"
-#include "jose/json.h"
+#include "custody/client/client.h"
+#include "custody/client/jwe_encryption.h"
+#include "custody/jose/json.h"
 
 namespace custody::client {
 

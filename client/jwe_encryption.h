@@ -8,7 +8,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "jose/jwe.h"
+#include "custody/jose/jwe.h"
 
 namespace custody::client {
 

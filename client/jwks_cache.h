@@ -25,10 +25,10 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "client/client.h"
+#include "custody/client/client.h"
+#include "custody/jose/json.h"
+#include "custody/jose/jwk.h"
 #include "grpcpp/grpcpp.h"
-#include "jose/json.h"
-#include "jose/jwk.h"
 
 namespace custody::client {
 

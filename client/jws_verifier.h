@@ -15,8 +15,8 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "client/jwks_cache.h"
-#include "jose/json.h"
+#include "custody/client/jwks_cache.h"
+#include "custody/jose/json.h"
 
 namespace custody::client {
 

@@ -13,9 +13,9 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "common/secret.h"
-#include "jose/json.h"
-#include "jose/jwk.h"
+#include "custody/common/secret.h"
+#include "custody/jose/json.h"
+#include "custody/jose/jwk.h"
 #include "openssl/evp.h"
 
 namespace custody::jose {

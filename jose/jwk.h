@@ -6,7 +6,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "jose/json.h"
+#include "custody/jose/json.h"
 #include "openssl/evp.h"
 
 namespace custody::jose {

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "jose/json.h"
+#include "custody/jose/json.h"
 #include "openssl/evp.h"
 
 namespace custody::jose {

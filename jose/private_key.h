@@ -6,8 +6,8 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "jose/json.h"
-#include "jose/jwk.h"
+#include "custody/jose/json.h"
+#include "custody/jose/jwk.h"
 
 namespace custody::jose {
 

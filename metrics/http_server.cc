@@ -13,11 +13,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -189,7 +191,8 @@ struct HttpServer::State {
   // flight may still use the one it was handed (rotations are rare; each is a few KB).
   absl::Mutex tls_mu;
   std::vector<std::unique_ptr<TlsCredentials>> tls_generations ABSL_GUARDED_BY(tls_mu);
-  std::string tls_stamp ABSL_GUARDED_BY(tls_mu);
+  std::string tls_stamp ABSL_GUARDED_BY(tls_mu);         // of the pair served
+  std::string tls_failed_stamp ABSL_GUARDED_BY(tls_mu);  // of the last pair that did not load
 
   // The request deadline: each open connection and when its current request began.
   struct Connection {
@@ -205,20 +208,41 @@ struct HttpServer::State {
   uint64_t refused ABSL_GUARDED_BY(mu) = 0;
   std::thread reaper;
 
+  std::string TlsStamp() const {
+    return absl::StrCat(FileStamp(options.tls_cert), "|", FileStamp(options.tls_key));
+  }
+
+  // Loads the files (whose version is `stamp`) as the pair served from now on, or says why not.
+  absl::Status LoadTls(const std::string& stamp) ABSL_EXCLUSIVE_LOCKS_REQUIRED(tls_mu) {
+    auto loaded = TlsCredentials::Load(options.tls_cert, options.tls_key);
+    if (!loaded.ok()) {
+      tls_failed_stamp = stamp;
+      return loaded.status();
+    }
+    tls_generations.push_back(*std::move(loaded));
+    tls_stamp = stamp;
+    tls_failed_stamp.clear();
+    return absl::OkStatus();
+  }
+
   // The current credentials, re-read first when the files changed. Null when none load.
   TlsCredentials* CurrentTls() {
-    absl::MutexLock lock(&tls_mu);
-    std::string stamp = absl::StrCat(FileStamp(options.tls_cert), "|", FileStamp(options.tls_key));
-    if (stamp != tls_stamp) {
-      // A half-written rotation (new certificate, old key) fails to load: keep the last good
-      // pair and try again at the next handshake.
-      auto loaded = TlsCredentials::Load(options.tls_cert, options.tls_key);
-      if (loaded.ok()) {
-        tls_generations.push_back(*std::move(loaded));
-        tls_stamp = stamp;
+    std::optional<absl::Status> reloaded;
+    TlsCredentials* current = nullptr;
+    {
+      absl::MutexLock lock(&tls_mu);
+      const std::string stamp = TlsStamp();
+      // A half-written rotation (new certificate, old key) fails to load: the last good pair
+      // is kept, and the files are tried again once they change again.
+      if (stamp != tls_stamp && stamp != tls_failed_stamp) {
+        const bool first = tls_generations.empty();
+        absl::Status s = LoadTls(stamp);
+        if (!first) reloaded = std::move(s);
       }
+      if (!tls_generations.empty()) current = tls_generations.back().get();
     }
-    return tls_generations.empty() ? nullptr : tls_generations.back().get();
+    if (reloaded.has_value() && options.on_tls_reload) options.on_tls_reload(*reloaded);
+    return current;
   }
 
   void Reap() {
@@ -327,14 +351,144 @@ MHD_Result Admit(void* cls, const sockaddr*, socklen_t) {
   return MHD_NO;
 }
 
+// What a request's state (libmicrohttpd's per-request pointer) says: its request target was
+// checked (clean or not), then its head was, and the body is being discarded.
+char target_clean, target_malformed, head_checked;
+
+// libmicrohttpd 0.9.75 parses leniently where RFC 9112 lets a server refuse: a bare LF ends a
+// line ("TODO: Add MHD option to disallow", connection.c get_next_header_line), a NUL in the
+// request target, the method or a field value silently ends that string, several spaces may
+// separate the request line's parts and a space may sit in the target. It has no option to
+// refuse them (MHD_OPTION_STRICT_FOR_CLIENT checks only a space in the target, the Host header
+// and, at -1, whitespace before a colon). So the head is checked here, from the bytes 0.9.75
+// leaves in its read buffer, which the strings it hands over point into: it parses in place,
+// overwriting each line's CR and LF with NULs, the space after the method and the one before
+// the version with a NUL, and each field's colon with a NUL. In a well-formed head every line
+// therefore ends in two NULs where its CRLF was; a bare LF leaves one. Another libmicrohttpd
+// release may lay the buffer out otherwise: the check is made only on the release it was
+// written for (docs/design.md).
+bool StrictParsingApplies() {
+  static const bool applies = std::strcmp(MHD_get_version(), "0.9.75") == 0;
+  return applies;
+}
+
+bool IsTokenChar(unsigned char c) {
+  return std::isalnum(c) || std::strchr("!#$%&'*+-.^_`|~", c) != nullptr;
+}
+bool IsToken(absl::string_view s) {
+  return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return IsTokenChar(c); });
+}
+
+// MHD_OPTION_URI_LOG_CALLBACK: called with the request target as sent (before its query is split
+// off and it is unescaped), NUL-terminated where the space before the version was. A target
+// that is visible ASCII and is followed by exactly "HTTP/1.x" and the line's end had neither a
+// NUL nor a space in it. Its result becomes the request's state.
+void* CheckRequestTarget(void*, const char* target, MHD_Connection*) {
+  if (target == nullptr) return &target_malformed;
+  const size_t n = std::strlen(target);
+  const bool visible =
+      n > 0 && std::all_of(target, target + n, [](char c) { return c > 0x20 && c < 0x7f; });
+  return visible && std::memcmp(target + n + 1, "HTTP/1.", 7) == 0 && target[n + 9] == '\0'
+             ? &target_clean
+             : &target_malformed;
+}
+
+// The request head as 0.9.75 left it in place, [method, method + header_size): the request line,
+// then each field line where its name points, then the empty line, every line ending in two
+// NULs (see StrictParsingApplies).
+class HeadCheck {
+ public:
+  HeadCheck(const char* head, size_t size) : head_(head), size_(size) {}
+  bool RequestLine(const char* method, const char* target, const char* version) {
+    const size_t method_length = std::strlen(method);
+    if (!IsToken(absl::string_view(method, method_length)) || target != head_ + method_length + 1) {
+      return false;
+    }
+    // libmicrohttpd accepted the version: "HTTP/1." and a digit.
+    if (std::strlen(version) != 8 || version < target || version + 8 > head_ + size_) return false;
+    return LineEndsAt(static_cast<size_t>(version + 8 - head_));
+  }
+  // One field line, in the order received.
+  bool Field(const char* name, size_t name_size, const char* value, size_t value_size) {
+    if (name != head_ + at_ || !IsToken(absl::string_view(name, name_size))) return false;
+    const size_t colon = at_ + name_size;
+    if (colon >= size_ || head_[colon] != '\0') return false;
+    if (value < head_ + colon + 1 || value + value_size > head_ + size_) return false;
+    for (const char* c = head_ + colon + 1; c < value; ++c) {
+      if (*c != ' ' && *c != '\t') return false;
+    }
+    for (size_t i = 0; i < value_size; ++i) {
+      const unsigned char c = static_cast<unsigned char>(value[i]);
+      if ((c < 0x20 && c != '\t') || c == 0x7f) return false;  // a bare CR among them
+    }
+    return LineEndsAt(static_cast<size_t>(value + value_size - head_));
+  }
+  // The empty line that ends the head, and nothing after it.
+  bool End() const { return at_ + 2 == size_ && head_[at_] == '\0' && head_[at_ + 1] == '\0'; }
+
+ private:
+  // The line's content ends at `end`: a CRLF (now two NULs) follows, and the next line begins.
+  bool LineEndsAt(size_t end) {
+    if (end + 2 > size_ || head_[end] != '\0' || head_[end + 1] != '\0') return false;
+    at_ = end + 2;
+    return true;
+  }
+  const char* head_;
+  size_t size_;
+  size_t at_ = 0;
+};
+
+MHD_Result CheckField(void* cls, MHD_ValueKind, const char* name, size_t name_size,
+                      const char* value, size_t value_size) {
+  auto* check = static_cast<std::pair<HeadCheck, bool>*>(cls);
+  check->second = check->second && check->first.Field(name, name_size, value, value_size);
+  return check->second ? MHD_YES : MHD_NO;
+}
+
+// True when the request's head is HTTP/1.1 as RFC 9112 writes it: CRLF line ends, one space
+// between the request line's parts, tokens for the method and field names, no NUL or bare CR.
+bool HeadIsWellFormed(MHD_Connection* connection, const char* url, const char* method,
+                      const char* version, void* target_check) {
+  if (!StrictParsingApplies()) return true;
+  if (target_check != &target_clean) return false;
+  const MHD_ConnectionInfo* info =
+      MHD_get_connection_info(connection, MHD_CONNECTION_INFO_REQUEST_HEADER_SIZE);
+  if (info == nullptr) return false;
+  std::pair<HeadCheck, bool> check{HeadCheck(method, info->header_size), true};
+  if (!check.first.RequestLine(method, url, version)) return false;
+  MHD_get_connection_values_n(connection, MHD_HEADER_KIND, &CheckField, &check);
+  return check.second && check.first.End();
+}
+
+MHD_Result Queue(MHD_Connection* connection, const HttpResponse& reply) {
+  MHD_Response* response = MHD_create_response_from_buffer(
+      reply.body.size(), const_cast<char*>(reply.body.data()), MHD_RESPMEM_MUST_COPY);
+  if (response == nullptr) return MHD_NO;
+  MHD_add_response_header(response, "Content-Type", reply.content_type.c_str());
+  for (const auto& [name, value] : reply.headers) {
+    MHD_add_response_header(response, name.c_str(), value.c_str());
+  }
+  MHD_Result queued = MHD_queue_response(connection, static_cast<unsigned>(reply.status), response);
+  MHD_destroy_response(response);
+  return queued;
+}
+
 MHD_Result Answer(void* cls, MHD_Connection* connection, const char* url, const char* method,
-                  const char*, const char*, size_t* upload_size, void** request_state) {
+                  const char* version, const char*, size_t* upload_size, void** request_state) {
   auto* state = static_cast<HttpServer::State*>(cls);
   // The first call has the headers; a reply queued there would end keep-alive, so it is sent
-  // from the call after the (discarded) body.
-  static char headers_seen;
-  if (*request_state == nullptr) {
-    *request_state = &headers_seen;
+  // from the call after the (discarded) body. A malformed head is answered there, and the
+  // connection closed: where it ends is unknown.
+  if (*request_state != &head_checked) {
+    if (!HeadIsWellFormed(connection, url, method, version, *request_state)) {
+      HttpResponse reply = HttpResponse::Text(
+          400,
+          "malformed request: HTTP/1.1 wants CRLF line ends, no NUL or bare CR, and "
+          "METHOD SP TARGET SP HTTP/1.1\n");
+      reply.headers.emplace_back("Connection", "close");
+      return Queue(connection, reply);
+    }
+    *request_state = &head_checked;
     return MHD_YES;
   }
   if (*upload_size != 0) {
@@ -356,16 +510,7 @@ MHD_Result Answer(void* cls, MHD_Connection* connection, const char* url, const 
     reply = state->handler(request);
   }
   state->requests.fetch_add(1, std::memory_order_relaxed);
-  MHD_Response* response =
-      MHD_create_response_from_buffer(reply.body.size(), reply.body.data(), MHD_RESPMEM_MUST_COPY);
-  if (response == nullptr) return MHD_NO;
-  MHD_add_response_header(response, "Content-Type", reply.content_type.c_str());
-  for (const auto& [name, value] : reply.headers) {
-    MHD_add_response_header(response, name.c_str(), value.c_str());
-  }
-  MHD_Result queued = MHD_queue_response(connection, static_cast<unsigned>(reply.status), response);
-  MHD_destroy_response(response);
-  return queued;
+  return Queue(connection, reply);
 }
 
 }  // namespace
@@ -421,11 +566,13 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(Options options, H
   const size_t memory = kConnectionMemoryBytes;
   auto* on_connection = &OnConnection;
   auto* on_completed = &OnCompleted;
+  auto* check_target = &CheckRequestTarget;
 #define CUSTODY_MHD_COMMON_OPTIONS                                                             \
   MHD_OPTION_LISTEN_SOCKET, *fd, MHD_OPTION_THREAD_POOL_SIZE, threads,                         \
       MHD_OPTION_CONNECTION_LIMIT, limit, MHD_OPTION_CONNECTION_TIMEOUT, idle_seconds,         \
       MHD_OPTION_CONNECTION_MEMORY_LIMIT, memory, MHD_OPTION_NOTIFY_CONNECTION, on_connection, \
-      state.get(), MHD_OPTION_NOTIFY_COMPLETED, on_completed, state.get()
+      state.get(), MHD_OPTION_NOTIFY_COMPLETED, on_completed, state.get(),                     \
+      MHD_OPTION_URI_LOG_CALLBACK, check_target, nullptr
   if (!tls) {
     state->daemon = MHD_start_daemon(flags, 0, &Admit, state.get(), &Answer, state.get(),
                                      CUSTODY_MHD_COMMON_OPTIONS, MHD_OPTION_END);
@@ -477,6 +624,18 @@ void HttpServer::Stop() {
   }
   state_->wake.SignalAll();
   state_->reaper.join();
+}
+
+bool HttpServer::serves_tls() const { return !state_->options.tls_cert.empty(); }
+const std::string& HttpServer::tls_cert() const { return state_->options.tls_cert; }
+const std::string& HttpServer::tls_key() const { return state_->options.tls_key; }
+
+absl::Status HttpServer::ReloadTls() {
+  if (!serves_tls()) return absl::FailedPreconditionError("this listener does not serve TLS");
+  absl::MutexLock lock(&state_->tls_mu);
+  const std::string stamp = state_->TlsStamp();
+  if (stamp == state_->tls_stamp) return absl::OkStatus();  // the files served, unchanged
+  return state_->LoadTls(stamp);
 }
 
 uint64_t HttpServer::requests() const { return state_->requests.load(std::memory_order_relaxed); }

@@ -9,13 +9,17 @@
 //   handshake included; past it the connection is shut down, however slowly it trickles;
 // - at most `max_connections` open connections; the excess is accepted and closed at once
 //   (refused, not queued);
-// - HTTP/1.1 keep-alive; HEAD answered as GET without the body; a malformed request 400, an
+// - HTTP/1.1 keep-alive; HEAD answered as GET without the body; a malformed request 400 with
+//   `Connection: close` (CRLF line ends only, no NUL or bare CR, single spaces in the request
+//   line; see docs/design.md for the two cases libmicrohttpd closes without a reply), an
 //   oversized one 431 or 414, without waiting for more bytes.
 //
 // TLS (optional, GnuTLS inside libmicrohttpd): certificate chain and key as PEM files, checked
 // again at every handshake and re-read when they change (a rotated certificate is served from
-// the next connection on); with a client CA, a request whose client certificate does not chain
-// to it gets 403. TLS 1.2 or newer.
+// the next connection on), or when ReloadTls asks. A pair that fails to load (half written, a
+// key that is not the certificate's, a missing file) is reported once per version of the files
+// (`on_tls_reload`) and the last good pair keeps being served. With a client CA, a request whose
+// client certificate does not chain to it gets 403. TLS 1.2 or newer.
 //
 // Whether an address may be used in clear is the caller's policy (custodyd allows loopback
 // only). Thread-safe: handlers run concurrently on the server's threads; Stop may be called from
@@ -30,6 +34,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 
@@ -67,6 +72,10 @@ class HttpServer {
     absl::Duration request_deadline = absl::Seconds(5);
     int max_connections = 512;
     int threads = 2;
+    // Called after the TLS files changed and were re-read at a handshake (on a server thread):
+    // OK when the new pair is served from now on, else why it was not (the previous pair still
+    // is). Not called for the load at Start, nor for ReloadTls, which returns the same.
+    std::function<void(const absl::Status&)> on_tls_reload;
   };
   using Handler = std::function<HttpResponse(const HttpRequest&)>;
   using Render = std::function<std::string()>;
@@ -83,6 +92,14 @@ class HttpServer {
 
   // The bound port.
   int port() const { return port_; }
+  bool serves_tls() const;
+  const std::string& tls_cert() const;
+  const std::string& tls_key() const;
+  // Re-reads the TLS files now, when they differ from the pair being served (e.g. on SIGHUP): OK
+  // when the new pair (or the unchanged one) is served from the next connection on;
+  // FAILED_PRECONDITION saying why not when it does not load (the previous pair keeps being
+  // served), or when the server has no TLS.
+  absl::Status ReloadTls();
   // Stops accepting, closes every connection and joins the server's threads.
   void Stop();
   // Requests answered by the handler so far (any status).

@@ -106,6 +106,34 @@ inline std::string Exchange(int port, const std::string& request, int timeout_ms
   return reply;
 }
 
+// Requests libmicrohttpd 0.9.75 parses leniently and custody answers 400 (and closes): bare LF
+// line ends, a NUL or bare CR, extra spaces, whitespace before a field's colon, a folded field.
+// Each asks for `path`, so that an accepted one would get a 200.
+struct MalformedRequest {
+  const char* what;
+  std::string bytes;
+};
+inline std::vector<MalformedRequest> MalformedRequests(const std::string& path) {
+  using namespace std::string_literals;
+  const std::string get = "GET " + path + " HTTP/1.1";
+  return {
+      {"LF-only line ends", get + "\nHost: x\n\n"},
+      {"LF-only, no field", get + "\n\n"},
+      {"CRLF, then a bare LF", get + "\r\nHost: x\n\r\n"},
+      {"a bare LF ending the head", get + "\r\nHost: x\r\n\n"},
+      {"an empty field value, then a bare LF", get + "\r\nX:\nHost: x\r\n\r\n"},
+      {"a NUL in the target", "GET " + path + "\0x HTTP/1.1\r\n\r\n"s},
+      {"a NUL in the method", "G\0ET "s + path + " HTTP/1.1\r\n\r\n"},
+      {"a NUL in a field value", get + "\r\nX: a\0b\r\n\r\n"s},
+      {"a NUL line among the fields", get + "\r\n\0\r\n\r\n"s},
+      {"a bare CR in a field value", get + "\r\nX: a\rb\r\n\r\n"},
+      {"two spaces after the method", "GET  " + path + " HTTP/1.1\r\n\r\n"},
+      {"a space in the target", "GET " + path + " x HTTP/1.1\r\n\r\n"},
+      {"a space before a colon", get + "\r\nHost : x\r\n\r\n"},
+      {"a folded field", get + "\r\nX: a\r\n b\r\n\r\n"},
+  };
+}
+
 // The 99th percentile (nearest rank: the smallest value at least 99% of `v` do not exceed).
 inline double P99(std::vector<double> v) {
   if (v.empty()) return 0;

@@ -126,10 +126,10 @@ absl::Status SelfTestSign(Token& token, const KeyPair& key, const KeyUse& use, E
     // DigestInfo(SHA-256) = fixed DER prefix || digest.
     static constexpr char kPrefix[] =
         "\x30\x31\x30\x0d\x06\x09\x60\x86\x48\x01\x65\x03\x04\x02\x01\x05\x00\x04\x20";
-    P11_ASSIGN_OR_RETURN(std::string digest, Digest("SHA256", kMessage));
+    CUSTODY_ASSIGN_OR_RETURN(std::string digest, Digest("SHA256", kMessage));
     input = std::string(kPrefix, sizeof(kPrefix) - 1) + digest;
   } else if (use.scheme != SignScheme::kEddsa) {
-    P11_ASSIGN_OR_RETURN(input, Digest(SchemeDigest(use), kMessage));
+    CUSTODY_ASSIGN_OR_RETURN(input, Digest(SchemeDigest(use), kMessage));
   }
   absl::StatusOr<std::string> signature = token.Sign(key, use.scheme, input);
   if (!signature.ok()) return Unusable(use, signature.status());
@@ -166,8 +166,8 @@ absl::Status SelfTestDecrypt(Token& token, const KeyPair& key, const KeyUse& use
       return Unusable(use, absl::InternalError("raw RSA decryption returned another value"));
     }
   } else {
-    P11_ASSIGN_OR_RETURN(std::string ciphertext,
-                         internal::OpenSslOaepEncrypt(pkey, use.oaep_hash, plain));
+    CUSTODY_ASSIGN_OR_RETURN(std::string ciphertext,
+                             internal::OpenSslOaepEncrypt(pkey, use.oaep_hash, plain));
     decrypted = token.DecryptRsaOaep(key, use.oaep_hash, ciphertext);
     if (decrypted.ok() && decrypted->view() != absl::string_view(plain.data(), plain.size())) {
       return Unusable(use, absl::InternalError("OAEP decryption returned another value"));

@@ -14,23 +14,8 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "common/status_macros.h"
 #include "p11-kit/pkcs11.h"
-
-// Status propagation inside pkcs11/ (Abseil 20220623 has no public macros for it).
-#define P11_RETURN_IF_ERROR(expr)      \
-  do {                                 \
-    absl::Status status_ = (expr);     \
-    if (!status_.ok()) return status_; \
-  } while (0)
-
-#define P11_CONCAT_INNER(a, b) a##b
-#define P11_CONCAT(a, b) P11_CONCAT_INNER(a, b)
-#define P11_ASSIGN_OR_RETURN(lhs, expr) \
-  P11_ASSIGN_OR_RETURN_IMPL(P11_CONCAT(statusor_, __LINE__), lhs, expr)
-#define P11_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \
-  auto tmp = (expr);                              \
-  if (!tmp.ok()) return tmp.status();             \
-  lhs = std::move(*tmp)
 
 namespace custody::pkcs11 {
 

@@ -12,7 +12,7 @@
 namespace custody::pkcs11 {
 
 absl::StatusOr<std::unique_ptr<Token>> Token::Open(Options options) {
-  P11_ASSIGN_OR_RETURN(std::unique_ptr<State> state, internal::OpenToken(std::move(options)));
+  CUSTODY_ASSIGN_OR_RETURN(std::unique_ptr<State> state, internal::OpenToken(std::move(options)));
   return std::unique_ptr<Token>(new Token(std::move(state)));
 }
 
@@ -61,7 +61,7 @@ absl::Status Token::Probe() {
   CK_FUNCTION_LIST* fn = state_->fn;
   return state_->Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
     CK_SESSION_INFO session{};
-    P11_RETURN_IF_ERROR(
+    CUSTODY_RETURN_IF_ERROR(
         lease.Check("C_GetSessionInfo", fn->C_GetSessionInfo(lease.get(), &session)));
     if (session.state != CKS_RW_USER_FUNCTIONS && session.state != CKS_RO_USER_FUNCTIONS) {
       // Logged out behind our back: recovered like a CKR_USER_NOT_LOGGED_IN from any call.

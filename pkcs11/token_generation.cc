@@ -84,8 +84,8 @@ std::vector<CK_ATTRIBUTE> WithEcParamsAttribute(std::vector<CK_ATTRIBUTE> base,
 // FindKeyPair ambiguous forever after.
 absl::Status RefuseExistingId(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease,
                               std::string_view id) {
-  P11_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> existing,
-                       FindKeyObjects(fn, lease, CKO_PRIVATE_KEY, id));
+  CUSTODY_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> existing,
+                           FindKeyObjects(fn, lease, CKO_PRIVATE_KEY, id));
   if (!existing.empty()) {
     return absl::AlreadyExistsError(
         absl::StrCat("a private key with CKA_ID ", PrintableId(id), " exists"));
@@ -101,11 +101,11 @@ absl::StatusOr<std::shared_ptr<KeyPair>> CreatePair(TokenState& state, std::stri
                                                     const PairCreation& create) {
   bool started = false;
   std::shared_ptr<KeyPair> pair;
-  P11_RETURN_IF_ERROR(state.RunCreating(
+  CUSTODY_RETURN_IF_ERROR(state.RunCreating(
       [&](SessionPool::Lease& lease) -> absl::Status {
-        P11_RETURN_IF_ERROR(RefuseExistingId(state.fn, lease, id));
+        CUSTODY_RETURN_IF_ERROR(RefuseExistingId(state.fn, lease, id));
         started = true;
-        P11_ASSIGN_OR_RETURN(pair, create(lease));
+        CUSTODY_ASSIGN_OR_RETURN(pair, create(lease));
         return absl::OkStatus();
       },
       started, id, pair));
@@ -348,7 +348,7 @@ absl::StatusOr<std::shared_ptr<KeyPair>> GenerateKeyPair(TokenState& state, cons
                                            private_template.size(), &public_key, &private_key);
             },
             &ec_params);
-        P11_RETURN_IF_ERROR(lease.Check("C_GenerateKeyPair", rv));
+        CUSTODY_RETURN_IF_ERROR(lease.Check("C_GenerateKeyPair", rv));
         KeySpec generated = spec;
         if (!rsa) generated.rsa_bits = 0;
         return MakeKeyPair(id, std::string(label), generated, private_key, public_key,
@@ -364,7 +364,7 @@ absl::StatusOr<std::shared_ptr<KeyPair>> ImportKeyPair(TokenState& state,
                                                        bool for_decryption) {
   if (private_key == nullptr) return absl::InvalidArgumentError("ImportKeyPair: no key");
   if (id.empty()) return absl::InvalidArgumentError("ImportKeyPair: empty CKA_ID");
-  P11_ASSIGN_OR_RETURN(KeyMaterial material, ImportableKeyMaterial(private_key));
+  CUSTODY_ASSIGN_OR_RETURN(KeyMaterial material, ImportableKeyMaterial(private_key));
   const KeyType type = material.spec.type;
   if (type == KeyType::kEd25519 && for_decryption) {
     return absl::InvalidArgumentError("Ed25519 keys cannot decrypt");
@@ -402,12 +402,12 @@ absl::StatusOr<std::shared_ptr<KeyPair>> ImportKeyPair(TokenState& state,
               return create(private_template, params, &private_handle);
             },
             &ec_params);
-        P11_RETURN_IF_ERROR(lease.Check("C_CreateObject(private key)", rv));
+        CUSTODY_RETURN_IF_ERROR(lease.Check("C_CreateObject(private key)", rv));
         // No half-imported pair: the private key goes again unless the public key follows it.
         ScopedObject private_object(fn, lease, private_handle);
         CK_OBJECT_HANDLE public_handle = CK_INVALID_HANDLE;
-        P11_RETURN_IF_ERROR(lease.Check("C_CreateObject(public key)",
-                                        create(public_template, ec_params, &public_handle)));
+        CUSTODY_RETURN_IF_ERROR(lease.Check("C_CreateObject(public key)",
+                                            create(public_template, ec_params, &public_handle)));
         return MakeKeyPair(id, std::string(label), material.spec, private_object.release(),
                            public_handle, state.module->generation());
       });

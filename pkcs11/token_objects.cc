@@ -23,8 +23,8 @@ std::string PrintableId(std::string_view id) {
 absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> FindObjects(CK_FUNCTION_LIST* fn,
                                                           SessionPool::Lease& lease,
                                                           std::vector<CK_ATTRIBUTE> match) {
-  P11_RETURN_IF_ERROR(lease.Check("C_FindObjectsInit",
-                                  fn->C_FindObjectsInit(lease.get(), match.data(), match.size())));
+  CUSTODY_RETURN_IF_ERROR(lease.Check(
+      "C_FindObjectsInit", fn->C_FindObjectsInit(lease.get(), match.data(), match.size())));
   std::vector<CK_OBJECT_HANDLE> found;
   absl::Status status;
   for (;;) {
@@ -40,8 +40,8 @@ absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> FindObjects(CK_FUNCTION_LIST* fn,
   }
   // Always end the search, or the session would refuse the next operation.
   CK_RV rv = fn->C_FindObjectsFinal(lease.get());
-  P11_RETURN_IF_ERROR(status);
-  P11_RETURN_IF_ERROR(lease.Check("C_FindObjectsFinal", rv));
+  CUSTODY_RETURN_IF_ERROR(status);
+  CUSTODY_RETURN_IF_ERROR(lease.Check("C_FindObjectsFinal", rv));
   return found;
 }
 
@@ -55,8 +55,8 @@ absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> FindKeyObjects(CK_FUNCTION_LIST* f
 
 absl::StatusOr<CK_OBJECT_HANDLE> FindOne(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease,
                                          CK_OBJECT_CLASS object_class, std::string_view id) {
-  P11_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
-                       FindKeyObjects(fn, lease, object_class, id));
+  CUSTODY_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
+                           FindKeyObjects(fn, lease, object_class, id));
   const char* what = object_class == CKO_PRIVATE_KEY ? "private" : "public";
   if (found.empty()) {
     return absl::NotFoundError(absl::StrCat("no ", what, " key with CKA_ID ", PrintableId(id)));
@@ -74,7 +74,7 @@ absl::Status DestroyObjects(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease,
   for (CK_OBJECT_HANDLE handle : handles) {
     CK_RV rv = fn->C_DestroyObject(lease.get(), handle);
     if (rv == CKR_OBJECT_HANDLE_INVALID) continue;
-    P11_RETURN_IF_ERROR(lease.Check("C_DestroyObject", rv));
+    CUSTODY_RETURN_IF_ERROR(lease.Check("C_DestroyObject", rv));
   }
   return absl::OkStatus();
 }
@@ -82,15 +82,15 @@ absl::Status DestroyObjects(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease,
 absl::StatusOr<std::string> GetBytes(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease,
                                      CK_OBJECT_HANDLE object, CK_ATTRIBUTE_TYPE type) {
   CK_ATTRIBUTE attribute{type, nullptr, 0};
-  P11_RETURN_IF_ERROR(lease.Check("C_GetAttributeValue",
-                                  fn->C_GetAttributeValue(lease.get(), object, &attribute, 1)));
+  CUSTODY_RETURN_IF_ERROR(lease.Check("C_GetAttributeValue",
+                                      fn->C_GetAttributeValue(lease.get(), object, &attribute, 1)));
   if (attribute.ulValueLen == CK_UNAVAILABLE_INFORMATION) {
     return absl::InternalError("C_GetAttributeValue: attribute unavailable");
   }
   std::string value(attribute.ulValueLen, '\0');
   attribute.pValue = value.data();
-  P11_RETURN_IF_ERROR(lease.Check("C_GetAttributeValue",
-                                  fn->C_GetAttributeValue(lease.get(), object, &attribute, 1)));
+  CUSTODY_RETURN_IF_ERROR(lease.Check("C_GetAttributeValue",
+                                      fn->C_GetAttributeValue(lease.get(), object, &attribute, 1)));
   value.resize(attribute.ulValueLen);
   return value;
 }
@@ -99,23 +99,23 @@ absl::StatusOr<CK_ULONG> GetUlong(CK_FUNCTION_LIST* fn, SessionPool::Lease& leas
                                   CK_OBJECT_HANDLE object, CK_ATTRIBUTE_TYPE type) {
   CK_ULONG value = 0;
   CK_ATTRIBUTE attribute{type, &value, sizeof(value)};
-  P11_RETURN_IF_ERROR(lease.Check("C_GetAttributeValue",
-                                  fn->C_GetAttributeValue(lease.get(), object, &attribute, 1)));
+  CUSTODY_RETURN_IF_ERROR(lease.Check("C_GetAttributeValue",
+                                      fn->C_GetAttributeValue(lease.get(), object, &attribute, 1)));
   return value;
 }
 
 absl::StatusOr<KeySpec> ReadKeySpec(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease,
                                     CK_OBJECT_HANDLE private_key) {
-  P11_ASSIGN_OR_RETURN(CK_ULONG key_type, GetUlong(fn, lease, private_key, CKA_KEY_TYPE));
+  CUSTODY_ASSIGN_OR_RETURN(CK_ULONG key_type, GetUlong(fn, lease, private_key, CKA_KEY_TYPE));
   if (key_type == CKK_RSA) {
-    P11_ASSIGN_OR_RETURN(std::string modulus, GetBytes(fn, lease, private_key, CKA_MODULUS));
+    CUSTODY_ASSIGN_OR_RETURN(std::string modulus, GetBytes(fn, lease, private_key, CKA_MODULUS));
     return RsaSpec(modulus);
   }
   if (key_type != CKK_EC && key_type != CKK_EC_EDWARDS) {
     return absl::FailedPreconditionError(
         absl::StrCat("unsupported CKA_KEY_TYPE 0x", absl::Hex(key_type)));
   }
-  P11_ASSIGN_OR_RETURN(std::string params, GetBytes(fn, lease, private_key, CKA_EC_PARAMS));
+  CUSTODY_ASSIGN_OR_RETURN(std::string params, GetBytes(fn, lease, private_key, CKA_EC_PARAMS));
   return EcSpec(params);
 }
 
@@ -136,8 +136,8 @@ absl::StatusOr<std::shared_ptr<KeyPair>> FindKeyPair(TokenState& state, std::str
   if (id.empty()) return absl::InvalidArgumentError("FindKeyPair: empty CKA_ID");
   CK_FUNCTION_LIST* fn = state.fn;
   std::shared_ptr<KeyPair> pair;
-  P11_RETURN_IF_ERROR(state.Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
-    P11_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE private_key, FindOne(fn, lease, CKO_PRIVATE_KEY, id));
+  CUSTODY_RETURN_IF_ERROR(state.Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
+    CUSTODY_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE private_key, FindOne(fn, lease, CKO_PRIVATE_KEY, id));
     // A missing public key is tolerated here (signing still works); PublicKey reports it.
     CK_OBJECT_HANDLE public_key = CK_INVALID_HANDLE;
     if (absl::StatusOr<CK_OBJECT_HANDLE> found = FindOne(fn, lease, CKO_PUBLIC_KEY, id);
@@ -146,8 +146,8 @@ absl::StatusOr<std::shared_ptr<KeyPair>> FindKeyPair(TokenState& state, std::str
     } else if (!absl::IsNotFound(found.status()) || CkrOf(found.status()).has_value()) {
       return found.status();
     }
-    P11_ASSIGN_OR_RETURN(KeySpec spec, ReadKeySpec(fn, lease, private_key));
-    P11_ASSIGN_OR_RETURN(std::string label, GetBytes(fn, lease, private_key, CKA_LABEL));
+    CUSTODY_ASSIGN_OR_RETURN(KeySpec spec, ReadKeySpec(fn, lease, private_key));
+    CUSTODY_ASSIGN_OR_RETURN(std::string label, GetBytes(fn, lease, private_key, CKA_LABEL));
     pair = MakeKeyPair(id, std::move(label), spec, private_key, public_key,
                        state.module->generation());
     return absl::OkStatus();
@@ -159,7 +159,7 @@ absl::StatusOr<PrivateKeyAttributes> GetPrivateKeyAttributes(TokenState& state,
                                                              const KeyPair& key) {
   CK_FUNCTION_LIST* fn = state.fn;
   PrivateKeyAttributes out;
-  P11_RETURN_IF_ERROR(
+  CUSTODY_RETURN_IF_ERROR(
       state.RunOnKey(key, CKO_PRIVATE_KEY, [&](SessionPool::Lease& lease, CK_OBJECT_HANDLE handle) {
         CK_BBOOL values[6] = {};
         CK_ATTRIBUTE attributes[] = {
@@ -170,7 +170,7 @@ absl::StatusOr<PrivateKeyAttributes> GetPrivateKeyAttributes(TokenState& state,
             {CKA_ALWAYS_SENSITIVE, &values[4], 1},
             {CKA_NEVER_EXTRACTABLE, &values[5], 1},
         };
-        P11_RETURN_IF_ERROR(lease.Check(
+        CUSTODY_RETURN_IF_ERROR(lease.Check(
             "C_GetAttributeValue",
             fn->C_GetAttributeValue(lease.get(), handle, attributes, std::size(attributes))));
         out.token = values[0] == CK_TRUE;
@@ -265,7 +265,7 @@ absl::StatusOr<std::optional<KeyObjectAttributes>> ReadKeyObject(CK_FUNCTION_LIS
   if (available(t[1])) {
     out.id.assign(id, t[1].ulValueLen);
   } else {
-    P11_ASSIGN_OR_RETURN(out.id, GetBytes(fn, lease, handle, CKA_ID));
+    CUSTODY_ASSIGN_OR_RETURN(out.id, GetBytes(fn, lease, handle, CKA_ID));
   }
   if (available(t[2])) {
     out.label.assign(label, t[2].ulValueLen);
@@ -291,16 +291,16 @@ absl::StatusOr<std::map<std::string, std::shared_ptr<KeyPair>>> FindAllKeyPairs(
     TokenState& state, std::vector<ObjectInfo>* objects) {
   CK_FUNCTION_LIST* fn = state.fn;
   std::map<std::string, std::shared_ptr<KeyPair>> pairs;
-  P11_RETURN_IF_ERROR(state.Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
+  CUSTODY_RETURN_IF_ERROR(state.Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
     pairs.clear();
     if (objects != nullptr) objects->clear();
     // One search over every object and one attribute read per key object.
-    P11_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> handles, FindObjects(fn, lease, {}));
+    CUSTODY_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> handles, FindObjects(fn, lease, {}));
     std::vector<KeyObjectAttributes> private_keys, public_keys;
     for (CK_OBJECT_HANDLE handle : handles) {
       bool is_private = false;
-      P11_ASSIGN_OR_RETURN(std::optional<KeyObjectAttributes> key,
-                           ReadKeyObject(fn, lease, handle, &is_private));
+      CUSTODY_ASSIGN_OR_RETURN(std::optional<KeyObjectAttributes> key,
+                               ReadKeyObject(fn, lease, handle, &is_private));
       if (!key.has_value()) continue;
       if (objects != nullptr) {
         objects->push_back(
@@ -342,8 +342,8 @@ absl::Status DestroyKeyPair(TokenState& state, std::string_view id) {
   CK_FUNCTION_LIST* fn = state.fn;
   // Idempotent, so retried after a recovery like the reads.
   return state.Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
-    P11_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> handles,
-                         FindObjects(fn, lease, {Attr(CKA_ID, id)}));
+    CUSTODY_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> handles,
+                             FindObjects(fn, lease, {Attr(CKA_ID, id)}));
     return DestroyObjects(fn, lease, handles);
   });
 }

@@ -50,7 +50,7 @@ absl::Status RequireRsa(const KeyPair& key) {
 absl::StatusOr<size_t> ModulusBytes(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease,
                                     CK_OBJECT_HANDLE key, const KeySpec& spec) {
   if (spec.rsa_bits > 0) return static_cast<size_t>(spec.rsa_bits + 7) / 8;
-  P11_ASSIGN_OR_RETURN(std::string modulus, GetBytes(fn, lease, key, CKA_MODULUS));
+  CUSTODY_ASSIGN_OR_RETURN(std::string modulus, GetBytes(fn, lease, key, CKA_MODULUS));
   const size_t first = modulus.find_first_not_of('\0');
   if (first == std::string::npos) return absl::InternalError("RSA key with a zero modulus");
   return modulus.size() - first;
@@ -106,7 +106,7 @@ absl::StatusOr<Secret> DecryptOaep(CK_FUNCTION_LIST* fn, SessionPool::Lease& lea
     return absl::UnimplementedError(absl::StrCat("token refuses OAEP with ", OaepHashName(hash),
                                                  " (C_DecryptInit: ", CkrName(rv), ")"));
   }
-  P11_RETURN_IF_ERROR(lease.Check("C_DecryptInit", rv));
+  CUSTODY_RETURN_IF_ERROR(lease.Check("C_DecryptInit", rv));
   return RunDecrypt(fn, lease, modulus_bytes, ciphertext);
 }
 
@@ -161,7 +161,7 @@ absl::StatusOr<bool> ProbeOaep(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease, 
   CK_MECHANISM mechanism{CKM_RSA_PKCS_KEY_PAIR_GEN, nullptr, 0};
   CK_OBJECT_HANDLE public_handle = CK_INVALID_HANDLE;
   CK_OBJECT_HANDLE private_handle = CK_INVALID_HANDLE;
-  P11_RETURN_IF_ERROR(lease.Check(
+  CUSTODY_RETURN_IF_ERROR(lease.Check(
       "C_GenerateKeyPair",
       fn->C_GenerateKeyPair(lease.get(), &mechanism, public_template, std::size(public_template),
                             private_template, std::size(private_template), &public_handle,
@@ -169,14 +169,15 @@ absl::StatusOr<bool> ProbeOaep(CK_FUNCTION_LIST* fn, SessionPool::Lease& lease, 
   ScopedObject public_key(fn, lease, public_handle);
   ScopedObject private_key(fn, lease, private_handle);
 
-  P11_ASSIGN_OR_RETURN(std::string modulus, GetBytes(fn, lease, public_key.get(), CKA_MODULUS));
-  P11_ASSIGN_OR_RETURN(std::string exponent,
-                       GetBytes(fn, lease, public_key.get(), CKA_PUBLIC_EXPONENT));
-  P11_ASSIGN_OR_RETURN(EvpPkeyPtr pkey, RsaPublicKey(modulus, exponent));
+  CUSTODY_ASSIGN_OR_RETURN(std::string modulus, GetBytes(fn, lease, public_key.get(), CKA_MODULUS));
+  CUSTODY_ASSIGN_OR_RETURN(std::string exponent,
+                           GetBytes(fn, lease, public_key.get(), CKA_PUBLIC_EXPONENT));
+  CUSTODY_ASSIGN_OR_RETURN(EvpPkeyPtr pkey, RsaPublicKey(modulus, exponent));
   unsigned char message[32];
   if (RAND_bytes(message, sizeof(message)) != 1) return absl::InternalError("RAND_bytes failed");
   const std::string_view message_view(reinterpret_cast<const char*>(message), sizeof(message));
-  P11_ASSIGN_OR_RETURN(std::string ciphertext, OpenSslOaepEncrypt(pkey.get(), hash, message_view));
+  CUSTODY_ASSIGN_OR_RETURN(std::string ciphertext,
+                           OpenSslOaepEncrypt(pkey.get(), hash, message_view));
 
   absl::StatusOr<Secret> plaintext =
       DecryptOaep(fn, lease, private_key.get(), hash, ciphertext.size(), ciphertext);
@@ -196,8 +197,8 @@ absl::StatusOr<Secret> GetSecretValue(CK_FUNCTION_LIST* fn, SessionPool::Lease& 
                                       CK_OBJECT_HANDLE object, size_t size) {
   Secret value(std::string(size, '\0'));
   CK_ATTRIBUTE attribute{CKA_VALUE, value.mutable_value().data(), size};
-  P11_RETURN_IF_ERROR(lease.Check("C_GetAttributeValue",
-                                  fn->C_GetAttributeValue(lease.get(), object, &attribute, 1)));
+  CUSTODY_RETURN_IF_ERROR(lease.Check("C_GetAttributeValue",
+                                      fn->C_GetAttributeValue(lease.get(), object, &attribute, 1)));
   if (attribute.ulValueLen != size) {
     return absl::InternalError(
         absl::StrCat("derived CKA_VALUE has ", attribute.ulValueLen, " bytes, expected ", size));
@@ -239,7 +240,7 @@ absl::StatusOr<Secret> DeriveEcdhWithHandle(CK_FUNCTION_LIST* fn, SessionPool::L
     // both.) A refusal derived nothing, so asking with the other form is not a retry.
     rv = derive(DerOctetString(peer_point), &derived);
   }
-  P11_RETURN_IF_ERROR(lease.Check("C_DeriveKey", rv));
+  CUSTODY_RETURN_IF_ERROR(lease.Check("C_DeriveKey", rv));
   ScopedObject secret(fn, lease, derived);
   return GetSecretValue(fn, lease, secret.get(), field_size);
 }
@@ -298,16 +299,16 @@ absl::StatusOr<std::string> Sign(TokenState& state, const KeyPair& key, SignSche
 
   CK_FUNCTION_LIST* fn = state.fn;
   std::string signature;
-  P11_RETURN_IF_ERROR(
+  CUSTODY_RETURN_IF_ERROR(
       state.RunOnKey(key, CKO_PRIVATE_KEY, [&](SessionPool::Lease& lease, CK_OBJECT_HANDLE handle) {
-        P11_RETURN_IF_ERROR(
+        CUSTODY_RETURN_IF_ERROR(
             lease.Check("C_SignInit", fn->C_SignInit(lease.get(), &mechanism, handle)));
         signature.assign(SignatureSize(key.spec), '\0');
         CK_ULONG length = 0;
         CK_RV rv = CallIntoBuffer(signature, length, [&](CK_BYTE* output, CK_ULONG* out_length) {
           return fn->C_Sign(lease.get(), InputBytes(input), input.size(), output, out_length);
         });
-        P11_RETURN_IF_ERROR(lease.Check("C_Sign", rv));
+        CUSTODY_RETURN_IF_ERROR(lease.Check("C_Sign", rv));
         signature.resize(length);
         return absl::OkStatus();
       }));
@@ -317,15 +318,15 @@ absl::StatusOr<std::string> Sign(TokenState& state, const KeyPair& key, SignSche
 absl::StatusOr<Secret> DecryptRsaOaep(TokenState& state, const KeyPair& key, OaepHash hash,
                                       std::string_view ciphertext) {
   TokenState::Timer timer(state, Timed::kDecrypt);
-  P11_RETURN_IF_ERROR(RequireRsa(key));
+  CUSTODY_RETURN_IF_ERROR(RequireRsa(key));
   CK_FUNCTION_LIST* fn = state.fn;
   Secret plaintext;
-  P11_RETURN_IF_ERROR(state.RunOnKey(
+  CUSTODY_RETURN_IF_ERROR(state.RunOnKey(
       key, CKO_PRIVATE_KEY,
       [&](SessionPool::Lease& lease, CK_OBJECT_HANDLE handle) -> absl::Status {
-        P11_ASSIGN_OR_RETURN(size_t modulus_bytes, ModulusBytes(fn, lease, handle, key.spec));
-        P11_ASSIGN_OR_RETURN(plaintext,
-                             DecryptOaep(fn, lease, handle, hash, modulus_bytes, ciphertext));
+        CUSTODY_ASSIGN_OR_RETURN(size_t modulus_bytes, ModulusBytes(fn, lease, handle, key.spec));
+        CUSTODY_ASSIGN_OR_RETURN(plaintext,
+                                 DecryptOaep(fn, lease, handle, hash, modulus_bytes, ciphertext));
         return absl::OkStatus();
       }));
   return plaintext;
@@ -334,17 +335,17 @@ absl::StatusOr<Secret> DecryptRsaOaep(TokenState& state, const KeyPair& key, Oae
 absl::StatusOr<Secret> DecryptRsaRaw(TokenState& state, const KeyPair& key,
                                      std::string_view ciphertext) {
   TokenState::Timer timer(state, Timed::kDecrypt);
-  P11_RETURN_IF_ERROR(RequireRsa(key));
+  CUSTODY_RETURN_IF_ERROR(RequireRsa(key));
   if (!state.mechanisms.contains("CKM_RSA_X_509")) {
     return absl::UnimplementedError("the token does not offer CKM_RSA_X_509");
   }
   CK_FUNCTION_LIST* fn = state.fn;
   Secret message;
   size_t modulus_bytes = 0;
-  P11_RETURN_IF_ERROR(state.RunOnKey(
+  CUSTODY_RETURN_IF_ERROR(state.RunOnKey(
       key, CKO_PRIVATE_KEY,
       [&](SessionPool::Lease& lease, CK_OBJECT_HANDLE handle) -> absl::Status {
-        P11_ASSIGN_OR_RETURN(modulus_bytes, ModulusBytes(fn, lease, handle, key.spec));
+        CUSTODY_ASSIGN_OR_RETURN(modulus_bytes, ModulusBytes(fn, lease, handle, key.spec));
         // Before C_DecryptInit, so that no operation is left active.
         if (ciphertext.size() != modulus_bytes) {
           return absl::InvalidArgumentError(kDecryptionFailed);
@@ -354,8 +355,8 @@ absl::StatusOr<Secret> DecryptRsaRaw(TokenState& state, const KeyPair& key,
         if (rv == CKR_MECHANISM_INVALID) {
           return absl::UnimplementedError("C_DecryptInit: CKR_MECHANISM_INVALID for CKM_RSA_X_509");
         }
-        P11_RETURN_IF_ERROR(lease.Check("C_DecryptInit", rv));
-        P11_ASSIGN_OR_RETURN(message, RunDecrypt(fn, lease, modulus_bytes, ciphertext));
+        CUSTODY_RETURN_IF_ERROR(lease.Check("C_DecryptInit", rv));
+        CUSTODY_ASSIGN_OR_RETURN(message, RunDecrypt(fn, lease, modulus_bytes, ciphertext));
         return absl::OkStatus();
       }));
   // The k-byte encoded message: a token may have stripped its leading zeros.
@@ -379,7 +380,7 @@ bool OaepSupported(TokenState& state, OaepHash hash) {
     bool answer = false;
     auto probe = [&](bool token_objects) {
       return state.Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
-        P11_ASSIGN_OR_RETURN(answer, ProbeOaep(state.fn, lease, hash, token_objects));
+        CUSTODY_ASSIGN_OR_RETURN(answer, ProbeOaep(state.fn, lease, hash, token_objects));
         return absl::OkStatus();
       });
     };
@@ -420,10 +421,10 @@ absl::StatusOr<Secret> DeriveEcdh(TokenState& state, const KeyPair& key,
   const CK_ULONG field_size = (point_size - 1) / 2;
   CK_FUNCTION_LIST* fn = state.fn;
   Secret shared;
-  P11_RETURN_IF_ERROR(
+  CUSTODY_RETURN_IF_ERROR(
       state.RunOnKey(key, CKO_PRIVATE_KEY,
                      [&](SessionPool::Lease& lease, CK_OBJECT_HANDLE handle) -> absl::Status {
-                       P11_ASSIGN_OR_RETURN(
+                       CUSTODY_ASSIGN_OR_RETURN(
                            shared, DeriveEcdhWithHandle(fn, lease, handle, peer_point, field_size));
                        return absl::OkStatus();
                      }));

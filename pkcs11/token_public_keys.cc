@@ -84,18 +84,18 @@ absl::StatusOr<EvpPkeyPtr> RsaPublicKey(std::string_view modulus, std::string_vi
 absl::StatusOr<EvpPkeyPtr> PublicKey(TokenState& state, const KeyPair& key) {
   CK_FUNCTION_LIST* fn = state.fn;
   EvpPkeyPtr pkey;
-  P11_RETURN_IF_ERROR(state.RunOnKey(
+  CUSTODY_RETURN_IF_ERROR(state.RunOnKey(
       key, CKO_PUBLIC_KEY, [&](SessionPool::Lease& lease, CK_OBJECT_HANDLE handle) -> absl::Status {
         if (key.spec.type == KeyType::kRsa) {
-          P11_ASSIGN_OR_RETURN(std::string modulus, GetBytes(fn, lease, handle, CKA_MODULUS));
-          P11_ASSIGN_OR_RETURN(std::string exponent,
-                               GetBytes(fn, lease, handle, CKA_PUBLIC_EXPONENT));
-          P11_ASSIGN_OR_RETURN(pkey, RsaPublicKey(modulus, exponent));
+          CUSTODY_ASSIGN_OR_RETURN(std::string modulus, GetBytes(fn, lease, handle, CKA_MODULUS));
+          CUSTODY_ASSIGN_OR_RETURN(std::string exponent,
+                                   GetBytes(fn, lease, handle, CKA_PUBLIC_EXPONENT));
+          CUSTODY_ASSIGN_OR_RETURN(pkey, RsaPublicKey(modulus, exponent));
           return absl::OkStatus();
         }
-        P11_ASSIGN_OR_RETURN(std::string encoded, GetBytes(fn, lease, handle, CKA_EC_POINT));
-        P11_ASSIGN_OR_RETURN(std::string point,
-                             UnwrapEcPoint(encoded, GeometryOf(key.spec.type).point_size));
+        CUSTODY_ASSIGN_OR_RETURN(std::string encoded, GetBytes(fn, lease, handle, CKA_EC_POINT));
+        CUSTODY_ASSIGN_OR_RETURN(std::string point,
+                                 UnwrapEcPoint(encoded, GeometryOf(key.spec.type).point_size));
         if (key.spec.type == KeyType::kEd25519) {
           pkey.reset(EVP_PKEY_new_raw_public_key_ex(
               nullptr, "ED25519", nullptr, reinterpret_cast<const unsigned char*>(point.data()),
@@ -103,7 +103,7 @@ absl::StatusOr<EvpPkeyPtr> PublicKey(TokenState& state, const KeyPair& key) {
           if (pkey == nullptr) return absl::InternalError("EVP_PKEY_new_raw_public_key_ex failed");
           return absl::OkStatus();
         }
-        P11_ASSIGN_OR_RETURN(pkey, EcPublicKey(key.spec.type, std::move(point)));
+        CUSTODY_ASSIGN_OR_RETURN(pkey, EcPublicKey(key.spec.type, std::move(point)));
         return absl::OkStatus();
       }));
   return pkey;

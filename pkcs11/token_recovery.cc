@@ -66,9 +66,9 @@ absl::Status TokenState::WithHandle(SessionPool::Lease& lease, const KeyPair& ke
   std::atomic<uint64_t>& cached = cls == CKO_PRIVATE_KEY ? key.private_handle : key.public_handle;
   const uint64_t generation = module->generation();
   if (key.handle_generation.load(std::memory_order_acquire) != generation) {
-    P11_RETURN_IF_ERROR(ResolveHandles(lease, key, cls, generation));
+    CUSTODY_RETURN_IF_ERROR(ResolveHandles(lease, key, cls, generation));
   } else if (cached.load(std::memory_order_acquire) == CK_INVALID_HANDLE) {
-    P11_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE found, FindOne(fn, lease, cls, key.id));
+    CUSTODY_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE found, FindOne(fn, lease, cls, key.id));
     cached.store(found, std::memory_order_release);
   }
   return op(cached.load(std::memory_order_acquire));
@@ -219,15 +219,15 @@ absl::Status TokenState::Reconcile(const absl::Status& cause, std::string_view i
   absl::Status verdict;
   Attempt attempt = Try(
       [&](SessionPool::Lease& lease) -> absl::Status {
-        P11_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> private_keys,
-                             FindKeyObjects(fn, lease, CKO_PRIVATE_KEY, id));
-        P11_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> public_keys,
-                             FindKeyObjects(fn, lease, CKO_PUBLIC_KEY, id));
+        CUSTODY_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> private_keys,
+                                 FindKeyObjects(fn, lease, CKO_PRIVATE_KEY, id));
+        CUSTODY_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> public_keys,
+                                 FindKeyObjects(fn, lease, CKO_PUBLIC_KEY, id));
         if (private_keys.size() == 1 && public_keys.size() == 1) {
           // The token did the work; only its answer was lost.
-          P11_ASSIGN_OR_RETURN(KeySpec spec, ReadKeySpec(fn, lease, private_keys.front()));
-          P11_ASSIGN_OR_RETURN(std::string label,
-                               GetBytes(fn, lease, private_keys.front(), CKA_LABEL));
+          CUSTODY_ASSIGN_OR_RETURN(KeySpec spec, ReadKeySpec(fn, lease, private_keys.front()));
+          CUSTODY_ASSIGN_OR_RETURN(std::string label,
+                                   GetBytes(fn, lease, private_keys.front(), CKA_LABEL));
           pair = MakeKeyPair(id, std::move(label), spec, private_keys.front(), public_keys.front(),
                              module->generation());
           Log(LogLevel::kWarning, "pkcs11.reconciled_complete_pair",
@@ -235,9 +235,9 @@ absl::Status TokenState::Reconcile(const absl::Status& cause, std::string_view i
           verdict = absl::OkStatus();
           return absl::OkStatus();
         }
-        P11_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> leftovers,
-                             FindObjects(fn, lease, {Attr(CKA_ID, id)}));
-        P11_RETURN_IF_ERROR(DestroyObjects(fn, lease, leftovers));
+        CUSTODY_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> leftovers,
+                                 FindObjects(fn, lease, {Attr(CKA_ID, id)}));
+        CUSTODY_RETURN_IF_ERROR(DestroyObjects(fn, lease, leftovers));
         verdict = absl::Status(
             absl::StatusCode::kUnavailable,
             absl::StrCat(cause.message(), "; ",

@@ -100,7 +100,7 @@ absl::StatusOr<std::vector<SlotToken>> ListTokens(CK_FUNCTION_LIST* fn) {
 
 absl::StatusOr<std::unique_ptr<TokenState>> OpenToken(Token::Options options) {
   auto state = std::make_unique<TokenState>();
-  P11_ASSIGN_OR_RETURN(state->module, Module::Load(options.module_path, options.init_args));
+  CUSTODY_ASSIGN_OR_RETURN(state->module, Module::Load(options.module_path, options.init_args));
   CK_FUNCTION_LIST* fn = state->module->fn();
   state->fn = fn;
   // Another Token on the same module may re-initialize it meanwhile.
@@ -110,7 +110,7 @@ absl::StatusOr<std::unique_ptr<TokenState>> OpenToken(Token::Options options) {
   CK_RV rv = fn->C_GetInfo(&library);
   if (rv != CKR_OK) return CkError("C_GetInfo", rv);
 
-  P11_ASSIGN_OR_RETURN(std::vector<SlotToken> tokens, ListTokens(fn));
+  CUSTODY_ASSIGN_OR_RETURN(std::vector<SlotToken> tokens, ListTokens(fn));
   std::vector<const SlotToken*> matches;
   std::vector<std::string> seen;
   std::vector<std::string> uninitialized;
@@ -182,7 +182,7 @@ absl::StatusOr<std::unique_ptr<TokenState>> OpenToken(Token::Options options) {
   {
     // Log in now, so that a wrong PIN fails Open (PERMISSION_DENIED) rather than the first
     // request. The session stays in the pool.
-    P11_ASSIGN_OR_RETURN(SessionPool::Lease lease, state->pool->Acquire());
+    CUSTODY_ASSIGN_OR_RETURN(SessionPool::Lease lease, state->pool->Acquire());
   }
   return state;
 }
@@ -193,10 +193,10 @@ absl::Status InitializeToken(const std::string& module_path, std::string_view la
   if (label.empty() || label.size() > kLabelSize) {
     return absl::InvalidArgumentError("token label must be 1 to 32 bytes");
   }
-  P11_ASSIGN_OR_RETURN(std::unique_ptr<Module> module, Module::Load(module_path, init_args));
+  CUSTODY_ASSIGN_OR_RETURN(std::unique_ptr<Module> module, Module::Load(module_path, init_args));
   CK_FUNCTION_LIST* fn = module->fn();
 
-  P11_ASSIGN_OR_RETURN(std::vector<SlotToken> tokens, ListTokens(fn));
+  CUSTODY_ASSIGN_OR_RETURN(std::vector<SlotToken> tokens, ListTokens(fn));
   const SlotToken* free_slot = nullptr;
   for (const SlotToken& token : tokens) {
     if (token.initialized && token.label == label) {
@@ -216,7 +216,7 @@ absl::Status InitializeToken(const std::string& module_path, std::string_view la
   if (rv != CKR_OK) return CkError("C_InitToken", rv);
 
   // SoftHSM2 moves an initialized token to a slot id derived from its serial: list again.
-  P11_ASSIGN_OR_RETURN(tokens, ListTokens(fn));
+  CUSTODY_ASSIGN_OR_RETURN(tokens, ListTokens(fn));
   auto it = std::find_if(tokens.begin(), tokens.end(), [&](const SlotToken& token) {
     return token.initialized && token.label == label;
   });

@@ -73,7 +73,7 @@ absl::StatusOr<TokenSelector> ParseTokenSelector(std::string_view label_or_uri) 
   // Query attributes (pin-source, module-name, module-path) do not select a token: the module
   // comes from Options::module_path and the PIN from Options::pin. Only pin-value is refused.
   for (absl::string_view attribute : absl::StrSplit(query, '&', absl::SkipEmpty())) {
-    P11_RETURN_IF_ERROR(RefusePinValue(attribute.substr(0, attribute.find('='))));
+    CUSTODY_RETURN_IF_ERROR(RefusePinValue(attribute.substr(0, attribute.find('='))));
   }
   std::set<std::string, std::less<>> seen;
   for (absl::string_view attribute : absl::StrSplit(path, ';', absl::SkipEmpty())) {
@@ -83,12 +83,12 @@ absl::StatusOr<TokenSelector> ParseTokenSelector(std::string_view label_or_uri) 
       return absl::InvalidArgumentError("pkcs11 URI: path attribute without '='");
     }
     absl::string_view name = attribute.substr(0, eq);
-    P11_RETURN_IF_ERROR(RefusePinValue(name));
+    CUSTODY_RETURN_IF_ERROR(RefusePinValue(name));
     if (!seen.insert(std::string(name)).second) {
       return absl::InvalidArgumentError(
           absl::StrCat("pkcs11 URI: attribute '", name, "' appears twice"));
     }
-    P11_ASSIGN_OR_RETURN(std::string value, PercentDecode(attribute.substr(eq + 1)));
+    CUSTODY_ASSIGN_OR_RETURN(std::string value, PercentDecode(attribute.substr(eq + 1)));
     if (name == "token") {
       selector.label = std::move(value);
     } else if (name == "serial") {

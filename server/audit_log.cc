@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -392,6 +393,19 @@ AuditLog::Head AuditLog::head() const {
 }
 
 absl::Status AuditLog::Probe() {
+  // Room for real lines first. A full file system still takes a short append into the slack of
+  // the file's last block (or tmpfs page), so a probe line alone would report the log healthy
+  // while every signing call's longer line is refused, and health would flap SERVING/NOT_SERVING
+  // once a second. Service returns when there is headroom again.
+  struct statvfs fs {};
+  if (statvfs(options_.dir.c_str(), &fs) == 0) {
+    const uint64_t free_bytes = static_cast<uint64_t>(fs.f_bavail) * fs.f_frsize;
+    if (free_bytes < kProbeHeadroomBytes) {
+      return absl::UnavailableError(absl::StrCat("audit log directory has ", free_bytes,
+                                                 " bytes free (", kProbeHeadroomBytes,
+                                                 " needed before service resumes)"));
+    }
+  }
   AuditEvent probe;
   probe.identity = "custodyd";
   probe.operation = "audit.probe";

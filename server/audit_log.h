@@ -104,9 +104,11 @@ class AuditLog {
   bool healthy() const { return healthy_.load(); }
 
   // Re-tests the log after a failure on its own (health calls it on a timer, so that service
-  // returns when the disk does, without waiting for a caller): appends one line (operation
-  // "audit.probe"). OK and healthy() true again when it was written.
+  // returns when the disk does, without waiting for a caller): when the directory's file system
+  // has at least kProbeHeadroomBytes free, appends one line (operation "audit.probe"). OK and
+  // healthy() true again when it was written.
   absl::Status Probe();
+  static constexpr uint64_t kProbeHeadroomBytes = 64 * 1024;
 
   // The chain's head: the last acknowledged line (seq 0 and the 64-zero anchor before the
   // first), and the file that holds it (name only). Thread-safe.

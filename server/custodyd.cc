@@ -26,6 +26,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -156,6 +157,13 @@ ABSL_FLAG(std::vector<std::string>, jwks_alias, {},
           "PATH=RING[+RING...] entries (comma-separated) serving published rings' keys as one "
           "JWKS at another path, e.g. /.well-known/jwks.json=op/id-token or "
           "/clients/acme/jwks.json=clients/acme/sign+clients/acme/enc");
+ABSL_FLAG(absl::Duration, http_request_deadline, absl::Seconds(5),
+          "--metrics_listen and --jwks_listen: time a client has from opening a connection (or "
+          "its previous reply) to its reply, headers and TLS handshake included; past it the "
+          "connection is reset. 100ms to 5m");
+ABSL_FLAG(int, http_max_connections, 512,
+          "--metrics_listen and --jwks_listen: connections open at once per listener; the next "
+          "is closed at once. 1 to the descriptor limit - 128");
 ABSL_FLAG(
     bool, metrics_ring_label, true,
     "label per-call and per-ring metrics with the ring name (bounded by --metrics_max_rings)");
@@ -198,6 +206,27 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) out.append(buf, n);
   std::fclose(f);
   return out;
+}
+
+// An HTTP listener's certificate re-read (its files changed, or SIGHUP): `metrics.tls_reload` or
+// `jwks.tls_reload`, an error when the new files did not load and the previous pair is still
+// served.
+void LogTlsReload(absl::string_view flag, const std::string& cert, const std::string& key,
+                  absl::string_view trigger, const absl::Status& s) {
+  const absl::string_view listener = flag.substr(2, flag.find('_') - 2);
+  if (s.ok()) {
+    Log(LogLevel::kInfo, absl::StrCat(listener, ".tls_reload"),
+        {{"cert", cert}, {"key", key}, {"trigger", std::string(trigger)}, {"result", "ok"}});
+    return;
+  }
+  Log(LogLevel::kError, absl::StrCat(listener, ".tls_reload"),
+      {{"cert", cert},
+       {"key", key},
+       {"trigger", std::string(trigger)},
+       {"result", std::string(s.message())},
+       {"hint", absl::StrCat("the previous certificate is still served on ", flag,
+                             "; fix the files (write both, then rename them into place), then "
+                             "send SIGHUP or let the next connection re-read them")}});
 }
 
 // 127.0.0.0/8, ::1 or "localhost"; a name such as "127.example.com" is not loopback.
@@ -322,6 +351,31 @@ absl::StatusOr<Secret> ReadPin(const std::string& state_dir, bool embedded) {
   return pin;
 }
 
+// A duration flag given a bare number (`--http_request_deadline=5`): Abseil says only "Illegal
+// value"; this says which unit to add. Empty when every duration flag has one.
+std::string DurationWithoutUnit(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    absl::string_view arg = argv[i];
+    if (!absl::ConsumePrefix(&arg, "--") && !absl::ConsumePrefix(&arg, "-")) continue;
+    const size_t eq = arg.find('=');
+    const absl::string_view name = arg.substr(0, eq);
+    const absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+    if (flag == nullptr || !flag->IsOfType<absl::Duration>()) continue;
+    std::string value;
+    if (eq != absl::string_view::npos) {
+      value = std::string(arg.substr(eq + 1));
+    } else if (i + 1 < argc) {
+      value = argv[i + 1];
+    }
+    double number = 0;
+    if (absl::SimpleAtod(value, &number) && value != "0" && value != "inf" && value != "-inf") {
+      return absl::StrCat("--", name, "=", value, ": a duration needs its unit, e.g. --", name, "=",
+                          value, "s (or ms, m, h); the default is ", flag->DefaultValue());
+    }
+  }
+  return "";
+}
+
 // custodyd's own flags (all but Abseil's --flagfile and friends), sorted, with their defaults.
 void PrintHelp() {
   std::vector<absl::CommandLineFlag*> flags;
@@ -363,6 +417,36 @@ int Run() {
     Log(LogLevel::kError, event, {{"error", std::string(s.message())}});
     return 1;
   };
+  // The HTTP listeners' bounds, checked before anything is opened (a listener's connections are
+  // descriptors: the same room as the Unix-socket cap).
+  metrics::HttpServer::Options http_bounds;
+  {
+    http_bounds.request_deadline = absl::GetFlag(FLAGS_http_request_deadline);
+    http_bounds.max_connections = absl::GetFlag(FLAGS_http_max_connections);
+    rlimit nofile{};
+    getrlimit(RLIMIT_NOFILE, &nofile);
+    const int64_t room =
+        nofile.rlim_cur == RLIM_INFINITY ? INT_MAX : static_cast<int64_t>(nofile.rlim_cur) - 128;
+    if (http_bounds.request_deadline < absl::Milliseconds(100) ||
+        http_bounds.request_deadline > absl::Minutes(5)) {
+      return fail(
+          "startup.flags",
+          absl::InvalidArgumentError(absl::StrCat(
+              "--http_request_deadline=", absl::FormatDuration(http_bounds.request_deadline),
+              ": give 100ms to 5m (how long a client may take to send a request, TLS "
+              "handshake included; default 5s). Shorter cuts off honest clients on a slow "
+              "link, longer lets slow ones hold connections")));
+    }
+    if (http_bounds.max_connections < 1 || http_bounds.max_connections > room) {
+      return fail("startup.flags",
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "--http_max_connections=", http_bounds.max_connections, ": give 1 to ",
+                      std::max<int64_t>(room, 0),
+                      " (connections open at once per HTTP listener; default 512; at most the "
+                      "descriptor limit ",
+                      nofile.rlim_cur, " - 128: raise LimitNOFILE / ulimit -n for more)")));
+    }
+  }
   auto creds = MakeCredentials();
   if (!creds.ok()) return fail("startup.tls", creds.status());
   bool tls = !absl::GetFlag(FLAGS_tls_cert).empty();
@@ -536,12 +620,15 @@ int Run() {
     }
     const bool https = !cert.empty() || !key.empty();
     if (absl::Status s = CheckListenAddress(addr, https, flag); !s.ok()) return s;
-    metrics::HttpServer::Options options;
+    metrics::HttpServer::Options options = http_bounds;
     options.address = addr;
     if (https) {
       options.tls_cert = cert;
       options.tls_key = key;
       options.client_ca = client_ca;
+      options.on_tls_reload = [flag = std::string(flag), cert, key](const absl::Status& s) {
+        LogTlsReload(flag, cert, key, "files changed", s);
+      };
     }
     auto started = metrics::HttpServer::Start(options, std::move(handler));
     if (!started.ok()) {
@@ -551,7 +638,9 @@ int Run() {
     Log(LogLevel::kInfo, absl::StrCat(flag.substr(2, flag.find('_') - 2), ".listening"),
         {{"address", addr},
          {"port", absl::StrCat((*started)->port())},
-         {"tls", https ? "true" : "false"}});
+         {"tls", https ? "true" : "false"},
+         {"request_deadline", absl::FormatDuration(options.request_deadline)},
+         {"max_connections", absl::StrCat(options.max_connections)}});
     return started;
   };
   std::unique_ptr<metrics::HttpServer> metrics_server;
@@ -774,7 +863,8 @@ int Run() {
   });
 
   // SIGTERM/SIGINT: stop accepting, let in-flight calls finish (bounded), then exit.
-  // SIGHUP: reload the access policy (a bad file keeps the old policy, and says why).
+  // SIGHUP: reload the access policy and the HTTP listeners' TLS files (a bad file keeps the old
+  // one in use, and says why).
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
@@ -787,6 +877,12 @@ int Run() {
       if (sig == SIGHUP) {
         NotifySystemd("RELOADING=1");
         absl::Status s = policy.LoadFrom(policy_path);
+        for (auto [flag, http] : {std::pair{"--metrics_listen", metrics_server.get()},
+                                  std::pair{"--jwks_listen", jwks_server.get()}}) {
+          if (http != nullptr && http->serves_tls()) {
+            LogTlsReload(flag, http->tls_cert(), http->tls_key(), "SIGHUP", http->ReloadTls());
+          }
+        }
         NotifySystemd("READY=1");
         Log(s.ok() ? LogLevel::kInfo : LogLevel::kError, "policy.reloaded",
             {{"path", policy_path}, {"result", s.ok() ? "ok" : std::string(s.message())}});
@@ -848,6 +944,10 @@ int main(int argc, char** argv) {
       std::printf("%s\n", custody::VersionLine("custodyd").c_str());
       return 0;
     }
+  }
+  if (const std::string error = custody::server::DurationWithoutUnit(argc, argv); !error.empty()) {
+    custody::Log(custody::LogLevel::kError, "startup.flags", {{"error", error}});
+    return 1;
   }
   absl::ParseCommandLine(argc, argv);
   if (absl::GetFlag(FLAGS_verbose)) custody::SetLogLevel(custody::LogLevel::kDebug);

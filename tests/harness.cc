@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -126,6 +127,10 @@ void Custodyd::Start(std::vector<std::string> extra) {
   // failed to connect waits out gRPC's reconnect backoff, which would time the test, not custodyd.
   std::string socket_path = state_dir_ + "/custodyd.sock";
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  // Each probe's own deadline grows (0.5 s, 1 s, 2 s, then 4 s): an mTLS handshake with a
+  // sanitized custodyd on a loaded machine can take longer than 0.5 s every time, and a fixed
+  // 0.5 s then never succeeds (ASan run, 2 cores shared with two compilers: 30 s of timeouts).
+  int probe_ms = 500;
   while (std::chrono::steady_clock::now() < deadline) {
     int status = 0;
     if (waitpid(pid_, &status, WNOHANG) == pid_) {
@@ -143,11 +148,14 @@ void Custodyd::Start(std::vector<std::string> extra) {
       }
       auto health = grpc::health::v1::Health::NewStub(channel);
       grpc::ClientContext ctx;
-      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(probe_ms));
       grpc::health::v1::HealthCheckRequest req;
       grpc::health::v1::HealthCheckResponse resp;
-      if (health->Check(&ctx, req, &resp).ok() &&
-          resp.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
+      const grpc::Status probed = health->Check(&ctx, req, &resp);
+      if (probed.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+        probe_ms = std::min(probe_ms * 2, 4000);
+      }
+      if (probed.ok() && resp.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
         channel_ = channel;
         signer_ = custody::v1::Signer::NewStub(channel_);
         admin_ = custody::v1::KeyAdmin::NewStub(channel_);

@@ -425,9 +425,17 @@ TEST(AuditTest, FullAuditDiskFailsClosedAndRecovers) {
   while (calls < 50 && (refused = sign()).ok()) ++calls;
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE) << refused.error_message();
   EXPECT_NE(refused.error_message().find("audit"), std::string::npos) << refused.error_message();
-  // Still refused while the disk stays full: failing closed is not a one-off.
+  // Still refused while the disk stays full: failing closed is not a one-off. And health stays
+  // NOT_SERVING past the audit probe's 1 s timer: a probe line would fit into the file's last page
+  // (the slack a longer signing line did not), but the probe wants headroom first, so health does
+  // not flap back to SERVING while calls are refused.
   EXPECT_EQ(sign().error_code(), grpc::StatusCode::UNAVAILABLE);
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
   grpc::health::v1::HealthCheckResponse::ServingStatus status = health();
+  EXPECT_EQ(status, grpc::health::v1::HealthCheckResponse::NOT_SERVING)
+      << "SERVING with no room for a signing call's audit line";
+  EXPECT_EQ(sign().error_code(), grpc::StatusCode::UNAVAILABLE);
+  status = health();
   for (int i = 0; i < 30 && status == grpc::health::v1::HealthCheckResponse::SERVING; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     status = health();

@@ -4,8 +4,8 @@
 #include <cstdio>
 #include <string>
 
-#include "client/client.h"
-#include "client/fapi.h"
+#include "custody/client/client.h"
+#include "custody/client/fapi.h"
 #include "custody/v1/custody.grpc.pb.h"
 
 int main() {

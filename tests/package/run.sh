@@ -7,7 +7,9 @@
 #      consumer project next to this script (find_package(custody)) builds and runs; the example
 #      of docs/client-library.md (the block after "<!-- example: sign_and_verify.cc -->") builds
 #      from that prefix with CMake and with pkg-config (custody-client.pc), and both binaries
-#      sign and verify against a custodyd started from the build tree (not the prefix).
+#      sign and verify against a custodyd started from the build tree (not the prefix); every
+#      installed header compiles by its prefixed name ("custody/client/client.h") with only the
+#      pkg-config flags.
 #   run.sh BUILD_DIR [EXTRA_CXX_FLAGS]   (the sanitizer flags of a sanitized build)
 set -euo pipefail
 build=$(cd "$1" && pwd)
@@ -64,6 +66,22 @@ cmake --build "$example/build" >/dev/null
 # shellcheck disable=SC2046,SC2086
 c++ -std=c++20 $flags "$example/sign_and_verify.cc" -o "$example/sign_and_verify_pc" \
   $(PKG_CONFIG_PATH="$libdir/pkgconfig" pkg-config --cflags --libs custody-client)
+
+# Every installed header, by its prefixed name, with nothing but the pkg-config flags: each one
+# (and what it includes) is found under PREFIX/include/custody, and none reaches back into the
+# source tree or a name an application could collide with.
+headers=$work/all_headers.cc
+(cd "$client/include" && find custody -name '*.h' -not -path 'custody/third_party/*' | sort |
+  sed 's/.*/#include "&"/') >"$headers"
+[ "$(grep -c . "$headers")" -ge 20 ] || { echo "too few installed headers:"; cat "$headers"; exit 1; } >&2
+grep -q '"custody/client/client.h"' "$headers" || { echo "custody/client/client.h not installed" >&2; exit 1; }
+if find "$client/include" -maxdepth 1 -mindepth 1 | grep -v "/custody$"; then
+  echo "the client component installed headers outside include/custody (above)" >&2
+  exit 1
+fi
+# shellcheck disable=SC2046
+c++ -std=c++20 -fsyntax-only "$headers" \
+  $(PKG_CONFIG_PATH="$libdir/pkgconfig" pkg-config --cflags custody-client)
 
 # Against a real custodyd from the build tree, on a ring made with custodyctl.
 state=$(mktemp -d)

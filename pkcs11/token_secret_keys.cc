@@ -25,9 +25,9 @@ absl::StatusOr<std::vector<std::string>> FindSecretKeyIds(TokenState& state,
                                                           std::string_view label) {
   CK_FUNCTION_LIST* fn = state.fn;
   std::vector<std::string> ids;
-  P11_RETURN_IF_ERROR(state.Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
+  CUSTODY_RETURN_IF_ERROR(state.Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
     ids.clear();
-    P11_ASSIGN_OR_RETURN(
+    CUSTODY_ASSIGN_OR_RETURN(
         std::vector<CK_OBJECT_HANDLE> found,
         FindObjects(fn, lease,
                     {Attr(CKA_CLASS, &kSecretKey, sizeof(kSecretKey)), Attr(CKA_LABEL, label)}));
@@ -37,10 +37,10 @@ absl::StatusOr<std::vector<std::string>> FindSecretKeyIds(TokenState& state,
       CK_ATTRIBUTE size{CKA_ID, nullptr, 0};
       CK_RV rv = fn->C_GetAttributeValue(lease.get(), handle, &size, 1);
       if (rv == CKR_OBJECT_HANDLE_INVALID || rv == CKR_ATTRIBUTE_VALUE_INVALID) continue;
-      P11_RETURN_IF_ERROR(lease.Check("C_GetAttributeValue", rv));
+      CUSTODY_RETURN_IF_ERROR(lease.Check("C_GetAttributeValue", rv));
       auto id = GetBytes(fn, lease, handle, CKA_ID);
       if (!id.ok() && IsGoneOrUnwritten(id.status())) continue;
-      P11_RETURN_IF_ERROR(id.status());
+      CUSTODY_RETURN_IF_ERROR(id.status());
       ids.push_back(*std::move(id));
     }
     return absl::OkStatus();
@@ -56,8 +56,8 @@ absl::Status GenerateHmacKey(TokenState& state, std::string_view id, std::string
   const CK_ULONG value_len = 32;
   // Retried after a recovery like the reads: a key the lost answer had created is found first.
   return state.Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
-    P11_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> existing,
-                         FindKeyObjects(fn, lease, CKO_SECRET_KEY, id));
+    CUSTODY_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> existing,
+                             FindKeyObjects(fn, lease, CKO_SECRET_KEY, id));
     if (!existing.empty()) return absl::OkStatus();
     CK_MECHANISM mechanism{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
     std::vector<CK_ATTRIBUTE> tmpl = {
@@ -83,9 +83,9 @@ absl::StatusOr<std::string> HmacSha256(TokenState& state, std::string_view id,
                                        std::string_view message) {
   CK_FUNCTION_LIST* fn = state.fn;
   std::string mac;
-  P11_RETURN_IF_ERROR(state.Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
-    P11_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
-                         FindKeyObjects(fn, lease, CKO_SECRET_KEY, id));
+  CUSTODY_RETURN_IF_ERROR(state.Run(nullptr, [&](SessionPool::Lease& lease) -> absl::Status {
+    CUSTODY_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
+                             FindKeyObjects(fn, lease, CKO_SECRET_KEY, id));
     if (found.size() != 1) {
       return found.empty()
                  ? absl::NotFoundError(absl::StrCat("no secret key with CKA_ID ", PrintableId(id)))
@@ -93,13 +93,13 @@ absl::StatusOr<std::string> HmacSha256(TokenState& state, std::string_view id,
                        absl::StrCat(found.size(), " secret keys share CKA_ID ", PrintableId(id)));
     }
     CK_MECHANISM mechanism{CKM_SHA256_HMAC, nullptr, 0};
-    P11_RETURN_IF_ERROR(
+    CUSTODY_RETURN_IF_ERROR(
         lease.Check("C_SignInit", fn->C_SignInit(lease.get(), &mechanism, found.front())));
     mac.assign(32, '\0');
     CK_ULONG length = mac.size();
     // Cryptoki takes non-const input but does not write it.
     CK_BYTE* input = reinterpret_cast<CK_BYTE*>(const_cast<char*>(message.data()));
-    P11_RETURN_IF_ERROR(
+    CUSTODY_RETURN_IF_ERROR(
         lease.Check("C_Sign", fn->C_Sign(lease.get(), input, message.size(),
                                          reinterpret_cast<CK_BYTE*>(mac.data()), &length)));
     mac.resize(length);

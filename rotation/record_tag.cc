@@ -131,24 +131,32 @@ absl::StatusOr<MutationTags> TagMutation(const RecordTagger* tagger, const Mutat
   return tags;
 }
 
-absl::Status CheckTags(const RecordTagger* tagger, std::vector<RingRecord>& rings,
+namespace {
+
+std::string Canonical(const RingRecord& ring) { return CanonicalRing(ring); }
+std::string Canonical(const VersionRecord& version) { return CanonicalVersion(version); }
+
+template <typename Record>
+absl::Status CheckEach(const RecordTagger* tagger, std::vector<Record>& records,
                        const std::vector<std::string>& tags) {
-  for (size_t i = 0; i < rings.size(); ++i) {
-    auto check = CheckRingTag(tagger, rings[i], tags[i]);
+  for (size_t i = 0; i < records.size(); ++i) {
+    auto check = Check(tagger, tagger == nullptr ? std::string() : Canonical(records[i]), tags[i]);
     if (!check.ok()) return check.status();
-    rings[i].tag_check = *check;
+    records[i].tag_check = *check;
   }
   return absl::OkStatus();
 }
 
+}  // namespace
+
+absl::Status CheckTags(const RecordTagger* tagger, std::vector<RingRecord>& rings,
+                       const std::vector<std::string>& tags) {
+  return CheckEach(tagger, rings, tags);
+}
+
 absl::Status CheckTags(const RecordTagger* tagger, std::vector<VersionRecord>& versions,
                        const std::vector<std::string>& tags) {
-  for (size_t i = 0; i < versions.size(); ++i) {
-    auto check = CheckVersionTag(tagger, versions[i], tags[i]);
-    if (!check.ok()) return check.status();
-    versions[i].tag_check = *check;
-  }
-  return absl::OkStatus();
+  return CheckEach(tagger, versions, tags);
 }
 
 absl::StatusOr<std::string> SoftwareRecordTagger::Tag(absl::string_view message) const {

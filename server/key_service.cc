@@ -236,6 +236,7 @@ absl::Status KeyService::Load() {
   absl::MutexLock lock(&mu_);
   for (auto& [name, ring] : rings) {
     if (ring.versions.empty()) continue;  // rolled back entirely
+    RefuseReplayedActive(ring, /*log=*/true);
     ring.Reindex();
     rings_[name] = std::make_shared<const Ring>(std::move(ring));
   }

@@ -284,6 +284,10 @@ class KeyService {
   // metadata.tag_mismatch naming it (never its contents) when `log`.
   static bool TagTrusted(const rotation::RingRecord& ring, bool log);
   static bool TagTrusted(const rotation::VersionRecord& version, bool log);
+  // Two ACTIVE versions in one ring never come from custody's own commits (a rotation swaps them
+  // in one transaction): every ACTIVE version but the newest is an earlier row put back (its tag
+  // still verifies). Those are taken out of service like a tag mismatch; logged when `log`.
+  static void RefuseReplayedActive(Ring& ring, bool log);
   // FAILED_PRECONDITION when `mutation` would change a version whose tag does not verify.
   static absl::Status RefuseUntrustedChange(const Ring& ring, const rotation::Mutation& mutation);
 

@@ -83,6 +83,30 @@ absl::Status KeyService::AdoptUntagged(std::vector<rotation::RingRecord>& rings,
   return absl::OkStatus();
 }
 
+void KeyService::RefuseReplayedActive(Ring& ring, bool log) {
+  auto active = [](const Version& v) {
+    return !v.tag_mismatch && v.record.state == rotation::VersionState::kActive;
+  };
+  const Version* newest = nullptr;
+  for (const Version& v : ring.versions) {
+    if (active(v) && (newest == nullptr || v.record.version > newest->record.version)) newest = &v;
+  }
+  for (Version& v : ring.versions) {
+    if (&v == newest || !active(v)) continue;
+    v.tag_mismatch = true;
+    v.key = nullptr;
+    if (!log) continue;
+    Log(LogLevel::kError, "metadata.replayed_row",
+        {{"ring", v.record.ring},
+         {"version", absl::StrCat(v.record.version)},
+         {"newer_active_version", absl::StrCat(newest->record.version)},
+         {"action",
+          "out of service (not published, not used, not destroyed): an earlier ACTIVE row of this "
+          "version was put back in the database (its tag verifies, but version " +
+              absl::StrCat(newest->record.version) + " is ACTIVE after it)"}});
+  }
+}
+
 absl::Status KeyService::RefuseUntrustedChange(const Ring& ring,
                                                const rotation::Mutation& mutation) {
   auto refuse = [&](uint32_t number) -> absl::Status {

@@ -115,7 +115,7 @@ absl::Status KeyService::RefreshLocked() {
     }
     if (old != nullptr) {
       for (const Version& v : old->versions) {
-        if (v.tag_mismatch) untrusted_before.insert(v.record.version);
+        if (!TagTrusted(v.record, /*log=*/false)) untrusted_before.insert(v.record.version);
       }
     }
     if (old != nullptr && old->record.generation == record.generation &&
@@ -192,6 +192,7 @@ absl::Status KeyService::RefreshLocked() {
     }
     if (ring.versions.empty()) continue;  // its first version is still being created
     if (!complete) ring.record.generation = ~uint64_t{0};
+    RefuseReplayedActive(ring, /*log=*/true);
     ring.Reindex();
     const std::string name = ring.record.name;
     const size_t count = ring.versions.size();

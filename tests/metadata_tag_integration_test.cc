@@ -238,5 +238,53 @@ TEST(MetadataTagTest, StateFromBeforeTagsIsAdoptedOnceThenUntaggedRowsAreRefused
   }
 }
 
+// A replay: the compromised version's row from before the compromise (with its tag, which still
+// verifies) is put back. The ring's newer ACTIVE version shows it is an earlier row: it is out of
+// service, and the ring signs with the newer version. (A replay of every row of the ring to an
+// earlier consistent state is the limit design.md states.)
+TEST(MetadataTagTest, EarlierActiveRowPutBackIsRefused) {
+  TempDir dir;
+  const std::string state = dir.path() + "/state";
+  std::string kid1;
+  {
+    Custodyd d(state);
+    ASSERT_TRUE(d.started()) << d.log();
+    v1::KeyRing ring;
+    ASSERT_TRUE(CreateRing(d, "op/replay", &ring).ok());
+    kid1 = ring.versions(0).kid();
+    d.Stop();
+  }
+  Sql(state, "CREATE TABLE saved AS SELECT * FROM versions WHERE ring='op/replay';");
+  {
+    Custodyd d(state);
+    ASSERT_TRUE(d.started()) << d.log();
+    v1::CompromiseKeyVersionRequest compromise;
+    compromise.set_ring("op/replay");
+    compromise.set_version(1);
+    v1::KeyRing after;
+    grpc::ClientContext ctx;
+    grpc::Status s = d.admin().CompromiseKeyVersion(&ctx, compromise, &after);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    d.Stop();
+  }
+  Sql(state,
+      "DELETE FROM versions WHERE ring='op/replay' AND version=1;"
+      "INSERT INTO versions SELECT * FROM saved;");
+  Custodyd d(state);
+  ASSERT_TRUE(d.started()) << d.log();
+  const std::string jwks = AllJwks(d);
+  EXPECT_EQ(jwks.find(kid1), std::string::npos) << jwks;
+  v1::SignJwsResponse signed_jws;
+  grpc::Status s = Sign(d, "op/replay", &signed_jws);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_NE(signed_jws.kid(), kid1);
+  v1::KeyRing ring;
+  ASSERT_TRUE(GetRing(d, "op/replay", &ring).ok());
+  EXPECT_TRUE(ring.versions(0).metadata_tag_mismatch());
+  EXPECT_FALSE(ring.versions(1).metadata_tag_mismatch());
+  EXPECT_NE(d.log().find("\"event\":\"metadata.replayed_row\""), std::string::npos) << d.log();
+  EXPECT_EQ(d.log().find("version.destroyed"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace custody::testing

@@ -151,4 +151,18 @@ absl::StatusOr<Secret> Token::DeriveEcdh(const KeyPair& key, std::string_view pe
   return internal::DeriveEcdh(*state_, key, peer_point);
 }
 
+// ---- Secret keys (token_secret_keys.cc) -----------------------------------------------------
+
+absl::StatusOr<std::vector<std::string>> Token::FindSecretKeyIds(std::string_view label) {
+  return internal::FindSecretKeyIds(*state_, label);
+}
+
+absl::Status Token::GenerateHmacKey(std::string_view id, std::string_view label) {
+  return internal::GenerateHmacKey(*state_, id, label);
+}
+
+absl::StatusOr<std::string> Token::HmacSha256(std::string_view id, std::string_view message) {
+  return internal::HmacSha256(*state_, id, message);
+}
+
 }  // namespace custody::pkcs11

@@ -327,6 +327,19 @@ class Token {
                                                          std::string_view label,
                                                          bool for_decryption);
 
+  // --- Secret keys (the metadata tag key, server/metadata_tag_key.h) ---
+
+  // The CKA_IDs of the secret keys labelled `label`, sorted.
+  absl::StatusOr<std::vector<std::string>> FindSecretKeyIds(std::string_view label);
+  // Generates a 32-byte CKK_GENERIC_SECRET key (CKM_GENERIC_SECRET_KEY_GEN) with CKA_TOKEN,
+  // CKA_PRIVATE, CKA_SENSITIVE=TRUE, CKA_EXTRACTABLE=FALSE, CKA_SIGN and CKA_VERIFY, and CKA_ID=id,
+  // CKA_LABEL=label. OK at once when a secret key with CKA_ID=id exists (so a retry after a lost
+  // answer creates no second one). Destroy it with DestroyKeyPair(id).
+  absl::Status GenerateHmacKey(std::string_view id, std::string_view label);
+  // HMAC-SHA256 (CKM_SHA256_HMAC) of `message` with the secret key CKA_ID=id: 32 bytes.
+  // NOT_FOUND when there is none.
+  absl::StatusOr<std::string> HmacSha256(std::string_view id, std::string_view message);
+
  private:
   using State = internal::TokenState;
   explicit Token(std::unique_ptr<State> state);

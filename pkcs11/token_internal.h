@@ -309,6 +309,13 @@ bool OaepSupported(TokenState& state, OaepHash hash);
 absl::StatusOr<Secret> DeriveEcdh(TokenState& state, const KeyPair& key,
                                   std::string_view peer_point);
 
+// token_secret_keys.cc
+absl::StatusOr<std::vector<std::string>> FindSecretKeyIds(TokenState& state,
+                                                          std::string_view label);
+absl::Status GenerateHmacKey(TokenState& state, std::string_view id, std::string_view label);
+absl::StatusOr<std::string> HmacSha256(TokenState& state, std::string_view id,
+                                       std::string_view message);
+
 }  // namespace custody::pkcs11::internal
 
 #endif  // CUSTODY_PKCS11_TOKEN_INTERNAL_H_

@@ -68,6 +68,14 @@ absl::StatusOr<Purpose> ParsePurpose(absl::string_view name);
 absl::string_view VersionStateName(VersionState state);  // "ACTIVE", ...
 absl::StatusOr<VersionState> ParseVersionState(absl::string_view name);
 
+// What the metadata store found of a record's tag when it read it (rotation/record_tag.h).
+enum class TagCheck {
+  kUnchecked,  // the store has no tagger (unit tests, tools)
+  kValid,      // the token's key vouches for every field
+  kMissing,    // no tag: written before tags existed (adopted once, KeyService::Load) or edited
+  kMismatch,   // the record was changed outside custody (or tagged by another key)
+};
+
 struct RingRecord {
   std::string name;
   Purpose purpose = Purpose::kSign;
@@ -85,6 +93,7 @@ struct RingRecord {
   uint64_t generation = 0;
   // Manual rotation (without force) promotes only a PENDING version that has a certificate.
   bool require_certificate = false;
+  TagCheck tag_check = TagCheck::kUnchecked;  // set by the store's read; not stored
 };
 
 struct VersionRecord {
@@ -108,6 +117,7 @@ struct VersionRecord {
   // X.509 chain of the version's key (PEM, leaf first; checked against the key when set); "" =
   // none.
   std::string certificate_chain;
+  TagCheck tag_check = TagCheck::kUnchecked;  // set by the store's read; not stored
 };
 
 // Published in JWKS: PENDING, ACTIVE and RETIRED. Decrypts: the same.

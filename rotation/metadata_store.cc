@@ -10,6 +10,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "common/caller_message.h"
+#include "rotation/record_tag.h"
 
 namespace custody::rotation {
 namespace {
@@ -17,7 +18,7 @@ namespace {
 // The embedded store: one SQLite connection behind a mutex.
 class SqliteMetadataStore final : public MetadataStore {
  public:
-  explicit SqliteMetadataStore(sqlite3* db) : db_(db) {}
+  SqliteMetadataStore(sqlite3* db, const RecordTagger* tagger) : tagger_(tagger), db_(db) {}
   ~SqliteMetadataStore() override;
 
   absl::Status Commit(const Mutation& mutation) override;
@@ -30,8 +31,10 @@ class SqliteMetadataStore final : public MetadataStore {
 
  private:
   absl::Status Exec(const char* sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status Apply(const Mutation& mutation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Apply(const Mutation& mutation, const MutationTags& tags)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
+  const RecordTagger* const tagger_;
   absl::Mutex mu_;
   sqlite3* db_ ABSL_GUARDED_BY(mu_);
 };
@@ -51,7 +54,8 @@ CREATE TABLE IF NOT EXISTS rings (
   retain_ms INTEGER NOT NULL DEFAULT 86400000,
   destroy_delay_ms INTEGER NOT NULL DEFAULT 604800000,
   policy_explicit INTEGER NOT NULL DEFAULT 0,
-  require_certificate INTEGER NOT NULL DEFAULT 0
+  require_certificate INTEGER NOT NULL DEFAULT 0,
+  tag TEXT NOT NULL DEFAULT ''
 ) STRICT;
 CREATE TABLE IF NOT EXISTS versions (
   ring TEXT NOT NULL REFERENCES rings(name),
@@ -70,6 +74,7 @@ CREATE TABLE IF NOT EXISTS versions (
   previous_state TEXT NOT NULL DEFAULT 'CREATING',
   compromised INTEGER NOT NULL DEFAULT 0,
   certificate_chain TEXT NOT NULL DEFAULT '',
+  tag TEXT NOT NULL DEFAULT '',
   PRIMARY KEY (ring, version)
 ) STRICT;
 CREATE TABLE IF NOT EXISTS audit_anchors (
@@ -83,11 +88,11 @@ CREATE TABLE IF NOT EXISTS audit_anchors (
 
 constexpr const char* kRingColumns =
     "name,purpose,alg,rsa_bits,allow_non_fapi,create_time,curve,zip_max_bytes,prepublish_ms,"
-    "rotation_period_ms,retain_ms,destroy_delay_ms,policy_explicit,require_certificate";
+    "rotation_period_ms,retain_ms,destroy_delay_ms,policy_explicit,require_certificate,tag";
 constexpr const char* kVersionColumns =
     "ring,version,object_id,object_label,kid,public_jwk,state,create_time,activate_time,"
     "publish_time,retire_time,destroy_after,destroy_time,previous_state,compromised,"
-    "certificate_chain";
+    "certificate_chain,tag";
 
 struct StmtDeleter {
   void operator()(sqlite3_stmt* s) const { sqlite3_finalize(s); }
@@ -183,11 +188,15 @@ constexpr struct {
 } kAddedColumns[] = {
     {"rings", "require_certificate", "INTEGER NOT NULL DEFAULT 0"},
     {"versions", "certificate_chain", "TEXT NOT NULL DEFAULT ''"},
+    // Record tags (rotation/record_tag.h); rows from before them are adopted once by custodyd.
+    {"rings", "tag", "TEXT NOT NULL DEFAULT ''"},
+    {"versions", "tag", "TEXT NOT NULL DEFAULT ''"},
 };
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<MetadataStore>> MetadataStore::Open(const std::string& path) {
+absl::StatusOr<std::unique_ptr<MetadataStore>> MetadataStore::Open(const std::string& path,
+                                                                   const RecordTagger* tagger) {
   sqlite3* db = nullptr;
   int rc =
       sqlite3_open_v2(path.c_str(), &db,
@@ -199,7 +208,7 @@ absl::StatusOr<std::unique_ptr<MetadataStore>> MetadataStore::Open(const std::st
         absl::StrCat("cannot open metadata database '", path, "': ", msg));
   }
   sqlite3_busy_timeout(db, 5000);
-  auto store = std::make_unique<SqliteMetadataStore>(db);
+  auto store = std::make_unique<SqliteMetadataStore>(db, tagger);
   if (absl::Status s = store->Init(); !s.ok()) return s;
   return store;
 }
@@ -238,12 +247,14 @@ absl::Status SqliteMetadataStore::Exec(const char* sql) {
   return absl::OkStatus();
 }
 
-absl::Status SqliteMetadataStore::Apply(const Mutation& m) {
+absl::Status SqliteMetadataStore::Apply(const Mutation& m, const MutationTags& tags) {
+  size_t ir = 0, ur = 0, iv = 0, uv = 0;
   for (const RingRecord& r : m.insert_rings) {
     auto stmt = Prepare(db_, absl::StrCat("INSERT INTO rings(", kRingColumns,
-                                          ") VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)"));
+                                          ") VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"));
     if (!stmt.ok()) return stmt.status();
     BindRing(stmt->get(), r);
+    BindText(stmt->get(), 15, tags.insert_rings[ir++]);
     if (absl::Status s = StepDone(db_, stmt->get(), "insert ring"); !s.ok()) {
       return absl::IsAlreadyExists(s)
                  ? absl::AlreadyExistsError(absl::StrCat("ring '", r.name, "' already exists"))
@@ -253,7 +264,7 @@ absl::Status SqliteMetadataStore::Apply(const Mutation& m) {
   for (const RingRecord& r : m.update_rings) {
     auto stmt = Prepare(db_,
                         "UPDATE rings SET prepublish_ms=?, rotation_period_ms=?, retain_ms=?, "
-                        "destroy_delay_ms=?, policy_explicit=? WHERE name=?");
+                        "destroy_delay_ms=?, policy_explicit=?, tag=? WHERE name=?");
     if (!stmt.ok()) return stmt.status();
     sqlite3_stmt* s = stmt->get();
     sqlite3_bind_int64(s, 1, r.policy.prepublish_ms);
@@ -261,7 +272,8 @@ absl::Status SqliteMetadataStore::Apply(const Mutation& m) {
     sqlite3_bind_int64(s, 3, r.policy.retain_ms);
     sqlite3_bind_int64(s, 4, r.policy.destroy_delay_ms);
     sqlite3_bind_int(s, 5, r.policy_explicit ? 1 : 0);
-    BindText(s, 6, r.name);
+    BindText(s, 6, tags.update_rings[ur++]);
+    BindText(s, 7, r.name);
     if (absl::Status st = StepDone(db_, s, "update ring"); !st.ok()) return st;
     if (sqlite3_changes(db_) != 1) {
       return absl::NotFoundError(absl::StrCat("ring '", r.name, "' not found"));
@@ -269,9 +281,10 @@ absl::Status SqliteMetadataStore::Apply(const Mutation& m) {
   }
   for (const VersionRecord& v : m.insert_versions) {
     auto stmt = Prepare(db_, absl::StrCat("INSERT INTO versions(", kVersionColumns,
-                                          ") VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"));
+                                          ") VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"));
     if (!stmt.ok()) return stmt.status();
     BindVersion(stmt->get(), v);
+    BindText(stmt->get(), 17, tags.insert_versions[iv++]);
     absl::Status s = StepDone(db_, stmt->get(), "insert version");
     if (absl::IsAlreadyExists(s)) {
       // The REFERENCES constraint fails the same way as a duplicate; tell them apart.
@@ -291,11 +304,12 @@ absl::Status SqliteMetadataStore::Apply(const Mutation& m) {
                         "UPDATE versions SET object_label=?4, kid=?5, public_jwk=?6, state=?7, "
                         "activate_time=?9, publish_time=?10, retire_time=?11, destroy_after=?12, "
                         "destroy_time=?13, previous_state=?14, compromised=?15, "
-                        "certificate_chain=?16 "
+                        "certificate_chain=?16, tag=?17 "
                         "WHERE ring=?1 AND version=?2");
     if (!stmt.ok()) return stmt.status();
     sqlite3_stmt* s = stmt->get();
     BindVersion(s, v);
+    BindText(s, 17, tags.update_versions[uv++]);
     if (absl::Status st = StepDone(db_, s, "update version"); !st.ok()) return st;
     if (sqlite3_changes(db_) != 1) {
       return absl::NotFoundError(
@@ -319,9 +333,12 @@ absl::Status SqliteMetadataStore::Apply(const Mutation& m) {
 }
 
 absl::Status SqliteMetadataStore::Commit(const Mutation& mutation) {
+  // Tagged before the lock: a tag may be a token call.
+  auto tags = TagMutation(tagger_, mutation);
+  if (!tags.ok()) return tags.status();
   absl::MutexLock lock(&mu_);
   if (absl::Status s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
-  absl::Status s = Apply(mutation);
+  absl::Status s = Apply(mutation, *tags);
   if (s.ok()) s = Exec("COMMIT;");
   if (!s.ok()) Exec("ROLLBACK;").IgnoreError();
   return s;
@@ -354,69 +371,79 @@ absl::Status MetadataStore::DeleteVersion(const std::string& ring, uint32_t vers
 }
 
 absl::StatusOr<std::vector<RingRecord>> SqliteMetadataStore::LoadRings() {
-  absl::MutexLock lock(&mu_);
-  auto stmt = Prepare(db_, absl::StrCat("SELECT ", kRingColumns, " FROM rings ORDER BY name"));
-  if (!stmt.ok()) return stmt.status();
   std::vector<RingRecord> rings;
-  int rc;
-  while ((rc = sqlite3_step(stmt->get())) == SQLITE_ROW) {
-    sqlite3_stmt* s = stmt->get();
-    RingRecord r;
-    r.name = ColumnText(s, 0);
-    auto purpose = ParsePurpose(ColumnText(s, 1));
-    if (!purpose.ok()) return purpose.status();
-    r.purpose = *purpose;
-    r.alg = ColumnText(s, 2);
-    r.rsa_bits = sqlite3_column_int(s, 3);
-    r.allow_non_fapi = sqlite3_column_int(s, 4) != 0;
-    r.create_time = sqlite3_column_int64(s, 5);
-    r.curve = ColumnText(s, 6);
-    r.zip_max_bytes = sqlite3_column_int64(s, 7);
-    r.policy.prepublish_ms = sqlite3_column_int64(s, 8);
-    r.policy.rotation_period_ms = sqlite3_column_int64(s, 9);
-    r.policy.retain_ms = sqlite3_column_int64(s, 10);
-    r.policy.destroy_delay_ms = sqlite3_column_int64(s, 11);
-    r.policy_explicit = sqlite3_column_int(s, 12) != 0;
-    r.require_certificate = sqlite3_column_int(s, 13) != 0;
-    rings.push_back(std::move(r));
+  std::vector<std::string> tags;
+  {
+    absl::MutexLock lock(&mu_);
+    auto stmt = Prepare(db_, absl::StrCat("SELECT ", kRingColumns, " FROM rings ORDER BY name"));
+    if (!stmt.ok()) return stmt.status();
+    int rc;
+    while ((rc = sqlite3_step(stmt->get())) == SQLITE_ROW) {
+      sqlite3_stmt* s = stmt->get();
+      RingRecord r;
+      r.name = ColumnText(s, 0);
+      auto purpose = ParsePurpose(ColumnText(s, 1));
+      if (!purpose.ok()) return purpose.status();
+      r.purpose = *purpose;
+      r.alg = ColumnText(s, 2);
+      r.rsa_bits = sqlite3_column_int(s, 3);
+      r.allow_non_fapi = sqlite3_column_int(s, 4) != 0;
+      r.create_time = sqlite3_column_int64(s, 5);
+      r.curve = ColumnText(s, 6);
+      r.zip_max_bytes = sqlite3_column_int64(s, 7);
+      r.policy.prepublish_ms = sqlite3_column_int64(s, 8);
+      r.policy.rotation_period_ms = sqlite3_column_int64(s, 9);
+      r.policy.retain_ms = sqlite3_column_int64(s, 10);
+      r.policy.destroy_delay_ms = sqlite3_column_int64(s, 11);
+      r.policy_explicit = sqlite3_column_int(s, 12) != 0;
+      r.require_certificate = sqlite3_column_int(s, 13) != 0;
+      tags.push_back(ColumnText(s, 14));
+      rings.push_back(std::move(r));
+    }
+    if (rc != SQLITE_DONE) return SqliteError(db_, "load rings");
   }
-  if (rc != SQLITE_DONE) return SqliteError(db_, "load rings");
+  if (absl::Status s = CheckTags(tagger_, rings, tags); !s.ok()) return s;
   return rings;
 }
 
 absl::StatusOr<std::vector<VersionRecord>> SqliteMetadataStore::LoadVersions() {
-  absl::MutexLock lock(&mu_);
-  auto stmt = Prepare(
-      db_, absl::StrCat("SELECT ", kVersionColumns, " FROM versions ORDER BY ring,version"));
-  if (!stmt.ok()) return stmt.status();
   std::vector<VersionRecord> versions;
-  int rc;
-  while ((rc = sqlite3_step(stmt->get())) == SQLITE_ROW) {
-    sqlite3_stmt* s = stmt->get();
-    VersionRecord v;
-    v.ring = ColumnText(s, 0);
-    v.version = static_cast<uint32_t>(sqlite3_column_int64(s, 1));
-    v.object_id = ColumnText(s, 2);
-    v.object_label = ColumnText(s, 3);
-    v.kid = ColumnText(s, 4);
-    v.public_jwk = ColumnText(s, 5);
-    auto state = ParseVersionState(ColumnText(s, 6));
-    if (!state.ok()) return state.status();
-    v.state = *state;
-    v.create_time = sqlite3_column_int64(s, 7);
-    v.activate_time = sqlite3_column_int64(s, 8);
-    v.publish_time = sqlite3_column_int64(s, 9);
-    v.retire_time = sqlite3_column_int64(s, 10);
-    v.destroy_after = sqlite3_column_int64(s, 11);
-    v.destroy_time = sqlite3_column_int64(s, 12);
-    auto previous = ParseVersionState(ColumnText(s, 13));
-    if (!previous.ok()) return previous.status();
-    v.previous_state = *previous;
-    v.compromised = sqlite3_column_int(s, 14) != 0;
-    v.certificate_chain = ColumnText(s, 15);
-    versions.push_back(std::move(v));
+  std::vector<std::string> tags;
+  {
+    absl::MutexLock lock(&mu_);
+    auto stmt = Prepare(
+        db_, absl::StrCat("SELECT ", kVersionColumns, " FROM versions ORDER BY ring,version"));
+    if (!stmt.ok()) return stmt.status();
+    int rc;
+    while ((rc = sqlite3_step(stmt->get())) == SQLITE_ROW) {
+      sqlite3_stmt* s = stmt->get();
+      VersionRecord v;
+      v.ring = ColumnText(s, 0);
+      v.version = static_cast<uint32_t>(sqlite3_column_int64(s, 1));
+      v.object_id = ColumnText(s, 2);
+      v.object_label = ColumnText(s, 3);
+      v.kid = ColumnText(s, 4);
+      v.public_jwk = ColumnText(s, 5);
+      auto state = ParseVersionState(ColumnText(s, 6));
+      if (!state.ok()) return state.status();
+      v.state = *state;
+      v.create_time = sqlite3_column_int64(s, 7);
+      v.activate_time = sqlite3_column_int64(s, 8);
+      v.publish_time = sqlite3_column_int64(s, 9);
+      v.retire_time = sqlite3_column_int64(s, 10);
+      v.destroy_after = sqlite3_column_int64(s, 11);
+      v.destroy_time = sqlite3_column_int64(s, 12);
+      auto previous = ParseVersionState(ColumnText(s, 13));
+      if (!previous.ok()) return previous.status();
+      v.previous_state = *previous;
+      v.compromised = sqlite3_column_int(s, 14) != 0;
+      v.certificate_chain = ColumnText(s, 15);
+      tags.push_back(ColumnText(s, 16));
+      versions.push_back(std::move(v));
+    }
+    if (rc != SQLITE_DONE) return SqliteError(db_, "load versions");
   }
-  if (rc != SQLITE_DONE) return SqliteError(db_, "load versions");
+  if (absl::Status s = CheckTags(tagger_, versions, tags); !s.ok()) return s;
   return versions;
 }
 

@@ -32,6 +32,15 @@ struct Mutation {
   std::vector<std::pair<std::string, uint64_t>> expect_generations;
 };
 
+class RecordTagger;  // rotation/record_tag.h
+
+// The tags a store writes with a mutation's records, one per record of each list.
+struct MutationTags {
+  std::vector<std::string> insert_rings, update_rings, insert_versions, update_versions;
+};
+// Empty tags without a tagger; UNAVAILABLE when the tagger cannot be reached (nothing is written).
+absl::StatusOr<MutationTags> TagMutation(const RecordTagger* tagger, const Mutation& mutation);
+
 // The durable metadata of rings and versions. Two implementations: the embedded SQLite file
 // (Open, one custodyd process) and PostgreSQL (rotation/postgres_metadata_store.h, shared by any
 // number of replicas). Implementations are thread-safe.
@@ -39,8 +48,11 @@ class MetadataStore {
  public:
   struct AuditAnchor;
   // Opens (creating if needed) the embedded SQLite database at `path` and applies the schema:
-  // WAL mode with synchronous=FULL, so a change is on disk before the call returns.
-  static absl::StatusOr<std::unique_ptr<MetadataStore>> Open(const std::string& path);
+  // WAL mode with synchronous=FULL, so a change is on disk before the call returns. With
+  // `tagger` (which must outlive the store) every written record carries its tag and every read
+  // record says whether its tag verifies (tag_check); without, tags are neither written nor read.
+  static absl::StatusOr<std::unique_ptr<MetadataStore>> Open(const std::string& path,
+                                                             const RecordTagger* tagger = nullptr);
   // Reads chain `chain`'s anchor from the SQLite database at `path` without writing to it
   // (custodyctl audit verify --state_dir); NOT_FOUND when there is none.
   static absl::StatusOr<AuditAnchor> ReadAuditAnchor(const std::string& path,
@@ -63,6 +75,8 @@ class MetadataStore {
   absl::Status UpdateVersion(const VersionRecord& version);
   absl::Status DeleteVersion(const std::string& ring, uint32_t version);
 
+  // Every record, with tag_check set (see Open). UNAVAILABLE when the store, or the tagger's
+  // token, cannot be reached.
   virtual absl::StatusOr<std::vector<RingRecord>> LoadRings() = 0;
   virtual absl::StatusOr<std::vector<VersionRecord>> LoadVersions() = 0;
 

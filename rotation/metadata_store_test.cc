@@ -7,6 +7,7 @@
 #include <string>
 
 #include "gtest/gtest.h"
+#include "rotation/record_tag.h"
 
 namespace custody::rotation {
 namespace {
@@ -204,6 +205,121 @@ TEST_F(MetadataStoreTest, AuditAnchorsAreKeptPerChainAndReadWithoutWriting) {
   EXPECT_EQ(MetadataStore::ReadAuditAnchor(path_, "r2").status().code(),
             absl::StatusCode::kNotFound);
   EXPECT_FALSE(MetadataStore::ReadAuditAnchor(path_ + ".missing", "").ok());
+}
+
+// Tags are made by a software HMAC key here (the stores' logic); custodyd's key is in the token.
+TEST_F(MetadataStoreTest, TagsVerifyAndAnEditedRowDoesNot) {
+  SoftwareRecordTagger tagger("k1");
+  {
+    auto store = MetadataStore::Open(path_, &tagger);
+    ASSERT_TRUE(store.ok()) << store.status();
+    RingRecord ring = Ring("op/id");
+    ASSERT_TRUE((*store)->InsertRingWithVersion(ring, Version("op/id", 1, "aa")).ok());
+    ASSERT_TRUE((*store)->InsertVersion(Version("op/id", 2, "bb")).ok());
+    VersionRecord v = Version("op/id", 1, "aa");
+    v.state = VersionState::kRetired;
+    v.compromised = true;
+    ASSERT_TRUE((*store)->UpdateVersion(v).ok());
+    ring.policy.destroy_delay_ms = 9 * 24 * 3600 * 1000LL;
+    Mutation m;
+    m.update_rings.push_back(ring);
+    ASSERT_TRUE((*store)->Commit(m).ok());
+    auto rings = (*store)->LoadRings();
+    auto versions = (*store)->LoadVersions();
+    ASSERT_TRUE(rings.ok() && versions.ok());
+    EXPECT_EQ(rings->front().tag_check, TagCheck::kValid);
+    for (const VersionRecord& r : *versions) EXPECT_EQ(r.tag_check, TagCheck::kValid);
+  }
+  // What a database writer can do: revive the compromised version, shorten the ring's waiting
+  // period, clear a tag.
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db,
+                         "UPDATE versions SET state='ACTIVE', compromised=0 WHERE version=1;"
+                         "UPDATE versions SET tag='' WHERE version=2;"
+                         "UPDATE rings SET destroy_delay_ms=0;",
+                         nullptr, nullptr, nullptr),
+            SQLITE_OK);
+  sqlite3_close(db);
+  auto store = MetadataStore::Open(path_, &tagger);
+  ASSERT_TRUE(store.ok());
+  auto rings = (*store)->LoadRings();
+  auto versions = (*store)->LoadVersions();
+  ASSERT_TRUE(rings.ok() && versions.ok());
+  EXPECT_EQ(rings->front().tag_check, TagCheck::kMismatch);
+  ASSERT_EQ(versions->size(), 2u);
+  EXPECT_EQ((*versions)[0].tag_check, TagCheck::kMismatch);
+  EXPECT_EQ((*versions)[1].tag_check, TagCheck::kMissing);
+  // Another key does not vouch for them either; a store without a tagger checks nothing.
+  SoftwareRecordTagger other("k2");
+  auto elsewhere = MetadataStore::Open(path_, &other);
+  ASSERT_TRUE(elsewhere.ok());
+  versions = (*elsewhere)->LoadVersions();
+  ASSERT_TRUE(versions.ok());
+  EXPECT_EQ((*versions)[0].tag_check, TagCheck::kMismatch);
+  auto untagged = MetadataStore::Open(path_);
+  ASSERT_TRUE(untagged.ok());
+  versions = (*untagged)->LoadVersions();
+  ASSERT_TRUE(versions.ok());
+  EXPECT_EQ((*versions)[0].tag_check, TagCheck::kUnchecked);
+}
+
+TEST(RecordTagTest, CanonicalEncodingCoversEveryFieldAndTellsFieldsApart) {
+  VersionRecord v;
+  v.ring = "op/a";
+  v.version = 1;
+  const std::string base = CanonicalVersion(v);
+  // Moving bytes from one field to the next changes the encoding (length prefixes).
+  VersionRecord moved = v;
+  moved.ring = "op/";
+  moved.object_id = "a";
+  EXPECT_NE(CanonicalVersion(moved), base);
+  for (auto edit : std::vector<void (*)(VersionRecord&)>{
+           [](VersionRecord& r) { r.version = 2; },
+           [](VersionRecord& r) { r.object_id = "x"; },
+           [](VersionRecord& r) { r.object_label = "x"; },
+           [](VersionRecord& r) { r.kid = "x"; },
+           [](VersionRecord& r) { r.public_jwk = "x"; },
+           [](VersionRecord& r) { r.state = VersionState::kActive; },
+           [](VersionRecord& r) { r.create_time = 1; },
+           [](VersionRecord& r) { r.activate_time = 1; },
+           [](VersionRecord& r) { r.publish_time = 1; },
+           [](VersionRecord& r) { r.retire_time = 1; },
+           [](VersionRecord& r) { r.destroy_after = 1; },
+           [](VersionRecord& r) { r.destroy_time = 1; },
+           [](VersionRecord& r) { r.previous_state = VersionState::kRetired; },
+           [](VersionRecord& r) { r.compromised = true; },
+           [](VersionRecord& r) { r.certificate_chain = "x"; },
+       }) {
+    VersionRecord edited = v;
+    edit(edited);
+    EXPECT_NE(CanonicalVersion(edited), base);
+  }
+  RingRecord r;
+  r.name = "op/a";
+  const std::string ring = CanonicalRing(r);
+  RingRecord generation = r;
+  generation.generation = 7;  // a concurrency counter, not trust
+  EXPECT_EQ(CanonicalRing(generation), ring);
+  for (auto edit : std::vector<void (*)(RingRecord&)>{
+           [](RingRecord& x) { x.purpose = Purpose::kDecrypt; },
+           [](RingRecord& x) { x.alg = "PS256"; },
+           [](RingRecord& x) { x.rsa_bits = 2048; },
+           [](RingRecord& x) { x.allow_non_fapi = true; },
+           [](RingRecord& x) { x.create_time = 1; },
+           [](RingRecord& x) { x.curve = "P-256"; },
+           [](RingRecord& x) { x.zip_max_bytes = 1; },
+           [](RingRecord& x) { x.policy.prepublish_ms = 1; },
+           [](RingRecord& x) { x.policy.rotation_period_ms = 1; },
+           [](RingRecord& x) { x.policy.retain_ms = 1; },
+           [](RingRecord& x) { x.policy.destroy_delay_ms = 1; },
+           [](RingRecord& x) { x.policy_explicit = true; },
+           [](RingRecord& x) { x.require_certificate = true; },
+       }) {
+    RingRecord edited = r;
+    edit(edited);
+    EXPECT_NE(CanonicalRing(edited), ring);
+  }
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "common/caller_message.h"
+#include "rotation/record_tag.h"
 
 namespace custody::rotation {
 namespace {
@@ -81,15 +82,21 @@ CREATE TABLE audit_anchors (
   time_ms bigint NOT NULL
 );
 )sql",
+    // 4: record tags (rotation/record_tag.h); rows from before them are adopted once by custodyd.
+    R"sql(
+ALTER TABLE rings ADD COLUMN tag text NOT NULL DEFAULT '';
+ALTER TABLE versions ADD COLUMN tag text NOT NULL DEFAULT '';
+)sql",
 };
 
 constexpr const char* kRingColumns =
     "name,purpose,alg,rsa_bits,allow_non_fapi,create_time,curve,zip_max_bytes,prepublish_ms,"
-    "rotation_period_ms,retain_ms,destroy_delay_ms,policy_explicit,generation,require_certificate";
+    "rotation_period_ms,retain_ms,destroy_delay_ms,policy_explicit,generation,require_certificate,"
+    "tag";
 constexpr const char* kVersionColumns =
     "ring,version,object_id,object_label,kid,public_jwk,state,create_time,activate_time,"
     "publish_time,retire_time,destroy_after,destroy_time,previous_state,compromised,"
-    "certificate_chain";
+    "certificate_chain,tag";
 
 // A status that Commit retries in a fresh transaction (deadlock, serialization failure, a
 // connection lost before COMMIT was sent).
@@ -428,14 +435,21 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
   for (const auto& [ring, generation] : m.expect_generations) touched_set.insert(ring);
   const std::vector<std::string> touched(touched_set.begin(), touched_set.end());
   const std::string touched_array = ArrayLiteral(touched);
+  // Tagged before the connection's lock: a tag may be a token call.
+  auto tags = TagMutation(options_.tagger, m);
+  if (!tags.ok()) return tags.status();
 
   Connection& c = *conn_;
   absl::MutexLock lock(&c.mu);
   auto attempt = [&]() -> absl::Status {
-    for (const RingRecord& r : m.insert_rings) {
-      auto res = c.Exec(absl::StrCat("INSERT INTO rings(", kRingColumns,
-                                     ") VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,0,$14)"),
-                        RingParams(r));
+    for (size_t i = 0; i < m.insert_rings.size(); ++i) {
+      const RingRecord& r = m.insert_rings[i];
+      std::vector<std::string> params = RingParams(r);
+      params.push_back(tags->insert_rings[i]);
+      auto res =
+          c.Exec(absl::StrCat("INSERT INTO rings(", kRingColumns,
+                              ") VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,0,$14,$15)"),
+                 params);
       if (absl::IsAlreadyExists(res.status())) {
         return absl::AlreadyExistsError(absl::StrCat("ring '", r.name, "' already exists"));
       }
@@ -464,13 +478,14 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
                                                it->second, ", expected ", expected, "); retry"));
       }
     }
-    for (const RingRecord& r : m.update_rings) {
+    for (size_t i = 0; i < m.update_rings.size(); ++i) {
+      const RingRecord& r = m.update_rings[i];
       auto res = c.Exec(
           "UPDATE rings SET prepublish_ms=$1, rotation_period_ms=$2, retain_ms=$3, "
-          "destroy_delay_ms=$4, policy_explicit=$5 WHERE name=$6",
+          "destroy_delay_ms=$4, policy_explicit=$5, tag=$7 WHERE name=$6",
           {absl::StrCat(r.policy.prepublish_ms), absl::StrCat(r.policy.rotation_period_ms),
            absl::StrCat(r.policy.retain_ms), absl::StrCat(r.policy.destroy_delay_ms),
-           Bool(r.policy_explicit), r.name});
+           Bool(r.policy_explicit), r.name, tags->update_rings[i]});
       if (!res.ok()) return res.status();
       if (std::string(PQcmdTuples(res->get())) != "1") {
         return absl::NotFoundError(absl::StrCat("ring '", r.name, "' not found"));
@@ -478,19 +493,20 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
     }
     // Versions leaving ACTIVE are updated first, then versions are inserted, then versions
     // become ACTIVE: the one-ACTIVE index holds after each statement of a swap.
-    auto update = [&](const VersionRecord* v) -> absl::Status {
+    auto update = [&](size_t index) -> absl::Status {
+      const VersionRecord* v = &m.update_versions[index];
       // ring, version (the key), object_id and create_time (fixed at creation) are not set.
       auto res = c.Exec(
           "UPDATE versions SET object_label=$3, kid=$4, public_jwk=$5, state=$6, "
           "activate_time=$7, publish_time=$8, retire_time=$9, destroy_after=$10, "
-          "destroy_time=$11, previous_state=$12, compromised=$13, certificate_chain=$14 "
-          "WHERE ring=$1 AND version=$2::bigint",
+          "destroy_time=$11, previous_state=$12, compromised=$13, certificate_chain=$14, "
+          "tag=$15 WHERE ring=$1 AND version=$2::bigint",
           {v->ring, absl::StrCat(v->version), v->object_label, v->kid, v->public_jwk,
            std::string(VersionStateName(v->state)), absl::StrCat(v->activate_time),
            absl::StrCat(v->publish_time), absl::StrCat(v->retire_time),
            absl::StrCat(v->destroy_after), absl::StrCat(v->destroy_time),
            std::string(VersionStateName(v->previous_state)), Bool(v->compromised),
-           v->certificate_chain});
+           v->certificate_chain, tags->update_versions[index]});
       if (!res.ok()) return res.status();
       if (std::string(PQcmdTuples(res->get())) != "1") {
         return absl::NotFoundError(
@@ -498,11 +514,12 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
       }
       return absl::OkStatus();
     };
-    for (const VersionRecord& v : m.update_versions) {
-      if (v.state == VersionState::kActive) continue;
-      if (absl::Status s = update(&v); !s.ok()) return s;
+    for (size_t i = 0; i < m.update_versions.size(); ++i) {
+      if (m.update_versions[i].state == VersionState::kActive) continue;
+      if (absl::Status s = update(i); !s.ok()) return s;
     }
-    for (const VersionRecord& v : m.insert_versions) {
+    for (size_t i = 0; i < m.insert_versions.size(); ++i) {
+      const VersionRecord& v = m.insert_versions[i];
       if (generations.count(v.ring) == 0) {
         return absl::NotFoundError(absl::StrCat("ring '", v.ring, "' not found"));
       }
@@ -525,15 +542,17 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
                                                "' is not the next number (", *max + 1,
                                                "): another replica changed the ring; retry"));
       }
-      res =
-          c.Exec(absl::StrCat("INSERT INTO versions(", kVersionColumns,
-                              ") VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)"),
-                 VersionParams(v));
+      std::vector<std::string> params = VersionParams(v);
+      params.push_back(tags->insert_versions[i]);
+      res = c.Exec(
+          absl::StrCat("INSERT INTO versions(", kVersionColumns,
+                       ") VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)"),
+          params);
       if (!res.ok()) return res.status();
     }
-    for (const VersionRecord& v : m.update_versions) {
-      if (v.state != VersionState::kActive) continue;
-      if (absl::Status s = update(&v); !s.ok()) return s;
+    for (size_t i = 0; i < m.update_versions.size(); ++i) {
+      if (m.update_versions[i].state != VersionState::kActive) continue;
+      if (absl::Status s = update(i); !s.ok()) return s;
     }
     for (const auto& [ring, version] : m.delete_versions) {
       auto res = c.Exec("DELETE FROM versions WHERE ring=$1 AND version=$2::bigint",
@@ -588,78 +607,90 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
 }
 
 absl::StatusOr<std::vector<RingRecord>> PostgresMetadataStore::LoadRings() {
-  Connection& c = *conn_;
-  absl::MutexLock lock(&c.mu);
-  auto res = c.Read(
-      options_, absl::StrCat("SELECT ", kRingColumns, " FROM rings ORDER BY name COLLATE \"C\""));
-  if (!res.ok()) return res.status();
-  const PGresult* r = res->get();
   std::vector<RingRecord> rings;
-  for (int i = 0; i < PQntuples(r); ++i) {
-    RingRecord ring;
-    ring.name = Text(r, i, 0);
-    auto purpose = ParsePurpose(Text(r, i, 1));
-    if (!purpose.ok()) return purpose.status();
-    ring.purpose = *purpose;
-    ring.alg = Text(r, i, 2);
-    int64_t ints[14] = {};
-    for (int col : {3, 5, 7, 8, 9, 10, 11, 13}) {
-      auto v = Int(r, i, col);
-      if (!v.ok()) return v.status();
-      ints[col] = *v;
+  std::vector<std::string> tags;
+  {
+    Connection& c = *conn_;
+    absl::MutexLock lock(&c.mu);
+    auto res = c.Read(
+        options_, absl::StrCat("SELECT ", kRingColumns, " FROM rings ORDER BY name COLLATE \"C\""));
+    if (!res.ok()) return res.status();
+    const PGresult* r = res->get();
+    for (int i = 0; i < PQntuples(r); ++i) {
+      RingRecord ring;
+      ring.name = Text(r, i, 0);
+      auto purpose = ParsePurpose(Text(r, i, 1));
+      if (!purpose.ok()) return purpose.status();
+      ring.purpose = *purpose;
+      ring.alg = Text(r, i, 2);
+      int64_t ints[14] = {};
+      for (int col : {3, 5, 7, 8, 9, 10, 11, 13}) {
+        auto v = Int(r, i, col);
+        if (!v.ok()) return v.status();
+        ints[col] = *v;
+      }
+      ring.rsa_bits = static_cast<int>(ints[3]);
+      ring.allow_non_fapi = Boolean(r, i, 4);
+      ring.create_time = ints[5];
+      ring.curve = Text(r, i, 6);
+      ring.zip_max_bytes = ints[7];
+      ring.policy.prepublish_ms = ints[8];
+      ring.policy.rotation_period_ms = ints[9];
+      ring.policy.retain_ms = ints[10];
+      ring.policy.destroy_delay_ms = ints[11];
+      ring.policy_explicit = Boolean(r, i, 12);
+      ring.generation = static_cast<uint64_t>(ints[13]);
+      ring.require_certificate = Boolean(r, i, 14);
+      tags.push_back(Text(r, i, 15));
+      rings.push_back(std::move(ring));
     }
-    ring.rsa_bits = static_cast<int>(ints[3]);
-    ring.allow_non_fapi = Boolean(r, i, 4);
-    ring.create_time = ints[5];
-    ring.curve = Text(r, i, 6);
-    ring.zip_max_bytes = ints[7];
-    ring.policy.prepublish_ms = ints[8];
-    ring.policy.rotation_period_ms = ints[9];
-    ring.policy.retain_ms = ints[10];
-    ring.policy.destroy_delay_ms = ints[11];
-    ring.policy_explicit = Boolean(r, i, 12);
-    ring.generation = static_cast<uint64_t>(ints[13]);
-    ring.require_certificate = Boolean(r, i, 14);
-    rings.push_back(std::move(ring));
   }
+  // Checked after the connection's lock is released: a check may be a token call.
+  if (absl::Status s = CheckTags(options_.tagger, rings, tags); !s.ok()) return s;
   return rings;
 }
 
 absl::StatusOr<std::vector<VersionRecord>> PostgresMetadataStore::LoadVersions() {
-  Connection& c = *conn_;
-  absl::MutexLock lock(&c.mu);
-  auto res = c.Read(options_, absl::StrCat("SELECT ", kVersionColumns,
-                                           " FROM versions ORDER BY ring COLLATE \"C\", version"));
-  if (!res.ok()) return res.status();
-  const PGresult* r = res->get();
   std::vector<VersionRecord> versions;
-  for (int i = 0; i < PQntuples(r); ++i) {
-    VersionRecord v;
-    v.ring = Text(r, i, 0);
-    auto number = Int(r, i, 1);
-    if (!number.ok()) return number.status();
-    v.version = static_cast<uint32_t>(*number);
-    v.object_id = Text(r, i, 2);
-    v.object_label = Text(r, i, 3);
-    v.kid = Text(r, i, 4);
-    v.public_jwk = Text(r, i, 5);
-    auto state = ParseVersionState(Text(r, i, 6));
-    if (!state.ok()) return state.status();
-    v.state = *state;
-    int64_t* times[] = {&v.create_time, &v.activate_time, &v.publish_time,
-                        &v.retire_time, &v.destroy_after, &v.destroy_time};
-    for (int k = 0; k < 6; ++k) {
-      auto t = Int(r, i, 7 + k);
-      if (!t.ok()) return t.status();
-      *times[k] = *t;
+  std::vector<std::string> tags;
+  {
+    Connection& c = *conn_;
+    absl::MutexLock lock(&c.mu);
+    auto res =
+        c.Read(options_, absl::StrCat("SELECT ", kVersionColumns,
+                                      " FROM versions ORDER BY ring COLLATE \"C\", version"));
+    if (!res.ok()) return res.status();
+    const PGresult* r = res->get();
+    for (int i = 0; i < PQntuples(r); ++i) {
+      VersionRecord v;
+      v.ring = Text(r, i, 0);
+      auto number = Int(r, i, 1);
+      if (!number.ok()) return number.status();
+      v.version = static_cast<uint32_t>(*number);
+      v.object_id = Text(r, i, 2);
+      v.object_label = Text(r, i, 3);
+      v.kid = Text(r, i, 4);
+      v.public_jwk = Text(r, i, 5);
+      auto state = ParseVersionState(Text(r, i, 6));
+      if (!state.ok()) return state.status();
+      v.state = *state;
+      int64_t* times[] = {&v.create_time, &v.activate_time, &v.publish_time,
+                          &v.retire_time, &v.destroy_after, &v.destroy_time};
+      for (int k = 0; k < 6; ++k) {
+        auto t = Int(r, i, 7 + k);
+        if (!t.ok()) return t.status();
+        *times[k] = *t;
+      }
+      auto previous = ParseVersionState(Text(r, i, 13));
+      if (!previous.ok()) return previous.status();
+      v.previous_state = *previous;
+      v.compromised = Boolean(r, i, 14);
+      v.certificate_chain = Text(r, i, 15);
+      tags.push_back(Text(r, i, 16));
+      versions.push_back(std::move(v));
     }
-    auto previous = ParseVersionState(Text(r, i, 13));
-    if (!previous.ok()) return previous.status();
-    v.previous_state = *previous;
-    v.compromised = Boolean(r, i, 14);
-    v.certificate_chain = Text(r, i, 15);
-    versions.push_back(std::move(v));
   }
+  if (absl::Status s = CheckTags(options_.tagger, versions, tags); !s.ok()) return s;
   return versions;
 }
 

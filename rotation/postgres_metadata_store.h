@@ -42,6 +42,9 @@ class PostgresMetadataStore : public MetadataStore {
     absl::Duration connect_timeout = absl::Seconds(5);
     // Bounds every statement and lock wait, so a stuck database fails a call instead of hanging.
     absl::Duration statement_timeout = absl::Seconds(10);
+    // Tags every written record and checks every read one (MetadataStore::Open says how); must
+    // outlive the store. Null: no tags.
+    const RecordTagger* tagger = nullptr;
   };
 
   // Connects and applies pending migrations. INVALID_ARGUMENT for a connection string that

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "gtest/gtest.h"
+#include "rotation/record_tag.h"
 #include "rotation/testing/postgres_cluster.h"
 
 namespace custody::rotation {
@@ -33,8 +34,10 @@ class PostgresMetadataStoreTest : public ::testing::Test {
     ASSERT_TRUE(Cluster()->CreateDatabase(db_).ok());
   }
 
-  absl::StatusOr<std::unique_ptr<PostgresMetadataStore>> Open() {
+  absl::StatusOr<std::unique_ptr<PostgresMetadataStore>> Open(
+      const RecordTagger* tagger = nullptr) {
     PostgresMetadataStore::Options options;
+    options.tagger = tagger;
     options.conninfo = Cluster()->Conninfo(db_);
     auto password = ReadSecretFile(Cluster()->password_file());
     if (!password.ok()) return password.status();
@@ -409,6 +412,41 @@ TEST_F(PostgresMetadataStoreTest, ReconnectsAfterServerRestart) {
   absl::Status up = store->InsertVersion(Version("op/id", 2, "bb"));
   EXPECT_TRUE(up.ok()) << up;
   EXPECT_EQ(store->LoadVersions()->size(), 2u);
+}
+
+// Migration 4 leaves the rows of schema 3 untagged (adopted by custodyd at its first start with
+// tags); rows written with a tagger verify, and a row edited with psql does not. The tagger is a
+// software HMAC key here (the store's logic); custodyd's key is in the token.
+TEST_F(PostgresMetadataStoreTest, TagsAreWrittenCheckedAndMigratedUntagged) {
+  {
+    auto store = MustOpen();  // no tagger: the rows of a custodyd from before tags
+    ASSERT_NE(store, nullptr);
+    ASSERT_TRUE(
+        store->InsertRingWithVersion(Ring("op/old"), Active(Version("op/old", 1, "aa"))).ok());
+  }
+  SoftwareRecordTagger tagger("k");
+  auto store = Open(&tagger);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto versions = (*store)->LoadVersions();
+  ASSERT_TRUE(versions.ok()) << versions.status();
+  EXPECT_EQ(versions->front().tag_check, TagCheck::kMissing);
+  ASSERT_TRUE((*store)->UpdateVersion(versions->front()).ok());  // what adoption does
+  ASSERT_TRUE(
+      (*store)->InsertRingWithVersion(Ring("op/new"), Active(Version("op/new", 1, "bb"))).ok());
+  auto rings = (*store)->LoadRings();
+  versions = (*store)->LoadVersions();
+  ASSERT_TRUE(rings.ok() && versions.ok());
+  EXPECT_EQ((*rings)[0].tag_check, TagCheck::kValid);    // op/new
+  EXPECT_EQ((*rings)[1].tag_check, TagCheck::kMissing);  // op/old: its ring row was not adopted
+  for (const VersionRecord& v : *versions) EXPECT_EQ(v.tag_check, TagCheck::kValid) << v.ring;
+  Sql("UPDATE versions SET compromised = true, state = 'RETIRED' WHERE ring = 'op/new'");
+  Sql("UPDATE rings SET retain_ms = 1 WHERE name = 'op/new'");
+  rings = (*store)->LoadRings();
+  versions = (*store)->LoadVersions();
+  ASSERT_TRUE(rings.ok() && versions.ok());
+  EXPECT_EQ((*rings)[0].tag_check, TagCheck::kMismatch);
+  EXPECT_EQ((*versions)[0].tag_check, TagCheck::kMismatch);  // op/new sorts first
+  EXPECT_EQ((*versions)[1].tag_check, TagCheck::kValid);
 }
 
 }  // namespace

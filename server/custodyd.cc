@@ -50,6 +50,7 @@
 #include "server/key_service.h"
 #include "server/malformed_requests.h"
 #include "server/metadata_backend.h"
+#include "server/metadata_tag_key.h"
 #include "server/request_guard.h"
 #include "server/service_metrics.h"
 #include "server/systemd_notify.h"
@@ -122,6 +123,10 @@ ABSL_FLAG(bool, audit_new_chain, false,
           "start even though the audit chain ends before (or differs from) the anchor in the "
           "metadata store: its files were truncated, deleted or replaced. Logged; only after "
           "checking what happened");
+ABSL_FLAG(bool, adopt_untagged_metadata, false,
+          "tag the metadata records that carry no tag (a start with tags interrupted before it "
+          "tagged them, or a row an operator checked and cleared the tag of) instead of refusing "
+          "them. Logged (metadata.tags_adopted); only after checking the database");
 ABSL_FLAG(std::string, replica_id, "",
           "this replica's name in its audit chain (file names and lines); default with "
           "--metadata=postgresql: the host name (give replicas on one host distinct ids)");
@@ -488,7 +493,13 @@ int Run() {
   auto token = pkcs11::Token::Open(std::move(token_options));
   if (!token.ok()) return fail("startup.token", token.status());
 
+  // The key in the token that vouches for every metadata record (found, or made at first start).
+  auto tag_key = MetadataTagKey::Open(token->get());
+  if (!tag_key.ok()) return fail("startup.metadata_tag_key", tag_key.status());
+  Log(LogLevel::kInfo, "metadata.tag_key",
+      {{"key", (*tag_key)->Describe()}, {"generated", (*tag_key)->generated() ? "true" : "false"}});
   MetadataBackendOptions metadata_options;
+  metadata_options.tagger = tag_key->get();
   metadata_options.spec = absl::GetFlag(FLAGS_metadata);
   metadata_options.state_dir = state_dir;
   metadata_options.password_file = absl::GetFlag(FLAGS_metadata_password_file);
@@ -547,6 +558,8 @@ int Run() {
   KeyService::Options key_options;
   key_options.max_payload_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_max_payload_bytes));
   key_options.shared_store = metadata->shared;
+  key_options.adopt_untagged_metadata =
+      (*tag_key)->generated() || absl::GetFlag(FLAGS_adopt_untagged_metadata);
   key_options.max_staleness = absl::GetFlag(FLAGS_max_metadata_staleness);
   key_options.retired_sign_grace = absl::GetFlag(FLAGS_retired_sign_grace);
   for (auto [flag, value, out] :

@@ -438,6 +438,9 @@ grpc::Status KeyAdminService::ListKeyRings(grpc::ServerContext* context,
       *response->add_rings() = std::move(ring);
     }
   }
+  for (const std::string& name : all->untrusted_rings()) {
+    if (guard_->Allows(call.identity(), kOpAdminRead, name)) response->add_untrusted_rings(name);
+  }
   if (guard_->Allows(call.identity(), kOpAdminRead, kOrphansResource)) {
     *response->mutable_orphaned_objects() = all->orphaned_objects();
   }

@@ -104,7 +104,10 @@ const KeyService::Version* KeyService::Ring::NewestPending() const {
 void KeyService::Ring::Reindex() {
   active = -1;
   for (size_t i = 0; i < versions.size(); ++i) {
-    if (versions[i].record.state == VersionState::kActive) active = static_cast<int>(i);
+    // A version whose tag does not verify is never the ring's ACTIVE one, whatever its row says.
+    if (versions[i].record.state == VersionState::kActive && !versions[i].tag_mismatch) {
+      active = static_cast<int>(i);
+    }
   }
 }
 
@@ -157,6 +160,7 @@ absl::StatusOr<std::shared_ptr<const KeyService::Ring>> KeyService::MutateRing(
     ring = **current;
     rotation::Mutation mutation;
     if (absl::Status s = change(ring, mutation); !s.ok()) return s;
+    if (absl::Status s = RefuseUntrustedChange(**current, mutation); !s.ok()) return s;
     if (options_.shared_store)
       mutation.expect_generations.emplace_back(name, ring.record.generation);
     absl::Status s = store_->Commit(mutation);
@@ -645,6 +649,7 @@ std::vector<VersionRecord> KeyService::PlanningRecords(const Ring& ring) const {
       options_.shared_store ? absl::ToInt64Milliseconds(options_.max_staleness) : 0;
   std::vector<VersionRecord> records;
   for (const Version& v : ring.versions) {
+    if (v.tag_mismatch) continue;  // nothing is planned for a version custody cannot trust
     records.push_back(v.record);
     if (v.record.state == VersionState::kRetired) {
       records.back().retire_time = std::max(v.record.retire_time + other_replicas_ms,

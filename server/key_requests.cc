@@ -157,7 +157,7 @@ absl::StatusOr<v1::PublicKey> KeyService::GetPublicKey(
         "version ", request.version(), " of ring '", request.ring(), "' is ",
         rotation::VersionStateName(st), ": only PENDING, ACTIVE and RETIRED keys are published"));
   }
-  if (v->key_mismatch) {
+  if (v->key_mismatch || v->tag_mismatch) {
     return absl::FailedPreconditionError(
         absl::StrCat("version ", v->record.version, " of ring '", request.ring(),
                      "' is out of service: its metadata does not match its token object"));

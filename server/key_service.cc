@@ -71,6 +71,9 @@ absl::Status KeyService::Load() {
   if (!ring_records.ok()) return ring_records.status();
   auto version_records = store_->LoadVersions();
   if (!version_records.ok()) return version_records.status();
+  if (options_.adopt_untagged_metadata) {
+    if (absl::Status s = AdoptUntagged(*ring_records, *version_records); !s.ok()) return s;
+  }
   // Every pair and every key object in one pass over the token: a search per version is
   // quadratic on SoftHSM2, and each attribute read re-reads an object's file there.
   std::vector<pkcs11::ObjectInfo> objects;
@@ -95,7 +98,12 @@ absl::Status KeyService::Load() {
   }
 
   std::map<std::string, Ring> rings;
+  std::set<std::string> untrusted_rings;
   for (rotation::RingRecord& r : *ring_records) {
+    if (!TagTrusted(r, /*log=*/true)) {
+      untrusted_rings.insert(r.name);
+      continue;
+    }
     Ring ring;
     ring.record = std::move(r);
     if (absl::Status s = ResolveProfile(ring); !s.ok()) {
@@ -110,12 +118,20 @@ absl::Status KeyService::Load() {
   std::set<std::string> known_ids;
   for (VersionRecord& v : *version_records) {
     known_ids.insert(v.object_id);
+    if (untrusted_rings.count(v.ring) > 0) continue;  // its ring is not served
     auto it = rings.find(v.ring);
     if (it == rings.end()) {
       return absl::DataLossError(
           absl::StrCat("metadata: version ", v.version, " names unknown ring '", v.ring, "'"));
     }
     Ring& ring = it->second;
+    if (!TagTrusted(v, /*log=*/true)) {
+      // Before anything acts on its state: neither completed, rolled back nor destroyed.
+      Version untrusted{std::move(v), nullptr, false};
+      untrusted.tag_mismatch = true;
+      ring.versions.push_back(std::move(untrusted));
+      continue;
+    }
     std::string raw_id = absl::HexStringToBytes(v.object_id);
     bool present = private_ids.count(v.object_id) > 0;
 
@@ -220,10 +236,12 @@ absl::Status KeyService::Load() {
   absl::MutexLock lock(&mu_);
   for (auto& [name, ring] : rings) {
     if (ring.versions.empty()) continue;  // rolled back entirely
+    RefuseReplayedActive(ring, /*log=*/true);
     ring.Reindex();
     rings_[name] = std::make_shared<const Ring>(std::move(ring));
   }
   orphans_ = std::move(orphans);
+  untrusted_rings_ = std::move(untrusted_rings);
   Log(LogLevel::kInfo, "reconcile.done",
       {{"rings", absl::StrCat(rings_.size())},
        {"versions", absl::StrCat(version_records->size())},

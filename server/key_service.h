@@ -55,6 +55,10 @@ class KeyService {
     // (INVALID_ARGUMENT naming the field and the bound); a stored ring below them (from before
     // the floors, or from a replica with lower ones) is run with its policy raised to them.
     rotation::PolicyFloors floors;
+    // Records without a tag (written before tags: the first start with a new tag key, or
+    // --adopt_untagged_metadata) are tagged once at startup (metadata.tags_adopted) instead of
+    // refused. Records whose tag does not verify are refused either way.
+    bool adopt_untagged_metadata = false;
   };
 
   // Loads rings from `store`, resolves every version's token object once, and reconciles:
@@ -153,6 +157,9 @@ class KeyService {
     bool object_missing = false;
     // The metadata's public key is not the token object's: out of service (key null).
     bool key_mismatch = false;
+    // The record's tag does not verify (rotation/record_tag.h): out of service (key null), and
+    // never changed by custody (not planned, not destroyed) until the row is restored.
+    bool tag_mismatch = false;
     // Unix ms of this process's latest signature with the version, shared by every snapshot's
     // copy. A call that took the ACTIVE version before a rotation was published signs after the
     // recorded retire_time (by the commit's fsync and the call's own time); retention runs from
@@ -270,6 +277,19 @@ class KeyService {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
   // Drops a ring another replica removed from the in-memory map.
   void Unpublish(const std::string& name);
+  // Tags the records that carry none (Options::adopt_untagged_metadata), in one commit.
+  absl::Status AdoptUntagged(std::vector<rotation::RingRecord>& rings,
+                             std::vector<rotation::VersionRecord>& versions);
+  // Whether the store vouches for the record (tag valid, or no tagger); else logs
+  // metadata.tag_mismatch naming it (never its contents) when `log`.
+  static bool TagTrusted(const rotation::RingRecord& ring, bool log);
+  static bool TagTrusted(const rotation::VersionRecord& version, bool log);
+  // Two ACTIVE versions in one ring never come from custody's own commits (a rotation swaps them
+  // in one transaction): every ACTIVE version but the newest is an earlier row put back (its tag
+  // still verifies). Those are taken out of service like a tag mismatch; logged when `log`.
+  static void RefuseReplayedActive(Ring& ring, bool log);
+  // FAILED_PRECONDITION when `mutation` would change a version whose tag does not verify.
+  static absl::Status RefuseUntrustedChange(const Ring& ring, const rotation::Mutation& mutation);
 
   pkcs11::Token* const token_;
   rotation::MetadataStore* const store_;
@@ -287,6 +307,8 @@ class KeyService {
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<const Ring>> rings_ ABSL_GUARDED_BY(mu_);
   std::vector<v1::OrphanedObject> orphans_ ABSL_GUARDED_BY(mu_);
+  // Rings whose record's tag does not verify: not served (FindRing says why).
+  std::set<std::string> untrusted_rings_ ABSL_GUARDED_BY(mu_);
   uint64_t jwks_generation_ ABSL_GUARDED_BY(mu_) = 1;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   mutable absl::CondVar jwks_changed_;

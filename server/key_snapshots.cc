@@ -66,6 +66,12 @@ absl::StatusOr<std::shared_ptr<const KeyService::Ring>> KeyService::FindRing(
   absl::ReaderMutexLock lock(&mu_);
   auto it = rings_.find(name);
   if (it == rings_.end()) {
+    if (untrusted_rings_.count(name) > 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("ring '", name,
+                       "' is not served: its metadata record's tag does not verify (the record "
+                       "was changed outside custody; metadata.tag_mismatch in custodyd's log)"));
+    }
     return absl::NotFoundError(absl::StrCat("ring '", name, "' not found"));
   }
   return it->second;
@@ -84,6 +90,15 @@ absl::StatusOr<const KeyService::Version*> KeyService::VersionOrActive(const Rin
 
 absl::StatusOr<const KeyService::Version*> KeyService::ActiveVersion(const Ring& ring) const {
   if (ring.active < 0) {
+    for (const Version& v : ring.versions) {
+      if (v.tag_mismatch && v.record.state == VersionState::kActive) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "ring '", ring.record.name, "' has no active version custody can trust: version ",
+            v.record.version,
+            "'s metadata record's tag does not verify (the row was changed outside custody; "
+            "metadata.tag_mismatch in custodyd's log)"));
+      }
+    }
     return absl::FailedPreconditionError(
         absl::StrCat("ring '", ring.record.name, "' has no active version"));
   }
@@ -93,7 +108,7 @@ absl::StatusOr<const KeyService::Version*> KeyService::ActiveVersion(const Ring&
                                                       ring.record.name,
                                                       "' is compromised: it never signs"));
   }
-  if (v.key_mismatch) {
+  if (v.key_mismatch || v.tag_mismatch) {
     return absl::FailedPreconditionError(absl::StrCat(
         "ring '", ring.record.name, "' version ", v.record.version,
         " is out of service: its metadata does not match its token object (see the log's "
@@ -154,6 +169,7 @@ v1::KeyRing KeyService::ToProto(const Ring& ring) const {
     pv->set_public_jwk(v.record.public_jwk);
     pv->set_object_missing(v.object_missing);
     pv->set_public_key_mismatch(v.key_mismatch);
+    pv->set_metadata_tag_mismatch(v.tag_mismatch);
     if (!v.record.certificate_chain.empty()) {
       DescribeCertificate(v.record.certificate_chain, ring.record.policy.prepublish_ms,
                           pv->mutable_certificate());
@@ -178,6 +194,9 @@ absl::StatusOr<v1::ListKeyRingsResponse> KeyService::ListKeyRings(const std::str
     if (absl::StartsWith(name, prefix)) *out.add_rings() = ToProto(*ring);
   }
   for (const v1::OrphanedObject& o : orphans_) *out.add_orphaned_objects() = o;
+  for (const std::string& name : untrusted_rings_) {
+    if (absl::StartsWith(name, prefix)) out.add_untrusted_rings(name);
+  }
   return out;
 }
 

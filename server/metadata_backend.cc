@@ -14,13 +14,14 @@ absl::StatusOr<MetadataBackend> OpenMetadataBackend(const MetadataBackendOptions
   MetadataBackend backend;
   if (options.spec.empty() || options.spec == "sqlite") {
     const std::string path = options.state_dir + "/metadata.db";
-    auto store = rotation::MetadataStore::Open(path);
+    auto store = rotation::MetadataStore::Open(path, options.tagger);
     if (!store.ok()) return store.status();
     backend.store = *std::move(store);
     backend.describe = "sqlite:" + path;
     return backend;
   }
   rotation::PostgresMetadataStore::Options pg;
+  pg.tagger = options.tagger;
   if (rotation::IsPostgresUri(options.spec)) {
     pg.conninfo = options.spec;
   } else {

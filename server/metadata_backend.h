@@ -20,6 +20,9 @@ struct MetadataBackendOptions {
   // environment variable `password_env` (unset after reading), else libpq's PGPASSFILE/.pgpass.
   std::string password_file;
   std::string password_env;
+  // Tags and checks every metadata record (rotation/record_tag.h); custodyd's key is in the token
+  // (server/metadata_tag_key.h). Must outlive the store.
+  const rotation::RecordTagger* tagger = nullptr;
 };
 
 struct MetadataBackend {

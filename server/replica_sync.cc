@@ -88,11 +88,40 @@ absl::Status KeyService::RefreshLocked() {
   }
   bool changed = false;
   std::set<std::string> seen;
+  std::set<std::string> untrusted_rings;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    untrusted_rings = untrusted_rings_;
+  }
   for (rotation::RingRecord& record : *ring_records) {
     seen.insert(record.name);
     auto it = current.find(record.name);
     const Ring* old = it == current.end() ? nullptr : it->second.get();
-    if (old != nullptr && old->record.generation == record.generation) continue;
+    // Every row's tag is checked on every read (the tag key remembers the ones it verified): a
+    // row edited without moving the ring's generation is caught too.
+    const bool was_untrusted = untrusted_rings.count(record.name) > 0;
+    if (!TagTrusted(record, /*log=*/!was_untrusted)) {
+      untrusted_rings.insert(record.name);
+      if (old != nullptr) {
+        Unpublish(record.name);
+        changed = true;
+      }
+      continue;
+    }
+    untrusted_rings.erase(record.name);
+    std::set<uint32_t> untrusted_now, untrusted_before;
+    for (const VersionRecord& v : versions_by_ring[record.name]) {
+      if (!TagTrusted(v, /*log=*/false)) untrusted_now.insert(v.version);
+    }
+    if (old != nullptr) {
+      for (const Version& v : old->versions) {
+        if (!TagTrusted(v.record, /*log=*/false)) untrusted_before.insert(v.record.version);
+      }
+    }
+    if (old != nullptr && old->record.generation == record.generation &&
+        untrusted_now == untrusted_before) {
+      continue;
+    }
     Ring ring;
     ring.record = std::move(record);
     if (absl::Status s = ResolveProfile(ring); !s.ok()) {
@@ -103,6 +132,12 @@ absl::Status KeyService::RefreshLocked() {
     ApplyFloors(ring, /*log=*/false);
     bool complete = true;
     for (VersionRecord& v : versions_by_ring[ring.record.name]) {
+      if (!TagTrusted(v, /*log=*/untrusted_before.count(v.version) == 0)) {
+        Version untrusted{std::move(v), nullptr, false};
+        untrusted.tag_mismatch = true;
+        ring.versions.push_back(std::move(untrusted));
+        continue;
+      }
       if (v.state == VersionState::kCreating) continue;  // shown once it completes
       Version version{std::move(v), nullptr, false};
       if (version.record.state != VersionState::kDestroyed &&
@@ -157,6 +192,7 @@ absl::Status KeyService::RefreshLocked() {
     }
     if (ring.versions.empty()) continue;  // its first version is still being created
     if (!complete) ring.record.generation = ~uint64_t{0};
+    RefuseReplayedActive(ring, /*log=*/true);
     ring.Reindex();
     const std::string name = ring.record.name;
     const size_t count = ring.versions.size();
@@ -165,6 +201,13 @@ absl::Status KeyService::RefreshLocked() {
     changed = true;
     Log(LogLevel::kDebug, "replica.ring_refreshed",
         {{"ring", name}, {"versions", absl::StrCat(count)}});
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = untrusted_rings.begin(); it != untrusted_rings.end();) {
+      it = seen.count(*it) > 0 ? std::next(it) : untrusted_rings.erase(it);
+    }
+    untrusted_rings_ = std::move(untrusted_rings);
   }
   for (const auto& [name, ring] : current) {
     if (seen.count(name) == 0) {

@@ -138,7 +138,7 @@ void WriteRings(ExpositionWriter& out, const KeyService& keys, RequestMetrics* r
     Aggregate& a = rings[label];
     for (const v1::KeyVersion& v : ring.versions()) {
       ++a.versions[v.state()];
-      untrusted += v.public_key_mismatch() ? 1 : 0;
+      untrusted += v.public_key_mismatch() || v.metadata_tag_mismatch() ? 1 : 0;
       if (v.state() == v1::ACTIVE && v.activate_time_ms() > 0) {
         const double age = static_cast<double>(now_ms - v.activate_time_ms()) / 1000;
         a.active_age = std::max(a.active_age.value_or(age), age);
@@ -183,9 +183,14 @@ void WriteRings(ExpositionWriter& out, const KeyService& keys, RequestMetrics* r
     if (a.active_age) out.Sample("custody_ring_active_age_seconds", labels(label), *a.active_age);
   }
   Scalar(out, "custody_key_versions_untrusted",
-         "Key versions out of service because their metadata's public key does not match "
-         "their token object: the metadata was changed outside custody.",
+         "Key versions out of service because the token does not vouch for their metadata (the "
+         "public key is not their token object's, or the record's tag does not verify): the "
+         "metadata was changed outside custody.",
          MetricType::kGauge, untrusted);
+  Scalar(out, "custody_rings_untrusted",
+         "Key rings not served because their metadata record's tag does not verify: the "
+         "metadata was changed outside custody.",
+         MetricType::kGauge, listed->untrusted_rings_size());
   Scalar(out, "custody_orphaned_token_objects",
          "custody-labelled token objects that no metadata names (see ListKeyRings).",
          MetricType::kGauge, listed->orphaned_objects_size());

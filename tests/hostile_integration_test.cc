@@ -433,8 +433,11 @@ custody::v1::KeyRing GetRing(Custodyd& d, const std::string& name) {
 }
 
 // Write access to metadata.db is not enough to publish a key: with custodyd stopped, op/a's
-// version is given op/b's public key and kid (an attacker's key would do the same); at the
-// restart the token's object for op/a says otherwise, and the version is out of service.
+// version is given op/b's public key and kid (an attacker's key would do the same). The row's tag
+// alone refuses that (metadata_tag_integration_test); here the edit happened before the upgrade
+// to tags, so it is adopted with the rest (its tag cleared, --adopt_untagged_metadata), and the
+// second check still holds: at the restart the token's object for op/a says otherwise, and the
+// version is out of service.
 TEST(TamperedMetadataTest, SwappedPublicKeyIsRefusedAtLoadAndAlerted) {
   TempDir dir;
   const std::string state = dir.path() + "/state";
@@ -453,10 +456,12 @@ TEST(TamperedMetadataTest, SwappedPublicKeyIsRefusedAtLoadAndAlerted) {
   CommandResult edit = RunCommand(
       {"sqlite3", state + "/metadata.db",
        "UPDATE versions SET public_jwk = (SELECT public_jwk FROM versions WHERE ring = 'op/b'), "
-       "kid = (SELECT kid FROM versions WHERE ring = 'op/b') WHERE ring = 'op/a';"});
+       "kid = (SELECT kid FROM versions WHERE ring = 'op/b'), tag = '' WHERE ring = 'op/a';"});
   ASSERT_EQ(edit.exit_code, 0) << edit.err;
 
-  Custodyd d(state, flags);
+  std::vector<std::string> adopting = flags;
+  adopting.push_back("--adopt_untagged_metadata");
+  Custodyd d(state, adopting);
   ASSERT_TRUE(d.started()) << d.log();
   // Not published under op/a, not used to sign, shown as such, logged.
   custody::v1::GetJwksRequest req;

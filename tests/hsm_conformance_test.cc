@@ -458,9 +458,14 @@ TEST_P(HsmConformanceTest, EveryAlgorithmWorksOrIsRefusedWithTheModulesReason) {
   auto pairs = (*token)->FindAllKeyPairs();
   ASSERT_TRUE(pairs.ok()) << pairs.status();
   size_t custody_pairs = 0;
+  bool ecdsa_tag_key = false;  // where the token has no HMAC, the metadata tag key is an EC pair
   for (const auto& [id, pair] : *pairs) {
     if (pair->label.rfind("custody", 0) != 0) continue;
-    ++custody_pairs;
+    if (pair->label == "custody-metadata-tag") {
+      ecdsa_tag_key = true;
+    } else {
+      ++custody_pairs;
+    }
     auto attributes = (*token)->GetPrivateKeyAttributes(*pair);
     ASSERT_TRUE(attributes.ok()) << attributes.status();
     EXPECT_TRUE(attributes->token) << pair->label;
@@ -471,6 +476,15 @@ TEST_P(HsmConformanceTest, EveryAlgorithmWorksOrIsRefusedWithTheModulesReason) {
     EXPECT_TRUE(attributes->never_extractable) << pair->label;
   }
   EXPECT_EQ(custody_pairs, versions);
+  // The key that vouches for the metadata (server/metadata_tag_key.h), made by custodyd's first
+  // start: an HMAC key, else an EC pair (checked above with the version keys).
+  auto hmac_keys = (*token)->FindSecretKeyIds("custody-metadata-tag");
+  ASSERT_TRUE(hmac_keys.ok()) << hmac_keys.status();
+  EXPECT_EQ(hmac_keys->size() + (ecdsa_tag_key ? 1 : 0), 1u);
+  MatrixRows().push_back(
+      {module_name, "metadata tag key",
+       ecdsa_tag_key ? "ECDSA P-256 key pair (no CKM_GENERIC_SECRET_KEY_GEN with CKM_SHA256_HMAC)"
+                     : "HMAC-SHA256 secret key"});
   MatrixRows().push_back({module_name, "keys read back",
                           absl::StrCat(custody_pairs,
                                        " private keys, all sensitive and never "

@@ -1303,51 +1303,130 @@ TEST_F(ReplicaTest, ClientFailsOverWhileReplicasAreKilled) {
   EXPECT_GT(decrypted_ok.load(), kKills * 10);
 }
 
-// Write access to the PostgreSQL database is not enough to publish a key: op/a's version is given
-// op/b's public key with psql (the ring's generation bumped and a notification sent, as a
-// replica's own commit does); both replicas check the changed row against the shared token and
-// take the version out of service, and a restarted replica refuses it at load.
-TEST_F(ReplicaTest, PublicKeyChangedInTheDatabaseIsRefusedByEveryReplica) {
+// Write access to the PostgreSQL database is not enough to publish a key or revive one: with psql,
+// op/a's version is given an attacker's public key and kid, and op/c's compromised version is
+// set back to ACTIVE (its successor RETIRED), the rings' generations bumped and a notification
+// sent, as a replica's own commit does. Neither record's tag verifies: both replicas take the
+// versions out of service, and no JWKS they serve meanwhile holds the attacker's key or the
+// compromised one. An edit that moves no generation and sends no notification (op/b) is caught
+// by the periodic re-read; a restarted replica refuses all of them at load.
+TEST_F(ReplicaTest, RowsEditedWithPsqlAreRefusedByEveryReplica) {
   StartReplicas(2);
-  v1::KeyRing a, b;
+  v1::KeyRing a, b, c;
   ASSERT_TRUE(CreateEs256(replica(0), "op/a", &a).ok());
   ASSERT_TRUE(CreateEs256(replica(0), "op/b", &b).ok());
+  ASSERT_TRUE(CreateEs256(replica(0), "op/c", &c).ok());
+  const std::string compromised_kid = c.versions(0).kid();
+  v1::CompromiseKeyVersionRequest compromise;
+  compromise.set_ring("op/c");
+  compromise.set_version(1);
+  v1::KeyRing after;
+  grpc::ClientContext cctx;
+  SetDeadline(&cctx);
+  ASSERT_TRUE(replica(0).admin().CompromiseKeyVersion(&cctx, compromise, &after).ok());
   for (int i = 0; i < 2; ++i) {
     ASSERT_TRUE(SignWhenReady(replica(i), "op/a", "", 5s).has_value()) << replica(i).log();
+    ASSERT_TRUE(SignWhenReady(replica(i), "op/c", compromised_kid, 5s).has_value());
   }
+  const std::string attacker_x = "MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4";
+  const std::string attacker_jwk =
+      absl::StrCat(R"({"crv":"P-256","kty":"EC","x":")", attacker_x,
+                   R"(","y":"4Etl6SRW2YilurN5n_3W5TTNg_yQCSN_bIEO4Ip4oDU"})");
   auto edited = Cluster()->Psql(
       db_,
-      "UPDATE versions SET public_jwk = (SELECT public_jwk FROM versions WHERE ring = 'op/b') "
-      "WHERE ring = 'op/a'; UPDATE rings SET generation = generation + 1 WHERE name = 'op/a'; "
-      "SELECT pg_notify('custody_metadata', 'op/a');");
+      absl::StrCat("UPDATE versions SET public_jwk = '", attacker_jwk,
+                   "', kid = 'attacker-kid' WHERE ring = 'op/a'; "
+                   "UPDATE versions SET state = 'RETIRED' WHERE ring = 'op/c' AND version = 2; "
+                   "UPDATE versions SET state = 'ACTIVE', compromised = false "
+                   "WHERE ring = 'op/c' AND version = 1; "
+                   "UPDATE rings SET generation = generation + 1 WHERE name IN ('op/a', 'op/c'); "
+                   "SELECT pg_notify('custody_metadata', 'op/a,op/c');"));
   ASSERT_TRUE(edited.ok()) << edited.status();
 
-  auto refused = [&](Custodyd& d) {
-    v1::GetJwksRequest req;
-    req.add_rings("op/a");
-    v1::GetJwksResponse resp;
-    grpc::ClientContext ctx;
-    SetDeadline(&ctx);
-    if (!d.signer().GetJwks(&ctx, req, &resp).ok() || resp.jwks() != "{\"keys\":[]}") return false;
+  // Every JWKS read while the replicas catch up: never the attacker's key or the compromised one.
+  auto check_jwks = [&](Custodyd& d) {
+    const std::string jwks = Jwks(d);
+    EXPECT_EQ(jwks.find(attacker_x), std::string::npos) << jwks;
+    EXPECT_EQ(jwks.find("attacker-kid"), std::string::npos) << jwks;
+    EXPECT_EQ(jwks.find(compromised_kid), std::string::npos) << jwks;
+  };
+  auto refused = [&](Custodyd& d, const std::string& ring) {
+    check_jwks(d);
     v1::SignJwsResponse signed_jws;
-    grpc::Status s = Sign(d, "op/a", "p", &signed_jws);
+    grpc::Status s = Sign(d, ring, "p", &signed_jws);
     return s.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
-           s.error_message().find("does not match its token object") != std::string::npos;
+           s.error_message().find("tag does not verify") != std::string::npos;
   };
   for (int i = 0; i < 2; ++i) {
-    auto deadline = Clock::now() + 10s;
-    while (!refused(replica(i)) && Clock::now() < deadline) std::this_thread::sleep_for(20ms);
-    EXPECT_TRUE(refused(replica(i))) << "replica " << i << "\n" << replica(i).log();
-    EXPECT_NE(replica(i).log().find("replica.public_key_mismatch"), std::string::npos);
-    // op/b's key is published once, under op/b only.
-    const std::string jwks = Jwks(replica(i));
-    const std::string kid_b = b.versions(0).kid();
-    EXPECT_EQ(jwks.find(kid_b), jwks.rfind(kid_b)) << jwks;
+    for (const char* ring : {"op/a", "op/c"}) {
+      auto deadline = Clock::now() + 10s;
+      while (!refused(replica(i), ring) && Clock::now() < deadline) {
+        std::this_thread::sleep_for(20ms);
+      }
+      EXPECT_TRUE(refused(replica(i), ring)) << "replica " << i << " " << ring << "\n"
+                                             << replica(i).log();
+    }
+    EXPECT_NE(replica(i).log().find("\"event\":\"metadata.tag_mismatch\""), std::string::npos);
   }
+
+  // A silent edit: no generation moved, no notification.
+  edited = Cluster()->Psql(db_, absl::StrCat("UPDATE versions SET public_jwk = '", attacker_jwk,
+                                             "', kid = 'attacker-kid' WHERE ring = 'op/b'"));
+  ASSERT_TRUE(edited.ok()) << edited.status();
+  for (int i = 0; i < 2; ++i) {
+    auto deadline = Clock::now() + 15s;
+    while (!refused(replica(i), "op/b") && Clock::now() < deadline) {
+      std::this_thread::sleep_for(50ms);
+    }
+    EXPECT_TRUE(refused(replica(i), "op/b")) << "replica " << i << "\n" << replica(i).log();
+  }
+
   Restart(1);
   ASSERT_TRUE(replica(1).started()) << replica(1).log();
-  EXPECT_TRUE(refused(replica(1)));
-  EXPECT_NE(replica(1).log().find("reconcile.public_key_mismatch"), std::string::npos);
+  for (const char* ring : {"op/a", "op/b", "op/c"}) EXPECT_TRUE(refused(replica(1), ring)) << ring;
+  v1::KeyRing ring;
+  v1::GetKeyRingRequest get;
+  get.set_name("op/c");
+  grpc::ClientContext gctx;
+  SetDeadline(&gctx);
+  ASSERT_TRUE(replica(1).admin().GetKeyRing(&gctx, get, &ring).ok());
+  EXPECT_TRUE(ring.versions(0).metadata_tag_mismatch());
+  EXPECT_FALSE(ring.versions(0).object_missing());  // refused, not destroyed
+}
+
+// Rows from before tags (migration 4 gives them an empty tag) on a token without a tag key: the
+// replica whose start generates the key tags them once; the other finds the key and serves them.
+TEST_F(ReplicaTest, StateFromBeforeTagsIsAdoptedOnceByTheReplicaThatMakesTheKey) {
+  StartReplicas(2);
+  v1::KeyRing ring;
+  ASSERT_TRUE(CreateEs256(replica(0), "op/old", &ring).ok());
+  const std::string kid = ring.versions(0).kid();
+  replica(0).Kill();
+  replica(1).Kill();
+  ASSERT_TRUE(Cluster()->Psql(db_, "UPDATE rings SET tag = ''; UPDATE versions SET tag = ''").ok());
+  const std::string token_dir = dirs_[0]->path();
+  CommandResult deleted = RunCommand({"pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so",
+                                      "--login", "--pin", "env:CUSTODY_TEST_PIN", "--delete-object",
+                                      "--type", "secrkey", "--label", "custody-metadata-tag"},
+                                     "",
+                                     {"SOFTHSM2_CONF=" + token_dir + "/softhsm2.conf",
+                                      "CUSTODY_TEST_PIN=" + ReadFileOrDie(token_dir + "/pin")});
+  ASSERT_EQ(deleted.exit_code, 0) << deleted.out << deleted.err;
+  Restart(0);
+  ASSERT_TRUE(replica(0).started()) << replica(0).log();
+  EXPECT_NE(replica(0).log().find(
+                "\"event\":\"metadata.tags_adopted\",\"rings\":\"1\",\"versions\":\"1\""),
+            std::string::npos)
+      << replica(0).log();
+  Restart(1);
+  ASSERT_TRUE(replica(1).started()) << replica(1).log();
+  EXPECT_EQ(replica(1).log().find("metadata.tags_adopted"), std::string::npos);
+  EXPECT_EQ(replica(1).log().find("metadata.tag_mismatch"), std::string::npos) << replica(1).log();
+  for (int i = 0; i < 2; ++i) {
+    auto signed_jws = SignWhenReady(replica(i), "op/old", "", 5s);
+    ASSERT_TRUE(signed_jws.has_value()) << replica(i).log();
+    EXPECT_EQ(signed_jws->kid(), kid);
+  }
 }
 
 }  // namespace

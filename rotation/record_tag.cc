@@ -1,0 +1,183 @@
+#include "rotation/record_tag.h"
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+
+#include <cstdint>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "rotation/metadata_store.h"
+
+namespace custody::rotation {
+namespace {
+
+constexpr absl::string_view kDomain = "custody-metadata/v1";
+constexpr absl::string_view kSoftwarePrefix = "sw1:";
+
+class Encoder {
+ public:
+  explicit Encoder(absl::string_view kind) {
+    Add(kDomain);
+    Add(kind);
+  }
+  Encoder& Add(absl::string_view field) {
+    const uint32_t n = static_cast<uint32_t>(field.size());
+    const char length[4] = {static_cast<char>(n >> 24), static_cast<char>(n >> 16),
+                            static_cast<char>(n >> 8), static_cast<char>(n)};
+    out_.append(length, 4);
+    out_.append(field.data(), field.size());
+    return *this;
+  }
+  Encoder& Add(int64_t v) { return Add(absl::StrCat(v)); }
+  Encoder& Add(bool v) { return Add(absl::string_view(v ? "1" : "0")); }
+  std::string Take() { return std::move(out_); }
+
+ private:
+  std::string out_;
+};
+
+absl::StatusOr<TagCheck> Check(const RecordTagger* tagger, const std::string& message,
+                               absl::string_view tag) {
+  if (tagger == nullptr) return TagCheck::kUnchecked;
+  if (tag.empty()) return TagCheck::kMissing;
+  auto ok = tagger->Verify(message, tag);
+  if (!ok.ok()) return ok.status();
+  return *ok ? TagCheck::kValid : TagCheck::kMismatch;
+}
+
+}  // namespace
+
+std::string CanonicalRing(const RingRecord& r) {
+  Encoder e("ring");
+  e.Add(r.name)
+      .Add(PurposeName(r.purpose))
+      .Add(r.alg)
+      .Add(int64_t{r.rsa_bits})
+      .Add(r.allow_non_fapi)
+      .Add(r.create_time)
+      .Add(r.curve)
+      .Add(r.zip_max_bytes)
+      .Add(r.policy.prepublish_ms)
+      .Add(r.policy.rotation_period_ms)
+      .Add(r.policy.retain_ms)
+      .Add(r.policy.destroy_delay_ms)
+      .Add(r.policy_explicit)
+      .Add(r.require_certificate);
+  return e.Take();
+}
+
+std::string CanonicalVersion(const VersionRecord& v) {
+  Encoder e("version");
+  e.Add(v.ring)
+      .Add(int64_t{v.version})
+      .Add(v.object_id)
+      .Add(v.object_label)
+      .Add(v.kid)
+      .Add(v.public_jwk)
+      .Add(VersionStateName(v.state))
+      .Add(v.create_time)
+      .Add(v.activate_time)
+      .Add(v.publish_time)
+      .Add(v.retire_time)
+      .Add(v.destroy_after)
+      .Add(v.destroy_time)
+      .Add(VersionStateName(v.previous_state))
+      .Add(v.compromised)
+      .Add(v.certificate_chain);
+  return e.Take();
+}
+
+absl::StatusOr<std::string> TagRing(const RecordTagger* tagger, const RingRecord& ring) {
+  if (tagger == nullptr) return std::string();
+  return tagger->Tag(CanonicalRing(ring));
+}
+
+absl::StatusOr<std::string> TagVersion(const RecordTagger* tagger, const VersionRecord& version) {
+  if (tagger == nullptr) return std::string();
+  return tagger->Tag(CanonicalVersion(version));
+}
+
+absl::StatusOr<TagCheck> CheckRingTag(const RecordTagger* tagger, const RingRecord& ring,
+                                      absl::string_view tag) {
+  return Check(tagger, tagger == nullptr ? std::string() : CanonicalRing(ring), tag);
+}
+
+absl::StatusOr<TagCheck> CheckVersionTag(const RecordTagger* tagger, const VersionRecord& version,
+                                         absl::string_view tag) {
+  return Check(tagger, tagger == nullptr ? std::string() : CanonicalVersion(version), tag);
+}
+
+absl::StatusOr<MutationTags> TagMutation(const RecordTagger* tagger, const Mutation& m) {
+  MutationTags tags;
+  for (const auto& [records, out] : {std::pair{&m.insert_rings, &tags.insert_rings},
+                                     std::pair{&m.update_rings, &tags.update_rings}}) {
+    for (const RingRecord& r : *records) {
+      auto tag = TagRing(tagger, r);
+      if (!tag.ok()) return tag.status();
+      out->push_back(*std::move(tag));
+    }
+  }
+  for (const auto& [records, out] : {std::pair{&m.insert_versions, &tags.insert_versions},
+                                     std::pair{&m.update_versions, &tags.update_versions}}) {
+    for (const VersionRecord& v : *records) {
+      auto tag = TagVersion(tagger, v);
+      if (!tag.ok()) return tag.status();
+      out->push_back(*std::move(tag));
+    }
+  }
+  return tags;
+}
+
+namespace {
+
+std::string Canonical(const RingRecord& ring) { return CanonicalRing(ring); }
+std::string Canonical(const VersionRecord& version) { return CanonicalVersion(version); }
+
+template <typename Record>
+absl::Status CheckEach(const RecordTagger* tagger, std::vector<Record>& records,
+                       const std::vector<std::string>& tags) {
+  for (size_t i = 0; i < records.size(); ++i) {
+    auto check = Check(tagger, tagger == nullptr ? std::string() : Canonical(records[i]), tags[i]);
+    if (!check.ok()) return check.status();
+    records[i].tag_check = *check;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status CheckTags(const RecordTagger* tagger, std::vector<RingRecord>& rings,
+                       const std::vector<std::string>& tags) {
+  return CheckEach(tagger, rings, tags);
+}
+
+absl::Status CheckTags(const RecordTagger* tagger, std::vector<VersionRecord>& versions,
+                       const std::vector<std::string>& tags) {
+  return CheckEach(tagger, versions, tags);
+}
+
+absl::StatusOr<std::string> SoftwareRecordTagger::Tag(absl::string_view message) const {
+  unsigned char mac[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  if (HMAC(EVP_sha256(), key_.data(), static_cast<int>(key_.size()),
+           reinterpret_cast<const unsigned char*>(message.data()), message.size(), mac,
+           &length) == nullptr) {
+    return absl::InternalError("HMAC failed");
+  }
+  return absl::StrCat(kSoftwarePrefix,
+                      absl::WebSafeBase64Escape(absl::string_view(
+                          reinterpret_cast<const char*>(mac), static_cast<size_t>(length))));
+}
+
+absl::StatusOr<bool> SoftwareRecordTagger::Verify(absl::string_view message,
+                                                  absl::string_view tag) const {
+  auto expected = Tag(message);
+  if (!expected.ok()) return expected.status();
+  return expected->size() == tag.size() &&
+         CRYPTO_memcmp(expected->data(), tag.data(), tag.size()) == 0;
+}
+
+}  // namespace custody::rotation

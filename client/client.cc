@@ -101,10 +101,13 @@ template <typename Rpc>
 absl::Status Client::Retry(Rpc rpc, absl::Time deadline) const {
   absl::Duration backoff = options_.initial_backoff;
   absl::Status status;
-  for (int attempt = 1;; ++attempt) {
+  absl::Status unavailable;  // the last attempt that found no replica
+  int attempt = 1;
+  for (;; ++attempt) {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(deadline));
     status = ToAbslStatus(rpc(ctx));
+    if (status.code() == absl::StatusCode::kUnavailable) unavailable = status;
     if (status.code() != absl::StatusCode::kUnavailable ||
         (options_.max_attempts > 0 && attempt >= options_.max_attempts)) {
       break;
@@ -116,6 +119,12 @@ absl::Status Client::Retry(Rpc rpc, absl::Time deadline) const {
     if (left <= absl::Milliseconds(1)) break;
     absl::SleepFor(std::min(std::min(backoff, options_.max_backoff) * Jitter(), left / 2));
     backoff *= 2;
+  }
+  // Retries that ran out of time while no replica answered: the cause is UNAVAILABLE (what the
+  // caller must act on), not the deadline the last attempt happened to end at.
+  if (status.code() == absl::StatusCode::kDeadlineExceeded && !unavailable.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat(unavailable.message(), " (", attempt, " attempts until the deadline)"));
   }
   return status;
 }

@@ -196,13 +196,13 @@ absl::StatusOr<double> FdatasyncP50Us(const std::string& dir, int n) {
   if (fd < 0) {
     return absl::InternalError(absl::StrCat("open '", path, "': ", std::strerror(errno)));
   }
-  const std::string line(299, 'x');
+  const std::string line = std::string(299, 'x') + "\n";
   std::vector<double> us;
   us.reserve(static_cast<size_t>(n));
   absl::Status status;
   for (int i = 0; i < n && status.ok(); ++i) {
     const auto start = std::chrono::steady_clock::now();
-    if (write(fd, (line + "\n").data(), line.size() + 1) != static_cast<ssize_t>(line.size() + 1) ||
+    if (write(fd, line.data(), line.size()) != static_cast<ssize_t>(line.size()) ||
         fdatasync(fd) != 0) {
       status = absl::InternalError(
           absl::StrCat("append+fdatasync '", path, "': ", std::strerror(errno)));

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <vector>
 #include <string>
 #include <string_view>
 
@@ -161,8 +162,8 @@ absl::StatusOr<PkeyPtr> PkeyFromParams(const char* type, OSSL_PARAM_BLD* bld) {
 // from the curve's name, which cost ~20 µs per key (an ECDH JWE's epk is one key per call).
 // Null where OpenSSL cannot make them.
 const EVP_PKEY* CurveParameters(const EcCurve& curve) {
-  static const std::array<EVP_PKEY*, 3>* const params = [] {
-    auto* made = new std::array<EVP_PKEY*, 3>{};
+  static const std::vector<EVP_PKEY*>* const params = [] {
+    auto* made = new std::vector<EVP_PKEY*>(EcCurves().size(), nullptr);
     for (size_t i = 0; i < EcCurves().size(); ++i) {
       PkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr));
       OSSL_PARAM p[] = {

@@ -180,6 +180,11 @@ ABSL_FLAG(int, max_watch_streams_per_caller, 16,
           "concurrent WatchJwks streams per caller identity");
 ABSL_FLAG(int, max_threads, 512,
           "gRPC server threads (grpc::ResourceQuota); must exceed --max_watch_streams");
+ABSL_FLAG(int, unary_threads, 64,
+          "most threads that run SignJws calls (gRPC's callback API hands each over; started "
+          "on demand); 0: run them on gRPC's few callback threads (measurement only)");
+ABSL_FLAG(int, unary_queue, 64,
+          "SignJws calls that may wait for one of --unary_threads; beyond, RESOURCE_EXHAUSTED");
 ABSL_FLAG(int, max_concurrent_streams, 128, "concurrent calls per connection (HTTP/2)");
 ABSL_FLAG(int, max_connections, 1024,
           "Unix-socket connections open at once (at most the descriptor limit - 128)");
@@ -606,7 +611,13 @@ int Run() {
                     max_threads, ") at least --max_watch_streams + 32 (",
                     jwks_limits.max_watch_streams + 32, ")")));
   }
-  SignerService signer(keys->get(), &guard, max_batch_items, &batch_runner, jwks_limits);
+  std::unique_ptr<UnaryPool> unary_pool;
+  if (int n = absl::GetFlag(FLAGS_unary_threads); n > 0) {
+    unary_pool = std::make_unique<UnaryPool>(
+        n, static_cast<size_t>(std::max(0, absl::GetFlag(FLAGS_unary_queue))));
+  }
+  SignerService signer(keys->get(), &guard, max_batch_items, &batch_runner, jwks_limits,
+                       unary_pool.get());
   KeyAdminService admin(keys->get(), &guard);
   std::atomic<bool> serving_now{true};
   // The HTTP listeners (metrics, JWKS): like the gRPC port, in clear only on loopback; with

@@ -10,6 +10,7 @@
 #include "server/key_service.h"
 #include "server/request_guard.h"
 #include "server/stream_quota.h"
+#include "server/unary_pool.h"
 
 namespace custody::server {
 
@@ -37,7 +38,10 @@ struct JwksLimits {
   int max_watch_streams_per_caller = 16;
 };
 
-class SignerService final : public v1::Signer::Service {
+// SignJws is served with gRPC's callback API (raw: custodyd parses the request itself, so that a
+// malformed one is INVALID_ARGUMENT and audited as on the sync methods); the other methods use
+// the sync server's thread pool.
+class SignerService final : public v1::Signer::WithRawCallbackMethod_SignJws<v1::Signer::Service> {
  public:
   // Batch RPCs with more than this many items are refused (INVALID_ARGUMENT).
   static constexpr int kDefaultMaxBatchItems = 64;
@@ -47,16 +51,20 @@ class SignerService final : public v1::Signer::Service {
   // `runner` (may be null: items run in order on the handler thread) must outlive the service.
   SignerService(const KeyService* keys, RequestGuard* guard,
                 int max_batch_items = kDefaultMaxBatchItems, BatchRunner* runner = nullptr,
-                JwksLimits jwks_limits = JwksLimits{})
+                JwksLimits jwks_limits = JwksLimits{}, UnaryPool* unary_pool = nullptr)
       : keys_(keys),
         guard_(guard),
         max_batch_items_(max_batch_items),
         runner_(runner),
         max_jwks_reply_bytes_(jwks_limits.max_reply_bytes),
         watch_quota_("WatchJwks", jwks_limits.max_watch_streams,
-                     jwks_limits.max_watch_streams_per_caller) {}
-  grpc::Status SignJws(grpc::ServerContext* context, const v1::SignJwsRequest* request,
-                       v1::SignJwsResponse* response) override;
+                     jwks_limits.max_watch_streams_per_caller),
+        unary_pool_(unary_pool) {}
+  // Parsed, authorized, signed and audited on a UnaryPool thread (on gRPC's callback thread when
+  // there is no pool); RESOURCE_EXHAUSTED, audited, when the pool's queue is full.
+  grpc::ServerUnaryReactor* SignJws(grpc::CallbackServerContext* context,
+                                    const grpc::ByteBuffer* request,
+                                    grpc::ByteBuffer* response) override;
   // Each item as a SignJws of its own (authorized, signed, one audit line), on this thread or,
   // when the items are slow, spread over the BatchRunner's helpers; the reply waits for one
   // group commit of all the lines.
@@ -101,12 +109,24 @@ class SignerService final : public v1::Signer::Service {
   // The (shared) JWKS of `rings`; RESOURCE_EXHAUSTED when larger than max_jwks_reply_bytes_.
   absl::StatusOr<KeyService::Jwks> BoundedJwks(const std::vector<std::string>& rings) const;
 
+  // A callback-API unary RPC: `request` parsed with custody's strict parser (a malformed one
+  // refused and audited), `serve(context, request, &response)` run on the pool, the reply
+  // serialized into `response_bytes`.
+  template <typename Request, typename Response, typename Serve>
+  grpc::ServerUnaryReactor* ServeUnary(grpc::CallbackServerContext* context,
+                                       const grpc::ByteBuffer* request_bytes,
+                                       grpc::ByteBuffer* response_bytes, const char* operation,
+                                       Serve serve);
+  grpc::Status SignJwsCall(const grpc::ServerContextBase& context,
+                           const v1::SignJwsRequest& request, v1::SignJwsResponse* response);
+
   const KeyService* const keys_;
   RequestGuard* const guard_;
   const int max_batch_items_;
   BatchRunner* const runner_;
   const size_t max_jwks_reply_bytes_;
   StreamQuota watch_quota_;
+  UnaryPool* const unary_pool_;
 };
 
 class KeyAdminService final : public v1::KeyAdmin::Service {

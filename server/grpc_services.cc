@@ -260,12 +260,21 @@ grpc::Status SignerService::DecryptJweBatch(grpc::ServerContext* context,
       [&](const v1::DecryptJweRequest& item) { return keys_->DecryptJwe(item); });
 }
 
-grpc::Status SignerService::Sign(grpc::ServerContext* context, const v1::SignRequest* request,
-                                 v1::SignResponse* response) {
-  Call call(guard_, *context, kOpSign, request->ring());
-  call.event().payload_sha256 =
-      Sha256Hex(request->has_digest() ? request->digest() : request->data());
-  return call.Run(response, [&] { return keys_->Sign(*request); });
+grpc::ServerUnaryReactor* SignerService::Sign(grpc::CallbackServerContext* context,
+                                              const grpc::ByteBuffer* request,
+                                              grpc::ByteBuffer* response) {
+  return ServeUnary<v1::SignRequest, v1::SignResponse>(
+      context, request, response, kOpSign,
+      [this](const grpc::ServerContextBase& c, const v1::SignRequest& r, v1::SignResponse* out) {
+        return SignCall(c, r, out);
+      });
+}
+
+grpc::Status SignerService::SignCall(const grpc::ServerContextBase& context,
+                                     const v1::SignRequest& request, v1::SignResponse* response) {
+  Call call(guard_, context, kOpSign, request.ring());
+  call.event().payload_sha256 = Sha256Hex(request.has_digest() ? request.digest() : request.data());
+  return call.Run(response, [&] { return keys_->Sign(request); });
 }
 
 grpc::Status SignerService::GetPublicKey(grpc::ServerContext* context,
@@ -275,12 +284,21 @@ grpc::Status SignerService::GetPublicKey(grpc::ServerContext* context,
   return call.Run(response, [&] { return keys_->GetPublicKey(*request); });
 }
 
-grpc::Status SignerService::DecryptJwe(grpc::ServerContext* context,
-                                       const v1::DecryptJweRequest* request,
-                                       v1::DecryptJweResponse* response) {
-  Call call(guard_, *context, kOpDecrypt, request->ring());
-  call.event().payload_sha256 = Sha256Hex(request->jwe());
-  return call.Run(response, [&] { return keys_->DecryptJwe(*request); });
+grpc::ServerUnaryReactor* SignerService::DecryptJwe(grpc::CallbackServerContext* context,
+                                                    const grpc::ByteBuffer* request,
+                                                    grpc::ByteBuffer* response) {
+  return ServeUnary<v1::DecryptJweRequest, v1::DecryptJweResponse>(
+      context, request, response, kOpDecrypt,
+      [this](const grpc::ServerContextBase& c, const v1::DecryptJweRequest& r,
+             v1::DecryptJweResponse* out) { return DecryptJweCall(c, r, out); });
+}
+
+grpc::Status SignerService::DecryptJweCall(const grpc::ServerContextBase& context,
+                                           const v1::DecryptJweRequest& request,
+                                           v1::DecryptJweResponse* response) {
+  Call call(guard_, context, kOpDecrypt, request.ring());
+  call.event().payload_sha256 = Sha256Hex(request.jwe());
+  return call.Run(response, [&] { return keys_->DecryptJwe(request); });
 }
 
 absl::StatusOr<std::vector<std::string>> SignerService::JwksSelection(

@@ -38,10 +38,14 @@ struct JwksLimits {
   int max_watch_streams_per_caller = 16;
 };
 
-// SignJws is served with gRPC's callback API (raw: custodyd parses the request itself, so that a
-// malformed one is INVALID_ARGUMENT and audited as on the sync methods); the other methods use
-// the sync server's thread pool.
-class SignerService final : public v1::Signer::WithRawCallbackMethod_SignJws<v1::Signer::Service> {
+// The hot unary RPCs (SignJws, Sign, DecryptJwe) are served with gRPC's callback API, raw:
+// custodyd parses the request itself, so that a malformed one is INVALID_ARGUMENT and audited as
+// on the sync methods, and runs the call on a UnaryPool thread. The other methods use the sync
+// server's thread pool.
+using SignerBase = v1::Signer::WithRawCallbackMethod_SignJws<v1::Signer::WithRawCallbackMethod_Sign<
+    v1::Signer::WithRawCallbackMethod_DecryptJwe<v1::Signer::Service>>>;
+
+class SignerService final : public SignerBase {
  public:
   // Batch RPCs with more than this many items are refused (INVALID_ARGUMENT).
   static constexpr int kDefaultMaxBatchItems = 64;
@@ -60,8 +64,9 @@ class SignerService final : public v1::Signer::WithRawCallbackMethod_SignJws<v1:
         watch_quota_("WatchJwks", jwks_limits.max_watch_streams,
                      jwks_limits.max_watch_streams_per_caller),
         unary_pool_(unary_pool) {}
-  // Parsed, authorized, signed and audited on a UnaryPool thread (on gRPC's callback thread when
-  // there is no pool); RESOURCE_EXHAUSTED, audited, when the pool's queue is full.
+  // SignJws, Sign and DecryptJwe: parsed on gRPC's callback thread, then authorized, run and
+  // audited on a UnaryPool thread (on gRPC's callback thread when there is no pool);
+  // RESOURCE_EXHAUSTED, audited, when the pool's queue is full.
   grpc::ServerUnaryReactor* SignJws(grpc::CallbackServerContext* context,
                                     const grpc::ByteBuffer* request,
                                     grpc::ByteBuffer* response) override;
@@ -70,14 +75,16 @@ class SignerService final : public v1::Signer::WithRawCallbackMethod_SignJws<v1:
   // group commit of all the lines.
   grpc::Status SignJwsBatch(grpc::ServerContext* context, const v1::SignJwsBatchRequest* request,
                             v1::SignJwsBatchResponse* response) override;
-  grpc::Status Sign(grpc::ServerContext* context, const v1::SignRequest* request,
-                    v1::SignResponse* response) override;
+  grpc::ServerUnaryReactor* Sign(grpc::CallbackServerContext* context,
+                                 const grpc::ByteBuffer* request,
+                                 grpc::ByteBuffer* response) override;
   grpc::Status GetJwks(grpc::ServerContext* context, const v1::GetJwksRequest* request,
                        v1::GetJwksResponse* response) override;
   grpc::Status GetPublicKey(grpc::ServerContext* context, const v1::GetPublicKeyRequest* request,
                             v1::PublicKey* response) override;
-  grpc::Status DecryptJwe(grpc::ServerContext* context, const v1::DecryptJweRequest* request,
-                          v1::DecryptJweResponse* response) override;
+  grpc::ServerUnaryReactor* DecryptJwe(grpc::CallbackServerContext* context,
+                                       const grpc::ByteBuffer* request,
+                                       grpc::ByteBuffer* response) override;
   // As SignJwsBatch, for DecryptJwe items (each failure the same "decryption failed").
   grpc::Status DecryptJweBatch(grpc::ServerContext* context,
                                const v1::DecryptJweBatchRequest* request,
@@ -117,8 +124,14 @@ class SignerService final : public v1::Signer::WithRawCallbackMethod_SignJws<v1:
                                        const grpc::ByteBuffer* request_bytes,
                                        grpc::ByteBuffer* response_bytes, const char* operation,
                                        Serve serve);
+  // The calls themselves, as the sync handlers ran them.
   grpc::Status SignJwsCall(const grpc::ServerContextBase& context,
                            const v1::SignJwsRequest& request, v1::SignJwsResponse* response);
+  grpc::Status SignCall(const grpc::ServerContextBase& context, const v1::SignRequest& request,
+                        v1::SignResponse* response);
+  grpc::Status DecryptJweCall(const grpc::ServerContextBase& context,
+                              const v1::DecryptJweRequest& request,
+                              v1::DecryptJweResponse* response);
 
   const KeyService* const keys_;
   RequestGuard* const guard_;

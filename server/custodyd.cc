@@ -181,10 +181,11 @@ ABSL_FLAG(int, max_watch_streams_per_caller, 16,
 ABSL_FLAG(int, max_threads, 512,
           "gRPC server threads (grpc::ResourceQuota); must exceed --max_watch_streams");
 ABSL_FLAG(int, unary_threads, 64,
-          "most threads that run SignJws calls (gRPC's callback API hands each over; started "
-          "on demand); 0: run them on gRPC's few callback threads (measurement only)");
+          "most threads that run SignJws, Sign and DecryptJwe calls (gRPC's callback API hands "
+          "each over; started on demand)");
 ABSL_FLAG(int, unary_queue, 64,
-          "SignJws calls that may wait for one of --unary_threads; beyond, RESOURCE_EXHAUSTED");
+          "SignJws, Sign and DecryptJwe calls that may wait for one of --unary_threads; beyond, "
+          "RESOURCE_EXHAUSTED at once");
 ABSL_FLAG(int, max_concurrent_streams, 128, "concurrent calls per connection (HTTP/2)");
 ABSL_FLAG(int, max_connections, 1024,
           "Unix-socket connections open at once (at most the descriptor limit - 128)");
@@ -611,11 +612,14 @@ int Run() {
                     max_threads, ") at least --max_watch_streams + 32 (",
                     jwks_limits.max_watch_streams + 32, ")")));
   }
-  std::unique_ptr<UnaryPool> unary_pool;
-  if (int n = absl::GetFlag(FLAGS_unary_threads); n > 0) {
-    unary_pool = std::make_unique<UnaryPool>(
-        n, static_cast<size_t>(std::max(0, absl::GetFlag(FLAGS_unary_queue))));
+  const int unary_threads = absl::GetFlag(FLAGS_unary_threads);
+  const int unary_queue = absl::GetFlag(FLAGS_unary_queue);
+  if (unary_threads < 1 || unary_queue < 0) {
+    return fail("startup.flags", absl::InvalidArgumentError(absl::StrCat(
+                                     "--unary_threads (", unary_threads, ") must be >= 1 and ",
+                                     "--unary_queue (", unary_queue, ") >= 0")));
   }
+  auto unary_pool = std::make_unique<UnaryPool>(unary_threads, static_cast<size_t>(unary_queue));
   SignerService signer(keys->get(), &guard, max_batch_items, &batch_runner, jwks_limits,
                        unary_pool.get());
   KeyAdminService admin(keys->get(), &guard);

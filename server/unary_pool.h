@@ -35,6 +35,10 @@ class UnaryPool {
     absl::MutexLock lock(&mu_);
     return static_cast<int>(threads_.size());
   }
+  int idle_threads() const {
+    absl::MutexLock lock(&mu_);
+    return static_cast<int>(idle_);
+  }
   size_t max_queued() const { return max_queued_; }
 
  private:

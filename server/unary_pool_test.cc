@@ -1,5 +1,7 @@
 #include "server/unary_pool.h"
 
+#include <pthread.h>
+
 #include <atomic>
 #include <memory>
 
@@ -43,6 +45,18 @@ TEST(UnaryPoolTest, ThreadsStartOnDemandUpToTheCap) {
   for (int i = 0; i < 2000 && gate.ran.load() < 6; ++i) absl::SleepFor(absl::Milliseconds(5));
   EXPECT_EQ(gate.ran.load(), 6);
   EXPECT_EQ(pool.threads(), 4);
+}
+
+TEST(UnaryPoolTest, ThreadsAreNamedForTopAndProfiles) {
+  UnaryPool pool(/*max_threads=*/1, /*max_queued=*/0);
+  char name[16] = {};
+  absl::Notification done;
+  ASSERT_TRUE(pool.TrySubmit([&] {
+    pthread_getname_np(pthread_self(), name, sizeof(name));
+    done.Notify();
+  }));
+  done.WaitForNotification();
+  EXPECT_STREQ(name, "custody-unary");
 }
 
 TEST(UnaryPoolTest, IdleThreadsAreReusedRatherThanStarted) {

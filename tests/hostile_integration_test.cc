@@ -25,6 +25,7 @@
 #include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
 #include "tests/harness.h"
+#include "tests/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {
@@ -421,15 +422,6 @@ TEST(HostileConnectionsTest, StalledConnectionsAreCappedPerUidAndClosedWhenIdle)
   EXPECT_LT(fds, 1024 - 64);
   EXPECT_EQ(d.log().find("Too many open files"), std::string::npos);
   EXPECT_NE(d.log().find("unix_listener.refused"), std::string::npos);
-}
-
-custody::v1::KeyRing GetRing(Custodyd& d, const std::string& name) {
-  custody::v1::GetKeyRingRequest req;
-  req.set_name(name);
-  custody::v1::KeyRing ring;
-  grpc::ClientContext ctx;
-  EXPECT_TRUE(d.admin().GetKeyRing(&ctx, req, &ring).ok());
-  return ring;
 }
 
 // Write access to metadata.db is not enough to publish a key: with custodyd stopped, op/a's

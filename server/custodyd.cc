@@ -25,12 +25,18 @@ int Run() {
   BeginStartup();
   Daemon d;
   // Flags first: nothing is opened before the listeners' bounds and address are known good.
-  if (!CheckHttpBounds(&d) || !PrepareListenAddress(&d)) return 1;
-  if (!OpenToken(&d) || !OpenMetadataStore(&d) || !OpenPolicyAndAudit(&d)) return 1;
-  if (!CreateKeyService(&d) || !CreateGrpcServices(&d)) return 1;
-  if (!StartHttpListeners(&d) || !StartGrpcServer(&d)) return 1;
+  // Each step logs its own failure (a startup.* line); custodyd then exits 1.
+  if (!CheckHttpBounds(&d)) return 1;
+  if (!PrepareListenAddress(&d)) return 1;
+  if (!OpenToken(&d)) return 1;
+  if (!OpenMetadataStore(&d)) return 1;
+  if (!OpenPolicyAndAudit(&d)) return 1;
+  if (!CreateKeyService(&d)) return 1;
+  if (!CreateGrpcServices(&d)) return 1;
+  if (!StartHttpListeners(&d)) return 1;
+  if (!StartGrpcServer(&d)) return 1;
   AnnounceReady(d);
-  ServeUntilShutdown(&d);
+  ServeUntilShutdown(&d);  // until SIGTERM/SIGINT, then the drain
   return 0;
 }
 

@@ -58,16 +58,6 @@ std::string ReadAudit(const std::string& state_dir) {
   return audit;
 }
 
-grpc::Status CreateEs256Ring(custody::v1::KeyAdmin::Stub& admin, const std::string& name) {
-  custody::v1::CreateKeyRingRequest req;
-  req.set_name(name);
-  req.set_purpose(custody::v1::SIGN);
-  req.set_alg("ES256");
-  custody::v1::KeyRing ring;
-  grpc::ClientContext ctx;
-  return admin.CreateKeyRing(&ctx, req, &ring);
-}
-
 // A normal caller: `n` SignJws calls one after another on a channel of its own; the latency
 // percentile `p` (0..1) in ms, or -1 when any call failed (its status in *failure).
 double SignLatencyMs(const std::string& address, const std::string& ring, int n, double p,

@@ -130,15 +130,6 @@ class OidcProvider {
   mutable ChildProcess process_;  // SIGTERM, then SIGKILL after 5 s, when the test ends
 };
 
-// A SIGN ring with the default policy.
-grpc::Status CreateEs256Ring(Custodyd& d, const std::string& name) {
-  v1::CreateKeyRingRequest req;
-  req.set_name(name);
-  req.set_purpose(v1::SIGN);
-  req.set_alg("ES256");
-  return CreateRing(d, req);
-}
-
 const v1::KeyVersion* VersionIn(const v1::KeyRing& ring, v1::KeyVersionState state) {
   for (const v1::KeyVersion& v : ring.versions()) {
     if (v.state() == state) return &v;
@@ -386,7 +377,7 @@ void OidcE2eTest::FlowsAcrossSigningKeyRotation() {
 // at the first artifact it signs (the PAR's client assertion), once the provider has fetched
 // jwks_uri and found no such key.
 TEST_F(OidcE2eTest, ProviderRefusesKeyNotPublishedAtJwksUri) {
-  ASSERT_TRUE(CreateEs256Ring(*custodyd_, "clients/fapi/unpublished").ok());
+  ASSERT_TRUE(CreateEs256Ring(custodyd_->admin(), "clients/fapi/unpublished").ok());
   CommandResult flow = RunFlow(*custodyd_, issuer_, "clients/fapi/unpublished");
   EXPECT_EQ(flow.exit_code, 1) << flow.out << flow.err;
   EXPECT_NE(flow.err.find("invalid_client"), std::string::npos) << flow.err;
@@ -446,7 +437,7 @@ class OidcDpopRingTest : public OidcE2eTest {
 };
 
 TEST_F(OidcDpopRingTest, DpopBoundTokenStaysUsableAcrossSigningRotationWithADedicatedDpopRing) {
-  ASSERT_TRUE(CreateEs256Ring(*custodyd_, "clients/fapi/dpop").ok());
+  ASSERT_TRUE(CreateEs256Ring(custodyd_->admin(), "clients/fapi/dpop").ok());
   const v1::KeyRing dpop_ring = GetRing(*custodyd_, "clients/fapi/dpop");
   const v1::KeyVersion* dpop_active = VersionIn(dpop_ring, v1::ACTIVE);
   ASSERT_NE(dpop_active, nullptr);

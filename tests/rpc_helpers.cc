@@ -17,6 +17,18 @@ grpc::Status CreateRing(Custodyd& d, const v1::CreateKeyRingRequest& req, v1::Ke
   return d.admin().CreateKeyRing(&ctx, req, out != nullptr ? out : &ignored);
 }
 
+grpc::Status CreateEs256Ring(v1::KeyAdmin::Stub& admin, const std::string& name,
+                             std::chrono::milliseconds timeout) {
+  v1::CreateKeyRingRequest req;
+  req.set_name(name);
+  req.set_purpose(v1::SIGN);
+  req.set_alg("ES256");
+  v1::KeyRing ring;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, timeout);
+  return admin.CreateKeyRing(&ctx, req, &ring);
+}
+
 grpc::Status GetRing(Custodyd& d, const std::string& name, v1::KeyRing* out,
                      std::chrono::milliseconds timeout) {
   v1::GetKeyRingRequest req;

@@ -28,6 +28,11 @@ grpc::Status CreateRing(Custodyd& d, const v1::CreateKeyRingRequest& req,
                         v1::KeyRing* out = nullptr,
                         std::chrono::milliseconds timeout = kRpcTimeout);
 
+// ... of an ES256 SIGN ring named `name` with the default policy, through `admin` (a caller's
+// own stub: its channel's credentials name the caller).
+grpc::Status CreateEs256Ring(v1::KeyAdmin::Stub& admin, const std::string& name,
+                             std::chrono::milliseconds timeout = kRpcTimeout);
+
 // KeyAdmin.GetKeyRing of `name`.
 grpc::Status GetRing(Custodyd& d, const std::string& name, v1::KeyRing* out,
                      std::chrono::milliseconds timeout = kRpcTimeout);

@@ -160,8 +160,11 @@ TEST(MetadataTagTest, StateFromBeforeTagsIsAdoptedOnceThenUntaggedRowsAreRefused
     kid = ring.versions(0).kid();
     d.Stop();
   }
-  // The schema and the token of the previous release: no tag columns, no tag key.
-  Sql(state, "ALTER TABLE rings DROP COLUMN tag; ALTER TABLE versions DROP COLUMN tag;");
+  // The schema and the token of the previous release: no tag columns, no tag key, and a file
+  // from before numbered migrations (user_version 0).
+  Sql(state,
+      "ALTER TABLE rings DROP COLUMN tag; ALTER TABLE versions DROP COLUMN tag; "
+      "PRAGMA user_version=0;");
   CommandResult deleted = RunCommand({"pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so",
                                       "--login", "--pin", "env:CUSTODY_TEST_PIN", "--delete-object",
                                       "--type", "secrkey", "--label", "custody-metadata-tag"},

@@ -5,6 +5,7 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "common/openssl_ptr.h"
 #include "jose/base64url.h"
 #include "jose/jwe.h"
 #include "openssl/evp.h"
@@ -18,14 +19,8 @@ Outcome FromStatus(const absl::Status& status, std::string* error) {
   return OutcomeOf("", status, error);
 }
 
-struct MdCtxDeleter {
-  void operator()(EVP_MD_CTX* c) const { EVP_MD_CTX_free(c); }
-};
-struct PkeyCtxDeleter {
-  void operator()(EVP_PKEY_CTX* c) const { EVP_PKEY_CTX_free(c); }
-};
-using MdCtxPtr = std::unique_ptr<EVP_MD_CTX, MdCtxDeleter>;
-using PkeyCtxPtr = std::unique_ptr<EVP_PKEY_CTX, PkeyCtxDeleter>;
+using MdCtxPtr = OpensslPtr<EVP_MD_CTX>;
+using PkeyCtxPtr = OpensslPtr<EVP_PKEY_CTX>;
 using PkeyPtr = std::shared_ptr<EVP_PKEY>;
 
 PkeyPtr Share(EVP_PKEY* p) { return PkeyPtr(p, EVP_PKEY_free); }

@@ -6,15 +6,13 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "custody/common/openssl_ptr.h"
 #include "custody/jose/json.h"
 #include "openssl/evp.h"
 
 namespace custody::jose {
 
-struct PkeyDeleter {
-  void operator()(EVP_PKEY* p) const { EVP_PKEY_free(p); }
-};
-using PkeyPtr = std::unique_ptr<EVP_PKEY, PkeyDeleter>;
+using PkeyPtr = OpensslPtr<EVP_PKEY>;  // the same owner as pkcs11::EvpPkeyPtr
 
 // The public JWK of `pkey`: {"kty":"EC","crv":"P-256|P-384|P-521","x","y"} (coordinates padded
 // to the field size), {"kty":"RSA","n","e"} (no leading zero bytes) or

@@ -3,6 +3,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "common/openssl_ptr.h"
 #include "common/secret.h"
 #include "jose/base64url.h"
 #include "jose/curves.h"
@@ -18,13 +19,7 @@
 namespace custody::jose {
 namespace {
 
-struct SecretBnDeleter {
-  void operator()(BIGNUM* p) const { BN_clear_free(p); }
-};
-using SecretBnPtr = std::unique_ptr<BIGNUM, SecretBnDeleter>;
-struct BldDeleter {
-  void operator()(OSSL_PARAM_BLD* p) const { OSSL_PARAM_BLD_free(p); }
-};
+using SecretBnPtr = SecretBignumPtr;
 // OSSL_PARAM_clear_free arrived in OpenSSL 3.2; on 3.0 the private values are wiped by hand.
 struct ParamsDeleter {
   void operator()(OSSL_PARAM* params) const {
@@ -33,12 +28,6 @@ struct ParamsDeleter {
     }
     OSSL_PARAM_free(params);
   }
-};
-struct CtxDeleter {
-  void operator()(EVP_PKEY_CTX* p) const { EVP_PKEY_CTX_free(p); }
-};
-struct BioDeleter {
-  void operator()(BIO* p) const { BIO_free(p); }
 };
 
 absl::StatusOr<Secret> Member(const Json& jwk, const char* name) {
@@ -65,15 +54,14 @@ absl::StatusOr<SecretBnPtr> MemberBn(const Json& jwk, const char* name) {
 
 absl::StatusOr<PkeyPtr> FromData(const char* type, OSSL_PARAM_BLD* bld) {
   std::unique_ptr<OSSL_PARAM, ParamsDeleter> params(OSSL_PARAM_BLD_to_param(bld));
-  std::unique_ptr<EVP_PKEY_CTX, CtxDeleter> ctx(EVP_PKEY_CTX_new_from_name(nullptr, type, nullptr));
+  OpensslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new_from_name(nullptr, type, nullptr));
   EVP_PKEY* raw = nullptr;
   if (params == nullptr || ctx == nullptr || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
       EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_KEYPAIR, params.get()) != 1) {
     return absl::InvalidArgumentError("private JWK: the key parameters are not a valid key");
   }
   PkeyPtr pkey(raw);
-  std::unique_ptr<EVP_PKEY_CTX, CtxDeleter> check(
-      EVP_PKEY_CTX_new_from_pkey(nullptr, pkey.get(), nullptr));
+  OpensslPtr<EVP_PKEY_CTX> check(EVP_PKEY_CTX_new_from_pkey(nullptr, pkey.get(), nullptr));
   if (check == nullptr || EVP_PKEY_pairwise_check(check.get()) != 1) {
     return absl::InvalidArgumentError(
         "private JWK: the private and public parts do not belong together");
@@ -85,7 +73,7 @@ absl::StatusOr<PkeyPtr> RsaFromJwk(const Json& jwk) {
   if (jwk.Find("oth") != nullptr) {
     return absl::InvalidArgumentError("private JWK: multi-prime RSA (\"oth\") is not supported");
   }
-  std::unique_ptr<OSSL_PARAM_BLD, BldDeleter> bld(OSSL_PARAM_BLD_new());
+  OpensslPtr<OSSL_PARAM_BLD> bld(OSSL_PARAM_BLD_new());
   static constexpr std::pair<const char*, const char*> kMembers[] = {
       {"n", OSSL_PKEY_PARAM_RSA_N},          {"e", OSSL_PKEY_PARAM_RSA_E},
       {"d", OSSL_PKEY_PARAM_RSA_D},          {"p", OSSL_PKEY_PARAM_RSA_FACTOR1},
@@ -123,7 +111,7 @@ absl::StatusOr<PkeyPtr> EcFromJwk(const Json& jwk) {
   auto d = MemberBn(jwk, "d");
   if (!d.ok()) return d.status();
   std::string point = absl::StrCat("\x04", x->view(), y->view());
-  std::unique_ptr<OSSL_PARAM_BLD, BldDeleter> bld(OSSL_PARAM_BLD_new());
+  OpensslPtr<OSSL_PARAM_BLD> bld(OSSL_PARAM_BLD_new());
   if (OSSL_PARAM_BLD_push_utf8_string(bld.get(), OSSL_PKEY_PARAM_GROUP_NAME, group, 0) != 1 ||
       OSSL_PARAM_BLD_push_octet_string(bld.get(), OSSL_PKEY_PARAM_PUB_KEY, point.data(),
                                        point.size()) != 1 ||
@@ -179,7 +167,7 @@ absl::StatusOr<PkeyPtr> PrivateKeyFromPem(absl::string_view pem) {
     return absl::InvalidArgumentError(
         "encrypted PEM is not accepted: decrypt it first (custody has no passphrase channel)");
   }
-  std::unique_ptr<BIO, BioDeleter> bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  OpensslPtr<BIO> bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
   if (bio == nullptr) return absl::InternalError("BIO_new_mem_buf failed");
   // A callback that refuses passphrases: an encrypted key must not prompt on a terminal.
   auto no_passphrase = [](char*, int, int, void*) -> int { return -1; };

@@ -77,7 +77,7 @@ bool VerifiesInOpenSsl(EVP_PKEY* pkey, const KeyUse& use, std::string_view input
                        std::string signature) {
   const auto* in = reinterpret_cast<const unsigned char*>(input.data());
   if (use.scheme == SignScheme::kEddsa) {
-    std::unique_ptr<EVP_MD_CTX, internal::FreeWith<EVP_MD_CTX_free>> ctx(EVP_MD_CTX_new());
+    OpensslPtr<EVP_MD_CTX> ctx(EVP_MD_CTX_new());
     return ctx != nullptr &&
            EVP_DigestVerifyInit(ctx.get(), nullptr, nullptr, nullptr, pkey) == 1 &&
            EVP_DigestVerify(ctx.get(), reinterpret_cast<const unsigned char*>(signature.data()),

@@ -41,15 +41,13 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/openssl_ptr.h"
 #include "common/secret.h"
 #include "openssl/evp.h"
 
 namespace custody::pkcs11 {
 
-struct EvpPkeyDeleter {
-  void operator()(EVP_PKEY* p) const { EVP_PKEY_free(p); }
-};
-using EvpPkeyPtr = std::unique_ptr<EVP_PKEY, EvpPkeyDeleter>;
+using EvpPkeyPtr = OpensslPtr<EVP_PKEY>;  // the same owner as jose::PkeyPtr
 
 enum class KeyType { kEcP256, kEcP384, kEcP521, kEd25519, kRsa };
 

@@ -19,8 +19,8 @@
 namespace custody::pkcs11::internal {
 namespace {
 
-using EcGroupPtr = std::unique_ptr<EC_GROUP, FreeWith<EC_GROUP_free>>;
-using EcPointPtr = std::unique_ptr<EC_POINT, FreeWith<EC_POINT_free>>;
+using EcGroupPtr = OpensslPtr<EC_GROUP>;
+using EcPointPtr = OpensslPtr<EC_POINT>;
 
 // The private key of a new pair: a token object, private, sensitive, never extractable, with
 // every usage flag stated: a signing key only signs, a decryption key only decrypts (RSA) or

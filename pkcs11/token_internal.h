@@ -125,16 +125,10 @@ std::string DerOctetString(std::string_view content);
 
 // ---- OpenSSL owners -------------------------------------------------------------------------
 
-template <auto kFree>
-struct FreeWith {
-  template <typename T>
-  void operator()(T* p) const {
-    kFree(p);
-  }
-};
-using EvpPkeyCtxPtr = std::unique_ptr<EVP_PKEY_CTX, FreeWith<EVP_PKEY_CTX_free>>;
-using BignumPtr = std::unique_ptr<BIGNUM, FreeWith<BN_free>>;
-using SecretBignumPtr = std::unique_ptr<BIGNUM, FreeWith<BN_clear_free>>;
+// common/openssl_ptr.h's owners, by the names pkcs11/'s files use.
+using EvpPkeyCtxPtr = OpensslPtr<EVP_PKEY_CTX>;
+using BignumPtr = OpensslPtr<BIGNUM>;
+using custody::SecretBignumPtr;
 
 // ---- Public keys (token_public_keys.cc) ----------------------------------------------------
 

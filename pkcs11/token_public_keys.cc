@@ -14,8 +14,8 @@
 namespace custody::pkcs11::internal {
 namespace {
 
-using ParamBldPtr = std::unique_ptr<OSSL_PARAM_BLD, FreeWith<OSSL_PARAM_BLD_free>>;
-using ParamPtr = std::unique_ptr<OSSL_PARAM, FreeWith<OSSL_PARAM_free>>;
+using ParamBldPtr = OpensslPtr<OSSL_PARAM_BLD>;
+using ParamPtr = OpensslPtr<OSSL_PARAM>;
 
 // CKA_EC_POINT is an OCTET STRING holding the point per PKCS#11 (SoftHSM2 does that); some
 // modules return the bare point. The expected point size tells the two apart unambiguously.

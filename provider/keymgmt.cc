@@ -5,6 +5,7 @@
 #include <cstring>
 #include <memory>
 
+#include "common/openssl_ptr.h"
 #include "openssl/core_names.h"
 #include "openssl/core_object.h"
 #include "openssl/params.h"
@@ -63,9 +64,8 @@ int ImportKey(void* keydata, int selection, const OSSL_PARAM params[]) {
     }
   }
   if ((selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY) == 0) return 0;
-  std::unique_ptr<EVP_PKEY_CTX, decltype(&EVP_PKEY_CTX_free)> ctx(
-      EVP_PKEY_CTX_new_from_name(key->provider->libctx(), key->type.c_str(), nullptr),
-      EVP_PKEY_CTX_free);
+  OpensslPtr<EVP_PKEY_CTX> ctx(
+      EVP_PKEY_CTX_new_from_name(key->provider->libctx(), key->type.c_str(), nullptr));
   EVP_PKEY* pkey = nullptr;
   if (ctx == nullptr || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
       EVP_PKEY_fromdata(ctx.get(), &pkey, EVP_PKEY_PUBLIC_KEY, const_cast<OSSL_PARAM*>(params)) !=

@@ -11,6 +11,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/openssl_ptr.h"
 #include "jose/base64url.h"
 #include "jose/curves.h"
 #include "jose/json.h"
@@ -181,10 +182,9 @@ absl::StatusOr<PkeyPtr> PublicKeyFromJwk(OSSL_LIB_CTX* libctx, const std::string
     return d;
   };
   const std::string kty = member("kty");
-  std::unique_ptr<OSSL_PARAM_BLD, decltype(&OSSL_PARAM_BLD_free)> bld(OSSL_PARAM_BLD_new(),
-                                                                      OSSL_PARAM_BLD_free);
+  OpensslPtr<OSSL_PARAM_BLD> bld(OSSL_PARAM_BLD_new());
   std::string type, group, point;
-  std::unique_ptr<BIGNUM, decltype(&BN_free)> n(nullptr, BN_free), e(nullptr, BN_free);
+  OpensslPtr<BIGNUM> n, e;
   if (kty == "EC") {
     const std::string crv = member("crv");
     const jose::EcCurve* curve = jose::CurveByJwkName(crv);
@@ -219,10 +219,8 @@ absl::StatusOr<PkeyPtr> PublicKeyFromJwk(OSSL_LIB_CTX* libctx, const std::string
   } else {
     return absl::DataLossError(absl::StrCat("unsupported JWK kty '", kty, "'"));
   }
-  std::unique_ptr<OSSL_PARAM, decltype(&OSSL_PARAM_free)> params(OSSL_PARAM_BLD_to_param(bld.get()),
-                                                                 OSSL_PARAM_free);
-  std::unique_ptr<EVP_PKEY_CTX, decltype(&EVP_PKEY_CTX_free)> ctx(
-      EVP_PKEY_CTX_new_from_name(libctx, type.c_str(), nullptr), EVP_PKEY_CTX_free);
+  OpensslPtr<OSSL_PARAM> params(OSSL_PARAM_BLD_to_param(bld.get()));
+  OpensslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new_from_name(libctx, type.c_str(), nullptr));
   EVP_PKEY* pkey = nullptr;
   if (params == nullptr || ctx == nullptr || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
       EVP_PKEY_fromdata(ctx.get(), &pkey, EVP_PKEY_PUBLIC_KEY, params.get()) != 1) {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/openssl_ptr.h"
 #include "openssl/core_names.h"
 #include "openssl/core_object.h"
 #include "openssl/err.h"
@@ -69,10 +70,9 @@ struct StoreContext {
 std::vector<std::string> DerCertificates(const std::string& pem) {
   std::vector<std::string> out;
   if (pem.empty()) return out;
-  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new_mem_buf(pem.data(), pem.size()), BIO_free);
+  OpensslPtr<BIO> bio(BIO_new_mem_buf(pem.data(), pem.size()));
   while (bio != nullptr) {
-    std::unique_ptr<X509, decltype(&X509_free)> cert(
-        PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr), X509_free);
+    OpensslPtr<X509> cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
     if (cert == nullptr) break;
     unsigned char* der = nullptr;
     const int len = i2d_X509(cert.get(), &der);

@@ -42,21 +42,12 @@ struct MutationTags {
 absl::StatusOr<MutationTags> TagMutation(const RecordTagger* tagger, const Mutation& mutation);
 
 // The durable metadata of rings and versions. Two implementations: the embedded SQLite file
-// (Open, one custodyd process) and PostgreSQL (rotation/postgres_metadata_store.h, shared by any
-// number of replicas). Implementations are thread-safe.
+// (rotation/sqlite_metadata_store.h, one custodyd process) and PostgreSQL
+// (rotation/postgres_metadata_store.h, shared by any number of replicas). Implementations are
+// thread-safe.
 class MetadataStore {
  public:
   struct AuditAnchor;
-  // Opens (creating if needed) the embedded SQLite database at `path` and applies the schema:
-  // WAL mode with synchronous=FULL, so a change is on disk before the call returns. With
-  // `tagger` (which must outlive the store) every written record carries its tag and every read
-  // record says whether its tag verifies (tag_check); without, tags are neither written nor read.
-  static absl::StatusOr<std::unique_ptr<MetadataStore>> Open(const std::string& path,
-                                                             const RecordTagger* tagger = nullptr);
-  // Reads chain `chain`'s anchor from the SQLite database at `path` without writing to it
-  // (custodyctl audit verify --state_dir); NOT_FOUND when there is none.
-  static absl::StatusOr<AuditAnchor> ReadAuditAnchor(const std::string& path,
-                                                     const std::string& chain);
   virtual ~MetadataStore() = default;
   MetadataStore(const MetadataStore&) = delete;
   MetadataStore& operator=(const MetadataStore&) = delete;
@@ -75,8 +66,8 @@ class MetadataStore {
   absl::Status UpdateVersion(const VersionRecord& version);
   absl::Status DeleteVersion(const std::string& ring, uint32_t version);
 
-  // Every record, with tag_check set (see Open). UNAVAILABLE when the store, or the tagger's
-  // token, cannot be reached.
+  // Every record, with tag_check set (when the store was opened with a tagger). UNAVAILABLE when
+  // the store, or the tagger's token, cannot be reached.
   virtual absl::StatusOr<std::vector<RingRecord>> LoadRings() = 0;
   virtual absl::StatusOr<std::vector<VersionRecord>> LoadVersions() = 0;
 

@@ -21,6 +21,7 @@
 #define CUSTODY_ROTATION_POSTGRES_METADATA_STORE_H_
 
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -28,6 +29,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "common/secret.h"
+#include "rotation/metadata_schema.h"
 #include "rotation/metadata_store.h"
 
 namespace custody::rotation {
@@ -77,6 +79,11 @@ class PostgresMetadataStore : public MetadataStore {
  private:
   struct Connection;
   explicit PostgresMetadataStore(Options options);
+  // Every record of `table`, with tag_check set.
+  template <typename Record>
+  absl::StatusOr<std::vector<Record>> Load(const schema::Table& table,
+                                           std::span<const schema::Column<Record>> columns,
+                                           const char* order_by);
 
   Options options_;
   std::unique_ptr<Connection> conn_;

@@ -18,9 +18,14 @@
 #include "gtest/gtest.h"
 #include "rotation/record_tag.h"
 #include "rotation/testing/postgres_cluster.h"
+#include "rotation/testing/records.h"
 
 namespace custody::rotation {
 namespace {
+
+using testing::Active;
+using testing::Ring;
+using testing::Version;
 
 const ::testing::Environment* const environment = testing::PostgresClusterEnvironment::Register();
 testing::PostgresCluster* Cluster() { return testing::PostgresClusterEnvironment::Get(); }
@@ -55,130 +60,10 @@ class PostgresMetadataStoreTest : public ::testing::Test {
     return out.ok() ? *out : "";
   }
 
-  static RingRecord Ring(const std::string& name) {
-    RingRecord r;
-    r.name = name;
-    r.alg = "ES256";
-    r.create_time = 1700000000;
-    return r;
-  }
-  static VersionRecord Version(const std::string& ring, uint32_t v, const std::string& id) {
-    VersionRecord r;
-    r.ring = ring;
-    r.version = v;
-    r.object_id = id;
-    r.object_label = "custody/" + ring + "/v" + std::to_string(v);
-    r.create_time = 1700000000;
-    return r;
-  }
-  static VersionRecord Active(VersionRecord v) {
-    v.state = VersionState::kActive;
-    v.kid = "kid-" + std::to_string(v.version);
-    v.public_jwk = R"({"kty":"EC"})";
-    return v;
-  }
-
   std::string db_;
 };
 
-// --- The contract shared with the SQLite store (metadata_store_test.cc). ---
-
-TEST_F(PostgresMetadataStoreTest, RingAndVersionSurviveReopen) {
-  {
-    auto store = MustOpen();
-    ASSERT_NE(store, nullptr);
-    RingRecord ring = Ring("op/id");
-    ring.require_certificate = true;
-    ASSERT_TRUE(store->InsertRingWithVersion(ring, Version("op/id", 1, "aa")).ok());
-    VersionRecord v = Version("op/id", 1, "aa");
-    v.certificate_chain = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
-    v.state = VersionState::kActive;
-    v.kid = "kid-1";
-    v.public_jwk = R"({"kty":"EC"})";
-    v.activate_time = 1700000001;
-    v.previous_state = VersionState::kPending;
-    v.compromised = true;
-    v.destroy_after = 1700009999;
-    ASSERT_TRUE(store->UpdateVersion(v).ok());
-  }
-  auto store = MustOpen();
-  ASSERT_NE(store, nullptr);
-  auto rings = store->LoadRings();
-  ASSERT_TRUE(rings.ok()) << rings.status();
-  ASSERT_EQ(rings->size(), 1u);
-  EXPECT_EQ((*rings)[0].name, "op/id");
-  EXPECT_EQ((*rings)[0].alg, "ES256");
-  EXPECT_EQ((*rings)[0].generation, 2u);  // two commits touched it
-  EXPECT_TRUE((*rings)[0].require_certificate);
-  auto versions = store->LoadVersions();
-  ASSERT_TRUE(versions.ok()) << versions.status();
-  ASSERT_EQ(versions->size(), 1u);
-  EXPECT_EQ((*versions)[0].state, VersionState::kActive);
-  EXPECT_EQ((*versions)[0].kid, "kid-1");
-  EXPECT_EQ((*versions)[0].public_jwk, R"({"kty":"EC"})");
-  EXPECT_EQ((*versions)[0].activate_time, 1700000001);
-  EXPECT_EQ((*versions)[0].previous_state, VersionState::kPending);
-  EXPECT_TRUE((*versions)[0].compromised);
-  EXPECT_EQ((*versions)[0].destroy_after, 1700009999);
-  EXPECT_EQ((*versions)[0].object_label, "custody/op/id/v1");
-  EXPECT_EQ((*versions)[0].certificate_chain,
-            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n");
-}
-
-TEST_F(PostgresMetadataStoreTest, DuplicateRingIsAlreadyExistsAndChangesNothing) {
-  auto store = MustOpen();
-  ASSERT_NE(store, nullptr);
-  ASSERT_TRUE(store->InsertRingWithVersion(Ring("op/id"), Version("op/id", 1, "aa")).ok());
-  absl::Status s = store->InsertRingWithVersion(Ring("op/id"), Version("op/id", 1, "bb"));
-  EXPECT_EQ(s.code(), absl::StatusCode::kAlreadyExists) << s;
-  EXPECT_NE(s.message().find("'op/id' already exists"), absl::string_view::npos) << s;
-  auto versions = store->LoadVersions();
-  ASSERT_TRUE(versions.ok());
-  ASSERT_EQ(versions->size(), 1u);
-  EXPECT_EQ((*versions)[0].object_id, "aa");
-}
-
-TEST_F(PostgresMetadataStoreTest, DeleteLastVersionRemovesRing) {
-  auto store = MustOpen();
-  ASSERT_NE(store, nullptr);
-  ASSERT_TRUE(store->InsertRingWithVersion(Ring("op/id"), Version("op/id", 1, "aa")).ok());
-  ASSERT_TRUE(store->DeleteVersion("op/id", 1).ok());
-  EXPECT_TRUE(store->LoadRings()->empty());
-  EXPECT_TRUE(store->LoadVersions()->empty());
-}
-
-TEST_F(PostgresMetadataStoreTest, FurtherVersionsNeedAnExistingRingAndFreeNumbers) {
-  auto store = MustOpen();
-  ASSERT_NE(store, nullptr);
-  RingRecord ring = Ring("enc/x");
-  ring.purpose = Purpose::kDecrypt;
-  ring.alg = "ECDH-ES";
-  ring.curve = "P-384";
-  ring.zip_max_bytes = 4096;
-  ring.policy.rotation_period_ms = 123456;
-  ring.policy_explicit = true;
-  ASSERT_TRUE(store->InsertRingWithVersion(ring, Version("enc/x", 1, "aa")).ok());
-  EXPECT_TRUE(store->InsertVersion(Version("enc/x", 2, "bb")).ok());
-  EXPECT_EQ(store->InsertVersion(Version("enc/x", 2, "cc")).code(),
-            absl::StatusCode::kAlreadyExists);
-  EXPECT_EQ(store->InsertVersion(Version("enc/x", 3, "aa")).code(),
-            absl::StatusCode::kAlreadyExists);
-  EXPECT_EQ(store->InsertVersion(Version("nope", 1, "dd")).code(), absl::StatusCode::kNotFound);
-  auto rings = store->LoadRings();
-  ASSERT_TRUE(rings.ok());
-  EXPECT_EQ((*rings)[0].purpose, Purpose::kDecrypt);
-  EXPECT_EQ((*rings)[0].curve, "P-384");
-  EXPECT_EQ((*rings)[0].zip_max_bytes, 4096);
-  EXPECT_EQ((*rings)[0].policy.rotation_period_ms, 123456);
-  EXPECT_TRUE((*rings)[0].policy_explicit);
-  EXPECT_EQ(store->LoadVersions()->size(), 2u);
-}
-
-TEST_F(PostgresMetadataStoreTest, UpdateOfMissingVersionIsNotFound) {
-  auto store = MustOpen();
-  ASSERT_NE(store, nullptr);
-  EXPECT_EQ(store->UpdateVersion(Version("nope", 1, "aa")).code(), absl::StatusCode::kNotFound);
-}
+// The contract shared with the SQLite store is metadata_store_contract_test.cc.
 
 // --- What replicas sharing the database need. ---
 
@@ -305,14 +190,6 @@ TEST_F(PostgresMetadataStoreTest, ReplicasStartingTogetherMigrateOnce) {
   EXPECT_EQ(Sql("SELECT count(*), max(version) FROM custody_schema_migrations"),
             absl::StrCat(PostgresMetadataStore::LatestSchemaVersion(), "|",
                          PostgresMetadataStore::LatestSchemaVersion(), "\n"));
-}
-
-TEST_F(PostgresMetadataStoreTest, NewerSchemaIsRefused) {
-  ASSERT_NE(MustOpen(), nullptr);
-  Sql("INSERT INTO custody_schema_migrations(version) VALUES (999)");
-  auto store = Open();
-  EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition) << store.status();
-  EXPECT_NE(store.status().message().find("999"), absl::string_view::npos);
 }
 
 // Writers on separate connections race to add the next version and to swap ACTIVE, each

@@ -9,35 +9,13 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "rotation/metadata_schema.h"
 #include "rotation/metadata_store.h"
 
 namespace custody::rotation {
 namespace {
 
-constexpr absl::string_view kDomain = "custody-metadata/v1";
 constexpr absl::string_view kSoftwarePrefix = "sw1:";
-
-class Encoder {
- public:
-  explicit Encoder(absl::string_view kind) {
-    Add(kDomain);
-    Add(kind);
-  }
-  Encoder& Add(absl::string_view field) {
-    const uint32_t n = static_cast<uint32_t>(field.size());
-    const char length[4] = {static_cast<char>(n >> 24), static_cast<char>(n >> 16),
-                            static_cast<char>(n >> 8), static_cast<char>(n)};
-    out_.append(length, 4);
-    out_.append(field.data(), field.size());
-    return *this;
-  }
-  Encoder& Add(int64_t v) { return Add(absl::StrCat(v)); }
-  Encoder& Add(bool v) { return Add(absl::string_view(v ? "1" : "0")); }
-  std::string Take() { return std::move(out_); }
-
- private:
-  std::string out_;
-};
 
 absl::StatusOr<TagCheck> Check(const RecordTagger* tagger, const std::string& message,
                                absl::string_view tag) {
@@ -51,43 +29,11 @@ absl::StatusOr<TagCheck> Check(const RecordTagger* tagger, const std::string& me
 }  // namespace
 
 std::string CanonicalRing(const RingRecord& r) {
-  Encoder e("ring");
-  e.Add(r.name)
-      .Add(PurposeName(r.purpose))
-      .Add(r.alg)
-      .Add(int64_t{r.rsa_bits})
-      .Add(r.allow_non_fapi)
-      .Add(r.create_time)
-      .Add(r.curve)
-      .Add(r.zip_max_bytes)
-      .Add(r.policy.prepublish_ms)
-      .Add(r.policy.rotation_period_ms)
-      .Add(r.policy.retain_ms)
-      .Add(r.policy.destroy_delay_ms)
-      .Add(r.policy_explicit)
-      .Add(r.require_certificate);
-  return e.Take();
+  return schema::Canonical(schema::RingColumns(), "ring", r);
 }
 
 std::string CanonicalVersion(const VersionRecord& v) {
-  Encoder e("version");
-  e.Add(v.ring)
-      .Add(int64_t{v.version})
-      .Add(v.object_id)
-      .Add(v.object_label)
-      .Add(v.kid)
-      .Add(v.public_jwk)
-      .Add(VersionStateName(v.state))
-      .Add(v.create_time)
-      .Add(v.activate_time)
-      .Add(v.publish_time)
-      .Add(v.retire_time)
-      .Add(v.destroy_after)
-      .Add(v.destroy_time)
-      .Add(VersionStateName(v.previous_state))
-      .Add(v.compromised)
-      .Add(v.certificate_chain);
-  return e.Take();
+  return schema::Canonical(schema::VersionColumns(), "version", v);
 }
 
 absl::StatusOr<std::string> TagRing(const RecordTagger* tagger, const RingRecord& ring) {

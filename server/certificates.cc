@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "common/openssl_ptr.h"
 #include "custody/v1/custody.pb.h"
 #include "jose/base64url.h"
 #include "openssl/core_names.h"
@@ -22,13 +23,9 @@
 namespace custody::server {
 namespace {
 
-template <typename T, void (*F)(T*)>
-struct Deleter {
-  void operator()(T* p) const { F(p); }
-};
-using NamePtr = std::unique_ptr<X509_NAME, Deleter<X509_NAME, X509_NAME_free>>;
-using ReqPtr = std::unique_ptr<X509_REQ, Deleter<X509_REQ, X509_REQ_free>>;
-using BioPtr = std::unique_ptr<BIO, Deleter<BIO, BIO_free_all>>;
+using NamePtr = OpensslPtr<X509_NAME>;
+using ReqPtr = OpensslPtr<X509_REQ>;
+using BioPtr = OpensslPtr<BIO>;
 
 absl::StatusOr<NamePtr> ParseSubject(absl::string_view subject) {
   if (!absl::StartsWith(subject, "/") || subject.size() < 4) {
@@ -94,9 +91,8 @@ absl::StatusOr<std::string> SignatureAlgorithm(const EVP_PKEY* public_key,
     static const unsigned char kEd25519[] = {0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70};
     return std::string(reinterpret_cast<const char*>(kEd25519), sizeof(kEd25519));
   }
-  std::unique_ptr<EVP_PKEY_CTX, decltype(&EVP_PKEY_CTX_free)> ctx(
-      EVP_PKEY_CTX_new_from_pkey(nullptr, const_cast<EVP_PKEY*>(public_key), nullptr),
-      EVP_PKEY_CTX_free);
+  OpensslPtr<EVP_PKEY_CTX> ctx(
+      EVP_PKEY_CTX_new_from_pkey(nullptr, const_cast<EVP_PKEY*>(public_key), nullptr));
   if (ctx == nullptr || EVP_PKEY_verify_init(ctx.get()) != 1 ||
       EVP_PKEY_CTX_set_signature_md(ctx.get(), profile.digest) != 1) {
     return absl::InternalError("cannot set up the signature algorithm");
@@ -190,7 +186,7 @@ absl::StatusOr<CertificateChain> ParseCertificateChain(absl::string_view pem, co
     return absl::InvalidArgumentError(absl::StrCat("certificate chain over ", kMaxPem, " bytes"));
   }
   BioPtr bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-  std::vector<std::unique_ptr<X509, Deleter<X509, X509_free>>> certs;
+  std::vector<OpensslPtr<X509>> certs;
   while (true) {
     X509* cert = PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr);
     if (cert == nullptr) break;

@@ -1,5 +1,7 @@
-// KeyService, part two: the key lifecycle. Rotation, disable/enable, scheduled destruction,
-// compromise, and the scheduler that performs due transitions from wall-clock time.
+// KeyService, the key lifecycle's transitions: a new version (AddVersion), promotion and
+// rotation, disable/enable, scheduled destruction and its cancellation, compromise, and the
+// destruction of a token object. Each goes through MutateRing (key_ring_snapshot.cc); the
+// scheduler that performs due transitions is in key_scheduler.cc.
 //
 // Crash safety: every transition is one durable metadata commit (rotation.Mutation), ordered
 // against token operations so that a kill -9 at any instant leaves a state the next start
@@ -17,6 +19,7 @@
 #include "rotation/lifecycle.h"
 #include "server/certificates.h"
 #include "server/key_service.h"
+#include "server/key_service_internal.h"
 
 namespace custody::server {
 namespace {
@@ -24,9 +27,7 @@ namespace {
 using rotation::VersionRecord;
 using rotation::VersionState;
 
-int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
-
-constexpr int64_t kAwaitingCertificateRecheckMs = 60 * 1000;
+using internal::NowMs;
 
 std::string FormatMs(int64_t ms) {
   return absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::FromUnixMillis(ms), absl::UTCTimeZone());
@@ -52,134 +53,6 @@ absl::Status RefuseCompromised(const std::string& ring, const VersionRecord& v,
 }
 
 }  // namespace
-
-void KeyService::ApplyFloors(Ring& ring, bool log) const {
-  bool raised = false;
-  rotation::RotationPolicy effective =
-      rotation::RaiseToFloors(ring.record.policy, options_.floors, &raised);
-  if (!raised) return;
-  if (log) {
-    const rotation::RotationPolicy& stored = ring.record.policy;
-    Log(LogLevel::kWarning, "ring.policy_below_floor",
-        {{"ring", ring.record.name},
-         {"stored",
-          absl::StrCat("retain=", rotation::FormatDurationMs(stored.retain_ms),
-                       " destroy_delay=", rotation::FormatDurationMs(stored.destroy_delay_ms),
-                       " rotation_period=", rotation::FormatDurationMs(stored.rotation_period_ms))},
-         {"effective",
-          absl::StrCat(
-              "retain=", rotation::FormatDurationMs(effective.retain_ms),
-              " destroy_delay=", rotation::FormatDurationMs(effective.destroy_delay_ms),
-              " rotation_period=", rotation::FormatDurationMs(effective.rotation_period_ms))},
-         {"action", "running with the floors; set-policy stores a policy that meets them"}});
-  }
-  ring.record.policy = effective;
-}
-
-KeyService::Version* KeyService::Ring::Find(uint32_t version) {
-  for (Version& v : versions) {
-    if (v.record.version == version) return &v;
-  }
-  return nullptr;
-}
-
-const KeyService::Version* KeyService::Ring::Find(uint32_t version) const {
-  for (const Version& v : versions) {
-    if (v.record.version == version) return &v;
-  }
-  return nullptr;
-}
-
-const KeyService::Version* KeyService::Ring::NewestPending() const {
-  const Version* newest = nullptr;
-  for (const Version& v : versions) {
-    if (v.record.state == VersionState::kPending && v.key != nullptr &&
-        (newest == nullptr || v.record.version > newest->record.version)) {
-      newest = &v;
-    }
-  }
-  return newest;
-}
-
-void KeyService::Ring::Reindex() {
-  active = -1;
-  for (size_t i = 0; i < versions.size(); ++i) {
-    // A version whose tag does not verify is never the ring's ACTIVE one, whatever its row says.
-    if (versions[i].record.state == VersionState::kActive && !versions[i].tag_mismatch) {
-      active = static_cast<int>(i);
-    }
-  }
-}
-
-std::vector<const KeyService::Version*> KeyService::Ring::Published() const {
-  std::vector<const Version*> out;
-  if (active >= 0 && versions[static_cast<size_t>(active)].key != nullptr &&
-      !versions[static_cast<size_t>(active)].record.compromised) {
-    out.push_back(&versions[static_cast<size_t>(active)]);
-  }
-  for (const Version& v : versions) {
-    if (v.record.state != VersionState::kActive && rotation::IsPublishedState(v.record.state) &&
-        v.key != nullptr && !v.record.compromised) {
-      out.push_back(&v);
-    }
-  }
-  return out;
-}
-
-void KeyService::Publish(std::shared_ptr<const Ring> ring) {
-  auto published_kids = [](const Ring* r) {
-    std::string kids;
-    if (r == nullptr) return kids;
-    // A certificate attached to a published version changes its JWK (x5c) too.
-    for (const Version* v : r->Published()) {
-      absl::StrAppend(&kids, v->record.kid, ":", v->record.certificate_chain.size(), ",");
-    }
-    return kids;
-  };
-  absl::MutexLock lock(&mu_);
-  auto it = rings_.find(ring->record.name);
-  bool changed =
-      it == rings_.end() || published_kids(it->second.get()) != published_kids(ring.get());
-  rings_[ring->record.name] = std::move(ring);
-  if (changed) {
-    ++jwks_generation_;
-    jwks_changed_.SignalAll();
-  }
-}
-
-absl::StatusOr<std::shared_ptr<const KeyService::Ring>> KeyService::MutateRing(
-    const std::string& name,
-    const std::function<absl::Status(Ring&, rotation::Mutation&)>& change) {
-  Ring ring;
-  // With a shared store the commit is conditional on the ring's generation; when another
-  // replica changed the ring meanwhile, re-read it and apply `change` again (it re-checks its
-  // preconditions on the new state).
-  for (int attempt = 0;; ++attempt) {
-    auto current = FindRing(name);
-    if (!current.ok()) return current.status();
-    ring = **current;
-    rotation::Mutation mutation;
-    if (absl::Status s = change(ring, mutation); !s.ok()) return s;
-    if (absl::Status s = RefuseUntrustedChange(**current, mutation); !s.ok()) return s;
-    if (options_.shared_store)
-      mutation.expect_generations.emplace_back(name, ring.record.generation);
-    absl::Status s = store_->Commit(mutation);
-    if (s.ok()) break;
-    if (!options_.shared_store || !absl::IsAborted(s) || attempt == 7) return s;
-    Log(LogLevel::kInfo, "replica.retry", {{"ring", name}, {"reason", std::string(s.message())}});
-    if (absl::Status r = RefreshLocked(); !r.ok()) return r;
-  }
-  if (options_.shared_store) ++ring.record.generation;
-  ring.Reindex();
-  auto snapshot = std::make_shared<const Ring>(std::move(ring));
-  Publish(snapshot);
-  {
-    absl::MutexLock lock(&scheduler_mu_);  // the next due time may have moved
-    scheduler_poke_ = true;
-    scheduler_wake_.SignalAll();
-  }
-  return snapshot;
-}
 
 absl::StatusOr<uint32_t> KeyService::AddVersion(const std::string& name, Activation activation) {
   auto base = FindRing(name);
@@ -631,163 +504,6 @@ absl::StatusOr<v1::KeyRing> KeyService::CompromiseKeyVersion(
   auto latest = FindRing(request.ring());
   if (!latest.ok()) return latest.status();
   return ToProto(**latest);
-}
-
-void KeyService::Version::NoteSignature() const {
-  const int64_t now = NowMs();
-  if (last_signed_ms->load(std::memory_order_relaxed) < now) {
-    last_signed_ms->store(now, std::memory_order_relaxed);
-  }
-}
-
-std::vector<VersionRecord> KeyService::PlanningRecords(const Ring& ring) const {
-  // Other replicas: one that missed the retirement's notification keeps signing with the version
-  // until its next re-read, and one that lost the store until its staleness bound, which counts
-  // from the start of its last good read (which did not see the retirement, so began before
-  // retire_time). Every replica is assumed to run with the same --max_metadata_staleness.
-  const int64_t other_replicas_ms =
-      options_.shared_store ? absl::ToInt64Milliseconds(options_.max_staleness) : 0;
-  std::vector<VersionRecord> records;
-  for (const Version& v : ring.versions) {
-    if (v.tag_mismatch) continue;  // nothing is planned for a version custody cannot trust
-    records.push_back(v.record);
-    if (v.record.state == VersionState::kRetired) {
-      records.back().retire_time = std::max(v.record.retire_time + other_replicas_ms,
-                                            v.last_signed_ms->load(std::memory_order_relaxed));
-    }
-  }
-  return records;
-}
-
-int64_t KeyService::RunDueTransitions() {
-  if (options_.shared_store) {
-    absl::MutexLock admin(&admin_mu_);
-    if (absl::Status s = SyncShared(); !s.ok()) return NowMs() + 5000;
-  }
-  std::vector<std::string> names;
-  {
-    absl::ReaderMutexLock lock(&mu_);
-    for (const auto& [name, ring] : rings_) names.push_back(name);
-  }
-  int64_t next_due = 0;
-  for (const std::string& name : names) {
-    {
-      absl::MutexLock lock(&scheduler_mu_);
-      if (scheduler_stop_) return 0;
-    }
-    absl::MutexLock admin(&admin_mu_);
-    auto ring = FindRing(name);
-    if (!ring.ok()) continue;
-    rotation::Plan plan = rotation::PlanRing((*ring)->record, PlanningRecords(**ring), NowMs());
-    bool failed = false;
-    bool awaiting_certificate = false;
-    for (const rotation::Action& action : plan.due) {
-      absl::Status s;
-      switch (action.kind) {
-        case rotation::ActionKind::kCreatePending:
-          s = AddVersion(name, Activation::kPending).status();
-          break;
-        case rotation::ActionKind::kRotate:
-          if (action.missed_periods >= 2) {
-            Log(LogLevel::kWarning, "rotation.catch_up",
-                {{"ring", name},
-                 {"missed_periods", absl::StrCat(action.missed_periods)},
-                 {"action", "rotating once, not once per missed period"}});
-          }
-          if (const Version* next = (*ring)->Find(action.version); next != nullptr) {
-            // --require_certificate holds for the scheduler too: the PENDING version waits for
-            // its certificate (logged once per version; GetKeyRing's rotation_waiting says why;
-            // setting the certificate wakes the scheduler).
-            if (absl::Status gate = RotationCertificateGate((*ring)->record, next->record);
-                !gate.ok()) {
-              awaiting_certificate = true;
-              if (awaiting_certificate_logged_.insert(absl::StrCat(name, "#", action.version))
-                      .second) {
-                Log(LogLevel::kWarning, "rotation.awaiting_certificate",
-                    {{"ring", name},
-                     {"version", absl::StrCat(action.version)},
-                     {"reason", std::string(gate.message())}});
-              }
-              break;
-            }
-          }
-          s = Promote(name, action.version, false, nullptr);
-          break;
-        case rotation::ActionKind::kScheduleDestruction:
-          s = MutateRing(name, [&](Ring& r, rotation::Mutation& m) -> absl::Status {
-                Version* v = r.Find(action.version);
-                if (v == nullptr || v->record.state != VersionState::kRetired) {
-                  return absl::OkStatus();
-                }
-                v->record.previous_state = VersionState::kRetired;
-                v->record.state = VersionState::kDestroyScheduled;
-                v->record.destroy_after = NowMs() + r.record.policy.destroy_delay_ms;
-                m.update_versions.push_back(v->record);
-                return absl::OkStatus();
-              }).status();
-          if (s.ok()) {
-            Log(LogLevel::kInfo, "version.retain_expired",
-                {{"ring", name}, {"version", absl::StrCat(action.version)}});
-          }
-          break;
-        case rotation::ActionKind::kDestroy:
-          s = DestroyVersion(name, action.version);
-          break;
-      }
-      if (!s.ok()) {
-        failed = true;
-        Log(LogLevel::kError, "scheduler.transition_failed",
-            {{"ring", name},
-             {"version", absl::StrCat(action.version)},
-             {"error", std::string(s.message())}});
-      }
-    }
-    // Re-plan after acting: what was done moved the ring's next due time.
-    auto after = FindRing(name);
-    if (after.ok()) {
-      rotation::Plan replan =
-          rotation::PlanRing((*after)->record, PlanningRecords(**after), NowMs());
-      int64_t due = replan.due.empty() ? replan.next_due_ms : NowMs();
-      if (failed) due = NowMs() + 5000;  // back off after an error instead of spinning
-      // A rotation waiting for a certificate stays "due": look again in a minute (or when a
-      // certificate is set, which pokes the scheduler) instead of spinning.
-      if (awaiting_certificate) due = NowMs() + kAwaitingCertificateRecheckMs;
-      if (due != 0 && (next_due == 0 || due < next_due)) next_due = due;
-    }
-  }
-  return next_due;
-}
-
-void KeyService::SchedulerLoop() {
-  bool leading = false;
-  for (;;) {
-    // With a shared store one replica, elected through the store, performs due transitions;
-    // the others ask again every half second (the takeover delay after a leader dies). Even a
-    // replica that wrongly believed it led changes nothing twice: every transition is a
-    // conditional commit on the ring's generation.
-    auto leader = store_->HoldLeadership();
-    const bool now_leading = leader.ok() && *leader;
-    scheduler_leader_.store(now_leading);
-    if (now_leading != leading) {
-      leading = now_leading;
-      if (options_.shared_store) {
-        Log(leading ? LogLevel::kInfo : LogLevel::kWarning, "scheduler.leader",
-            {{"state", leading ? "acquired" : "lost"},
-             {"error", leader.ok() ? "" : std::string(leader.status().message())}});
-      }
-    }
-    int64_t next_due = leading ? RunDueTransitions() : 0;
-    absl::MutexLock lock(&scheduler_mu_);
-    if (scheduler_stop_) return;
-    absl::Time deadline = absl::Now() + absl::Seconds(leading ? 60 : 0.5);
-    if (options_.shared_store && leading) deadline = absl::Now() + absl::Seconds(1);
-    if (next_due != 0) deadline = std::min(deadline, absl::FromUnixMillis(next_due));
-    while (!scheduler_stop_ && !scheduler_poke_) {
-      if (scheduler_wake_.WaitWithDeadline(&scheduler_mu_, deadline)) break;
-    }
-    scheduler_poke_ = false;
-    if (scheduler_stop_) return;
-  }
 }
 
 }  // namespace custody::server

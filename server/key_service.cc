@@ -1,7 +1,8 @@
 // KeyService, part one: its lifetime. Create loads every ring and version from the metadata
 // store and reconciles them with the token (CREATING versions completed or rolled back, missing
 // objects flagged, orphaned objects reported); StopScheduler ends the background threads. The
-// operations live in key_creation.cc, key_requests.cc, key_snapshots.cc and key_lifecycle.cc.
+// operations live in key_creation.cc, key_requests.cc, key_snapshots.cc, key_lifecycle.cc,
+// key_ring_snapshot.cc and key_scheduler.cc.
 #include "server/key_service.h"
 
 #include <set>

@@ -1,5 +1,6 @@
 // Internal to server/: small helpers that the files implementing KeyService share
-// (key_service.cc, key_creation.cc, key_requests.cc, key_snapshots.cc, key_lifecycle.cc).
+// (key_service.cc, key_creation.cc, key_requests.cc, key_snapshots.cc, key_lifecycle.cc,
+// key_ring_snapshot.cc, key_scheduler.cc).
 #ifndef CUSTODY_SERVER_KEY_SERVICE_INTERNAL_H_
 #define CUSTODY_SERVER_KEY_SERVICE_INTERNAL_H_
 

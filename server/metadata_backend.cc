@@ -7,6 +7,7 @@
 #include "absl/strings/strip.h"
 #include "common/secret.h"
 #include "rotation/postgres_metadata_store.h"
+#include "rotation/sqlite_metadata_store.h"
 
 namespace custody::server {
 
@@ -14,7 +15,7 @@ absl::StatusOr<MetadataBackend> OpenMetadataBackend(const MetadataBackendOptions
   MetadataBackend backend;
   if (options.spec.empty() || options.spec == "sqlite") {
     const std::string path = options.state_dir + "/metadata.db";
-    auto store = rotation::MetadataStore::Open(path, options.tagger);
+    auto store = rotation::OpenSqliteMetadataStore(path, options.tagger);
     if (!store.ok()) return store.status();
     backend.store = *std::move(store);
     backend.describe = "sqlite:" + path;

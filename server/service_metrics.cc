@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "absl/strings/str_cat.h"
+#include "common/openssl_ptr.h"
 #include "metrics/exposition.h"
 #include "openssl/asn1.h"
 #include "openssl/bio.h"
@@ -198,10 +199,9 @@ void WriteRings(ExpositionWriter& out, const KeyService& keys, RequestMetrics* r
 
 // notAfter of the first certificate in a PEM file, as Unix seconds.
 std::optional<double> CertificateExpiry(const std::string& path) {
-  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new_file(path.c_str(), "r"), &BIO_free);
+  OpensslPtr<BIO> bio(BIO_new_file(path.c_str(), "r"));
   if (bio == nullptr) return std::nullopt;
-  std::unique_ptr<X509, decltype(&X509_free)> cert(
-      PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr), &X509_free);
+  OpensslPtr<X509> cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
   if (cert == nullptr) return std::nullopt;
   struct tm tm {};
   if (ASN1_TIME_to_tm(X509_get0_notAfter(cert.get()), &tm) != 1) return std::nullopt;

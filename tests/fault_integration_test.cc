@@ -53,6 +53,7 @@
 #include "pkcs11/token.h"
 #include "tests/harness.h"
 #include "tests/independent_jws.h"
+#include "tests/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {
@@ -74,10 +75,6 @@ constexpr bool kSanitized = false;
 
 int64_t MsBetween(Clock::time_point from, Clock::time_point to) {
   return std::chrono::duration_cast<Ms>(to - from).count();
-}
-
-void SetDeadline(grpc::ClientContext* ctx, Ms timeout) {
-  ctx->set_deadline(std::chrono::system_clock::now() + timeout);
 }
 
 int EnvInt(const char* name, int fallback) {
@@ -102,9 +99,7 @@ grpc::Status CreateRing(Custodyd& d, const std::string& name, const std::string&
   req.set_name(name);
   req.set_purpose(v1::SIGN);
   req.set_alg(alg);
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx, timeout);
-  return d.admin().CreateKeyRing(&ctx, req, out);
+  return custody::testing::CreateRing(d, req, out, timeout);
 }
 
 std::string GetJwks(Custodyd& d, grpc::Status* status) {
@@ -114,17 +109,6 @@ std::string GetJwks(Custodyd& d, grpc::Status* status) {
   SetDeadline(&ctx, 10s);
   *status = d.signer().GetJwks(&ctx, req, &resp);
   return resp.jwks();
-}
-
-grpc::Status SignJws(Custodyd& d, const std::string& ring, const std::string& payload,
-                     v1::SignJwsResponse* out, Ms timeout) {
-  v1::SignJwsRequest req;
-  req.set_ring(ring);
-  req.set_payload(payload);
-  req.set_typ("JWT");
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx, timeout);
-  return d.signer().SignJws(&ctx, req, out);
 }
 
 // SERVING, NOT_SERVING, or nullopt when the health service did not answer.

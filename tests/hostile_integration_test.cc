@@ -25,6 +25,7 @@
 #include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
 #include "tests/harness.h"
+#include "tests/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {
@@ -55,16 +56,6 @@ std::string ReadAudit(const std::string& state_dir) {
     audit += ReadFileOrDie(e.path());
   }
   return audit;
-}
-
-grpc::Status CreateEs256Ring(custody::v1::KeyAdmin::Stub& admin, const std::string& name) {
-  custody::v1::CreateKeyRingRequest req;
-  req.set_name(name);
-  req.set_purpose(custody::v1::SIGN);
-  req.set_alg("ES256");
-  custody::v1::KeyRing ring;
-  grpc::ClientContext ctx;
-  return admin.CreateKeyRing(&ctx, req, &ring);
 }
 
 // A normal caller: `n` SignJws calls one after another on a channel of its own; the latency
@@ -421,15 +412,6 @@ TEST(HostileConnectionsTest, StalledConnectionsAreCappedPerUidAndClosedWhenIdle)
   EXPECT_LT(fds, 1024 - 64);
   EXPECT_EQ(d.log().find("Too many open files"), std::string::npos);
   EXPECT_NE(d.log().find("unix_listener.refused"), std::string::npos);
-}
-
-custody::v1::KeyRing GetRing(Custodyd& d, const std::string& name) {
-  custody::v1::GetKeyRingRequest req;
-  req.set_name(name);
-  custody::v1::KeyRing ring;
-  grpc::ClientContext ctx;
-  EXPECT_TRUE(d.admin().GetKeyRing(&ctx, req, &ring).ok());
-  return ring;
 }
 
 // Write access to metadata.db is not enough to publish a key: with custodyd stopped, op/a's

@@ -35,6 +35,7 @@
 #include "tests/harness.h"
 #include "tests/hsm_modules.h"
 #include "tests/independent_jws.h"
+#include "tests/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {
@@ -106,28 +107,8 @@ std::vector<std::vector<std::string>>& MatrixRows() {
   return *rows;
 }
 
-void SetDeadline(grpc::ClientContext* ctx, std::chrono::milliseconds timeout = 60s) {
-  ctx->set_deadline(std::chrono::system_clock::now() + timeout);
-}
-
-std::string Jwks(Custodyd& d, const std::string& ring) {
-  v1::GetJwksRequest req;
-  req.add_rings(ring);
-  v1::GetJwksResponse resp;
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
-  grpc::Status s = d.signer().GetJwks(&ctx, req, &resp);
-  EXPECT_TRUE(s.ok()) << s.error_message();
-  return resp.jwks();
-}
-
-grpc::Status GetRing(Custodyd& d, const std::string& name, v1::KeyRing* out) {
-  v1::GetKeyRingRequest req;
-  req.set_name(name);
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
-  return d.admin().GetKeyRing(&ctx, req, out);
-}
+// The deadline of this file's RPCs (rpc_helpers.h's are a hang guard only).
+constexpr std::chrono::milliseconds kCallTimeout = 60s;
 
 std::string ActiveKid(const v1::KeyRing& ring) {
   for (const v1::KeyVersion& v : ring.versions()) {
@@ -153,14 +134,14 @@ std::string EncryptWithJwcrypto(const std::string& jwks, const std::string& kid,
 // or a JWE python3-jwcrypto made that decrypts. "" or what failed.
 std::string Exercise(Custodyd& d, const Cell& c, const std::string& kid) {
   const std::string name = RingName(c);
-  const std::string jwks = Jwks(d, name);
+  const std::string jwks = Jwks(d, {name});
   if (c.purpose == v1::SIGN) {
     v1::SignJwsRequest req;
     req.set_ring(name);
     req.set_payload(absl::StrCat("{\"sub\":\"conformance\",\"alg\":\"", c.alg, "\"}"));
     v1::SignJwsResponse resp;
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     grpc::Status s = d.signer().SignJws(&ctx, req, &resp);
     if (!s.ok()) return "SignJws: " + s.error_message();
     if (resp.kid() != kid) return absl::StrCat("signed with kid ", resp.kid(), ", not ", kid);
@@ -177,7 +158,7 @@ std::string Exercise(Custodyd& d, const Cell& c, const std::string& kid) {
   req.set_jwe(jwe);
   v1::DecryptJweResponse resp;
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  SetDeadline(&ctx, kCallTimeout);
   grpc::Status s = d.signer().DecryptJwe(&ctx, req, &resp);
   if (!s.ok()) return "DecryptJwe: " + s.error_message();
   if (resp.kid() != kid) return absl::StrCat("decrypted with kid ", resp.kid(), ", not ", kid);
@@ -191,7 +172,7 @@ std::string Concurrently(Custodyd& d, const Cell& c, const std::string& kid) {
   constexpr int kCallers = 16;
   constexpr int kCalls = 2;
   const std::string name = RingName(c);
-  const std::string jwks = Jwks(d, name);
+  const std::string jwks = Jwks(d, {name});
   std::string jwe;
   const std::string plaintext = "sixteen callers";
   if (c.purpose == v1::DECRYPT) jwe = EncryptWithJwcrypto(jwks, kid, c.alg, plaintext);
@@ -204,7 +185,7 @@ std::string Concurrently(Custodyd& d, const Cell& c, const std::string& kid) {
     callers.emplace_back([&, i] {
       for (int n = 0; n < kCalls && failures[i].empty(); ++n) {
         grpc::ClientContext ctx;
-        SetDeadline(&ctx);
+        SetDeadline(&ctx, kCallTimeout);
         grpc::Status s;
         if (c.purpose == v1::SIGN) {
           v1::SignJwsRequest req;
@@ -415,7 +396,7 @@ TEST_P(HsmConformanceTest, EveryAlgorithmWorksOrIsRefusedWithTheModulesReason) {
     ASSERT_TRUE(resp.rotated()) << resp.message();
     const std::string kid = ActiveKid(resp.ring());
     EXPECT_NE(kid, kids[RingName(c)]);
-    EXPECT_NE(Jwks(*custodyd, RingName(c)).find(kids[RingName(c)]), std::string::npos);
+    EXPECT_NE(Jwks(*custodyd, {RingName(c)}).find(kids[RingName(c)]), std::string::npos);
     kids[RingName(c)] = kid;
     EXPECT_EQ(Exercise(*custodyd, c, kid), "");
   }

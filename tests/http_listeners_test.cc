@@ -36,6 +36,7 @@
 #include "metrics/http_test_client.h"
 #include "tests/harness.h"
 #include "tests/prometheus_testing.h"
+#include "tests/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {
@@ -53,19 +54,8 @@ void CreateRing(Custodyd& d, const std::string& name, v1::Purpose purpose, const
   req.set_name(name);
   req.set_purpose(purpose);
   req.set_alg(alg);
-  v1::KeyRing ring;
-  grpc::ClientContext ctx;
-  grpc::Status s = d.admin().CreateKeyRing(&ctx, req, &ring);
+  grpc::Status s = custody::testing::CreateRing(d, req);
   ASSERT_TRUE(s.ok()) << name << ": " << s.error_message();
-}
-
-v1::GetJwksResponse GetJwks(Custodyd& d, const std::string& ring) {
-  v1::GetJwksRequest req;
-  req.add_rings(ring);
-  v1::GetJwksResponse resp;
-  grpc::ClientContext ctx;
-  EXPECT_TRUE(d.signer().GetJwks(&ctx, req, &resp).ok());
-  return resp;
 }
 
 struct CurlReply {
@@ -121,7 +111,7 @@ TEST_F(HttpListenersTest, JwksListenerServesPublishedRingsWithEtagsAndNothingEls
   CreateRing(d, "hidden/sign", v1::SIGN, "PS256");
 
   for (std::string path : {"/rings/pub/sign/jwks.json", "/.well-known/jwks.json"}) {
-    const v1::GetJwksResponse expected = GetJwks(d, "pub/sign");
+    const v1::GetJwksResponse expected = GetJwks(d, {"pub/sign"});
     CurlReply r = Curl({base + path});
     EXPECT_EQ(r.status, 200) << path;
     EXPECT_EQ(r.body, expected.jwks()) << path;
@@ -138,7 +128,7 @@ TEST_F(HttpListenersTest, JwksListenerServesPublishedRingsWithEtagsAndNothingEls
     EXPECT_EQ(Header(again, "etag"), Header(r, "etag"));
     EXPECT_EQ(Curl({"-H", "If-None-Match: \"stale\"", base + path}).status, 200);
   }
-  EXPECT_EQ(Curl({base + "/rings/pub/enc/jwks.json"}).body, GetJwks(d, "pub/enc").jwks());
+  EXPECT_EQ(Curl({base + "/rings/pub/enc/jwks.json"}).body, GetJwks(d, {"pub/enc"}).jwks());
   EXPECT_TRUE(absl::StrContains(Curl({base + "/rings/pub/enc/jwks.json"}).body, "\"use\":\"enc\""));
   // Nothing else is reachable: an unpublished ring, its alias-like paths, other paths.
   for (std::string path :
@@ -152,7 +142,7 @@ TEST_F(HttpListenersTest, JwksListenerServesPublishedRingsWithEtagsAndNothingEls
   EXPECT_EQ(Curl({"-I", base + "/rings/pub/sign/jwks.json"}).status, 200);
 
   // A rotation is served from the next request on; the old etag no longer matches.
-  const std::string before = GetJwks(d, "pub/sign").etag();
+  const std::string before = GetJwks(d, {"pub/sign"}).etag();
   {
     v1::RotateKeyRingRequest req;
     req.set_ring("pub/sign");
@@ -161,7 +151,7 @@ TEST_F(HttpListenersTest, JwksListenerServesPublishedRingsWithEtagsAndNothingEls
     grpc::ClientContext ctx;
     ASSERT_TRUE(d.admin().RotateKeyRing(&ctx, req, &resp).ok());
   }
-  const v1::GetJwksResponse after = GetJwks(d, "pub/sign");
+  const v1::GetJwksResponse after = GetJwks(d, {"pub/sign"});
   ASSERT_NE(after.etag(), before);
   CurlReply rotated = Curl(
       {"-H", absl::StrCat("If-None-Match: \"", before, "\""), base + "/.well-known/jwks.json"});
@@ -223,7 +213,7 @@ TEST_F(HttpListenersTest, JwksBehindNginxAsTheAuthorizationServersJwksUri) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   r = Curl({url});
-  const v1::GetJwksResponse expected = GetJwks(d, "op/id-token");
+  const v1::GetJwksResponse expected = GetJwks(d, {"op/id-token"});
   ASSERT_EQ(r.status, 200) << r.headers << ReadFileOrDie(dir + "/error.log");
   EXPECT_EQ(r.body, expected.jwks());
   EXPECT_EQ(Header(r, "etag"), absl::StrCat("\"", expected.etag(), "\""));

@@ -28,29 +28,20 @@
 #include "jose/json.h"
 #include "rotation/testing/postgres_cluster.h"
 #include "tests/harness.h"
+#include "tests/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {
 
 using namespace std::chrono_literals;
 
-void SetDeadline(grpc::ClientContext* ctx, std::chrono::milliseconds timeout = 20s) {
-  ctx->set_deadline(std::chrono::system_clock::now() + timeout);
-}
+// The deadline of this file's RPCs (rpc_helpers.h's are a hang guard only).
+constexpr std::chrono::milliseconds kCallTimeout = 20s;
 
 int64_t UnixMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::system_clock::now().time_since_epoch())
       .count();
-}
-
-v1::RotationPolicy Policy(int64_t prepublish, int64_t period, int64_t retain, int64_t destroy) {
-  v1::RotationPolicy p;
-  p.set_prepublish_ms(prepublish);
-  p.set_rotation_period_ms(period);
-  p.set_retain_ms(retain);
-  p.set_destroy_delay_ms(destroy);
-  return p;
 }
 
 grpc::Status Create(Custodyd& d, const std::string& name, const v1::RotationPolicy* policy,
@@ -61,49 +52,12 @@ grpc::Status Create(Custodyd& d, const std::string& name, const v1::RotationPoli
   req.set_alg("ES256");
   if (policy != nullptr) *req.mutable_policy() = *policy;
   if (!import_pem.empty()) req.mutable_import_key()->set_pkcs8_pem(import_pem);
-  v1::KeyRing ring;
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
-  grpc::Status s = d.admin().CreateKeyRing(&ctx, req, &ring);
-  if (out != nullptr) *out = ring;
-  return s;
-}
-
-grpc::Status SetPolicy(Custodyd& d, const std::string& name, const v1::RotationPolicy& policy) {
-  v1::UpdateRotationPolicyRequest req;
-  req.set_ring(name);
-  *req.mutable_policy() = policy;
-  v1::KeyRing ring;
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
-  return d.admin().UpdateRotationPolicy(&ctx, req, &ring);
-}
-
-v1::KeyRing GetRing(Custodyd& d, const std::string& name) {
-  v1::GetKeyRingRequest req;
-  req.set_name(name);
-  v1::KeyRing ring;
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
-  grpc::Status s = d.admin().GetKeyRing(&ctx, req, &ring);
-  EXPECT_TRUE(s.ok()) << name << ": " << s.error_message();
-  return ring;
-}
-
-std::string Jwks(Custodyd& d, const std::string& ring) {
-  v1::GetJwksRequest req;
-  req.add_rings(ring);
-  v1::GetJwksResponse resp;
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
-  grpc::Status s = d.signer().GetJwks(&ctx, req, &resp);
-  EXPECT_TRUE(s.ok()) << s.error_message();
-  return resp.jwks();
+  return CreateRing(d, req, out, kCallTimeout);
 }
 
 std::set<std::string> JwksKids(Custodyd& d, const std::string& ring) {
   std::set<std::string> kids;
-  auto json = jose::ParseJson(Jwks(d, ring));
+  auto json = jose::ParseJson(Jwks(d, {ring}));
   if (!json.ok()) return kids;
   const jose::Json* keys = json->Find("keys");
   if (keys == nullptr || !keys->is_array()) return kids;
@@ -121,7 +75,7 @@ grpc::Status VersionOp(Custodyd& d, Op op, const std::string& ring, uint32_t ver
   req.set_version(version);
   v1::KeyRing out;
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  SetDeadline(&ctx, kCallTimeout);
   switch (op) {
     case Op::kDisable:
       return d.admin().DisableKeyVersion(&ctx, req, &out);
@@ -142,26 +96,11 @@ grpc::Status VersionOp(Custodyd& d, Op op, const std::string& ring, uint32_t ver
   return grpc::Status::OK;
 }
 
-grpc::Status Rotate(Custodyd& d, const std::string& ring, bool force,
-                    v1::RotateKeyRingResponse* out) {
-  v1::RotateKeyRingRequest req;
-  req.set_ring(ring);
-  req.set_force(force);
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
-  return d.admin().RotateKeyRing(&ctx, req, out);
-}
-
 grpc::Status Sign(Custodyd& d, const std::string& ring, v1::SignJwsResponse* out = nullptr) {
   v1::SignJwsRequest req;
   req.set_ring(ring);
   req.set_payload("{\"sub\":\"alice\"}");
-  v1::SignJwsResponse resp;
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
-  grpc::Status s = d.signer().SignJws(&ctx, req, &resp);
-  if (out != nullptr) *out = resp;
-  return s;
+  return SignJws(d, req, out, kCallTimeout);
 }
 
 const v1::KeyVersion* Version(const v1::KeyRing& ring, uint32_t n) {
@@ -209,17 +148,17 @@ TEST(PolicyFloorsTest, DefaultFloorsRefuseAPolicyThatWouldDestroyOrUnpublishEarl
     req.set_name(name);
     v1::KeyRing ring;
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     EXPECT_EQ(d.admin().GetKeyRing(&ctx, req, &ring).error_code(), grpc::StatusCode::NOT_FOUND);
   }
   // set-policy on an existing ring: refused the same way, the stored policy unchanged.
   ASSERT_TRUE(Create(d, "op/defaults", nullptr).ok());
-  s = SetPolicy(d, "op/defaults", Policy(3600000, 0, 3600000, 60000));
+  s = UpdatePolicy(d, "op/defaults", Policy(3600000, 0, 3600000, 60000));
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(s.error_message(), "destroy_delay 1m is below --min_destroy_delay=24h");
   EXPECT_EQ(GetRing(d, "op/defaults").policy().destroy_delay_ms(), 7LL * 86400000);
   // What the floors allow is accepted.
-  EXPECT_TRUE(SetPolicy(d, "op/defaults", Policy(3600000, 86400000, 3600000, 86400000)).ok());
+  EXPECT_TRUE(UpdatePolicy(d, "op/defaults", Policy(3600000, 86400000, 3600000, 86400000)).ok());
   // Through custodyctl, the message reaches the operator.
   CommandResult r = Ctl(d, {"ring", "set-policy", "op/defaults", "--destroy_delay=1h"});
   EXPECT_NE(r.exit_code, 0);
@@ -321,7 +260,7 @@ TEST(CompromiseTest, ACompromisedVersionCanOnlyBeDestroyed) {
   imp.mutable_key()->set_pkcs8_pem(pem);
   v1::KeyRing out;
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  SetDeadline(&ctx, kCallTimeout);
   s = d.admin().ImportKeyVersion(&ctx, imp, &out);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
   EXPECT_TRUE(Contains(s.error_message(), "compromised")) << s.error_message();
@@ -437,7 +376,7 @@ TEST(ErrorTextTest, MetadataStoreDownIsUnavailableWithoutDriverText) {
   grpc::Status s = Create(d, "op/pg-2", nullptr);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
   EXPECT_EQ(s.error_message(), "metadata store unreachable");
-  s = SetPolicy(d, "op/pg", Policy(3600000, 0, 86400000, 86400000 * 7));
+  s = UpdatePolicy(d, "op/pg", Policy(3600000, 0, 86400000, 86400000 * 7));
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
   EXPECT_FALSE(Contains(s.error_message(), (*cluster)->dir())) << s.error_message();
   EXPECT_FALSE(Contains(s.error_message(), "/")) << s.error_message();
@@ -639,7 +578,7 @@ TEST(AuditAnchorTest, TwoReplicasOnPostgresEachAnchorTheirOwnChain) {
         req.set_name("op/none");
         v1::KeyRing ring;
         grpc::ClientContext ctx;
-        SetDeadline(&ctx);
+        SetDeadline(&ctx, kCallTimeout);
         EXPECT_EQ(d->admin().GetKeyRing(&ctx, req, &ring).error_code(),
                   grpc::StatusCode::NOT_FOUND);
       }
@@ -748,7 +687,7 @@ TEST(RandomizedLifecycleTest, NoKeyLeavesEarlyIsDestroyedEarlyOrComesBackComprom
       req.set_name(name);
       v1::KeyRing ring;
       grpc::ClientContext ctx;
-      SetDeadline(&ctx);
+      SetDeadline(&ctx, kCallTimeout);
       if (!d->admin().GetKeyRing(&ctx, req, &ring).ok()) continue;
       for (const v1::KeyVersion& v : ring.versions()) {
         if (v.kid().empty()) continue;
@@ -778,7 +717,7 @@ TEST(RandomizedLifecycleTest, NoKeyLeavesEarlyIsDestroyedEarlyOrComesBackComprom
     v1::GetJwksRequest req;
     v1::GetJwksResponse resp;
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     grpc::Status s = d->signer().GetJwks(&ctx, req, &resp);
     const int64_t recv = UnixMs();
     if (!s.ok()) {
@@ -916,7 +855,7 @@ TEST(RandomizedLifecycleTest, NoKeyLeavesEarlyIsDestroyedEarlyOrComesBackComprom
     } else if (dice < 88) {
       op = "set-policy";
       v1::RotationPolicy p = RandomPolicy(rng);
-      s = SetPolicy(*d, name, p);
+      s = UpdatePolicy(*d, name, p);
       if (s.ok()) set_policy_bounds(name, p, false);
     } else if (dice < 92) {
       op = "restart";

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "tests/harness.h"
+#include "tests/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {
@@ -19,31 +20,14 @@ grpc::Status CreateRing(Custodyd& d, const std::string& name, v1::KeyRing* ring)
   req.set_name(name);
   req.set_purpose(v1::SIGN);
   req.set_alg("ES256");
-  grpc::ClientContext ctx;
-  return d.admin().CreateKeyRing(&ctx, req, ring);
-}
-
-grpc::Status GetRing(Custodyd& d, const std::string& name, v1::KeyRing* ring) {
-  v1::GetKeyRingRequest req;
-  req.set_name(name);
-  grpc::ClientContext ctx;
-  return d.admin().GetKeyRing(&ctx, req, ring);
+  return custody::testing::CreateRing(d, req, ring);
 }
 
 grpc::Status Sign(Custodyd& d, const std::string& ring, v1::SignJwsResponse* out) {
   v1::SignJwsRequest req;
   req.set_ring(ring);
   req.set_payload("{\"sub\":\"alice\"}");
-  grpc::ClientContext ctx;
-  return d.signer().SignJws(&ctx, req, out);
-}
-
-std::string AllJwks(Custodyd& d) {
-  v1::GetJwksResponse resp;
-  grpc::ClientContext ctx;
-  grpc::Status s = d.signer().GetJwks(&ctx, v1::GetJwksRequest(), &resp);
-  EXPECT_TRUE(s.ok()) << s.error_message();
-  return resp.jwks();
+  return SignJws(d, req, out);
 }
 
 std::string Metrics(int port) {
@@ -93,7 +77,7 @@ TEST(MetadataTagTest, RowsEditedInMetadataDbAreRefusedAtLoad) {
     swapped_kid = ring.versions(0).kid();
     ASSERT_TRUE(GetRing(d, "op/untouched", &ring).ok());
     untouched_kid = ring.versions(0).kid();
-    EXPECT_EQ(AllJwks(d).find(compromised_kid), std::string::npos);
+    EXPECT_EQ(Jwks(d).find(compromised_kid), std::string::npos);
     d.Stop();
   }
   Sql(state,
@@ -106,7 +90,7 @@ TEST(MetadataTagTest, RowsEditedInMetadataDbAreRefusedAtLoad) {
 
   Custodyd d(state, flags);
   ASSERT_TRUE(d.started()) << d.log();
-  const std::string jwks = AllJwks(d);
+  const std::string jwks = Jwks(d);
   EXPECT_EQ(jwks.find(compromised_kid), std::string::npos) << jwks;
   EXPECT_EQ(jwks.find("attacker-kid"), std::string::npos) << jwks;
   EXPECT_EQ(jwks.find(kAttackerX), std::string::npos) << jwks;
@@ -176,8 +160,11 @@ TEST(MetadataTagTest, StateFromBeforeTagsIsAdoptedOnceThenUntaggedRowsAreRefused
     kid = ring.versions(0).kid();
     d.Stop();
   }
-  // The schema and the token of the previous release: no tag columns, no tag key.
-  Sql(state, "ALTER TABLE rings DROP COLUMN tag; ALTER TABLE versions DROP COLUMN tag;");
+  // The schema and the token of the previous release: no tag columns, no tag key, and a file
+  // from before numbered migrations (user_version 0).
+  Sql(state,
+      "ALTER TABLE rings DROP COLUMN tag; ALTER TABLE versions DROP COLUMN tag; "
+      "PRAGMA user_version=0;");
   CommandResult deleted = RunCommand({"pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so",
                                       "--login", "--pin", "env:CUSTODY_TEST_PIN", "--delete-object",
                                       "--type", "secrkey", "--label", "custody-metadata-tag"},
@@ -272,7 +259,7 @@ TEST(MetadataTagTest, EarlierActiveRowPutBackIsRefused) {
       "INSERT INTO versions SELECT * FROM saved;");
   Custodyd d(state);
   ASSERT_TRUE(d.started()) << d.log();
-  const std::string jwks = AllJwks(d);
+  const std::string jwks = Jwks(d);
   EXPECT_EQ(jwks.find(kid1), std::string::npos) << jwks;
   v1::SignJwsResponse signed_jws;
   grpc::Status s = Sign(d, "op/replay", &signed_jws);

@@ -35,6 +35,7 @@
 #include "gtest/gtest.h"
 #include "jose/json.h"
 #include "tests/harness.h"
+#include "tests/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {
@@ -49,9 +50,8 @@ constexpr char kClientId[] = "custody-fapi-client";
 constexpr char kRedirectUri[] = "https://client.example/cb";
 constexpr int64_t kPrepublishMs = 2000;
 
-void SetDeadline(grpc::ClientContext* ctx) {
-  ctx->set_deadline(std::chrono::system_clock::now() + 30s);
-}
+// The deadline of this file's RPCs (rpc_helpers.h's are a hang guard only).
+constexpr std::chrono::milliseconds kCallTimeout = 30s;
 
 std::string Str(const jose::Json& json, const char* name) {
   const jose::Json* member = json.Find(name);
@@ -130,33 +130,6 @@ class OidcProvider {
   mutable ChildProcess process_;  // SIGTERM, then SIGKILL after 5 s, when the test ends
 };
 
-grpc::Status CreateRing(Custodyd& d, v1::CreateKeyRingRequest req) {
-  v1::KeyRing ring;
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
-  return d.admin().CreateKeyRing(&ctx, req, &ring);
-}
-
-// A SIGN ring with the default policy.
-grpc::Status CreateEs256Ring(Custodyd& d, const std::string& name) {
-  v1::CreateKeyRingRequest req;
-  req.set_name(name);
-  req.set_purpose(v1::SIGN);
-  req.set_alg("ES256");
-  return CreateRing(d, req);
-}
-
-v1::KeyRing GetRing(Custodyd& d, const std::string& name) {
-  v1::GetKeyRingRequest req;
-  req.set_name(name);
-  v1::KeyRing ring;
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
-  grpc::Status s = d.admin().GetKeyRing(&ctx, req, &ring);
-  EXPECT_TRUE(s.ok()) << s.error_message();
-  return ring;
-}
-
 const v1::KeyVersion* VersionIn(const v1::KeyRing& ring, v1::KeyVersionState state) {
   for (const v1::KeyVersion& v : ring.versions()) {
     if (v.state() == state) return &v;
@@ -171,7 +144,7 @@ jose::Json PublishClientJwks(Custodyd& d, const std::string& path) {
   req.add_rings(kDecryptionRing);
   v1::GetJwksResponse resp;
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  SetDeadline(&ctx, kCallTimeout);
   grpc::Status s = d.signer().GetJwks(&ctx, req, &resp);
   EXPECT_TRUE(s.ok()) << s.error_message();
   WriteFileOrDie(path, resp.jwks());
@@ -364,7 +337,7 @@ void OidcE2eTest::FlowsAcrossSigningKeyRotation() {
     v1::RotateKeyRingRequest req;
     req.set_ring(kSigningRing);
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     grpc::Status s = d.admin().RotateKeyRing(&ctx, req, &rotated);
     // Not yet eligible: FAILED_PRECONDITION saying when.
     ASSERT_TRUE(s.ok() || NotRotatedUntilMs(s) > 0) << s.error_message();
@@ -404,7 +377,7 @@ void OidcE2eTest::FlowsAcrossSigningKeyRotation() {
 // at the first artifact it signs (the PAR's client assertion), once the provider has fetched
 // jwks_uri and found no such key.
 TEST_F(OidcE2eTest, ProviderRefusesKeyNotPublishedAtJwksUri) {
-  ASSERT_TRUE(CreateEs256Ring(*custodyd_, "clients/fapi/unpublished").ok());
+  ASSERT_TRUE(CreateEs256Ring(custodyd_->admin(), "clients/fapi/unpublished").ok());
   CommandResult flow = RunFlow(*custodyd_, issuer_, "clients/fapi/unpublished");
   EXPECT_EQ(flow.exit_code, 1) << flow.out << flow.err;
   EXPECT_NE(flow.err.find("invalid_client"), std::string::npos) << flow.err;
@@ -439,7 +412,7 @@ class OidcDpopRingTest : public OidcE2eTest {
       req.set_force(true);
       v1::RotateKeyRingResponse rotated;
       grpc::ClientContext ctx;
-      SetDeadline(&ctx);
+      SetDeadline(&ctx, kCallTimeout);
       grpc::Status s = custodyd_->admin().RotateKeyRing(&ctx, req, &rotated);
       EXPECT_TRUE(s.ok() && rotated.rotated()) << s.error_message() << rotated.message();
       const v1::KeyRing ring = GetRing(*custodyd_, kSigningRing);
@@ -464,7 +437,7 @@ class OidcDpopRingTest : public OidcE2eTest {
 };
 
 TEST_F(OidcDpopRingTest, DpopBoundTokenStaysUsableAcrossSigningRotationWithADedicatedDpopRing) {
-  ASSERT_TRUE(CreateEs256Ring(*custodyd_, "clients/fapi/dpop").ok());
+  ASSERT_TRUE(CreateEs256Ring(custodyd_->admin(), "clients/fapi/dpop").ok());
   const v1::KeyRing dpop_ring = GetRing(*custodyd_, "clients/fapi/dpop");
   const v1::KeyVersion* dpop_active = VersionIn(dpop_ring, v1::ACTIVE);
   ASSERT_NE(dpop_active, nullptr);

@@ -36,6 +36,7 @@
 #include "rotation/testing/postgres_cluster.h"
 #include "tests/harness.h"
 #include "tests/independent_jws.h"
+#include "tests/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {
@@ -52,9 +53,8 @@ rotation::testing::PostgresCluster* Cluster() {
 constexpr char kP11KitClient[] = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so";
 constexpr char kSoftHsm[] = "/usr/lib/softhsm/libsofthsm2.so";
 
-void SetDeadline(grpc::ClientContext* ctx, std::chrono::milliseconds timeout = 20s) {
-  ctx->set_deadline(std::chrono::system_clock::now() + timeout);
-}
+// The deadline of this file's RPCs (rpc_helpers.h's are a hang guard only).
+constexpr std::chrono::milliseconds kCallTimeout = 20s;
 
 // `p11-kit server` in the foreground, exporting the token labelled "custody" of the SoftHSM2
 // configuration `softhsm2_conf` on the Unix socket `socket_path`.
@@ -155,14 +155,14 @@ class P11KitTest : public ::testing::Test {
     req.set_purpose(purpose);
     req.set_alg(alg);
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     return d.admin().CreateKeyRing(&ctx, req, out);
   }
   static grpc::Status Get(Custodyd& d, const std::string& name, v1::KeyRing* out) {
     v1::GetKeyRingRequest req;
     req.set_name(name);
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     return d.admin().GetKeyRing(&ctx, req, out);
   }
   // The ring as `d` sees it, once it does (another replica created it).
@@ -180,7 +180,7 @@ class P11KitTest : public ::testing::Test {
     req.add_rings(ring);
     v1::GetJwksResponse resp;
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     grpc::Status s = d.signer().GetJwks(&ctx, req, &resp);
     EXPECT_TRUE(s.ok()) << s.error_message();
     return resp.jwks();
@@ -214,7 +214,7 @@ TEST_F(P11KitTest, RingCreatedOnOneReplicaSignsOnTheOtherThroughTheServer) {
       req.set_payload("{\"sub\":\"alice\",\"via\":\"p11-kit\"}");
       v1::SignJwsResponse resp;
       grpc::ClientContext ctx;
-      SetDeadline(&ctx);
+      SetDeadline(&ctx, kCallTimeout);
       s = d->signer().SignJws(&ctx, req, &resp);
       ASSERT_TRUE(s.ok()) << s.error_message();
       EXPECT_EQ(resp.kid(), ring.versions(0).kid());
@@ -247,7 +247,7 @@ TEST_F(P11KitTest, RsaOaepDecryptionRunsThroughTheServerOnEveryReplica) {
       req.set_jwe(jwe);
       v1::DecryptJweResponse resp;
       grpc::ClientContext ctx;
-      SetDeadline(&ctx);
+      SetDeadline(&ctx, kCallTimeout);
       s = d->signer().DecryptJwe(&ctx, req, &resp);
       ASSERT_TRUE(s.ok()) << s.error_message();
       EXPECT_EQ(resp.plaintext(), plaintext);
@@ -324,7 +324,7 @@ TEST_F(P11KitTest, GetKeyRingNamesTheMechanismsThisReplicasTokenLacks) {
     rotate.set_force(true);
     v1::RotateKeyRingResponse rotated;
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     s = A().admin().RotateKeyRing(&ctx, rotate, &rotated);
     EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
     EXPECT_NE(s.error_message().find("CKM_EDDSA"), std::string::npos) << s.error_message();
@@ -340,7 +340,7 @@ TEST_F(P11KitTest, GetKeyRingNamesTheMechanismsThisReplicasTokenLacks) {
   req.set_payload("{}");
   v1::SignJwsResponse resp;
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  SetDeadline(&ctx, kCallTimeout);
   s = A().signer().SignJws(&ctx, req, &resp);
   EXPECT_FALSE(s.ok());
   std::cout << "EdDSA SignJws on the p11-kit replica: code " << s.error_code() << ": "

@@ -8,6 +8,7 @@
 
 #include "gtest/gtest.h"
 #include "tests/harness.h"
+#include "tests/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {
@@ -22,20 +23,13 @@ grpc::Status CreateRing(Custodyd& d, const std::string& name, const std::string&
   req.set_purpose(custody::v1::SIGN);
   req.set_alg(alg);
   req.set_allow_non_fapi(non_fapi);
-  custody::v1::KeyRing ring;
-  grpc::ClientContext ctx;
-  return d.admin().CreateKeyRing(&ctx, req, &ring);
+  return custody::testing::CreateRing(d, req);
 }
 
 // The ring's single published key as a PEM SubjectPublicKeyInfo, converted by jwcrypto.
 std::string PublicPem(Custodyd& d, const std::string& ring, const std::string& dir) {
-  custody::v1::GetJwksRequest req;
-  req.add_rings(ring);
-  custody::v1::GetJwksResponse resp;
-  grpc::ClientContext ctx;
-  EXPECT_TRUE(d.signer().GetJwks(&ctx, req, &resp).ok());
   const std::string jwks_path = dir + "/jwks.json";
-  WriteFileOrDie(jwks_path, resp.jwks());
+  WriteFileOrDie(jwks_path, Jwks(d, {ring}));
   CommandResult r = RunCommand({"/usr/bin/python3", "-c",
                                 "import sys,json\nfrom jwcrypto import jwk\n"
                                 "k=json.load(open(sys.argv[1]))['keys'][0]\n"

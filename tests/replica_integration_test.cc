@@ -31,6 +31,7 @@
 #include "tests/harness.h"
 #include "tests/independent_jws.h"
 #include "tests/prometheus_testing.h"
+#include "tests/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {
@@ -119,9 +120,8 @@ class JwksWatcher {
   std::vector<std::pair<Clock::time_point, std::string>> pushes_;
 };
 
-void SetDeadline(grpc::ClientContext* ctx, std::chrono::milliseconds timeout = 10s) {
-  ctx->set_deadline(std::chrono::system_clock::now() + timeout);
-}
+// The deadline of this file's RPCs (rpc_helpers.h's are a hang guard only).
+constexpr std::chrono::milliseconds kCallTimeout = 10s;
 
 class ReplicaTest : public ::testing::Test {
  protected:
@@ -143,7 +143,7 @@ class ReplicaTest : public ::testing::Test {
     req.set_purpose(v1::SIGN);
     req.set_alg("ES256");
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     return d.admin().CreateKeyRing(&ctx, req, out);
   }
   static grpc::Status Sign(Custodyd& d, const std::string& ring, const std::string& payload,
@@ -152,14 +152,14 @@ class ReplicaTest : public ::testing::Test {
     req.set_ring(ring);
     req.set_payload(payload);
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     return d.signer().SignJws(&ctx, req, out);
   }
   static std::string Jwks(Custodyd& d) {
     v1::GetJwksRequest req;
     v1::GetJwksResponse resp;
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     grpc::Status s = d.signer().GetJwks(&ctx, req, &resp);
     EXPECT_TRUE(s.ok()) << s.error_message();
     return resp.jwks();
@@ -242,7 +242,7 @@ std::optional<v1::SignJwsResponse> SignWhenReady(Custodyd& d, const std::string&
     req.set_payload("p");
     v1::SignJwsResponse resp;
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     if (d.signer().SignJws(&ctx, req, &resp).ok() && resp.kid() != not_kid) return resp;
     std::this_thread::sleep_for(2ms);
   }
@@ -347,7 +347,7 @@ TEST_F(ReplicaTest, ChangesOnOneReplicaReachTheOthers) {
   rotate.set_force(true);
   v1::RotateKeyRingResponse rotated;
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  SetDeadline(&ctx, kCallTimeout);
   size_t from = watch_c.count();
   s = replica(1).admin().RotateKeyRing(&ctx, rotate, &rotated);
   ASSERT_TRUE(s.ok()) << s.error_message();
@@ -373,7 +373,7 @@ TEST_F(ReplicaTest, ChangesOnOneReplicaReachTheOthers) {
   }() : 0u);
   v1::KeyRing after;
   grpc::ClientContext cctx;
-  SetDeadline(&cctx);
+  SetDeadline(&cctx, kCallTimeout);
   auto compromised_at = Clock::now();
   s = replica(0).admin().CompromiseKeyVersion(&cctx, compromise, &after);
   ASSERT_TRUE(s.ok()) << s.error_message();
@@ -420,7 +420,7 @@ TEST_F(ReplicaTest, PropagationTimeOfJwksChanges) {
   prepare.set_ring("op/jwks");
   v1::RotateKeyRingResponse prepared;
   grpc::ClientContext pctx;
-  SetDeadline(&pctx);
+  SetDeadline(&pctx, kCallTimeout);
   // No PENDING version yet: the unforced rotation creates one and says it did not rotate.
   grpc::Status prepared_status = replica(0).admin().RotateKeyRing(&pctx, prepare, &prepared);
   ASSERT_GT(NotRotatedUntilMs(prepared_status), 0) << prepared_status.error_message();
@@ -428,7 +428,7 @@ TEST_F(ReplicaTest, PropagationTimeOfJwksChanges) {
   get.set_name("op/jwks");
   v1::KeyRing prepared_ring;
   grpc::ClientContext gctx;
-  SetDeadline(&gctx);
+  SetDeadline(&gctx, kCallTimeout);
   ASSERT_TRUE(replica(0).admin().GetKeyRing(&gctx, get, &prepared_ring).ok());
   uint32_t pending = 0;
   std::string pending_kid;
@@ -454,7 +454,7 @@ TEST_F(ReplicaTest, PropagationTimeOfJwksChanges) {
     req.set_version(pending);
     v1::KeyRing reply;
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     size_t from = watch_c.count();
     Custodyd& writer = replica(i % 4 < 2 ? 0 : 1);
     auto sent = Clock::now();
@@ -510,7 +510,7 @@ TEST_F(ReplicaTest, JwksListenerServesAnotherReplicasRotation) {
   req.set_force(true);
   v1::RotateKeyRingResponse rotated;
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  SetDeadline(&ctx, kCallTimeout);
   const auto sent = Clock::now();  // the commit's notification may arrive before the reply
   ASSERT_TRUE(replica(0).admin().RotateKeyRing(&ctx, req, &rotated).ok());
   std::string after = served_until([&](const std::string& body) { return body != first; });
@@ -524,7 +524,7 @@ TEST_F(ReplicaTest, JwksListenerServesAnotherReplicasRotation) {
   v1::GetJwksResponse expected;
   for (auto deadline = Clock::now() + 10s;; std::this_thread::sleep_for(20ms)) {
     grpc::ClientContext gctx;
-    SetDeadline(&gctx);
+    SetDeadline(&gctx, kCallTimeout);
     ASSERT_TRUE(replica(1).signer().GetJwks(&gctx, get, &expected).ok());
     after = HttpGet(url, &code);
     if (after == expected.jwks() || Clock::now() >= deadline) break;
@@ -603,7 +603,7 @@ TEST_F(ReplicaTest, ConcurrentLifecycleOperationsKeepEveryRingConsistent) {
             v1::GetKeyRingRequest req;
             req.set_name(ring);
             grpc::ClientContext ctx;
-            SetDeadline(&ctx);
+            SetDeadline(&ctx, kCallTimeout);
             if (!d.admin().GetKeyRing(&ctx, req, &current).ok()) continue;
           }
           // One of the newest versions the replica shows (a version another replica is still
@@ -764,7 +764,7 @@ TEST_F(ReplicaTest, StalenessBoundFailsClosedAndRecovers) {
   v1::RotateKeyRingResponse rotated;
   {
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     ASSERT_TRUE(d.admin().RotateKeyRing(&ctx, rotate, &rotated).ok());
   }
   const std::string acked_kid = ActiveKid(rotated.ring());
@@ -812,7 +812,7 @@ TEST_F(ReplicaTest, StalenessBoundFailsClosedAndRecovers) {
   ASSERT_TRUE(Cluster()->Stop("immediate").ok());
   {
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     v1::RotateKeyRingResponse refused;
     auto sent = Clock::now();
     grpc::Status s = d.admin().RotateKeyRing(&ctx, rotate, &refused);
@@ -890,7 +890,7 @@ TEST_F(ReplicaTest, StalenessBoundFailsClosedAndRecovers) {
     EXPECT_TRUE(Serving(d));
   }
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  SetDeadline(&ctx, kCallTimeout);
   v1::RotateKeyRingResponse again;
   grpc::Status s = d.admin().RotateKeyRing(&ctx, rotate, &again);
   EXPECT_TRUE(s.ok()) << s.error_message();
@@ -923,7 +923,7 @@ TEST_F(ReplicaTest, SchedulerLeaderDiesAndAnotherTakesOver) {
   v1::KeyRing ring;
   {
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     grpc::Status s = replica(0).admin().CreateKeyRing(&ctx, req, &ring);
     ASSERT_TRUE(s.ok()) << s.error_message();
   }
@@ -1026,7 +1026,7 @@ TEST_F(ReplicaTest, RetiredVersionIsKeptForTheOtherReplicasStalenessBound) {
   v1::KeyRing ring;
   {
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     grpc::Status s = replica(0).admin().CreateKeyRing(&ctx, req, &ring);
     ASSERT_TRUE(s.ok()) << s.error_message();
   }
@@ -1036,7 +1036,7 @@ TEST_F(ReplicaTest, RetiredVersionIsKeptForTheOtherReplicasStalenessBound) {
   v1::RotateKeyRingResponse rotated;
   {
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     grpc::Status s = replica(1).admin().RotateKeyRing(&ctx, rotate, &rotated);
     ASSERT_TRUE(s.ok()) << s.error_message();
   }
@@ -1060,7 +1060,7 @@ TEST_F(ReplicaTest, RetiredVersionIsKeptForTheOtherReplicasStalenessBound) {
       get.set_name("op/retained");
       v1::KeyRing seen;
       grpc::ClientContext ctx;
-      SetDeadline(&ctx);
+      SetDeadline(&ctx, kCallTimeout);
       const int64_t asked_ms = now_ms();
       ASSERT_TRUE(replica(i).admin().GetKeyRing(&ctx, get, &seen).ok());
       for (const v1::KeyVersion& v : seen.versions()) {
@@ -1209,7 +1209,7 @@ TEST_F(ReplicaTest, ClientFailsOverWhileReplicasAreKilled) {
     req.set_alg("ECDH-ES+A128KW");
     req.set_curve("P-256");
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     v1::KeyRing enc;
     grpc::Status s = replica(0).admin().CreateKeyRing(&ctx, req, &enc);
     ASSERT_TRUE(s.ok()) << s.error_message();
@@ -1322,7 +1322,7 @@ TEST_F(ReplicaTest, RowsEditedWithPsqlAreRefusedByEveryReplica) {
   compromise.set_version(1);
   v1::KeyRing after;
   grpc::ClientContext cctx;
-  SetDeadline(&cctx);
+  SetDeadline(&cctx, kCallTimeout);
   ASSERT_TRUE(replica(0).admin().CompromiseKeyVersion(&cctx, compromise, &after).ok());
   for (int i = 0; i < 2; ++i) {
     ASSERT_TRUE(SignWhenReady(replica(i), "op/a", "", 5s).has_value()) << replica(i).log();
@@ -1388,7 +1388,7 @@ TEST_F(ReplicaTest, RowsEditedWithPsqlAreRefusedByEveryReplica) {
   v1::GetKeyRingRequest get;
   get.set_name("op/c");
   grpc::ClientContext gctx;
-  SetDeadline(&gctx);
+  SetDeadline(&gctx, kCallTimeout);
   ASSERT_TRUE(replica(1).admin().GetKeyRing(&gctx, get, &ring).ok());
   EXPECT_TRUE(ring.versions(0).metadata_tag_mismatch());
   EXPECT_FALSE(ring.versions(0).object_missing());  // refused, not destroyed

@@ -43,6 +43,7 @@
 #include "rotation/testing/postgres_cluster.h"
 #include "tests/harness.h"
 #include "tests/independent_jws.h"
+#include "tests/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {
@@ -67,22 +68,11 @@ int64_t MsBetween(Clock::time_point from, Clock::time_point to) {
   return std::chrono::duration_cast<Ms>(to - from).count();
 }
 
-void SetDeadline(grpc::ClientContext* ctx, Ms timeout = 10s) {
-  ctx->set_deadline(std::chrono::system_clock::now() + timeout);
-}
+// The deadline of this file's RPCs (rpc_helpers.h's are a hang guard only).
+constexpr Ms kCallTimeout = 10s;
 
 // ---------------------------------------------------------------------------------------------
 // RPC helpers.
-
-v1::RotationPolicy Policy(int64_t prepublish_ms, int64_t rotation_period_ms, int64_t retain_ms,
-                          int64_t destroy_delay_ms) {
-  v1::RotationPolicy p;
-  p.set_prepublish_ms(prepublish_ms);
-  p.set_rotation_period_ms(rotation_period_ms);
-  p.set_retain_ms(retain_ms);
-  p.set_destroy_delay_ms(destroy_delay_ms);
-  return p;
-}
 
 // SIGN rings are ES256; DECRYPT rings ECDH-ES+A128KW on P-256 (fast key generation).
 grpc::Status CreateRing(Custodyd& d, const std::string& name, v1::Purpose purpose,
@@ -95,50 +85,7 @@ grpc::Status CreateRing(Custodyd& d, const std::string& name, v1::Purpose purpos
   if (purpose == v1::DECRYPT) req.set_curve("P-256");
   if (policy != nullptr) *req.mutable_policy() = *policy;
   if (!import_pem.empty()) req.mutable_import_key()->set_pkcs8_pem(import_pem);
-  v1::KeyRing ring;
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
-  grpc::Status s = d.admin().CreateKeyRing(&ctx, req, &ring);
-  if (out != nullptr) *out = ring;
-  return s;
-}
-
-grpc::Status GetRing(Custodyd& d, const std::string& name, v1::KeyRing* out) {
-  v1::GetKeyRingRequest req;
-  req.set_name(name);
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
-  return d.admin().GetKeyRing(&ctx, req, out);
-}
-
-v1::KeyRing Ring(Custodyd& d, const std::string& name) {
-  v1::KeyRing ring;
-  grpc::Status s = GetRing(d, name, &ring);
-  EXPECT_TRUE(s.ok()) << name << ": " << s.error_message();
-  return ring;
-}
-
-grpc::Status UpdatePolicy(Custodyd& d, const std::string& ring, const v1::RotationPolicy& policy,
-                          v1::KeyRing* out = nullptr) {
-  v1::UpdateRotationPolicyRequest req;
-  req.set_ring(ring);
-  *req.mutable_policy() = policy;
-  v1::KeyRing reply;
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
-  grpc::Status s = d.admin().UpdateRotationPolicy(&ctx, req, &reply);
-  if (out != nullptr) *out = reply;
-  return s;
-}
-
-grpc::Status Rotate(Custodyd& d, const std::string& ring, bool force,
-                    v1::RotateKeyRingResponse* out) {
-  v1::RotateKeyRingRequest req;
-  req.set_ring(ring);
-  req.set_force(force);
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
-  return d.admin().RotateKeyRing(&ctx, req, out);
+  return custody::testing::CreateRing(d, req, out, kCallTimeout);
 }
 
 enum class VersionOp { kDisable, kEnable, kScheduleDestruction, kCancelDestruction };
@@ -183,24 +130,6 @@ grpc::Status Compromise(Custodyd& d, const std::string& ring, uint32_t version,
   if (out != nullptr) *out = reply;
   return s;
 }
-
-v1::GetJwksResponse GetJwks(Custodyd& d, const std::vector<std::string>& rings,
-                            grpc::Status* status = nullptr) {
-  v1::GetJwksRequest req;
-  for (const std::string& r : rings) req.add_rings(r);
-  v1::GetJwksResponse resp;
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx);
-  grpc::Status s = d.signer().GetJwks(&ctx, req, &resp);
-  if (status != nullptr) {
-    *status = s;
-  } else {
-    EXPECT_TRUE(s.ok()) << s.error_message();
-  }
-  return resp;
-}
-
-std::string JwksOf(Custodyd& d, const std::string& ring) { return GetJwks(d, {ring}).jwks(); }
 
 // The kids of a JWKS, in its order.
 std::vector<std::string> KidsOf(const std::string& jwks) {
@@ -265,17 +194,6 @@ std::string Describe(const v1::KeyRing& ring) {
     if (v.object_missing()) out += "(object missing)";
   }
   return out;
-}
-
-grpc::Status SignJws(Custodyd& d, const std::string& ring, const std::string& payload,
-                     v1::SignJwsResponse* out, Ms timeout = 10s) {
-  v1::SignJwsRequest req;
-  req.set_ring(ring);
-  req.set_payload(payload);
-  req.set_typ("JWT");
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx, timeout);
-  return d.signer().SignJws(&ctx, req, out);
 }
 
 // Signs on `ring` and verifies with the ring's JWKS fetched right after; "" or why not. *kid is
@@ -792,8 +710,8 @@ TEST(RotationSoakTest, TokensVerifyAndJwesDecryptAcrossFiftyRotationsWithCaching
   // Old versions are destroyed and the published set stays small.
   EXPECT_LE(max_sign_keys, 6u);
   EXPECT_LE(max_decrypt_keys, 6u);
-  v1::KeyRing final_sign = Ring(d, kSoakSignRing);
-  v1::KeyRing final_decrypt = Ring(d, kSoakDecryptRing);
+  v1::KeyRing final_sign = GetRing(d, kSoakSignRing);
+  v1::KeyRing final_decrypt = GetRing(d, kSoakDecryptRing);
   int64_t final_unix = UnixMs();
   std::string final_jwks = GetJwks(d, {kSoakSignRing, kSoakDecryptRing}).jwks();
   Clock::time_point final_time = Clock::now();
@@ -865,7 +783,7 @@ TEST_F(RotationOpsTest, TheTestsOwnVerifierAgreesWithJwcryptoAndRejectsTampering
   Create("op/other", v1::SIGN, nullptr);
   v1::SignJwsResponse resp;
   ASSERT_TRUE(SignJws(d(), "op/verifier", R"({"sub":"alice"})", &resp).ok());
-  std::string jwks = JwksOf(d(), "op/verifier");
+  std::string jwks = Jwks(d(), {"op/verifier"});
   EXPECT_EQ(VerifyWithJwcrypto(jwks, resp.jws(), "ES256"), "");
   std::string error;
   auto keys = JwsKeysOf(jwks, &error);
@@ -883,7 +801,7 @@ TEST_F(RotationOpsTest, TheTestsOwnVerifierAgreesWithJwcryptoAndRejectsTampering
   size_t dot1 = other_payload.find('.'), dot2 = other_payload.rfind('.');
   other_payload.replace(dot1 + 1, dot2 - dot1 - 1, B64UrlEncode(R"({"sub":"mallory"})"));
   EXPECT_NE(VerifyJws(keys, other_payload), "");
-  auto other_keys = JwsKeysOf(JwksOf(d(), "op/other"), &error);
+  auto other_keys = JwsKeysOf(Jwks(d(), {"op/other"}), &error);
   EXPECT_NE(VerifyJws(other_keys, resp.jws()), "");
   // Same kid, another key: the signature check itself must fail.
   JwsKeys swapped = {{resp.kid(), other_keys.begin()->second}};
@@ -892,7 +810,7 @@ TEST_F(RotationOpsTest, TheTestsOwnVerifierAgreesWithJwcryptoAndRejectsTampering
 
 TEST_F(RotationOpsTest, InvalidRotationPoliciesAreRefusedNamingTheRuleAndChangeNothing) {
   Create("op/policy", v1::SIGN, nullptr);
-  v1::KeyRing before = Ring(d(), "op/policy");
+  v1::KeyRing before = GetRing(d(), "op/policy");
 
   grpc::Status s = UpdatePolicy(d(), "op/policy", Policy(1000, 0, 500, 0));
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
@@ -911,7 +829,7 @@ TEST_F(RotationOpsTest, InvalidRotationPoliciesAreRefusedNamingTheRuleAndChangeN
   s = UpdatePolicy(d(), "op/nope", Policy(1000, 0, 1000, 0));
   EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
 
-  v1::KeyRing after = Ring(d(), "op/policy");
+  v1::KeyRing after = GetRing(d(), "op/policy");
   EXPECT_EQ(after.SerializeAsString(), before.SerializeAsString()) << Describe(after);
 
   // The same rules at creation; the refused ring does not exist afterwards.
@@ -958,7 +876,7 @@ TEST_F(RotationOpsTest, UpdateRotationPolicyPrepublishesAPendingVersion) {
   EXPECT_EQ(updated.next_rotation_ms(), 0) << "manual rotation";
 
   // Published, and not signing.
-  std::string jwks = JwksOf(d(), "op/prepublish");
+  std::string jwks = Jwks(d(), {"op/prepublish"});
   EXPECT_TRUE(Publishes(jwks, v1_kid));
   EXPECT_TRUE(Publishes(jwks, pending.kid()));
   std::string signing_kid;
@@ -992,8 +910,8 @@ TEST_F(RotationOpsTest, RotateWaitsUntilThePendingVersionWasPublishedForPrepubli
   const int64_t eligible = NotRotatedUntilMs(s);
   EXPECT_NEAR(eligible, pending.publish_time_ms() + 1000, 5) << s.error_message();
   EXPECT_GT(eligible, UnixMs()) << "the test was too slow to see it ineligible";
-  EXPECT_EQ(Ring(d(), "op/rotate").active_version(), 1u);
-  EXPECT_EQ(StateOf(Ring(d(), "op/rotate"), pending.version()), v1::PENDING);
+  EXPECT_EQ(GetRing(d(), "op/rotate").active_version(), 1u);
+  EXPECT_EQ(StateOf(GetRing(d(), "op/rotate"), pending.version()), v1::PENDING);
 
   // Past the eligible time, the same call rotates.
   int64_t wait = eligible + 100 - UnixMs();
@@ -1019,7 +937,7 @@ TEST_F(RotationOpsTest, RotateWaitsUntilThePendingVersionWasPublishedForPrepubli
   std::string signing_kid;
   EXPECT_EQ(SignAndVerify(d(), "op/rotate", &signing_kid), "");
   EXPECT_EQ(signing_kid, pending.kid());
-  std::string jwks = JwksOf(d(), "op/rotate");
+  std::string jwks = Jwks(d(), {"op/rotate"});
   for (const std::string& kid : {v1_version.kid(), pending.kid(), next.kid()}) {
     EXPECT_TRUE(Publishes(jwks, kid)) << kid;
   }
@@ -1066,7 +984,7 @@ TEST_F(RotationOpsTest, ForcedRotationPromotesAtOnceOrMakesAFreshKeyActive) {
   v1::RotateKeyRingResponse unforced;
   s = Rotate(d(), "op/unforced-bare", false, &unforced);
   ASSERT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
-  const v1::KeyRing after = Ring(d(), "op/unforced-bare");
+  const v1::KeyRing after = GetRing(d(), "op/unforced-bare");
   EXPECT_EQ(after.active_version(), 1u);
   ASSERT_EQ(CountState(after, v1::PENDING), 1) << Describe(after);
   const v1::KeyVersion& created = *OnlyInState(after, v1::PENDING);
@@ -1079,14 +997,14 @@ TEST_F(RotationOpsTest, ForcedRotationPromotesAtOnceOrMakesAFreshKeyActive) {
 
 TEST_F(RotationOpsTest, ActiveVersionCannotBeDisabledOrScheduledForDestruction) {
   Create("op/active", v1::SIGN, &SlowPolicy());
-  v1::KeyRing before = Ring(d(), "op/active");
+  v1::KeyRing before = GetRing(d(), "op/active");
   grpc::Status s = ApplyVersionOp(d(), VersionOp::kDisable, "op/active", 1);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
   s = ApplyVersionOp(d(), VersionOp::kScheduleDestruction, "op/active", 1);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
   s = ApplyVersionOp(d(), VersionOp::kDisable, "op/active", 99);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND) << s.error_message();
-  v1::KeyRing after = Ring(d(), "op/active");
+  v1::KeyRing after = GetRing(d(), "op/active");
   EXPECT_EQ(after.SerializeAsString(), before.SerializeAsString()) << Describe(after);
   EXPECT_EQ(SignAndVerify(d(), "op/active"), "");
 }
@@ -1098,7 +1016,7 @@ TEST_F(RotationOpsTest, DisabledVersionIsUnpublishedUntilEnabled) {
   v1::KeyRing ring = rotated.ring();
   ASSERT_EQ(StateOf(ring, 1), v1::RETIRED) << Describe(ring);
   const std::string retired_kid = FindVersion(ring, 1)->kid();
-  ASSERT_TRUE(Publishes(JwksOf(d(), "op/disable"), retired_kid));
+  ASSERT_TRUE(Publishes(Jwks(d(), {"op/disable"}), retired_kid));
 
   // RETIRED → DISABLED → RETIRED.
   v1::KeyRing out;
@@ -1106,12 +1024,12 @@ TEST_F(RotationOpsTest, DisabledVersionIsUnpublishedUntilEnabled) {
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_EQ(StateOf(out, 1), v1::DISABLED);
   EXPECT_EQ(FindVersion(out, 1)->previous_state(), v1::RETIRED);
-  EXPECT_FALSE(Publishes(JwksOf(d(), "op/disable"), retired_kid));
+  EXPECT_FALSE(Publishes(Jwks(d(), {"op/disable"}), retired_kid));
   EXPECT_EQ(SignAndVerify(d(), "op/disable"), "");
   s = ApplyVersionOp(d(), VersionOp::kEnable, "op/disable", 1, &out);
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_EQ(StateOf(out, 1), v1::RETIRED);
-  EXPECT_TRUE(Publishes(JwksOf(d(), "op/disable"), retired_kid));
+  EXPECT_TRUE(Publishes(Jwks(d(), {"op/disable"}), retired_kid));
 
   // PENDING → DISABLED → PENDING (or RETIRED when the ring has made another PENDING meanwhile).
   ASSERT_NE(OnlyInState(out, v1::PENDING), nullptr) << Describe(out);
@@ -1120,7 +1038,7 @@ TEST_F(RotationOpsTest, DisabledVersionIsUnpublishedUntilEnabled) {
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_EQ(StateOf(out, pending.version()), v1::DISABLED);
   EXPECT_EQ(FindVersion(out, pending.version())->previous_state(), v1::PENDING);
-  EXPECT_FALSE(Publishes(JwksOf(d(), "op/disable"), pending.kid()));
+  EXPECT_FALSE(Publishes(Jwks(d(), {"op/disable"}), pending.kid()));
   s = ApplyVersionOp(d(), VersionOp::kEnable, "op/disable", pending.version(), &out);
   ASSERT_TRUE(s.ok()) << s.error_message();
   bool another_pending = false;
@@ -1130,13 +1048,13 @@ TEST_F(RotationOpsTest, DisabledVersionIsUnpublishedUntilEnabled) {
   EXPECT_EQ(StateOf(out, pending.version()), another_pending ? v1::RETIRED : v1::PENDING)
       << Describe(out);
   EXPECT_EQ(CountState(out, v1::PENDING), 1) << Describe(out);
-  EXPECT_TRUE(Publishes(JwksOf(d(), "op/disable"), pending.kid()));
+  EXPECT_TRUE(Publishes(Jwks(d(), {"op/disable"}), pending.kid()));
 }
 
 TEST_F(RotationOpsTest, DisabledDecryptionVersionStopsDecryptingUntilEnabled) {
   Create("op/enc-disable", v1::DECRYPT, &SlowPolicy());
   std::string old_jwk =
-      JwkOf(JwksOf(d(), "op/enc-disable"), Ring(d(), "op/enc-disable").versions(0).kid());
+      JwkOf(Jwks(d(), {"op/enc-disable"}), GetRing(d(), "op/enc-disable").versions(0).kid());
   ASSERT_NE(old_jwk, "");
   v1::RotateKeyRingResponse rotated;
   ASSERT_TRUE(Rotate(d(), "op/enc-disable", true, &rotated).ok());
@@ -1151,7 +1069,7 @@ TEST_F(RotationOpsTest, DisabledDecryptionVersionStopsDecryptingUntilEnabled) {
   EXPECT_EQ(resp.version(), 1u);
   EXPECT_EQ(resp.plaintext(), "to v1");
   // The first key of the JWKS is the new ACTIVE one.
-  auto to_active = client::EncryptToJwks("to active", JwksOf(d(), "op/enc-disable"), A128Gcm());
+  auto to_active = client::EncryptToJwks("to active", Jwks(d(), {"op/enc-disable"}), A128Gcm());
   ASSERT_TRUE(to_active.ok()) << to_active.status();
   s = Decrypt(d(), "op/enc-disable", *to_active, &resp);
   ASSERT_TRUE(s.ok()) << s.error_message();
@@ -1185,17 +1103,17 @@ TEST_F(RotationOpsTest, ScheduledDestructionUnpublishesAndCancelLeavesItDisabled
   EXPECT_EQ(v->previous_state(), v1::RETIRED);
   EXPECT_GE(v->destroy_after_ms(), before + 60000);
   EXPECT_LE(v->destroy_after_ms(), after + 60000);
-  EXPECT_FALSE(Publishes(JwksOf(d(), "op/schedule"), kid));
+  EXPECT_FALSE(Publishes(Jwks(d(), {"op/schedule"}), kid));
 
   s = ApplyVersionOp(d(), VersionOp::kCancelDestruction, "op/schedule", 1, &out);
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_EQ(StateOf(out, 1), v1::DISABLED);
-  EXPECT_FALSE(Publishes(JwksOf(d(), "op/schedule"), kid)) << "cancelled is still unpublished";
+  EXPECT_FALSE(Publishes(Jwks(d(), {"op/schedule"}), kid)) << "cancelled is still unpublished";
 
   s = ApplyVersionOp(d(), VersionOp::kEnable, "op/schedule", 1, &out);
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_EQ(StateOf(out, 1), v1::RETIRED);
-  EXPECT_TRUE(Publishes(JwksOf(d(), "op/schedule"), kid));
+  EXPECT_TRUE(Publishes(Jwks(d(), {"op/schedule"}), kid));
 
   // A PENDING and a DISABLED version can be scheduled too.
   ASSERT_NE(OnlyInState(out, v1::PENDING), nullptr) << Describe(out);
@@ -1224,7 +1142,7 @@ TEST_F(RotationOpsTest, DestructionAfterTheDelayRemovesTheTokenObject) {
   ASSERT_TRUE(ApplyVersionOp(d(), VersionOp::kScheduleDestruction, "op/destroy", 1, &out).ok());
   // Still cancellable well inside the delay.
   std::this_thread::sleep_for(200ms);
-  EXPECT_EQ(StateOf(Ring(d(), "op/destroy"), 1), v1::DESTROY_SCHEDULED);
+  EXPECT_EQ(StateOf(GetRing(d(), "op/destroy"), 1), v1::DESTROY_SCHEDULED);
   v1::KeyRing ring = WaitForRing(d(), "op/destroy", 5000ms, [](const v1::KeyRing& r) {
     return StateOf(r, 1) == v1::DESTROYED;
   });
@@ -1246,7 +1164,7 @@ TEST_F(RotationOpsTest, DestructionAfterTheDelayRemovesTheTokenObject) {
   EXPECT_FALSE(s.ok());
   s = ApplyVersionOp(d(), VersionOp::kEnable, "op/destroy", 1);
   EXPECT_FALSE(s.ok());
-  EXPECT_EQ(StateOf(Ring(d(), "op/destroy"), 1), v1::DESTROYED);
+  EXPECT_EQ(StateOf(GetRing(d(), "op/destroy"), 1), v1::DESTROYED);
   EXPECT_EQ(SignAndVerify(d(), "op/destroy"), "");
 }
 
@@ -1261,7 +1179,7 @@ TEST_F(RotationOpsTest, CompromisingTheActiveVersionUnpublishesItAndSwitchesSign
   grpc::Status s = Compromise(d(), "op/compromise", 1, reason, &out);
   ASSERT_TRUE(s.ok()) << s.error_message();
   // Gone from the JWKS immediately, not after any cache period.
-  EXPECT_FALSE(Publishes(JwksOf(d(), "op/compromise"), old_kid));
+  EXPECT_FALSE(Publishes(Jwks(d(), {"op/compromise"}), old_kid));
   const v1::KeyVersion* old = FindVersion(out, 1);
   EXPECT_TRUE(old->compromised());
   EXPECT_EQ(old->state(), v1::DESTROY_SCHEDULED);
@@ -1284,7 +1202,7 @@ TEST_F(RotationOpsTest, CompromisingTheActiveVersionUnpublishesItAndSwitchesSign
   const std::string bare_kid = bare.versions(0).kid();
   s = Compromise(d(), "op/compromise-bare", 1, "test", &out);
   ASSERT_TRUE(s.ok()) << s.error_message();
-  EXPECT_FALSE(Publishes(JwksOf(d(), "op/compromise-bare"), bare_kid));
+  EXPECT_FALSE(Publishes(Jwks(d(), {"op/compromise-bare"}), bare_kid));
   ASSERT_EQ(CountState(out, v1::ACTIVE), 1) << Describe(out);
   EXPECT_EQ(SignAndVerify(d(), "op/compromise-bare", &kid), "");
   EXPECT_NE(kid, bare_kid);
@@ -1301,7 +1219,7 @@ TEST_F(RotationOpsTest, WatchJwksSendsTheInitialSetThenANewSetAfterARotation) {
       d().signer().WatchJwks(&ctx, req);
   v1::GetJwksResponse first;
   ASSERT_TRUE(reader->Read(&first)) << reader->Finish().error_message();
-  EXPECT_EQ(first.jwks(), JwksOf(d(), "op/watch"));
+  EXPECT_EQ(first.jwks(), Jwks(d(), {"op/watch"}));
   EXPECT_EQ(first.etag(), GetJwks(d(), {"op/watch"}).etag());
   EXPECT_FALSE(first.etag().empty());
   for (const v1::KeyVersion& v : ring.versions()) EXPECT_TRUE(Publishes(first.jwks(), v.kid()));
@@ -1428,7 +1346,7 @@ TEST(RotationCatchUpTest, RestartAfterMissedPeriodsRotatesOnceAndLogsTheCatchUp)
   ASSERT_TRUE(s.ok()) << s.error_message();
   ASSERT_NE(OnlyInState(ring, v1::PENDING), nullptr) << Describe(ring);
   std::this_thread::sleep_for(300ms);
-  ring = Ring(*d, "op/catch-up");
+  ring = GetRing(*d, "op/catch-up");
   ASSERT_EQ(ring.active_version(), 1u) << "rotated before the period: " << Describe(ring);
   ASSERT_GT(ring.next_rotation_ms(), 0);
   int64_t stopping = UnixMs();
@@ -1684,7 +1602,7 @@ std::vector<std::string> CheckCrashInvariants(Custodyd& d, CrashHistory& history
   {
     v1::ListKeyRingsRequest req;
     grpc::ClientContext ctx;
-    SetDeadline(&ctx);
+    SetDeadline(&ctx, kCallTimeout);
     s = d.admin().ListKeyRings(&ctx, req, snapshot);
     if (!s.ok()) {
       errors.push_back("ListKeyRings: " + s.error_message());
@@ -1887,7 +1805,7 @@ void RunRotationCrashTest(const CrashStore& store, int default_iterations) {
     if (it == 0) {
       v1::ListKeyRingsRequest req;
       grpc::ClientContext ctx;
-      SetDeadline(&ctx);
+      SetDeadline(&ctx, kCallTimeout);
       ASSERT_TRUE(d->admin().ListKeyRings(&ctx, req, &snapshot).ok());
     }
     std::vector<CrashOp> ops = PlanCrashOps(rng, snapshot, pems);

@@ -19,6 +19,7 @@
 #include "gtest/gtest.h"
 #include "tests/harness.h"
 #include "tests/independent_jws.h"
+#include "tests/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {
@@ -59,17 +60,6 @@ client::ChannelOptions Client(const Pki& pki, const std::string& addr, const std
     o.key_file = pki.Path(who + ".key");
   }
   return o;
-}
-
-// Creates an ES256 SIGN ring named `name` through `admin`.
-grpc::Status CreateEs256Ring(custody::v1::KeyAdmin::Stub& admin, const std::string& name) {
-  custody::v1::CreateKeyRingRequest req;
-  req.set_name(name);
-  req.set_purpose(custody::v1::SIGN);
-  req.set_alg("ES256");
-  custody::v1::KeyRing ring;
-  grpc::ClientContext ctx;
-  return admin.CreateKeyRing(&ctx, req, &ring);
 }
 
 grpc::Status SignAs(const client::ChannelOptions& options, const std::string& ring,

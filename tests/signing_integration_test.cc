@@ -8,6 +8,7 @@
 #include "gtest/gtest.h"
 #include "openssl/evp.h"
 #include "tests/harness.h"
+#include "tests/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {
@@ -39,32 +40,19 @@ grpc::Status CreateRing(Custodyd& d, const std::string& name, const std::string&
   req.set_alg(alg);
   req.set_rsa_bits(rsa_bits);
   req.set_allow_non_fapi(non_fapi);
-  KeyRing ring;
-  grpc::ClientContext ctx;
-  grpc::Status s = d.admin().CreateKeyRing(&ctx, req, &ring);
-  if (out != nullptr) *out = ring;
-  return s;
+  return custody::testing::CreateRing(d, req, out);
 }
 
+// SignJws with this typ and extra header members (rpc_helpers.h signs with typ JWT).
 grpc::Status SignJws(Custodyd& d, const std::string& ring, const std::string& payload,
-                     custody::v1::SignJwsResponse* out, const std::string& typ = "JWT",
+                     custody::v1::SignJwsResponse* out, const std::string& typ,
                      const std::string& extra = "") {
   custody::v1::SignJwsRequest req;
   req.set_ring(ring);
   req.set_payload(payload);
   req.set_typ(typ);
   req.set_extra_header_json(extra);
-  grpc::ClientContext ctx;
-  return d.signer().SignJws(&ctx, req, out);
-}
-
-std::string Jwks(Custodyd& d, const std::vector<std::string>& rings = {}) {
-  custody::v1::GetJwksRequest req;
-  for (const auto& r : rings) req.add_rings(r);
-  custody::v1::GetJwksResponse resp;
-  grpc::ClientContext ctx;
-  EXPECT_TRUE(d.signer().GetJwks(&ctx, req, &resp).ok());
-  return resp.jwks();
+  return custody::testing::SignJws(d, req, out);
 }
 
 class SigningTest : public ::testing::Test {

@@ -30,7 +30,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "openssl/crypto.h"
 #include "rotation/key_ring.h"
-#include "rotation/metadata_store.h"
+#include "rotation/sqlite_metadata_store.h"
 #include "server/audit_verify.h"
 #include "tools/command_line.h"
 #include "tools/custodyctl_commands.h"
@@ -91,7 +91,7 @@ int AuditVerify(const std::vector<std::string>& files, const Args& args) {
   }
   if (args.Has("state_dir") && !args.Has("anchor")) {
     for (const std::string& chain : chains_given) {
-      auto stored = custody::rotation::MetadataStore::ReadAuditAnchor(
+      auto stored = custody::rotation::ReadSqliteAuditAnchor(
           args.Flag("state_dir") + "/metadata.db", chain);
       if (absl::IsNotFound(stored.status())) continue;
       if (!stored.ok()) {

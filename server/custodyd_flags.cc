@@ -140,6 +140,12 @@ ABSL_FLAG(int, max_watch_streams_per_caller, 16,
           "concurrent WatchJwks streams per caller identity");
 ABSL_FLAG(int, max_threads, 512,
           "gRPC server threads (grpc::ResourceQuota); must exceed --max_watch_streams");
+ABSL_FLAG(int, unary_threads, 64,
+          "most threads that run SignJws, Sign and DecryptJwe calls (gRPC's callback API hands "
+          "each over; started on demand)");
+ABSL_FLAG(int, unary_queue, 64,
+          "SignJws, Sign and DecryptJwe calls that may wait for one of --unary_threads; beyond, "
+          "RESOURCE_EXHAUSTED at once");
 ABSL_FLAG(int, max_concurrent_streams, 128, "concurrent calls per connection (HTTP/2)");
 ABSL_FLAG(int, max_connections, 1024,
           "Unix-socket connections open at once (at most the descriptor limit - 128)");

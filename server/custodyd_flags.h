@@ -62,6 +62,8 @@ ABSL_DECLARE_FLAG(int64_t, max_jwks_reply_bytes);
 ABSL_DECLARE_FLAG(int, max_watch_streams);
 ABSL_DECLARE_FLAG(int, max_watch_streams_per_caller);
 ABSL_DECLARE_FLAG(int, max_threads);
+ABSL_DECLARE_FLAG(int, unary_threads);
+ABSL_DECLARE_FLAG(int, unary_queue);
 ABSL_DECLARE_FLAG(int, max_concurrent_streams);
 ABSL_DECLARE_FLAG(int, max_connections);
 ABSL_DECLARE_FLAG(int, max_connections_per_uid);

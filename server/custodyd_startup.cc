@@ -265,8 +265,18 @@ bool CreateGrpcServices(Daemon* d) {
                          max_threads, ") at least --max_watch_streams + 32 (",
                          jwks_limits.max_watch_streams + 32, ")")));
   }
-  d->signer = std::make_unique<SignerService>(d->keys.get(), d->guard.get(), max_batch_items,
-                                              d->batch_runner.get(), jwks_limits);
+  const int unary_threads = absl::GetFlag(FLAGS_unary_threads);
+  const int unary_queue = absl::GetFlag(FLAGS_unary_queue);
+  if (unary_threads < 1 || unary_queue < 0) {
+    return StartupFailed("startup.flags",
+                         absl::InvalidArgumentError(
+                             absl::StrCat("--unary_threads (", unary_threads, ") must be >= 1 and ",
+                                          "--unary_queue (", unary_queue, ") >= 0")));
+  }
+  d->unary_pool = std::make_unique<UnaryPool>(unary_threads, static_cast<size_t>(unary_queue));
+  d->signer =
+      std::make_unique<SignerService>(d->keys.get(), d->guard.get(), max_batch_items,
+                                      d->batch_runner.get(), jwks_limits, d->unary_pool.get());
   d->admin = std::make_unique<KeyAdminService>(d->keys.get(), d->guard.get());
   return true;
 }

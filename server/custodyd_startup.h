@@ -27,6 +27,7 @@
 #include "server/metadata_tag_key.h"
 #include "server/request_guard.h"
 #include "server/request_metrics.h"
+#include "server/unary_pool.h"
 #include "server/unix_listener.h"
 
 namespace custody::server {
@@ -58,6 +59,7 @@ struct Daemon {
   std::unique_ptr<KeyService> keys;
   std::unique_ptr<BatchRunner> batch_runner;
   int max_threads = 0;
+  std::unique_ptr<UnaryPool> unary_pool;  // runs SignJws, Sign and DecryptJwe
   std::unique_ptr<SignerService> signer;
   std::unique_ptr<KeyAdminService> admin;
   // What the gRPC health service reports, for the metrics listener.

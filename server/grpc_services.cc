@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -11,7 +12,9 @@
 #include "absl/strings/str_join.h"
 #include "common/caller_message.h"
 #include "common/log.h"
+#include "custody/v1/strict_requests.h"
 #include "openssl/crypto.h"
+#include "server/malformed_requests.h"
 
 namespace custody::server {
 namespace {
@@ -56,7 +59,7 @@ std::string BoundedForMessage(absl::string_view s) {
 // handler below shares.
 class Call {
  public:
-  Call(RequestGuard* guard, const grpc::ServerContext& context, absl::string_view operation,
+  Call(RequestGuard* guard, const grpc::ServerContextBase& context, absl::string_view operation,
        absl::string_view ring)
       : guard_(guard) {
     event_.identity = CallerIdentity(context);
@@ -187,11 +190,57 @@ grpc::Status SignerService::RunBatch(const grpc::ServerContext& context, const c
   return grpc::Status::OK;
 }
 
-grpc::Status SignerService::SignJws(grpc::ServerContext* context, const v1::SignJwsRequest* request,
-                                    v1::SignJwsResponse* response) {
-  Call call(guard_, *context, kOpSign, request->ring());
-  call.event().payload_sha256 = Sha256Hex(request->payload());
-  return call.Run(response, [&] { return keys_->SignJws(*request); });
+template <typename Request, typename Response, typename Serve>
+grpc::ServerUnaryReactor* SignerService::ServeUnary(grpc::CallbackServerContext* context,
+                                                    const grpc::ByteBuffer* request_bytes,
+                                                    grpc::ByteBuffer* response_bytes,
+                                                    const char* operation, Serve serve) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto request = std::make_shared<Request>();
+  grpc::ByteBuffer bytes(*request_bytes);  // shares the slices; the parser consumes its buffer
+  if (grpc::Status parsed = v1::ParseRequest(&bytes, request.get()); !parsed.ok()) {
+    RecordMalformedRequest(guard_, *context);
+    reactor->Finish(parsed);
+    return reactor;
+  }
+  auto run = [this, context, request, response_bytes, reactor, serve] {
+    Response response;
+    grpc::Status status = serve(*context, *request, &response);
+    if (status.ok()) {
+      bool own_buffer;
+      status =
+          grpc::SerializationTraits<Response>::Serialize(response, response_bytes, &own_buffer);
+    }
+    reactor->Finish(status);
+  };
+  if (unary_pool_ == nullptr) {
+    run();
+  } else if (!unary_pool_->TrySubmit(run)) {
+    Call call(guard_, *context, operation, request->ring());
+    reactor->Finish(call.Finish(grpc::Status(
+        grpc::StatusCode::RESOURCE_EXHAUSTED,
+        absl::StrCat("custodyd is busy: ", unary_pool_->max_queued(),
+                     " calls are already waiting for a thread (--unary_queue); retry with "
+                     "backoff"))));
+  }
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* SignerService::SignJws(grpc::CallbackServerContext* context,
+                                                 const grpc::ByteBuffer* request,
+                                                 grpc::ByteBuffer* response) {
+  return ServeUnary<v1::SignJwsRequest, v1::SignJwsResponse>(
+      context, request, response, kOpSign,
+      [this](const grpc::ServerContextBase& c, const v1::SignJwsRequest& r,
+             v1::SignJwsResponse* out) { return SignJwsCall(c, r, out); });
+}
+
+grpc::Status SignerService::SignJwsCall(const grpc::ServerContextBase& context,
+                                        const v1::SignJwsRequest& request,
+                                        v1::SignJwsResponse* response) {
+  Call call(guard_, context, kOpSign, request.ring());
+  call.event().payload_sha256 = Sha256Hex(request.payload());
+  return call.Run(response, [&] { return keys_->SignJws(request); });
 }
 
 grpc::Status SignerService::SignJwsBatch(grpc::ServerContext* context,
@@ -212,12 +261,21 @@ grpc::Status SignerService::DecryptJweBatch(grpc::ServerContext* context,
       [&](const v1::DecryptJweRequest& item) { return keys_->DecryptJwe(item); });
 }
 
-grpc::Status SignerService::Sign(grpc::ServerContext* context, const v1::SignRequest* request,
-                                 v1::SignResponse* response) {
-  Call call(guard_, *context, kOpSign, request->ring());
-  call.event().payload_sha256 =
-      Sha256Hex(request->has_digest() ? request->digest() : request->data());
-  return call.Run(response, [&] { return keys_->Sign(*request); });
+grpc::ServerUnaryReactor* SignerService::Sign(grpc::CallbackServerContext* context,
+                                              const grpc::ByteBuffer* request,
+                                              grpc::ByteBuffer* response) {
+  return ServeUnary<v1::SignRequest, v1::SignResponse>(
+      context, request, response, kOpSign,
+      [this](const grpc::ServerContextBase& c, const v1::SignRequest& r, v1::SignResponse* out) {
+        return SignCall(c, r, out);
+      });
+}
+
+grpc::Status SignerService::SignCall(const grpc::ServerContextBase& context,
+                                     const v1::SignRequest& request, v1::SignResponse* response) {
+  Call call(guard_, context, kOpSign, request.ring());
+  call.event().payload_sha256 = Sha256Hex(request.has_digest() ? request.digest() : request.data());
+  return call.Run(response, [&] { return keys_->Sign(request); });
 }
 
 grpc::Status SignerService::GetPublicKey(grpc::ServerContext* context,
@@ -227,12 +285,21 @@ grpc::Status SignerService::GetPublicKey(grpc::ServerContext* context,
   return call.Run(response, [&] { return keys_->GetPublicKey(*request); });
 }
 
-grpc::Status SignerService::DecryptJwe(grpc::ServerContext* context,
-                                       const v1::DecryptJweRequest* request,
-                                       v1::DecryptJweResponse* response) {
-  Call call(guard_, *context, kOpDecrypt, request->ring());
-  call.event().payload_sha256 = Sha256Hex(request->jwe());
-  return call.Run(response, [&] { return keys_->DecryptJwe(*request); });
+grpc::ServerUnaryReactor* SignerService::DecryptJwe(grpc::CallbackServerContext* context,
+                                                    const grpc::ByteBuffer* request,
+                                                    grpc::ByteBuffer* response) {
+  return ServeUnary<v1::DecryptJweRequest, v1::DecryptJweResponse>(
+      context, request, response, kOpDecrypt,
+      [this](const grpc::ServerContextBase& c, const v1::DecryptJweRequest& r,
+             v1::DecryptJweResponse* out) { return DecryptJweCall(c, r, out); });
+}
+
+grpc::Status SignerService::DecryptJweCall(const grpc::ServerContextBase& context,
+                                           const v1::DecryptJweRequest& request,
+                                           v1::DecryptJweResponse* response) {
+  Call call(guard_, context, kOpDecrypt, request.ring());
+  call.event().payload_sha256 = Sha256Hex(request.jwe());
+  return call.Run(response, [&] { return keys_->DecryptJwe(request); });
 }
 
 absl::StatusOr<std::vector<std::string>> SignerService::JwksSelection(

@@ -10,6 +10,7 @@
 #include "server/key_service.h"
 #include "server/request_guard.h"
 #include "server/stream_quota.h"
+#include "server/unary_pool.h"
 
 namespace custody::server {
 
@@ -37,7 +38,14 @@ struct JwksLimits {
   int max_watch_streams_per_caller = 16;
 };
 
-class SignerService final : public v1::Signer::Service {
+// The hot unary RPCs (SignJws, Sign, DecryptJwe) are served with gRPC's callback API, raw:
+// custodyd parses the request itself, so that a malformed one is INVALID_ARGUMENT and audited as
+// on the sync methods, and runs the call on a UnaryPool thread. The other methods use the sync
+// server's thread pool.
+using SignerBase = v1::Signer::WithRawCallbackMethod_SignJws<v1::Signer::WithRawCallbackMethod_Sign<
+    v1::Signer::WithRawCallbackMethod_DecryptJwe<v1::Signer::Service>>>;
+
+class SignerService final : public SignerBase {
  public:
   // Batch RPCs with more than this many items are refused (INVALID_ARGUMENT).
   static constexpr int kDefaultMaxBatchItems = 64;
@@ -47,29 +55,36 @@ class SignerService final : public v1::Signer::Service {
   // `runner` (may be null: items run in order on the handler thread) must outlive the service.
   SignerService(const KeyService* keys, RequestGuard* guard,
                 int max_batch_items = kDefaultMaxBatchItems, BatchRunner* runner = nullptr,
-                JwksLimits jwks_limits = JwksLimits{})
+                JwksLimits jwks_limits = JwksLimits{}, UnaryPool* unary_pool = nullptr)
       : keys_(keys),
         guard_(guard),
         max_batch_items_(max_batch_items),
         runner_(runner),
         max_jwks_reply_bytes_(jwks_limits.max_reply_bytes),
         watch_quota_("WatchJwks", jwks_limits.max_watch_streams,
-                     jwks_limits.max_watch_streams_per_caller) {}
-  grpc::Status SignJws(grpc::ServerContext* context, const v1::SignJwsRequest* request,
-                       v1::SignJwsResponse* response) override;
+                     jwks_limits.max_watch_streams_per_caller),
+        unary_pool_(unary_pool) {}
+  // SignJws, Sign and DecryptJwe: parsed on gRPC's callback thread, then authorized, run and
+  // audited on a UnaryPool thread (on gRPC's callback thread when there is no pool);
+  // RESOURCE_EXHAUSTED, audited, when the pool's queue is full.
+  grpc::ServerUnaryReactor* SignJws(grpc::CallbackServerContext* context,
+                                    const grpc::ByteBuffer* request,
+                                    grpc::ByteBuffer* response) override;
   // Each item as a SignJws of its own (authorized, signed, one audit line), on this thread or,
   // when the items are slow, spread over the BatchRunner's helpers; the reply waits for one
   // group commit of all the lines.
   grpc::Status SignJwsBatch(grpc::ServerContext* context, const v1::SignJwsBatchRequest* request,
                             v1::SignJwsBatchResponse* response) override;
-  grpc::Status Sign(grpc::ServerContext* context, const v1::SignRequest* request,
-                    v1::SignResponse* response) override;
+  grpc::ServerUnaryReactor* Sign(grpc::CallbackServerContext* context,
+                                 const grpc::ByteBuffer* request,
+                                 grpc::ByteBuffer* response) override;
   grpc::Status GetJwks(grpc::ServerContext* context, const v1::GetJwksRequest* request,
                        v1::GetJwksResponse* response) override;
   grpc::Status GetPublicKey(grpc::ServerContext* context, const v1::GetPublicKeyRequest* request,
                             v1::PublicKey* response) override;
-  grpc::Status DecryptJwe(grpc::ServerContext* context, const v1::DecryptJweRequest* request,
-                          v1::DecryptJweResponse* response) override;
+  grpc::ServerUnaryReactor* DecryptJwe(grpc::CallbackServerContext* context,
+                                       const grpc::ByteBuffer* request,
+                                       grpc::ByteBuffer* response) override;
   // As SignJwsBatch, for DecryptJwe items (each failure the same "decryption failed").
   grpc::Status DecryptJweBatch(grpc::ServerContext* context,
                                const v1::DecryptJweBatchRequest* request,
@@ -101,12 +116,30 @@ class SignerService final : public v1::Signer::Service {
   // The (shared) JWKS of `rings`; RESOURCE_EXHAUSTED when larger than max_jwks_reply_bytes_.
   absl::StatusOr<KeyService::Jwks> BoundedJwks(const std::vector<std::string>& rings) const;
 
+  // A callback-API unary RPC: `request` parsed with custody's strict parser (a malformed one
+  // refused and audited), `serve(context, request, &response)` run on the pool, the reply
+  // serialized into `response_bytes`.
+  template <typename Request, typename Response, typename Serve>
+  grpc::ServerUnaryReactor* ServeUnary(grpc::CallbackServerContext* context,
+                                       const grpc::ByteBuffer* request_bytes,
+                                       grpc::ByteBuffer* response_bytes, const char* operation,
+                                       Serve serve);
+  // The calls themselves, as the sync handlers ran them.
+  grpc::Status SignJwsCall(const grpc::ServerContextBase& context,
+                           const v1::SignJwsRequest& request, v1::SignJwsResponse* response);
+  grpc::Status SignCall(const grpc::ServerContextBase& context, const v1::SignRequest& request,
+                        v1::SignResponse* response);
+  grpc::Status DecryptJweCall(const grpc::ServerContextBase& context,
+                              const v1::DecryptJweRequest& request,
+                              v1::DecryptJweResponse* response);
+
   const KeyService* const keys_;
   RequestGuard* const guard_;
   const int max_batch_items_;
   BatchRunner* const runner_;
   const size_t max_jwks_reply_bytes_;
   StreamQuota watch_quota_;
+  UnaryPool* const unary_pool_;
 };
 
 class KeyAdminService final : public v1::KeyAdmin::Service {

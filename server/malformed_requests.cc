@@ -15,16 +15,7 @@ class MalformedRequestAuditor final : public grpc::Server::GlobalCallbacks {
   explicit MalformedRequestAuditor(RequestGuard* guard) : guard_(guard) {}
   void PreSynchronousRequest(grpc::ServerContext*) override {}
   void PostSynchronousRequest(grpc::ServerContext* context) override {
-    std::optional<v1::MalformedRequest> malformed = v1::TakeMalformedRequest();
-    if (!malformed.has_value()) return;
-    AuditEvent event;
-    event.identity = CallerIdentity(*context);
-    event.operation = kOpMalformed;
-    // The caller already has its INVALID_ARGUMENT; this is the record of it, with the type.
-    (void)guard_->Record(std::move(event),
-                         grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                                      malformed->type + ": " + malformed->message),
-                         absl::Now());
+    RecordMalformedRequest(guard_, *context);
   }
 
  private:
@@ -39,6 +30,19 @@ void ProtobufLog(google::protobuf::LogLevel level, const char* /*file*/, int /*l
 }
 
 }  // namespace
+
+void RecordMalformedRequest(RequestGuard* guard, const grpc::ServerContextBase& context) {
+  std::optional<v1::MalformedRequest> malformed = v1::TakeMalformedRequest();
+  if (!malformed.has_value()) return;
+  AuditEvent event;
+  event.identity = CallerIdentity(context);
+  event.operation = kOpMalformed;
+  // The caller has (or is about to have) its INVALID_ARGUMENT; this is the record of it.
+  (void)guard->Record(
+      std::move(event),
+      grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, malformed->type + ": " + malformed->message),
+      absl::Now());
+}
 
 void AuditMalformedRequests(RequestGuard* guard) {
   grpc::Server::SetGlobalCallbacks(new MalformedRequestAuditor(guard));  // gRPC owns it

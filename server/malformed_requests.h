@@ -18,6 +18,11 @@ inline constexpr char kOpMalformed[] = "malformed";
 // gRPC server of the process.
 void AuditMalformedRequests(RequestGuard* guard);
 
+// The same record for a method served with gRPC's callback API, which parses its request itself
+// (custody.v1's parser) on the calling thread: audits the refusal that parse left on this thread,
+// if any.
+void RecordMalformedRequest(RequestGuard* guard, const grpc::ServerContextBase& context);
+
 }  // namespace custody::server
 
 #endif  // CUSTODY_SERVER_MALFORMED_REQUESTS_H_

@@ -17,7 +17,7 @@ std::string CodeName(grpc::StatusCode code) {
 
 }  // namespace
 
-std::string CallerIdentity(const grpc::ServerContext& context) {
+std::string CallerIdentity(const grpc::ServerContextBase& context) {
   std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
   if (auth != nullptr && auth->IsPeerAuthenticated()) {
     for (const char* property : {GRPC_PEER_URI_PROPERTY_NAME, GRPC_PEER_SPIFFE_ID_PROPERTY_NAME}) {

@@ -26,7 +26,7 @@ namespace custody::server {
 // "spiffe://bank.example/as"), else "dns:" + its first DNS SAN, else "uid:N" for a caller on
 // custodyd's Unix socket (N: the uid that connected, from the kernel; see unix_listener.h), else
 // "unix" for a Unix socket served by gRPC itself (TLS over a Unix socket), else "anonymous".
-std::string CallerIdentity(const grpc::ServerContext& context);
+std::string CallerIdentity(const grpc::ServerContextBase& context);
 
 class RequestGuard {
  public:

@@ -217,7 +217,8 @@ const ::testing::Environment* const kEnvironment =
 // custodyd on the fault module in front of a fresh token labelled `label`.
 class FaultyCustodyd {
  public:
-  explicit FaultyCustodyd(const std::string& label)
+  // `extra`: more custodyd flags.
+  explicit FaultyCustodyd(const std::string& label, std::vector<std::string> extra = {})
       : state_(dir_.path() + "/state"), control_(dir_.path() + "/fault.ctl") {
     absl::Status initialized = pkcs11::Token::InitializeToken(
         pkcs11::TemporarySoftHsm::ModulePath(), label, Secret(kSoPin), Secret(kUserPin));
@@ -238,15 +239,23 @@ class FaultyCustodyd {
       environment.push_back(std::string("ASAN_OPTIONS=") + (asan != nullptr ? asan : "") +
                             ":quarantine_size_mb=16");
     }
-    d_ = std::make_unique<Custodyd>(
-        state_,
-        std::vector<std::string>{std::string("--pkcs11_module=") + kFaultModule,
-                                 "--token_label=" + label, "--pin_file=" + pin_file,
-                                 "--metrics_log_seconds=1"},
-        Custodyd::Environment{std::move(environment)});
+    std::vector<std::string> flags = {std::string("--pkcs11_module=") + kFaultModule,
+                                      "--token_label=" + label, "--pin_file=" + pin_file,
+                                      "--metrics_log_seconds=1"};
+    flags.insert(flags.end(), extra.begin(), extra.end());
+    d_ = std::make_unique<Custodyd>(state_, std::move(flags),
+                                    Custodyd::Environment{std::move(environment)});
   }
 
   Custodyd& d() { return *d_; }
+  // Every audit file, concatenated.
+  std::string Audit() const {
+    std::string audit;
+    for (const auto& e : std::filesystem::directory_iterator(state_ + "/audit")) {
+      audit += ReadFileOrDie(e.path());
+    }
+    return audit;
+  }
   FaultControl& control() { return control_; }
 
  private:
@@ -752,6 +761,70 @@ TEST(FaultIntegrationTest, SlowTokenRefusesCallersPromptlyAndMemoryStaysFlat) {
       break;
     }
   }
+}
+
+// The threads that run SignJws, Sign and DecryptJwe (served with gRPC's callback API) are
+// bounded: while a slow token holds --unary_threads of them and --unary_queue calls wait, a
+// further call is refused at once, RESOURCE_EXHAUSTED naming the flag, and audited; an accepted
+// call is answered and verifies.
+TEST(FaultIntegrationTest, SaturatedUnaryThreadsRefuseAtOnceAndAreAudited) {
+  FaultyCustodyd custodyd("fault-unary", {"--unary_threads=2", "--unary_queue=2"});
+  Custodyd& d = custodyd.d();
+  JwsKeys keys;
+  ASSERT_NO_FATAL_FAILURE(StartWithRings(custodyd, {{"busy/es256", "ES256"}}, &keys));
+  ASSERT_FALSE(custodyd.control().Apply({"delay C_Sign 300"}).empty());
+  std::vector<CallOutcome> outcomes;
+  std::vector<std::string> wrong;
+  {
+    SigningLoad load(d, {"busy/es256"}, keys, /*threads=*/12, /*timeout=*/10s,
+                     /*pause_after_failure=*/20ms);
+    std::this_thread::sleep_for(2s);
+    load.Stop();
+    outcomes = load.Outcomes();
+    wrong = load.Wrong();
+  }
+  ASSERT_FALSE(custodyd.control().Apply({"reset"}).empty());
+  for (const std::string& w : wrong) ADD_FAILURE() << "wrong signature: " << w;
+  int ok = 0, refused = 0;
+  int64_t slowest_refusal = 0, slowest_ok = 0;
+  for (const CallOutcome& o : outcomes) {
+    const int64_t ms = MsBetween(o.start, o.end);
+    if (o.code == grpc::StatusCode::OK) {
+      ++ok;
+      slowest_ok = std::max(slowest_ok, ms);
+    } else if (o.code == grpc::StatusCode::RESOURCE_EXHAUSTED &&
+               o.message.find("(--unary_queue)") != std::string::npos) {
+      ++refused;
+      slowest_refusal = std::max(slowest_refusal, ms);
+    } else {
+      ADD_FAILURE() << o.code << " " << o.message;
+    }
+  }
+  std::printf(
+      "[unary] 12 callers, 2 threads + 2 waiting, C_Sign +300 ms: ok=%d refused=%d; "
+      "slowest refusal %lld ms, slowest ok %lld ms\n",
+      ok, refused, static_cast<long long>(slowest_refusal), static_cast<long long>(slowest_ok));
+  std::fflush(stdout);
+  // Two threads at 300 ms a signature sign ~13 in 2 s; the other callers are turned away.
+  EXPECT_GE(ok, 4);
+  EXPECT_GE(refused, 20);
+  // At once: a refusal never waits for the token (300 ms).
+  EXPECT_LT(slowest_refusal, kSanitized ? 1000 : 250);
+  // An accepted call waits for at most the two ahead of it and its own signature.
+  EXPECT_LT(slowest_ok, kSanitized ? 6000 : 3000);
+  // Each refusal has its audit line.
+  const std::string audit = custodyd.Audit();
+  int audited = 0;
+  for (size_t at = 0;
+       (at = audit.find("\"result\":\"RESOURCE_EXHAUSTED\"", at)) != std::string::npos; ++at) {
+    const size_t end = audit.find('\n', at);
+    if (audit.substr(at, end - at).find("(--unary_queue)") != std::string::npos) ++audited;
+  }
+  EXPECT_EQ(audited, refused);
+  // With the token fast again, a call is served.
+  v1::SignJwsResponse resp;
+  grpc::Status status = SignJws(d, "busy/es256", "{}", &resp, 5s);
+  EXPECT_TRUE(status.ok()) << status.error_message();
 }
 
 // ---------------------------------------------------------------------------------------------

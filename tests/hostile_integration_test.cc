@@ -524,6 +524,13 @@ TEST_F(MalformedInputTest, InvalidUtf8IsInvalidArgumentNamingTheFieldAndAudited)
               Field(1, Field(1, "op/ps")) + Field(1, Field(1, "op/ps") + Field(3, "J\xc0\xafT")));
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
   EXPECT_EQ(s.error_message(), "field 'requests[1].typ' is not valid UTF-8");
+  // Sign and DecryptJwe, which (like SignJws) custodyd parses itself on gRPC's callback API.
+  s = CallRaw(d_->channel(), "/custody.v1.Signer/Sign", Field(1, "op/\xfe") + Field(3, "{}"));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_EQ(s.error_message(), "field 'ring' is not valid UTF-8");
+  s = CallRaw(d_->channel(), "/custody.v1.Signer/DecryptJwe", Field(1, "op/\xc3"));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_EQ(s.error_message(), "field 'ring' is not valid UTF-8");
   // An admin request, and bytes that are no message at all.
   s = CallRaw(d_->channel(), "/custody.v1.KeyAdmin/GetKeyRing", Field(1, "\xed\xa0\x80"));
   EXPECT_EQ(s.error_message(), "field 'name' is not valid UTF-8");
@@ -542,6 +549,8 @@ TEST_F(MalformedInputTest, InvalidUtf8IsInvalidArgumentNamingTheFieldAndAudited)
   for (const char* detail :
        {"custody.v1.SignJwsRequest: field 'ring' is not valid UTF-8",
         "custody.v1.SignJwsBatchRequest: field 'requests[1].typ' is not valid UTF-8",
+        "custody.v1.SignRequest: field 'ring' is not valid UTF-8",
+        "custody.v1.DecryptJweRequest: field 'ring' is not valid UTF-8",
         "custody.v1.GetKeyRingRequest: field 'name' is not valid UTF-8",
         "custody.v1.GetJwksRequest: the request is not a valid custody.v1.GetJwksRequest "
         "message"}) {

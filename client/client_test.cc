@@ -367,6 +367,40 @@ TEST(ClientCoalescingTest, BatchesRefusedAsAWholeAreResentAsPlainCalls) {
   EXPECT_EQ(stats.plain_calls + stats.batched_items, 8u * 30u);
 }
 
+// During an outage a coalescing slot is held for one attempt, not for the caller's whole
+// deadline: every caller, the ones queued behind the first included, is told UNAVAILABLE (the
+// cause to act on) within about its deadline. Before, the first plain call retried in the slot
+// until its deadline, the queued callers' deadlines passed while they waited, and they got
+// DEADLINE_EXCEEDED.
+TEST(ClientCoalescingTest, AnOutageDoesNotHoldTheSlotPastTheQueuedCallersDeadlines) {
+  TempDir dir;
+  Custodyd d(dir.path() + "/state");
+  ASSERT_TRUE(d.started()) << d.log();
+  CreateRing(d, kOpSign, custody::v1::SIGN, "ES256");
+  ClientOptions o;
+  o.max_rpcs_in_flight = 1;
+  o.deadline = absl::Seconds(1);
+  auto c = Client::Connect(At(d.address()), o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  ASSERT_TRUE((*c)->SignJws(kOpSign, "{}").ok());
+  d.Stop();
+  std::vector<absl::Status> results(8);
+  std::vector<absl::Duration> took(8);
+  std::vector<std::thread> callers;
+  for (int t = 0; t < 8; ++t) {
+    callers.emplace_back([&, t] {
+      const absl::Time start = absl::Now();
+      results[t] = (*c)->SignJws(kOpSign, "{}").status();
+      took[t] = absl::Now() - start;
+    });
+  }
+  for (std::thread& t : callers) t.join();
+  for (int t = 0; t < 8; ++t) {
+    EXPECT_EQ(results[t].code(), absl::StatusCode::kUnavailable) << t << ": " << results[t];
+    EXPECT_LT(took[t], absl::Seconds(3)) << t;
+  }
+}
+
 TEST_F(ClientTest, VerifierChecksKeysAndClaims) {
   const absl::Time now = absl::FromUnixSeconds(1'800'000'000);
   JwsVerifierOptions o;

@@ -14,7 +14,8 @@ struct Coalescer<Batching>::Pending {
   const Request* request = nullptr;
   absl::Time deadline;
   bool done = false;      // result (or fallback) is set
-  bool fallback = false;  // the caller sends it as a plain call
+  bool fallback = false;  // a batch item the caller re-sends as a plain call
+  bool retry = false;     // a plain call the caller retries outside the slot
   absl::StatusOr<Response> result = absl::UnknownError("not sent");
 };
 
@@ -58,7 +59,7 @@ absl::StatusOr<typename Batching::Response> Coalescer<Batching>::Call(const Requ
     mu_.Unlock();
     if (batch.size() == 1) {
       plain_calls_.fetch_add(1, std::memory_order_relaxed);
-      me.result = plain_(request, deadline);
+      SendOne(&me);
     } else {
       SendBatch(batch.data(), batch.size());
     }
@@ -71,7 +72,27 @@ absl::StatusOr<typename Batching::Response> Coalescer<Batching>::Call(const Requ
     fallbacks_.fetch_add(1, std::memory_order_relaxed);
     return plain_(request, deadline);
   }
+  if (me.retry) return plain_(request, deadline);
   return std::move(me.result);
+}
+
+// One attempt while holding the slot; an UNAVAILABLE answer is retried with backoff after the
+// slot is released (as a batch's UNAVAILABLE items are), so that a sustained outage cannot hold
+// the slot for a whole deadline while the callers queued behind it wait past theirs.
+template <typename Batching>
+void Coalescer<Batching>::SendOne(Pending* me) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(me->deadline));
+  Response response;
+  const grpc::Status status = Batching::SendOne(stub_, &ctx, *me->request, &response);
+  if (status.ok()) {
+    me->result = std::move(response);
+  } else if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
+    me->retry = true;
+  } else {
+    me->result =
+        absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+  }
 }
 
 template <typename Batching>

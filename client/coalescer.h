@@ -8,6 +8,9 @@
 // sends everything queued (up to `max_items` / `max_bytes`) as one SignJwsBatch. There is no
 // timer: a lone caller, or callers fewer than the slots, each send a plain SignJws at once, so
 // coalescing adds no latency; it only appears when calls would otherwise queue behind gRPC.
+// A slot is held for one attempt only: a plain call that comes back UNAVAILABLE is retried
+// (with backoff, until its deadline) after its slot is released, so that during an outage the
+// callers queued behind it are not kept waiting past their own deadlines.
 //
 // Each item keeps SignJws' semantics: its own authorization, audit line and status. Items that
 // come back UNAVAILABLE, and every item of a batch RPC that failed as a whole, are re-sent by
@@ -53,6 +56,10 @@ struct SignJwsBatching {
                            const BatchRequest& request, BatchResponse* response) {
     return stub->SignJwsBatch(ctx, request, response);
   }
+  static grpc::Status SendOne(v1::Signer::Stub* stub, grpc::ClientContext* ctx,
+                              const Request& request, Response* response) {
+    return stub->SignJws(ctx, request, response);
+  }
   static size_t Bytes(const Request& request) { return request.payload().size(); }
 };
 struct DecryptJweBatching {
@@ -63,6 +70,10 @@ struct DecryptJweBatching {
   static grpc::Status Send(v1::Signer::Stub* stub, grpc::ClientContext* ctx,
                            const BatchRequest& request, BatchResponse* response) {
     return stub->DecryptJweBatch(ctx, request, response);
+  }
+  static grpc::Status SendOne(v1::Signer::Stub* stub, grpc::ClientContext* ctx,
+                              const Request& request, Response* response) {
+    return stub->DecryptJwe(ctx, request, response);
   }
   static size_t Bytes(const Request& request) { return request.jwe().size(); }
 };
@@ -90,6 +101,9 @@ class Coalescer {
 
  private:
   struct Pending;
+  // A batch of one: one attempt of the plain RPC (UNAVAILABLE: retried by the caller after the
+  // slot is released).
+  void SendOne(Pending* me);
   // Sends `batch` (>= 2 items) as one batch RPC and stores each item's outcome.
   void SendBatch(Pending* const* batch, size_t n);
 

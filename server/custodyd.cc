@@ -27,6 +27,7 @@ int Run() {
   // Flags first: nothing is opened before the listeners' bounds and address are known good.
   // Each step logs its own failure (a startup.* line); custodyd then exits 1.
   if (!CheckHttpBounds(&d)) return 1;
+  if (!CheckServiceBounds()) return 1;
   if (!PrepareListenAddress(&d)) return 1;
   if (!OpenToken(&d)) return 1;
   if (!OpenMetadataStore(&d)) return 1;

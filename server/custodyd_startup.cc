@@ -237,12 +237,37 @@ bool CreateKeyService(Daemon* d) {
   return true;
 }
 
-bool CreateGrpcServices(Daemon* d) {
-  const int max_batch_items = absl::GetFlag(FLAGS_max_batch_items);
-  if (max_batch_items < 1) {
+bool CheckServiceBounds() {
+  if (absl::GetFlag(FLAGS_max_batch_items) < 1) {
     return StartupFailed("startup.flags",
                          absl::InvalidArgumentError("--max_batch_items must be >= 1"));
   }
+  const int max_watch_streams = absl::GetFlag(FLAGS_max_watch_streams);
+  const int max_watch_streams_per_caller = absl::GetFlag(FLAGS_max_watch_streams_per_caller);
+  const int max_threads = absl::GetFlag(FLAGS_max_threads);
+  // Watchers hold a thread each: the rest of the quota is what every other call has.
+  if (max_watch_streams < 1 || max_watch_streams_per_caller < 1 ||
+      max_threads < max_watch_streams + 32) {
+    return StartupFailed(
+        "startup.flags",
+        absl::InvalidArgumentError(absl::StrCat(
+            "--max_watch_streams and --max_watch_streams_per_caller must be >= 1 and "
+            "--max_threads (",
+            max_threads, ") at least --max_watch_streams + 32 (", max_watch_streams + 32, ")")));
+  }
+  const int unary_threads = absl::GetFlag(FLAGS_unary_threads);
+  const int unary_queue = absl::GetFlag(FLAGS_unary_queue);
+  if (unary_threads < 1 || unary_queue < 0) {
+    return StartupFailed("startup.flags",
+                         absl::InvalidArgumentError(
+                             absl::StrCat("--unary_threads (", unary_threads, ") must be >= 1 and ",
+                                          "--unary_queue (", unary_queue, ") >= 0")));
+  }
+  return true;
+}
+
+bool CreateGrpcServices(Daemon* d) {
+  const int max_batch_items = absl::GetFlag(FLAGS_max_batch_items);
   BatchRunner::Options runner_options;
   runner_options.threads = std::max(1, absl::GetFlag(FLAGS_max_sessions)) - 1;
   runner_options.parallel_after =
@@ -253,26 +278,9 @@ bool CreateGrpcServices(Daemon* d) {
       static_cast<size_t>(std::max<int64_t>(1024, absl::GetFlag(FLAGS_max_jwks_reply_bytes)));
   jwks_limits.max_watch_streams = absl::GetFlag(FLAGS_max_watch_streams);
   jwks_limits.max_watch_streams_per_caller = absl::GetFlag(FLAGS_max_watch_streams_per_caller);
-  const int max_threads = d->max_threads = absl::GetFlag(FLAGS_max_threads);
-  // Watchers hold a thread each: the rest of the quota is what every other call has.
-  if (jwks_limits.max_watch_streams < 1 || jwks_limits.max_watch_streams_per_caller < 1 ||
-      max_threads < jwks_limits.max_watch_streams + 32) {
-    return StartupFailed(
-        "startup.flags",
-        absl::InvalidArgumentError(
-            absl::StrCat("--max_watch_streams and --max_watch_streams_per_caller must be >= 1 and "
-                         "--max_threads (",
-                         max_threads, ") at least --max_watch_streams + 32 (",
-                         jwks_limits.max_watch_streams + 32, ")")));
-  }
+  d->max_threads = absl::GetFlag(FLAGS_max_threads);
   const int unary_threads = absl::GetFlag(FLAGS_unary_threads);
   const int unary_queue = absl::GetFlag(FLAGS_unary_queue);
-  if (unary_threads < 1 || unary_queue < 0) {
-    return StartupFailed("startup.flags",
-                         absl::InvalidArgumentError(
-                             absl::StrCat("--unary_threads (", unary_threads, ") must be >= 1 and ",
-                                          "--unary_queue (", unary_queue, ") >= 0")));
-  }
   d->unary_pool = std::make_unique<UnaryPool>(unary_threads, static_cast<size_t>(unary_queue));
   d->signer =
       std::make_unique<SignerService>(d->keys.get(), d->guard.get(), max_batch_items,

@@ -87,7 +87,11 @@ bool CheckHttpBounds(Daemon* d);
 // on that Unix socket.
 bool PrepareListenAddress(Daemon* d);
 
-// custodyd_startup.cc: the token, the store, policy and audit, the key service.
+// custodyd_startup.cc: the gRPC services' flags (checked before anything is opened, as the
+// listeners' are): --max_batch_items, --max_watch_streams(_per_caller) against --max_threads,
+// --unary_threads and --unary_queue.
+bool CheckServiceBounds();
+// The token, the store, policy and audit, the key service.
 // The embedded SoftHSM2 token or --pkcs11_module's, logged in with the PIN.
 bool OpenToken(Daemon* d);
 // The metadata tag key in the token, then the store it vouches for (SQLite or PostgreSQL).

@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "tests/harness.h"
 
@@ -303,6 +304,31 @@ TEST_F(OperatorMistakesTest, HelpVersionAndOfflineCommandsSayWhatTheyAre) {
         "flag --addr does not apply to 'audit verify'",
         {}}},
       /*remote=*/false);
+}
+
+// custodyd's out-of-range bounds are refused before anything is opened: no state directory,
+// no token, no store is touched, and the line names the flag and its bound.
+TEST(CustodydFlagsTest, OutOfRangeBoundsAreRefusedBeforeAnythingIsOpened) {
+  TempDir dir;
+  struct Row {
+    std::string flag, expected;
+  };
+  int n = 0;
+  for (const Row& row : std::vector<Row>{
+           {"--unary_threads=0", "--unary_threads (0) must be >= 1"},
+           {"--unary_queue=-1", "--unary_queue (-1) >= 0"},
+           {"--max_batch_items=0", "--max_batch_items must be >= 1"},
+           {"--max_watch_streams=600", "at least --max_watch_streams + 32 (632)"},
+           {"--http_max_connections=0", "--http_max_connections=0: give 1 to"},
+       }) {
+    const std::string state = absl::StrCat(dir.path(), "/state", ++n);
+    CommandResult r = RunCommand({BinDir() + "/custodyd", row.flag, "--state_dir=" + state});
+    EXPECT_EQ(r.exit_code, 1) << row.flag;
+    const std::string out = r.out + r.err;
+    EXPECT_NE(out.find("\"event\":\"startup.flags\""), std::string::npos) << row.flag << out;
+    EXPECT_NE(out.find(row.expected), std::string::npos) << row.flag << out;
+    EXPECT_FALSE(std::filesystem::exists(state)) << row.flag << ": the state directory was made";
+  }
 }
 
 // The policy files of the rows below.

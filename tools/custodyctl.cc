@@ -91,8 +91,8 @@ int AuditVerify(const std::vector<std::string>& files, const Args& args) {
   }
   if (args.Has("state_dir") && !args.Has("anchor")) {
     for (const std::string& chain : chains_given) {
-      auto stored = custody::rotation::ReadSqliteAuditAnchor(
-          args.Flag("state_dir") + "/metadata.db", chain);
+      auto stored =
+          custody::rotation::ReadSqliteAuditAnchor(args.Flag("state_dir") + "/metadata.db", chain);
       if (absl::IsNotFound(stored.status())) continue;
       if (!stored.ok()) {
         std::cerr << "custodyctl: " << stored.status().message() << "\n";

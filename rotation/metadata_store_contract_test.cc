@@ -20,6 +20,7 @@
 #include "rotation/record_tag.h"
 #include "rotation/sqlite_metadata_store.h"
 #include "rotation/testing/postgres_cluster.h"
+#include "rotation/testing/postgres_store.h"
 #include "rotation/testing/records.h"
 
 namespace custody::rotation {
@@ -104,13 +105,7 @@ class PostgresBackend final : public Backend {
   }
   absl::StatusOr<std::unique_ptr<MetadataStore>> Open(const RecordTagger* tagger) override {
     if (!created_) return absl::UnavailableError("no PostgreSQL cluster");
-    PostgresMetadataStore::Options options;
-    options.tagger = tagger;
-    options.conninfo = Cluster()->Conninfo(db_);
-    auto password = ReadSecretFile(Cluster()->password_file());
-    if (!password.ok()) return password.status();
-    options.password = *std::move(password);
-    auto store = PostgresMetadataStore::Open(std::move(options));
+    auto store = testing::OpenPostgresStore(*Cluster(), db_, tagger);
     if (!store.ok()) return store.status();
     return std::unique_ptr<MetadataStore>(*std::move(store));
   }

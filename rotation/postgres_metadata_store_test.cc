@@ -18,6 +18,7 @@
 #include "gtest/gtest.h"
 #include "rotation/record_tag.h"
 #include "rotation/testing/postgres_cluster.h"
+#include "rotation/testing/postgres_store.h"
 #include "rotation/testing/records.h"
 
 namespace custody::rotation {
@@ -41,13 +42,7 @@ class PostgresMetadataStoreTest : public ::testing::Test {
 
   absl::StatusOr<std::unique_ptr<PostgresMetadataStore>> Open(
       const RecordTagger* tagger = nullptr) {
-    PostgresMetadataStore::Options options;
-    options.tagger = tagger;
-    options.conninfo = Cluster()->Conninfo(db_);
-    auto password = ReadSecretFile(Cluster()->password_file());
-    if (!password.ok()) return password.status();
-    options.password = *std::move(password);
-    return PostgresMetadataStore::Open(std::move(options));
+    return testing::OpenPostgresStore(*Cluster(), db_, tagger);
   }
   std::unique_ptr<PostgresMetadataStore> MustOpen() {
     auto store = Open();

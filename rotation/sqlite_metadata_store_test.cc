@@ -27,18 +27,10 @@ class MetadataStoreTest : public ::testing::Test {
   std::string path_;
 };
 
-}  // namespace
-}  // namespace custody::rotation
-
-namespace custody::rotation {
-namespace {
-
 // A database written before the certificate columns (and before numbered migrations) gets them
 // on open (ALTER TABLE), keeps its rows, and stores certificates from then on.
-TEST(MetadataStoreMigrationTest, AddsCertificateColumnsToAnOlderDatabase) {
-  char tmpl[] = "/tmp/custody-meta-XXXXXX";
-  ASSERT_NE(mkdtemp(tmpl), nullptr);
-  const std::string dir = tmpl, path = dir + "/metadata.db";
+TEST_F(MetadataStoreTest, AddsCertificateColumnsToAnOlderDatabase) {
+  const std::string& path = path_;
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
   ASSERT_EQ(sqlite3_exec(db, R"sql(
@@ -94,7 +86,6 @@ TEST(MetadataStoreMigrationTest, AddsCertificateColumnsToAnOlderDatabase) {
   auto versions = (*store)->LoadVersions();
   ASSERT_TRUE(versions.ok());
   EXPECT_EQ(versions->front().certificate_chain, "-----BEGIN CERTIFICATE-----\n...");
-  std::filesystem::remove_all(dir);
 }
 
 TEST_F(MetadataStoreTest, AuditAnchorsAreKeptPerChainAndReadWithoutWriting) {
@@ -179,18 +170,10 @@ TEST(RecordTagTest, CanonicalEncodingCoversEveryFieldAndTellsFieldsApart) {
   }
 }
 
-}  // namespace
-}  // namespace custody::rotation
-
-namespace custody::rotation {
-namespace {
-
 // A file that claims the latest schema but lacks one of its columns is refused at open, naming
 // the column, instead of failing every read with SQLite's "no such column".
-TEST(MetadataStoreMigrationTest, AFileClaimingTheLatestSchemaWithoutItsColumnsIsNamed) {
-  char tmpl[] = "/tmp/custody-meta-XXXXXX";
-  ASSERT_NE(mkdtemp(tmpl), nullptr);
-  const std::string dir = tmpl, path = dir + "/metadata.db";
+TEST_F(MetadataStoreTest, AFileClaimingTheLatestSchemaWithoutItsColumnsIsNamed) {
+  const std::string& path = path_;
   ASSERT_TRUE(OpenSqliteMetadataStore(path).ok());
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
@@ -201,7 +184,6 @@ TEST(MetadataStoreMigrationTest, AFileClaimingTheLatestSchemaWithoutItsColumnsIs
   EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition) << store.status();
   EXPECT_NE(store.status().message().find("'versions' has no column 'tag'"), std::string::npos)
       << store.status();
-  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -166,10 +166,6 @@ Table MakeTable(const char* name, int since, const char* table_constraint,
   return t;
 }
 
-bool InDialect(Dialect d, const ColumnSpec& c) {
-  return !c.postgres_only || d == Dialect::kPostgres;
-}
-
 std::string TypeName(Dialect d, Type type) {
   if (d == Dialect::kSqlite) return type == Type::kText ? "TEXT" : "INTEGER";
   switch (type) {
@@ -201,15 +197,6 @@ std::string ColumnDefinition(Dialect d, const ColumnSpec& c) {
 
 std::string Placeholder(Dialect d, size_t n) {
   return d == Dialect::kSqlite ? absl::StrCat("?", n) : absl::StrCat("$", n);
-}
-
-// The dialect's columns of `table`, with their index in its column list.
-std::vector<std::pair<size_t, const ColumnSpec*>> Columns(Dialect d, const Table& table) {
-  std::vector<std::pair<size_t, const ColumnSpec*>> out;
-  for (const ColumnSpec& c : table.columns) {
-    if (InDialect(d, c)) out.emplace_back(out.size(), &c);
-  }
-  return out;
 }
 
 std::vector<const Table*> AllTables() { return {&RingsTable(), &VersionsTable(), &AnchorsTable()}; }
@@ -297,17 +284,26 @@ std::vector<MigrationStep> MigrationSteps(Dialect d, int version) {
   return steps;
 }
 
+std::vector<const ColumnSpec*> DialectColumns(Dialect d, const Table& table) {
+  std::vector<const ColumnSpec*> out;
+  for (const ColumnSpec& c : table.columns) {
+    if (InDialect(d, c)) out.push_back(&c);
+  }
+  return out;
+}
+
 std::string ColumnList(Dialect d, const Table& table) {
   std::vector<std::string> names;
-  for (const auto& [index, c] : Columns(d, table)) names.push_back(c->name);
+  for (const ColumnSpec* c : DialectColumns(d, table)) names.push_back(c->name);
   return absl::StrJoin(names, ",");
 }
 
 Statement InsertStatement(Dialect d, const Table& table) {
   Statement st;
   std::vector<std::string> placeholders;
-  for (const auto& [index, c] : Columns(d, table)) {
-    st.columns.push_back(index);
+  const size_t n = DialectColumns(d, table).size();
+  for (size_t i = 0; i < n; ++i) {
+    st.columns.push_back(i);
     placeholders.push_back(Placeholder(d, st.columns.size()));
   }
   st.sql = absl::StrCat("INSERT INTO ", table.name, "(", ColumnList(d, table), ") VALUES (",
@@ -318,15 +314,16 @@ Statement InsertStatement(Dialect d, const Table& table) {
 Statement UpdateStatement(Dialect d, const Table& table) {
   Statement st;
   std::vector<std::string> sets, keys;
-  for (const auto& [index, c] : Columns(d, table)) {
-    if (!c->updated) continue;
-    st.columns.push_back(index);
-    sets.push_back(absl::StrCat(c->name, "=", Placeholder(d, st.columns.size())));
+  const std::vector<const ColumnSpec*> columns = DialectColumns(d, table);
+  for (size_t i = 0; i < columns.size(); ++i) {
+    if (!columns[i]->updated) continue;
+    st.columns.push_back(i);
+    sets.push_back(absl::StrCat(columns[i]->name, "=", Placeholder(d, st.columns.size())));
   }
-  for (const auto& [index, c] : Columns(d, table)) {
-    if (!c->key) continue;
-    st.columns.push_back(index);
-    keys.push_back(absl::StrCat(c->name, "=", Placeholder(d, st.columns.size())));
+  for (size_t i = 0; i < columns.size(); ++i) {
+    if (!columns[i]->key) continue;
+    st.columns.push_back(i);
+    keys.push_back(absl::StrCat(columns[i]->name, "=", Placeholder(d, st.columns.size())));
   }
   st.sql = absl::StrCat("UPDATE ", table.name, " SET ", absl::StrJoin(sets, ", "), " WHERE ",
                         absl::StrJoin(keys, " AND "));
@@ -336,7 +333,7 @@ Statement UpdateStatement(Dialect d, const Table& table) {
 Statement UpsertStatement(Dialect d, const Table& table) {
   Statement st = InsertStatement(d, table);
   std::vector<std::string> keys, sets;
-  for (const auto& [index, c] : Columns(d, table)) {
+  for (const ColumnSpec* c : DialectColumns(d, table)) {
     if (c->key) {
       keys.push_back(c->name);
     } else {
@@ -346,6 +343,12 @@ Statement UpsertStatement(Dialect d, const Table& table) {
   absl::StrAppend(&st.sql, " ON CONFLICT (", absl::StrJoin(keys, ","), ") DO UPDATE SET ",
                   absl::StrJoin(sets, ", "));
   return st;
+}
+
+Statements StatementsFor(Dialect d) {
+  return {InsertStatement(d, RingsTable()), UpdateStatement(d, RingsTable()),
+          InsertStatement(d, VersionsTable()), UpdateStatement(d, VersionsTable()),
+          UpsertStatement(d, AnchorsTable())};
 }
 
 template <typename Record>

@@ -88,6 +88,13 @@ struct MigrationStep {
 };
 std::vector<MigrationStep> MigrationSteps(Dialect dialect, int version);
 
+// Whether the dialect's table has the column (the shared store's generation is PostgreSQL's).
+inline bool InDialect(Dialect dialect, const ColumnSpec& c) {
+  return !c.postgres_only || dialect == Dialect::kPostgres;
+}
+// The table's columns in the dialect, in column-list order: a row's values and a Statement's
+// column indices follow it.
+std::vector<const ColumnSpec*> DialectColumns(Dialect dialect, const Table& table);
 // "name,purpose,..." in the table's column order for the dialect.
 std::string ColumnList(Dialect dialect, const Table& table);
 
@@ -103,13 +110,19 @@ Statement UpdateStatement(Dialect dialect, const Table& table);
 // INSERT ... ON CONFLICT (the key) DO UPDATE SET every other column.
 Statement UpsertStatement(Dialect dialect, const Table& table);
 
+// The statements a store writes with, built once per store.
+struct Statements {
+  Statement insert_ring, update_ring, insert_version, update_version, upsert_anchor;
+};
+Statements StatementsFor(Dialect dialect);
+
 // A record as the dialect's row: one value per column of ColumnList, the tag in its column.
 template <typename Record>
 std::vector<Value> Encode(Dialect dialect, std::span<const Column<Record>> columns,
                           const Record& record, const std::string& tag = "") {
   std::vector<Value> row;
   for (const Column<Record>& c : columns) {
-    if (c.spec.postgres_only && dialect != Dialect::kPostgres) continue;
+    if (!InDialect(dialect, c.spec)) continue;
     Value& v = row.emplace_back();
     if (c.spec.role == Role::kTag) {
       v.text = tag;
@@ -128,7 +141,7 @@ absl::StatusOr<Record> Decode(Dialect dialect, std::span<const Column<Record>> c
   Record record;
   size_t i = 0;
   for (const Column<Record>& c : columns) {
-    if (c.spec.postgres_only && dialect != Dialect::kPostgres) continue;
+    if (!InDialect(dialect, c.spec)) continue;
     const Value& v = row.at(i++);
     if (c.spec.role == Role::kTag) {
       if (tag != nullptr) *tag = v.text;

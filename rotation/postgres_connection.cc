@@ -35,8 +35,8 @@ bool Boolean(const PGresult* r, int row, int col) { return PQgetvalue(r, row, co
 // The text parameters of `statement` from a row of the table's values.
 std::vector<std::string> Params(const schema::Table& table, const schema::Statement& statement,
                                 const std::vector<schema::Value>& row) {
-  std::vector<const schema::ColumnSpec*> columns;
-  for (const schema::ColumnSpec& c : table.columns) columns.push_back(&c);
+  const std::vector<const schema::ColumnSpec*> columns =
+      schema::DialectColumns(schema::Dialect::kPostgres, table);
   std::vector<std::string> params;
   for (size_t i : statement.columns) {
     switch (columns[i]->type) {
@@ -58,11 +58,11 @@ absl::StatusOr<std::vector<schema::Value>> ReadRow(const PGresult* r, int i,
                                                    const schema::Table& table) {
   std::vector<schema::Value> row;
   int col = 0;
-  for (const schema::ColumnSpec& c : table.columns) {
+  for (const schema::ColumnSpec* c : schema::DialectColumns(schema::Dialect::kPostgres, table)) {
     schema::Value& v = row.emplace_back();
-    if (c.type == schema::Type::kText) {
+    if (c->type == schema::Type::kText) {
       v.text = Text(r, i, col);
-    } else if (c.type == schema::Type::kBool) {
+    } else if (c->type == schema::Type::kBool) {
       v.integer = Boolean(r, i, col) ? 1 : 0;
     } else {
       auto n = Int(r, i, col);

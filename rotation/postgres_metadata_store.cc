@@ -183,16 +183,13 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
   absl::MutexLock lock(&c.mu);
   const schema::Table& rings = schema::RingsTable();
   const schema::Table& versions = schema::VersionsTable();
-  const schema::Statement insert_ring = schema::InsertStatement(kPostgres, rings);
-  const schema::Statement update_ring = schema::UpdateStatement(kPostgres, rings);
-  const schema::Statement insert_version = schema::InsertStatement(kPostgres, versions);
-  const schema::Statement update_version = schema::UpdateStatement(kPostgres, versions);
   auto attempt = [&]() -> absl::Status {
     for (size_t i = 0; i < m.insert_rings.size(); ++i) {
       const RingRecord& r = m.insert_rings[i];
-      auto res = c.Exec(insert_ring.sql, Params(rings, insert_ring,
-                                                schema::Encode(kPostgres, schema::RingColumns(), r,
-                                                               tags->insert_rings[i])));
+      auto res = c.Exec(
+          statements_.insert_ring.sql,
+          Params(rings, statements_.insert_ring,
+                 schema::Encode(kPostgres, schema::RingColumns(), r, tags->insert_rings[i])));
       if (absl::IsAlreadyExists(res.status())) {
         return absl::AlreadyExistsError(absl::StrCat("ring '", r.name, "' already exists"));
       }
@@ -223,9 +220,10 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
     }
     for (size_t i = 0; i < m.update_rings.size(); ++i) {
       const RingRecord& r = m.update_rings[i];
-      auto res = c.Exec(update_ring.sql, Params(rings, update_ring,
-                                                schema::Encode(kPostgres, schema::RingColumns(), r,
-                                                               tags->update_rings[i])));
+      auto res = c.Exec(
+          statements_.update_ring.sql,
+          Params(rings, statements_.update_ring,
+                 schema::Encode(kPostgres, schema::RingColumns(), r, tags->update_rings[i])));
       if (!res.ok()) return res.status();
       if (std::string(PQcmdTuples(res->get())) != "1") {
         return absl::NotFoundError(absl::StrCat("ring '", r.name, "' not found"));
@@ -236,10 +234,10 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
     auto update = [&](size_t index) -> absl::Status {
       const VersionRecord* v = &m.update_versions[index];
       // ring, version (the key), object_id and create_time (fixed at creation) are not set.
-      auto res =
-          c.Exec(update_version.sql, Params(versions, update_version,
-                                            schema::Encode(kPostgres, schema::VersionColumns(), *v,
-                                                           tags->update_versions[index])));
+      auto res = c.Exec(statements_.update_version.sql,
+                        Params(versions, statements_.update_version,
+                               schema::Encode(kPostgres, schema::VersionColumns(), *v,
+                                              tags->update_versions[index])));
       if (!res.ok()) return res.status();
       if (std::string(PQcmdTuples(res->get())) != "1") {
         return absl::NotFoundError(
@@ -275,9 +273,10 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
                                                "' is not the next number (", *max + 1,
                                                "): another replica changed the ring; retry"));
       }
-      res = c.Exec(insert_version.sql, Params(versions, insert_version,
-                                              schema::Encode(kPostgres, schema::VersionColumns(), v,
-                                                             tags->insert_versions[i])));
+      res = c.Exec(
+          statements_.insert_version.sql,
+          Params(versions, statements_.insert_version,
+                 schema::Encode(kPostgres, schema::VersionColumns(), v, tags->insert_versions[i])));
       if (!res.ok()) return res.status();
     }
     for (size_t i = 0; i < m.update_versions.size(); ++i) {
@@ -446,7 +445,7 @@ absl::Status PostgresMetadataStore::SaveAuditAnchor(const AuditAnchor& a) {
   absl::MutexLock lock(&c.mu);
   if (absl::Status s = c.Connect(options_); !s.ok()) return s;
   const schema::Table& table = schema::AnchorsTable();
-  const schema::Statement upsert = schema::UpsertStatement(kPostgres, table);
+  const schema::Statement& upsert = statements_.upsert_anchor;
   return c
       .Exec(upsert.sql,
             Params(table, upsert, schema::Encode(kPostgres, schema::AnchorColumns(), a)))

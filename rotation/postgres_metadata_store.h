@@ -86,6 +86,7 @@ class PostgresMetadataStore : public MetadataStore {
                                            const char* order_by);
 
   Options options_;
+  const schema::Statements statements_ = schema::StatementsFor(schema::Dialect::kPostgres);
   std::unique_ptr<Connection> conn_;
   std::unique_ptr<Connection> listen_conn_;
   std::unique_ptr<Connection> leader_conn_;

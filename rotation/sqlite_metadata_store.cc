@@ -45,6 +45,7 @@ class SqliteMetadataStore final : public MetadataStore {
                                            const char* order_by);
 
   const RecordTagger* const tagger_;
+  const schema::Statements statements_ = schema::StatementsFor(kSqlite);
   absl::Mutex mu_;
   sqlite3* db_ ABSL_GUARDED_BY(mu_);
 };
@@ -86,22 +87,13 @@ std::string ColumnText(sqlite3_stmt* s, int i) {
                                     static_cast<size_t>(sqlite3_column_bytes(s, i)));
 }
 
-// The dialect's columns of `table`, in its column-list order.
-std::vector<const schema::ColumnSpec*> SqliteColumns(const schema::Table& table) {
-  std::vector<const schema::ColumnSpec*> out;
-  for (const schema::ColumnSpec& c : table.columns) {
-    if (!c.postgres_only) out.push_back(&c);
-  }
-  return out;
-}
-
 // Prepares `statement` and binds the row's values it names.
 absl::StatusOr<Stmt> PrepareBound(sqlite3* db, const schema::Table& table,
                                   const schema::Statement& statement,
                                   const std::vector<schema::Value>& row) {
   auto stmt = Prepare(db, statement.sql);
   if (!stmt.ok()) return stmt.status();
-  const std::vector<const schema::ColumnSpec*> columns = SqliteColumns(table);
+  const std::vector<const schema::ColumnSpec*> columns = schema::DialectColumns(kSqlite, table);
   for (size_t p = 0; p < statement.columns.size(); ++p) {
     const size_t i = statement.columns[p];
     const int position = static_cast<int>(p + 1);
@@ -118,7 +110,7 @@ absl::StatusOr<Stmt> PrepareBound(sqlite3* db, const schema::Table& table,
 std::vector<schema::Value> ReadRow(sqlite3_stmt* s, const schema::Table& table) {
   std::vector<schema::Value> row;
   int i = 0;
-  for (const schema::ColumnSpec* c : SqliteColumns(table)) {
+  for (const schema::ColumnSpec* c : schema::DialectColumns(kSqlite, table)) {
     schema::Value& v = row.emplace_back();
     if (c->type == schema::Type::kText) {
       v.text = ColumnText(s, i);
@@ -193,7 +185,7 @@ absl::Status SqliteMetadataStore::Init() {
   // from a copy whose version was set wrongly) is named here rather than failing every read.
   for (const schema::Table* table :
        {&schema::RingsTable(), &schema::VersionsTable(), &schema::AnchorsTable()}) {
-    for (const schema::ColumnSpec* c : SqliteColumns(*table)) {
+    for (const schema::ColumnSpec* c : schema::DialectColumns(kSqlite, *table)) {
       auto has = HasColumn(table->name, c->name);
       if (!has.ok()) return has.status();
       if (!*has) {
@@ -250,7 +242,7 @@ absl::Status SqliteMetadataStore::Apply(const Mutation& m, const MutationTags& t
   for (size_t i = 0; i < m.insert_rings.size(); ++i) {
     const RingRecord& r = m.insert_rings[i];
     auto stmt =
-        PrepareBound(db_, rings, schema::InsertStatement(kSqlite, rings),
+        PrepareBound(db_, rings, statements_.insert_ring,
                      schema::Encode(kSqlite, schema::RingColumns(), r, tags.insert_rings[i]));
     if (!stmt.ok()) return stmt.status();
     if (absl::Status s = StepDone(db_, stmt->get(), "insert ring"); !s.ok()) {
@@ -262,7 +254,7 @@ absl::Status SqliteMetadataStore::Apply(const Mutation& m, const MutationTags& t
   for (size_t i = 0; i < m.update_rings.size(); ++i) {
     const RingRecord& r = m.update_rings[i];
     auto stmt =
-        PrepareBound(db_, rings, schema::UpdateStatement(kSqlite, rings),
+        PrepareBound(db_, rings, statements_.update_ring,
                      schema::Encode(kSqlite, schema::RingColumns(), r, tags.update_rings[i]));
     if (!stmt.ok()) return stmt.status();
     if (absl::Status st = StepDone(db_, stmt->get(), "update ring"); !st.ok()) return st;
@@ -273,7 +265,7 @@ absl::Status SqliteMetadataStore::Apply(const Mutation& m, const MutationTags& t
   for (size_t i = 0; i < m.insert_versions.size(); ++i) {
     const VersionRecord& v = m.insert_versions[i];
     auto stmt =
-        PrepareBound(db_, versions, schema::InsertStatement(kSqlite, versions),
+        PrepareBound(db_, versions, statements_.insert_version,
                      schema::Encode(kSqlite, schema::VersionColumns(), v, tags.insert_versions[i]));
     if (!stmt.ok()) return stmt.status();
     absl::Status s = StepDone(db_, stmt->get(), "insert version");
@@ -291,7 +283,7 @@ absl::Status SqliteMetadataStore::Apply(const Mutation& m, const MutationTags& t
   for (size_t i = 0; i < m.update_versions.size(); ++i) {
     const VersionRecord& v = m.update_versions[i];
     auto stmt =
-        PrepareBound(db_, versions, schema::UpdateStatement(kSqlite, versions),
+        PrepareBound(db_, versions, statements_.update_version,
                      schema::Encode(kSqlite, schema::VersionColumns(), v, tags.update_versions[i]));
     if (!stmt.ok()) return stmt.status();
     if (absl::Status st = StepDone(db_, stmt->get(), "update version"); !st.ok()) return st;
@@ -383,7 +375,7 @@ absl::StatusOr<MetadataStore::AuditAnchor> SelectAuditAnchor(sqlite3* db,
 absl::Status SqliteMetadataStore::SaveAuditAnchor(const AuditAnchor& a) {
   absl::MutexLock lock(&mu_);
   const schema::Table& table = schema::AnchorsTable();
-  auto stmt = PrepareBound(db_, table, schema::UpsertStatement(kSqlite, table),
+  auto stmt = PrepareBound(db_, table, statements_.upsert_anchor,
                            schema::Encode(kSqlite, schema::AnchorColumns(), a));
   if (!stmt.ok()) return stmt.status();
   return StepDone(db_, stmt->get(), "save audit anchor");

@@ -62,7 +62,8 @@ std::string InitializeHint(const std::string& path, CK_RV rv) {
       return absl::StrCat(
           " (the module '", path,
           "' could not reach what stands behind it: is its daemon or device up? opencryptoki "
-          "needs pkcsslotd running (it answers CKR_HOST_MEMORY without it); tpm2-pkcs11 needs "
+          "needs pkcsslotd running (without it, it answers CKR_HOST_MEMORY, or CKR_FUNCTION_FAILED "
+          "before pkcsslotd ever ran since boot); tpm2-pkcs11 needs "
           "its TPM and resource manager (TPM2_PKCS11_TCTI); a network HSM needs its client "
           "configuration and server; the module's own output is in the log)");
     default:
@@ -215,6 +216,11 @@ Damage DamageOf(CK_RV rv) {
     case CKR_SESSION_CLOSED:
     case CKR_USER_NOT_LOGGED_IN:
     case CKR_DEVICE_ERROR:
+    // An operation some earlier call left open in the session (tpm2-pkcs11 1.9 leaves C_Decrypt's
+    // operation active when the TPM refuses the ciphertext, and C_Sign's on some failures, though
+    // the standard says a failed call ends it): the session is closed and the call retried on a
+    // fresh one, instead of failing a caller for another caller's request.
+    case CKR_OPERATION_ACTIVE:
       return Damage::kSession;
     case CKR_DEVICE_REMOVED:
     case CKR_TOKEN_NOT_PRESENT:

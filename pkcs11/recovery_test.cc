@@ -41,6 +41,7 @@ constexpr char kSoPin[] = "so-pin-5678";
 struct Faults {
   decltype(&custody_fault_inject) inject = nullptr;
   decltype(&custody_fault_inject_ex) inject_ex = nullptr;
+  decltype(&custody_fault_inject_leaving_operation_active) leave_active = nullptr;
   decltype(&custody_fault_close_all_sessions) close_all_sessions = nullptr;
   decltype(&custody_fault_device_removed) device_removed = nullptr;
   decltype(&custody_fault_delay_ms) delay_ms = nullptr;
@@ -173,6 +174,8 @@ class RecoveryTest : public ::testing::Test {
     ASSERT_NE(library, nullptr) << dlerror();
     ASSERT_NO_FATAL_FAILURE(Bind(library, "custody_fault_inject", faults_.inject));
     ASSERT_NO_FATAL_FAILURE(Bind(library, "custody_fault_inject_ex", faults_.inject_ex));
+    ASSERT_NO_FATAL_FAILURE(
+        Bind(library, "custody_fault_inject_leaving_operation_active", faults_.leave_active));
     ASSERT_NO_FATAL_FAILURE(
         Bind(library, "custody_fault_close_all_sessions", faults_.close_all_sessions));
     ASSERT_NO_FATAL_FAILURE(Bind(library, "custody_fault_device_removed", faults_.device_removed));
@@ -493,6 +496,48 @@ TEST_F(RecoveryTest, DecryptionFailureIsNeverRetriedButDeviceErrorsAre) {
   EXPECT_GE(metrics.decrypt.max_micros, 1u);
   EXPECT_GE(metrics.decrypt.total_micros, metrics.decrypt.max_micros);
   EXPECT_TRUE(token_->DestroyKeyPair("decrypt-1").ok());
+}
+
+// tpm2-pkcs11 1.9 leaves C_Decrypt's operation active in the session when the TPM refuses the
+// ciphertext. The fault module does the same to SoftHSM2's real session: a bad JWE, then the next
+// calls on that session (the pool hands the last returned session out first) must not fail with
+// CKR_OPERATION_ACTIVE.
+TEST_F(RecoveryTest, ASessionLeftWithAnActiveOperationIsReplacedNotReused) {
+  absl::StatusOr<std::shared_ptr<KeyPair>> rsa = token_->GenerateKeyPair(
+      KeySpec{.type = KeyType::kRsa, .rsa_bits = 2048}, "active-rsa", "active-rsa", true);
+  ASSERT_TRUE(rsa.ok()) << rsa.status();
+  absl::StatusOr<EvpPkeyPtr> rsa_public = token_->PublicKey(**rsa);
+  ASSERT_TRUE(rsa_public.ok()) << rsa_public.status();
+  const std::string ciphertext = OaepSha1Encrypt(rsa_public->get(), "content key");
+  EvpPkeyPtr ec_public;
+  std::shared_ptr<KeyPair> ec = Generate("active-ec", &ec_public);
+  ASSERT_NE(ec, nullptr);
+  faults_.reset();
+
+  for (int round = 0; round < 2; ++round) {
+    SCOPED_TRACE(round == 0 ? "then a signature" : "then a decryption");
+    faults_.leave_active("C_Decrypt", CKR_ENCRYPTED_DATA_INVALID, 1);
+    absl::StatusOr<Secret> refused = token_->DecryptRsaOaep(**rsa, OaepHash::kSha1, ciphertext);
+    ASSERT_FALSE(refused.ok());
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(refused.status().message(), "decryption failed");
+    const uint64_t retries = token_->GetMetrics().retries;
+    if (round == 0) {
+      EXPECT_TRUE(SignAndVerify(*ec, ec_public.get(), "after a refused JWE").ok());
+    } else {
+      absl::StatusOr<Secret> plaintext = token_->DecryptRsaOaep(**rsa, OaepHash::kSha1, ciphertext);
+      ASSERT_TRUE(plaintext.ok()) << plaintext.status();
+      EXPECT_EQ(plaintext->view(), "content key");
+    }
+    // Retried on a fresh session (and, as the closed session was the only one, SoftHSM2 voided
+    // the handles: the next call may find them again once).
+    EXPECT_GE(token_->GetMetrics().retries, retries + 1);
+    absl::Status again = SignAndVerify(*ec, ec_public.get(), "and again");
+    EXPECT_TRUE(again.ok()) << again;
+  }
+  EXPECT_GE(faults_.calls("C_CloseSession"), 2u) << "each poisoned session was closed";
+  EXPECT_TRUE(token_->DestroyKeyPair("active-rsa").ok());
+  EXPECT_TRUE(token_->DestroyKeyPair("active-ec").ok());
 }
 
 // ---- Back-pressure ---------------------------------------------------------------------------

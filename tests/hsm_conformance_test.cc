@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
@@ -162,7 +163,33 @@ std::string Exercise(Custodyd& d, const Cell& c, const std::string& kid) {
   grpc::Status s = d.signer().DecryptJwe(&ctx, req, &resp);
   if (!s.ok()) return "DecryptJwe: " + s.error_message();
   if (resp.kid() != kid) return absl::StrCat("decrypted with kid ", resp.kid(), ", not ", kid);
-  return resp.plaintext() == plaintext ? "" : "another plaintext";
+  if (resp.plaintext() != plaintext) return "another plaintext";
+  if (!absl::StartsWith(c.alg, "RSA-OAEP")) return "";
+  // A JWE whose encrypted key was altered: the token's C_Decrypt fails, custodyd answers the one
+  // uniform refusal, and the ring decrypts again right after, on whichever session that was
+  // (tpm2-pkcs11 1.9 leaves the failed C_Decrypt's operation active in the session).
+  std::vector<std::string> parts = absl::StrSplit(jwe, '.');
+  if (parts.size() != 5 || parts[1].size() < 8) return "jwcrypto made a malformed JWE";
+  char& altered = parts[1][parts[1].size() / 2];
+  altered = altered == 'A' ? 'B' : 'A';
+  for (int i = 0; i < 3; ++i) {
+    v1::DecryptJweRequest bad = req;
+    bad.set_jwe(absl::StrJoin(parts, "."));
+    v1::DecryptJweResponse refused;
+    grpc::ClientContext bad_ctx;
+    SetDeadline(&bad_ctx, kCallTimeout);
+    s = d.signer().DecryptJwe(&bad_ctx, bad, &refused);
+    if (s.error_code() != grpc::StatusCode::INVALID_ARGUMENT ||
+        s.error_message() != "decryption failed") {
+      return absl::StrCat("altered encrypted key: code ", s.error_code(), ": ", s.error_message());
+    }
+    grpc::ClientContext again_ctx;
+    SetDeadline(&again_ctx, kCallTimeout);
+    s = d.signer().DecryptJwe(&again_ctx, req, &resp);
+    if (!s.ok()) return "DecryptJwe after a refused JWE: " + s.error_message();
+    if (resp.plaintext() != plaintext) return "another plaintext after a refused JWE";
+  }
+  return "";
 }
 
 // 16 callers at once, 2 calls each, on the ring: "" when all 32 succeed (and every ES256/PS256
@@ -286,7 +313,9 @@ TEST_P(HsmConformanceTest, EveryAlgorithmWorksOrIsRefusedWithTheModulesReason) {
   TempDir dir;
   if (kind == HsmKind::kOpencryptoki &&
       RunCommand({"/usr/bin/pgrep", "-x", "pkcsslotd"}).exit_code == 1) {
-    // Before its daemon runs: opencryptoki answers CKR_HOST_MEMORY, custodyd says what to start.
+    // Before its daemon runs: opencryptoki answers CKR_HOST_MEMORY (CKR_FUNCTION_FAILED while
+    // its API lock file, made by the first pkcsslotd since boot, is missing), and custodyd says
+    // what to start.
     const std::string pin = dir.path() + "/early-pin";
     WriteFileOrDie(pin, "custody1");
     chmod(pin.c_str(), 0600);
@@ -295,7 +324,9 @@ TEST_P(HsmConformanceTest, EveryAlgorithmWorksOrIsRefusedWithTheModulesReason) {
                     {"--pkcs11_module=/usr/lib/x86_64-linux-gnu/pkcs11/libopencryptoki.so",
                      "--token_label=custody", "--pin_file=" + pin},
                     {});
-    EXPECT_NE(said.find("C_Initialize: CKR_HOST_MEMORY"), std::string::npos) << said;
+    EXPECT_TRUE(absl::StrContains(said, "C_Initialize: CKR_HOST_MEMORY") ||
+                absl::StrContains(said, "C_Initialize: CKR_FUNCTION_FAILED"))
+        << said;
     EXPECT_NE(said.find("pkcsslotd"), std::string::npos) << said;
   }
   std::unique_ptr<HsmModule> hsm = HsmModule::Start(kind, dir.path());

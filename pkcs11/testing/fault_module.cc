@@ -37,12 +37,14 @@ struct Injection {
   int remaining = 0;  // < 0: forever
   int skip = 0;       // calls still let through first
   bool lose_reply = false;
+  bool leave_active = false;  // C_Sign/C_Decrypt: the real operation is not ended
 };
 
 // What Enter decided for one call.
 struct Verdict {
-  CK_RV rv = CKR_OK;        // CKR_OK: forward and answer what the real module answers
-  bool lose_reply = false;  // forward anyway, then answer rv
+  CK_RV rv = CKR_OK;          // CKR_OK: forward and answer what the real module answers
+  bool lose_reply = false;    // forward anyway, then answer rv
+  bool leave_active = false;  // a faulted C_Sign/C_Decrypt leaves the real operation active
 };
 
 struct Faults {
@@ -92,6 +94,7 @@ Verdict Enter(const char* function, Scope scope) {
     } else if (it != faults.injected.end()) {
       verdict.rv = it->second.rv;
       verdict.lose_reply = it->second.lose_reply;
+      verdict.leave_active = it->second.leave_active;
       if (it->second.remaining > 0 && --it->second.remaining == 0) faults.injected.erase(it);
     } else if (scope == Scope::kToken && faults.removed_cycles != 0) {
       verdict.rv = CKR_DEVICE_REMOVED;
@@ -213,7 +216,7 @@ CK_RV Shim_C_Finalize(CK_VOID_PTR reserved) {
 CK_RV Shim_C_Sign(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_len,
                   CK_BYTE_PTR signature, CK_ULONG_PTR signature_len) {
   if (const Verdict verdict = Enter("C_Sign", Scope::kToken); verdict.rv != CKR_OK) {
-    EndOperation(real->C_Sign, session, data, data_len);
+    if (!verdict.leave_active) EndOperation(real->C_Sign, session, data, data_len);
     return verdict.rv;
   }
   if (ReapIfClosed(session)) return CKR_SESSION_HANDLE_INVALID;
@@ -223,7 +226,7 @@ CK_RV Shim_C_Sign(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_len
 CK_RV Shim_C_Decrypt(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_len,
                      CK_BYTE_PTR plaintext, CK_ULONG_PTR plaintext_len) {
   if (const Verdict verdict = Enter("C_Decrypt", Scope::kToken); verdict.rv != CKR_OK) {
-    EndOperation(real->C_Decrypt, session, data, data_len);
+    if (!verdict.leave_active) EndOperation(real->C_Decrypt, session, data, data_len);
     return verdict.rv;
   }
   if (ReapIfClosed(session)) return CKR_SESSION_HANDLE_INVALID;
@@ -361,6 +364,18 @@ CUSTODY_FAULT_EXPORT void custody_fault_inject(const char* function, unsigned lo
   }
 }
 
+CUSTODY_FAULT_EXPORT void custody_fault_inject_leaving_operation_active(const char* function,
+                                                                        unsigned long ckr,
+                                                                        int count) {
+  Faults& faults = State();
+  std::lock_guard<std::mutex> lock(faults.mu);
+  if (count == 0) {
+    faults.injected.erase(function);
+  } else {
+    faults.injected[function] = Injection{ckr, count, 0, false, true};
+  }
+}
+
 CUSTODY_FAULT_EXPORT void custody_fault_inject_ex(const char* function, unsigned long ckr,
                                                   int count, int skip, int lose_reply) {
   Faults& faults = State();
@@ -444,6 +459,7 @@ const char* ControlPath() {
 bool ParseCkr(const std::string& text, unsigned long* ckr) {
   static const std::map<std::string, CK_RV> kNames = {
       {"CKR_GENERAL_ERROR", CKR_GENERAL_ERROR},
+      {"CKR_ENCRYPTED_DATA_INVALID", CKR_ENCRYPTED_DATA_INVALID},
       {"CKR_DEVICE_ERROR", CKR_DEVICE_ERROR},
       {"CKR_DEVICE_MEMORY", CKR_DEVICE_MEMORY},
       {"CKR_DEVICE_REMOVED", CKR_DEVICE_REMOVED},
@@ -486,6 +502,9 @@ bool ApplyCommand(const std::vector<std::string>& words) {
   } else if (command == "inject_ex" && words.size() == 6 && ParseCkr(words[2], &ckr) &&
              ParseInt(words[3], &a) && ParseInt(words[4], &b) && ParseInt(words[5], &c)) {
     custody_fault_inject_ex(words[1].c_str(), ckr, a, b, c);
+  } else if (command == "leave_active" && words.size() == 4 && ParseCkr(words[2], &ckr) &&
+             ParseInt(words[3], &a)) {
+    custody_fault_inject_leaving_operation_active(words[1].c_str(), ckr, a);
   } else if (command == "close_all_sessions" && words.size() == 1) {
     // Lazily (ReapIfClosed): custodyd is calling on its sessions right now.
     Faults& faults = State();

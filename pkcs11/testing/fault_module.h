@@ -15,6 +15,7 @@
 //   reset                              custody_fault_reset()
 //   inject FUNCTION CKR COUNT          custody_fault_inject
 //   inject_ex FUNCTION CKR COUNT SKIP LOSE_REPLY
+//   leave_active FUNCTION CKR COUNT    custody_fault_inject_leaving_operation_active
 //   close_all_sessions                 every session open now is closed behind the application's
 //                                      back: lazily, each really closed by the next call made on
 //                                      it, which gets CKR_SESSION_HANDLE_INVALID (SoftHSM2 crashes
@@ -47,6 +48,12 @@ void custody_fault_inject(const char* function, unsigned long ckr, int count);
 // do reach the real module (objects get created) and only their answer is replaced by `ckr`.
 void custody_fault_inject_ex(const char* function, unsigned long ckr, int count, int skip,
                              int lose_reply);
+
+// As custody_fault_inject for C_Sign or C_Decrypt, except that the real operation stays active in
+// the session (the real module is not called at all), as tpm2-pkcs11 1.9 leaves it when the TPM
+// refuses a ciphertext: the session's next C_SignInit/C_DecryptInit gets CKR_OPERATION_ACTIVE.
+void custody_fault_inject_leaving_operation_active(const char* function, unsigned long ckr,
+                                                   int count);
 
 // C_CloseAllSessions in the real module on every slot a session was opened on: later calls on
 // the old handles get CKR_SESSION_HANDLE_INVALID, and the application is logged out.

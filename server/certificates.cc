@@ -260,13 +260,11 @@ void DescribeCertificate(absl::string_view chain_pem, int64_t prepublish_ms,
   out->set_expiring(chain->not_after_ms - absl::ToUnixMillis(absl::Now()) <= prepublish_ms);
 }
 
-std::string JwkCertificateMembers(const CertificateChain& chain) {
-  std::vector<std::string> x5c;
-  for (const std::string& der : chain.der) {
-    x5c.push_back(absl::StrCat("\"", absl::Base64Escape(der), "\""));
-  }
-  return absl::StrCat(",\"x5c\":[", absl::StrJoin(x5c, ","), "],\"x5t#S256\":\"",
-                      chain.sha256_thumbprint, "\"");
+void SetJwkCertificateMembers(const CertificateChain& chain, jose::Json& jwk) {
+  jose::Json x5c = jose::Json::MakeArray();
+  for (const std::string& der : chain.der) x5c.Append(jose::Json::String(absl::Base64Escape(der)));
+  jwk.Set("x5c", std::move(x5c));
+  jwk.Set("x5t#S256", jose::Json::String(chain.sha256_thumbprint));
 }
 
 absl::Status RotationCertificateGate(const rotation::RingRecord& ring,

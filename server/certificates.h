@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "custody/v1/custody.pb.h"
+#include "jose/json.h"
 #include "openssl/evp.h"
 #include "rotation/key_ring.h"
 #include "server/raw_signature.h"
@@ -51,8 +52,8 @@ absl::StatusOr<CertificateChain> ParseCertificateChain(absl::string_view pem,
 void DescribeCertificate(absl::string_view chain_pem, int64_t prepublish_ms,
                          v1::CertificateInfo* out);
 
-// ,"x5c":[...],"x5t#S256":"..." (RFC 7517 §4.7, §4.9) for splicing into a JWK object.
-std::string JwkCertificateMembers(const CertificateChain& chain);
+// Sets "x5c" and "x5t#S256" (RFC 7517 §4.7, §4.9) on the JWK object `jwk`.
+void SetJwkCertificateMembers(const CertificateChain& chain, jose::Json& jwk);
 
 // FAILED_PRECONDITION when `ring` requires certificates and `pending` (the version a rotation
 // would promote) has none: the reason, for `ring rotate` and for the scheduler alike.

@@ -11,6 +11,7 @@
 #include "common/log.h"
 #include "common/sha256.h"
 #include "jose/base64url.h"
+#include "jose/json.h"
 #include "server/certificates.h"
 #include "server/key_service.h"
 #include "server/key_service_internal.h"
@@ -243,34 +244,29 @@ absl::StatusOr<KeyService::Jwks> KeyService::GetJwks(const std::vector<std::stri
       }
     }
   }
-  // Each stored public JWK is a serialized object of key members only (CompleteVersion): kid, use
-  // and alg are spliced in before its closing brace rather than parsed and re-serialized.
-  std::string json = "{\"keys\":[";
-  bool first = true;
+  // Each stored public JWK is an object of key members only (CompleteVersion); kid, use, alg and
+  // the certificate members follow them, in that order.
+  jose::Json keys = jose::Json::MakeArray();
   for (const auto& ring : rings) {
     const char* use = ring->record.purpose == rotation::Purpose::kSign ? "sig" : "enc";
     for (const Version* v : ring->Published()) {
-      const std::string& jwk = v->record.public_jwk;
-      if (jwk.size() < 2 || jwk.front() != '{' || jwk.back() != '}') {
+      absl::StatusOr<jose::Json> jwk = jose::ParseJson(v->record.public_jwk);
+      if (!jwk.ok() || !jwk->is_object()) {
         return absl::DataLossError(absl::StrCat("stored public JWK of ring '", ring->record.name,
                                                 "' version ", v->record.version, " is invalid"));
       }
-      if (!first) json += ',';
-      first = false;
-      json.append(jwk, 0, jwk.size() - 1);
-      json += jwk.size() > 2 ? ",\"kid\":" : "\"kid\":";
-      AppendJsonString(json, v->record.kid);
-      absl::StrAppend(&json, ",\"use\":\"", use, "\",\"alg\":");
-      AppendJsonString(json, ring->record.alg);
+      jwk->Set("kid", jose::Json::String(v->record.kid));
+      jwk->Set("use", jose::Json::String(use));
+      jwk->Set("alg", jose::Json::String(ring->record.alg));
       if (!v->record.certificate_chain.empty()) {
         // Checked when it was set; a chain that no longer parses is left out, not fatal.
         auto chain = ParseCertificateChain(v->record.certificate_chain);
-        if (chain.ok()) json += JwkCertificateMembers(*chain);
+        if (chain.ok()) SetJwkCertificateMembers(*chain, *jwk);
       }
-      json += '}';
+      keys.Append(*std::move(jwk));
     }
   }
-  json += "]}";
+  std::string json = jose::Json::MakeObject({{"keys", std::move(keys)}}).Serialize();
   const std::string digest = Sha256(json);
   if (digest.empty()) return absl::InternalError("SHA-256 failed");
   out.etag = jose::Base64UrlEncode(digest.substr(0, 16));

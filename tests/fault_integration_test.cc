@@ -944,9 +944,11 @@ TEST(LifecycleAnswerTest, ForcedRotationWhoseFollowUpPendingFailsReportsTheCommi
 }
 
 TEST(RestartUnderLoadTest, SigkillWhileSigningAndChangingKeysLosesNoAcknowledgedChange) {
-  // 100 kills take about 70 s on two loaded cores; under ASan each start is several times slower,
-  // so fewer by default there (CUSTODY_RESTART_ITERATIONS=N sets the count).
-  const int iterations = EnvInt("CUSTODY_RESTART_ITERATIONS", kSanitized ? 30 : 100);
+  // 100 kills take about 70 s on two loaded cores; under ASan each start is several times slower
+  // (30 kills took 117 s), and the sanitizers look for memory errors on the start and recovery
+  // paths, which 15 kills walk as well: the kill points are the normal pass's job
+  // (CUSTODY_RESTART_ITERATIONS=N sets the count).
+  const int iterations = EnvInt("CUSTODY_RESTART_ITERATIONS", kSanitized ? 15 : 100);
   uint32_t seed = std::random_device()();
   if (const char* env = std::getenv("CUSTODY_RESTART_SEED")) seed = std::stoul(env);
   std::printf("[restart] seed %u (CUSTODY_RESTART_SEED), %d kills\n", seed, iterations);

@@ -197,6 +197,18 @@ class RecoveryTest : public ::testing::Test {
     return *key;
   }
 
+  // An RSA-2048 decryption key and its public key as OpenSSL reads it.
+  std::shared_ptr<KeyPair> GenerateRsa(const std::string& id, EvpPkeyPtr* public_key) {
+    absl::StatusOr<std::shared_ptr<KeyPair>> key = token_->GenerateKeyPair(
+        KeySpec{.type = KeyType::kRsa, .rsa_bits = 2048}, id, id, /*for_decryption=*/true);
+    EXPECT_TRUE(key.ok()) << key.status();
+    if (!key.ok()) return nullptr;
+    absl::StatusOr<EvpPkeyPtr> pkey = token_->PublicKey(**key);
+    EXPECT_TRUE(pkey.ok()) << pkey.status();
+    if (pkey.ok()) *public_key = std::move(*pkey);
+    return *key;
+  }
+
   // Signs `message` (ES256) and checks the signature with OpenSSL.
   absl::Status SignAndVerify(const KeyPair& key, EVP_PKEY* public_key, std::string_view message) {
     absl::StatusOr<std::string> signature = token_->Sign(key, SignScheme::kEcdsa, Sha256(message));
@@ -467,17 +479,16 @@ TEST_F(RecoveryTest, ImportLeavingAPartialPairDestroysIt) {
 // ---- Decryption ------------------------------------------------------------------------------
 
 TEST_F(RecoveryTest, DecryptionFailureIsNeverRetriedButDeviceErrorsAre) {
-  absl::StatusOr<std::shared_ptr<KeyPair>> key = token_->GenerateKeyPair(
-      KeySpec{.type = KeyType::kRsa, .rsa_bits = 2048}, "decrypt-1", "decrypt-1", true);
-  ASSERT_TRUE(key.ok()) << key.status();
-  absl::StatusOr<EvpPkeyPtr> public_key = token_->PublicKey(**key);
-  ASSERT_TRUE(public_key.ok()) << public_key.status();
-  std::string ciphertext = OaepSha1Encrypt(public_key->get(), "content key");
+  EvpPkeyPtr public_key;
+  std::shared_ptr<KeyPair> key = GenerateRsa("decrypt-1", &public_key);
+  ASSERT_NE(key, nullptr);
+  ASSERT_NE(public_key, nullptr);
+  std::string ciphertext = OaepSha1Encrypt(public_key.get(), "content key");
   faults_.reset();
 
   std::string tampered = ciphertext;
   tampered[tampered.size() / 2] ^= 0x01;
-  absl::StatusOr<Secret> failed = token_->DecryptRsaOaep(**key, OaepHash::kSha1, tampered);
+  absl::StatusOr<Secret> failed = token_->DecryptRsaOaep(*key, OaepHash::kSha1, tampered);
   ASSERT_FALSE(failed.ok());
   EXPECT_EQ(failed.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(failed.status().message(), "decryption failed");
@@ -486,7 +497,7 @@ TEST_F(RecoveryTest, DecryptionFailureIsNeverRetriedButDeviceErrorsAre) {
 
   faults_.reset();
   faults_.inject("C_Decrypt", CKR_DEVICE_ERROR, 1);
-  absl::StatusOr<Secret> plaintext = token_->DecryptRsaOaep(**key, OaepHash::kSha1, ciphertext);
+  absl::StatusOr<Secret> plaintext = token_->DecryptRsaOaep(*key, OaepHash::kSha1, ciphertext);
   ASSERT_TRUE(plaintext.ok()) << plaintext.status();
   EXPECT_EQ(plaintext->view(), "content key");
   EXPECT_EQ(faults_.calls("C_Decrypt"), 2u);
@@ -503,12 +514,11 @@ TEST_F(RecoveryTest, DecryptionFailureIsNeverRetriedButDeviceErrorsAre) {
 // calls on that session (the pool hands the last returned session out first) must not fail with
 // CKR_OPERATION_ACTIVE.
 TEST_F(RecoveryTest, ASessionLeftWithAnActiveOperationIsReplacedNotReused) {
-  absl::StatusOr<std::shared_ptr<KeyPair>> rsa = token_->GenerateKeyPair(
-      KeySpec{.type = KeyType::kRsa, .rsa_bits = 2048}, "active-rsa", "active-rsa", true);
-  ASSERT_TRUE(rsa.ok()) << rsa.status();
-  absl::StatusOr<EvpPkeyPtr> rsa_public = token_->PublicKey(**rsa);
-  ASSERT_TRUE(rsa_public.ok()) << rsa_public.status();
-  const std::string ciphertext = OaepSha1Encrypt(rsa_public->get(), "content key");
+  EvpPkeyPtr rsa_public;
+  std::shared_ptr<KeyPair> rsa = GenerateRsa("active-rsa", &rsa_public);
+  ASSERT_NE(rsa, nullptr);
+  ASSERT_NE(rsa_public, nullptr);
+  const std::string ciphertext = OaepSha1Encrypt(rsa_public.get(), "content key");
   EvpPkeyPtr ec_public;
   std::shared_ptr<KeyPair> ec = Generate("active-ec", &ec_public);
   ASSERT_NE(ec, nullptr);
@@ -517,7 +527,7 @@ TEST_F(RecoveryTest, ASessionLeftWithAnActiveOperationIsReplacedNotReused) {
   for (int round = 0; round < 2; ++round) {
     SCOPED_TRACE(round == 0 ? "then a signature" : "then a decryption");
     faults_.leave_active("C_Decrypt", CKR_ENCRYPTED_DATA_INVALID, 1);
-    absl::StatusOr<Secret> refused = token_->DecryptRsaOaep(**rsa, OaepHash::kSha1, ciphertext);
+    absl::StatusOr<Secret> refused = token_->DecryptRsaOaep(*rsa, OaepHash::kSha1, ciphertext);
     ASSERT_FALSE(refused.ok());
     EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_EQ(refused.status().message(), "decryption failed");
@@ -525,7 +535,7 @@ TEST_F(RecoveryTest, ASessionLeftWithAnActiveOperationIsReplacedNotReused) {
     if (round == 0) {
       EXPECT_TRUE(SignAndVerify(*ec, ec_public.get(), "after a refused JWE").ok());
     } else {
-      absl::StatusOr<Secret> plaintext = token_->DecryptRsaOaep(**rsa, OaepHash::kSha1, ciphertext);
+      absl::StatusOr<Secret> plaintext = token_->DecryptRsaOaep(*rsa, OaepHash::kSha1, ciphertext);
       ASSERT_TRUE(plaintext.ok()) << plaintext.status();
       EXPECT_EQ(plaintext->view(), "content key");
     }

@@ -154,13 +154,16 @@ std::string Exercise(Custodyd& d, const Cell& c, const std::string& kid) {
   const std::string plaintext = "a CEK for " + c.alg + " unwrapped in the token";
   const std::string jwe = EncryptWithJwcrypto(jwks, kid, c.alg, plaintext);
   if (jwe.empty()) return "jwcrypto made no JWE";
-  v1::DecryptJweRequest req;
-  req.set_ring(name);
-  req.set_jwe(jwe);
   v1::DecryptJweResponse resp;
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx, kCallTimeout);
-  grpc::Status s = d.signer().DecryptJwe(&ctx, req, &resp);
+  auto decrypt = [&](const std::string& compact) {
+    v1::DecryptJweRequest req;
+    req.set_ring(name);
+    req.set_jwe(compact);
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx, kCallTimeout);
+    return d.signer().DecryptJwe(&ctx, req, &resp);
+  };
+  grpc::Status s = decrypt(jwe);
   if (!s.ok()) return "DecryptJwe: " + s.error_message();
   if (resp.kid() != kid) return absl::StrCat("decrypted with kid ", resp.kid(), ", not ", kid);
   if (resp.plaintext() != plaintext) return "another plaintext";
@@ -172,20 +175,14 @@ std::string Exercise(Custodyd& d, const Cell& c, const std::string& kid) {
   if (parts.size() != 5 || parts[1].size() < 8) return "jwcrypto made a malformed JWE";
   char& altered = parts[1][parts[1].size() / 2];
   altered = altered == 'A' ? 'B' : 'A';
+  const std::string bad = absl::StrJoin(parts, ".");
   for (int i = 0; i < 3; ++i) {
-    v1::DecryptJweRequest bad = req;
-    bad.set_jwe(absl::StrJoin(parts, "."));
-    v1::DecryptJweResponse refused;
-    grpc::ClientContext bad_ctx;
-    SetDeadline(&bad_ctx, kCallTimeout);
-    s = d.signer().DecryptJwe(&bad_ctx, bad, &refused);
+    s = decrypt(bad);
     if (s.error_code() != grpc::StatusCode::INVALID_ARGUMENT ||
         s.error_message() != "decryption failed") {
       return absl::StrCat("altered encrypted key: code ", s.error_code(), ": ", s.error_message());
     }
-    grpc::ClientContext again_ctx;
-    SetDeadline(&again_ctx, kCallTimeout);
-    s = d.signer().DecryptJwe(&again_ctx, req, &resp);
+    s = decrypt(jwe);
     if (!s.ok()) return "DecryptJwe after a refused JWE: " + s.error_message();
     if (resp.plaintext() != plaintext) return "another plaintext after a refused JWE";
   }

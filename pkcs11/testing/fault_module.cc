@@ -114,6 +114,17 @@ void EndOperation(Call call, CK_SESSION_HANDLE session, CK_BYTE_PTR in, CK_ULONG
   explicit_bzero(scratch.data(), scratch.size());
 }
 
+// The fault `injection` for the next `count` calls of `function` (count 0: none).
+void SetInjection(const char* function, int count, const Injection& injection) {
+  Faults& faults = State();
+  std::lock_guard<std::mutex> lock(faults.mu);
+  if (count == 0) {
+    faults.injected.erase(function);
+  } else {
+    faults.injected[function] = injection;
+  }
+}
+
 // A session the control file's close_all_sessions closed: really closed now, by the thread that
 // is calling on it (the application never shares a session between threads, so no call is in
 // flight on it; SoftHSM2 does not survive a session closed under a call running on it). True
@@ -355,36 +366,18 @@ CUSTODY_FAULT_EXPORT CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list) {
 }
 
 CUSTODY_FAULT_EXPORT void custody_fault_inject(const char* function, unsigned long ckr, int count) {
-  Faults& faults = State();
-  std::lock_guard<std::mutex> lock(faults.mu);
-  if (count == 0) {
-    faults.injected.erase(function);
-  } else {
-    faults.injected[function] = Injection{ckr, count, 0, false};
-  }
+  SetInjection(function, count, Injection{ckr, count, 0, false, false});
 }
 
 CUSTODY_FAULT_EXPORT void custody_fault_inject_leaving_operation_active(const char* function,
                                                                         unsigned long ckr,
                                                                         int count) {
-  Faults& faults = State();
-  std::lock_guard<std::mutex> lock(faults.mu);
-  if (count == 0) {
-    faults.injected.erase(function);
-  } else {
-    faults.injected[function] = Injection{ckr, count, 0, false, true};
-  }
+  SetInjection(function, count, Injection{ckr, count, 0, false, true});
 }
 
 CUSTODY_FAULT_EXPORT void custody_fault_inject_ex(const char* function, unsigned long ckr,
                                                   int count, int skip, int lose_reply) {
-  Faults& faults = State();
-  std::lock_guard<std::mutex> lock(faults.mu);
-  if (count == 0) {
-    faults.injected.erase(function);
-  } else {
-    faults.injected[function] = Injection{ckr, count, skip, lose_reply != 0};
-  }
+  SetInjection(function, count, Injection{ckr, count, skip, lose_reply != 0, false});
 }
 
 CUSTODY_FAULT_EXPORT void custody_fault_close_all_sessions(void) {

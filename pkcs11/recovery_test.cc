@@ -185,10 +185,13 @@ class RecoveryTest : public ::testing::Test {
     faults_.reset();
   }
 
-  // An EC P-256 signing key and its public key as OpenSSL reads it.
-  std::shared_ptr<KeyPair> Generate(const std::string& id, EvpPkeyPtr* public_key) {
+  // A key pair made in the token (by default an EC P-256 signing key) and its public key as
+  // OpenSSL reads it.
+  std::shared_ptr<KeyPair> Generate(const std::string& id, EvpPkeyPtr* public_key,
+                                    const KeySpec& spec = KeySpec{.type = KeyType::kEcP256},
+                                    bool for_decryption = false) {
     absl::StatusOr<std::shared_ptr<KeyPair>> key =
-        token_->GenerateKeyPair(KeySpec{.type = KeyType::kEcP256}, id, id);
+        token_->GenerateKeyPair(spec, id, id, for_decryption);
     EXPECT_TRUE(key.ok()) << key.status();
     if (!key.ok()) return nullptr;
     absl::StatusOr<EvpPkeyPtr> pkey = token_->PublicKey(**key);
@@ -197,16 +200,10 @@ class RecoveryTest : public ::testing::Test {
     return *key;
   }
 
-  // An RSA-2048 decryption key and its public key as OpenSSL reads it.
+  // An RSA-2048 decryption key and its public key.
   std::shared_ptr<KeyPair> GenerateRsa(const std::string& id, EvpPkeyPtr* public_key) {
-    absl::StatusOr<std::shared_ptr<KeyPair>> key = token_->GenerateKeyPair(
-        KeySpec{.type = KeyType::kRsa, .rsa_bits = 2048}, id, id, /*for_decryption=*/true);
-    EXPECT_TRUE(key.ok()) << key.status();
-    if (!key.ok()) return nullptr;
-    absl::StatusOr<EvpPkeyPtr> pkey = token_->PublicKey(**key);
-    EXPECT_TRUE(pkey.ok()) << pkey.status();
-    if (pkey.ok()) *public_key = std::move(*pkey);
-    return *key;
+    return Generate(id, public_key, KeySpec{.type = KeyType::kRsa, .rsa_bits = 2048},
+                    /*for_decryption=*/true);
   }
 
   // Signs `message` (ES256) and checks the signature with OpenSSL.

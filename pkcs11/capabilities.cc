@@ -119,7 +119,8 @@ bool VerifiesInOpenSsl(EVP_PKEY* pkey, const KeyUse& use, std::string_view input
                          signature.size(), in, input.size()) == 1;
 }
 
-absl::Status SelfTestSign(Token& token, const KeyPair& key, const KeyUse& use, EVP_PKEY* pkey) {
+absl::Status SelfTestSign(KeyOperations& token, const KeyPair& key, const KeyUse& use,
+                          EVP_PKEY* pkey) {
   constexpr std::string_view kMessage = "custody self-test: a new key signs before it is published";
   std::string input(kMessage);
   if (use.scheme == SignScheme::kRsaPkcs1v15) {
@@ -139,7 +140,8 @@ absl::Status SelfTestSign(Token& token, const KeyPair& key, const KeyUse& use, E
   return absl::OkStatus();
 }
 
-absl::Status SelfTestDecrypt(Token& token, const KeyPair& key, const KeyUse& use, EVP_PKEY* pkey) {
+absl::Status SelfTestDecrypt(KeyOperations& token, const KeyPair& key, const KeyUse& use,
+                             EVP_PKEY* pkey) {
   unsigned char message[32];
   if (RAND_bytes(message, sizeof(message)) != 1) return absl::InternalError("RAND_bytes failed");
   const std::string_view plain(reinterpret_cast<const char*>(message), sizeof(message));
@@ -177,7 +179,8 @@ absl::Status SelfTestDecrypt(Token& token, const KeyPair& key, const KeyUse& use
   return absl::OkStatus();
 }
 
-absl::Status SelfTestDerive(Token& token, const KeyPair& key, const KeyUse& use, EVP_PKEY* pkey) {
+absl::Status SelfTestDerive(KeyOperations& token, const KeyPair& key, const KeyUse& use,
+                            EVP_PKEY* pkey) {
   char group[64] = {};
   size_t group_size = 0;
   if (EVP_PKEY_get_utf8_string_param(pkey, OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof(group),
@@ -260,7 +263,7 @@ std::vector<std::vector<std::string>> RequiredMechanisms(const KeyUse& use) {
   return needs;
 }
 
-std::vector<std::string> MissingMechanisms(Token& token, const KeyUse& use) {
+std::vector<std::string> MissingMechanisms(KeyOperations& token, const KeyUse& use) {
   std::vector<std::string> missing;
   for (const std::vector<std::string>& need : RequiredMechanisms(use)) {
     bool met = false;
@@ -284,7 +287,7 @@ std::vector<std::string> MissingMechanisms(Token& token, const KeyUse& use) {
   return missing;
 }
 
-std::string UnservedKeySize(const Token& token, const KeySpec& spec) {
+std::string UnservedKeySize(const KeyOperations& token, const KeySpec& spec) {
   const auto [mechanism, size] = GenerationSize(spec);
   if (mechanism.empty()) return "";
   const std::optional<std::pair<uint64_t, uint64_t>> range = token.KeySizeRange(mechanism);
@@ -297,7 +300,7 @@ std::string UnservedKeySize(const Token& token, const KeySpec& spec) {
                       " to ", range->second, ")");
 }
 
-absl::Status SelfTest(Token& token, const KeyPair& key, const KeyUse& use) {
+absl::Status SelfTest(KeyOperations& token, const KeyPair& key, const KeyUse& use) {
   absl::StatusOr<EvpPkeyPtr> pkey = token.PublicKey(key);
   if (!pkey.ok()) return pkey.status();
   switch (use.operation) {

@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "pkcs11/token.h"
+#include "pkcs11/key_operations.h"
 
 namespace custody::pkcs11 {
 
@@ -45,12 +45,12 @@ std::vector<std::vector<std::string>> RequiredMechanisms(const KeyUse& use);
 // as met by CKM_RSA_PKCS_OAEP only when Token::OaepSupported(kSha256) says so. A generation
 // mechanism whose key-size range (C_GetMechanismInfo) excludes the spec's size is missing as
 // "CKM_X for N-bit keys (the token generates A to B)".
-std::vector<std::string> MissingMechanisms(Token& token, const KeyUse& use);
+std::vector<std::string> MissingMechanisms(KeyOperations& token, const KeyUse& use);
 
 // "" when the token's reported key-size range for generating `spec` includes its size (RSA
 // modulus bits, EC field bits), or when the token reports no range (or one in units that cannot
 // be bits); otherwise the need as MissingMechanisms names it.
-std::string UnservedKeySize(const Token& token, const KeySpec& spec);
+std::string UnservedKeySize(const KeyOperations& token, const KeySpec& spec);
 
 // Whether `token` can run `use` on `key`, a pair just created for it: signs a test digest and
 // verifies the signature with OpenSSL against the token's public key, or encrypts a test value
@@ -60,7 +60,7 @@ std::string UnservedKeySize(const Token& token, const KeySpec& spec);
 // created a key it cannot use (e.g. tpm2-pkcs11 1.9 on P-521: C_SignInit CKR_HOST_MEMORY);
 // UNAVAILABLE/RESOURCE_EXHAUSTED as the token's calls return them when the device or pool
 // failed (the key may well work).
-absl::Status SelfTest(Token& token, const KeyPair& key, const KeyUse& use);
+absl::Status SelfTest(KeyOperations& token, const KeyPair& key, const KeyUse& use);
 
 }  // namespace custody::pkcs11
 

@@ -44,31 +44,10 @@
 #include "common/openssl_ptr.h"
 #include "common/secret.h"
 #include "openssl/evp.h"
+#include "pkcs11/key_operations.h"
+#include "pkcs11/key_types.h"
 
 namespace custody::pkcs11 {
-
-using EvpPkeyPtr = OpensslPtr<EVP_PKEY>;  // the same owner as jose::PkeyPtr
-
-enum class KeyType { kEcP256, kEcP384, kEcP521, kEd25519, kRsa };
-
-struct KeySpec {
-  KeyType type = KeyType::kEcP256;
-  int rsa_bits = 0;  // 2048, 3072 or 4096 when type == kRsa; ignored otherwise.
-};
-
-// How the private key is used. The input each scheme takes is fixed here so that callers
-// (jose/, server/) never pick Cryptoki parameters.
-enum class SignScheme {
-  kEcdsa,         // CKM_ECDSA. Input: the message digest. Output: r||s, each padded to the
-                  // curve's field size (exactly the JWS ES256/384/512 encoding).
-  kEddsa,         // CKM_EDDSA (pure Ed25519). Input: the whole message. Output: 64 bytes.
-  kRsaPssSha256,  // CKM_RSA_PKCS_PSS, hash SHA-256, MGF1-SHA-256, salt 32. Input: SHA-256 digest.
-  kRsaPkcs1v15,   // CKM_RSA_PKCS. Input: a DER DigestInfo (the caller encodes it).
-  kRsaPssSha384,  // CKM_RSA_PKCS_PSS, SHA-384, MGF1-SHA-384, salt 48. Input: SHA-384 digest.
-  kRsaPssSha512,  // CKM_RSA_PKCS_PSS, SHA-512, MGF1-SHA-512, salt 64. Input: SHA-512 digest.
-};
-
-enum class OaepHash { kSha1, kSha256 };
 
 // Selects a token: by label, or by the token attributes of an RFC 7512 PKCS#11 URI.
 struct TokenSelector {
@@ -84,52 +63,12 @@ struct TokenSelector {
 // PIN in a URI ends up in argv and logs). A string not starting with "pkcs11:" is a label.
 absl::StatusOr<TokenSelector> ParseTokenSelector(std::string_view label_or_uri);
 
-// A key pair resolved in the token. Handles are resolved once (FindKeyPair/GenerateKeyPair)
-// and cached here; they are opaque outside pkcs11/.
-struct KeyPair {
-  std::string id;     // CKA_ID bytes (the key version's id)
-  std::string label;  // CKA_LABEL
-  KeySpec spec;
-  // Mutable: Token re-resolves a stale handle by CKA_ID and updates the cache through the
-  // const KeyPair& it was given (see Token::Sign).
-  mutable std::atomic<uint64_t> private_handle{0};
-  mutable std::atomic<uint64_t> public_handle{0};
-  // Which initialization of the module issued the handles: after a module re-initialization
-  // the same handle values may name other objects, so both are found again by CKA_ID.
-  mutable std::atomic<uint64_t> handle_generation{0};
-};
-
-struct PrivateKeyAttributes {
-  bool token = false;
-  bool is_private = false;
-  bool sensitive = false;
-  bool extractable = true;
-  bool always_sensitive = false;
-  bool never_extractable = false;
-};
-
-// One key object found in the token (for reconciliation at startup).
-struct ObjectInfo {
-  std::string id;
-  std::string label;
-  bool is_private_key = false;  // else public key
-};
-
-struct TokenInfo {
-  std::string module_path;
-  std::string library_description;
-  std::string label;
-  std::string manufacturer;
-  std::string model;
-  std::string serial;
-  uint64_t slot_id = 0;
-};
-
 namespace internal {
 class TokenState;  // pkcs11/token_internal.h
 }  // namespace internal
 
-class Token {
+// The KeyOperations of a real token (key_operations.h); the contracts are documented here.
+class Token final : public KeyOperations {
  public:
   struct Options {
     std::string module_path;  // e.g. /usr/lib/softhsm/libsofthsm2.so
@@ -208,15 +147,16 @@ class Token {
   // ("CKM_RSA_PKCS_KEY_PAIR_GEN": modulus bits; "CKM_EC_KEY_PAIR_GEN": field bits), read with
   // C_GetMechanismInfo at Open; nullopt when the token lists no such mechanism or reports no usable
   // range.
-  std::optional<std::pair<uint64_t, uint64_t>> KeySizeRange(std::string_view mechanism_name) const;
+  std::optional<std::pair<uint64_t, uint64_t>> KeySizeRange(
+      std::string_view mechanism_name) const override;
 
-  ~Token();
+  ~Token() override;
   Token(const Token&) = delete;
   Token& operator=(const Token&) = delete;
 
   // The token as found by Open (slot_id is the slot at Open; a module re-initialization may
   // move the token to another slot, which Token follows internally).
-  const TokenInfo& info() const;
+  const TokenInfo& info() const override;
 
   // False from a failed recovery (the module cannot be re-initialized, no session can be
   // opened or logged in, or the operation failed again after recovering) until an operation
@@ -243,20 +183,21 @@ class Token {
   // RSA sizes other than 2048/3072/4096, or an Ed25519 decryption key.
   absl::StatusOr<std::shared_ptr<KeyPair>> GenerateKeyPair(const KeySpec& spec, std::string_view id,
                                                            std::string_view label,
-                                                           bool for_decryption = false);
+                                                           bool for_decryption = false) override;
 
   // Finds the private and public key objects with CKA_ID=id. NOT_FOUND if the private key is
   // missing. The KeySpec is read back from the token (CKA_KEY_TYPE, CKA_EC_PARAMS, modulus size).
-  absl::StatusOr<std::shared_ptr<KeyPair>> FindKeyPair(std::string_view id);
+  absl::StatusOr<std::shared_ptr<KeyPair>> FindKeyPair(std::string_view id) override;
 
   // Signs `input` (see SignScheme for what input means) with the pair's private key.
   // INVALID_ARGUMENT when the scheme does not fit the key type. A cached handle the token no
   // longer knows is re-found by CKA_ID once (and the KeyPair's cache updated).
-  absl::StatusOr<std::string> Sign(const KeyPair& key, SignScheme scheme, std::string_view input);
+  absl::StatusOr<std::string> Sign(const KeyPair& key, SignScheme scheme,
+                                   std::string_view input) override;
 
   // Reads the public key (CKA_EC_POINT + curve, or CKA_MODULUS/CKA_PUBLIC_EXPONENT) as an
   // EVP_PKEY built through OSSL_PARAM (EVP_PKEY_fromdata).
-  absl::StatusOr<EvpPkeyPtr> PublicKey(const KeyPair& key);
+  absl::StatusOr<EvpPkeyPtr> PublicKey(const KeyPair& key) override;
 
   absl::StatusOr<PrivateKeyAttributes> GetPrivateKeyAttributes(const KeyPair& key);
 
@@ -268,16 +209,16 @@ class Token {
   // With `objects`, also every private/public key object (id, label), from the same pass: one
   // search and one attribute read per object in all.
   absl::StatusOr<std::map<std::string, std::shared_ptr<KeyPair>>> FindAllKeyPairs(
-      std::vector<ObjectInfo>* objects = nullptr);
+      std::vector<ObjectInfo>* objects = nullptr) override;
 
   // Every private/public key object in the token (id, label): FindAllKeyPairs' listing alone.
   absl::StatusOr<std::vector<ObjectInfo>> ListKeyObjects();
 
   // Destroys every object with CKA_ID=id. OK when none exists (idempotent).
-  absl::Status DestroyKeyPair(std::string_view id);
+  absl::Status DestroyKeyPair(std::string_view id) override;
 
   // Whether the token lists `mechanism_name` (e.g. "CKM_RSA_X_509") in C_GetMechanismList.
-  bool HasMechanism(std::string_view mechanism_name) const;
+  bool HasMechanism(std::string_view mechanism_name) const override;
 
   // --- Decryption (JWE key management) ---
 
@@ -286,19 +227,19 @@ class Token {
   // these parameters (see OaepSupported). Every failure of the decryption itself (bad padding,
   // wrong key, wrong length) is INVALID_ARGUMENT "decryption failed", identical for all causes.
   absl::StatusOr<Secret> DecryptRsaOaep(const KeyPair& key, OaepHash hash,
-                                        std::string_view ciphertext);
+                                        std::string_view ciphertext) override;
 
   // Raw RSA decryption (CKM_RSA_X_509): the k-byte encoded message for software OAEP decoding
   // where the token refuses OAEP with SHA-256. Never used for signing. UNIMPLEMENTED when the
   // token lacks the mechanism; INVALID_ARGUMENT "decryption failed" for any decryption failure.
-  absl::StatusOr<Secret> DecryptRsaRaw(const KeyPair& key, std::string_view ciphertext);
+  absl::StatusOr<Secret> DecryptRsaRaw(const KeyPair& key, std::string_view ciphertext) override;
 
   // Whether the token accepts CKM_RSA_PKCS_OAEP with `hash`. Probed once per hash (the first
   // call; custodyd calls it at startup) by decrypting, in the token, a ciphertext made by OpenSSL
   // under a throwaway session RSA key (CKA_TOKEN=FALSE, destroyed after). Cached afterwards.
   // False without probing when the token lacks CKM_RSA_PKCS_OAEP. A probe that cannot run
   // (no session free, device error) answers false, is logged and is not cached.
-  bool OaepSupported(OaepHash hash);
+  bool OaepSupported(OaepHash hash) override;
 
   // ECDH (CKM_ECDH1_DERIVE, CKD_NULL) of the pair's EC private key with `peer_point` (the
   // uncompressed point 04||X||Y; callers validate it is on the curve first). The shared secret Z
@@ -306,7 +247,7 @@ class Token {
   // CKA_VALUE can be read — it never leaves this process), read, and destroyed at once. Z is the
   // field size (32/48/66 bytes). INVALID_ARGUMENT for a non-EC key, a key without CKA_DERIVE,
   // or a peer point that is not an uncompressed point of the key's size.
-  absl::StatusOr<Secret> DeriveEcdh(const KeyPair& key, std::string_view peer_point);
+  absl::StatusOr<Secret> DeriveEcdh(const KeyPair& key, std::string_view peer_point) override;
 
   // --- Import (bring your own key) ---
 
@@ -323,7 +264,7 @@ class Token {
   absl::StatusOr<std::shared_ptr<KeyPair>> ImportKeyPair(const EVP_PKEY* private_key,
                                                          std::string_view id,
                                                          std::string_view label,
-                                                         bool for_decryption);
+                                                         bool for_decryption) override;
 
   // --- Secret keys (the metadata tag key, server/metadata_tag_key.h) ---
 

@@ -24,7 +24,7 @@ const EVP_MD* Sha256() {
   return md;
 }
 
-absl::StatusOr<Secret> RsaPrivateStep(pkcs11::Token& token, const pkcs11::KeyPair& key,
+absl::StatusOr<Secret> RsaPrivateStep(pkcs11::KeyOperations& token, const pkcs11::KeyPair& key,
                                       const DecryptionProfile& profile, RsaOaepPath path,
                                       absl::string_view encrypted_key) {
   std::string_view ciphertext(encrypted_key.data(), encrypted_key.size());
@@ -96,7 +96,7 @@ std::string DecryptionMechanismDescription(const DecryptionProfile& profile, Rsa
   }
 }
 
-absl::StatusOr<Secret> RecoverCek(pkcs11::Token& token, const pkcs11::KeyPair& key,
+absl::StatusOr<Secret> RecoverCek(pkcs11::KeyOperations& token, const pkcs11::KeyPair& key,
                                   const DecryptionProfile& profile, RsaOaepPath path,
                                   const jose::ParsedJwe& jwe, absl::string_view epk_point) {
   const size_t cek_bytes = jose::CekBytes(jwe.enc);

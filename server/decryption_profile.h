@@ -10,7 +10,7 @@
 #include "absl/strings/string_view.h"
 #include "common/secret.h"
 #include "jose/jwe.h"
-#include "pkcs11/token.h"
+#include "pkcs11/key_operations.h"
 
 namespace custody::server {
 
@@ -40,7 +40,7 @@ std::string DecryptionMechanismDescription(const DecryptionProfile& profile, Rsa
 // length instead of an error (RFC 7516 §11.5), so that the failure surfaces only at the content
 // tag check, on the same path as every other failure. Errors: "decryption failed"
 // (INVALID_ARGUMENT) for ECDH key-unwrap failures; UNAVAILABLE/INTERNAL for token trouble.
-absl::StatusOr<Secret> RecoverCek(pkcs11::Token& token, const pkcs11::KeyPair& key,
+absl::StatusOr<Secret> RecoverCek(pkcs11::KeyOperations& token, const pkcs11::KeyPair& key,
                                   const DecryptionProfile& profile, RsaOaepPath path,
                                   const jose::ParsedJwe& jwe, absl::string_view epk_point);
 

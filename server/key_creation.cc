@@ -22,7 +22,6 @@
 namespace custody::server {
 namespace {
 
-using internal::NowMs;
 using rotation::VersionRecord;
 using rotation::VersionState;
 

@@ -27,7 +27,6 @@ namespace {
 using rotation::VersionRecord;
 using rotation::VersionState;
 
-using internal::NowMs;
 
 std::string FormatMs(int64_t ms) {
   return absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::FromUnixMillis(ms), absl::UTCTimeZone());

@@ -95,7 +95,7 @@ absl::StatusOr<v1::SignJwsResponse> KeyService::SignJws(const v1::SignJwsRequest
   if (!input.ok()) return input.status();
   auto signature = token_->Sign(*version->key, ring.profile.scheme, *input);
   if (!signature.ok()) return signature.status();
-  version->NoteSignature();
+  version->NoteSignature(NowMs());
 
   v1::SignJwsResponse out;
   out.set_jws(jose::AssembleCompactJws(signing_input, *signature));
@@ -116,7 +116,7 @@ absl::StatusOr<v1::SignResponse> KeyService::Sign(const v1::SignRequest& request
     const Version* pinned = ring.Find(request.version());
     if (absl::Status s = PinnedVersionMaySign(
             request.ring(), request.version(), pinned == nullptr ? nullptr : &pinned->record,
-            version->record.version, internal::NowMs(), options_.retired_sign_grace);
+            version->record.version, NowMs(), options_.retired_sign_grace);
         !s.ok()) {
       return s;
     }
@@ -131,7 +131,7 @@ absl::StatusOr<v1::SignResponse> KeyService::Sign(const v1::SignRequest& request
   if (!plan.ok()) return plan.status();
   auto signature = token_->Sign(*version->key, plan->scheme, plan->token_input);
   if (!signature.ok()) return signature.status();
-  version->NoteSignature();
+  version->NoteSignature(NowMs());
   if (plan->der) {
     signature = EcdsaJoseToDer(*signature);
     if (!signature.ok()) return signature.status();

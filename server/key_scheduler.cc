@@ -18,7 +18,6 @@
 namespace custody::server {
 namespace {
 
-using internal::NowMs;
 using rotation::VersionRecord;
 using rotation::VersionState;
 
@@ -27,8 +26,7 @@ constexpr int64_t kAwaitingCertificateRecheckMs = 60 * 1000;
 
 }  // namespace
 
-void KeyService::Version::NoteSignature() const {
-  const int64_t now = NowMs();
+void KeyService::Version::NoteSignature(int64_t now) const {
   if (last_signed_ms->load(std::memory_order_relaxed) < now) {
     last_signed_ms->store(now, std::memory_order_relaxed);
   }

@@ -18,7 +18,6 @@
 namespace custody::server {
 namespace {
 
-using internal::NowMs;
 using rotation::VersionRecord;
 using rotation::VersionState;
 
@@ -28,7 +27,7 @@ constexpr int64_t kInFlightCreationMs = 10 * 60 * 1000;
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<KeyService>> KeyService::Create(pkcs11::Token* token,
+absl::StatusOr<std::unique_ptr<KeyService>> KeyService::Create(pkcs11::KeyOperations* token,
                                                                rotation::MetadataStore* store,
                                                                Options options) {
   auto service = std::unique_ptr<KeyService>(new KeyService(token, store, options));
@@ -37,7 +36,7 @@ absl::StatusOr<std::unique_ptr<KeyService>> KeyService::Create(pkcs11::Token* to
     KeyService* raw = service.get();
     service->scheduler_ = std::thread([raw] { raw->SchedulerLoop(); });
   }
-  if (options.shared_store) {
+  if (options.shared_store && options.run_follower) {
     KeyService* raw = service.get();
     service->follower_ = std::thread([raw] { raw->FollowLoop(); });
   }

@@ -25,8 +25,9 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/clock.h"
 #include "custody/v1/custody.pb.h"
-#include "pkcs11/token.h"
+#include "pkcs11/key_operations.h"
 #include "rotation/metadata_store.h"
 #include "server/decryption_profile.h"
 #include "server/signing_profile.h"
@@ -44,6 +45,8 @@ class KeyService {
     // each change notification and at least every `refresh_interval`, and startup leaves
     // young CREATING versions (another replica's creation in flight) alone.
     bool shared_store = false;
+    // Shared stores: the follower thread (unit tests call Refresh themselves instead).
+    bool run_follower = true;
     absl::Duration refresh_interval = absl::Seconds(5);
     // Shared stores: past this long without a successful re-read of the store, signing and
     // decryption are refused UNAVAILABLE (this replica could have missed a compromise).
@@ -59,13 +62,20 @@ class KeyService {
     // --adopt_untagged_metadata) are tagged once at startup (metadata.tags_adopted) instead of
     // refused. Records whose tag does not verify are refused either way.
     bool adopt_untagged_metadata = false;
+    // Every time the service reads (create, activate and retire times, due transitions,
+    // staleness, rotation eligibility) comes from this clock; the scheduler and follower threads
+    // still wait in real time. Must outlive the service. Tests move a FakeClock
+    // (common/testing/fake_clock.h) and call RunDueTransitions themselves.
+    const Clock* clock = &Clock::System();
   };
 
   // Loads rings from `store`, resolves every version's token object once, and reconciles:
   // CREATING versions are completed (object present) or rolled back (object absent); versions
   // whose object is missing are flagged and logged; custody-labelled objects with no metadata
   // are reported as orphans. Both pointers must outlive the service.
-  static absl::StatusOr<std::unique_ptr<KeyService>> Create(pkcs11::Token* token,
+  // `token` is a pkcs11::Token in custodyd, a software implementation in unit tests
+  // (server/testing/software_key_operations.h).
+  static absl::StatusOr<std::unique_ptr<KeyService>> Create(pkcs11::KeyOperations* token,
                                                             rotation::MetadataStore* store,
                                                             Options options);
   ~KeyService();  // stops the scheduler
@@ -150,7 +160,14 @@ class KeyService {
   };
   ReplicaStatus GetReplicaStatus() const;
 
+  // The scheduler's step: carries out every transition due at the clock's time (rotation,
+  // retention expiry, destruction, a missing PENDING version), once; returns the next due time
+  // (Unix ms, 0 = none). The scheduler thread calls it (on a shared store only while it holds
+  // the leadership); unit tests call it with run_scheduler = false and a FakeClock.
+  int64_t RunDueTransitions();
+
  private:
+  int64_t NowMs() const { return options_.clock->NowMs(); }
   struct Version {
     rotation::VersionRecord record;
     std::shared_ptr<pkcs11::KeyPair> key;  // null when the object is missing or untrusted
@@ -167,7 +184,7 @@ class KeyService {
     std::shared_ptr<std::atomic<int64_t>> last_signed_ms =
         std::make_shared<std::atomic<int64_t>>(0);
 
-    void NoteSignature() const;
+    void NoteSignature(int64_t now_ms) const;
   };
   struct Ring {
     rotation::RingRecord record;
@@ -191,7 +208,7 @@ class KeyService {
     kReplaceCompromised,  // becomes ACTIVE at once; the ACTIVE one is compromised
   };
 
-  KeyService(pkcs11::Token* token, rotation::MetadataStore* store, Options options)
+  KeyService(pkcs11::KeyOperations* token, rotation::MetadataStore* store, Options options)
       : token_(token), store_(store), options_(options) {}
   absl::Status Load();
   // Fills the ring's profile from its record (alg, rsa_bits, curve). INVALID_ARGUMENT with the
@@ -260,8 +277,6 @@ class KeyService {
   // a shared store, to at least retire_time + max_staleness: another replica that has not yet
   // learned of the retirement may sign with the version until then (server/replica_sync.cc).
   std::vector<rotation::VersionRecord> PlanningRecords(const Ring& ring) const;
-  // Carries out every due transition once; returns the next due time (Unix ms, 0 = none).
-  int64_t RunDueTransitions();
   void SchedulerLoop();
   // Waits for change notifications and calls Refresh (shared stores).
   void FollowLoop();
@@ -291,7 +306,7 @@ class KeyService {
   // FAILED_PRECONDITION when `mutation` would change a version whose tag does not verify.
   static absl::Status RefuseUntrustedChange(const Ring& ring, const rotation::Mutation& mutation);
 
-  pkcs11::Token* const token_;
+  pkcs11::KeyOperations* const token_;
   rotation::MetadataStore* const store_;
   const Options options_;
 

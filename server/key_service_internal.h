@@ -6,13 +6,10 @@
 
 #include <cstdint>
 
-#include "absl/time/clock.h"
 #include "custody/v1/custody.pb.h"
 #include "rotation/metadata_store.h"
 
 namespace custody::server::internal {
-
-inline int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
 
 v1::KeyVersionState ToProtoState(rotation::VersionState s);
 

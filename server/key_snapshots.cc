@@ -139,7 +139,7 @@ v1::KeyRing KeyService::ToProto(const Ring& ring) const {
     const Version* pending = ring.NewestPending();
     out.set_rotation_waiting(RotationWaiting(ring.record, out.next_rotation_ms(),
                                              pending == nullptr ? nullptr : &pending->record,
-                                             internal::NowMs()));
+                                             NowMs()));
   }
   out.set_curve(ring.record.curve);
   out.set_zip_max_bytes(static_cast<uint32_t>(ring.record.zip_max_bytes));

@@ -33,7 +33,7 @@ absl::Status KeyService::Refresh() {
 
 absl::Status KeyService::CheckMetadataFresh() const {
   if (!options_.shared_store) return absl::OkStatus();
-  const int64_t stale_ms = absl::ToUnixMillis(absl::Now()) - last_synced_ms_.load();
+  const int64_t stale_ms = NowMs() - last_synced_ms_.load();
   if (stale_ms <= absl::ToInt64Milliseconds(options_.max_staleness)) return absl::OkStatus();
   return absl::UnavailableError(
       absl::StrCat("metadata unreachable for ", stale_ms / 1000,
@@ -74,7 +74,7 @@ absl::Status KeyService::RefreshLocked() {
   // The snapshot holds every commit made before the read began, so staleness counts from here
   // (not from the end of the read): the bound other replicas' retention relies on
   // (PlanningRecords).
-  const int64_t read_start_ms = absl::ToUnixMillis(absl::Now());
+  const int64_t read_start_ms = NowMs();
   auto ring_records = store_->LoadRings();
   if (!ring_records.ok()) return ring_records.status();
   auto version_records = store_->LoadVersions();

@@ -30,7 +30,7 @@ pkcs11::KeyUse KeyUseOf(const DecryptionProfile& profile) {
   return use;
 }
 
-TokenSupport TokenSupport::Of(pkcs11::Token& token) {
+TokenSupport TokenSupport::Of(pkcs11::KeyOperations& token) {
   TokenSupport out;
   out.token_label_ = token.info().label;
   out.module_path_ = token.info().module_path;

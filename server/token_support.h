@@ -11,7 +11,7 @@
 
 #include "absl/status/status.h"
 #include "pkcs11/capabilities.h"
-#include "pkcs11/token.h"
+#include "pkcs11/key_operations.h"
 #include "server/decryption_profile.h"
 #include "server/signing_profile.h"
 
@@ -24,7 +24,7 @@ pkcs11::KeyUse KeyUseOf(const DecryptionProfile& profile);
 class TokenSupport {
  public:
   // Reads the token's mechanisms (no token call except the cached OAEP SHA-256 probe).
-  static TokenSupport Of(pkcs11::Token& token);
+  static TokenSupport Of(pkcs11::KeyOperations& token);
 
   // The mechanisms `alg` (a signing or decryption alg of CreateKeyRingRequest) needs and the
   // token lacks, each "CKM_X" or "CKM_A or CKM_B"; empty when it serves alg (or alg is unknown).

@@ -136,11 +136,7 @@ absl::StatusOr<std::shared_ptr<const KeyService::Ring>> KeyService::MutateRing(
   ring.Reindex();
   auto snapshot = std::make_shared<const Ring>(std::move(ring));
   Publish(snapshot);
-  {
-    absl::MutexLock lock(&scheduler_mu_);  // the next due time may have moved
-    scheduler_poke_ = true;
-    scheduler_wake_.SignalAll();
-  }
+  scheduler_.Poke();  // the next due time may have moved
   return snapshot;
 }
 

@@ -1,7 +1,7 @@
-// KeyService, the scheduler: the transitions that fall due by wall-clock time (rotation,
+// KeyService, the scheduler's step: the transitions that fall due by the clock (rotation,
 // retirement past retain, destruction past destroy_delay), planned by rotation/lifecycle from
-// each ring's records and the last signature of each retired version, and the loop that runs
-// them (on a shared store, only on the replica the store elects leader).
+// each ring's records and the last signature of each retired version. The thread that runs the
+// step, and the leader election on a shared store, are server/lifecycle_scheduler.h's.
 #include <algorithm>
 #include <string>
 #include <utility>
@@ -63,10 +63,7 @@ int64_t KeyService::RunDueTransitions() {
   }
   int64_t next_due = 0;
   for (const std::string& name : names) {
-    {
-      absl::MutexLock lock(&scheduler_mu_);
-      if (scheduler_stop_) return 0;
-    }
+    if (scheduler_.stopping()) return 0;
     absl::MutexLock admin(&admin_mu_);
     auto ring = FindRing(name);
     if (!ring.ok()) continue;
@@ -148,38 +145,6 @@ int64_t KeyService::RunDueTransitions() {
     }
   }
   return next_due;
-}
-
-void KeyService::SchedulerLoop() {
-  bool leading = false;
-  for (;;) {
-    // With a shared store one replica, elected through the store, performs due transitions;
-    // the others ask again every half second (the takeover delay after a leader dies). Even a
-    // replica that wrongly believed it led changes nothing twice: every transition is a
-    // conditional commit on the ring's generation.
-    auto leader = store_->HoldLeadership();
-    const bool now_leading = leader.ok() && *leader;
-    scheduler_leader_.store(now_leading);
-    if (now_leading != leading) {
-      leading = now_leading;
-      if (options_.shared_store) {
-        Log(leading ? LogLevel::kInfo : LogLevel::kWarning, "scheduler.leader",
-            {{"state", leading ? "acquired" : "lost"},
-             {"error", leader.ok() ? "" : std::string(leader.status().message())}});
-      }
-    }
-    int64_t next_due = leading ? RunDueTransitions() : 0;
-    absl::MutexLock lock(&scheduler_mu_);
-    if (scheduler_stop_) return;
-    absl::Time deadline = absl::Now() + absl::Seconds(leading ? 60 : 0.5);
-    if (options_.shared_store && leading) deadline = absl::Now() + absl::Seconds(1);
-    if (next_due != 0) deadline = std::min(deadline, absl::FromUnixMillis(next_due));
-    while (!scheduler_stop_ && !scheduler_poke_) {
-      if (scheduler_wake_.WaitWithDeadline(&scheduler_mu_, deadline)) break;
-    }
-    scheduler_poke_ = false;
-    if (scheduler_stop_) return;
-  }
 }
 
 }  // namespace custody::server

@@ -1,4 +1,4 @@
-// KeyService, part one: its lifetime. Create loads every ring and version from the metadata
+// KeyService, its lifetime. Create loads every ring and version from the metadata
 // store and reconciles them with the token (CREATING versions completed or rolled back, missing
 // objects flagged, orphaned objects reported); StopScheduler ends the background threads. The
 // operations live in key_creation.cc, key_requests.cc, key_snapshots.cc, key_lifecycle.cc,
@@ -32,16 +32,18 @@ absl::StatusOr<std::unique_ptr<KeyService>> KeyService::Create(pkcs11::KeyOperat
                                                                Options options) {
   auto service = std::unique_ptr<KeyService>(new KeyService(token, store, options));
   if (absl::Status s = service->Load(); !s.ok()) return s;
-  if (options.run_scheduler) {
-    KeyService* raw = service.get();
-    service->scheduler_ = std::thread([raw] { raw->SchedulerLoop(); });
-  }
-  if (options.shared_store && options.run_follower) {
-    KeyService* raw = service.get();
-    service->follower_ = std::thread([raw] { raw->FollowLoop(); });
-  }
+  if (options.run_scheduler) service->scheduler_.Start();
+  if (options.shared_store && options.run_follower) service->follower_.Start();
   return service;
 }
+
+KeyService::KeyService(pkcs11::KeyOperations* token, rotation::MetadataStore* store,
+                       Options options)
+    : token_(token),
+      store_(store),
+      options_(options),
+      scheduler_(store, options.shared_store, [this] { return RunDueTransitions(); }),
+      follower_(store, options.refresh_interval, [this] { return Refresh(); }) {}
 
 KeyService::~KeyService() { StopScheduler(); }
 
@@ -56,13 +58,8 @@ void KeyService::StopScheduler() {
     draining_ = true;
     jwks_changed_.SignalAll();  // wakes the watchers, which then see draining()
   }
-  {
-    absl::MutexLock lock(&scheduler_mu_);
-    scheduler_stop_ = true;
-    scheduler_wake_.SignalAll();
-  }
-  if (scheduler_.joinable()) scheduler_.join();
-  if (follower_.joinable()) follower_.join();
+  scheduler_.Stop();
+  follower_.Stop();
 }
 
 absl::Status KeyService::Load() {

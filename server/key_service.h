@@ -30,6 +30,8 @@
 #include "pkcs11/key_operations.h"
 #include "rotation/metadata_store.h"
 #include "server/decryption_profile.h"
+#include "server/lifecycle_scheduler.h"
+#include "server/replica_follower.h"
 #include "server/signing_profile.h"
 #include "server/token_support.h"
 
@@ -208,8 +210,7 @@ class KeyService {
     kReplaceCompromised,  // becomes ACTIVE at once; the ACTIVE one is compromised
   };
 
-  KeyService(pkcs11::KeyOperations* token, rotation::MetadataStore* store, Options options)
-      : token_(token), store_(store), options_(options) {}
+  KeyService(pkcs11::KeyOperations* token, rotation::MetadataStore* store, Options options);
   absl::Status Load();
   // Fills the ring's profile from its record (alg, rsa_bits, curve). INVALID_ARGUMENT with the
   // reason when they do not form a supported combination.
@@ -277,9 +278,6 @@ class KeyService {
   // a shared store, to at least retire_time + max_staleness: another replica that has not yet
   // learned of the retirement may sign with the version until then (server/replica_sync.cc).
   std::vector<rotation::VersionRecord> PlanningRecords(const Ring& ring) const;
-  void SchedulerLoop();
-  // Waits for change notifications and calls Refresh (shared stores).
-  void FollowLoop();
   // Refresh's work; the status of reading the store (token trouble with one version is logged
   // and retried at the next refresh). Pokes the scheduler when a ring changed.
   absl::Status RefreshLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
@@ -339,18 +337,14 @@ class KeyService {
   mutable uint64_t jwks_cache_generation_ ABSL_GUARDED_BY(jwks_cache_mu_) = 0;
   mutable std::map<std::string, CachedJwks> jwks_cache_ ABSL_GUARDED_BY(jwks_cache_mu_);
 
-  absl::Mutex scheduler_mu_;
-  absl::CondVar scheduler_wake_;
-  bool scheduler_stop_ ABSL_GUARDED_BY(scheduler_mu_) = false;
-  bool scheduler_poke_ ABSL_GUARDED_BY(scheduler_mu_) = false;
-  std::thread scheduler_;
-  std::thread follower_;
   // Unix ms of the last successful re-read of a shared store (or of the startup load).
   std::atomic<int64_t> last_synced_ms_{0};
-  std::atomic<bool> scheduler_leader_{false};
-  std::atomic<uint64_t> refreshes_{0};
-  std::atomic<uint64_t> refresh_failures_{0};
   std::atomic<uint64_t> rings_refreshed_{0};
+
+  // The two threads (started by Create as the options say), last: they call into the members
+  // above, and StopScheduler ends them before anything else goes.
+  LifecycleScheduler scheduler_;  // runs RunDueTransitions
+  ReplicaFollower follower_;      // runs Refresh (shared stores)
 };
 
 }  // namespace custody::server

@@ -1,4 +1,4 @@
-// KeyService, part three: following the changes other replicas commit to a shared metadata
+// KeyService, the replica view: re-reading the changes other replicas commit to a shared metadata
 // store. Signing and decryption never read the store; they read the snapshots this keeps up to
 // date, so a change reaches the request path through the same snapshot swap a local change
 // uses (JWKS generation, WatchJwks wake-up).
@@ -47,9 +47,9 @@ KeyService::ReplicaStatus KeyService::GetReplicaStatus() const {
   out.shared_store = options_.shared_store;
   out.last_good_read_ms = last_synced_ms_.load();
   out.max_staleness = options_.max_staleness;
-  out.scheduler_leader = scheduler_leader_.load();
-  out.refreshes = refreshes_.load();
-  out.refresh_failures = refresh_failures_.load();
+  out.scheduler_leader = scheduler_.leader();
+  out.refreshes = follower_.refreshes();
+  out.refresh_failures = follower_.refresh_failures();
   out.rings_refreshed = rings_refreshed_.load();
   absl::ReaderMutexLock lock(&mu_);
   out.jwks_generation = jwks_generation_;
@@ -217,38 +217,8 @@ absl::Status KeyService::RefreshLocked() {
     }
   }
   last_synced_ms_.store(read_start_ms);
-  if (changed) {
-    absl::MutexLock lock(&scheduler_mu_);  // due times may have moved
-    scheduler_poke_ = true;
-    scheduler_wake_.SignalAll();
-  }
+  if (changed) scheduler_.Poke();  // due times may have moved
   return absl::OkStatus();
-}
-
-void KeyService::FollowLoop() {
-  absl::Time last_refresh = absl::Now();
-  bool healthy = true;
-  for (;;) {
-    {
-      absl::MutexLock lock(&scheduler_mu_);
-      if (scheduler_stop_) return;
-    }
-    // Short waits, so that StopScheduler is not kept waiting; shorter while the store is failing,
-    // so that the first read after it is back does not wait out a whole notification wait (a
-    // listening connection can come back before a read succeeds, e.g. during crash recovery).
-    auto changed = store_->WaitForChange(absl::Milliseconds(healthy ? 250 : 50));
-    const bool due = absl::Now() - last_refresh >= options_.refresh_interval;
-    if (changed.ok() && !*changed && !due) continue;
-    absl::Status s = changed.ok() ? Refresh() : changed.status();
-    (s.ok() ? refreshes_ : refresh_failures_).fetch_add(1, std::memory_order_relaxed);
-    if (s.ok()) last_refresh = absl::Now();
-    if (s.ok() != healthy) {
-      healthy = s.ok();
-      Log(healthy ? LogLevel::kInfo : LogLevel::kError, "replica.follow",
-          {{"state", healthy ? "following" : "failing"},
-           {"error", healthy ? "" : std::string(s.message())}});
-    }
-  }
 }
 
 }  // namespace custody::server

@@ -62,7 +62,7 @@
 #include "jose/jwk.h"
 #include "jose/jws.h"
 #include "pkcs11/token.h"
-#include "server/embedded_token.h"
+#include "server/daemon/embedded_token.h"
 
 ABSL_FLAG(std::string, custodyd, "", "custodyd binary; default: custodyd next to custody-bench");
 ABSL_FLAG(double, seconds, 0, "measured seconds per row; 0 = 2 (0.3 with --quick)");

@@ -1,6 +1,6 @@
 // A status carries two texts when its message holds what only the operator may read (a driver's
 // error text, a server's socket path, a file name): the message, for custodyd's log, and a
-// shorter caller message, the only text a gRPC caller receives (server/grpc_services.cc
+// shorter caller message, the only text a gRPC caller receives (server/grpc/grpc_services.cc
 // ToGrpcStatus sends it and logs the full message).
 #ifndef CUSTODY_COMMON_CALLER_MESSAGE_H_
 #define CUSTODY_COMMON_CALLER_MESSAGE_H_

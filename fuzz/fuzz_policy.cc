@@ -8,7 +8,7 @@
 #include <string_view>
 
 #include "common/log.h"
-#include "server/access_policy.h"
+#include "server/security/access_policy.h"
 
 namespace {
 

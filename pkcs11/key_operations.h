@@ -3,7 +3,7 @@
 // pkcs11::Token (token.h) implements it over Cryptoki; the contracts of each operation are
 // Token's, documented there. server/ (KeyService, the self-test, the capability checks) depends
 // on this interface only, so the lifecycle logic above the token can be unit-tested over a
-// software implementation (server/testing/software_key_operations.h) with no PKCS#11 module.
+// software implementation (server/keys/testing/software_key_operations.h) with no PKCS#11 module.
 #ifndef CUSTODY_PKCS11_KEY_OPERATIONS_H_
 #define CUSTODY_PKCS11_KEY_OPERATIONS_H_
 

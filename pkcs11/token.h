@@ -266,7 +266,7 @@ class Token final : public KeyOperations {
                                                          std::string_view label,
                                                          bool for_decryption) override;
 
-  // --- Secret keys (the metadata tag key, server/metadata_tag_key.h) ---
+  // --- Secret keys (the metadata tag key, server/keys/metadata_tag_key.h) ---
 
   // The CKA_IDs of the secret keys labelled `label`, sorted.
   absl::StatusOr<std::vector<std::string>> FindSecretKeyIds(std::string_view label);

@@ -1,6 +1,6 @@
 // Secret keys in the token: the one custody keeps is the metadata tag key (HMAC-SHA256), which
-// server/metadata_tag_key.h finds by label or generates at first start. Found by CKA_ID on each
-// use: it tags metadata records when they are written and read, never on the signing path.
+// server/keys/metadata_tag_key.h finds by label or generates at first start. Found by CKA_ID on
+// each use: it tags metadata records when they are written and read, never on the signing path.
 #include <algorithm>
 #include <string>
 #include <vector>

@@ -2,7 +2,7 @@
 //
 //  - RSA-OAEP (2048, SHA-256, MGF1-SHA-256): the group's private key imported into the token
 //    (Token::ImportKeyPair, for decryption), raw RSA in the token (Token::DecryptRsaRaw), then
-//    jose::OaepDecode, as server/decryption_profile.cc does when the token refuses OAEP with
+//    jose::OaepDecode, as server/keys/decryption_profile.cc does when the token refuses OAEP with
 //    SHA-256 (SoftHSM2 2.6.1 does). Vectors with a non-empty label are skipped (JWE has none).
 //  - ECDH secp256r1 (the "ecpoint" vectors, peer key as an encoded point): each distinct private
 //    key imported into the token; the peer point checked as custodyd checks a JWE "epk"

@@ -150,7 +150,7 @@ constexpr MigrationInfo kMigrations[] = {
     // 2
     {"certificates (a ring that requires one before a manual rotation; a version's chain)", ""},
     // 3
-    {"the audit chains' anchored heads, one row per chain (server/audit_anchor.h)", ""},
+    {"the audit chains' anchored heads, one row per chain (server/security/audit_anchor.h)", ""},
     // 4
     {"record tags (rotation/record_tag.h); rows from before them are adopted once by custodyd", ""},
 };

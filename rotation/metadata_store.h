@@ -85,8 +85,9 @@ class MetadataStore {
   // process's connection ends; each call re-checks that the holder's session is alive.
   virtual absl::StatusOr<bool> HoldLeadership() { return true; }
 
-  // The latest anchored head of an audit chain (server/audit_anchor.h): kept outside the chain's
-  // own files, so that a truncated, deleted or restarted chain is detected. One row per chain
+  // The latest anchored head of an audit chain (server/security/audit_anchor.h): kept outside the
+  // chain's own files, so that a truncated, deleted or restarted chain is detected. One row per
+  // chain
   // (`chain`: the replica id, "" for a lone custodyd), replaced by each save.
   struct AuditAnchor {
     std::string chain;

@@ -1,8 +1,8 @@
 // Tags that authenticate metadata records: a MAC (or signature) over a canonical encoding of
 // every field of a ring or version record that decides what custody publishes, uses or destroys,
 // made by a key the store's writer cannot read (custodyd's lives in the token:
-// server/metadata_tag_key.h). Both metadata stores compute a record's tag when they write it and
-// check it when they read it (RingRecord::tag_check / VersionRecord::tag_check), so that write
+// server/keys/metadata_tag_key.h). Both metadata stores compute a record's tag when they write it
+// and check it when they read it (RingRecord::tag_check / VersionRecord::tag_check), so that write
 // access to the database alone cannot publish a key, revive a compromised one or change a policy.
 //
 // The canonical encoding is versioned and length-prefixed ("custody-metadata/v1", the record

@@ -485,8 +485,8 @@ TEST_P(HsmConformanceTest, EveryAlgorithmWorksOrIsRefusedWithTheModulesReason) {
     EXPECT_TRUE(attributes->never_extractable) << pair->label;
   }
   EXPECT_EQ(custody_pairs, versions);
-  // The key that vouches for the metadata (server/metadata_tag_key.h), made by custodyd's first
-  // start: an HMAC key, else an EC pair (checked above with the version keys).
+  // The key that vouches for the metadata (server/keys/metadata_tag_key.h), made by custodyd's
+  // first start: an HMAC key, else an EC pair (checked above with the version keys).
   auto hmac_keys = (*token)->FindSecretKeyIds("custody-metadata-tag");
   ASSERT_TRUE(hmac_keys.ok()) << hmac_keys.status();
   EXPECT_EQ(hmac_keys->size() + (ecdsa_tag_key ? 1 : 0), 1u);

@@ -1,5 +1,5 @@
 // Metadata the token vouches for (issue 28): every ring and version record carries a tag made by
-// the token's metadata tag key (server/metadata_tag_key.h). These tests edit metadata.db with
+// the token's metadata tag key (server/keys/metadata_tag_key.h). These tests edit metadata.db with
 // sqlite3 as someone with write access to it (and not to the token) would, and check that the
 // real custodyd refuses each edited record at load: nothing edited is published or signs, and
 // the log, GetKeyRing/ListKeyRings and /metrics say so. The replica case (PostgreSQL, psql) is in

@@ -1092,7 +1092,7 @@ std::optional<double> MetricValue(const std::string& page, const std::string& na
   return std::nullopt;
 }
 
-// Replica state on /metrics (server/replica_metrics.h), scraped by a real Prometheus that
+// Replica state on /metrics (server/daemon/replica_metrics.h), scraped by a real Prometheus that
 // evaluates deploy/prometheus/alerts.yml: one leader among the replicas, a fresh last good read,
 // another replica's change counted; with PostgreSQL stopped the age grows, failures are counted
 // and CustodyMetadataStale fires on both replicas, then clears when the database is back (the

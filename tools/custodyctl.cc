@@ -31,7 +31,7 @@
 #include "openssl/crypto.h"
 #include "rotation/key_ring.h"
 #include "rotation/sqlite_metadata_store.h"
-#include "server/audit_verify.h"
+#include "server/security/audit_verify.h"
 #include "tools/command_line.h"
 #include "tools/custodyctl_commands.h"
 #include "tools/policy_commands.h"

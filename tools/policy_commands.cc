@@ -6,7 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/log.h"
-#include "server/access_policy.h"
+#include "server/security/access_policy.h"
 
 namespace custody::tools {
 namespace {

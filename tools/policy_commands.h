@@ -1,5 +1,5 @@
-// custodyctl policy check / policy explain: the access policy (server/access_policy.h) read
-// offline from a file, as custodyd reads it, so that a policy can be checked before SIGHUP.
+// custodyctl policy check / policy explain: the access policy (server/security/access_policy.h)
+// read offline from a file, as custodyd reads it, so that a policy can be checked before SIGHUP.
 #ifndef CUSTODY_TOOLS_POLICY_COMMANDS_H_
 #define CUSTODY_TOOLS_POLICY_COMMANDS_H_
 

@@ -1,4 +1,4 @@
-// Client library tests against a real custodyd (tests/harness.h), with npm jose as the
+// Client library tests against a real custodyd (tests/testing/harness.h), with npm jose as the
 // independent verifier of what the FAPI builders make.
 #include "client/client.h"
 
@@ -17,8 +17,8 @@
 #include "jose/base64url.h"
 #include "jose/json.h"
 #include "openssl/evp.h"
-#include "tests/harness.h"
-#include "tests/independent_jws.h"
+#include "tests/testing/harness.h"
+#include "tests/testing/independent_jws.h"
 
 namespace custody::client {
 namespace {
@@ -226,8 +226,8 @@ TEST(ClientRetryTest, UnavailableIsRetriedWithBackoff) {
 }
 
 // Signs from `threads` threads at once, `calls` each, through one Client. Every call's JWS must
-// verify independently (tests/independent_jws.h) and carry that call's own payload and typ; a
-// thread with `bad_ring` set signs on a missing ring and must get NOT_FOUND every time.
+// verify independently (tests/testing/independent_jws.h) and carry that call's own payload and typ;
+// a thread with `bad_ring` set signs on a missing ring and must get NOT_FOUND every time.
 void SignConcurrently(Client& client, const std::string& ring, const std::string& jwks, int threads,
                       int calls) {
   std::string error;

@@ -15,7 +15,7 @@
 #include "openssl/rand.h"
 #include "openssl/rsa.h"
 #include "pkcs11/cryptoki.h"
-#include "pkcs11/softhsm_testing.h"
+#include "pkcs11/testing/softhsm_testing.h"
 #include "pkcs11/token.h"
 
 namespace custody::pkcs11 {

@@ -8,7 +8,7 @@
 #include "gtest/gtest.h"
 #include "openssl/evp.h"
 #include "openssl/rsa.h"
-#include "pkcs11/softhsm_testing.h"
+#include "pkcs11/testing/softhsm_testing.h"
 #include "pkcs11/token.h"
 
 namespace custody::pkcs11 {

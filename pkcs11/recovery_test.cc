@@ -25,8 +25,8 @@
 #include "openssl/evp.h"
 #include "openssl/rsa.h"
 #include "pkcs11/cryptoki.h"
-#include "pkcs11/softhsm_testing.h"
 #include "pkcs11/testing/fault_module.h"
+#include "pkcs11/testing/softhsm_testing.h"
 #include "pkcs11/token.h"
 
 namespace custody::pkcs11 {

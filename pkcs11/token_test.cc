@@ -19,7 +19,7 @@
 #include "openssl/rsa.h"
 #include "pkcs11/cryptoki.h"
 #include "pkcs11/session_pool.h"
-#include "pkcs11/softhsm_testing.h"
+#include "pkcs11/testing/softhsm_testing.h"
 
 namespace custody::pkcs11 {
 namespace {

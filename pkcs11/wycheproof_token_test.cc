@@ -39,7 +39,7 @@
 #include "openssl/param_build.h"
 #include "openssl/params.h"
 #include "openssl/x509.h"
-#include "pkcs11/softhsm_testing.h"
+#include "pkcs11/testing/softhsm_testing.h"
 #include "pkcs11/token.h"
 
 #ifndef CUSTODY_SOURCE_DIR

@@ -9,8 +9,8 @@
 #include "gtest/gtest.h"
 #include "jose/base64url.h"
 #include "jose/json.h"
-#include "tests/harness.h"
-#include "tests/rpc_helpers.h"
+#include "tests/testing/harness.h"
+#include "tests/testing/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {

@@ -1,7 +1,7 @@
 // Callers fail over within their deadline: three custodyd replicas on PostgreSQL
-// (tests/replica_set.h), reached through the address list by custodyctl (a real process) and by
-// the client library's Client. Every JWS is checked against the JWKS with tests/independent_jws
-// (OpenSSL EVP, not custody's jose/).
+// (tests/testing/replica_set.h), reached through the address list by custodyctl (a real process)
+// and by the client library's Client. Every JWS is checked against the JWKS with
+// tests/independent_jws (OpenSSL EVP, not custody's jose/).
 #include <signal.h>
 #include <unistd.h>
 
@@ -19,10 +19,10 @@
 #include "client/jwe_encryption.h"
 #include "gtest/gtest.h"
 #include "rotation/testing/postgres_cluster.h"
-#include "tests/harness.h"
-#include "tests/independent_jws.h"
-#include "tests/prometheus_testing.h"
-#include "tests/replica_set.h"
+#include "tests/testing/harness.h"
+#include "tests/testing/independent_jws.h"
+#include "tests/testing/prometheus_testing.h"
+#include "tests/testing/replica_set.h"
 
 namespace custody::testing {
 namespace {

@@ -5,7 +5,7 @@
 // restarted 100 times while signing and changing keys.
 //
 // What is checked against what:
-// - Signatures are verified by tests/independent_jws.h, written on OpenSSL's EVP API alone
+// - Signatures are verified by tests/testing/independent_jws.h, written on OpenSSL's EVP API alone
 //   (public JWK → EVP_PKEY via OSSL_PARAM, JOSE r||s → DER, RSA-PSS parameters set explicitly),
 //   never by custody's jose/ code (only its JSON parser reads the JWKS and headers).
 // - The only acceptable failure while a fault is injected is UNAVAILABLE naming a CKR code; on a
@@ -49,11 +49,11 @@
 #include "openssl/evp.h"
 #include "openssl/params.h"
 #include "openssl/rsa.h"
-#include "pkcs11/softhsm_testing.h"
+#include "pkcs11/testing/softhsm_testing.h"
 #include "pkcs11/token.h"
-#include "tests/harness.h"
-#include "tests/independent_jws.h"
-#include "tests/rpc_helpers.h"
+#include "tests/testing/harness.h"
+#include "tests/testing/independent_jws.h"
+#include "tests/testing/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {
@@ -82,7 +82,7 @@ int EnvInt(const char* name, int fallback) {
   return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;
 }
 
-// The independent verifier (tests/independent_jws.h), checking the payload too.
+// The independent verifier (tests/testing/independent_jws.h), checking the payload too.
 std::string VerifyJws(const JwsKeys& keys, const std::string& jws, const std::string& payload) {
   std::string signed_payload;
   std::string error = VerifyJws(keys, jws, nullptr, &signed_payload);

@@ -24,8 +24,8 @@
 #include "google/protobuf/descriptor.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
-#include "tests/harness.h"
-#include "tests/rpc_helpers.h"
+#include "tests/testing/harness.h"
+#include "tests/testing/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {

@@ -1,9 +1,9 @@
 // The conformance matrix: the same scenario on every PKCS#11 implementation the machine has
-// (tests/hsm_modules.h: SoftHSM2, NSS softokn direct with its init string, tpm2-pkcs11 on swtpm +
-// tpm2-abrmd, opencryptoki's software token, p11-kit's RPC client), custodyd pointed at each the
-// way docs/hsm-compatibility.md says. Per module and algorithm: the ring is created, or refused
-// FAILED_PRECONDITION with the precise reason (and nothing is left behind); a created ring's
-// signature verifies with python3-jwcrypto, a JWE made by python3-jwcrypto decrypts; after a
+// (tests/testing/hsm_modules.h: SoftHSM2, NSS softokn direct with its init string, tpm2-pkcs11 on
+// swtpm + tpm2-abrmd, opencryptoki's software token, p11-kit's RPC client), custodyd pointed at
+// each the way docs/hsm-compatibility.md says. Per module and algorithm: the ring is created, or
+// refused FAILED_PRECONDITION with the precise reason (and nothing is left behind); a created
+// ring's signature verifies with python3-jwcrypto, a JWE made by python3-jwcrypto decrypts; after a
 // restart the same; a forced rotation makes a new key that works; 16 concurrent callers all
 // succeed; every private key read back with the module itself is sensitive and never
 // extractable. The module's known limits are asserted (tpm2-pkcs11 stops generating after a
@@ -33,10 +33,10 @@
 #include "common/secret.h"
 #include "gtest/gtest.h"
 #include "pkcs11/token.h"
-#include "tests/harness.h"
-#include "tests/hsm_modules.h"
-#include "tests/independent_jws.h"
-#include "tests/rpc_helpers.h"
+#include "tests/testing/harness.h"
+#include "tests/testing/hsm_modules.h"
+#include "tests/testing/independent_jws.h"
+#include "tests/testing/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {

@@ -34,9 +34,9 @@
 #include "absl/strings/str_split.h"
 #include "gtest/gtest.h"
 #include "metrics/http_test_client.h"
-#include "tests/harness.h"
-#include "tests/prometheus_testing.h"
-#include "tests/rpc_helpers.h"
+#include "tests/testing/harness.h"
+#include "tests/testing/prometheus_testing.h"
+#include "tests/testing/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {

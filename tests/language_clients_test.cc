@@ -1,6 +1,6 @@
 // The Python and Node.js clients (examples/python, examples/node) against real custodyd
-// replicas on PostgreSQL (tests/replica_set.h). The rings are made here with custodyctl, as an
-// operator would; the language tests create nothing. Each case runs one test of
+// replicas on PostgreSQL (tests/testing/replica_set.h). The rings are made here with custodyctl, as
+// an operator would; the language tests create nothing. Each case runs one test of
 // examples/python/test_custody_client.py (checked with python3-jwcrypto) or
 // examples/node/test/custody_client.test.mjs (checked with npm jose).
 #include <unistd.h>
@@ -13,8 +13,8 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "rotation/testing/postgres_cluster.h"
-#include "tests/harness.h"
-#include "tests/replica_set.h"
+#include "tests/testing/harness.h"
+#include "tests/testing/replica_set.h"
 
 namespace custody::testing {
 namespace {

@@ -27,8 +27,8 @@
 #include "gtest/gtest.h"
 #include "jose/json.h"
 #include "rotation/testing/postgres_cluster.h"
-#include "tests/harness.h"
-#include "tests/rpc_helpers.h"
+#include "tests/testing/harness.h"
+#include "tests/testing/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {

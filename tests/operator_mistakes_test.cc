@@ -17,7 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
-#include "tests/harness.h"
+#include "tests/testing/harness.h"
 
 namespace custody::testing {
 namespace {

@@ -34,9 +34,9 @@
 #include "pkcs11/capabilities.h"
 #include "pkcs11/token.h"
 #include "rotation/testing/postgres_cluster.h"
-#include "tests/harness.h"
-#include "tests/independent_jws.h"
-#include "tests/rpc_helpers.h"
+#include "tests/testing/harness.h"
+#include "tests/testing/independent_jws.h"
+#include "tests/testing/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {

@@ -25,10 +25,10 @@
 #include "common/secret.h"
 #include "gtest/gtest.h"
 #include "jose/json.h"
-#include "pkcs11/softhsm_testing.h"
+#include "pkcs11/testing/softhsm_testing.h"
 #include "pkcs11/token.h"
-#include "tests/harness.h"
-#include "tests/prometheus_testing.h"
+#include "tests/testing/harness.h"
+#include "tests/testing/prometheus_testing.h"
 
 namespace custody::testing {
 namespace {

@@ -14,8 +14,8 @@
 #include "openssl/provider.h"
 #include "openssl/store.h"
 #include "openssl/x509.h"
-#include "tests/harness.h"
-#include "tests/independent_jws.h"
+#include "tests/testing/harness.h"
+#include "tests/testing/independent_jws.h"
 
 namespace custody::testing {
 namespace {

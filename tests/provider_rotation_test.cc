@@ -27,7 +27,7 @@
 #include "openssl/evp.h"
 #include "openssl/pem.h"
 #include "openssl/ssl.h"
-#include "tests/harness.h"
+#include "tests/testing/harness.h"
 
 namespace custody::testing {
 namespace {

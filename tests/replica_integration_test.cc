@@ -1,6 +1,6 @@
 // custodyd on PostgreSQL: the real custodyd binary with --metadata=postgresql://... on a
 // throw-away PostgreSQL 15 cluster (rotation/testing/postgres_cluster.h), a real SoftHSM2
-// token, real gRPC. Signatures are checked with tests/independent_jws.h (OpenSSL EVP, not
+// token, real gRPC. Signatures are checked with tests/testing/independent_jws.h (OpenSSL EVP, not
 // custody's jose/).
 #include <unistd.h>
 
@@ -28,10 +28,10 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "rotation/testing/postgres_cluster.h"
-#include "tests/harness.h"
-#include "tests/independent_jws.h"
-#include "tests/prometheus_testing.h"
-#include "tests/rpc_helpers.h"
+#include "tests/testing/harness.h"
+#include "tests/testing/independent_jws.h"
+#include "tests/testing/prometheus_testing.h"
+#include "tests/testing/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {

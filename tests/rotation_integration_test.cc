@@ -1,7 +1,7 @@
 // Key rotation end to end: the real custodyd on a real SoftHSM2 token over real gRPC.
 //
 // What is checked against what:
-// - Signatures are verified by tests/independent_jws.h, written on OpenSSL's EVP API alone
+// - Signatures are verified by tests/testing/independent_jws.h, written on OpenSSL's EVP API alone
 //   (public JWK → EVP_PKEY via OSSL_PARAM, JOSE r||s → DER, EVP_DigestVerify, its own base64url
 //   and RFC 7638 thumbprint), never by custody's jose/ code: the code under test does not judge
 //   itself.
@@ -41,9 +41,9 @@
 #include "openssl/params.h"
 #include "openssl/pem.h"
 #include "rotation/testing/postgres_cluster.h"
-#include "tests/harness.h"
-#include "tests/independent_jws.h"
-#include "tests/rpc_helpers.h"
+#include "tests/testing/harness.h"
+#include "tests/testing/independent_jws.h"
+#include "tests/testing/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {

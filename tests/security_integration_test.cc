@@ -17,9 +17,9 @@
 #include "absl/strings/str_cat.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
-#include "tests/harness.h"
-#include "tests/independent_jws.h"
-#include "tests/rpc_helpers.h"
+#include "tests/testing/harness.h"
+#include "tests/testing/independent_jws.h"
+#include "tests/testing/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {

@@ -7,8 +7,8 @@
 
 #include "gtest/gtest.h"
 #include "openssl/evp.h"
-#include "tests/harness.h"
-#include "tests/rpc_helpers.h"
+#include "tests/testing/harness.h"
+#include "tests/testing/rpc_helpers.h"
 
 namespace custody::testing {
 namespace {

@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "tests/harness.h"
+#include "tests/testing/harness.h"
 
 namespace custody::testing {
 namespace {

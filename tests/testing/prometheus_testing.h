@@ -1,8 +1,8 @@
 // Test-only: a real Prometheus (Debian's /usr/bin/prometheus) on loopback, scraping custodyd's
 // /metrics and evaluating deploy/prometheus/alerts.yml, and the HTTP calls to ask it PromQL
 // questions. Shared by prometheus_integration_test and replica_integration_test.
-#ifndef CUSTODY_TESTS_PROMETHEUS_TESTING_H_
-#define CUSTODY_TESTS_PROMETHEUS_TESTING_H_
+#ifndef CUSTODY_TESTS_TESTING_PROMETHEUS_TESTING_H_
+#define CUSTODY_TESTS_TESTING_PROMETHEUS_TESTING_H_
 
 #include <chrono>
 #include <memory>
@@ -54,4 +54,4 @@ class Prometheus {
 
 }  // namespace custody::testing
 
-#endif  // CUSTODY_TESTS_PROMETHEUS_TESTING_H_
+#endif  // CUSTODY_TESTS_TESTING_PROMETHEUS_TESTING_H_

@@ -1,4 +1,4 @@
-#include "pkcs11/softhsm_testing.h"
+#include "pkcs11/testing/softhsm_testing.h"
 
 #include <stdlib.h>
 

@@ -1,9 +1,9 @@
-// The custody RPCs as integration tests call them on a running custodyd (tests/harness.h): one
-// function a call, each with a deadline, so that a call that hangs fails its test instead of
+// The custody RPCs as integration tests call them on a running custodyd (tests/testing/harness.h):
+// one function a call, each with a deadline, so that a call that hangs fails its test instead of
 // hanging it. The forms that return the reply instead of a status also record a test failure
 // (naming the call) when the call fails.
-#ifndef CUSTODY_TESTS_RPC_HELPERS_H_
-#define CUSTODY_TESTS_RPC_HELPERS_H_
+#ifndef CUSTODY_TESTS_TESTING_RPC_HELPERS_H_
+#define CUSTODY_TESTS_TESTING_RPC_HELPERS_H_
 
 #include <chrono>
 #include <cstdint>
@@ -12,7 +12,7 @@
 
 #include "custody/v1/custody.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
-#include "tests/harness.h"
+#include "tests/testing/harness.h"
 
 namespace custody::testing {
 
@@ -70,4 +70,4 @@ std::string Jwks(Custodyd& d, const std::vector<std::string>& rings = {});
 
 }  // namespace custody::testing
 
-#endif  // CUSTODY_TESTS_RPC_HELPERS_H_
+#endif  // CUSTODY_TESTS_TESTING_RPC_HELPERS_H_

@@ -1,4 +1,4 @@
-#include "tests/prometheus_testing.h"
+#include "tests/testing/prometheus_testing.h"
 
 #include <fcntl.h>
 #include <signal.h>
@@ -11,7 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "curl/curl.h"
 #include "jose/json.h"
-#include "tests/harness.h"
+#include "tests/testing/harness.h"
 
 extern char** environ;
 

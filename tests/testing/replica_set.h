@@ -2,15 +2,15 @@
 // cluster (rotation/testing/postgres_cluster.h) and one SoftHSM2 token, as docs/replicas.md
 // deploys them: replica 0 bootstraps the embedded token, the others load the same module on the
 // same token directory (SOFTHSM2_CONF) with the same PIN file.
-#ifndef CUSTODY_TESTS_REPLICA_SET_H_
-#define CUSTODY_TESTS_REPLICA_SET_H_
+#ifndef CUSTODY_TESTS_TESTING_REPLICA_SET_H_
+#define CUSTODY_TESTS_TESTING_REPLICA_SET_H_
 
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "rotation/testing/postgres_cluster.h"
-#include "tests/harness.h"
+#include "tests/testing/harness.h"
 
 namespace custody::testing {
 
@@ -45,4 +45,4 @@ class ReplicaSet {
 
 }  // namespace custody::testing
 
-#endif  // CUSTODY_TESTS_REPLICA_SET_H_
+#endif  // CUSTODY_TESTS_TESTING_REPLICA_SET_H_

@@ -1,7 +1,7 @@
 // Test harness: runs the real custodyd binary on a temporary state directory and talks to it
 // over real gRPC; runs independent tools (OpenSSL CLI, python3-jwcrypto, pkcs11-tool).
-#ifndef CUSTODY_TESTS_HARNESS_H_
-#define CUSTODY_TESTS_HARNESS_H_
+#ifndef CUSTODY_TESTS_TESTING_HARNESS_H_
+#define CUSTODY_TESTS_TESTING_HARNESS_H_
 
 #include <sys/types.h>
 
@@ -109,4 +109,4 @@ std::string VerifyWithOpenSsl(const std::string& jwks, const std::string& jws);
 
 }  // namespace custody::testing
 
-#endif  // CUSTODY_TESTS_HARNESS_H_
+#endif  // CUSTODY_TESTS_TESTING_HARNESS_H_

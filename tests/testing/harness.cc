@@ -1,4 +1,4 @@
-#include "tests/harness.h"
+#include "tests/testing/harness.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>

@@ -1,4 +1,4 @@
-#include "tests/independent_jws.h"
+#include "tests/testing/independent_jws.h"
 
 #include <cstdlib>
 

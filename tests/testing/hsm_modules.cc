@@ -1,4 +1,4 @@
-#include "tests/hsm_modules.h"
+#include "tests/testing/hsm_modules.h"
 
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -19,7 +19,7 @@
 #include "absl/strings/str_join.h"
 #include "p11-kit/pkcs11.h"
 #include "pkcs11/token.h"
-#include "tests/harness.h"
+#include "tests/testing/harness.h"
 
 namespace custody::testing {
 namespace {

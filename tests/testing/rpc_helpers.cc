@@ -1,5 +1,5 @@
 // The custody RPCs as integration tests call them (rpc_helpers.h).
-#include "tests/rpc_helpers.h"
+#include "tests/testing/rpc_helpers.h"
 
 #include "gtest/gtest.h"
 

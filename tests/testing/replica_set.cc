@@ -1,4 +1,4 @@
-#include "tests/replica_set.h"
+#include "tests/testing/replica_set.h"
 
 #include <unistd.h>
 

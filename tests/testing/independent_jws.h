@@ -1,8 +1,8 @@
 // An ES256/PS256 JWS verifier written directly on OpenSSL's EVP API for the integration tests:
 // independent of jose/ (the code under test) except for its JSON parser. Kids must be the keys'
 // RFC 7638 thumbprints, the contract for keys custody generates.
-#ifndef CUSTODY_TESTS_INDEPENDENT_JWS_H_
-#define CUSTODY_TESTS_INDEPENDENT_JWS_H_
+#ifndef CUSTODY_TESTS_TESTING_INDEPENDENT_JWS_H_
+#define CUSTODY_TESTS_TESTING_INDEPENDENT_JWS_H_
 
 #include <map>
 #include <memory>
@@ -54,4 +54,4 @@ std::string VerifyJws(const JwsKeys& keys, const std::string& jws, std::string* 
 
 }  // namespace custody::testing
 
-#endif  // CUSTODY_TESTS_INDEPENDENT_JWS_H_
+#endif  // CUSTODY_TESTS_TESTING_INDEPENDENT_JWS_H_

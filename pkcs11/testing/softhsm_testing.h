@@ -2,8 +2,8 @@
 //
 // SoftHSM2 reads SOFTHSM2_CONF at C_Initialize, so Create must run before the first
 // Token::Open / Token::InitializeToken of the process, and one process gets one configuration.
-#ifndef CUSTODY_PKCS11_SOFTHSM_TESTING_H_
-#define CUSTODY_PKCS11_SOFTHSM_TESTING_H_
+#ifndef CUSTODY_PKCS11_TESTING_SOFTHSM_TESTING_H_
+#define CUSTODY_PKCS11_TESTING_SOFTHSM_TESTING_H_
 
 #include <memory>
 #include <string>
@@ -36,4 +36,4 @@ class TemporarySoftHsm {
 
 }  // namespace custody::pkcs11
 
-#endif  // CUSTODY_PKCS11_SOFTHSM_TESTING_H_
+#endif  // CUSTODY_PKCS11_TESTING_SOFTHSM_TESTING_H_

@@ -10,8 +10,8 @@
 // (SOFTHSM2_CONF, TPM2_PKCS11_*, D-Bus address, P11_KIT_SERVER_ADDRESS) is in env() for custodyd,
 // and is set in this process too so that the test can load the module itself (to read key
 // attributes back).
-#ifndef CUSTODY_TESTS_HSM_MODULES_H_
-#define CUSTODY_TESTS_HSM_MODULES_H_
+#ifndef CUSTODY_TESTS_TESTING_HSM_MODULES_H_
+#define CUSTODY_TESTS_TESTING_HSM_MODULES_H_
 
 #include <sys/types.h>
 
@@ -93,4 +93,4 @@ std::string PublicKeyUsages(const HsmModule& hsm, std::map<std::string, std::str
 
 }  // namespace custody::testing
 
-#endif  // CUSTODY_TESTS_HSM_MODULES_H_
+#endif  // CUSTODY_TESTS_TESTING_HSM_MODULES_H_

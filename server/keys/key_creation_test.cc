@@ -23,11 +23,10 @@ class VersionCreationTest : public KeyServiceFixture {
  protected:
   // The versions the database holds for `ring`, read past any KeyService.
   std::vector<rotation::VersionRecord> StoredVersions(const std::string& ring) {
-    auto store = rotation::OpenSqliteMetadataStore(dir_ + "/metadata.db");
-    EXPECT_TRUE(store.ok()) << store.status();
     std::vector<rotation::VersionRecord> out;
-    if (!store.ok()) return out;
-    auto versions = (*store)->LoadVersions();
+    rotation::MetadataStore* store = OpenStore(/*shared=*/false);
+    if (store == nullptr) return out;
+    auto versions = store->LoadVersions();
     EXPECT_TRUE(versions.ok()) << versions.status();
     if (!versions.ok()) return out;
     for (rotation::VersionRecord& v : *versions) {
@@ -41,9 +40,9 @@ class VersionCreationTest : public KeyServiceFixture {
     rotation::VersionRecord intent =
         rotation::testing::Version(ring, 3, absl::BytesToHexString("crashed-v3"));
     intent.create_time = clock_.NowMs();
-    auto store = rotation::OpenSqliteMetadataStore(dir_ + "/metadata.db");
-    ASSERT_THAT(store.status(), IsOk());
-    ASSERT_THAT((*store)->InsertVersion(intent), IsOk());
+    rotation::MetadataStore* store = OpenStore(/*shared=*/false);
+    ASSERT_NE(store, nullptr);
+    ASSERT_THAT(store->InsertVersion(intent), IsOk());
     if (with_key) {
       ASSERT_THAT(token_
                       .GenerateKeyPair({pkcs11::KeyType::kEcP256, 0}, "crashed-v3",
@@ -53,20 +52,19 @@ class VersionCreationTest : public KeyServiceFixture {
     }
   }
   // Ring "as" made by one KeyService, which then stops as a crash would stop it after the
-  // durable intent of version 3 (LeaveIntent); the clock moves on by
-  // clock_advance_before_restart_ and a new KeyService starts over the same store and token.
-  absl::StatusOr<KeyService*> CrashAfterIntentAndRestart(const KeyService::Options& options,
-                                                         bool with_key) {
+  // durable intent of version 3 (LeaveIntent); the clock moves on by `later` and a new
+  // KeyService starts over the same store and token.
+  absl::StatusOr<KeyService*> CrashAfterIntentAndRestart(
+      const KeyService::Options& options, bool with_key,
+      absl::Duration later = absl::ZeroDuration()) {
     auto first = Start(options);
     if (!first.ok()) return first.status();
     if (auto ring = CreateRing(**first, "as", DailyPolicy()); !ring.ok()) return ring.status();
     Stop();
     LeaveIntent("as", with_key);
-    clock_.Advance(clock_advance_before_restart_);
+    clock_.Advance(later);
     return Start(options);
   }
-
-  absl::Duration clock_advance_before_restart_ = absl::ZeroDuration();
 };
 
 TEST_F(VersionCreationTest, ATokenThatCannotGenerateLeavesNoIntentNoKeyAndTheNameFree) {
@@ -100,8 +98,7 @@ TEST_F(VersionCreationTest, AnIntentWhoseKeyExistsIsCompletedAtTheNextStart) {
   auto service = CrashAfterIntentAndRestart(Options(), /*with_key=*/true);
   ASSERT_THAT(service.status(), IsOk());
   EXPECT_EQ(StateOf(**service, "as", 3), v1::PENDING);  // ACTIVE exists: published, not signing
-  const v1::KeyRing ring = Ring(**service, "as");
-  EXPECT_FALSE(Version(ring, 3)->kid().empty());
+  EXPECT_FALSE(VersionOf(**service, "as", 3).kid().empty());
   EXPECT_TRUE(token_.Holds("crashed-v3"));
 }
 
@@ -116,8 +113,9 @@ TEST_F(VersionCreationTest, AnIntentWithoutItsKeyIsRolledBackAtTheNextStart) {
 TEST_F(VersionCreationTest, OnASharedStoreAYoungIntentIsLeftToTheReplicaMakingIt) {
   KeyService::Options shared = Options();
   shared.shared_store = true;
-  clock_advance_before_restart_ = absl::Minutes(9);  // another replica is generating it now
-  ASSERT_THAT(CrashAfterIntentAndRestart(shared, /*with_key=*/false).status(), IsOk());
+  // Nine minutes after the intent: another replica may be generating that key right now.
+  ASSERT_THAT(CrashAfterIntentAndRestart(shared, /*with_key=*/false, absl::Minutes(9)).status(),
+              IsOk());
   EXPECT_EQ(StoredVersions("as").size(), 3u);  // left alone
   Stop();
 

@@ -47,7 +47,7 @@ TEST_F(ReplicaFollowerTest, ARingAndItsRotationReachTheOtherReplicaAtItsNextRead
   EXPECT_GT(b_->JwksGeneration(), generation);          // watchers are woken
   auto jwks = b_->GetJwks({"as"});
   ASSERT_THAT(jwks.status(), IsOk());
-  EXPECT_THAT(*jwks->json, HasSubstr(Ring(*a_, "as").versions(0).kid()));
+  EXPECT_THAT(*jwks->json, HasSubstr(VersionOf(*a_, "as", 1).kid()));
 
   v1::RotateKeyRingRequest rotate;
   rotate.set_ring("as");

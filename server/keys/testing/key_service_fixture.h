@@ -161,23 +161,23 @@ class KeyServiceFixture : public ::testing::Test {
     EXPECT_TRUE(ring.ok()) << ring.status();
     return ring.ok() ? *ring : v1::KeyRing();
   }
-  static const v1::KeyVersion* Version(const v1::KeyRing& ring, uint32_t version) {
-    for (const v1::KeyVersion& v : ring.versions()) {
-      if (v.version() == version) return &v;
+  // Version `version` of `ring` as the service reports it; an empty KeyVersion (number 0, state
+  // KEY_VERSION_STATE_UNSPECIFIED, no ids) when there is none.
+  static v1::KeyVersion VersionOf(const KeyService& service, const std::string& ring,
+                                  uint32_t version) {
+    const v1::KeyRing r = Ring(service, ring);  // kept: the loop reads its versions
+    for (const v1::KeyVersion& v : r.versions()) {
+      if (v.version() == version) return v;
     }
-    return nullptr;
+    return v1::KeyVersion();
   }
   static v1::KeyVersionState StateOf(const KeyService& service, const std::string& ring,
                                      uint32_t version) {
-    const v1::KeyRing r = Ring(service, ring);
-    const v1::KeyVersion* v = Version(r, version);
-    return v == nullptr ? v1::KEY_VERSION_STATE_UNSPECIFIED : v->state();
+    return VersionOf(service, ring, version).state();
   }
   static std::string ObjectIdOf(const KeyService& service, const std::string& ring,
                                 uint32_t version) {
-    const v1::KeyRing r = Ring(service, ring);
-    const v1::KeyVersion* v = Version(r, version);
-    return v == nullptr ? "" : v->token_object_id();
+    return VersionOf(service, ring, version).token_object_id();
   }
   // Signs with the ring's ACTIVE version and verifies the JWS against the public JWK the
   // service publishes for it; the version that signed.
@@ -188,10 +188,9 @@ class KeyServiceFixture : public ::testing::Test {
     request.set_payload("{\"sub\":\"unit\"}");
     auto signed_jws = service.SignJws(request);
     if (!signed_jws.ok()) return signed_jws.status();
-    const v1::KeyRing r = Ring(service, ring);
-    const v1::KeyVersion* v = Version(r, signed_jws->version());
-    if (v == nullptr) return absl::InternalError("the signing version is not in the ring");
-    auto jwk = jose::ParseJson(v->public_jwk());
+    const v1::KeyVersion v = VersionOf(service, ring, signed_jws->version());
+    if (v.version() == 0) return absl::InternalError("the signing version is not in the ring");
+    auto jwk = jose::ParseJson(v.public_jwk());
     if (!jwk.ok()) return jwk.status();
     auto key = jose::PkeyFromPublicJwk(*jwk);
     if (!key.ok()) return key.status();

@@ -1,8 +1,9 @@
 #include "server/keys/testing/software_key_operations.h"
 
-#include <algorithm>
+#include <iterator>
 
 #include "absl/strings/str_cat.h"
+#include "jose/curves.h"
 #include "jose/jws.h"
 #include "openssl/core_names.h"
 #include "openssl/rsa.h"
@@ -21,61 +22,46 @@ absl::Status OpensslFailed(std::string_view what) {
       absl::StrCat("software key operations: ", std::string(what), " failed"));
 }
 
+// The EC key types, in the order of jose's one table of curves (P-256, P-384, P-521).
+constexpr KeyType kEcTypes[] = {KeyType::kEcP256, KeyType::kEcP384, KeyType::kEcP521};
+
+// The curve of an EC key type; null for the others.
+const jose::EcCurve* CurveOf(KeyType type) {
+  for (size_t i = 0; i < std::size(kEcTypes); ++i) {
+    if (kEcTypes[i] == type) return &jose::EcCurves()[i];
+  }
+  return nullptr;
+}
+
 absl::StatusOr<EvpPkeyPtr> GenerateKey(const KeySpec& spec) {
   EVP_PKEY* key = nullptr;
-  switch (spec.type) {
-    case KeyType::kEcP256:
-      key = EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256");
-      break;
-    case KeyType::kEcP384:
-      key = EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-384");
-      break;
-    case KeyType::kEcP521:
-      key = EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-521");
-      break;
-    case KeyType::kEd25519:
-      key = EVP_PKEY_Q_keygen(nullptr, nullptr, "ED25519");
-      break;
-    case KeyType::kRsa:
-      if (spec.rsa_bits != 2048 && spec.rsa_bits != 3072 && spec.rsa_bits != 4096) {
-        return absl::InvalidArgumentError(absl::StrCat("RSA-", spec.rsa_bits, " is not offered"));
-      }
-      key = EVP_PKEY_Q_keygen(nullptr, nullptr, "RSA", static_cast<size_t>(spec.rsa_bits));
-      break;
+  if (const jose::EcCurve* curve = CurveOf(spec.type); curve != nullptr) {
+    key = EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", curve->openssl_name.data());
+  } else if (spec.type == KeyType::kEd25519) {
+    key = EVP_PKEY_Q_keygen(nullptr, nullptr, "ED25519");
+  } else if (spec.rsa_bits == 2048 || spec.rsa_bits == 3072 || spec.rsa_bits == 4096) {
+    key = EVP_PKEY_Q_keygen(nullptr, nullptr, "RSA", static_cast<size_t>(spec.rsa_bits));
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("RSA-", spec.rsa_bits, " is not offered"));
   }
   if (key == nullptr) return OpensslFailed("key generation");
   return EvpPkeyPtr(key);
 }
 
 absl::StatusOr<KeySpec> SpecOf(const EVP_PKEY* key) {
-  switch (EVP_PKEY_get_base_id(key)) {
-    case EVP_PKEY_ED25519:
-      return KeySpec{.type = KeyType::kEd25519};
-    case EVP_PKEY_RSA:
-      return KeySpec{.type = KeyType::kRsa, .rsa_bits = EVP_PKEY_get_bits(key)};
-    case EVP_PKEY_EC:
-      switch (EVP_PKEY_get_bits(key)) {
-        case 256:
-          return KeySpec{.type = KeyType::kEcP256};
-        case 384:
-          return KeySpec{.type = KeyType::kEcP384};
-        case 521:
-          return KeySpec{.type = KeyType::kEcP521};
-      }
-      break;
+  if (EVP_PKEY_is_a(key, "ED25519")) return KeySpec{.type = KeyType::kEd25519};
+  if (EVP_PKEY_is_a(key, "RSA")) {
+    return KeySpec{.type = KeyType::kRsa, .rsa_bits = EVP_PKEY_get_bits(key)};
+  }
+  char group[64] = {};
+  if (EVP_PKEY_is_a(key, "EC") &&
+      EVP_PKEY_get_utf8_string_param(key, OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof(group),
+                                     nullptr) == 1) {
+    for (KeyType type : kEcTypes) {
+      if (CurveOf(type) == jose::CurveByOpensslName(group)) return KeySpec{.type = type};
+    }
   }
   return absl::InvalidArgumentError("unsupported key type");
-}
-
-size_t FieldBytes(KeyType type) {
-  switch (type) {
-    case KeyType::kEcP384:
-      return 48;
-    case KeyType::kEcP521:
-      return 66;
-    default:
-      return 32;
-  }
 }
 
 const EVP_MD* PssDigest(SignScheme scheme) {
@@ -160,11 +146,6 @@ void SoftwareKeyOperations::FailDestruction(absl::Status status, int count) {
   destruction_failures_left_ = count;
 }
 
-void SoftwareKeyOperations::RemoveBehindCustodysBack(std::string_view id) {
-  absl::MutexLock lock(&mu_);
-  if (auto it = keys_.find(id); it != keys_.end()) keys_.erase(it);
-}
-
 std::vector<std::string> SoftwareKeyOperations::Ids() const {
   absl::MutexLock lock(&mu_);
   std::vector<std::string> ids;
@@ -175,16 +156,6 @@ std::vector<std::string> SoftwareKeyOperations::Ids() const {
 bool SoftwareKeyOperations::Holds(std::string_view id) const {
   absl::MutexLock lock(&mu_);
   return Find(id) != nullptr;
-}
-
-int SoftwareKeyOperations::generations() const {
-  absl::MutexLock lock(&mu_);
-  return generations_;
-}
-
-int SoftwareKeyOperations::destructions() const {
-  absl::MutexLock lock(&mu_);
-  return destructions_;
 }
 
 bool SoftwareKeyOperations::HasMechanism(std::string_view mechanism_name) const {
@@ -205,13 +176,12 @@ absl::StatusOr<std::shared_ptr<pkcs11::KeyPair>> SoftwareKeyOperations::Add(
     EvpPkeyPtr key, const KeySpec& spec, std::string_view id, std::string_view label) {
   if (id.empty()) return absl::InvalidArgumentError("empty CKA_ID");
   if (Find(id) != nullptr) {
-    return absl::AlreadyExistsError(absl::StrCat("a key pair with this CKA_ID exists"));
+    return absl::AlreadyExistsError("a key pair with this CKA_ID exists");
   }
   if (generation_failures_left_ > 0) {
     --generation_failures_left_;
     return generation_failure_;
   }
-  ++generations_;
   keys_[std::string(id)] = Held{std::move(key), spec, std::string(label)};
   auto pair = std::make_shared<pkcs11::KeyPair>();
   pair->id = std::string(id);
@@ -276,10 +246,7 @@ absl::Status SoftwareKeyOperations::DestroyKeyPair(std::string_view id) {
     --destruction_failures_left_;
     return destruction_failure_;
   }
-  if (auto it = keys_.find(id); it != keys_.end()) {
-    keys_.erase(it);
-    ++destructions_;
-  }
+  if (auto it = keys_.find(id); it != keys_.end()) keys_.erase(it);
   return absl::OkStatus();
 }
 
@@ -302,7 +269,7 @@ absl::StatusOr<std::string> SoftwareKeyOperations::Sign(const pkcs11::KeyPair& k
   absl::MutexLock lock(&mu_);
   const Held* held = Find(key.id);
   if (held == nullptr) return absl::UnavailableError("the key's object is gone");
-  const bool ec = held->spec.type != KeyType::kRsa && held->spec.type != KeyType::kEd25519;
+  const bool ec = CurveOf(held->spec.type) != nullptr;
   if ((scheme == SignScheme::kEddsa) != (held->spec.type == KeyType::kEd25519) ||
       (scheme == SignScheme::kEcdsa) != ec) {
     return absl::InvalidArgumentError("the scheme does not fit the key type");
@@ -310,7 +277,7 @@ absl::StatusOr<std::string> SoftwareKeyOperations::Sign(const pkcs11::KeyPair& k
   if (scheme == SignScheme::kEddsa) return SignMessage(held->key.get(), input);
   absl::StatusOr<std::string> signature = SignDigest(held->key.get(), scheme, input);
   if (!signature.ok() || scheme != SignScheme::kEcdsa) return signature;
-  return jose::EcdsaDerToRaw(*signature, FieldBytes(held->spec.type));
+  return jose::EcdsaDerToRaw(*signature, CurveOf(held->spec.type)->field_bytes);
 }
 
 absl::StatusOr<Secret> SoftwareKeyOperations::DecryptRsaOaep(const pkcs11::KeyPair&,

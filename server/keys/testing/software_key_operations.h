@@ -34,13 +34,9 @@ class SoftwareKeyOperations final : public pkcs11::KeyOperations {
   void FailGeneration(absl::Status status, int count = 1);
   // The next `count` destructions fail with `status` and leave the key in place.
   void FailDestruction(absl::Status status, int count = 1);
-  // Removes a key as if someone deleted it from the token behind custody's back.
-  void RemoveBehindCustodysBack(std::string_view id);
   // The CKA_IDs of the key pairs held now, sorted.
   std::vector<std::string> Ids() const;
   bool Holds(std::string_view id) const;
-  int generations() const;
-  int destructions() const;
 
   const pkcs11::TokenInfo& info() const override { return info_; }
   bool HasMechanism(std::string_view mechanism_name) const override;
@@ -90,8 +86,6 @@ class SoftwareKeyOperations final : public pkcs11::KeyOperations {
   int generation_failures_left_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Status destruction_failure_ ABSL_GUARDED_BY(mu_);
   int destruction_failures_left_ ABSL_GUARDED_BY(mu_) = 0;
-  int generations_ ABSL_GUARDED_BY(mu_) = 0;
-  int destructions_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace custody::server::testing

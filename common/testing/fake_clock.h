@@ -16,10 +16,18 @@ class FakeClock final : public Clock {
   // on the day the test runs.
   explicit FakeClock(int64_t start_ms = 1767225600000) : now_ms_(start_ms) {}
   int64_t NowMs() const override { return now_ms_.load(); }
-  void Advance(absl::Duration d) { now_ms_ += absl::ToInt64Milliseconds(d); }
+  int64_t MonotonicMs() const override { return monotonic_ms_.load(); }
+  // Time passes: both clocks move.
+  void Advance(absl::Duration d) {
+    now_ms_ += absl::ToInt64Milliseconds(d);
+    monotonic_ms_ += absl::ToInt64Milliseconds(d);
+  }
+  // The wall clock is stepped (by an operator, NTP, a resumed VM); no time passes.
+  void StepWall(absl::Duration d) { now_ms_ += absl::ToInt64Milliseconds(d); }
 
  private:
   std::atomic<int64_t> now_ms_;
+  std::atomic<int64_t> monotonic_ms_{1000};
 };
 
 }  // namespace custody::testing

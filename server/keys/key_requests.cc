@@ -95,7 +95,7 @@ absl::StatusOr<v1::SignJwsResponse> KeyService::SignJws(const v1::SignJwsRequest
   if (!input.ok()) return input.status();
   auto signature = token_->Sign(*version->key, ring.profile.scheme, *input);
   if (!signature.ok()) return signature.status();
-  version->NoteSignature(NowMs());
+  version->NoteSignature(*options_.clock);
 
   v1::SignJwsResponse out;
   out.set_jws(jose::AssembleCompactJws(signing_input, *signature));
@@ -131,7 +131,7 @@ absl::StatusOr<v1::SignResponse> KeyService::Sign(const v1::SignRequest& request
   if (!plan.ok()) return plan.status();
   auto signature = token_->Sign(*version->key, plan->scheme, plan->token_input);
   if (!signature.ok()) return signature.status();
-  version->NoteSignature(NowMs());
+  version->NoteSignature(*options_.clock);
   if (plan->der) {
     signature = EcdsaJoseToDer(*signature);
     if (!signature.ok()) return signature.status();

@@ -26,10 +26,15 @@ constexpr int64_t kAwaitingCertificateRecheckMs = 60 * 1000;
 
 }  // namespace
 
-void KeyService::Version::NoteSignature(int64_t now) const {
-  if (last_signed_ms->load(std::memory_order_relaxed) < now) {
-    last_signed_ms->store(now, std::memory_order_relaxed);
-  }
+void KeyService::Version::NoteSignature(const Clock& clock) const {
+  // Each moves only forward, whichever of several concurrent signers stores last.
+  auto raise = [](std::atomic<int64_t>& at, int64_t now) {
+    int64_t seen = at.load(std::memory_order_relaxed);
+    while (seen < now && !at.compare_exchange_weak(seen, now, std::memory_order_relaxed)) {
+    }
+  };
+  raise(last_signed->wall_ms, clock.NowMs());
+  raise(last_signed->monotonic_ms, clock.MonotonicMs());
 }
 
 std::vector<VersionRecord> KeyService::PlanningRecords(const Ring& ring) const {
@@ -39,13 +44,22 @@ std::vector<VersionRecord> KeyService::PlanningRecords(const Ring& ring) const {
   // retire_time). Every replica is assumed to run with the same --max_metadata_staleness.
   const int64_t other_replicas_ms =
       options_.shared_store ? absl::ToInt64Milliseconds(options_.max_staleness) : 0;
+  const int64_t now = NowMs();
+  const int64_t monotonic_now = options_.clock->MonotonicMs();
   std::vector<VersionRecord> records;
   for (const Version& v : ring.versions) {
     if (v.tag_mismatch) continue;  // nothing is planned for a version custody cannot trust
     records.push_back(v.record);
     if (v.record.state == VersionState::kRetired) {
-      records.back().retire_time = std::max(v.record.retire_time + other_replicas_ms,
-                                            v.last_signed_ms->load(std::memory_order_relaxed));
+      // This process's last signature, by the wall clock when it was made and by the wall clock
+      // now less the monotonic time since: a wall clock stepped forward in between moves the
+      // second later, so retention is never shorter than `retain` of real time.
+      int64_t last_signed = v.last_signed->wall_ms.load(std::memory_order_relaxed);
+      const int64_t signed_monotonic = v.last_signed->monotonic_ms.load(std::memory_order_relaxed);
+      if (signed_monotonic != 0) {
+        last_signed = std::max(last_signed, now - (monotonic_now - signed_monotonic));
+      }
+      records.back().retire_time = std::max(v.record.retire_time + other_replicas_ms, last_signed);
     }
   }
   return records;

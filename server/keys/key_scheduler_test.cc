@@ -86,6 +86,26 @@ TEST_F(LifecycleSchedulerTest, RetiredKeyStaysUsableForRetainAndIsDestroyedOnlyA
   EXPECT_GE(SignAndVerify(*service_, "as").value_or(0), 2u);
 }
 
+TEST_F(LifecycleSchedulerTest, RetentionAfterTheLastSignatureIsRealTimeWhenTheWallClockJumps) {
+  At(kDay - absl::Minutes(1));
+  ASSERT_EQ(SignAndVerify(*service_, "as").value_or(0), 1u);  // version 1's last signature
+  At(absl::Minutes(2));                                       // rotation: version 1 retires
+  ASSERT_EQ(StateOf(*service_, "as", 1), v1::RETIRED);
+
+  // The wall clock is stepped an hour forward (NTP, a resumed VM) without an hour passing. Two
+  // hours of wall time after the retirement, but not two hours after the last signature:
+  // tokens it made may still be checked, so the key stays published.
+  clock_.StepWall(kHour);
+  At(kHour + absl::Minutes(5));  // 2 h 5 min by the wall clock, 1 h 7 min of real time
+  EXPECT_EQ(StateOf(*service_, "as", 1), v1::RETIRED);
+  At(absl::Minutes(50));  // 1 h 57 min of real time
+  EXPECT_EQ(StateOf(*service_, "as", 1), v1::RETIRED);
+
+  // Two hours of real time after the last signature: retain is over.
+  At(absl::Minutes(5));
+  EXPECT_EQ(StateOf(*service_, "as", 1), v1::DESTROY_SCHEDULED);
+}
+
 TEST_F(LifecycleSchedulerTest, AFailedDestructionIsRetriedAndTheStateSaysSoMeanwhile) {
   const std::string v1_object = absl::HexStringToBytes(ObjectIdOf(*service_, "as", 1));
   At(kDay + absl::Minutes(1));

@@ -64,6 +64,7 @@ void KeyService::StopScheduler() {
 
 absl::Status KeyService::Load() {
   const int64_t loaded_from_ms = NowMs();  // staleness counts from the read's start
+  const int64_t loaded_from_monotonic_ms = options_.clock->MonotonicMs();
   auto ring_records = store_->LoadRings();
   if (!ring_records.ok()) return ring_records.status();
   auto version_records = store_->LoadVersions();
@@ -230,6 +231,7 @@ absl::Status KeyService::Load() {
   }
 
   last_synced_ms_.store(loaded_from_ms);
+  last_synced_monotonic_ms_.store(loaded_from_monotonic_ms);
   absl::MutexLock lock(&mu_);
   for (auto& [name, ring] : rings) {
     if (ring.versions.empty()) continue;  // rolled back entirely

@@ -179,14 +179,19 @@ class KeyService {
     // The record's tag does not verify (rotation/record_tag.h): out of service (key null), and
     // never changed by custody (not planned, not destroyed) until the row is restored.
     bool tag_mismatch = false;
-    // Unix ms of this process's latest signature with the version, shared by every snapshot's
-    // copy. A call that took the ACTIVE version before a rotation was published signs after the
+    // This process's latest signature with the version, shared by every snapshot's copy. A
+    // call that took the ACTIVE version before a rotation was published signs after the
     // recorded retire_time (by the commit's fsync and the call's own time); retention runs from
-    // whichever is later (PlanningRecords). In memory only: after a restart no such call exists.
-    std::shared_ptr<std::atomic<int64_t>> last_signed_ms =
-        std::make_shared<std::atomic<int64_t>>(0);
+    // whichever is later (PlanningRecords). The monotonic time keeps that interval whole when
+    // the wall clock is stepped forward meanwhile. In memory only: after a restart no such call
+    // exists.
+    struct LastSignature {
+      std::atomic<int64_t> wall_ms{0};
+      std::atomic<int64_t> monotonic_ms{0};
+    };
+    std::shared_ptr<LastSignature> last_signed = std::make_shared<LastSignature>();
 
-    void NoteSignature(int64_t now_ms) const;
+    void NoteSignature(const Clock& clock) const;
   };
   struct Ring {
     rotation::RingRecord record;
@@ -274,7 +279,7 @@ class KeyService {
   absl::StatusOr<v1::RotateKeyRingResponse> RotateLocked(const std::string& name, bool force)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
   // The ring's records as the planner must see them: a RETIRED version's retire_time moved up to
-  // its last signature in this process when that came later (Version::last_signed_ms), and, with
+  // its last signature in this process when that came later (Version::last_signed), and, with
   // a shared store, to at least retire_time + max_staleness: another replica that has not yet
   // learned of the retirement may sign with the version until then (server/keys/replica_sync.cc).
   std::vector<rotation::VersionRecord> PlanningRecords(const Ring& ring) const;
@@ -337,8 +342,10 @@ class KeyService {
   mutable uint64_t jwks_cache_generation_ ABSL_GUARDED_BY(jwks_cache_mu_) = 0;
   mutable std::map<std::string, CachedJwks> jwks_cache_ ABSL_GUARDED_BY(jwks_cache_mu_);
 
-  // Unix ms of the last successful re-read of a shared store (or of the startup load).
+  // The start of the last successful re-read of a shared store (or of the startup load): Unix ms
+  // for the status, monotonic ms for the staleness bound (CheckMetadataFresh).
   std::atomic<int64_t> last_synced_ms_{0};
+  std::atomic<int64_t> last_synced_monotonic_ms_{0};
   std::atomic<uint64_t> rings_refreshed_{0};
 
   // The two threads (started by Create as the options say), last: they call into the members

@@ -33,7 +33,8 @@ absl::Status KeyService::Refresh() {
 
 absl::Status KeyService::CheckMetadataFresh() const {
   if (!options_.shared_store) return absl::OkStatus();
-  const int64_t stale_ms = NowMs() - last_synced_ms_.load();
+  // On the monotonic clock: a wall clock stepped back must not stretch the bound.
+  const int64_t stale_ms = options_.clock->MonotonicMs() - last_synced_monotonic_ms_.load();
   if (stale_ms <= absl::ToInt64Milliseconds(options_.max_staleness)) return absl::OkStatus();
   return absl::UnavailableError(
       absl::StrCat("metadata unreachable for ", stale_ms / 1000,
@@ -75,6 +76,7 @@ absl::Status KeyService::RefreshLocked() {
   // (not from the end of the read): the bound other replicas' retention relies on
   // (PlanningRecords).
   const int64_t read_start_ms = NowMs();
+  const int64_t read_start_monotonic_ms = options_.clock->MonotonicMs();
   auto ring_records = store_->LoadRings();
   if (!ring_records.ok()) return ring_records.status();
   auto version_records = store_->LoadVersions();
@@ -152,7 +154,7 @@ absl::Status KeyService::RefreshLocked() {
         }
         if (known != nullptr) {
           version.key = known->key;
-          version.last_signed_ms = known->last_signed_ms;  // this process's signatures
+          version.last_signed = known->last_signed;  // this process's signatures
         }
         // A key already vouched for with the same public key and kid is not read again; a
         // changed row, or a version new to this replica, is checked against the token.
@@ -217,6 +219,7 @@ absl::Status KeyService::RefreshLocked() {
     }
   }
   last_synced_ms_.store(read_start_ms);
+  last_synced_monotonic_ms_.store(read_start_monotonic_ms);
   if (changed) scheduler_.Poke();  // due times may have moved
   return absl::OkStatus();
 }

@@ -73,6 +73,10 @@ TEST_F(ReplicaFollowerTest, AnUnreadableStoreRefusesSigningOnlyPastTheStalenessB
   EXPECT_THAT(b_->CheckMetadataFresh(),
               StatusIs(absl::StatusCode::kUnavailable, HasSubstr("metadata unreachable for 31 s")));
   EXPECT_THAT(SignAndVerify(*b_, "as"), StatusIs(absl::StatusCode::kUnavailable));
+  // A wall clock stepped back does not make the last read recent again: 31 s have passed.
+  clock_.StepWall(-absl::Minutes(1));
+  EXPECT_THAT(b_->CheckMetadataFresh(),
+              StatusIs(absl::StatusCode::kUnavailable, HasSubstr("metadata unreachable for 31 s")));
   ASSERT_THAT(a_->Refresh(), IsOk());  // the other replica reads its store: it signs
   EXPECT_EQ(SignAndVerify(*a_, "as").value_or(0), 1u);
 

@@ -45,6 +45,7 @@
 #include "bench/bench.h"
 #include "bench/ceilings.h"
 #include "bench/custodyd_process.h"
+#include "bench/grpc_floor.h"
 #include "bench/load.h"
 #include "bench/ops.h"
 #include "bench/proc_util.h"
@@ -96,6 +97,9 @@ ABSL_FLAG(std::string, client, "library",
 ABSL_FLAG(int, rpcs_in_flight, custody::client::ClientOptions{}.max_rpcs_in_flight,
           "--client=library: the Client's max_rpcs_in_flight (0: no coalescing)");
 ABSL_FLAG(int, payload_bytes, 1024, "SignJws payload and DecryptJwe plaintext size");
+ABSL_FLAG(bool, grpc_floor, true,
+          "with --client=stub and the unix transport: also measure custody-grpc-floor, gRPC "
+          "alone answering SignJws, at each concurrency (the floor under custodyd's CPU per call)");
 ABSL_FLAG(bool, rows, true, "run the throughput rows (false with --scale: scale only)");
 ABSL_FLAG(bool, scale, false,
           "also measure custodyd with --scale_rings ES256 rings x 3 versions: VmRSS, GetJwks of "
@@ -126,6 +130,14 @@ std::string LoadAvg() {
   std::vector<std::string> parts = absl::StrSplit(*text, ' ');
   if (parts.size() < 3) return "?";
   return absl::StrCat(parts[0], " ", parts[1], " ", parts[2]);
+}
+
+// The channels (each its own connection) of a row at concurrency c.
+int ChannelsFor(int c) {
+  const int per_connection = absl::GetFlag(FLAGS_clients_per_connection);
+  if (per_connection <= 0) return 1;
+  return std::clamp((c + per_connection - 1) / per_connection, 1,
+                    std::max(1, absl::GetFlag(FLAGS_max_connections)));
 }
 
 }  // namespace
@@ -408,15 +420,9 @@ absl::Status Bench::RunTransport(const std::string& transport) {
 
   // The channels of a concurrency level are reused by every op at that level (connection reuse);
   // high concurrency spreads over a few connections.
-  const int per_connection = absl::GetFlag(FLAGS_clients_per_connection);
-  const int max_connections = std::max(1, absl::GetFlag(FLAGS_max_connections));
   for (int c : concurrency_) {
-    int channels = 1;
-    if (per_connection > 0) {
-      channels = std::clamp((c + per_connection - 1) / per_connection, 1, max_connections);
-    }
     Connections connections;
-    for (int i = 0; i < channels; ++i) {
+    for (int i = 0; i < ChannelsFor(c); ++i) {
       auto channel = MakeChannel(options.channel, i);
       if (!channel.ok()) return channel.status();
       if (absl::Status s = connections.Add(*channel); !s.ok()) return s;
@@ -458,6 +464,19 @@ int Bench::Run() {
       if (absl::Status s = RunTransport(transport); !s.ok()) {
         Fail(absl::StrCat(transport, ": ", s.ToString()));
         break;
+      }
+    }
+    const auto& transports = absl::GetFlag(FLAGS_transports);
+    if (absl::GetFlag(FLAGS_grpc_floor) && absl::GetFlag(FLAGS_client) == "stub" &&
+        std::find(transports.begin(), transports.end(), "unix") != transports.end()) {
+      // The reply's size: custodyd's ES256 JWS for this payload (header, payload, signature).
+      const int reply_bytes = static_cast<int>(payload_.size() * 4 / 3 + 150);
+      auto floors = MeasureGrpcFloor(SelfExeDir() + "/custody-grpc-floor", tmp_->path(),
+                                     concurrency_, ChannelsFor, reply_bytes, row_);
+      if (floors.ok()) {
+        report_->floors = *std::move(floors);
+      } else {
+        Fail(absl::StrCat("gRPC floor: ", floors.status().ToString()));
       }
     }
     int tc = concurrency_.empty() ? 0 : *std::max_element(concurrency_.begin(), concurrency_.end());

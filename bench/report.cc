@@ -179,6 +179,38 @@ void EvaluateTargets(Report* report, int tc) {
 
 namespace {
 
+// The custodyd stub ES256 row over the Unix socket at `concurrency`, or null.
+const RowResult* UnixEs256Row(const Report& report, int concurrency) {
+  for (const RowResult& r : report.rows) {
+    if (r.transport == "unix" && r.op->id == "ES256" && r.client == "stub" &&
+        r.concurrency == concurrency) {
+      return &r;
+    }
+  }
+  return nullptr;
+}
+
+// gRPC alone (custody-grpc-floor) beside custodyd's ES256 rows of the same concurrency: how much
+// of custodyd's CPU beyond the token is gRPC's, and how much is left to custody's own code.
+void PrintGrpcFloor(const Report& report, std::FILE* out) {
+  if (report.floors.empty()) return;
+  std::fprintf(
+      out,
+      "\ngRPC floor (custody-grpc-floor: SignJws answered with a fixed reply, no token, no "
+      "audit; stub callers, Unix socket, this run):\n");
+  std::fprintf(out, "%-8s %3s %9s %9s %9s %10s %6s %12s %14s\n", "mode", "c", "ops/s", "p50_us",
+               "p99_us", "cpu_us/op", "sw/op", "custodyd_ovh", "ovh-floor_us");
+  for (const FloorResult& f : report.floors) {
+    const RowResult* row = UnixEs256Row(report, f.concurrency);
+    const bool both = row != nullptr && row->HasOverhead() && f.CpuUsPerOp() >= 0;
+    std::fprintf(out, "%-8s %3d %9s %9s %9s %10s %6s %12s %14s\n", f.mode.c_str(), f.concurrency,
+                 Num(f.load.ops_per_s, 0).c_str(), Us(f.load.p50_us).c_str(),
+                 Us(f.load.p99_us).c_str(), Us(f.CpuUsPerOp()).c_str(),
+                 Num(f.SwitchesPerOp(), 1).c_str(), both ? Us(row->OverheadUs()).c_str() : "-",
+                 both ? Us(row->OverheadUs() - f.CpuUsPerOp()).c_str() : "-");
+  }
+}
+
 // One caller's latency against the floor the work sets: the token's own p50 at c=1 (ceiling,
 // same run) plus one durable audit flush (fdatasync p50 on the audit directory, same run).
 void PrintSingleCallerLatency(const Report& report, std::FILE* out) {
@@ -280,6 +312,7 @@ void PrintReport(const Report& report, std::FILE* out) {
   }
 
   PrintSingleCallerLatency(report, out);
+  PrintGrpcFloor(report, out);
 
   if (!report.targets.empty()) {
     std::fprintf(out, "\nTargets (reported, not asserted):\n");
@@ -364,6 +397,15 @@ absl::Status WriteJsonReport(const Report& report, const std::string& path) {
         ",\"service_overhead_us\":", r.HasOverhead() ? JsonNum(r.OverheadUs(), true) : "null",
         ",\"custodyd_vmhwm_kb\":", r.vmhwm_kb >= 0 ? absl::StrCat(r.vmhwm_kb) : "null",
         ",\"check_ok\":", r.check_ok ? "true" : "false", ",\"check\":", JsonString(r.check), "}");
+    first = false;
+  }
+  j += "],\"grpc_floor\":[";
+  first = true;
+  for (const FloorResult& f : report.floors) {
+    absl::StrAppend(&j, first ? "" : ",", "{\"mode\":", JsonString(f.mode),
+                    ",\"concurrency\":", f.concurrency, ",\"load\":", LoadJson(f.load),
+                    ",\"cpu_us_per_op\":", JsonNum(f.CpuUsPerOp()),
+                    ",\"context_switches_per_op\":", JsonNum(f.SwitchesPerOp()), "}");
     first = false;
   }
   j += "],\"custodyd_vmhwm_kb\":{";

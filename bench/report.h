@@ -67,6 +67,22 @@ struct TargetResult {
   bool met = false;
 };
 
+// One row of the gRPC floor (bench/grpc_floor.h): custody-grpc-floor under stub SignJws calls.
+struct FloorResult {
+  std::string mode;  // "inline" (gRPC's callback thread answers) or "handoff" (own threads)
+  int concurrency = 0;
+  LoadResult load;
+  double server_cpu_s = -1;
+  int64_t server_switches = -1;
+  double CpuUsPerOp() const {
+    return server_cpu_s < 0 || load.ops == 0 ? -1 : server_cpu_s * 1e6 / load.ops;
+  }
+  double SwitchesPerOp() const {
+    return server_switches < 0 || load.ops == 0 ? -1
+                                                : static_cast<double>(server_switches) / load.ops;
+  }
+};
+
 struct ScaleResult {
   int rings = 0;         // rings created (ES256, explicit policy, rotated once)
   int64_t versions = 0;  // key versions in those rings
@@ -93,6 +109,7 @@ struct Report {
   double fdatasync_p50_us = -1;
   std::map<std::pair<std::string, int>, CeilingResult> ceilings;  // (op id, concurrency)
   std::vector<RowResult> rows;
+  std::vector<FloorResult> floors;                   // the gRPC floor (stub client only)
   std::map<std::string, int64_t> custodyd_vmhwm_kb;  // per transport run
   std::vector<TargetResult> targets;
   std::optional<ScaleResult> scale;

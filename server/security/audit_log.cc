@@ -159,6 +159,10 @@ struct AuditLog::Batch {
   std::vector<Entry> entries;
   bool done = false;
   absl::Status status;
+  // The batch's callers wait here (under mu_): the leader that commits it wakes them alone, and
+  // then one of the next queued batch to lead it. One condition variable for every caller woke
+  // the whole next batch at each commit only to put all but one back to sleep.
+  absl::CondVar cv;
 };
 
 AuditLog::AuditLog(Options options) : options_(std::move(options)), last_hash_(kAnchor) {}
@@ -437,7 +441,7 @@ absl::Status AuditLog::AppendAll(absl::Span<const AuditEvent> events) {
   for (std::string& f : fields) batch->entries.push_back({now, std::move(f)});
   while (!batch->done) {
     if (writing_) {
-      cv_.Wait(&mu_);
+      batch->cv.Wait(&mu_);
       continue;
     }
     // Leader: our batch is the queued one (a batch taken by a writer is done before writing_
@@ -451,7 +455,8 @@ absl::Status AuditLog::AppendAll(absl::Span<const AuditEvent> events) {
     mine->status = std::move(status);
     mine->done = true;
     writing_ = false;
-    cv_.SignalAll();
+    mine->cv.SignalAll();
+    if (queued_ != nullptr) queued_->cv.Signal();  // its leader
   }
   absl::Status result = batch->status;
   mu_.Unlock();

@@ -134,8 +134,7 @@ class AuditLog {
 
   const Options options_;
 
-  absl::Mutex mu_;
-  absl::CondVar cv_;
+  absl::Mutex mu_;  // guards the batches' fields too
   std::shared_ptr<Batch> queued_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
 

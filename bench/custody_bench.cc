@@ -476,7 +476,9 @@ int Bench::Run() {
       if (floors.ok()) {
         report_->floors = *std::move(floors);
       } else {
-        Fail(absl::StrCat("gRPC floor: ", floors.status().ToString()));
+        Fail(absl::StrCat("gRPC floor: ", floors.status().ToString(),
+                          " (custody-grpc-floor is built with custody-bench, next to it: build "
+                          "that target, or pass --grpc_floor=false)"));
       }
     }
     int tc = concurrency_.empty() ? 0 : *std::max_element(concurrency_.begin(), concurrency_.end());

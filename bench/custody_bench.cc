@@ -422,7 +422,8 @@ absl::Status Bench::RunTransport(const std::string& transport) {
   // high concurrency spreads over a few connections.
   for (int c : concurrency_) {
     Connections connections;
-    for (int i = 0; i < ChannelsFor(c); ++i) {
+    const int channels = ChannelsFor(c);
+    for (int i = 0; i < channels; ++i) {
       auto channel = MakeChannel(options.channel, i);
       if (!channel.ok()) return channel.status();
       if (absl::Status s = connections.Add(*channel); !s.ok()) return s;

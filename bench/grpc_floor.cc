@@ -1,9 +1,6 @@
 // The gRPC floor: custody-grpc-floor started, driven and stopped (bench/grpc_floor.h).
 #include "bench/grpc_floor.h"
 
-#include <signal.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <memory>
@@ -14,57 +11,38 @@
 #include "absl/strings/str_cat.h"
 #include "bench/load.h"
 #include "bench/proc_util.h"
+#include "bench/rings.h"
 #include "client/client.h"
+#include "common/testing/child_process.h"
 #include "custody/v1/custody.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 
 namespace custody::bench {
 namespace {
 
-// custody-grpc-floor on `socket`, stopped (SIGTERM, then SIGKILL) when this goes.
-class FloorServer {
- public:
-  static absl::StatusOr<std::unique_ptr<FloorServer>> Start(const std::string& binary,
-                                                            const std::string& socket,
-                                                            int handoff_threads, int reply_bytes,
-                                                            const std::string& log) {
-    auto pid = Spawn({binary, "--socket=" + socket, absl::StrCat("--reply_bytes=", reply_bytes),
-                      absl::StrCat("--handoff_threads=", handoff_threads)},
-                     log);
-    if (!pid.ok()) return pid.status();
-    auto server = std::unique_ptr<FloorServer>(new FloorServer(*pid));
-    struct stat st;
-    for (int i = 0; i < 500 && stat(socket.c_str(), &st) != 0; ++i) {
-      int status = 0;
-      if (waitpid(*pid, &status, WNOHANG) == *pid) {
-        server->pid_ = -1;
-        return absl::InternalError(absl::StrCat(binary, " exited at start; see ", log));
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+// custody-grpc-floor listening on `socket`; the ChildProcess stops it (SIGTERM, then SIGKILL)
+// when it goes.
+absl::StatusOr<testing::ChildProcess> StartFloorServer(const std::string& binary,
+                                                       const std::string& socket,
+                                                       int handoff_threads, int reply_bytes,
+                                                       const std::string& log) {
+  auto child = testing::ChildProcess::Start(
+      {.argv = {binary, "--socket=" + socket, absl::StrCat("--reply_bytes=", reply_bytes),
+                absl::StrCat("--handoff_threads=", handoff_threads)},
+       .stdout_path = log,
+       .stderr_path = log});
+  if (!child.ok()) return child.status();
+  for (int i = 0; i < 500 && access(socket.c_str(), F_OK) != 0; ++i) {
+    if (!child->Running()) {
+      return absl::InternalError(absl::StrCat(binary, " exited at start; see ", log));
     }
-    if (stat(socket.c_str(), &st) != 0) {
-      return absl::DeadlineExceededError(absl::StrCat(binary, " did not listen within 5 s"));
-    }
-    return server;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  ~FloorServer() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGTERM);
-    for (int i = 0; i < 200; ++i) {
-      int status = 0;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) return;
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    kill(pid_, SIGKILL);
-    int status = 0;
-    waitpid(pid_, &status, 0);
+  if (access(socket.c_str(), F_OK) != 0) {
+    return absl::DeadlineExceededError(absl::StrCat(binary, " did not listen within 5 s"));
   }
-  pid_t pid() const { return pid_; }
-
- private:
-  explicit FloorServer(pid_t pid) : pid_(pid) {}
-  pid_t pid_;
-};
+  return child;
+}
 
 }  // namespace
 
@@ -74,15 +52,16 @@ absl::StatusOr<std::vector<FloorResult>> MeasureGrpcFloor(const std::string& bin
                                                           int (*channels)(int), int reply_bytes,
                                                           absl::Duration row) {
   std::vector<FloorResult> out;
-  for (const auto& [mode, threads] : {std::pair<std::string, int>{"inline", 0}, {"handoff", 16}}) {
+  for (const auto& [mode, threads] : {std::pair<std::string, int>{"inline", 0}, {"handoff", 64}}) {
     const std::string socket = absl::StrCat(dir, "/floor-", mode, ".sock");
-    auto server = FloorServer::Start(binary, socket, threads, reply_bytes,
-                                     absl::StrCat(dir, "/floor-", mode, ".log"));
+    auto server = StartFloorServer(binary, socket, threads, reply_bytes,
+                                   absl::StrCat(dir, "/floor-", mode, ".log"));
     if (!server.ok()) return server.status();
-    const pid_t pid = (*server)->pid();
+    const pid_t pid = server->pid();
     for (int c : concurrency) {
       std::vector<std::unique_ptr<custody::v1::Signer::Stub>> stubs;
-      for (int i = 0; i < channels(c); ++i) {
+      const int connections = channels(c);
+      for (int i = 0; i < connections; ++i) {
         grpc::ChannelArguments args;
         args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // a connection per channel
         stubs.push_back(custody::v1::Signer::NewStub(
@@ -100,7 +79,7 @@ absl::StatusOr<std::vector<FloorResult>> MeasureGrpcFloor(const std::string& bin
       Operation call = [&](int t, std::string* error) {
         custody::v1::SignJwsResponse resp;
         grpc::ClientContext ctx;
-        ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+        ctx.set_deadline(Deadline(60));
         grpc::Status s =
             stubs[static_cast<size_t>(t) % stubs.size()]->SignJws(&ctx, request, &resp);
         if (!s.ok()) return OutcomeOf("SignJws (floor)", client::ToAbslStatus(s), error);

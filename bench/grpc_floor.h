@@ -14,8 +14,8 @@
 
 namespace custody::bench {
 
-// Starts `binary` twice (answering on gRPC's callback thread, then through hand-off threads of
-// its own) with its socket and log in `dir`, and at each concurrency runs `row` of stub SignJws
+// Starts `binary` twice (answering on gRPC's callback thread, then through custodyd's UnaryPool)
+// with its socket and log in `dir`, and at each concurrency runs `row` of stub SignJws
 // calls over `channels(c)` connections. Each reply is checked (its JWS has `reply_bytes`).
 absl::StatusOr<std::vector<FloorResult>> MeasureGrpcFloor(const std::string& binary,
                                                           const std::string& dir,

@@ -69,7 +69,7 @@ struct TargetResult {
 
 // One row of the gRPC floor (bench/grpc_floor.h): custody-grpc-floor under stub SignJws calls.
 struct FloorResult {
-  std::string mode;  // "inline" (gRPC's callback thread answers) or "handoff" (own threads)
+  std::string mode;  // "inline" (gRPC's callback thread answers) or "handoff" (UnaryPool)
   int concurrency = 0;
   LoadResult load;
   double server_cpu_s = -1;

@@ -1,25 +1,16 @@
 #include "client/channel.h"
 
 #include <algorithm>
-#include <fstream>
-#include <sstream>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "common/regular_file.h"
 
 namespace custody::client {
 namespace {
-
-absl::StatusOr<std::string> ReadPem(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::FailedPreconditionError(absl::StrCat("cannot read '", path, "'"));
-  std::ostringstream out;
-  out << in.rdbuf();
-  return out.str();
-}
 
 bool IsIpv4HostPort(absl::string_view a) {
   size_t colon = a.rfind(':');
@@ -100,13 +91,13 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> CreateChannel(const ChannelOption
     return grpc::CreateCustomChannel(target->first, grpc::InsecureChannelCredentials(), args);
   }
   grpc::SslCredentialsOptions ssl;
-  auto roots = ReadPem(options.ca_file);
+  auto roots = ReadWholeFile(options.ca_file);
   if (!roots.ok()) return roots.status();
   ssl.pem_root_certs = *roots;
   if (!options.cert_file.empty()) {
-    auto cert = ReadPem(options.cert_file);
+    auto cert = ReadWholeFile(options.cert_file);
     if (!cert.ok()) return cert.status();
-    auto key = ReadPem(options.key_file);
+    auto key = ReadWholeFile(options.key_file);
     if (!key.ok()) return key.status();
     ssl.pem_cert_chain = *cert;
     ssl.pem_private_key = *key;

@@ -191,10 +191,7 @@ absl::StatusOr<Signature> Client::Sign(absl::string_view ring, absl::string_view
   custody::v1::SignRequest req;
   req.set_ring(std::string(ring));
   req.set_digest(std::string(digest));
-  custody::v1::SignResponse resp;
-  absl::Status s = Retry([&](grpc::ClientContext& ctx) { return signer_->Sign(&ctx, req, &resp); });
-  if (!s.ok()) return s;
-  return Signature{resp.signature(), resp.kid(), resp.version(), resp.alg()};
+  return Sign(req);
 }
 
 absl::StatusOr<Signature> Client::Sign(const custody::v1::SignRequest& request) const {
@@ -221,10 +218,7 @@ absl::StatusOr<Signature> Client::SignData(absl::string_view ring, absl::string_
   custody::v1::SignRequest req;
   req.set_ring(std::string(ring));
   req.set_data(std::string(data));
-  custody::v1::SignResponse resp;
-  absl::Status s = Retry([&](grpc::ClientContext& ctx) { return signer_->Sign(&ctx, req, &resp); });
-  if (!s.ok()) return s;
-  return Signature{resp.signature(), resp.kid(), resp.version(), resp.alg()};
+  return Sign(req);
 }
 
 absl::StatusOr<DecryptedJwe> Client::DecryptJwe(absl::string_view ring,

@@ -136,12 +136,7 @@ void Coalescer<Batching>::SendBatch(Pending* const* batch, size_t n) {
 
 template <typename Batching>
 CoalescingStats Coalescer<Batching>::stats() const {
-  Stats s;
-  s.plain_calls = plain_calls_.load();
-  s.batches = batches_.load();
-  s.batched_items = batched_items_.load();
-  s.fallbacks = fallbacks_.load();
-  return s;
+  return Stats{plain_calls_.load(), batches_.load(), batched_items_.load(), fallbacks_.load()};
 }
 
 template class Coalescer<SignJwsBatching>;

@@ -44,39 +44,37 @@ struct CoalescingStats {
   uint64_t fallbacks = 0;  // items re-sent as plain calls (UNAVAILABLE, batch failure)
 };
 
-// The RPC pairs that can be coalesced: the plain call's messages, the batch RPC and its
-// messages (whose results carry code, message and response), and the size that counts against
+// An RPC pair that can be coalesced: the plain call's messages, the batch RPC and its messages
+// (whose results carry code, message and response), and the field whose size counts against
 // max_bytes.
-struct SignJwsBatching {
-  using Request = v1::SignJwsRequest;
-  using Response = v1::SignJwsResponse;
-  using BatchRequest = v1::SignJwsBatchRequest;
-  using BatchResponse = v1::SignJwsBatchResponse;
+template <typename Req, typename Resp, typename BatchReq, typename BatchResp,
+          grpc::Status (v1::Signer::Stub::*kSendBatch)(grpc::ClientContext*, const BatchReq&,
+                                                       BatchResp*),
+          grpc::Status (v1::Signer::Stub::*kSendOne)(grpc::ClientContext*, const Req&, Resp*),
+          const std::string& (Req::*kBody)() const>
+struct RpcBatching {
+  using Request = Req;
+  using Response = Resp;
+  using BatchRequest = BatchReq;
+  using BatchResponse = BatchResp;
   static grpc::Status Send(v1::Signer::Stub* stub, grpc::ClientContext* ctx,
                            const BatchRequest& request, BatchResponse* response) {
-    return stub->SignJwsBatch(ctx, request, response);
+    return (stub->*kSendBatch)(ctx, request, response);
   }
   static grpc::Status SendOne(v1::Signer::Stub* stub, grpc::ClientContext* ctx,
                               const Request& request, Response* response) {
-    return stub->SignJws(ctx, request, response);
+    return (stub->*kSendOne)(ctx, request, response);
   }
-  static size_t Bytes(const Request& request) { return request.payload().size(); }
+  static size_t Bytes(const Request& request) { return (request.*kBody)().size(); }
 };
-struct DecryptJweBatching {
-  using Request = v1::DecryptJweRequest;
-  using Response = v1::DecryptJweResponse;
-  using BatchRequest = v1::DecryptJweBatchRequest;
-  using BatchResponse = v1::DecryptJweBatchResponse;
-  static grpc::Status Send(v1::Signer::Stub* stub, grpc::ClientContext* ctx,
-                           const BatchRequest& request, BatchResponse* response) {
-    return stub->DecryptJweBatch(ctx, request, response);
-  }
-  static grpc::Status SendOne(v1::Signer::Stub* stub, grpc::ClientContext* ctx,
-                              const Request& request, Response* response) {
-    return stub->DecryptJwe(ctx, request, response);
-  }
-  static size_t Bytes(const Request& request) { return request.jwe().size(); }
-};
+using SignJwsBatching =
+    RpcBatching<v1::SignJwsRequest, v1::SignJwsResponse, v1::SignJwsBatchRequest,
+                v1::SignJwsBatchResponse, &v1::Signer::Stub::SignJwsBatch,
+                &v1::Signer::Stub::SignJws, &v1::SignJwsRequest::payload>;
+using DecryptJweBatching =
+    RpcBatching<v1::DecryptJweRequest, v1::DecryptJweResponse, v1::DecryptJweBatchRequest,
+                v1::DecryptJweBatchResponse, &v1::Signer::Stub::DecryptJweBatch,
+                &v1::Signer::Stub::DecryptJwe, &v1::DecryptJweRequest::jwe>;
 
 template <typename Batching>
 class Coalescer {

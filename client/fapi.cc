@@ -24,6 +24,17 @@ int64_t NowSeconds(absl::Time now) {
   return absl::ToUnixSeconds(now == absl::InfinitePast() ? absl::Now() : now);
 }
 
+// iss, aud, iat and exp (iat + lifetime): what every token built here starts with.
+jose::Json IssuedClaims(const std::string& issuer, const std::string& audience, int64_t iat,
+                        absl::Duration lifetime) {
+  jose::Json claims = jose::Json::MakeObject();
+  claims.Set("iss", jose::Json::String(issuer));
+  claims.Set("aud", jose::Json::String(audience));
+  claims.Set("iat", jose::Json::Int(iat));
+  claims.Set("exp", jose::Json::Int(iat + absl::ToInt64Seconds(lifetime)));
+  return claims;
+}
+
 std::string Digest(const EVP_MD* md, absl::string_view value) {
   unsigned char out[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
@@ -78,14 +89,10 @@ absl::StatusOr<std::string> ClientAssertion(const Client& client, absl::string_v
   }
   auto jti = RandomJti();
   if (!jti.ok()) return jti.status();
-  const int64_t iat = NowSeconds(options.now);
-  jose::Json claims = jose::Json::MakeObject();
-  claims.Set("iss", jose::Json::String(options.client_id));
+  jose::Json claims =
+      IssuedClaims(options.client_id, options.audience, NowSeconds(options.now), options.lifetime);
   claims.Set("sub", jose::Json::String(options.client_id));
-  claims.Set("aud", jose::Json::String(options.audience));
   claims.Set("jti", jose::Json::String(*jti));
-  claims.Set("iat", jose::Json::Int(iat));
-  claims.Set("exp", jose::Json::Int(iat + absl::ToInt64Seconds(options.lifetime)));
   return SignClaims(client, ring, claims, WithTyp("JWT"));
 }
 
@@ -100,12 +107,8 @@ absl::StatusOr<std::string> RequestObject(const Client& client, absl::string_vie
   auto jti = RandomJti();
   if (!jti.ok()) return jti.status();
   const int64_t iat = NowSeconds(options.now);
-  jose::Json claims = jose::Json::MakeObject();
-  claims.Set("iss", jose::Json::String(options.client_id));
-  claims.Set("aud", jose::Json::String(options.audience));
-  claims.Set("iat", jose::Json::Int(iat));
+  jose::Json claims = IssuedClaims(options.client_id, options.audience, iat, options.lifetime);
   claims.Set("nbf", jose::Json::Int(iat));
-  claims.Set("exp", jose::Json::Int(iat + absl::ToInt64Seconds(options.lifetime)));
   claims.Set("jti", jose::Json::String(*jti));
   if (absl::Status s = Merge(options.claims, {"iss", "aud", "iat", "nbf", "exp"}, claims);
       !s.ok()) {
@@ -169,13 +172,9 @@ absl::StatusOr<std::string> IdToken(const Client& client, absl::string_view ring
   }
   auto alg = client.RingAlg(ring);
   if (!alg.ok()) return alg.status();
-  const int64_t iat = NowSeconds(options.now);
-  jose::Json claims = jose::Json::MakeObject();
-  claims.Set("iss", jose::Json::String(options.issuer));
+  jose::Json claims =
+      IssuedClaims(options.issuer, options.audience, NowSeconds(options.now), options.lifetime);
   claims.Set("sub", jose::Json::String(options.subject));
-  claims.Set("aud", jose::Json::String(options.audience));
-  claims.Set("iat", jose::Json::Int(iat));
-  claims.Set("exp", jose::Json::Int(iat + absl::ToInt64Seconds(options.lifetime)));
   if (options.auth_time != absl::InfinitePast()) {
     claims.Set("auth_time", jose::Json::Int(absl::ToUnixSeconds(options.auth_time)));
   }

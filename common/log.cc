@@ -79,7 +79,7 @@ void AppendJsonString(std::string& out, absl::string_view s) {
   out.push_back('"');
 }
 
-void Log(LogLevel level, absl::string_view event, std::initializer_list<LogField> fields) {
+void Log(LogLevel level, absl::string_view event, absl::Span<const LogField> fields) {
   if (level < g_level.load()) return;
   std::string line = "{\"time\":";
   AppendJsonString(line,

@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 
 namespace custody {
 
@@ -18,7 +19,8 @@ enum class LogLevel { kDebug, kInfo, kWarning, kError };
 
 using LogField = std::pair<absl::string_view, std::string>;
 
-void Log(LogLevel level, absl::string_view event, std::initializer_list<LogField> fields = {});
+// One JSON line: time, level, event, then `fields` in order (Log(kInfo, "x", {{"k", v}}) works).
+void Log(LogLevel level, absl::string_view event, absl::Span<const LogField> fields = {});
 
 // Messages below `level` are dropped. Default kInfo.
 void SetLogLevel(LogLevel level);

@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <fstream>
+#include <sstream>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -51,6 +53,14 @@ absl::StatusOr<RegularFile> RegularFile::Open(const std::string& path, absl::str
         absl::StrCat(name, " is ", Kind(st.st_mode), ", not a regular file"));
   }
   return RegularFile(fd, st);
+}
+
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::FailedPreconditionError(absl::StrCat("cannot read '", path, "'"));
+  std::ostringstream out;
+  out << in.rdbuf();
+  return out.str();
 }
 
 std::string OctalMode(mode_t mode) {

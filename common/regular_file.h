@@ -35,6 +35,11 @@ class RegularFile {
   struct stat stat_;
 };
 
+// The whole file at `path` (certificates, a CA bundle, a TLS key): FAILED_PRECONDITION
+// "cannot read '<path>'" when it cannot be opened. Unlike RegularFile it follows links, as
+// operators' certificate paths (Kubernetes secrets mounts) are links.
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path);
+
 // "0644": a mode's permission bits in octal, for messages.
 std::string OctalMode(mode_t mode);
 

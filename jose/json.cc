@@ -337,51 +337,46 @@ class JsonParser {
       if (AtEnd()) return Error("unterminated string");
       const char e = Peek();
       ++pos_;
-      switch (e) {
-        case '"':
-          out.push_back('"');
-          break;
-        case '\\':
-          out.push_back('\\');
-          break;
-        case '/':
-          out.push_back('/');
-          break;
-        case 'b':
-          out.push_back('\b');
-          break;
-        case 'f':
-          out.push_back('\f');
-          break;
-        case 'n':
-          out.push_back('\n');
-          break;
-        case 'r':
-          out.push_back('\r');
-          break;
-        case 't':
-          out.push_back('\t');
-          break;
-        case 'u': {
-          absl::StatusOr<uint32_t> cp = ParseHex4();
-          if (!cp.ok()) return cp.status();
-          uint32_t code = *cp;
-          if (code >= 0xdc00 && code <= 0xdfff) return Error("unpaired low surrogate");
-          if (code >= 0xd800 && code <= 0xdbff) {
-            if (!ConsumeLiteral("\\u")) return Error("unpaired high surrogate");
-            absl::StatusOr<uint32_t> low = ParseHex4();
-            if (!low.ok()) return low.status();
-            if (*low < 0xdc00 || *low > 0xdfff) return Error("unpaired high surrogate");
-            code = 0x10000 + ((code - 0xd800) << 10) + (*low - 0xdc00);
-          }
-          AppendUtf8(code, out);
-          break;
-        }
-        default:
-          --pos_;
-          return Error("invalid escape");
+      // The one-character escapes of RFC 8259 §7 and what each stands for.
+      static constexpr absl::string_view kEscaped = "\"\\/bfnrt";
+      static constexpr absl::string_view kMeaning = "\"\\/\b\f\n\r\t";
+      if (size_t i = kEscaped.find(e); i != absl::string_view::npos) {
+        out.push_back(kMeaning[i]);
+        continue;
       }
+      if (e != 'u') {
+        --pos_;
+        return Error("invalid escape");
+      }
+      absl::StatusOr<uint32_t> cp = ParseHex4();
+      if (!cp.ok()) return cp.status();
+      uint32_t code = *cp;
+      if (code >= 0xdc00 && code <= 0xdfff) return Error("unpaired low surrogate");
+      if (code >= 0xd800 && code <= 0xdbff) {
+        if (!ConsumeLiteral("\\u")) return Error("unpaired high surrogate");
+        absl::StatusOr<uint32_t> low = ParseHex4();
+        if (!low.ok()) return low.status();
+        if (*low < 0xdc00 || *low > 0xdfff) return Error("unpaired high surrogate");
+        code = 0x10000 + ((code - 0xd800) << 10) + (*low - 0xdc00);
+      }
+      AppendUtf8(code, out);
     }
+  }
+
+  // After an array element or an object member: true past the closing `close`, false past a
+  // ','; an error otherwise.
+  absl::StatusOr<bool> AfterItem(char close, absl::string_view container) {
+    SkipWhitespace();
+    if (AtEnd()) return Error(absl::StrCat("unterminated ", container));
+    if (Peek() == ',') {
+      ++pos_;
+      return false;
+    }
+    if (Peek() == close) {
+      ++pos_;
+      return true;
+    }
+    return Error(absl::StrCat("expected ',' or '", absl::string_view(&close, 1), "'"));
   }
 
   absl::StatusOr<Json> ParseArray(int depth) {
@@ -398,17 +393,9 @@ class JsonParser {
       absl::StatusOr<Json> item = ParseValue(depth);
       if (!item.ok()) return item;
       items.push_back(*std::move(item));
-      SkipWhitespace();
-      if (AtEnd()) return Error("unterminated array");
-      if (Peek() == ',') {
-        ++pos_;
-        continue;
-      }
-      if (Peek() == ']') {
-        ++pos_;
-        return Json::MakeArray(std::move(items));
-      }
-      return Error("expected ',' or ']'");
+      absl::StatusOr<bool> closed = AfterItem(']', "array");
+      if (!closed.ok()) return closed.status();
+      if (*closed) return Json::MakeArray(std::move(items));
     }
   }
 
@@ -439,17 +426,9 @@ class JsonParser {
       absl::StatusOr<Json> value = ParseValue(depth);
       if (!value.ok()) return value;
       members.emplace_back(*std::move(key), *std::move(value));
-      SkipWhitespace();
-      if (AtEnd()) return Error("unterminated object");
-      if (Peek() == ',') {
-        ++pos_;
-        continue;
-      }
-      if (Peek() == '}') {
-        ++pos_;
-        return Json::MakeObject(std::move(members));
-      }
-      return Error("expected ',' or '}'");
+      absl::StatusOr<bool> closed = AfterItem('}', "object");
+      if (!closed.ok()) return closed.status();
+      if (*closed) return Json::MakeObject(std::move(members));
     }
   }
 

@@ -16,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/status_macros.h"
 #include "jose/base64url.h"
 #include "jose/curves.h"
 #include "jose/jwe_internal.h"
@@ -178,6 +179,19 @@ absl::StatusOr<std::string> DecodePart(absl::string_view b64, absl::string_view 
   return bytes;
 }
 
+// The iv or the tag: exactly `bytes` long for the content encryption `enc`.
+absl::Status DecodeFixedPart(absl::string_view b64, absl::string_view part, size_t bytes,
+                             const EncInfo& enc, std::string* out) {
+  absl::StatusOr<std::string> decoded = DecodePart(b64, part, kMaxIvOrTagBytes);
+  if (!decoded.ok()) return decoded.status();
+  if (decoded->size() != bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("JWE ", part, ": ", decoded->size(), " bytes, ",
+                                                   bytes, " expected for ", enc.name));
+  }
+  *out = *std::move(decoded);
+  return absl::OkStatus();
+}
+
 absl::Status HeaderError(absl::string_view message) {
   return absl::InvalidArgumentError(absl::StrCat("JWE protected header: ", message));
 }
@@ -327,24 +341,12 @@ absl::StatusOr<ParsedJwe> ParseCompactJwe(absl::string_view compact, const JweLi
                      enc_info.cek_bytes + 8, " expected for a wrapped ", enc_info.name, " key"));
   }
 
-  absl::StatusOr<std::string> iv = DecodePart(parts[2], "iv", kMaxIvOrTagBytes);
-  if (!iv.ok()) return iv.status();
-  if (iv->size() != enc_info.iv_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "JWE iv: ", iv->size(), " bytes, ", enc_info.iv_bytes, " expected for ", enc_info.name));
-  }
-  out.iv = *std::move(iv);
+  CUSTODY_RETURN_IF_ERROR(DecodeFixedPart(parts[2], "iv", enc_info.iv_bytes, enc_info, &out.iv));
   absl::StatusOr<std::string> ciphertext =
       DecodePart(parts[3], "ciphertext", limits.max_ciphertext_bytes);
   if (!ciphertext.ok()) return ciphertext.status();
   out.ciphertext = *std::move(ciphertext);
-  absl::StatusOr<std::string> tag = DecodePart(parts[4], "tag", kMaxIvOrTagBytes);
-  if (!tag.ok()) return tag.status();
-  if (tag->size() != enc_info.tag_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "JWE tag: ", tag->size(), " bytes, ", enc_info.tag_bytes, " expected for ", enc_info.name));
-  }
-  out.tag = *std::move(tag);
+  CUSTODY_RETURN_IF_ERROR(DecodeFixedPart(parts[4], "tag", enc_info.tag_bytes, enc_info, &out.tag));
   return out;
 }
 

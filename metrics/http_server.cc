@@ -17,15 +17,14 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
-#include <fstream>
 #include <map>
 #include <optional>
-#include <sstream>
 #include <thread>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "common/regular_file.h"
 #include "metrics/exposition.h"
 #include "metrics/http_request_head.h"
 
@@ -34,14 +33,6 @@ namespace {
 
 // Request line and headers; more is refused with 431 (or 414 for the URI) at once.
 constexpr size_t kConnectionMemoryBytes = 16 * 1024;
-
-absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::FailedPreconditionError(absl::StrCat("cannot read '", path, "'"));
-  std::ostringstream out;
-  out << in.rdbuf();
-  return out.str();
-}
 
 // A certificate chain and its key, as GnuTLS hands them to a handshake.
 class TlsCredentials {

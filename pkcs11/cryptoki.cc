@@ -311,6 +311,18 @@ bool IsSessionBroken(CK_RV rv) {
   }
 }
 
+namespace {
+
+// The constant's name, or `prefix` and its value in hex when the table has none.
+std::string NameOrHex(const std::map<CK_ULONG, std::string_view>& names, CK_ULONG value,
+                      absl::string_view prefix) {
+  auto it = names.find(value);
+  if (it != names.end()) return std::string(it->second);
+  return absl::StrCat(prefix, absl::Hex(value));
+}
+
+}  // namespace
+
 #define CKR_ENTRY(x) \
   { x, #x }
 #define CKM_ENTRY(x) \
@@ -412,9 +424,7 @@ std::string CkrName(unsigned long rv) {
       CKR_ENTRY(CKR_PUBLIC_KEY_INVALID),
       CKR_ENTRY(CKR_FUNCTION_REJECTED),
   };
-  auto it = kNames->find(rv);
-  if (it != kNames->end()) return std::string(it->second);
-  return absl::StrCat("CKR_0x", absl::Hex(rv));
+  return NameOrHex(*kNames, rv, "CKR_0x");
 }
 
 std::string CkmName(CK_MECHANISM_TYPE mechanism) {
@@ -445,9 +455,7 @@ std::string CkmName(CK_MECHANISM_TYPE mechanism) {
       CKM_ENTRY(CKM_SHA512),
       CKM_ENTRY(CKM_SHA256_HMAC),
   };
-  auto it = kNames->find(mechanism);
-  if (it != kNames->end()) return std::string(it->second);
-  return absl::StrCat("CKM_0x", absl::Hex(mechanism));
+  return NameOrHex(*kNames, mechanism, "CKM_0x");
 }
 
 #undef CKR_ENTRY

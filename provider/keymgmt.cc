@@ -9,6 +9,7 @@
 #include "openssl/core_names.h"
 #include "openssl/core_object.h"
 #include "openssl/params.h"
+#include "provider/param_table.h"
 #include "provider/provider.h"
 
 namespace custody::provider {
@@ -82,20 +83,34 @@ int ExportKey(void* keydata, int selection, OSSL_CALLBACK* callback, void* cbarg
   return EVP_PKEY_export(key->pub.get(), selection, callback, cbarg);
 }
 
+// The key parameters the tables below are made of.
+constexpr ParamGroup<3> kKeySizes = {
+    {Int(OSSL_PKEY_PARAM_BITS), Int(OSSL_PKEY_PARAM_SECURITY_BITS), Int(OSSL_PKEY_PARAM_MAX_SIZE)}};
+constexpr ParamGroup<1> kDefaultDigest = {{Utf8(OSSL_PKEY_PARAM_DEFAULT_DIGEST)}};
+constexpr ParamGroup<1> kMandatoryDigest = {{Utf8(OSSL_PKEY_PARAM_MANDATORY_DIGEST)}};
+constexpr ParamGroup<3> kEcGroup = {{Utf8(OSSL_PKEY_PARAM_GROUP_NAME),
+                                     Utf8(OSSL_PKEY_PARAM_EC_ENCODING),
+                                     Utf8(OSSL_PKEY_PARAM_EC_POINT_CONVERSION_FORMAT)}};
+constexpr ParamGroup<1> kEncodedPublicKey = {{Octets(OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY)}};
+constexpr ParamGroup<1> kPublicKey = {{Octets(OSSL_PKEY_PARAM_PUB_KEY)}};
+constexpr ParamGroup<2> kEcPoint = {
+    {BigNum(OSSL_PKEY_PARAM_EC_PUB_X), BigNum(OSSL_PKEY_PARAM_EC_PUB_Y)}};
+constexpr ParamGroup<2> kRsaPublic = {
+    {BigNum(OSSL_PKEY_PARAM_RSA_N), BigNum(OSSL_PKEY_PARAM_RSA_E)}};
+
+// The table for the key type kType ("EC", "RSA" or Ed25519's).
+template <const char* kType>
+const OSSL_PARAM* ForKeyType(const OSSL_PARAM* ec, const OSSL_PARAM* rsa, const OSSL_PARAM* ed) {
+  const std::string type = kType;
+  return type == "EC" ? ec : type == "RSA" ? rsa : ed;
+}
+
 template <const char* kType>
 const OSSL_PARAM* KeyTypes(int) {
-  static const OSSL_PARAM kEc[] = {
-      OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, nullptr, 0),
-      OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_EC_ENCODING, nullptr, 0),
-      OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_EC_POINT_CONVERSION_FORMAT, nullptr, 0),
-      OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_PUB_KEY, nullptr, 0), OSSL_PARAM_END};
-  static const OSSL_PARAM kRsa[] = {OSSL_PARAM_BN(OSSL_PKEY_PARAM_RSA_N, nullptr, 0),
-                                    OSSL_PARAM_BN(OSSL_PKEY_PARAM_RSA_E, nullptr, 0),
-                                    OSSL_PARAM_END};
-  static const OSSL_PARAM kEd[] = {OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_PUB_KEY, nullptr, 0),
-                                   OSSL_PARAM_END};
-  const std::string type = kType;
-  return type == "EC" ? kEc : type == "RSA" ? kRsa : kEd;
+  static constexpr auto kEc = ParamTable(kEcGroup, kPublicKey);
+  static constexpr auto kRsa = ParamTable(kRsaPublic);
+  static constexpr auto kEd = ParamTable(kPublicKey);
+  return ForKeyType<kType>(kEc.data(), kRsa.data(), kEd.data());
 }
 
 int GetKeyParams(void* keydata, OSSL_PARAM params[]) {
@@ -106,37 +121,12 @@ int GetKeyParams(void* keydata, OSSL_PARAM params[]) {
 
 template <const char* kType>
 const OSSL_PARAM* GettableKeyParams(void*) {
-  static const OSSL_PARAM kEc[] = {
-      OSSL_PARAM_int(OSSL_PKEY_PARAM_BITS, nullptr),
-      OSSL_PARAM_int(OSSL_PKEY_PARAM_SECURITY_BITS, nullptr),
-      OSSL_PARAM_int(OSSL_PKEY_PARAM_MAX_SIZE, nullptr),
-      OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_DEFAULT_DIGEST, nullptr, 0),
-      OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, nullptr, 0),
-      OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_EC_ENCODING, nullptr, 0),
-      OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_EC_POINT_CONVERSION_FORMAT, nullptr, 0),
-      OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, nullptr, 0),
-      OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_PUB_KEY, nullptr, 0),
-      OSSL_PARAM_BN(OSSL_PKEY_PARAM_EC_PUB_X, nullptr, 0),
-      OSSL_PARAM_BN(OSSL_PKEY_PARAM_EC_PUB_Y, nullptr, 0),
-      OSSL_PARAM_END};
-  static const OSSL_PARAM kRsa[] = {
-      OSSL_PARAM_int(OSSL_PKEY_PARAM_BITS, nullptr),
-      OSSL_PARAM_int(OSSL_PKEY_PARAM_SECURITY_BITS, nullptr),
-      OSSL_PARAM_int(OSSL_PKEY_PARAM_MAX_SIZE, nullptr),
-      OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_DEFAULT_DIGEST, nullptr, 0),
-      OSSL_PARAM_BN(OSSL_PKEY_PARAM_RSA_N, nullptr, 0),
-      OSSL_PARAM_BN(OSSL_PKEY_PARAM_RSA_E, nullptr, 0),
-      OSSL_PARAM_END};
-  static const OSSL_PARAM kEd[] = {
-      OSSL_PARAM_int(OSSL_PKEY_PARAM_BITS, nullptr),
-      OSSL_PARAM_int(OSSL_PKEY_PARAM_SECURITY_BITS, nullptr),
-      OSSL_PARAM_int(OSSL_PKEY_PARAM_MAX_SIZE, nullptr),
-      OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_MANDATORY_DIGEST, nullptr, 0),
-      OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, nullptr, 0),
-      OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_PUB_KEY, nullptr, 0),
-      OSSL_PARAM_END};
-  const std::string type = kType;
-  return type == "EC" ? kEc : type == "RSA" ? kRsa : kEd;
+  static constexpr auto kEc =
+      ParamTable(kKeySizes, kDefaultDigest, kEcGroup, kEncodedPublicKey, kPublicKey, kEcPoint);
+  static constexpr auto kRsa = ParamTable(kKeySizes, kDefaultDigest, kRsaPublic);
+  static constexpr auto kEd =
+      ParamTable(kKeySizes, kMandatoryDigest, kEncodedPublicKey, kPublicKey);
+  return ForKeyType<kType>(kEc.data(), kRsa.data(), kEd.data());
 }
 
 template <const char* kOperation>

@@ -13,6 +13,7 @@
 #include "openssl/core_names.h"
 #include "openssl/params.h"
 #include "openssl/rsa.h"
+#include "provider/param_table.h"
 #include "provider/provider.h"
 
 namespace custody::provider {
@@ -74,46 +75,39 @@ int GetContextParams(void* vctx, OSSL_PARAM params[]) {
   return 1;
 }
 
+// The signature parameters the tables below are made of.
+constexpr ParamGroup<2> kDigest = {
+    {Utf8(OSSL_SIGNATURE_PARAM_DIGEST), Utf8(OSSL_SIGNATURE_PARAM_PROPERTIES)}};
+constexpr ParamGroup<3> kRsaPadding = {{Utf8(OSSL_SIGNATURE_PARAM_PAD_MODE),
+                                        Utf8(OSSL_SIGNATURE_PARAM_MGF1_DIGEST),
+                                        Utf8(OSSL_SIGNATURE_PARAM_PSS_SALTLEN)}};
+constexpr ParamGroup<1> kMgf1Properties = {{Utf8(OSSL_SIGNATURE_PARAM_MGF1_PROPERTIES)}};
+constexpr ParamGroup<2> kAlgorithmAndDigest = {
+    {Octets(OSSL_SIGNATURE_PARAM_ALGORITHM_ID), Utf8(OSSL_SIGNATURE_PARAM_DIGEST)}};
+
 const OSSL_PARAM* SettableEc(void*, void*) {
-  static const OSSL_PARAM kParams[] = {
-      OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, nullptr, 0),
-      OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PROPERTIES, nullptr, 0), OSSL_PARAM_END};
-  return kParams;
+  static constexpr auto kParams = ParamTable(kDigest);
+  return kParams.data();
 }
 
 const OSSL_PARAM* SettableRsa(void*, void*) {
-  static const OSSL_PARAM kParams[] = {
-      OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, nullptr, 0),
-      OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PROPERTIES, nullptr, 0),
-      OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PAD_MODE, nullptr, 0),
-      OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_MGF1_DIGEST, nullptr, 0),
-      OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_MGF1_PROPERTIES, nullptr, 0),
-      OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PSS_SALTLEN, nullptr, 0),
-      OSSL_PARAM_END};
-  return kParams;
+  static constexpr auto kParams = ParamTable(kDigest, kRsaPadding, kMgf1Properties);
+  return kParams.data();
 }
 
 const OSSL_PARAM* SettableNone(void*, void*) {
-  static const OSSL_PARAM kParams[] = {OSSL_PARAM_END};
-  return kParams;
+  static constexpr auto kParams = ParamTable();
+  return kParams.data();
 }
 
 const OSSL_PARAM* Gettable(void*, void*) {
-  static const OSSL_PARAM kParams[] = {
-      OSSL_PARAM_octet_string(OSSL_SIGNATURE_PARAM_ALGORITHM_ID, nullptr, 0),
-      OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, nullptr, 0), OSSL_PARAM_END};
-  return kParams;
+  static constexpr auto kParams = ParamTable(kAlgorithmAndDigest);
+  return kParams.data();
 }
 
 const OSSL_PARAM* GettableRsa(void*, void*) {
-  static const OSSL_PARAM kParams[] = {
-      OSSL_PARAM_octet_string(OSSL_SIGNATURE_PARAM_ALGORITHM_ID, nullptr, 0),
-      OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, nullptr, 0),
-      OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PAD_MODE, nullptr, 0),
-      OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_MGF1_DIGEST, nullptr, 0),
-      OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PSS_SALTLEN, nullptr, 0),
-      OSSL_PARAM_END};
-  return kParams;
+  static constexpr auto kParams = ParamTable(kAlgorithmAndDigest, kRsaPadding);
+  return kParams.data();
 }
 
 // Shared by sign_init and digest_sign_init: binds the key and sets up the shadow context.
@@ -343,35 +337,32 @@ int DigestSignEd25519(void* vctx, unsigned char* sig, size_t* siglen, size_t sig
 
 }  // namespace
 
+// What ECDSA and RSA share: the context, sign and digest-sign, and the context parameters.
+#define CUSTODY_DIGEST_SIGNER_FNS                                           \
+  CUSTODY_FN(OSSL_FUNC_SIGNATURE_NEWCTX, NewContext),                       \
+      CUSTODY_FN(OSSL_FUNC_SIGNATURE_FREECTX, FreeContext),                 \
+      CUSTODY_FN(OSSL_FUNC_SIGNATURE_DUPCTX, DupContext),                   \
+      CUSTODY_FN(OSSL_FUNC_SIGNATURE_SIGN_INIT, SignInit),                  \
+      CUSTODY_FN(OSSL_FUNC_SIGNATURE_SIGN, Sign),                           \
+      CUSTODY_FN(OSSL_FUNC_SIGNATURE_DIGEST_SIGN_INIT, DigestSignInit),     \
+      CUSTODY_FN(OSSL_FUNC_SIGNATURE_DIGEST_SIGN_UPDATE, DigestSignUpdate), \
+      CUSTODY_FN(OSSL_FUNC_SIGNATURE_DIGEST_SIGN_FINAL, DigestSignFinal),   \
+      CUSTODY_FN(OSSL_FUNC_SIGNATURE_GET_CTX_PARAMS, GetContextParams),     \
+      CUSTODY_FN(OSSL_FUNC_SIGNATURE_SET_CTX_PARAMS, SetContextParams)
+
 const OSSL_DISPATCH kEcdsaSignature[] = {
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_NEWCTX, NewContext),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_FREECTX, FreeContext),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_DUPCTX, DupContext),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_SIGN_INIT, SignInit),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_SIGN, Sign),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_DIGEST_SIGN_INIT, DigestSignInit),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_DIGEST_SIGN_UPDATE, DigestSignUpdate),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_DIGEST_SIGN_FINAL, DigestSignFinal),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_GET_CTX_PARAMS, GetContextParams),
+    CUSTODY_DIGEST_SIGNER_FNS,
     CUSTODY_FN(OSSL_FUNC_SIGNATURE_GETTABLE_CTX_PARAMS, Gettable),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_SET_CTX_PARAMS, SetContextParams),
     CUSTODY_FN(OSSL_FUNC_SIGNATURE_SETTABLE_CTX_PARAMS, SettableEc),
     {0, nullptr}};
 
 const OSSL_DISPATCH kRsaSignature[] = {
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_NEWCTX, NewContext),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_FREECTX, FreeContext),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_DUPCTX, DupContext),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_SIGN_INIT, SignInit),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_SIGN, Sign),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_DIGEST_SIGN_INIT, DigestSignInit),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_DIGEST_SIGN_UPDATE, DigestSignUpdate),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_DIGEST_SIGN_FINAL, DigestSignFinal),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_GET_CTX_PARAMS, GetContextParams),
+    CUSTODY_DIGEST_SIGNER_FNS,
     CUSTODY_FN(OSSL_FUNC_SIGNATURE_GETTABLE_CTX_PARAMS, GettableRsa),
-    CUSTODY_FN(OSSL_FUNC_SIGNATURE_SET_CTX_PARAMS, SetContextParams),
     CUSTODY_FN(OSSL_FUNC_SIGNATURE_SETTABLE_CTX_PARAMS, SettableRsa),
     {0, nullptr}};
+
+#undef CUSTODY_DIGEST_SIGNER_FNS
 
 const OSSL_DISPATCH kEd25519Signature[] = {
     CUSTODY_FN(OSSL_FUNC_SIGNATURE_NEWCTX, NewContext),

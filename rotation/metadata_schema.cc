@@ -375,4 +375,13 @@ template std::string Canonical(std::span<const Column<RingRecord>>, const char*,
 template std::string Canonical(std::span<const Column<VersionRecord>>, const char*,
                                const VersionRecord&);
 
+absl::Status RowNotFound(const RingRecord& ring) {
+  return absl::NotFoundError(absl::StrCat("ring '", ring.name, "' not found"));
+}
+
+absl::Status RowNotFound(const VersionRecord& version) {
+  return absl::NotFoundError(absl::StrCat("metadata store: version ", version.version, " of '",
+                                          version.ring, "' not found"));
+}
+
 }  // namespace custody::rotation::schema

@@ -72,6 +72,17 @@ const Table& RingsTable();
 const Table& VersionsTable();
 const Table& AnchorsTable();
 
+// A record's table and columns, and the NOT_FOUND an update of its missing row answers: for the
+// stores' code written once for rings and versions.
+inline const Table& TableOf(const RingRecord&) { return RingsTable(); }
+inline const Table& TableOf(const VersionRecord&) { return VersionsTable(); }
+inline std::span<const Column<RingRecord>> ColumnsOf(const RingRecord&) { return RingColumns(); }
+inline std::span<const Column<VersionRecord>> ColumnsOf(const VersionRecord&) {
+  return VersionColumns();
+}
+absl::Status RowNotFound(const RingRecord& ring);
+absl::Status RowNotFound(const VersionRecord& version);
+
 // The numbered migrations, applied in order by both stores; the latest is the schema version a
 // database is brought to.
 int LatestVersion();

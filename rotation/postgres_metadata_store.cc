@@ -16,6 +16,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "common/caller_message.h"
+#include "common/status_macros.h"
 #include "rotation/metadata_schema.h"
 #include "rotation/postgres_connection.h"
 #include "rotation/record_tag.h"
@@ -37,6 +38,16 @@ using postgres::Params;
 using postgres::ReadRow;
 using postgres::Text;
 using postgres::Trim;
+
+// Runs `statement` with `record`'s row as its parameters, on the store's Connection (its lock
+// held).
+template <typename Connection, typename Record>
+absl::StatusOr<postgres::Result> ExecRow(Connection& c, const schema::Statement& statement,
+                                         const Record& record, const std::string& tag) {
+  return c.Exec(statement.sql,
+                Params(schema::TableOf(record), statement,
+                       schema::Encode(kPostgres, schema::ColumnsOf(record), record, tag)));
+}
 
 // A text[] literal.
 std::string ArrayLiteral(const std::vector<std::string>& items) {
@@ -181,15 +192,10 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
 
   Connection& c = *conn_;
   absl::MutexLock lock(&c.mu);
-  const schema::Table& rings = schema::RingsTable();
-  const schema::Table& versions = schema::VersionsTable();
   auto attempt = [&]() -> absl::Status {
     for (size_t i = 0; i < m.insert_rings.size(); ++i) {
       const RingRecord& r = m.insert_rings[i];
-      auto res = c.Exec(
-          statements_.insert_ring.sql,
-          Params(rings, statements_.insert_ring,
-                 schema::Encode(kPostgres, schema::RingColumns(), r, tags->insert_rings[i])));
+      auto res = ExecRow(c, statements_.insert_ring, r, tags->insert_rings[i]);
       if (absl::IsAlreadyExists(res.status())) {
         return absl::AlreadyExistsError(absl::StrCat("ring '", r.name, "' already exists"));
       }
@@ -218,37 +224,28 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
                                                it->second, ", expected ", expected, "); retry"));
       }
     }
+    // An UPDATE of one record's row (its key, object_id and create_time are not set).
+    auto update = [&](const schema::Statement& statement, const auto& record,
+                      const std::string& tag) -> absl::Status {
+      CUSTODY_ASSIGN_OR_RETURN(postgres::Result res, ExecRow(c, statement, record, tag));
+      if (std::string(PQcmdTuples(res.get())) != "1") return schema::RowNotFound(record);
+      return absl::OkStatus();
+    };
     for (size_t i = 0; i < m.update_rings.size(); ++i) {
-      const RingRecord& r = m.update_rings[i];
-      auto res = c.Exec(
-          statements_.update_ring.sql,
-          Params(rings, statements_.update_ring,
-                 schema::Encode(kPostgres, schema::RingColumns(), r, tags->update_rings[i])));
-      if (!res.ok()) return res.status();
-      if (std::string(PQcmdTuples(res->get())) != "1") {
-        return absl::NotFoundError(absl::StrCat("ring '", r.name, "' not found"));
-      }
+      CUSTODY_RETURN_IF_ERROR(
+          update(statements_.update_ring, m.update_rings[i], tags->update_rings[i]));
     }
     // Versions leaving ACTIVE are updated first, then versions are inserted, then versions
     // become ACTIVE: the one-ACTIVE index holds after each statement of a swap.
-    auto update = [&](size_t index) -> absl::Status {
-      const VersionRecord* v = &m.update_versions[index];
-      // ring, version (the key), object_id and create_time (fixed at creation) are not set.
-      auto res = c.Exec(statements_.update_version.sql,
-                        Params(versions, statements_.update_version,
-                               schema::Encode(kPostgres, schema::VersionColumns(), *v,
-                                              tags->update_versions[index])));
-      if (!res.ok()) return res.status();
-      if (std::string(PQcmdTuples(res->get())) != "1") {
-        return absl::NotFoundError(
-            absl::StrCat("metadata store: version ", v->version, " of '", v->ring, "' not found"));
+    auto update_versions = [&](bool active) -> absl::Status {
+      for (size_t i = 0; i < m.update_versions.size(); ++i) {
+        if ((m.update_versions[i].state == VersionState::kActive) != active) continue;
+        CUSTODY_RETURN_IF_ERROR(
+            update(statements_.update_version, m.update_versions[i], tags->update_versions[i]));
       }
       return absl::OkStatus();
     };
-    for (size_t i = 0; i < m.update_versions.size(); ++i) {
-      if (m.update_versions[i].state == VersionState::kActive) continue;
-      if (absl::Status s = update(i); !s.ok()) return s;
-    }
+    CUSTODY_RETURN_IF_ERROR(update_versions(/*active=*/false));
     for (size_t i = 0; i < m.insert_versions.size(); ++i) {
       const VersionRecord& v = m.insert_versions[i];
       if (generations.count(v.ring) == 0) {
@@ -273,16 +270,10 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
                                                "' is not the next number (", *max + 1,
                                                "): another replica changed the ring; retry"));
       }
-      res = c.Exec(
-          statements_.insert_version.sql,
-          Params(versions, statements_.insert_version,
-                 schema::Encode(kPostgres, schema::VersionColumns(), v, tags->insert_versions[i])));
+      res = ExecRow(c, statements_.insert_version, v, tags->insert_versions[i]);
       if (!res.ok()) return res.status();
     }
-    for (size_t i = 0; i < m.update_versions.size(); ++i) {
-      if (m.update_versions[i].state != VersionState::kActive) continue;
-      if (absl::Status s = update(i); !s.ok()) return s;
-    }
+    CUSTODY_RETURN_IF_ERROR(update_versions(/*active=*/true));
     for (const auto& [ring, version] : m.delete_versions) {
       auto res = c.Exec("DELETE FROM versions WHERE ring=$1 AND version=$2::bigint",
                         {ring, absl::StrCat(version)});
@@ -339,26 +330,18 @@ template <typename Record>
 absl::StatusOr<std::vector<Record>> PostgresMetadataStore::Load(
     const schema::Table& table, std::span<const schema::Column<Record>> columns,
     const char* order_by) {
-  std::vector<Record> records;
-  std::vector<std::string> tags;
+  std::vector<std::vector<schema::Value>> rows;
   {
     Connection& c = *conn_;
     absl::MutexLock lock(&c.mu);
     auto res = c.Read(options_, absl::StrCat("SELECT ", schema::ColumnList(kPostgres, table),
                                              " FROM ", table.name, " ORDER BY ", order_by));
     if (!res.ok()) return res.status();
-    const PGresult* r = res->get();
-    for (int i = 0; i < PQntuples(r); ++i) {
-      auto row = ReadRow(r, i, table);
-      if (!row.ok()) return row.status();
-      auto record = schema::Decode(kPostgres, columns, *row, &tags.emplace_back());
-      if (!record.ok()) return record.status();
-      records.push_back(*std::move(record));
+    for (int i = 0; i < PQntuples(res->get()); ++i) {
+      CUSTODY_ASSIGN_OR_RETURN(rows.emplace_back(), ReadRow(res->get(), i, table));
     }
   }
-  // Checked after the connection's lock is released: a check may be a token call.
-  if (absl::Status s = CheckTags(options_.tagger, records, tags); !s.ok()) return s;
-  return records;
+  return DecodeChecked(kPostgres, columns, rows, options_.tagger);
 }
 
 absl::StatusOr<std::vector<RingRecord>> PostgresMetadataStore::LoadRings() {

@@ -9,6 +9,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "rotation/metadata_schema.h"
 #include "rotation/metadata_store.h"
 
@@ -24,6 +25,24 @@ absl::StatusOr<TagCheck> Check(const RecordTagger* tagger, const std::string& me
   auto ok = tagger->Verify(message, tag);
   if (!ok.ok()) return ok.status();
   return *ok ? TagCheck::kValid : TagCheck::kMismatch;
+}
+
+std::string Canonical(const RingRecord& ring) { return CanonicalRing(ring); }
+std::string Canonical(const VersionRecord& version) { return CanonicalVersion(version); }
+
+// Appends each record's tag to `out` (empty ones without a tagger).
+template <typename Record>
+absl::Status TagEach(const RecordTagger* tagger, const std::vector<Record>& records,
+                     std::vector<std::string>* out) {
+  for (const Record& record : records) {
+    if (tagger == nullptr) {
+      out->emplace_back();
+      continue;
+    }
+    CUSTODY_ASSIGN_OR_RETURN(std::string tag, tagger->Tag(Canonical(record)));
+    out->push_back(std::move(tag));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -58,29 +77,14 @@ absl::StatusOr<TagCheck> CheckVersionTag(const RecordTagger* tagger, const Versi
 
 absl::StatusOr<MutationTags> TagMutation(const RecordTagger* tagger, const Mutation& m) {
   MutationTags tags;
-  for (const auto& [records, out] : {std::pair{&m.insert_rings, &tags.insert_rings},
-                                     std::pair{&m.update_rings, &tags.update_rings}}) {
-    for (const RingRecord& r : *records) {
-      auto tag = TagRing(tagger, r);
-      if (!tag.ok()) return tag.status();
-      out->push_back(*std::move(tag));
-    }
-  }
-  for (const auto& [records, out] : {std::pair{&m.insert_versions, &tags.insert_versions},
-                                     std::pair{&m.update_versions, &tags.update_versions}}) {
-    for (const VersionRecord& v : *records) {
-      auto tag = TagVersion(tagger, v);
-      if (!tag.ok()) return tag.status();
-      out->push_back(*std::move(tag));
-    }
-  }
+  CUSTODY_RETURN_IF_ERROR(TagEach(tagger, m.insert_rings, &tags.insert_rings));
+  CUSTODY_RETURN_IF_ERROR(TagEach(tagger, m.update_rings, &tags.update_rings));
+  CUSTODY_RETURN_IF_ERROR(TagEach(tagger, m.insert_versions, &tags.insert_versions));
+  CUSTODY_RETURN_IF_ERROR(TagEach(tagger, m.update_versions, &tags.update_versions));
   return tags;
 }
 
 namespace {
-
-std::string Canonical(const RingRecord& ring) { return CanonicalRing(ring); }
-std::string Canonical(const VersionRecord& version) { return CanonicalVersion(version); }
 
 template <typename Record>
 absl::Status CheckEach(const RecordTagger* tagger, std::vector<Record>& records,

@@ -10,6 +10,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "common/caller_message.h"
+#include "common/status_macros.h"
 #include "rotation/metadata_schema.h"
 #include "rotation/record_tag.h"
 
@@ -132,6 +133,29 @@ absl::Status StepDone(sqlite3* db, sqlite3_stmt* s, absl::string_view what) {
   return SqliteError(db, what);
 }
 
+// Runs `statement` with `record`'s row bound; the number of rows it changed.
+template <typename Record>
+absl::StatusOr<int> WriteRow(sqlite3* db, const schema::Statement& statement, const Record& record,
+                             const std::string& tag, absl::string_view what) {
+  auto stmt = PrepareBound(db, schema::TableOf(record), statement,
+                           schema::Encode(kSqlite, schema::ColumnsOf(record), record, tag));
+  if (!stmt.ok()) return stmt.status();
+  CUSTODY_RETURN_IF_ERROR(StepDone(db, stmt->get(), what));
+  return sqlite3_changes(db);
+}
+
+// Updates each record's row; NOT_FOUND when one has none.
+template <typename Record>
+absl::Status UpdateRows(sqlite3* db, const schema::Statement& statement,
+                        const std::vector<Record>& records, const std::vector<std::string>& tags,
+                        absl::string_view what) {
+  for (size_t i = 0; i < records.size(); ++i) {
+    CUSTODY_ASSIGN_OR_RETURN(int changed, WriteRow(db, statement, records[i], tags[i], what));
+    if (changed != 1) return schema::RowNotFound(records[i]);
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<MetadataStore>> OpenSqliteMetadataStore(const std::string& path,
@@ -237,39 +261,21 @@ absl::Status SqliteMetadataStore::Exec(const std::string& sql) {
 }
 
 absl::Status SqliteMetadataStore::Apply(const Mutation& m, const MutationTags& tags) {
-  const schema::Table& rings = schema::RingsTable();
-  const schema::Table& versions = schema::VersionsTable();
   for (size_t i = 0; i < m.insert_rings.size(); ++i) {
     const RingRecord& r = m.insert_rings[i];
-    auto stmt =
-        PrepareBound(db_, rings, statements_.insert_ring,
-                     schema::Encode(kSqlite, schema::RingColumns(), r, tags.insert_rings[i]));
-    if (!stmt.ok()) return stmt.status();
-    if (absl::Status s = StepDone(db_, stmt->get(), "insert ring"); !s.ok()) {
-      return absl::IsAlreadyExists(s)
-                 ? absl::AlreadyExistsError(absl::StrCat("ring '", r.name, "' already exists"))
-                 : s;
+    auto written = WriteRow(db_, statements_.insert_ring, r, tags.insert_rings[i], "insert ring");
+    if (absl::IsAlreadyExists(written.status())) {
+      return absl::AlreadyExistsError(absl::StrCat("ring '", r.name, "' already exists"));
     }
+    if (!written.ok()) return written.status();
   }
-  for (size_t i = 0; i < m.update_rings.size(); ++i) {
-    const RingRecord& r = m.update_rings[i];
-    auto stmt =
-        PrepareBound(db_, rings, statements_.update_ring,
-                     schema::Encode(kSqlite, schema::RingColumns(), r, tags.update_rings[i]));
-    if (!stmt.ok()) return stmt.status();
-    if (absl::Status st = StepDone(db_, stmt->get(), "update ring"); !st.ok()) return st;
-    if (sqlite3_changes(db_) != 1) {
-      return absl::NotFoundError(absl::StrCat("ring '", r.name, "' not found"));
-    }
-  }
+  CUSTODY_RETURN_IF_ERROR(
+      UpdateRows(db_, statements_.update_ring, m.update_rings, tags.update_rings, "update ring"));
   for (size_t i = 0; i < m.insert_versions.size(); ++i) {
     const VersionRecord& v = m.insert_versions[i];
-    auto stmt =
-        PrepareBound(db_, versions, statements_.insert_version,
-                     schema::Encode(kSqlite, schema::VersionColumns(), v, tags.insert_versions[i]));
-    if (!stmt.ok()) return stmt.status();
-    absl::Status s = StepDone(db_, stmt->get(), "insert version");
-    if (absl::IsAlreadyExists(s)) {
+    auto written =
+        WriteRow(db_, statements_.insert_version, v, tags.insert_versions[i], "insert version");
+    if (absl::IsAlreadyExists(written.status())) {
       // The REFERENCES constraint fails the same way as a duplicate; tell them apart.
       auto ring = Prepare(db_, "SELECT 1 FROM rings WHERE name=?");
       if (!ring.ok()) return ring.status();
@@ -278,20 +284,10 @@ absl::Status SqliteMetadataStore::Apply(const Mutation& m, const MutationTags& t
         return absl::NotFoundError(absl::StrCat("ring '", v.ring, "' not found"));
       }
     }
-    if (!s.ok()) return s;
+    if (!written.ok()) return written.status();
   }
-  for (size_t i = 0; i < m.update_versions.size(); ++i) {
-    const VersionRecord& v = m.update_versions[i];
-    auto stmt =
-        PrepareBound(db_, versions, statements_.update_version,
-                     schema::Encode(kSqlite, schema::VersionColumns(), v, tags.update_versions[i]));
-    if (!stmt.ok()) return stmt.status();
-    if (absl::Status st = StepDone(db_, stmt->get(), "update version"); !st.ok()) return st;
-    if (sqlite3_changes(db_) != 1) {
-      return absl::NotFoundError(
-          absl::StrCat("metadata store: version ", v.version, " of '", v.ring, "' not found"));
-    }
-  }
+  CUSTODY_RETURN_IF_ERROR(UpdateRows(db_, statements_.update_version, m.update_versions,
+                                     tags.update_versions, "update version"));
   for (const auto& [ring, version] : m.delete_versions) {
     auto del = Prepare(db_, "DELETE FROM versions WHERE ring=? AND version=?");
     if (!del.ok()) return del.status();
@@ -324,25 +320,18 @@ template <typename Record>
 absl::StatusOr<std::vector<Record>> SqliteMetadataStore::Load(
     const schema::Table& table, std::span<const schema::Column<Record>> columns,
     const char* order_by) {
-  std::vector<Record> records;
-  std::vector<std::string> tags;
+  std::vector<std::vector<schema::Value>> rows;
   {
     absl::MutexLock lock(&mu_);
     auto stmt = Prepare(db_, absl::StrCat("SELECT ", schema::ColumnList(kSqlite, table), " FROM ",
                                           table.name, " ORDER BY ", order_by));
     if (!stmt.ok()) return stmt.status();
     int rc;
-    while ((rc = sqlite3_step(stmt->get())) == SQLITE_ROW) {
-      auto record =
-          schema::Decode(kSqlite, columns, ReadRow(stmt->get(), table), &tags.emplace_back());
-      if (!record.ok()) return record.status();
-      records.push_back(*std::move(record));
-    }
+    while ((rc = sqlite3_step(stmt->get())) == SQLITE_ROW)
+      rows.push_back(ReadRow(stmt->get(), table));
     if (rc != SQLITE_DONE) return SqliteError(db_, absl::StrCat("load ", table.name));
   }
-  // Checked after the lock is released: a check may be a token call.
-  if (absl::Status s = CheckTags(tagger_, records, tags); !s.ok()) return s;
-  return records;
+  return DecodeChecked(kSqlite, columns, rows, tagger_);
 }
 
 absl::StatusOr<std::vector<RingRecord>> SqliteMetadataStore::LoadRings() {

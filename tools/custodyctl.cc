@@ -129,6 +129,11 @@ int AuditVerify(const std::vector<std::string>& files, const Args& args) {
   return chains.ok() ? 0 : 1;
 }
 
+int PrintLine(const std::string& text) {
+  std::cout << text << "\n";
+  return 0;
+}
+
 int PrintJson(const google::protobuf::Message& message) {
   std::string json;
   google::protobuf::util::JsonPrintOptions options;
@@ -256,8 +261,7 @@ class Ctl {
     custody::v1::KeyRing ring;
     auto ctx = Context();
     grpc::Status s = admin_->CreateKeyRing(ctx.get(), req, &ring);
-    Wipe(req.mutable_import_key()->mutable_private_jwk());
-    Wipe(req.mutable_import_key()->mutable_pkcs8_pem());
+    Wipe(req.mutable_import_key());
     return s.ok() ? PrintJson(ring) : Failed(s);
   }
 
@@ -292,9 +296,7 @@ class Ctl {
     custody::v1::SignJwsResponse resp;
     grpc::Status s =
         Idempotent([&](grpc::ClientContext& ctx) { return signer_->SignJws(&ctx, req, &resp); });
-    if (!s.ok()) return Failed(s);
-    std::cout << resp.jws() << "\n";
-    return 0;
+    return s.ok() ? PrintLine(resp.jws()) : Failed(s);
   }
 
   static bool HasPolicyFlags(const Args& args) {
@@ -456,9 +458,7 @@ class Ctl {
     custody::v1::GetJwksResponse resp;
     grpc::Status s =
         Idempotent([&](grpc::ClientContext& ctx) { return signer_->GetJwks(&ctx, req, &resp); });
-    if (!s.ok()) return Failed(s);
-    std::cout << resp.jwks() << "\n";
-    return 0;
+    return s.ok() ? PrintLine(resp.jwks()) : Failed(s);
   }
 
   // Reads a private key file into `out` (one of the two paths must be set).
@@ -483,13 +483,17 @@ class Ctl {
     custody::v1::KeyRing ring;
     auto ctx = Context();
     grpc::Status s = admin_->ImportKeyVersion(ctx.get(), req, &ring);
-    Wipe(req.mutable_key()->mutable_private_jwk());
-    Wipe(req.mutable_key()->mutable_pkcs8_pem());
+    Wipe(req.mutable_key());
     return s.ok() ? PrintJson(ring) : Failed(s);
   }
 
   static void Wipe(std::string* s) {
     if (!s->empty()) OPENSSL_cleanse(s->data(), s->size());
+  }
+
+  static void Wipe(custody::v1::PrivateKeyMaterial* key) {
+    Wipe(key->mutable_private_jwk());
+    Wipe(key->mutable_pkcs8_pem());
   }
 
   int Decrypt(const std::string& name, const Args& args) {

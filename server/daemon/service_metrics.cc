@@ -33,6 +33,15 @@ void Scalar(ExpositionWriter& out, absl::string_view name, absl::string_view hel
   out.Sample(name, {}, value);
 }
 
+void Counter(ExpositionWriter& out, absl::string_view name, absl::string_view help,
+             uint64_t value) {
+  Scalar(out, name, help, MetricType::kCounter, static_cast<double>(value));
+}
+
+void Gauge(ExpositionWriter& out, absl::string_view name, absl::string_view help, double value) {
+  Scalar(out, name, help, MetricType::kGauge, value);
+}
+
 void WriteToken(ExpositionWriter& out, const pkcs11::Token& token) {
   const pkcs11::Token::Metrics m = token.GetMetrics();
   out.Family("custody_hsm_errors_total",
@@ -69,55 +78,51 @@ void WriteToken(ExpositionWriter& out, const pkcs11::Token& token) {
     out.Histogram("custody_hsm_operation_duration_seconds", {{"operation", op.name}}, bounds,
                   cumulative, static_cast<double>(op.latency->total_micros) / 1e6);
   }
-  Scalar(out, "custody_hsm_retries_total", "Token operations run a second time after a recovery.",
-         MetricType::kCounter, static_cast<double>(m.retries));
-  Scalar(out, "custody_hsm_session_recoveries_total",
-         "Sessions re-opened and logged in again by a recovery.", MetricType::kCounter,
-         static_cast<double>(m.recoveries));
-  Scalar(out, "custody_hsm_module_reinitializations_total",
-         "C_Finalize + C_Initialize cycles after the device was removed.", MetricType::kCounter,
-         static_cast<double>(m.module_reinitializations));
-  Scalar(out, "custody_hsm_reinit_backoffs_total",
-         "Recoveries refused at once because module re-initialization was backing off.",
-         MetricType::kCounter, static_cast<double>(m.reinit_backoffs));
-  Scalar(out, "custody_hsm_pool_sessions_in_use", "PKCS#11 sessions leased to calls now.",
-         MetricType::kGauge, static_cast<double>(m.pool_in_use));
-  Scalar(out, "custody_hsm_pool_sessions_max", "Size of the PKCS#11 session pool (--max_sessions).",
-         MetricType::kGauge, static_cast<double>(m.pool_max_sessions));
-  Scalar(out, "custody_hsm_pool_waiters", "Calls waiting for a PKCS#11 session now.",
-         MetricType::kGauge, static_cast<double>(m.pool_waiting));
-  Scalar(out, "custody_hsm_pool_waits_total", "Calls that had to wait for a PKCS#11 session.",
-         MetricType::kCounter, static_cast<double>(m.pool_waits));
-  Scalar(out, "custody_hsm_pool_rejections_total",
-         "Calls refused at once (RESOURCE_EXHAUSTED) because too many were already waiting.",
-         MetricType::kCounter, static_cast<double>(m.pool_rejections));
-  Scalar(out, "custody_hsm_pool_timeouts_total",
-         "Calls that waited the pool's limit (2 s) without getting a session.",
-         MetricType::kCounter, static_cast<double>(m.pool_timeouts));
-  Scalar(out, "custody_hsm_up",
-         "1 while the token serves operations, 0 after a failed recovery until one succeeds.",
-         MetricType::kGauge, token.Healthy() ? 1 : 0);
+  Counter(out, "custody_hsm_retries_total", "Token operations run a second time after a recovery.",
+          m.retries);
+  Counter(out, "custody_hsm_session_recoveries_total",
+          "Sessions re-opened and logged in again by a recovery.", m.recoveries);
+  Counter(out, "custody_hsm_module_reinitializations_total",
+          "C_Finalize + C_Initialize cycles after the device was removed.",
+          m.module_reinitializations);
+  Counter(out, "custody_hsm_reinit_backoffs_total",
+          "Recoveries refused at once because module re-initialization was backing off.",
+          m.reinit_backoffs);
+  Gauge(out, "custody_hsm_pool_sessions_in_use", "PKCS#11 sessions leased to calls now.",
+        m.pool_in_use);
+  Gauge(out, "custody_hsm_pool_sessions_max", "Size of the PKCS#11 session pool (--max_sessions).",
+        m.pool_max_sessions);
+  Gauge(out, "custody_hsm_pool_waiters", "Calls waiting for a PKCS#11 session now.",
+        m.pool_waiting);
+  Counter(out, "custody_hsm_pool_waits_total", "Calls that had to wait for a PKCS#11 session.",
+          m.pool_waits);
+  Counter(out, "custody_hsm_pool_rejections_total",
+          "Calls refused at once (RESOURCE_EXHAUSTED) because too many were already waiting.",
+          m.pool_rejections);
+  Counter(out, "custody_hsm_pool_timeouts_total",
+          "Calls that waited the pool's limit (2 s) without getting a session.", m.pool_timeouts);
+  Gauge(out, "custody_hsm_up",
+        "1 while the token serves operations, 0 after a failed recovery until one succeeds.",
+        token.Healthy() ? 1 : 0);
 }
 
 void WriteAudit(ExpositionWriter& out, const AuditLog& audit) {
   const AuditLog::Stats s = audit.stats();
-  Scalar(out, "custody_audit_lines_total", "Audit lines written and fsynced.", MetricType::kCounter,
-         static_cast<double>(s.lines));
-  Scalar(out, "custody_audit_group_commits_total",
-         "Successful group commits (one write and fsync for all lines queued).",
-         MetricType::kCounter, static_cast<double>(s.batches));
-  Scalar(out, "custody_audit_write_failures_total",
-         "Group commits that failed (write or fsync error); their calls were refused.",
-         MetricType::kCounter, static_cast<double>(s.failures));
-  Scalar(out, "custody_audit_fsyncs_total", "fsync calls on audit files and their directory.",
-         MetricType::kCounter, static_cast<double>(s.fsyncs));
+  Counter(out, "custody_audit_lines_total", "Audit lines written and fsynced.", s.lines);
+  Counter(out, "custody_audit_group_commits_total",
+          "Successful group commits (one write and fsync for all lines queued).", s.batches);
+  Counter(out, "custody_audit_write_failures_total",
+          "Group commits that failed (write or fsync error); their calls were refused.",
+          s.failures);
+  Counter(out, "custody_audit_fsyncs_total", "fsync calls on audit files and their directory.",
+          s.fsyncs);
   out.Family("custody_audit_fsync_duration_seconds", "Duration of each audit fsync.",
              MetricType::kHistogram);
   metrics::Histogram::Snapshot h = audit.fsync_seconds().Read();
   out.Histogram("custody_audit_fsync_duration_seconds", {}, h.bounds, h.cumulative, h.sum);
-  Scalar(out, "custody_audit_up",
-         "1 while the audit log can be written, 0 after a failed commit until one succeeds.",
-         MetricType::kGauge, audit.healthy() ? 1 : 0);
+  Gauge(out, "custody_audit_up",
+        "1 while the audit log can be written, 0 after a failed commit until one succeeds.",
+        audit.healthy() ? 1 : 0);
 }
 
 void WriteRings(ExpositionWriter& out, const KeyService& keys, RequestMetrics* requests,
@@ -153,8 +158,7 @@ void WriteRings(ExpositionWriter& out, const KeyService& keys, RequestMetrics* r
   auto labels = [&](const std::string& label) {
     return by_ring ? metrics::Labels{{"ring", label}} : metrics::Labels{};
   };
-  Scalar(out, "custody_rings", "Key rings in the metadata.", MetricType::kGauge,
-         listed->rings_size());
+  Gauge(out, "custody_rings", "Key rings in the metadata.", listed->rings_size());
   out.Family("custody_ring_versions",
              "Key versions by ring and state (PENDING, ACTIVE, RETIRED, DISABLED, "
              "DESTROY_SCHEDULED, DESTROYING, DESTROYED, CREATING).",
@@ -183,18 +187,18 @@ void WriteRings(ExpositionWriter& out, const KeyService& keys, RequestMetrics* r
   for (const auto& [label, a] : rings) {
     if (a.active_age) out.Sample("custody_ring_active_age_seconds", labels(label), *a.active_age);
   }
-  Scalar(out, "custody_key_versions_untrusted",
-         "Key versions out of service because the token does not vouch for their metadata (the "
-         "public key is not their token object's, or the record's tag does not verify): the "
-         "metadata was changed outside custody.",
-         MetricType::kGauge, untrusted);
-  Scalar(out, "custody_rings_untrusted",
-         "Key rings not served because their metadata record's tag does not verify: the "
-         "metadata was changed outside custody.",
-         MetricType::kGauge, listed->untrusted_rings_size());
-  Scalar(out, "custody_orphaned_token_objects",
-         "custody-labelled token objects that no metadata names (see ListKeyRings).",
-         MetricType::kGauge, listed->orphaned_objects_size());
+  Gauge(out, "custody_key_versions_untrusted",
+        "Key versions out of service because the token does not vouch for their metadata (the "
+        "public key is not their token object's, or the record's tag does not verify): the "
+        "metadata was changed outside custody.",
+        untrusted);
+  Gauge(out, "custody_rings_untrusted",
+        "Key rings not served because their metadata record's tag does not verify: the "
+        "metadata was changed outside custody.",
+        listed->untrusted_rings_size());
+  Gauge(out, "custody_orphaned_token_objects",
+        "custody-labelled token objects that no metadata names (see ListKeyRings).",
+        listed->orphaned_objects_size());
 }
 
 // notAfter of the first certificate in a PEM file, as Unix seconds.
@@ -215,12 +219,12 @@ std::string RenderMetrics(const MetricsSources& sources, absl::Time now) {
   out.Family("custody_build_info", "custodyd's version (the value is always 1).",
              MetricType::kGauge);
   out.Sample("custody_build_info", {{"version", CUSTODY_VERSION}}, 1);
-  Scalar(out, "custody_start_time_seconds", "When custodyd started (Unix seconds).",
-         MetricType::kGauge, absl::ToDoubleSeconds(sources.start_time - absl::UnixEpoch()));
+  Gauge(out, "custody_start_time_seconds", "When custodyd started (Unix seconds).",
+        absl::ToDoubleSeconds(sources.start_time - absl::UnixEpoch()));
   if (sources.serving) {
-    Scalar(out, "custody_health_serving",
-           "1 while grpc.health.v1 reports SERVING (token and audit log usable), else 0.",
-           MetricType::kGauge, sources.serving() ? 1 : 0);
+    Gauge(out, "custody_health_serving",
+          "1 while grpc.health.v1 reports SERVING (token and audit log usable), else 0.",
+          sources.serving() ? 1 : 0);
   }
   if (sources.requests != nullptr) sources.requests->Write(out);
   if (sources.token != nullptr) WriteToken(out, *sources.token);

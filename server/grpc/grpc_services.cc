@@ -130,6 +130,16 @@ void WipeKeyMaterial(const v1::PrivateKeyMaterial& material) {
 // covers this name, which only the catch-all patterns ("**", "*") match.
 constexpr char kOrphansResource[] = ".orphans";
 
+// A lifecycle call on one version: audited with the version, run by `method` when authorized.
+grpc::Status VersionCall(
+    RequestGuard* guard, const grpc::ServerContext& context, absl::string_view operation,
+    const v1::KeyVersionRequest& request, v1::KeyRing* response, KeyService* keys,
+    absl::StatusOr<v1::KeyRing> (KeyService::*method)(const v1::KeyVersionRequest&)) {
+  Call call(guard, context, operation, request.ring());
+  call.event().version = request.version();
+  return call.Run(response, [&] { return (keys->*method)(request); });
+}
+
 }  // namespace
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
@@ -190,11 +200,12 @@ grpc::Status SignerService::RunBatch(const grpc::ServerContext& context, const c
   return grpc::Status::OK;
 }
 
-template <typename Request, typename Response, typename Serve>
-grpc::ServerUnaryReactor* SignerService::ServeUnary(grpc::CallbackServerContext* context,
-                                                    const grpc::ByteBuffer* request_bytes,
-                                                    grpc::ByteBuffer* response_bytes,
-                                                    const char* operation, Serve serve) {
+template <typename Request, typename Response>
+grpc::ServerUnaryReactor* SignerService::ServeUnary(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request_bytes,
+    grpc::ByteBuffer* response_bytes, const char* operation,
+    grpc::Status (SignerService::*serve)(const grpc::ServerContextBase&, const Request&,
+                                         Response*)) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   auto request = std::make_shared<Request>();
   grpc::ByteBuffer bytes(*request_bytes);  // shares the slices; the parser consumes its buffer
@@ -205,7 +216,7 @@ grpc::ServerUnaryReactor* SignerService::ServeUnary(grpc::CallbackServerContext*
   }
   auto run = [this, context, request, response_bytes, reactor, serve] {
     Response response;
-    grpc::Status status = serve(*context, *request, &response);
+    grpc::Status status = (this->*serve)(*context, *request, &response);
     if (status.ok()) {
       bool own_buffer;
       status =
@@ -229,10 +240,7 @@ grpc::ServerUnaryReactor* SignerService::ServeUnary(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* SignerService::SignJws(grpc::CallbackServerContext* context,
                                                  const grpc::ByteBuffer* request,
                                                  grpc::ByteBuffer* response) {
-  return ServeUnary<v1::SignJwsRequest, v1::SignJwsResponse>(
-      context, request, response, kOpSign,
-      [this](const grpc::ServerContextBase& c, const v1::SignJwsRequest& r,
-             v1::SignJwsResponse* out) { return SignJwsCall(c, r, out); });
+  return ServeUnary(context, request, response, kOpSign, &SignerService::SignJwsCall);
 }
 
 grpc::Status SignerService::SignJwsCall(const grpc::ServerContextBase& context,
@@ -264,11 +272,7 @@ grpc::Status SignerService::DecryptJweBatch(grpc::ServerContext* context,
 grpc::ServerUnaryReactor* SignerService::Sign(grpc::CallbackServerContext* context,
                                               const grpc::ByteBuffer* request,
                                               grpc::ByteBuffer* response) {
-  return ServeUnary<v1::SignRequest, v1::SignResponse>(
-      context, request, response, kOpSign,
-      [this](const grpc::ServerContextBase& c, const v1::SignRequest& r, v1::SignResponse* out) {
-        return SignCall(c, r, out);
-      });
+  return ServeUnary(context, request, response, kOpSign, &SignerService::SignCall);
 }
 
 grpc::Status SignerService::SignCall(const grpc::ServerContextBase& context,
@@ -288,10 +292,7 @@ grpc::Status SignerService::GetPublicKey(grpc::ServerContext* context,
 grpc::ServerUnaryReactor* SignerService::DecryptJwe(grpc::CallbackServerContext* context,
                                                     const grpc::ByteBuffer* request,
                                                     grpc::ByteBuffer* response) {
-  return ServeUnary<v1::DecryptJweRequest, v1::DecryptJweResponse>(
-      context, request, response, kOpDecrypt,
-      [this](const grpc::ServerContextBase& c, const v1::DecryptJweRequest& r,
-             v1::DecryptJweResponse* out) { return DecryptJweCall(c, r, out); });
+  return ServeUnary(context, request, response, kOpDecrypt, &SignerService::DecryptJweCall);
 }
 
 grpc::Status SignerService::DecryptJweCall(const grpc::ServerContextBase& context,
@@ -532,33 +533,29 @@ grpc::Status KeyAdminService::RotateKeyRing(grpc::ServerContext* context,
 grpc::Status KeyAdminService::DisableKeyVersion(grpc::ServerContext* context,
                                                 const v1::KeyVersionRequest* request,
                                                 v1::KeyRing* response) {
-  Call call(guard_, *context, kOpAdminRotate, request->ring());
-  call.event().version = request->version();
-  return call.Run(response, [&] { return keys_->DisableKeyVersion(*request); });
+  return VersionCall(guard_, *context, kOpAdminRotate, *request, response, keys_,
+                     &KeyService::DisableKeyVersion);
 }
 
 grpc::Status KeyAdminService::EnableKeyVersion(grpc::ServerContext* context,
                                                const v1::KeyVersionRequest* request,
                                                v1::KeyRing* response) {
-  Call call(guard_, *context, kOpAdminRotate, request->ring());
-  call.event().version = request->version();
-  return call.Run(response, [&] { return keys_->EnableKeyVersion(*request); });
+  return VersionCall(guard_, *context, kOpAdminRotate, *request, response, keys_,
+                     &KeyService::EnableKeyVersion);
 }
 
 grpc::Status KeyAdminService::ScheduleKeyVersionDestruction(grpc::ServerContext* context,
                                                             const v1::KeyVersionRequest* request,
                                                             v1::KeyRing* response) {
-  Call call(guard_, *context, kOpAdminDestroy, request->ring());
-  call.event().version = request->version();
-  return call.Run(response, [&] { return keys_->ScheduleKeyVersionDestruction(*request); });
+  return VersionCall(guard_, *context, kOpAdminDestroy, *request, response, keys_,
+                     &KeyService::ScheduleKeyVersionDestruction);
 }
 
 grpc::Status KeyAdminService::CancelKeyVersionDestruction(grpc::ServerContext* context,
                                                           const v1::KeyVersionRequest* request,
                                                           v1::KeyRing* response) {
-  Call call(guard_, *context, kOpAdminDestroy, request->ring());
-  call.event().version = request->version();
-  return call.Run(response, [&] { return keys_->CancelKeyVersionDestruction(*request); });
+  return VersionCall(guard_, *context, kOpAdminDestroy, *request, response, keys_,
+                     &KeyService::CancelKeyVersionDestruction);
 }
 
 grpc::Status KeyAdminService::CompromiseKeyVersion(grpc::ServerContext* context,

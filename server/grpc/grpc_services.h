@@ -117,13 +117,14 @@ class SignerService final : public SignerBase {
   absl::StatusOr<KeyService::Jwks> BoundedJwks(const std::vector<std::string>& rings) const;
 
   // A callback-API unary RPC: `request` parsed with custody's strict parser (a malformed one
-  // refused and audited), `serve(context, request, &response)` run on the pool, the reply
-  // serialized into `response_bytes`.
-  template <typename Request, typename Response, typename Serve>
-  grpc::ServerUnaryReactor* ServeUnary(grpc::CallbackServerContext* context,
-                                       const grpc::ByteBuffer* request_bytes,
-                                       grpc::ByteBuffer* response_bytes, const char* operation,
-                                       Serve serve);
+  // refused and audited), `(this->*serve)(context, request, &response)` run on the pool, the
+  // reply serialized into `response_bytes`.
+  template <typename Request, typename Response>
+  grpc::ServerUnaryReactor* ServeUnary(
+      grpc::CallbackServerContext* context, const grpc::ByteBuffer* request_bytes,
+      grpc::ByteBuffer* response_bytes, const char* operation,
+      grpc::Status (SignerService::*serve)(const grpc::ServerContextBase&, const Request&,
+                                           Response*));
   // The calls themselves, as the sync handlers ran them.
   grpc::Status SignJwsCall(const grpc::ServerContextBase& context,
                            const v1::SignJwsRequest& request, v1::SignJwsResponse* response);

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/log.h"
+#include "common/status_macros.h"
 #include "openssl/rand.h"
 #include "rotation/lifecycle.h"
 #include "server/keys/certificates.h"
@@ -338,121 +339,107 @@ absl::StatusOr<v1::RotateKeyRingResponse> KeyService::RotateKeyRing(
   return RotateLocked(request.ring(), request.force());
 }
 
-absl::StatusOr<v1::KeyRing> KeyService::DisableKeyVersion(const v1::KeyVersionRequest& request) {
+absl::StatusOr<v1::KeyRing> KeyService::ChangeVersion(
+    const v1::KeyVersionRequest& request, LogLevel level, absl::string_view event,
+    const std::function<absl::Status(Ring&, Version&, std::vector<LogField>&)>& change) {
   absl::MutexLock admin(&admin_mu_);
-  if (absl::Status s = SyncShared(); !s.ok()) return s;
+  CUSTODY_RETURN_IF_ERROR(SyncShared());
+  std::vector<LogField> fields;
   auto ring = MutateRing(request.ring(), [&](Ring& r, rotation::Mutation& m) -> absl::Status {
     Version* v = r.Find(request.version());
     if (v == nullptr) return VersionNotFound(request.ring(), request.version());
-    if (absl::Status s = RefuseCompromised(request.ring(), v->record, "disabled"); !s.ok())
-      return s;
-    if (v->record.state == VersionState::kActive) {
-      return WrongState(request.ring(), request.version(), v->record.state,
-                        "the ACTIVE version cannot be disabled; rotate first");
-    }
-    if (v->record.state != VersionState::kPending && v->record.state != VersionState::kRetired) {
-      return WrongState(request.ring(), request.version(), v->record.state,
-                        "only PENDING or RETIRED versions can be disabled");
-    }
-    v->record.previous_state = v->record.state;
-    v->record.state = VersionState::kDisabled;
+    // MutateRing applies this again after another replica's change: the fields start anew.
+    fields = {{"ring", request.ring()}, {"version", absl::StrCat(request.version())}};
+    CUSTODY_RETURN_IF_ERROR(change(r, *v, fields));
     m.update_versions.push_back(v->record);
     return absl::OkStatus();
   });
   if (!ring.ok()) return ring.status();
-  Log(LogLevel::kInfo, "version.disabled",
-      {{"ring", request.ring()}, {"version", absl::StrCat(request.version())}});
+  Log(level, event, fields);
   return ToProto(**ring);
 }
 
+absl::StatusOr<v1::KeyRing> KeyService::DisableKeyVersion(const v1::KeyVersionRequest& request) {
+  return ChangeVersion(
+      request, LogLevel::kInfo, "version.disabled",
+      [&](Ring&, Version& v, std::vector<LogField>&) -> absl::Status {
+        CUSTODY_RETURN_IF_ERROR(RefuseCompromised(request.ring(), v.record, "disabled"));
+        if (v.record.state == VersionState::kActive) {
+          return WrongState(request.ring(), request.version(), v.record.state,
+                            "the ACTIVE version cannot be disabled; rotate first");
+        }
+        if (v.record.state != VersionState::kPending && v.record.state != VersionState::kRetired) {
+          return WrongState(request.ring(), request.version(), v.record.state,
+                            "only PENDING or RETIRED versions can be disabled");
+        }
+        v.record.previous_state = v.record.state;
+        v.record.state = VersionState::kDisabled;
+        return absl::OkStatus();
+      });
+}
+
 absl::StatusOr<v1::KeyRing> KeyService::EnableKeyVersion(const v1::KeyVersionRequest& request) {
-  absl::MutexLock admin(&admin_mu_);
-  if (absl::Status s = SyncShared(); !s.ok()) return s;
-  auto ring = MutateRing(request.ring(), [&](Ring& r, rotation::Mutation& m) -> absl::Status {
-    Version* v = r.Find(request.version());
-    if (v == nullptr) return VersionNotFound(request.ring(), request.version());
-    if (absl::Status s = RefuseCompromised(request.ring(), v->record, "enabled"); !s.ok()) return s;
-    if (v->record.state != VersionState::kDisabled) {
-      return WrongState(request.ring(), request.version(), v->record.state,
-                        "only DISABLED versions can be enabled");
-    }
-    if (v->key == nullptr) {
-      return WrongState(request.ring(), request.version(), v->record.state,
-                        "its token object is missing");
-    }
-    // Back to PENDING only if it was PENDING and no other version is pre-published; a RETIRED
-    // version's retain period restarts, so verifiers see it for the full retain again.
-    bool pending =
-        v->record.previous_state == VersionState::kPending && r.NewestPending() == nullptr;
-    v->record.state = pending ? VersionState::kPending : VersionState::kRetired;
-    if (!pending) v->record.retire_time = NowMs();
-    v->record.previous_state = VersionState::kCreating;
-    m.update_versions.push_back(v->record);
-    return absl::OkStatus();
-  });
-  if (!ring.ok()) return ring.status();
-  Log(LogLevel::kInfo, "version.enabled",
-      {{"ring", request.ring()}, {"version", absl::StrCat(request.version())}});
-  return ToProto(**ring);
+  return ChangeVersion(
+      request, LogLevel::kInfo, "version.enabled",
+      [&](Ring& r, Version& v, std::vector<LogField>&) -> absl::Status {
+        CUSTODY_RETURN_IF_ERROR(RefuseCompromised(request.ring(), v.record, "enabled"));
+        if (v.record.state != VersionState::kDisabled) {
+          return WrongState(request.ring(), request.version(), v.record.state,
+                            "only DISABLED versions can be enabled");
+        }
+        if (v.key == nullptr) {
+          return WrongState(request.ring(), request.version(), v.record.state,
+                            "its token object is missing");
+        }
+        // Back to PENDING only if it was PENDING and no other version is pre-published; a RETIRED
+        // version's retain period restarts, so verifiers see it for the full retain again.
+        bool pending =
+            v.record.previous_state == VersionState::kPending && r.NewestPending() == nullptr;
+        v.record.state = pending ? VersionState::kPending : VersionState::kRetired;
+        if (!pending) v.record.retire_time = NowMs();
+        v.record.previous_state = VersionState::kCreating;
+        return absl::OkStatus();
+      });
 }
 
 absl::StatusOr<v1::KeyRing> KeyService::ScheduleKeyVersionDestruction(
     const v1::KeyVersionRequest& request) {
-  absl::MutexLock admin(&admin_mu_);
-  if (absl::Status s = SyncShared(); !s.ok()) return s;
-  int64_t destroy_after = 0;
-  auto ring = MutateRing(request.ring(), [&](Ring& r, rotation::Mutation& m) -> absl::Status {
-    Version* v = r.Find(request.version());
-    if (v == nullptr) return VersionNotFound(request.ring(), request.version());
-    if (v->record.state == VersionState::kActive) {
-      return WrongState(request.ring(), request.version(), v->record.state,
-                        "the ACTIVE version cannot be destroyed; rotate first");
-    }
-    if (v->record.state != VersionState::kPending && v->record.state != VersionState::kRetired &&
-        v->record.state != VersionState::kDisabled) {
-      return WrongState(request.ring(), request.version(), v->record.state,
-                        "only PENDING, RETIRED or DISABLED versions can be scheduled");
-    }
-    v->record.previous_state =
-        v->record.state == VersionState::kDisabled ? v->record.previous_state : v->record.state;
-    v->record.state = VersionState::kDestroyScheduled;
-    destroy_after = v->record.destroy_after = NowMs() + r.record.policy.destroy_delay_ms;
-    m.update_versions.push_back(v->record);
-    return absl::OkStatus();
-  });
-  if (!ring.ok()) return ring.status();
-  Log(LogLevel::kWarning, "version.destroy_scheduled",
-      {{"ring", request.ring()},
-       {"version", absl::StrCat(request.version())},
-       {"destroy_after", FormatMs(destroy_after)}});
-  return ToProto(**ring);
+  return ChangeVersion(
+      request, LogLevel::kWarning, "version.destroy_scheduled",
+      [&](Ring& r, Version& v, std::vector<LogField>& log) -> absl::Status {
+        if (v.record.state == VersionState::kActive) {
+          return WrongState(request.ring(), request.version(), v.record.state,
+                            "the ACTIVE version cannot be destroyed; rotate first");
+        }
+        if (v.record.state != VersionState::kPending && v.record.state != VersionState::kRetired &&
+            v.record.state != VersionState::kDisabled) {
+          return WrongState(request.ring(), request.version(), v.record.state,
+                            "only PENDING, RETIRED or DISABLED versions can be scheduled");
+        }
+        v.record.previous_state =
+            v.record.state == VersionState::kDisabled ? v.record.previous_state : v.record.state;
+        v.record.state = VersionState::kDestroyScheduled;
+        v.record.destroy_after = NowMs() + r.record.policy.destroy_delay_ms;
+        log.emplace_back("destroy_after", FormatMs(v.record.destroy_after));
+        return absl::OkStatus();
+      });
 }
 
 absl::StatusOr<v1::KeyRing> KeyService::CancelKeyVersionDestruction(
     const v1::KeyVersionRequest& request) {
-  absl::MutexLock admin(&admin_mu_);
-  if (absl::Status s = SyncShared(); !s.ok()) return s;
-  auto ring = MutateRing(request.ring(), [&](Ring& r, rotation::Mutation& m) -> absl::Status {
-    Version* v = r.Find(request.version());
-    if (v == nullptr) return VersionNotFound(request.ring(), request.version());
-    if (absl::Status s =
-            RefuseCompromised(request.ring(), v->record, "returned to service (cancel-destroy)");
-        !s.ok()) {
-      return s;
-    }
-    if (v->record.state != VersionState::kDestroyScheduled) {
-      return WrongState(request.ring(), request.version(), v->record.state,
-                        "only a DESTROY_SCHEDULED version can be cancelled");
-    }
-    v->record.state = VersionState::kDisabled;  // as Cloud KMS restores: enable to republish
-    v->record.destroy_after = 0;
-    m.update_versions.push_back(v->record);
-    return absl::OkStatus();
-  });
-  if (!ring.ok()) return ring.status();
-  Log(LogLevel::kInfo, "version.destroy_cancelled",
-      {{"ring", request.ring()}, {"version", absl::StrCat(request.version())}});
-  return ToProto(**ring);
+  return ChangeVersion(request, LogLevel::kInfo, "version.destroy_cancelled",
+                       [&](Ring&, Version& v, std::vector<LogField>&) -> absl::Status {
+                         CUSTODY_RETURN_IF_ERROR(RefuseCompromised(
+                             request.ring(), v.record, "returned to service (cancel-destroy)"));
+                         if (v.record.state != VersionState::kDestroyScheduled) {
+                           return WrongState(request.ring(), request.version(), v.record.state,
+                                             "only a DESTROY_SCHEDULED version can be cancelled");
+                         }
+                         v.record.state =
+                             VersionState::kDisabled;  // as Cloud KMS restores: enable to republish
+                         v.record.destroy_after = 0;
+                         return absl::OkStatus();
+                       });
 }
 
 absl::StatusOr<v1::KeyRing> KeyService::CompromiseKeyVersion(

@@ -26,6 +26,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/clock.h"
+#include "common/log.h"
 #include "custody/v1/custody.pb.h"
 #include "pkcs11/key_operations.h"
 #include "rotation/metadata_store.h"
@@ -252,6 +253,14 @@ class KeyService {
   absl::StatusOr<const Version*> VersionOrActive(const Ring& ring, uint32_t version) const;
   v1::KeyRing ToProto(const Ring& ring) const;
 
+  // A lifecycle change of one version (disable, enable, scheduling or cancelling destruction):
+  // under admin_mu_ and synced with the shared store, `change` is applied to the version
+  // (NOT_FOUND names a missing one) and its row committed; then `event` is logged with the ring,
+  // the version and the fields `change` added. The ring as committed.
+  absl::StatusOr<v1::KeyRing> ChangeVersion(
+      const v1::KeyVersionRequest& request, LogLevel level, absl::string_view event,
+      const std::function<absl::Status(Ring&, Version&, std::vector<LogField>&)>& change)
+      ABSL_LOCKS_EXCLUDED(admin_mu_);
   // Applies `change` to a copy of the ring's latest snapshot; `change` records in `mutation` the
   // rows it changed. Commits the mutation durably, then publishes the new snapshot and wakes
   // JWKS watchers when the published key set changed. Requires admin_mu_.

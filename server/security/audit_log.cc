@@ -464,12 +464,7 @@ absl::Status AuditLog::AppendAll(absl::Span<const AuditEvent> events) {
 }
 
 AuditLog::Stats AuditLog::stats() const {
-  Stats s;
-  s.lines = lines_.load();
-  s.batches = batches_.load();
-  s.fsyncs = fsyncs_.load();
-  s.failures = failures_.load();
-  return s;
+  return Stats{lines_.load(), batches_.load(), fsyncs_.load(), failures_.load()};
 }
 
 }  // namespace custody::server

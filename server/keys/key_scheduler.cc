@@ -51,6 +51,21 @@ std::vector<VersionRecord> KeyService::PlanningRecords(const Ring& ring) const {
     if (v.tag_mismatch) continue;  // nothing is planned for a version custody cannot trust
     records.push_back(v.record);
     if (v.record.state == VersionState::kRetired) {
+      // The retirement in real time: the wall time from retire_time to this process's first
+      // sight of it, then monotonic time. A wall clock stepped forward since moves it later; one
+      // stepped back is ignored (retire_time stays the floor), so retention only grows.
+      int64_t retired = v.record.retire_time;
+      {
+        Version::RetiredSeen& seen = *v.retired_seen;
+        absl::MutexLock lock(&seen.mu);
+        if (seen.retire_time != v.record.retire_time || seen.monotonic_ms == 0) {
+          seen.retire_time = v.record.retire_time;
+          seen.wall_ms = now;
+          seen.monotonic_ms = monotonic_now;
+        }
+        retired = std::max(retired, now - (monotonic_now - seen.monotonic_ms) -
+                                        (seen.wall_ms - v.record.retire_time));
+      }
       // This process's last signature, by the wall clock when it was made and by the wall clock
       // now less the monotonic time since: a wall clock stepped forward in between moves the
       // second later, so retention is never shorter than `retain` of real time.
@@ -59,7 +74,7 @@ std::vector<VersionRecord> KeyService::PlanningRecords(const Ring& ring) const {
       if (signed_monotonic != 0) {
         last_signed = std::max(last_signed, now - (monotonic_now - signed_monotonic));
       }
-      records.back().retire_time = std::max(v.record.retire_time + other_replicas_ms, last_signed);
+      records.back().retire_time = std::max(retired + other_replicas_ms, last_signed);
     }
   }
   return records;

@@ -106,6 +106,32 @@ TEST_F(LifecycleSchedulerTest, RetentionAfterTheLastSignatureIsRealTimeWhenTheWa
   EXPECT_EQ(StateOf(*service_, "as", 1), v1::DESTROY_SCHEDULED);
 }
 
+TEST_F(LifecycleSchedulerTest, RetentionIsRealTimeWhenTheWallClockJumpsAndNothingWasSigned) {
+  // No signature anchors this retirement (as on a DECRYPT ring, whose senders encrypt to the
+  // published key until they refetch the JWKS): retention runs from the retirement itself.
+  At(kDay + absl::Minutes(1));  // rotation: version 1 retires
+  ASSERT_EQ(StateOf(*service_, "as", 1), v1::RETIRED);
+
+  clock_.StepWall(kHour);        // an hour forward without an hour passing
+  At(kHour + absl::Minutes(5));  // 2 h 5 min by the wall clock, 1 h 5 min of real time
+  EXPECT_EQ(StateOf(*service_, "as", 1), v1::RETIRED);
+  At(absl::Minutes(50));  // 1 h 55 min of real time
+  EXPECT_EQ(StateOf(*service_, "as", 1), v1::RETIRED);
+
+  At(absl::Minutes(6));  // two hours of real time: retain is over
+  EXPECT_EQ(StateOf(*service_, "as", 1), v1::DESTROY_SCHEDULED);
+}
+
+TEST_F(LifecycleSchedulerTest, AWallClockSteppedBackKeepsRetentionFromTheStoredRetireTime) {
+  At(kDay + absl::Minutes(1));
+  ASSERT_EQ(StateOf(*service_, "as", 1), v1::RETIRED);
+  clock_.StepWall(-kHour);  // back an hour: by the wall clock, less time has passed
+  At(2 * kHour - absl::Minutes(1));
+  EXPECT_EQ(StateOf(*service_, "as", 1), v1::RETIRED);
+  At(kHour + absl::Minutes(2));  // the wall clock's two hours after retire_time
+  EXPECT_EQ(StateOf(*service_, "as", 1), v1::DESTROY_SCHEDULED);
+}
+
 TEST_F(LifecycleSchedulerTest, AFailedDestructionIsRetriedAndTheStateSaysSoMeanwhile) {
   const std::string v1_object = absl::HexStringToBytes(ObjectIdOf(*service_, "as", 1));
   At(kDay + absl::Minutes(1));

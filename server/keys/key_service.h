@@ -191,6 +191,17 @@ class KeyService {
       std::atomic<int64_t> monotonic_ms{0};
     };
     std::shared_ptr<LastSignature> last_signed = std::make_shared<LastSignature>();
+    // When this process first saw the version RETIRED with its current retire_time, by the wall
+    // clock and the monotonic one (PlanningRecords stamps it). Retention counts real time from
+    // then on, so a wall clock stepped forward after a rotation does not shorten it, on DECRYPT
+    // rings too, where no signature anchors it. Shared by every snapshot's copy; in memory only.
+    struct RetiredSeen {
+      absl::Mutex mu;
+      int64_t retire_time ABSL_GUARDED_BY(mu) = 0;
+      int64_t wall_ms ABSL_GUARDED_BY(mu) = 0;
+      int64_t monotonic_ms ABSL_GUARDED_BY(mu) = 0;
+    };
+    std::shared_ptr<RetiredSeen> retired_seen = std::make_shared<RetiredSeen>();
 
     void NoteSignature(const Clock& clock) const;
   };
@@ -287,8 +298,10 @@ class KeyService {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
   absl::StatusOr<v1::RotateKeyRingResponse> RotateLocked(const std::string& name, bool force)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
-  // The ring's records as the planner must see them: a RETIRED version's retire_time moved up to
-  // its last signature in this process when that came later (Version::last_signed), and, with
+  // The ring's records as the planner must see them: a RETIRED version's retire_time moved up by
+  // any forward step of the wall clock since this process first saw it retired
+  // (Version::retired_seen), up to its last signature in this process when that came later
+  // (Version::last_signed), and, with
   // a shared store, to at least retire_time + max_staleness: another replica that has not yet
   // learned of the retirement may sign with the version until then (server/keys/replica_sync.cc).
   std::vector<rotation::VersionRecord> PlanningRecords(const Ring& ring) const;

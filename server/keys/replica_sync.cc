@@ -155,6 +155,7 @@ absl::Status KeyService::RefreshLocked() {
         if (known != nullptr) {
           version.key = known->key;
           version.last_signed = known->last_signed;  // this process's signatures
+          version.retired_seen = known->retired_seen;
         }
         // A key already vouched for with the same public key and kid is not read again; a
         // changed row, or a version new to this replica, is checked against the token.

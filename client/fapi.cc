@@ -1,9 +1,11 @@
 #include "client/fapi.h"
 
+#include <initializer_list>
 #include <string_view>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "jose/base64url.h"
 #include "openssl/evp.h"
 #include "openssl/rand.h"
@@ -22,6 +24,20 @@ SignJwsOptions WithTyp(std::string typ, bool embed_jwk = false) {
 
 int64_t NowSeconds(absl::Time now) {
   return absl::ToUnixSeconds(now == absl::InfinitePast() ? absl::Now() : now);
+}
+
+// INVALID_ARGUMENT "<what> needs <names>" when one of `required` is empty, or "<what> lifetime
+// must be positive".
+absl::Status CheckOptions(absl::string_view what,
+                          std::initializer_list<const std::string*> required,
+                          absl::string_view names, absl::Duration lifetime) {
+  for (const std::string* field : required) {
+    if (field->empty()) return absl::InvalidArgumentError(absl::StrCat(what, " needs ", names));
+  }
+  if (lifetime <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " lifetime must be positive"));
+  }
+  return absl::OkStatus();
 }
 
 // iss, aud, iat and exp (iat + lifetime): what every token built here starts with.
@@ -81,12 +97,8 @@ absl::StatusOr<std::string> RandomJti() {
 
 absl::StatusOr<std::string> ClientAssertion(const Client& client, absl::string_view ring,
                                             const ClientAssertionOptions& options) {
-  if (options.client_id.empty() || options.audience.empty()) {
-    return absl::InvalidArgumentError("client assertion needs client_id and audience");
-  }
-  if (options.lifetime <= absl::ZeroDuration()) {
-    return absl::InvalidArgumentError("client assertion lifetime must be positive");
-  }
+  CUSTODY_RETURN_IF_ERROR(CheckOptions("client assertion", {&options.client_id, &options.audience},
+                                       "client_id and audience", options.lifetime));
   auto jti = RandomJti();
   if (!jti.ok()) return jti.status();
   jose::Json claims =
@@ -98,11 +110,10 @@ absl::StatusOr<std::string> ClientAssertion(const Client& client, absl::string_v
 
 absl::StatusOr<std::string> RequestObject(const Client& client, absl::string_view ring,
                                           const RequestObjectOptions& options) {
-  if (options.client_id.empty() || options.audience.empty()) {
-    return absl::InvalidArgumentError("request object needs client_id and audience");
-  }
-  if (options.lifetime <= absl::ZeroDuration() || options.lifetime > absl::Minutes(60)) {
-    return absl::InvalidArgumentError("request object lifetime (exp - nbf) must be in (0, 60 min]");
+  CUSTODY_RETURN_IF_ERROR(CheckOptions("request object", {&options.client_id, &options.audience},
+                                       "client_id and audience", options.lifetime));
+  if (options.lifetime > absl::Minutes(60)) {
+    return absl::InvalidArgumentError("request object lifetime (exp - nbf) must be at most 60 min");
   }
   auto jti = RandomJti();
   if (!jti.ok()) return jti.status();
@@ -164,12 +175,9 @@ absl::StatusOr<std::string> HalfHash(absl::string_view alg, absl::string_view va
 
 absl::StatusOr<std::string> IdToken(const Client& client, absl::string_view ring,
                                     const IdTokenOptions& options) {
-  if (options.issuer.empty() || options.subject.empty() || options.audience.empty()) {
-    return absl::InvalidArgumentError("ID token needs issuer, subject and audience");
-  }
-  if (options.lifetime <= absl::ZeroDuration()) {
-    return absl::InvalidArgumentError("ID token lifetime must be positive");
-  }
+  CUSTODY_RETURN_IF_ERROR(CheckOptions("ID token",
+                                       {&options.issuer, &options.subject, &options.audience},
+                                       "issuer, subject and audience", options.lifetime));
   auto alg = client.RingAlg(ring);
   if (!alg.ok()) return alg.status();
   jose::Json claims =
@@ -205,12 +213,8 @@ absl::StatusOr<std::string> IdToken(const Client& client, absl::string_view ring
 
 absl::StatusOr<std::string> JarmResponse(const Client& client, absl::string_view ring,
                                          const JarmResponseOptions& options) {
-  if (options.issuer.empty() || options.audience.empty()) {
-    return absl::InvalidArgumentError("JARM response needs issuer and audience");
-  }
-  if (options.lifetime <= absl::ZeroDuration()) {
-    return absl::InvalidArgumentError("JARM lifetime must be positive");
-  }
+  CUSTODY_RETURN_IF_ERROR(CheckOptions("JARM response", {&options.issuer, &options.audience},
+                                       "issuer and audience", options.lifetime));
   const int64_t now = NowSeconds(options.now);
   jose::Json claims = jose::Json::MakeObject();
   claims.Set("iss", jose::Json::String(options.issuer));

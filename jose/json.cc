@@ -363,6 +363,17 @@ class JsonParser {
     }
   }
 
+  // Past an array's or object's opening bracket (at depth `depth`): true, and past `close` too,
+  // when the container is empty.
+  absl::StatusOr<bool> Open(int depth, char close) {
+    if (depth > limits_.max_depth) return Error("nesting too deep");
+    ++pos_;  // '[' or '{'
+    SkipWhitespace();
+    if (AtEnd() || Peek() != close) return false;
+    ++pos_;
+    return true;
+  }
+
   // After an array element or an object member: true past the closing `close`, false past a
   // ','; an error otherwise.
   absl::StatusOr<bool> AfterItem(char close, absl::string_view container) {
@@ -380,14 +391,10 @@ class JsonParser {
   }
 
   absl::StatusOr<Json> ParseArray(int depth) {
-    if (depth > limits_.max_depth) return Error("nesting too deep");
-    ++pos_;  // '['
+    absl::StatusOr<bool> empty = Open(depth, ']');
+    if (!empty.ok()) return empty.status();
     Json::Array items;
-    SkipWhitespace();
-    if (!AtEnd() && Peek() == ']') {
-      ++pos_;
-      return Json::MakeArray(std::move(items));
-    }
+    if (*empty) return Json::MakeArray(std::move(items));
     while (true) {
       SkipWhitespace();
       absl::StatusOr<Json> item = ParseValue(depth);
@@ -400,15 +407,11 @@ class JsonParser {
   }
 
   absl::StatusOr<Json> ParseObject(int depth) {
-    if (depth > limits_.max_depth) return Error("nesting too deep");
-    ++pos_;  // '{'
+    absl::StatusOr<bool> empty = Open(depth, '}');
+    if (!empty.ok()) return empty.status();
     Json::Object members;
+    if (*empty) return Json::MakeObject(std::move(members));
     std::unordered_set<std::string> seen;  // keeps duplicate detection linear in member count
-    SkipWhitespace();
-    if (!AtEnd() && Peek() == '}') {
-      ++pos_;
-      return Json::MakeObject(std::move(members));
-    }
     while (true) {
       SkipWhitespace();
       if (AtEnd() || Peek() != '"') return Error("expected member name");

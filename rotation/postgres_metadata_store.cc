@@ -102,7 +102,8 @@ absl::Status CheckConninfo(const std::string& conninfo) {
 }
 
 PostgresMetadataStore::PostgresMetadataStore(Options options)
-    : options_(std::move(options)),
+    : RowStore(kPostgres, options.tagger),
+      options_(std::move(options)),
       conn_(std::make_unique<Connection>()),
       listen_conn_(std::make_unique<Connection>()),
       leader_conn_(std::make_unique<Connection>()) {}
@@ -326,30 +327,18 @@ absl::Status PostgresMetadataStore::Commit(const Mutation& m) {
   return result;
 }
 
-template <typename Record>
-absl::StatusOr<std::vector<Record>> PostgresMetadataStore::Load(
-    const schema::Table& table, std::span<const schema::Column<Record>> columns,
-    const char* order_by) {
+absl::StatusOr<std::vector<std::vector<schema::Value>>> PostgresMetadataStore::ReadRows(
+    const schema::Table& table) {
+  Connection& c = *conn_;
+  absl::MutexLock lock(&c.mu);
+  auto res = c.Read(options_, absl::StrCat("SELECT ", schema::ColumnList(kPostgres, table),
+                                           " FROM ", table.name));
+  if (!res.ok()) return res.status();
   std::vector<std::vector<schema::Value>> rows;
-  {
-    Connection& c = *conn_;
-    absl::MutexLock lock(&c.mu);
-    auto res = c.Read(options_, absl::StrCat("SELECT ", schema::ColumnList(kPostgres, table),
-                                             " FROM ", table.name, " ORDER BY ", order_by));
-    if (!res.ok()) return res.status();
-    for (int i = 0; i < PQntuples(res->get()); ++i) {
-      CUSTODY_ASSIGN_OR_RETURN(rows.emplace_back(), ReadRow(res->get(), i, table));
-    }
+  for (int i = 0; i < PQntuples(res->get()); ++i) {
+    CUSTODY_ASSIGN_OR_RETURN(rows.emplace_back(), ReadRow(res->get(), i, table));
   }
-  return DecodeChecked(kPostgres, columns, rows, options_.tagger);
-}
-
-absl::StatusOr<std::vector<RingRecord>> PostgresMetadataStore::LoadRings() {
-  return Load(schema::RingsTable(), schema::RingColumns(), "name COLLATE \"C\"");
-}
-
-absl::StatusOr<std::vector<VersionRecord>> PostgresMetadataStore::LoadVersions() {
-  return Load(schema::VersionsTable(), schema::VersionColumns(), "ring COLLATE \"C\", version");
+  return rows;
 }
 
 absl::StatusOr<bool> PostgresMetadataStore::WaitForChange(absl::Duration timeout) {

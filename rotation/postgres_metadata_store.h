@@ -31,10 +31,11 @@
 #include "common/secret.h"
 #include "rotation/metadata_schema.h"
 #include "rotation/metadata_store.h"
+#include "rotation/row_store.h"
 
 namespace custody::rotation {
 
-class PostgresMetadataStore : public MetadataStore {
+class PostgresMetadataStore : public RowStore {
  public:
   struct Options {
     // libpq connection string: a postgresql:// URI or key=value pairs, without a password.
@@ -56,8 +57,6 @@ class PostgresMetadataStore : public MetadataStore {
   ~PostgresMetadataStore() override;
 
   absl::Status Commit(const Mutation& mutation) override;
-  absl::StatusOr<std::vector<RingRecord>> LoadRings() override;
-  absl::StatusOr<std::vector<VersionRecord>> LoadVersions() override;
   absl::Status SaveAuditAnchor(const AuditAnchor& anchor) override;
   absl::StatusOr<AuditAnchor> LoadAuditAnchor(const std::string& chain) override;
   // LISTEN custody_metadata on a second connection. True on a notification, and after
@@ -79,11 +78,8 @@ class PostgresMetadataStore : public MetadataStore {
  private:
   struct Connection;
   explicit PostgresMetadataStore(Options options);
-  // Every record of `table`, with tag_check set.
-  template <typename Record>
-  absl::StatusOr<std::vector<Record>> Load(const schema::Table& table,
-                                           std::span<const schema::Column<Record>> columns,
-                                           const char* order_by);
+  absl::StatusOr<std::vector<std::vector<schema::Value>>> ReadRows(
+      const schema::Table& table) override;
 
   Options options_;
   const schema::Statements statements_ = schema::StatementsFor(schema::Dialect::kPostgres);

@@ -13,6 +13,7 @@
 #include "common/status_macros.h"
 #include "rotation/metadata_schema.h"
 #include "rotation/record_tag.h"
+#include "rotation/row_store.h"
 
 namespace custody::rotation {
 namespace {
@@ -20,14 +21,13 @@ namespace {
 constexpr schema::Dialect kSqlite = schema::Dialect::kSqlite;
 
 // The embedded store: one SQLite connection behind a mutex.
-class SqliteMetadataStore final : public MetadataStore {
+class SqliteMetadataStore final : public RowStore {
  public:
-  SqliteMetadataStore(sqlite3* db, const RecordTagger* tagger) : tagger_(tagger), db_(db) {}
+  SqliteMetadataStore(sqlite3* db, const RecordTagger* tagger)
+      : RowStore(kSqlite, tagger), db_(db) {}
   ~SqliteMetadataStore() override;
 
   absl::Status Commit(const Mutation& mutation) override;
-  absl::StatusOr<std::vector<RingRecord>> LoadRings() override;
-  absl::StatusOr<std::vector<VersionRecord>> LoadVersions() override;
   absl::Status SaveAuditAnchor(const AuditAnchor& anchor) override;
   absl::StatusOr<AuditAnchor> LoadAuditAnchor(const std::string& chain) override;
   // Sets the connection's pragmas and brings the schema to the latest migration.
@@ -40,12 +40,9 @@ class SqliteMetadataStore final : public MetadataStore {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Apply(const Mutation& mutation, const MutationTags& tags)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  template <typename Record>
-  absl::StatusOr<std::vector<Record>> Load(const schema::Table& table,
-                                           std::span<const schema::Column<Record>> columns,
-                                           const char* order_by);
+  absl::StatusOr<std::vector<std::vector<schema::Value>>> ReadRows(
+      const schema::Table& table) override;
 
-  const RecordTagger* const tagger_;
   const schema::Statements statements_ = schema::StatementsFor(kSqlite);
   absl::Mutex mu_;
   sqlite3* db_ ABSL_GUARDED_BY(mu_);
@@ -306,7 +303,7 @@ absl::Status SqliteMetadataStore::Apply(const Mutation& m, const MutationTags& t
 
 absl::Status SqliteMetadataStore::Commit(const Mutation& mutation) {
   // Tagged before the lock: a tag may be a token call.
-  auto tags = TagMutation(tagger_, mutation);
+  auto tags = TagMutation(tagger(), mutation);
   if (!tags.ok()) return tags.status();
   absl::MutexLock lock(&mu_);
   if (absl::Status s = Exec("BEGIN IMMEDIATE;"); !s.ok()) return s;
@@ -316,30 +313,18 @@ absl::Status SqliteMetadataStore::Commit(const Mutation& mutation) {
   return s;
 }
 
-template <typename Record>
-absl::StatusOr<std::vector<Record>> SqliteMetadataStore::Load(
-    const schema::Table& table, std::span<const schema::Column<Record>> columns,
-    const char* order_by) {
+absl::StatusOr<std::vector<std::vector<schema::Value>>> SqliteMetadataStore::ReadRows(
+    const schema::Table& table) {
+  absl::MutexLock lock(&mu_);
+  auto stmt = Prepare(
+      db_, absl::StrCat("SELECT ", schema::ColumnList(kSqlite, table), " FROM ", table.name));
+  if (!stmt.ok()) return stmt.status();
   std::vector<std::vector<schema::Value>> rows;
-  {
-    absl::MutexLock lock(&mu_);
-    auto stmt = Prepare(db_, absl::StrCat("SELECT ", schema::ColumnList(kSqlite, table), " FROM ",
-                                          table.name, " ORDER BY ", order_by));
-    if (!stmt.ok()) return stmt.status();
-    int rc;
-    while ((rc = sqlite3_step(stmt->get())) == SQLITE_ROW)
-      rows.push_back(ReadRow(stmt->get(), table));
-    if (rc != SQLITE_DONE) return SqliteError(db_, absl::StrCat("load ", table.name));
-  }
-  return DecodeChecked(kSqlite, columns, rows, tagger_);
-}
-
-absl::StatusOr<std::vector<RingRecord>> SqliteMetadataStore::LoadRings() {
-  return Load(schema::RingsTable(), schema::RingColumns(), "name");
-}
-
-absl::StatusOr<std::vector<VersionRecord>> SqliteMetadataStore::LoadVersions() {
-  return Load(schema::VersionsTable(), schema::VersionColumns(), "ring,version");
+  int rc;
+  while ((rc = sqlite3_step(stmt->get())) == SQLITE_ROW)
+    rows.push_back(ReadRow(stmt->get(), table));
+  if (rc != SQLITE_DONE) return SqliteError(db_, absl::StrCat("load ", table.name));
+  return rows;
 }
 
 namespace {

@@ -16,7 +16,6 @@
 #include "openssl/rand.h"
 #include "pkcs11/capabilities.h"
 #include "server/keys/key_service.h"
-#include "server/keys/key_service_internal.h"
 #include "server/keys/token_support.h"
 
 namespace custody::server {

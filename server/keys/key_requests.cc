@@ -13,13 +13,11 @@
 #include "openssl/core_names.h"
 #include "server/keys/certificates.h"
 #include "server/keys/key_service.h"
-#include "server/keys/key_service_internal.h"
 #include "server/keys/raw_signature.h"
 
 namespace custody::server {
 namespace {
 
-using internal::ToProtoState;
 using rotation::VersionRecord;
 using rotation::VersionState;
 

@@ -13,7 +13,6 @@
 #include "rotation/lifecycle.h"
 #include "server/keys/certificates.h"
 #include "server/keys/key_service.h"
-#include "server/keys/key_service_internal.h"
 
 namespace custody::server {
 namespace {

@@ -13,7 +13,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/log.h"
-#include "server/keys/key_service_internal.h"
 
 namespace custody::server {
 namespace {

@@ -263,6 +263,7 @@ class KeyService {
   // Version `version` of `ring`, its ACTIVE version when 0; NOT_FOUND names a missing one.
   absl::StatusOr<const Version*> VersionOrActive(const Ring& ring, uint32_t version) const;
   v1::KeyRing ToProto(const Ring& ring) const;
+  static v1::KeyVersionState ToProtoState(rotation::VersionState state);
 
   // A lifecycle change of one version (disable, enable, scheduling or cancelling destruction):
   // under admin_mu_ and synced with the shared store, `change` is applied to the version

@@ -14,17 +14,13 @@
 #include "jose/json.h"
 #include "server/keys/certificates.h"
 #include "server/keys/key_service.h"
-#include "server/keys/key_service_internal.h"
 
 namespace custody::server {
 
-using internal::ToProtoState;
 using rotation::VersionRecord;
 using rotation::VersionState;
 
-namespace internal {
-
-v1::KeyVersionState ToProtoState(VersionState s) {
+v1::KeyVersionState KeyService::ToProtoState(VersionState s) {
   switch (s) {
     case VersionState::kCreating:
       return v1::CREATING;
@@ -45,8 +41,6 @@ v1::KeyVersionState ToProtoState(VersionState s) {
   }
   return v1::KEY_VERSION_STATE_UNSPECIFIED;
 }
-
-}  // namespace internal
 
 namespace {
 

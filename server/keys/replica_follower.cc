@@ -19,16 +19,8 @@ void ReplicaFollower::Start() {
 }
 
 void ReplicaFollower::Stop() {
-  {
-    absl::MutexLock lock(&mu_);
-    stop_ = true;
-  }
+  stop_.store(true, std::memory_order_relaxed);
   if (thread_.joinable()) thread_.join();
-}
-
-bool ReplicaFollower::stopping() const {
-  absl::MutexLock lock(&mu_);
-  return stop_;
 }
 
 void ReplicaFollower::Loop() {

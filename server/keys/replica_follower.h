@@ -14,9 +14,7 @@
 #include <functional>
 #include <thread>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "rotation/metadata_store.h"
 
@@ -41,13 +39,13 @@ class ReplicaFollower {
 
  private:
   void Loop();
-  bool stopping() const;
+  bool stopping() const { return stop_.load(std::memory_order_relaxed); }
 
   rotation::MetadataStore* const store_;
   const absl::Duration refresh_interval_;
   const std::function<absl::Status()> refresh_;
-  mutable absl::Mutex mu_;
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  // Set by Stop; the loop, which polls the store in short waits, checks it between waits.
+  std::atomic<bool> stop_{false};
   std::atomic<uint64_t> refreshes_{0};
   std::atomic<uint64_t> refresh_failures_{0};
   std::thread thread_;

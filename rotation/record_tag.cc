@@ -55,16 +55,6 @@ std::string CanonicalVersion(const VersionRecord& v) {
   return schema::Canonical(schema::VersionColumns(), "version", v);
 }
 
-absl::StatusOr<std::string> TagRing(const RecordTagger* tagger, const RingRecord& ring) {
-  if (tagger == nullptr) return std::string();
-  return tagger->Tag(CanonicalRing(ring));
-}
-
-absl::StatusOr<std::string> TagVersion(const RecordTagger* tagger, const VersionRecord& version) {
-  if (tagger == nullptr) return std::string();
-  return tagger->Tag(CanonicalVersion(version));
-}
-
 absl::StatusOr<TagCheck> CheckRingTag(const RecordTagger* tagger, const RingRecord& ring,
                                       absl::string_view tag) {
   return Check(tagger, tagger == nullptr ? std::string() : CanonicalRing(ring), tag);

@@ -13,7 +13,6 @@
 #ifndef CUSTODY_ROTATION_RECORD_TAG_H_
 #define CUSTODY_ROTATION_RECORD_TAG_H_
 
-#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -21,7 +20,6 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "rotation/key_ring.h"
-#include "rotation/metadata_schema.h"
 
 namespace custody::rotation {
 
@@ -42,9 +40,6 @@ class RecordTagger {
 std::string CanonicalRing(const RingRecord& ring);
 std::string CanonicalVersion(const VersionRecord& version);
 
-// The tag a store writes with a record (empty without a tagger).
-absl::StatusOr<std::string> TagRing(const RecordTagger* tagger, const RingRecord& ring);
-absl::StatusOr<std::string> TagVersion(const RecordTagger* tagger, const VersionRecord& version);
 // What a store's read found: kValid / kMismatch / kMissing (empty tag); kUnchecked without a
 // tagger. UNAVAILABLE for token trouble (the whole read fails: nothing is served unchecked).
 absl::StatusOr<TagCheck> CheckRingTag(const RecordTagger* tagger, const RingRecord& ring,
@@ -57,23 +52,6 @@ absl::Status CheckTags(const RecordTagger* tagger, std::vector<RingRecord>& ring
                        const std::vector<std::string>& tags);
 absl::Status CheckTags(const RecordTagger* tagger, std::vector<VersionRecord>& versions,
                        const std::vector<std::string>& tags);
-
-// The records a store's rows hold (read in `dialect`), each with its tag_check. Call it after
-// the store's lock is released: a check may be a token call.
-template <typename Record>
-absl::StatusOr<std::vector<Record>> DecodeChecked(
-    schema::Dialect dialect, std::span<const schema::Column<Record>> columns,
-    const std::vector<std::vector<schema::Value>>& rows, const RecordTagger* tagger) {
-  std::vector<Record> records;
-  std::vector<std::string> tags;
-  for (const std::vector<schema::Value>& row : rows) {
-    absl::StatusOr<Record> record = schema::Decode(dialect, columns, row, &tags.emplace_back());
-    if (!record.ok()) return record.status();
-    records.push_back(*std::move(record));
-  }
-  if (absl::Status s = CheckTags(tagger, records, tags); !s.ok()) return s;
-  return records;
-}
 
 // HMAC-SHA256 with a key held in this process's memory. For unit tests of the stores only (it
 // says so in Describe): custodyd's key lives in the token.

@@ -11,9 +11,10 @@
 #include "absl/status/statusor.h"
 #include "rotation/metadata_schema.h"
 #include "rotation/metadata_store.h"
-#include "rotation/record_tag.h"
 
 namespace custody::rotation {
+
+class RecordTagger;
 
 class RowStore : public MetadataStore {
  public:

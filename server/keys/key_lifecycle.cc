@@ -434,8 +434,8 @@ absl::StatusOr<v1::KeyRing> KeyService::CancelKeyVersionDestruction(
                            return WrongState(request.ring(), request.version(), v.record.state,
                                              "only a DESTROY_SCHEDULED version can be cancelled");
                          }
-                         v.record.state =
-                             VersionState::kDisabled;  // as Cloud KMS restores: enable to republish
+                         // As Cloud KMS restores: DISABLED, and enable to republish.
+                         v.record.state = VersionState::kDisabled;
                          v.record.destroy_after = 0;
                          return absl::OkStatus();
                        });

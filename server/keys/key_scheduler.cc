@@ -20,6 +20,15 @@ namespace {
 using rotation::VersionRecord;
 using rotation::VersionState;
 
+// The wall time of an event at `wall_at` as the wall clock would say now had it not been stepped
+// since this process saw it at `seen_wall` (monotonic `seen_monotonic`): the real time since, from
+// now. A step forward moves it later, so an interval counted from it is never shorter than real
+// time; a step back is ignored (`wall_at` is the floor).
+int64_t InRealTime(int64_t wall_at, int64_t seen_wall, int64_t seen_monotonic, int64_t now,
+                   int64_t monotonic_now) {
+  return std::max(wall_at, now - (monotonic_now - seen_monotonic) - (seen_wall - wall_at));
+}
+
 // A rotation waiting for a certificate is re-checked this often.
 constexpr int64_t kAwaitingCertificateRecheckMs = 60 * 1000;
 
@@ -50,9 +59,8 @@ std::vector<VersionRecord> KeyService::PlanningRecords(const Ring& ring) const {
     if (v.tag_mismatch) continue;  // nothing is planned for a version custody cannot trust
     records.push_back(v.record);
     if (v.record.state == VersionState::kRetired) {
-      // The retirement in real time: the wall time from retire_time to this process's first
-      // sight of it, then monotonic time. A wall clock stepped forward since moves it later; one
-      // stepped back is ignored (retire_time stays the floor), so retention only grows.
+      // The retirement, from this process's first sight of it (the wall time from retire_time to
+      // then added), and this process's last signature with the version.
       int64_t retired = v.record.retire_time;
       {
         Version::RetiredSeen& seen = *v.retired_seen;
@@ -62,17 +70,15 @@ std::vector<VersionRecord> KeyService::PlanningRecords(const Ring& ring) const {
           seen.wall_ms = now;
           seen.monotonic_ms = monotonic_now;
         }
-        retired = std::max(retired, now - (monotonic_now - seen.monotonic_ms) -
-                                        (seen.wall_ms - v.record.retire_time));
+        retired =
+            InRealTime(v.record.retire_time, seen.wall_ms, seen.monotonic_ms, now, monotonic_now);
       }
-      // This process's last signature, by the wall clock when it was made and by the wall clock
-      // now less the monotonic time since: a wall clock stepped forward in between moves the
-      // second later, so retention is never shorter than `retain` of real time.
-      int64_t last_signed = v.last_signed->wall_ms.load(std::memory_order_relaxed);
+      const int64_t signed_wall = v.last_signed->wall_ms.load(std::memory_order_relaxed);
       const int64_t signed_monotonic = v.last_signed->monotonic_ms.load(std::memory_order_relaxed);
-      if (signed_monotonic != 0) {
-        last_signed = std::max(last_signed, now - (monotonic_now - signed_monotonic));
-      }
+      const int64_t last_signed =
+          signed_monotonic == 0
+              ? signed_wall
+              : InRealTime(signed_wall, signed_wall, signed_monotonic, now, monotonic_now);
       records.back().retire_time = std::max(retired + other_replicas_ms, last_signed);
     }
   }
